@@ -1,0 +1,1 @@
+"""Sparse-attention kernels (Triton) and their reference semantics (kernels landing)."""

@@ -1,0 +1,1 @@
+"""longinfer.patterns"""

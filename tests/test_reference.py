@@ -1,0 +1,72 @@
+"""The reference masks against brute-force definitions written entry by entry."""
+
+import pytest
+import torch
+
+from longinfer.ops.reference import a_shape_mask, block_sparse_mask, masked_attention, vertical_slash_mask
+
+
+def _brute_vertical_slash(vertical, slash, n, bs):
+    b, h = vertical.shape[:2]
+    out = torch.zeros(b, h, n, n, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            verts = {x for x in vertical[bi, hi].tolist() if 0 <= x < n}
+            slashes = [x for x in slash[bi, hi].tolist() if 0 <= x < n]
+            for i in range(n):
+                start = i // bs * bs
+                for j in range(i + 1):
+                    out[bi, hi, i, j] = j in verts or any(start - s <= j <= start + bs - 1 - s for s in slashes)
+    return out
+
+
+@pytest.mark.parametrize("n,bs", [(1, 64), (63, 64), (65, 64), (130, 32), (97, 16)])
+def test_vertical_slash_mask_matches_definition(n, bs):
+    g = torch.Generator().manual_seed(n)
+    vertical = torch.randint(-5, n + 5, (2, 3, 7), generator=g)
+    slash = torch.randint(-5, n + 5, (2, 3, 5), generator=g)
+    mask = vertical_slash_mask(vertical, slash, n, bs)
+    assert torch.equal(mask, _brute_vertical_slash(vertical, slash, n, bs))
+    rows = torch.tensor([0, n // 2, n - 1])
+    assert torch.equal(vertical_slash_mask(vertical, slash, n, bs, rows=rows), mask[:, :, rows])
+
+
+def test_block_sparse_mask_matches_definition():
+    n, bs = 70, 16
+    nb = 5
+    g = torch.Generator().manual_seed(0)
+    index = torch.randint(-1, nb + 2, (2, 2, nb, 3), generator=g)
+    mask = block_sparse_mask(index, n, bs)
+    for b in range(2):
+        for h in range(2):
+            for i in range(n):
+                for j in range(n):
+                    kb = j // bs
+                    expected = j <= i and kb in index[b, h, i // bs].tolist()
+                    assert mask[b, h, i, j].item() == expected
+
+
+@pytest.mark.parametrize("sink,window", [(0, 0), (0, 1), (3, 5), (100, 2), (4, 1000)])
+def test_a_shape_mask_matches_definition(sink, window):
+    n = 40
+    mask = a_shape_mask(sink, window, n)[0, 0]
+    for i in range(n):
+        for j in range(n):
+            assert mask[i, j].item() == (j <= i and (j < sink or i - j < window))
+
+
+def test_masked_attention_equals_softmax_with_gqa_and_empty_rows():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 9, 8, generator=g)
+    k = torch.randn(1, 2, 9, 8, generator=g)
+    v = torch.randn(1, 2, 9, 8, generator=g)
+    mask = a_shape_mask(0, 3, 9).expand(1, 2, 9, 9).clone()
+    mask[0, 1, 4] = False  # an empty row for query heads 2 and 3
+    out = masked_attention(q, k, v, mask, query_chunk=4)
+    kk = k.repeat_interleave(2, 1)
+    vv = v.repeat_interleave(2, 1)
+    full = mask.repeat_interleave(2, 1)
+    scores = (q @ kk.transpose(-1, -2) / 8**0.5).masked_fill(~full, float("-inf"))
+    expected = torch.nan_to_num(torch.softmax(scores, -1)) @ vv
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert torch.all(out[0, 2:, 4] == 0)
