@@ -1,0 +1,200 @@
+"""One Triton flash-attention kernel for every pattern: key ranges, then gathered key columns.
+
+Each program computes one query tile (``BLOCK_M`` consecutive query positions, aligned to
+multiples of ``BLOCK_M`` in key coordinates) of one query head. Its key set is
+
+1. a list of contiguous key *ranges*, processed in ``BLOCK_N`` tiles with an online softmax; the
+   range list depends on ``MODE``:
+
+   - ``DENSE``: ``[0, tile_end)``;
+   - ``A_SHAPE``: ``[0, sink)`` and ``[tile_start - window + 1, tile_end)``, masked per element;
+   - ``BLOCKS``: one range per listed key block (block-sparse);
+   - ``VERTICAL_SLASH``: one range per group of nearby slashes (see :mod:`longinfer.ops.index`);
+
+2. for ``VERTICAL_SLASH`` only, a list of key *columns* (sorted verticals) gathered ``BLOCK_N`` at a
+   time; a column already inside one of the tile's ranges is masked out so nothing counts twice.
+
+Element masks are applied only on tiles that need them (the diagonal, range ends, the window edge).
+GQA: query head ``h`` reads K/V head ``h // GROUP``; heads are the fastest grid axis, so the query
+heads of one KV group run side by side and share K/V tiles through L2.
+
+Positions: queries are the last ``q_len`` of ``k_len`` positions (bottom-right causal alignment).
+Packed sequences (``VARLEN``) take their offsets from ``cu_seqlens_q/k``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MODE_DENSE = 0
+MODE_A_SHAPE = 1
+MODE_BLOCKS = 2
+MODE_VERTICAL_SLASH = 3
+
+
+@triton.jit
+def _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step. q ``[BM, BD]``, k/v ``[BN, BD]``, keep ``[BM, BN]`` (if MASKED)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 domain
+    if MASKED:
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with every key masked so far keeps m = -inf; shift by 0 instead to avoid inf - inf.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_range(
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
+    r_start, r_end, rows, offs_n, offs_d, d_ok, tile_start, qk_scale, sink, window,
+    A_SHAPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Attend keys ``[r_start, r_end)`` (already clipped to ``<= last row``) in BLOCK_N tiles."""
+    for start in range(r_start, r_end, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < r_end
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        # Masks are needed where the tile crosses the diagonal, the range end or the window edge.
+        needs_mask = (start + BLOCK_N > tile_start + 1) | (start + BLOCK_N > r_end)
+        if A_SHAPE:
+            needs_mask = needs_mask | (start < tile_start + BLOCK_M - window)
+        if needs_mask:
+            keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
+            if A_SHAPE:
+                keep = keep & ((cols[None, :] < sink) | (rows[:, None] - cols[None, :] < window))
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, True, PRECISION)
+        else:
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, col_ok[None, :], qk_scale, False, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _sparse_attention_fwd(
+    Q, K, V, Out,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    q_len, k_len, CuSeqQ, CuSeqK,
+    num_q_heads, num_tiles, qk_scale,
+    sink, window,
+    BlockIdx, stride_bi_b, stride_bi_h, stride_bi_m, num_slots,
+    GroupLo, GroupHi, GroupCount, stride_g_b, stride_g_h, stride_gc_b, stride_gc_h, search_steps,
+    Cols, ColCount, stride_c_b, stride_c_h, stride_cc_b, stride_cc_h,
+    INDEX_HEAD_DIV,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    head_linear = tl.program_id(0)  # b * Hq + h, fastest axis: KV-group heads run together
+    tile = num_tiles - 1 - tl.program_id(1)  # longest (latest) tiles first, for load balance
+    b = head_linear // num_q_heads
+    h = head_linear % num_q_heads
+    kvh = h // GROUP
+    idx_h = h // INDEX_HEAD_DIV
+
+    if VARLEN:
+        q_tok0 = tl.load(CuSeqQ + b)
+        k_tok0 = tl.load(CuSeqK + b)
+        n_q = tl.load(CuSeqQ + b + 1) - q_tok0
+        n_k = tl.load(CuSeqK + b + 1) - k_tok0
+        q_base = Q + q_tok0 * stride_qn + h * stride_qh
+        o_base = Out + q_tok0 * stride_on + h * stride_oh
+        k_base = K + k_tok0 * stride_kn + kvh * stride_kh
+        v_base = V + k_tok0 * stride_vn + kvh * stride_vh
+    else:
+        n_q = q_len
+        n_k = k_len
+        q_base = Q + b * stride_qb + h * stride_qh
+        o_base = Out + b * stride_ob + h * stride_oh
+        k_base = K + b * stride_kb + kvh * stride_kh
+        v_base = V + b * stride_vb + kvh * stride_vh
+
+    shift = n_k - n_q  # absolute position of query row 0
+    tile_start = tile * BLOCK_M
+    if (tile_start + BLOCK_M <= shift) | (tile_start >= n_k):
+        return
+    tile_end = tl.minimum(tile_start + BLOCK_M, n_k)  # keys past the tile's last row are never needed
+
+    rows = tile_start + tl.arange(0, BLOCK_M)  # absolute positions
+    row_ok = (rows >= shift) & (rows < n_k)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(q_base + (rows - shift)[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    if MODE == 0:  # dense
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, 0, tile_end,
+                                      rows, offs_n, offs_d, d_ok, tile_start, qk_scale, 0, 0,
+                                      False, BLOCK_M, BLOCK_N, PRECISION)
+    elif MODE == 1:  # A-shape: sinks, then the window (the two never overlap)
+        sink_end = tl.minimum(sink, tile_end)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, 0, sink_end,
+                                      rows, offs_n, offs_d, d_ok, tile_start, qk_scale, sink, window,
+                                      True, BLOCK_M, BLOCK_N, PRECISION)
+        win_start = tl.maximum(tile_start - window + 1, sink_end)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, win_start, tile_end,
+                                      rows, offs_n, offs_d, d_ok, tile_start, qk_scale, sink, window,
+                                      True, BLOCK_M, BLOCK_N, PRECISION)
+    elif MODE == 2:  # block-sparse: sorted, de-duplicated key-block ids, -1 = unused
+        slot_base = BlockIdx + b * stride_bi_b + idx_h * stride_bi_h + tile * stride_bi_m
+        for slot in range(0, num_slots):
+            kb = tl.load(slot_base + slot)
+            if (kb >= 0) & (kb <= tile):
+                acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
+                                              kb * BLOCK_M, tl.minimum(kb * BLOCK_M + BLOCK_M, tile_end),
+                                              rows, offs_n, offs_d, d_ok, tile_start, qk_scale, 0, 0,
+                                              False, BLOCK_M, BLOCK_N, PRECISION)
+    else:  # vertical-slash
+        g_base = b * stride_g_b + idx_h * stride_g_h
+        n_groups = tl.load(GroupCount + b * stride_gc_b + idx_h * stride_gc_h)
+        for g in range(0, n_groups):
+            s_lo = tl.load(GroupLo + g_base + g)
+            s_hi = tl.load(GroupHi + g_base + g)
+            r_start = tl.maximum(tile_start - s_hi, 0)
+            r_end = tl.minimum(tile_start + BLOCK_M - s_lo, tile_end)
+            acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, r_start, r_end,
+                                          rows, offs_n, offs_d, d_ok, tile_start, qk_scale, 0, 0,
+                                          False, BLOCK_M, BLOCK_N, PRECISION)
+        # Columns: the sorted verticals before the tile's end, minus those a range already covered.
+        c_base = Cols + b * stride_c_b + idx_h * stride_c_h
+        n_cols = tl.load(ColCount + b * stride_cc_b + idx_h * stride_cc_h + tile)
+        for c0 in range(0, n_cols, BLOCK_N):
+            c_ok = (c0 + offs_n) < n_cols
+            cols = tl.load(c_base + c0 + offs_n, mask=c_ok, other=0)
+            # Key j lies in a range of this tile iff d = tile_start - j is in [s_lo - BM + 1, s_hi]
+            # for a group; groups are sorted and disjoint, so binary-search the first s_hi >= d.
+            d = tile_start - cols
+            lo = tl.zeros([BLOCK_N], dtype=tl.int32)
+            hi = tl.zeros([BLOCK_N], dtype=tl.int32) + n_groups
+            for _ in range(0, search_steps):
+                active = lo < hi
+                mid = (lo + hi) // 2
+                mid_hi = tl.load(GroupHi + g_base + mid, mask=active, other=0)
+                go_right = active & (mid_hi < d)
+                lo = tl.where(go_right, mid + 1, lo)
+                hi = tl.where(active & ~go_right, mid, hi)
+            found = lo < n_groups
+            found_lo = tl.load(GroupLo + g_base + lo, mask=found, other=0)
+            covered = found & (found_lo - BLOCK_M + 1 <= d)
+            c_ok = c_ok & ~covered
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+            keep = (cols[None, :] <= rows[:, None]) & c_ok[None, :]
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, True, PRECISION)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows with no key at all give zeros
+    out = acc / l_safe[:, None]
+    tl.store(o_base + (rows - shift)[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])

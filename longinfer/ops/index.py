@@ -1,0 +1,149 @@
+"""Plan step of the sparse kernels: raw indices -> the compact structures the kernel walks.
+
+The conversion runs on the index's device with a handful of batched torch ops (sort, cumsum,
+scatter, searchsorted): no Python loop over heads or blocks and no host synchronization, so it
+can be built once and reused by every layer or call that shares the index.
+
+Vertical-slash. Slashes (diagonal offsets) are sorted and de-duplicated; offsets less than
+``block_size`` apart are merged into groups ``[s_lo, s_hi]``. For the query tile starting at
+``t`` a group covers the contiguous key range ``[t - s_hi, t + block_size - 1 - s_lo]``: the same
+groups serve every tile, so the plan is ``O(S)`` per head whatever ``N`` is. Verticals are sorted
+and de-duplicated; per tile, the kernel reads the prefix of verticals before the tile's end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class VerticalSlashIndex:
+    """Kernel-ready vertical-slash index for keys ``0..k_len-1`` and tiles of ``block_size``.
+
+    Attributes:
+        columns: ``[B, H, V]`` int32 sorted unique verticals, padded with ``k_len``.
+        column_count: ``[B, H, T]`` int32, number of verticals before tile ``t``'s end (``T`` tiles).
+        group_lo, group_hi: ``[B, H, S]`` int32 first/last slash offset of each slash group, sorted;
+            only the first ``group_count`` entries are meaningful.
+        group_count: ``[B, H]`` int32 number of slash groups.
+        k_len: key length the index was built for (max over sequences when packed).
+        block_size: query tile size the groups were merged for.
+    """
+
+    columns: torch.Tensor
+    column_count: torch.Tensor
+    group_lo: torch.Tensor
+    group_hi: torch.Tensor
+    group_count: torch.Tensor
+    k_len: int
+    block_size: int
+
+    @property
+    def num_heads(self) -> int:
+        return self.columns.shape[1]
+
+    @property
+    def search_steps(self) -> int:
+        """Binary-search steps over the slash groups (enough for the padded group count)."""
+        return max(1, int(self.group_lo.shape[-1]).bit_length())
+
+
+@dataclass(frozen=True)
+class BlockSparseIndex:
+    """Kernel-ready block-sparse index: ``block_ids`` ``[B, H, T, K]`` int32, sorted ascending
+    per query block, duplicates and out-of-range ids replaced by ``-1``."""
+
+    block_ids: torch.Tensor
+    block_size: int
+
+    @property
+    def num_heads(self) -> int:
+        return self.block_ids.shape[1]
+
+
+def _sorted_unique(values: torch.Tensor, valid: torch.Tensor, fill: int) -> torch.Tensor:
+    """Sort the last dim with invalid entries and repeats replaced by ``fill`` (moved to the end).
+
+    ``fill`` must be larger than every valid value. Returns int64 of the same shape.
+    """
+    x = torch.where(valid, values.long(), fill).sort(-1).values
+    repeat = torch.zeros_like(x, dtype=torch.bool)
+    repeat[..., 1:] = x[..., 1:] == x[..., :-1]
+    return torch.where(repeat, fill, x).sort(-1).values
+
+
+def _slash_groups(slash: torch.Tensor, k_len: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge sorted slash offsets closer than ``block_size + 1`` into groups.
+
+    Two slashes ``a < b`` give key ranges that touch or overlap iff ``b - a <= block_size``.
+    Returns ``(lo, hi, count)``: ``[B, H, S]`` int32 each padded with ``k_len``, and ``[B, H]``.
+    """
+    s = _sorted_unique(slash, (slash >= 0) & (slash < k_len), k_len)  # [B, H, S]
+    num = s.shape[-1]
+    valid = s < k_len
+    prev = torch.cat([torch.full_like(s[..., :1], -(2 * block_size + 1)), s[..., :-1]], -1)
+    nxt = torch.cat([s[..., 1:], torch.full_like(s[..., :1], k_len)], -1)
+    is_first = valid & (s - prev > block_size)
+    is_last = valid & ((nxt - s > block_size) | (nxt >= k_len))
+    group_id = is_first.long().cumsum(-1) - 1  # id of the group each slash belongs to
+    dump = torch.full_like(group_id, num)  # scatter target for non-boundary slashes
+    lo = torch.full(s.shape[:-1] + (num + 1,), k_len, dtype=torch.long, device=s.device)
+    hi = lo.clone()
+    lo.scatter_(-1, torch.where(is_first, group_id, dump), s)
+    hi.scatter_(-1, torch.where(is_last, group_id, dump), s)
+    count = is_first.sum(-1)
+    return lo[..., :num].int(), hi[..., :num].int(), count.int()
+
+
+def build_vertical_slash_index(
+    vertical: torch.Tensor,
+    slash: torch.Tensor,
+    k_len: int,
+    block_size: int = 64,
+    seqlens_k: torch.Tensor | None = None,
+) -> VerticalSlashIndex:
+    """Convert raw ``vertical [B, H, V]`` / ``slash [B, H, S]`` into a :class:`VerticalSlashIndex`.
+
+    Args:
+        vertical: integer key positions; out-of-range and repeated entries are dropped.
+        slash: integer diagonal offsets (0 = main diagonal); likewise cleaned.
+        k_len: number of key positions (the longest sequence when packed).
+        block_size: query tile size of the kernel that will consume the index.
+        seqlens_k: optional ``[B]`` per-sequence key lengths (packed sequences); default ``k_len``.
+
+    Memory: ``O(B * H * (V + S + k_len / block_size))`` integers.
+    """
+    num_tiles = math.ceil(k_len / block_size)
+    columns = _sorted_unique(vertical, (vertical >= 0) & (vertical < k_len), k_len)
+    tile_end = torch.arange(1, num_tiles + 1, device=vertical.device) * block_size  # [T]
+    if seqlens_k is None:
+        tile_end = tile_end.clamp(max=k_len).expand(*vertical.shape[:2], num_tiles)
+    else:
+        tile_end = torch.minimum(tile_end[None, :], seqlens_k.to(vertical.device).long()[:, None])
+        tile_end = tile_end[:, None, :].expand(*vertical.shape[:2], num_tiles)
+    # Each sequence only lists columns before its own end, so a padded column never counts.
+    column_count = torch.searchsorted(columns.contiguous(), tile_end.contiguous(), right=False).int()
+    lo, hi, count = _slash_groups(slash, k_len, block_size)
+    return VerticalSlashIndex(
+        columns=columns.int().contiguous(),
+        column_count=column_count.contiguous(),
+        group_lo=lo.contiguous(),
+        group_hi=hi.contiguous(),
+        group_count=count.contiguous(),
+        k_len=k_len,
+        block_size=block_size,
+    )
+
+
+def build_block_sparse_index(block_index: torch.Tensor, k_len: int, block_size: int = 64) -> BlockSparseIndex:
+    """Sort and de-duplicate ``block_index [B, H, T, K]``; ids outside ``[0, ceil(k_len/bs))`` -> -1.
+
+    Memory: a copy of ``block_index`` as int32.
+    """
+    num_blocks = math.ceil(k_len / block_size)
+    ids = _sorted_unique(block_index, (block_index >= 0) & (block_index < num_blocks), num_blocks)
+    ids = torch.where(ids >= num_blocks, -1, ids)
+    return BlockSparseIndex(block_ids=ids.int().contiguous(), block_size=block_size)

@@ -1,0 +1,163 @@
+"""Sparse causal attention kernels: vertical-slash, block-sparse and A-shape.
+
+All three share one Triton kernel (:mod:`longinfer.ops._kernel`) and the conventions of
+:func:`longinfer.ops.dense_attention` (shapes, GQA, ``Nk >= Nq`` bottom-right alignment, packed
+sequences through ``cu_seqlens_q/k``). Their exact semantics are the masks in
+:mod:`longinfer.ops.reference`. Index tensors are ``[B, H, ...]`` with ``H = Hq`` (one index per
+query head) or ``H = Hkv`` (one shared by each KV group); positions are absolute key positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from longinfer.ops._checks import check_index, check_qkv, check_scale
+from longinfer.ops._kernel import MODE_A_SHAPE, MODE_BLOCKS, MODE_VERTICAL_SLASH
+from longinfer.ops._launch import launch
+from longinfer.ops.index import (
+    BlockSparseIndex,
+    VerticalSlashIndex,
+    build_block_sparse_index,
+    build_vertical_slash_index,
+)
+
+A_SHAPE_BLOCK_M = 128
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _check_block_size(block_size: int) -> None:
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size} is not supported; use one of {SUPPORTED_BLOCK_SIZES}")
+
+
+def _seqlens(cu: torch.Tensor | None) -> torch.Tensor | None:
+    return None if cu is None else (cu[1:] - cu[:-1])
+
+
+def vertical_slash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    vertical: torch.Tensor | None = None,
+    slash: torch.Tensor | None = None,
+    *,
+    index: VerticalSlashIndex | None = None,
+    block_size: int = 64,
+    sm_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over vertical lines (key columns) and slash lines (diagonals).
+
+    Args:
+        q, k, v: as :func:`longinfer.ops.dense_attention`.
+        vertical: int ``[B, H, V]`` key positions every query attends (causally).
+        slash: int ``[B, H, S]`` diagonal offsets: query ``i`` attends key ``i - s``.
+        index: a prebuilt :func:`~longinfer.ops.index.build_vertical_slash_index` result, instead of
+            ``vertical``/``slash`` (the plan step, reusable across calls).
+        block_size: query tile size; each slash is covered for a whole tile, i.e. query ``i``
+            gets keys ``[m*bs - s, m*bs + bs - 1 - s]`` (``m = i // bs``), a superset of the exact
+            diagonal (see :func:`longinfer.ops.reference.vertical_slash_mask`).
+
+    Entries outside ``[0, Nk)`` and repeats are ignored; order does not matter; empty ``V`` or
+    ``S`` are fine. Memory: the index plan, ``O(B * H * (V + S + Nk / block_size))``.
+    """
+    shape = check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    scale = check_scale(sm_scale, shape.head_dim)
+    _check_block_size(block_size)
+    if index is None:
+        if vertical is None or slash is None:
+            raise ValueError("pass either vertical and slash, or a prebuilt index")
+        v_heads = check_index("vertical", vertical, shape, 3, q.device)
+        s_heads = check_index("slash", slash, shape, 3, q.device)
+        if v_heads != s_heads:
+            raise ValueError(f"vertical has {v_heads} heads but slash has {s_heads}")
+        index = build_vertical_slash_index(vertical, slash, shape.k_len, block_size, _seqlens(cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k))
+    elif vertical is not None or slash is not None:
+        raise ValueError("pass either vertical and slash, or index, not both")
+    else:
+        check_index("index.columns", index.columns, shape, 3, q.device)
+        if index.block_size != block_size or index.k_len != shape.k_len:
+            raise ValueError(
+                f"index was built for k_len={index.k_len}, block_size={index.block_size}; this call has "
+                f"k_len={shape.k_len}, block_size={block_size}: rebuild it"
+            )
+    return launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, block_size, vs=index,
+                  cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_index: torch.Tensor | None = None,
+    *,
+    index: BlockSparseIndex | None = None,
+    block_size: int = 64,
+    sm_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over listed key blocks per query block.
+
+    Args:
+        q, k, v: as :func:`longinfer.ops.dense_attention`.
+        block_index: int ``[B, H, ceil(Nk / block_size), K]``: key-block ids for each query block
+            (blocks counted in absolute positions, so with ``Nk > Nq`` the first rows are unused);
+            ``-1`` marks an unused slot. Blocks above the diagonal are ignored and the diagonal
+            block is causal. Repeats and out-of-range ids are ignored.
+        index: a prebuilt :func:`~longinfer.ops.index.build_block_sparse_index` result instead.
+        block_size: query and key block size.
+
+    Memory: a sorted int32 copy of ``block_index``.
+    """
+    shape = check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    scale = check_scale(sm_scale, shape.head_dim)
+    _check_block_size(block_size)
+    num_blocks = math.ceil(shape.k_len / block_size)
+    if (block_index is None) == (index is None):
+        raise ValueError("pass exactly one of block_index and index")
+    if index is None:
+        check_index("block_index", block_index, shape, 4, q.device)
+        if block_index.shape[2] != num_blocks:
+            raise ValueError(
+                f"block_index has {block_index.shape[2]} query blocks; expected ceil({shape.k_len} / {block_size}) "
+                f"= {num_blocks}"
+            )
+        index = build_block_sparse_index(block_index, shape.k_len, block_size)
+    else:
+        check_index("index.block_ids", index.block_ids, shape, 4, q.device)
+        if index.block_size != block_size or index.block_ids.shape[2] != num_blocks:
+            raise ValueError("index was built for another block_size or length: rebuild it")
+    return launch(q, k, v, shape, scale, MODE_BLOCKS, block_size, blocks=index,
+                  cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+
+
+def a_shape_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: int,
+    window: int,
+    *,
+    sm_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention sinks plus a local window (StreamingLLM's "A-shape").
+
+    Query ``i`` attends key ``j <= i`` when ``j < sink`` or ``i - j < window`` (``window = 1``:
+    the query itself). Exact per element (see :func:`longinfer.ops.reference.a_shape_mask`).
+    Memory: none beyond the output.
+    """
+    shape = check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    scale = check_scale(sm_scale, shape.head_dim)
+    for name, value in (("sink", sink), ("window", window)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    return launch(q, k, v, shape, scale, MODE_A_SHAPE, A_SHAPE_BLOCK_M, sink=min(sink, shape.k_len),
+                  window=min(window, shape.k_len + 1), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
