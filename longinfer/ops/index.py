@@ -75,13 +75,16 @@ def _sorted_unique(values: torch.Tensor, valid: torch.Tensor, fill: int) -> torc
     return torch.where(repeat, fill, x).sort(-1).values
 
 
-def _slash_groups(slash: torch.Tensor, k_len: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _slash_groups(
+    slash: torch.Tensor, k_len: int, block_size: int, limit: torch.Tensor | int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge sorted slash offsets closer than ``block_size + 1`` into groups.
 
     Two slashes ``a < b`` give key ranges that touch or overlap iff ``b - a <= block_size``.
+    Offsets ``>= limit`` (``k_len``, or ``[B, 1, 1]`` per-sequence lengths) are dropped.
     Returns ``(lo, hi, count)``: ``[B, H, S]`` int32 each padded with ``k_len``, and ``[B, H]``.
     """
-    s = _sorted_unique(slash, (slash >= 0) & (slash < k_len), k_len)  # [B, H, S]
+    s = _sorted_unique(slash, (slash >= 0) & (slash < limit), k_len)  # [B, H, S]
     num = s.shape[-1]
     valid = s < k_len
     prev = torch.cat([torch.full_like(s[..., :1], -(2 * block_size + 1)), s[..., :-1]], -1)
@@ -117,7 +120,7 @@ def build_vertical_slash_index(
     Memory: ``O(B * H * (V + S + k_len / block_size))`` integers.
     """
     num_tiles = math.ceil(k_len / block_size)
-    columns = _sorted_unique(vertical, (vertical >= 0) & (vertical < k_len), k_len)
+    columns = _sorted_unique(vertical, (vertical >= 0) & (vertical < k_len), k_len)  # per-sequence ends below
     tile_end = torch.arange(1, num_tiles + 1, device=vertical.device) * block_size  # [T]
     if seqlens_k is None:
         tile_end = tile_end.clamp(max=k_len).expand(*vertical.shape[:2], num_tiles)
@@ -126,7 +129,8 @@ def build_vertical_slash_index(
         tile_end = tile_end[:, None, :].expand(*vertical.shape[:2], num_tiles)
     # Each sequence only lists columns before its own end, so a padded column never counts.
     column_count = torch.searchsorted(columns.contiguous(), tile_end.contiguous(), right=False).int()
-    lo, hi, count = _slash_groups(slash, k_len, block_size)
+    limit = k_len if seqlens_k is None else seqlens_k.to(slash.device).long()[:, None, None]
+    lo, hi, count = _slash_groups(slash, k_len, block_size, limit)
     return VerticalSlashIndex(
         columns=columns.int().contiguous(),
         column_count=column_count.contiguous(),

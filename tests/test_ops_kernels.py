@@ -1,0 +1,227 @@
+"""Every kernel against ``masked_attention(q, k, v, <its reference mask>)``.
+
+Runs the Triton kernels in the interpreter on the CPU (see conftest.py) or on the GPU.
+
+Tolerances. float32: the kernel and the reference do the same float32 arithmetic in another
+order, so they agree to ~1e-6; we allow 2e-5. float16: the kernel rounds P to float16 before the
+P @ V product, like every flash-attention kernel; the bound is the flash-attention convention,
+twice the error of a plain PyTorch float16 implementation (float16 scores and P) against the same
+float32 reference, plus 1e-3 for rows where that error happens to be ~0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from longinfer.ops import (
+    a_shape_attention,
+    block_sparse_attention,
+    build_vertical_slash_index,
+    dense_attention,
+    vertical_slash_attention,
+)
+from longinfer.ops.reference import (
+    a_shape_mask,
+    block_sparse_mask,
+    dense_causal_mask,
+    masked_attention,
+    vertical_slash_mask,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _qkv(b, hq, hkv, n, d, dtype, seed, nk=None):
+    g = torch.Generator().manual_seed(seed)
+    nk = n if nk is None else nk
+    q = torch.randn(b, hq, n, d, generator=g)
+    k = torch.randn(b, hkv, nk, d, generator=g)
+    v = torch.randn(b, hkv, nk, d, generator=g)
+    return (t.to(DEVICE, dtype) for t in (q, k, v))
+
+
+def _low_precision_torch(q, k, v, mask):
+    """Plain PyTorch attention at the inputs' precision (scores and P rounded to q.dtype)."""
+    group = q.shape[1] // k.shape[1]
+    kk = k.repeat_interleave(group, 1)
+    vv = v.repeat_interleave(group, 1)
+    full = mask.repeat_interleave(q.shape[1] // mask.shape[1], 1)
+    scores = (q @ kk.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+    p = torch.nan_to_num(torch.softmax(scores.masked_fill(~full, float("-inf")), -1)).to(q.dtype)
+    return (p @ vv).float()
+
+
+def assert_matches_reference(out, q, k, v, mask):
+    """Compare a kernel output with the float32 reference under the tolerance described above."""
+    rows = None
+    if q.shape[2] != k.shape[2]:  # queries are the last positions
+        rows = torch.arange(k.shape[2] - q.shape[2], k.shape[2], device=q.device)
+        mask = mask[:, :, rows]
+    assert out.dtype == q.dtype and out.shape == q.shape
+    ref = masked_attention(q, k, v, mask, rows=rows)
+    err = (out.float() - ref).abs().max().item()
+    if q.dtype == torch.float32:
+        assert err <= 2e-5, err
+    else:
+        torch_err = (_low_precision_torch(q, k, v, mask) - ref).abs().max().item()
+        assert err <= 2 * torch_err + 1e-3, (err, torch_err)
+
+
+# (batch, q heads, kv heads, length, head_dim, dtype)
+SHAPES = [
+    (1, 1, 1, 1, 64, torch.float32),
+    (2, 2, 1, 63, 80, torch.float32),
+    (1, 7, 1, 64, 96, torch.float16),
+    (3, 2, 2, 65, 128, torch.float32),
+    (2, 4, 2, 200, 64, torch.float16),
+    (1, 7, 7, 130, 32, torch.float32),
+    (1, 2, 1, 1000, 64, torch.float16),
+]
+SHAPE_IDS = [f"b{b}-hq{hq}-hkv{hkv}-n{n}-d{d}-{str(dt)[6:]}" for b, hq, hkv, n, d, dt in SHAPES]
+
+
+@pytest.mark.parametrize("b,hq,hkv,n,d,dtype", SHAPES, ids=SHAPE_IDS)
+def test_dense(b, hq, hkv, n, d, dtype):
+    q, k, v = _qkv(b, hq, hkv, n, d, dtype, seed=n + d)
+    out = dense_attention(q, k, v)
+    assert_matches_reference(out, q, k, v, dense_causal_mask(n, device=DEVICE))
+
+
+@pytest.mark.parametrize("b,hq,hkv,n,d,dtype", SHAPES, ids=SHAPE_IDS)
+def test_vertical_slash_random_indices(b, hq, hkv, n, d, dtype):
+    q, k, v = _qkv(b, hq, hkv, n, d, dtype, seed=n * 3 + d)
+    g = torch.Generator().manual_seed(n)
+    # Duplicates and out-of-range entries on purpose; heads = Hq.
+    vertical = torch.randint(-4, n + 4, (b, hq, 9), generator=g).to(DEVICE)
+    slash = torch.randint(-4, n + 4, (b, hq, 5), generator=g).to(DEVICE)
+    slash[..., 0] = slash[..., 1]
+    out = vertical_slash_attention(q, k, v, vertical, slash)
+    assert_matches_reference(out, q, k, v, vertical_slash_mask(vertical, slash, n))
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+def test_vertical_slash_block_sizes_and_structured_index(block_size):
+    n, d = 300, 64
+    q, k, v = _qkv(1, 4, 2, n, d, torch.float32, seed=block_size)
+    vertical = torch.tensor([[[0, 1, 2, 3, 50, 51, 299, 120]] * 2], device=DEVICE)  # per KV group
+    slash = torch.tensor([[[0, 1, 2, 3, 40, 41, 42, 200], [0, 5, 6, 90, 91, 250, 251, 252]]], device=DEVICE)
+    out = vertical_slash_attention(q, k, v, vertical, slash, block_size=block_size)
+    assert_matches_reference(out, q, k, v, vertical_slash_mask(vertical, slash, n, block_size))
+
+
+def test_vertical_slash_empty_and_prebuilt_index():
+    n = 150
+    q, k, v = _qkv(2, 2, 1, n, 64, torch.float32, seed=5)
+    empty = torch.zeros(2, 2, 0, dtype=torch.long, device=DEVICE)
+    slash = torch.tensor([[[0, 3]], [[7, 100]]], device=DEVICE).expand(2, 2, 2).contiguous()
+    vertical = torch.tensor([[[5]], [[149]]], device=DEVICE).expand(2, 2, 1).contiguous()
+    # No verticals: slashes only.
+    out = vertical_slash_attention(q, k, v, empty, slash)
+    assert_matches_reference(out, q, k, v, vertical_slash_mask(empty, slash, n))
+    # No slashes: verticals only; rows before the first vertical attend nothing and are zero.
+    out = vertical_slash_attention(q, k, v, vertical, empty)
+    assert_matches_reference(out, q, k, v, vertical_slash_mask(vertical, empty, n))
+    assert torch.all(out[0, :, :5] == 0)
+    # Nothing at all: zeros.
+    assert torch.all(vertical_slash_attention(q, k, v, empty, empty) == 0)
+    # The plan step is reusable.
+    index = build_vertical_slash_index(vertical, slash, n)
+    torch.testing.assert_close(
+        vertical_slash_attention(q, k, v, index=index), vertical_slash_attention(q, k, v, vertical, slash)
+    )
+
+
+@pytest.mark.parametrize("b,hq,hkv,n,d,dtype", SHAPES, ids=SHAPE_IDS)
+def test_block_sparse_random_indices(b, hq, hkv, n, d, dtype):
+    q, k, v = _qkv(b, hq, hkv, n, d, dtype, seed=n * 5 + d)
+    bs = 64
+    nb = math.ceil(n / bs)
+    g = torch.Generator().manual_seed(n + 1)
+    heads = hkv if n % 2 else hq  # both per-group and per-head indices
+    block_index = torch.randint(-1, nb + 2, (b, heads, nb, 3), generator=g).to(DEVICE)
+    out = block_sparse_attention(q, k, v, block_index, block_size=bs)
+    assert_matches_reference(out, q, k, v, block_sparse_mask(block_index, n, bs))
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 128])
+def test_block_sparse_block_sizes(block_size):
+    n = 270
+    q, k, v = _qkv(1, 2, 1, n, 64, torch.float32, seed=block_size)
+    nb = math.ceil(n / block_size)
+    diag = torch.arange(nb, device=DEVICE)
+    block_index = torch.stack([diag, torch.zeros_like(diag), diag - 2], -1)[None, None].expand(1, 2, nb, 3)
+    out = block_sparse_attention(q, k, v, block_index, block_size=block_size)
+    assert_matches_reference(out, q, k, v, block_sparse_mask(block_index, n, block_size))
+
+
+@pytest.mark.parametrize("b,hq,hkv,n,d,dtype", SHAPES, ids=SHAPE_IDS)
+def test_a_shape(b, hq, hkv, n, d, dtype):
+    q, k, v = _qkv(b, hq, hkv, n, d, dtype, seed=n * 7 + d)
+    sink, window = 4, max(1, n // 3)
+    out = a_shape_attention(q, k, v, sink, window)
+    assert_matches_reference(out, q, k, v, a_shape_mask(sink, window, n, device=DEVICE))
+
+
+@pytest.mark.parametrize("sink,window", [(0, 1), (0, 0), (300, 0), (0, 500), (17, 129), (128, 128), (1, 2)])
+def test_a_shape_edges(sink, window):
+    n = 260
+    q, k, v = _qkv(1, 2, 1, n, 64, torch.float32, seed=sink + window)
+    out = a_shape_attention(q, k, v, sink, window)
+    assert_matches_reference(out, q, k, v, a_shape_mask(sink, window, n, device=DEVICE))
+
+
+def test_queries_after_a_cached_prefix():
+    """k/v longer than q: the queries are the last positions, for every pattern."""
+    nq, nk = 70, 333
+    q, k, v = _qkv(2, 4, 2, nq, 64, torch.float32, seed=11, nk=nk)
+    assert_matches_reference(dense_attention(q, k, v), q, k, v, dense_causal_mask(nk, device=DEVICE))
+    assert_matches_reference(a_shape_attention(q, k, v, 3, 40), q, k, v, a_shape_mask(3, 40, nk, device=DEVICE))
+    vertical = torch.tensor([0, 1, 2, 100, 101, 320], device=DEVICE).expand(2, 4, 6)
+    slash = torch.tensor([0, 1, 2, 64, 150], device=DEVICE).expand(2, 4, 5)
+    out = vertical_slash_attention(q, k, v, vertical, slash)
+    assert_matches_reference(out, q, k, v, vertical_slash_mask(vertical, slash, nk))
+    nb = math.ceil(nk / 64)
+    diag = torch.arange(nb, device=DEVICE)
+    block_index = torch.stack([diag, torch.zeros_like(diag), diag // 2], -1)[None, None].expand(2, 2, nb, 3)
+    out = block_sparse_attention(q, k, v, block_index)
+    assert_matches_reference(out, q, k, v, block_sparse_mask(block_index, nk))
+
+
+def test_packed_sequences_match_separate_calls():
+    lens = [65, 1, 130]
+    cu = torch.tensor([0, 65, 66, 196], dtype=torch.int32, device=DEVICE)
+    q, k, v = _qkv(1, 4, 2, sum(lens), 64, torch.float32, seed=3)
+    vertical = torch.tensor([0, 3, 60, 129], device=DEVICE).expand(3, 4, 4)
+    slash = torch.tensor([0, 1, 70], device=DEVICE).expand(3, 4, 3)
+    nb = math.ceil(max(lens) / 64)
+    block_index = torch.arange(nb, device=DEVICE)[None, None, :, None].expand(3, 4, nb, 1).clone()
+    block_index[..., 0] -= 1
+    block_index = torch.cat([block_index, torch.arange(nb, device=DEVICE)[None, None, :, None].expand(3, 4, nb, 1)], -1)
+    packed = {
+        "dense": dense_attention(q, k, v, cu_seqlens_q=cu),
+        "a_shape": a_shape_attention(q, k, v, 2, 50, cu_seqlens_q=cu),
+        "vs": vertical_slash_attention(q, k, v, vertical, slash, cu_seqlens_q=cu),
+        "bs": block_sparse_attention(q, k, v, block_index, cu_seqlens_q=cu),
+    }
+    for i, (start, stop) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        qi, ki, vi = (t[:, :, start:stop] for t in (q, k, v))
+        n = stop - start
+        nbi = math.ceil(n / 64)
+        separate = {
+            "dense": dense_attention(qi, ki, vi),
+            "a_shape": a_shape_attention(qi, ki, vi, 2, 50),
+            "vs": vertical_slash_attention(qi, ki, vi, vertical[i : i + 1], slash[i : i + 1]),
+            "bs": block_sparse_attention(qi, ki, vi, block_index[i : i + 1, :, :nbi]),
+        }
+        for name, out in separate.items():
+            torch.testing.assert_close(packed[name][:, :, start:stop], out, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_sm_scale_is_used():
+    q, k, v = _qkv(1, 2, 2, 100, 64, torch.float32, seed=9)
+    out = dense_attention(q, k, v, sm_scale=0.3)
+    ref = masked_attention(q, k, v, dense_causal_mask(100, device=DEVICE), sm_scale=0.3)
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
