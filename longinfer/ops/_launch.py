@@ -43,8 +43,13 @@ def launch(
     vs: VerticalSlashIndex | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    options: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """Run :func:`_sparse_attention_fwd` over all (head, query tile) pairs; returns ``[B, Hq, Nq, D]``."""
+    """Run :func:`_sparse_attention_fwd` over all (head, query tile) pairs; returns ``[B, Hq, Nq, D]``.
+
+    ``options`` overrides the tile/warp/stage choice (``BLOCK_N``, ``num_warps``, ``num_stages``);
+    the benchmarks use it to sweep configurations.
+    """
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q)
     num_tiles = math.ceil(shape.k_len / block_m)
@@ -68,7 +73,7 @@ def launch(
         cu_q = cu_k = dummy
     else:
         cu_q, cu_k = cu_seqlens_q, cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
-    opts = _launch_options(shape.head_dim, block_m, q.dtype)
+    opts = options or _launch_options(shape.head_dim, block_m, q.dtype)
     grid = (shape.batch * shape.q_heads, num_tiles)
     _sparse_attention_fwd[grid](
         q, k, v, out,
