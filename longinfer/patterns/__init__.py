@@ -1,1 +1,45 @@
-"""longinfer.patterns"""
+"""Sparse-attention patterns: online index estimators and the pattern registry.
+
+Each pattern is a frozen config dataclass, an estimator ``(q, k, config, *, sm_scale=None,
+per_kv_group=False) -> selection`` vectorized over batch and heads, a kernel runner and a
+reference mask; see :mod:`longinfer.patterns.registry`. :mod:`longinfer.patterns.recall` measures
+how much of the true attention mass a selection keeps.
+"""
+
+from longinfer.patterns.a_shape import AShapeConfig, AShapeSelection, estimate_a_shape
+from longinfer.patterns.block_sparse import BlockSparseConfig, BlockSparseSelection, estimate_block_sparse
+from longinfer.patterns.dense import DenseConfig, DenseSelection, estimate_dense
+from longinfer.patterns.registry import (
+    PatternSpec,
+    config_from_params,
+    config_to_params,
+    get_pattern,
+    pattern_names,
+    pattern_of_config,
+    register_pattern,
+    registry,
+)
+from longinfer.patterns.vertical_slash import VerticalSlashConfig, VerticalSlashSelection, estimate_vertical_slash
+
+__all__ = [
+    "AShapeConfig",
+    "AShapeSelection",
+    "BlockSparseConfig",
+    "BlockSparseSelection",
+    "DenseConfig",
+    "DenseSelection",
+    "PatternSpec",
+    "VerticalSlashConfig",
+    "VerticalSlashSelection",
+    "config_from_params",
+    "config_to_params",
+    "estimate_a_shape",
+    "estimate_block_sparse",
+    "estimate_dense",
+    "estimate_vertical_slash",
+    "get_pattern",
+    "pattern_names",
+    "pattern_of_config",
+    "register_pattern",
+    "registry",
+]

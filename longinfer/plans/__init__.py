@@ -1,1 +1,27 @@
-"""longinfer.plans"""
+"""Per-head sparse-attention plans: the versioned JSON schema (:mod:`longinfer.plans.schema`)."""
+
+from longinfer.plans.schema import (
+    DEFAULT_DENSE_BELOW,
+    DEFAULT_PATTERN_CONFIG,
+    SCHEMA_VERSION,
+    HeadPlan,
+    LayerPlan,
+    ModelShape,
+    Plan,
+    default_plan_for,
+    model_shape,
+    uniform_plan,
+)
+
+__all__ = [
+    "DEFAULT_DENSE_BELOW",
+    "DEFAULT_PATTERN_CONFIG",
+    "SCHEMA_VERSION",
+    "HeadPlan",
+    "LayerPlan",
+    "ModelShape",
+    "Plan",
+    "default_plan_for",
+    "model_shape",
+    "uniform_plan",
+]

@@ -1,0 +1,456 @@
+"""Per-head sparse-attention plans: a typed, versioned JSON schema.
+
+A plan says, for one model, which pattern (and parameters) every query head of every layer
+uses, and per layer the key length below which the layer runs dense. Plans are data, never
+code: loading validates every field, every pattern name and every parameter against the pattern
+registry, and :meth:`Plan.check_matches` validates the plan against the model it is used with.
+
+JSON layout (``schema_version`` 1)::
+
+    {
+      "schema_version": 1,
+      "model": {"id": "Qwen/Qwen2.5-Coder-0.5B-Instruct", "revision": null,
+                "num_layers": 24, "num_q_heads": 14, "num_kv_heads": 2, "head_dim": 64},
+      "created": "2026-11-25T10:00:00+00:00",
+      "library_version": "0.1.0",
+      "search": {"method": "uniform", ...},            # how the plan was made (free-form JSON)
+      "layers": [
+        {"dense_below": 16384,
+         "heads": [{"pattern": "vertical_slash", "params": {"num_vertical": 1000, ...}}, ...]},
+        ...
+      ]
+    }
+
+Every head lists all parameters of its pattern (defaults filled in on save), so a plan reads the
+same whatever the library's defaults become. Unknown keys anywhere are an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import os
+import tempfile
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from longinfer import __version__
+from longinfer.patterns.registry import config_from_params, config_to_params, get_pattern, pattern_of_config
+from longinfer.patterns.vertical_slash import VerticalSlashConfig
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+
+# Key length below which the default plan runs every layer dense. A placeholder until the
+# measured dense/sparse crossover of the kernels replaces it (issue 3: "a measured crossover").
+DEFAULT_DENSE_BELOW = 16384
+
+# The estimate used when a user gives no plan: vertical-slash with a coverage budget on every
+# head (columns and diagonals ranked together; more estimation queries lift weak heads most, see
+# ../shared/docs/anchors.md). Caps bound the index width; to be replaced by the best measured
+# configuration (issue 6).
+DEFAULT_PATTERN_CONFIG = VerticalSlashConfig(
+    num_vertical=4096, num_slash=8192, last_q=256, sink=30, local=100, budget="coverage", tau=0.95
+)
+
+
+def _where(location: str, error: Exception) -> Exception:
+    """The same kind of error with ``location`` prefixed to the message."""
+    return type(error)(f"{location}: {error}")
+
+
+def _require_int(location: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{location} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{location} must be >= {minimum}, got {value}")
+    return value
+
+
+def _require_keys(location: str, data: Any, required: set[str], optional: frozenset[str] = frozenset()) -> None:
+    """``data`` must be a dict with all ``required`` keys and nothing beyond ``required | optional``."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{location} must be a JSON object, got {type(data).__name__}")
+    missing = sorted(required - set(data))
+    if missing:
+        raise ValueError(f"{location} is missing {missing}")
+    unknown = sorted(set(data) - required - optional)
+    if unknown:
+        raise ValueError(f"{location} has unknown key(s) {unknown}; allowed: {sorted(required | optional)}")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The attention shape a plan is made for."""
+
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _require_int(f"ModelShape.{f.name}", getattr(self, f.name), 1)
+        if self.num_q_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+
+
+def model_shape(config: Any) -> ModelShape:
+    """Attention shape of a model config.
+
+    Args:
+        config: a transformers ``PretrainedConfig`` (its text config for multimodal models), a
+            dict with ``num_layers``, ``num_q_heads``, ``num_kv_heads``, ``head_dim``, a
+            :class:`ModelShape`, or a :class:`Plan`.
+
+    Raises:
+        ValueError / TypeError: a dict with missing or unknown fields, or an unsupported object.
+    """
+    if isinstance(config, ModelShape):
+        return config
+    if isinstance(config, Plan):
+        return config.shape
+    if isinstance(config, Mapping):
+        names = {f.name for f in dataclasses.fields(ModelShape)}
+        _require_keys("model config dict", config, names)
+        return ModelShape(**{n: config[n] for n in names})
+    if hasattr(config, "num_attention_heads") and hasattr(config, "num_hidden_layers"):
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        q_heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or q_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // q_heads
+        return ModelShape(text.num_hidden_layers, q_heads, kv_heads, head_dim)
+    raise TypeError(
+        "config must be a transformers PretrainedConfig, a dict with num_layers/num_q_heads/num_kv_heads/"
+        f"head_dim, a ModelShape or a Plan; got {type(config).__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """One query head's pattern: a registered pattern name and its validated config dataclass."""
+
+    pattern: str
+    config: Any
+
+    def __post_init__(self) -> None:
+        spec = get_pattern(self.pattern)
+        if type(self.config) is not spec.config_cls:
+            raise TypeError(
+                f"pattern {self.pattern!r} takes a {spec.config_cls.__name__}, got {type(self.config).__name__}"
+            )
+
+    @classmethod
+    def from_params(cls, pattern: str, params: Mapping[str, Any] | None = None) -> HeadPlan:
+        """Validate ``params`` against ``pattern``'s config dataclass (missing fields: defaults)."""
+        return cls(pattern, config_from_params(pattern, params or {}))
+
+    @classmethod
+    def from_config(cls, config: Any) -> HeadPlan:
+        """A head plan for a registered config dataclass instance."""
+        return cls(pattern_of_config(config).name, config)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """All parameters as a JSON-ready dict."""
+        return config_to_params(self.config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pattern": self.pattern, "params": self.params}
+
+    @classmethod
+    def from_dict(cls, data: Any, location: str = "head") -> HeadPlan:
+        _require_keys(location, data, {"pattern", "params"})
+        try:
+            return cls.from_params(data["pattern"], data["params"])
+        except (ValueError, TypeError) as error:
+            raise _where(location, error) from error
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer: a head plan per query head, and the key length below which the layer runs dense.
+
+    Attributes:
+        heads: ``num_q_heads`` head plans, in query-head order.
+        dense_below: the layer runs dense attention when the number of key positions (prefix
+            included) is below this; 0 = never dense.
+    """
+
+    heads: tuple[HeadPlan, ...]
+    dense_below: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", tuple(self.heads))
+        if not self.heads:
+            raise ValueError("a LayerPlan needs at least one head")
+        for i, head in enumerate(self.heads):
+            if not isinstance(head, HeadPlan):
+                raise TypeError(f"heads[{i}] must be a HeadPlan, got {type(head).__name__}")
+        _require_int("dense_below", self.dense_below, 0)
+
+    def runs_dense(self, k_len: int) -> bool:
+        """True when a call with ``k_len`` key positions should use dense attention."""
+        return k_len < self.dense_below
+
+    def head_groups(self) -> tuple[tuple[HeadPlan, tuple[int, ...]], ...]:
+        """Heads grouped by identical plan, in order of first appearance: ``((plan, head_ids), ...)``.
+
+        One estimator call and one kernel launch per group keeps the work batched over heads.
+        """
+        groups: dict[HeadPlan, list[int]] = {}
+        for i, head in enumerate(self.heads):
+            groups.setdefault(head, []).append(i)
+        return tuple((head, tuple(ids)) for head, ids in groups.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dense_below": self.dense_below, "heads": [h.to_dict() for h in self.heads]}
+
+    @classmethod
+    def from_dict(cls, data: Any, location: str = "layer") -> LayerPlan:
+        _require_keys(location, data, {"heads", "dense_below"})
+        if not isinstance(data["heads"], list):
+            raise TypeError(f"{location}.heads must be a JSON list, got {type(data['heads']).__name__}")
+        heads = tuple(HeadPlan.from_dict(h, f"{location}.heads[{i}]") for i, h in enumerate(data["heads"]))
+        try:
+            return cls(heads=heads, dense_below=data["dense_below"])
+        except (ValueError, TypeError) as error:
+            raise _where(location, error) from error
+
+
+def _format_plan_json(data: dict[str, Any]) -> str:
+    """JSON text of a plan dict with one line per head, so a plan file is read layer by layer."""
+    header = json.dumps({key: value for key, value in data.items() if key != "layers"}, indent=1)
+    layers = []
+    for layer in data["layers"]:
+        heads = ",\n   ".join(json.dumps(head) for head in layer["heads"])
+        layers.append(f'  {{"dense_below": {json.dumps(layer["dense_below"])}, "heads": [\n   {heads}\n  ]}}')
+    return header[:-2] + ',\n "layers": [\n' + ",\n".join(layers) + "\n ]\n}\n"
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A whole model's plan (see the module docstring for the JSON form).
+
+    Attributes:
+        model_id: the model the plan was made for (hub id or a zoo name; ``""`` = not recorded).
+        num_layers, num_q_heads, num_kv_heads, head_dim: the attention shape it fits.
+        layers: ``num_layers`` :class:`LayerPlan` s.
+        model_revision: the model revision (commit, file sha256), if known.
+        search: JSON-serializable settings of how the plan was made, e.g. ``{"method": "search",
+            "calibration": ..., "length": 32768, "seed": 0}``; read-only.
+        created: ISO-8601 creation time (UTC), set on construction.
+        library_version: the longinfer version that made it.
+    """
+
+    model_id: str
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layers: tuple[LayerPlan, ...]
+    model_revision: str | None = None
+    search: Mapping[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=_utc_now)
+    library_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_id, str):
+            raise TypeError(f"model_id must be a string, got {type(self.model_id).__name__}")
+        if self.model_revision is not None and not isinstance(self.model_revision, str):
+            raise TypeError(f"model_revision must be a string or None, got {type(self.model_revision).__name__}")
+        shape = ModelShape(self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim)
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if len(self.layers) != shape.num_layers:
+            raise ValueError(f"plan has {len(self.layers)} layers but num_layers is {shape.num_layers}")
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, LayerPlan):
+                raise TypeError(f"layers[{i}] must be a LayerPlan, got {type(layer).__name__}")
+            if len(layer.heads) != shape.num_q_heads:
+                raise ValueError(f"layers[{i}] has {len(layer.heads)} heads but num_q_heads is {shape.num_q_heads}")
+        if not isinstance(self.search, Mapping):
+            raise TypeError(f"search must be a mapping, got {type(self.search).__name__}")
+        try:
+            json.dumps(dict(self.search))
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"search settings must be JSON-serializable: {error}") from error
+        object.__setattr__(self, "search", types.MappingProxyType(copy.deepcopy(dict(self.search))))
+        try:
+            datetime.datetime.fromisoformat(self.created)
+        except (TypeError, ValueError):
+            raise ValueError(f"created must be an ISO-8601 date-time string, got {self.created!r}") from None
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape(self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim)
+
+    def check_matches(self, config: Any) -> None:
+        """Raise ``ValueError`` unless the model's attention shape equals the plan's.
+
+        Args:
+            config: anything :func:`model_shape` accepts (a transformers ``PretrainedConfig``, a dict).
+
+        The error names every differing field with the plan's and the model's value.
+        """
+        model = model_shape(config)
+        diffs = [
+            f"{f.name}: plan has {getattr(self.shape, f.name)}, model has {getattr(model, f.name)}"
+            for f in dataclasses.fields(ModelShape)
+            if getattr(self.shape, f.name) != getattr(model, f.name)
+        ]
+        if diffs:
+            raise ValueError(
+                f"plan for model {self.model_id or '(unrecorded)'} does not match this model ({'; '.join(diffs)}); "
+                "use a plan made for this model (`longinfer search`) or none (the default plan)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (see the module docstring)."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": {
+                "id": self.model_id,
+                "revision": self.model_revision,
+                **dataclasses.asdict(self.shape),
+            },
+            "created": self.created,
+            "library_version": self.library_version,
+            "search": copy.deepcopy(dict(self.search)),
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Plan:
+        """Validate and build a plan from its JSON form.
+
+        Raises:
+            ValueError: unknown schema version, missing/unknown keys, bad values (the message
+                names the location, e.g. ``layers[3].heads[2].params``).
+            TypeError: values of the wrong JSON type.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a plan must be a JSON object, got {type(data).__name__}")
+        if "schema_version" not in data:
+            raise ValueError("not a longinfer plan: no 'schema_version' key")
+        version = data["schema_version"]
+        if type(version) is not int or version not in SUPPORTED_SCHEMA_VERSIONS:
+            newer = isinstance(version, int) and version > max(SUPPORTED_SCHEMA_VERSIONS)
+            hint = "; upgrade longinfer to read it" if newer else ""
+            raise ValueError(
+                f"unsupported plan schema_version {version!r}: this longinfer ({__version__}) reads "
+                f"{list(SUPPORTED_SCHEMA_VERSIONS)}{hint}"
+            )
+        _require_keys("plan", data, {"schema_version", "model", "created", "library_version", "search", "layers"})
+        model = data["model"]
+        _require_keys("plan.model", model, {"id", "revision", *(f.name for f in dataclasses.fields(ModelShape))})
+        if not isinstance(data["layers"], list):
+            raise TypeError(f"plan.layers must be a JSON list, got {type(data['layers']).__name__}")
+        layers = tuple(LayerPlan.from_dict(layer, f"layers[{i}]") for i, layer in enumerate(data["layers"]))
+        for key in ("created", "library_version"):
+            if not isinstance(data[key], str):
+                raise TypeError(f"plan.{key} must be a string, got {type(data[key]).__name__}")
+        return cls(
+            model_id=model["id"],
+            model_revision=model["revision"],
+            num_layers=model["num_layers"],
+            num_q_heads=model["num_q_heads"],
+            num_kv_heads=model["num_kv_heads"],
+            head_dim=model["head_dim"],
+            layers=layers,
+            search=data["search"],
+            created=data["created"],
+            library_version=data["library_version"],
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan as JSON, atomically (a temporary file renamed over ``path``)."""
+        path = Path(path)
+        text = _format_plan_json(self.to_dict())
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        """Read and validate a plan file; errors name the file and the location inside it."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from error
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as error:
+            raise _where(str(path), error) from error
+
+
+def uniform_plan(
+    model_config_fields: Any,
+    pattern: str,
+    params: Mapping[str, Any] | None = None,
+    dense_below: int = 0,
+    *,
+    model_id: str | None = None,
+    model_revision: str | None = None,
+    search: Mapping[str, Any] | None = None,
+) -> Plan:
+    """A plan with the same pattern and parameters for every head of every layer.
+
+    Args:
+        model_config_fields: anything :func:`model_shape` accepts.
+        pattern: a registered pattern name.
+        params: the pattern's parameters (missing ones take the config defaults).
+        dense_below: per-layer dense threshold (key positions), the same for every layer.
+        model_id: defaults to the config's ``name_or_path`` when it has one, else ``""``.
+        search: provenance; default ``{"method": "uniform"}``.
+    """
+    shape = model_shape(model_config_fields)
+    head = HeadPlan.from_params(pattern, params)
+    layer = LayerPlan(heads=(head,) * shape.num_q_heads, dense_below=dense_below)
+    if model_id is None:
+        model_id = str(getattr(model_config_fields, "name_or_path", "") or "")
+    return Plan(
+        model_id=model_id,
+        model_revision=model_revision,
+        **dataclasses.asdict(shape),
+        layers=(layer,) * shape.num_layers,
+        search=dict(search) if search is not None else {"method": "uniform"},
+    )
+
+
+def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: int = DEFAULT_DENSE_BELOW) -> Plan:
+    """The plan used when the user gives none.
+
+    Every head of every layer uses :data:`DEFAULT_PATTERN_CONFIG`: vertical-slash from the last
+    256 queries with a coverage budget (keep the fewest columns and diagonals, ranked together,
+    whose estimated attention mass reaches 0.95; at most 4096 columns and 8192 diagonals; the first
+    30 keys and 100 nearest diagonals always kept). Layers run dense below ``dense_below`` key
+    positions (default :data:`DEFAULT_DENSE_BELOW`). Recorded as ``search={"method": "default"}``.
+
+    Args:
+        config: anything :func:`model_shape` accepts.
+    """
+    return uniform_plan(
+        config,
+        "vertical_slash",
+        config_to_params(DEFAULT_PATTERN_CONFIG),
+        dense_below,
+        model_id=model_id,
+        search={"method": "default"},
+    )

@@ -1,0 +1,165 @@
+"""Plan schema: round trips, validation against the registry and the model, version errors."""
+
+import json
+
+import pytest
+import transformers
+
+from longinfer.patterns import BlockSparseConfig, VerticalSlashConfig
+from longinfer.plans import (
+    DEFAULT_PATTERN_CONFIG,
+    SCHEMA_VERSION,
+    HeadPlan,
+    LayerPlan,
+    ModelShape,
+    Plan,
+    default_plan_for,
+    model_shape,
+    uniform_plan,
+)
+
+SHAPE = {"num_layers": 3, "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 16}
+
+
+def _mixed_plan() -> Plan:
+    heads = (
+        HeadPlan.from_params("vertical_slash", {"num_vertical": 64, "num_slash": 128, "budget": "coverage", "tau": 0.8}),
+        HeadPlan.from_params("block_sparse", {"num_blocks": 8}),
+        HeadPlan.from_params("a_shape", {"sink": 4, "window": 64}),
+        HeadPlan.from_params("dense"),
+    )
+    layers = (LayerPlan(heads, dense_below=0), LayerPlan(heads[::-1], dense_below=1024), LayerPlan(heads, 7))
+    return Plan(model_id="tiny/model", model_revision="abc123", **SHAPE, layers=layers,
+                search={"method": "search", "length": 4096, "candidates": [["vertical_slash", 0.9]]})
+
+
+def test_round_trip_through_file(tmp_path):
+    plan = _mixed_plan()
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = Plan.load(path)
+    assert loaded == plan
+    assert loaded.layers[0].heads[0].config == VerticalSlashConfig(num_vertical=64, num_slash=128, budget="coverage", tau=0.8)
+    assert loaded.layers[1].heads[2].config == BlockSparseConfig(num_blocks=8)
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == SCHEMA_VERSION
+    # Every parameter is written out, defaults included.
+    assert set(data["layers"][0]["heads"][0]["params"]) == set(VerticalSlashConfig.__dataclass_fields__)
+    assert data["model"] == {"id": "tiny/model", "revision": "abc123", **SHAPE}
+
+
+def test_plan_is_immutable():
+    plan = _mixed_plan()
+    with pytest.raises(TypeError):
+        plan.search["method"] = "x"
+    with pytest.raises(AttributeError):
+        plan.num_layers = 4
+
+
+def test_head_groups_and_dense_threshold():
+    layer = _mixed_plan().layers[0]
+    groups = layer.head_groups()
+    assert [ids for _, ids in groups] == [(0,), (1,), (2,), (3,)]
+    uniform = uniform_plan(SHAPE, "a_shape", {"sink": 1, "window": 2}, dense_below=100).layers[1]
+    assert uniform.head_groups() == ((uniform.heads[0], (0, 1, 2, 3)),)
+    assert uniform.runs_dense(99) and not uniform.runs_dense(100)
+
+
+def test_check_matches_names_the_field():
+    plan = uniform_plan(SHAPE, "dense")
+    plan.check_matches(dict(SHAPE))
+    plan.check_matches(ModelShape(**SHAPE))
+    with pytest.raises(ValueError, match=r"num_kv_heads: plan has 2, model has 4"):
+        plan.check_matches({**SHAPE, "num_kv_heads": 4})
+    with pytest.raises(ValueError, match=r"num_layers: plan has 3, model has 5.*head_dim: plan has 16, model has 32"):
+        plan.check_matches({**SHAPE, "num_layers": 5, "head_dim": 32})
+    with pytest.raises(ValueError, match="missing"):
+        plan.check_matches({"num_layers": 3})
+
+
+def test_check_matches_transformers_config():
+    cfg = transformers.Qwen2Config(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
+    assert model_shape(cfg) == ModelShape(**SHAPE)
+    uniform_plan(SHAPE, "dense").check_matches(cfg)
+    mha = transformers.LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=None,
+                                   hidden_size=64)
+    with pytest.raises(ValueError, match="num_kv_heads: plan has 2, model has 4"):
+        uniform_plan(SHAPE, "dense").check_matches(mha)
+
+
+def _saved(tmp_path, mutate) -> str:
+    data = _mixed_plan().to_dict()
+    mutate(data)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", 1.0, True, None])
+def test_unknown_schema_version(tmp_path, version):
+    path = _saved(tmp_path, lambda d: d.update(schema_version=version))
+    with pytest.raises(ValueError, match="unsupported plan schema_version"):
+        Plan.load(path)
+
+
+def test_newer_version_says_upgrade(tmp_path):
+    with pytest.raises(ValueError, match="upgrade longinfer"):
+        Plan.load(_saved(tmp_path, lambda d: d.update(schema_version=SCHEMA_VERSION + 1)))
+
+
+def test_missing_version_is_not_a_plan(tmp_path):
+    with pytest.raises(ValueError, match="not a longinfer plan"):
+        Plan.load(_saved(tmp_path, lambda d: d.pop("schema_version")))
+
+
+@pytest.mark.parametrize(
+    "mutate,error,message",
+    [
+        (lambda d: d["layers"][1]["heads"][2].update(pattern="nope"), ValueError, r"layers\[1\].heads\[2\].*unknown pattern 'nope'"),
+        (lambda d: d["layers"][0]["heads"][0]["params"].update(colour=1), ValueError, r"layers\[0\].heads\[0\].*unknown parameter.*colour"),
+        (lambda d: d["layers"][0]["heads"][0]["params"].update(tau=1.5), ValueError, r"tau must lie in"),
+        (lambda d: d["layers"][0]["heads"][0]["params"].update(last_q="64"), TypeError, r"last_q must be int"),
+        (lambda d: d["layers"][0]["heads"][0]["params"].update(sink=200, num_vertical=64), ValueError, "raise num_vertical"),
+        (lambda d: d["layers"][2]["heads"].pop(), ValueError, r"layers\[2\] has 3 heads but num_q_heads is 4"),
+        (lambda d: d["layers"].pop(), ValueError, "plan has 2 layers but num_layers is 3"),
+        (lambda d: d["layers"][0].update(dense_below=-1), ValueError, "dense_below must be >= 0"),
+        (lambda d: d["model"].pop("head_dim"), ValueError, r"plan.model is missing \['head_dim'\]"),
+        (lambda d: d.update(extra=1), ValueError, r"unknown key\(s\) \['extra'\]"),
+        (lambda d: d["model"].update(num_kv_heads=3), ValueError, "multiple of num_kv_heads"),
+        (lambda d: d.update(created="yesterday"), ValueError, "ISO-8601"),
+    ],
+)
+def test_invalid_plans_are_rejected_with_location(tmp_path, mutate, error, message):
+    path = _saved(tmp_path, mutate)
+    with pytest.raises(error, match=message) as info:
+        Plan.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_invalid_json(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Plan.load(path)
+
+
+def test_uniform_and_default_plan():
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, hidden_size=96,
+                                   name_or_path="tiny/llama")
+    plan = default_plan_for(cfg)
+    assert plan.model_id == "tiny/llama"
+    assert plan.search["method"] == "default"
+    assert all(h.config == DEFAULT_PATTERN_CONFIG for layer in plan.layers for h in layer.heads)
+    assert DEFAULT_PATTERN_CONFIG.budget == "coverage"
+    assert len(plan.layers) == 2 and len(plan.layers[0].heads) == 6
+    plan.check_matches(cfg)
+    with pytest.raises(ValueError, match="unknown pattern"):
+        uniform_plan(cfg, "triangle_mix")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        uniform_plan(cfg, "a_shape", {"sinks": 3})
+
+
+def test_head_plan_checks_config_type():
+    with pytest.raises(TypeError, match="takes a VerticalSlashConfig"):
+        HeadPlan("vertical_slash", BlockSparseConfig())
+    assert HeadPlan.from_config(BlockSparseConfig()).pattern == "block_sparse"
