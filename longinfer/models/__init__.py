@@ -3,7 +3,7 @@
 Importing this package does not import torch or transformers; :func:`load` does, when called.
 """
 
-from longinfer.models.fetch import ChecksumError, DiskFullError, DownloadError, FetchError
+from longinfer.models.download import ChecksumError, DiskFullError, DownloadError, FetchError
 from longinfer.models.zoo import (
     DEFAULT_MODEL,
     MODELS,

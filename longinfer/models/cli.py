@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from longinfer.models import zoo
-from longinfer.models.fetch import FetchError, cache_root
+from longinfer.models.download import FetchError, cache_root
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

