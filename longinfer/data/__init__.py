@@ -1,4 +1,4 @@
-"""longinfer.data: long natural-text corpora (fetched from PyPI, verified) and haystacks cut from them."""
+"""longinfer.data: long texts (fetched from PyPI, verified) and haystacks cut from them."""
 
 from longinfer.data.corpora import (
     CORPORA,

@@ -133,7 +133,9 @@ def _read_documents(archive: Path, prefix: str, suffix: str) -> tuple[str, ...]:
     return documents
 
 
-def load_corpus(name: str = DEFAULT_CORPUS, cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
+def load_corpus(
+    name: str = DEFAULT_CORPUS, cache_dir: str | os.PathLike[str] | None = None
+) -> list[str]:
     """All documents of a corpus, stripped, in the sorted order of their file names.
 
     (``pg``: alphabetical by essay file; ``sotu``: chronological, the files are ``YEAR-Name-N``.)
@@ -178,7 +180,8 @@ def haystack_ids(
         while counted < n_tokens:
             document = next(stream)
             pieces.append(document)
-            counted += len(tokenizer.encode(document + DOCUMENT_SEPARATOR, add_special_tokens=False))
+            with_separator = document + DOCUMENT_SEPARATOR
+            counted += len(tokenizer.encode(with_separator, add_special_tokens=False))
         ids = tokenizer.encode(DOCUMENT_SEPARATOR.join(pieces), add_special_tokens=False)
         if len(ids) >= n_tokens:
             return list(ids[:n_tokens])

