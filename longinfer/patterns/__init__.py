@@ -9,6 +9,7 @@ how much of the true attention mass a selection keeps.
 from longinfer.patterns.a_shape import AShapeConfig, AShapeSelection, estimate_a_shape
 from longinfer.patterns.block_sparse import BlockSparseConfig, BlockSparseSelection, estimate_block_sparse
 from longinfer.patterns.dense import DenseConfig, DenseSelection, estimate_dense
+from longinfer.patterns.recall import RecallStats, attention_recall, causal_logsumexp, sample_rows
 from longinfer.patterns.registry import (
     PatternSpec,
     config_from_params,
@@ -29,8 +30,11 @@ __all__ = [
     "DenseConfig",
     "DenseSelection",
     "PatternSpec",
+    "RecallStats",
     "VerticalSlashConfig",
     "VerticalSlashSelection",
+    "attention_recall",
+    "causal_logsumexp",
     "config_from_params",
     "config_to_params",
     "estimate_a_shape",
@@ -42,4 +46,5 @@ __all__ = [
     "pattern_of_config",
     "register_pattern",
     "registry",
+    "sample_rows",
 ]
