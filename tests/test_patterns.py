@@ -38,12 +38,17 @@ SMALL_CONFIGS = {
 }
 
 
-def test_every_registered_pattern_has_test_configs():
-    assert set(pattern_names()) == set(SMALL_CONFIGS)
+def _configs(name):
+    """Small test configs of a pattern; a newly registered pattern is tested with its defaults."""
+    return SMALL_CONFIGS.get(name) or [get_pattern(name).config_cls()]
+
+
+def test_registry_configs_round_trip():
+    assert set(SMALL_CONFIGS) <= set(pattern_names())
     for name, spec in registry().items():
         assert spec.name == name
         assert spec.config_cls() == config_from_params(name, {})
-        for cfg in SMALL_CONFIGS[name]:
+        for cfg in _configs(name):
             assert config_from_params(name, config_to_params(cfg)) == cfg
 
 
@@ -58,13 +63,13 @@ def _index_tensors(selection):
     return {n: t for n, t in vars(selection).items() if isinstance(t, torch.Tensor)}
 
 
-@pytest.mark.parametrize("name", sorted(SMALL_CONFIGS))
+@pytest.mark.parametrize("name", pattern_names())
 @pytest.mark.parametrize("per_kv_group", [False, True])
 @pytest.mark.parametrize("nq,nk", [(100, 100), (37, 133)])
 def test_registry_estimates_have_kernel_format(name, per_kv_group, nq, nk):
     spec = get_pattern(name)
     q, k = _qk(nq=nq, nk=nk)
-    for cfg in SMALL_CONFIGS[name]:
+    for cfg in _configs(name):
         sel = spec.estimate(q, k, cfg, per_kv_group=per_kv_group)
         assert sel.k_len == nk
         heads = 2 if per_kv_group else 4
@@ -87,14 +92,14 @@ def test_registry_estimates_have_kernel_format(name, per_kv_group, nq, nk):
             assert (sel.block_index[:, :, :first_query_block] == -1).all()
 
 
-@pytest.mark.parametrize("name", sorted(SMALL_CONFIGS))
+@pytest.mark.parametrize("name", pattern_names())
 def test_registry_kernels_match_reference(name):
     """spec.run on an estimated index equals masked attention with the spec's reference mask."""
     spec = get_pattern(name)
     q, k = _qk(b=1, nq=40, nk=72)
     v = torch.randn_like(k)
     rows = torch.arange(32, 72)
-    for cfg in SMALL_CONFIGS[name]:
+    for cfg in _configs(name):
         sel = spec.estimate(q, k, cfg)
         out = spec.run(q, k, v, sel, cfg)
         expected = reference.masked_attention(q, k, v, spec.reference_mask(sel, rows), rows=rows)

@@ -193,9 +193,12 @@ def estimate_masses(
     for start, stop in chunks:
         probs = torch.exp(_chunk_scores(q_est, k, start, stop, positions, scale) - lse[..., None])
         probs = probs.reshape(shape.batch, shape.kv_heads, group, last, stop - start)
-        offsets = positions[:last, None] - torch.arange(start, stop, device=q.device)[None, :]  # [L, C]
-        in_band = (offsets >= 0) & (offsets < config.local)
-        columns[..., start:stop] = probs.masked_fill(in_band, 0.0).sum(-2)
+        if stop > nk - last - config.local + 1:  # the chunk reaches the local band of some query
+            offsets = positions[:last, None] - torch.arange(start, stop, device=q.device)[None, :]  # [L, C]
+            in_band = (offsets >= 0) & (offsets < config.local)
+            columns[..., start:stop] = probs.masked_fill(in_band, 0.0).sum(-2)
+        else:
+            columns[..., start:stop] = probs.sum(-2)
         if start < config.sink:
             probs[..., : config.sink - start] = 0.0
         # Cell (i, c) has offset s = (nk - last + i) - (start + c); x = L - 1 + c - i indexes the sums.
