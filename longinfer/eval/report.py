@@ -81,7 +81,7 @@ def _header(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
-def _needle_section(records: Sequence[Record], out_dir: Path, stem: str, baseline: str) -> tuple[str, list[Path]]:
+def _needle_section(records: Sequence[Record], out_dir: Path, prefix: str, baseline: str) -> tuple[str, list[Path]]:
     methods = _ordered(r["method"] for r in records)
     base = _baseline(methods, baseline)
     cells = _group(_ok(records), "method", "length", "depth")
@@ -122,7 +122,7 @@ def _needle_section(records: Sequence[Record], out_dir: Path, stem: str, baselin
             row_label="depth",
             col_label="length (tokens)",
             title=f"needle pass rate: {method}",
-            path=out_dir / f"{stem}_needle_{_file_safe(method)}.png",
+            path=out_dir / f"{prefix}_{_file_safe(method)}.png",
             row_fmt=lambda d: f"{d:.2f}",
         )
         for method in methods
@@ -130,7 +130,7 @@ def _needle_section(records: Sequence[Record], out_dir: Path, stem: str, baselin
     return "Pass count per cell (needles passed / needles).\n\n" + text + "\n\n" + "\n".join(regressions), figures
 
 
-def _ruler_section(records: Sequence[Record], out_dir: Path, stem: str, baseline: str) -> tuple[str, list[Path]]:
+def _ruler_section(records: Sequence[Record], out_dir: Path, prefix: str, baseline: str) -> tuple[str, list[Path]]:
     methods = _ordered(r["method"] for r in records)
     base = _baseline(methods, baseline)
     subtasks = _ordered(r["subtask"] for r in records)
@@ -166,7 +166,7 @@ def _ruler_section(records: Sequence[Record], out_dir: Path, stem: str, baseline
             row_label="task",
             col_label="length (tokens)",
             title=f"RULER-style score: {m}",
-            path=out_dir / f"{stem}_ruler_{_file_safe(m)}.png",
+            path=out_dir / f"{prefix}_{_file_safe(m)}.png",
             row_fmt=str,
         )
         for m in methods
@@ -174,7 +174,7 @@ def _ruler_section(records: Sequence[Record], out_dir: Path, stem: str, baseline
     return text, figures
 
 
-def _ppl_section(records: Sequence[Record], out_dir: Path, stem: str, baseline: str) -> tuple[str, list[Path]]:
+def _ppl_section(records: Sequence[Record], out_dir: Path, prefix: str, baseline: str) -> tuple[str, list[Path]]:
     methods = _ordered(r["method"] for r in records)
     base = _baseline(methods, baseline)
     lengths = sorted({r["length"] for r in records})
@@ -194,7 +194,7 @@ def _ppl_section(records: Sequence[Record], out_dir: Path, stem: str, baseline: 
     return "Perplexity of the last tokens of each window (all windows pooled).\n\n" + markdown_table(header, rows), []
 
 
-def _latency_section(records: Sequence[Record], out_dir: Path, stem: str, baseline: str) -> tuple[str, list[Path]]:
+def _latency_section(records: Sequence[Record], out_dir: Path, prefix: str, baseline: str) -> tuple[str, list[Path]]:
     methods = _ordered(r["method"] for r in records)
     base = _baseline(methods, baseline)
     lengths = sorted({r["length"] for r in records})
@@ -225,7 +225,7 @@ def _latency_section(records: Sequence[Record], out_dir: Path, stem: str, baseli
         if method != base:
             cross = crossover_length(ttft[base], ttft[method])
             notes.append(f"- crossover {method} vs {base}: " + (f"{cross} tokens" if cross else "none in the measured range"))
-    figure = _line_plot(ttft, out_dir / f"{stem}_latency.png")
+    figure = _line_plot(ttft, out_dir / f"{prefix}.png")
     return notes[0] + "\n\n" + markdown_table(header, rows) + "\n\n" + "\n".join(notes[1:]), [figure]
 
 
@@ -244,14 +244,14 @@ def _heatmap(
     from matplotlib.figure import Figure
 
     grid = [[values.get((r, c), math.nan) for c in cols] for r in rows_]
-    fig = Figure(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.45 * len(rows_)))
+    fig = Figure(figsize=(max(5.0, 3.0 + 0.9 * len(cols)), 1.5 + 0.45 * len(rows_)))
     ax = fig.add_subplot()
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(len(cols)), [str(c) for c in cols])
     ax.set_yticks(range(len(rows_)), [row_fmt(r) for r in rows_])
     ax.set_xlabel(col_label)
     ax.set_ylabel(row_label)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
             ax.text(j, i, "-" if math.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=8)
@@ -271,6 +271,9 @@ def _line_plot(series: Mapping[str, Mapping[int, float]], path: Path) -> Path:
         lengths = sorted(points)
         ax.plot(lengths, [points[n] for n in lengths], marker="o", label=method)
     ax.set_xscale("log", base=2)
+    measured = sorted({n for points in series.values() for n in points})
+    ax.set_xticks(measured, [str(n) for n in measured])
+    ax.minorticks_off()
     ax.set_yscale("log")
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("time to first token (s)")
@@ -290,7 +293,11 @@ _SECTIONS: dict[str, Callable[[Sequence[Record], Path, str, str], tuple[str, lis
 
 
 def render_markdown(records: Sequence[Record], out_dir: Path, stem: str, *, baseline: str = "dense") -> tuple[str, list[Path]]:
-    """The report's markdown and the figures it wrote to ``out_dir`` (named ``<stem>_*.png``)."""
+    """The report's markdown and the figures it wrote to ``out_dir``.
+
+    Figures are named ``<stem>_<method>.png`` (latency: ``<stem>.png``); the task name and, when
+    the records hold several models, the model name are added when needed to keep names unique.
+    """
     if not records:
         raise ValueError("no result records to report on")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -302,8 +309,10 @@ def render_markdown(records: Sequence[Record], out_dir: Path, stem: str, *, base
             logger.warning("no report section for task '%s' (%d records); skipped", task, len(group))
             parts.append(f"## {task} ({model})\n\nNo renderer for this task; {len(group)} records not shown.")
             continue
-        suffix = f"{stem}_{_file_safe(str(model))}" if len({r['model'] for r in records}) > 1 else stem
-        text, written = section(group, out_dir, suffix, baseline)
+        prefix = stem if stem == task else f"{stem}_{task}"
+        if len({r["model"] for r in records}) > 1:
+            prefix += f"_{_file_safe(str(model))}"
+        text, written = section(group, out_dir, prefix, baseline)
         figures += written
         links = "\n".join(f"![{p.stem}]({p.name})" for p in written)
         parts.append(f"## {task} ({model})\n\n{text}" + (f"\n\n{links}" if links else ""))

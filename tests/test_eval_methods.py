@@ -1,0 +1,70 @@
+"""Attention methods switch a loaded model and restore it; the longinfer method fails clearly."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from longinfer.eval.methods import DenseMethod, LonginferMethod, method_from_spec, parse_methods
+from tests.test_eval_fixtures import make_tiny_llama
+
+
+def test_dense_switches_and_restores():
+    model = make_tiny_llama(vocab_size=64, attn_implementation="eager")
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager_logits = model(input_ids=ids).logits
+    method = DenseMethod()
+    with method.activate(model):
+        assert model.config._attn_implementation == "sdpa"
+        with torch.no_grad():
+            sdpa_logits = model(input_ids=ids).logits
+    assert model.config._attn_implementation == "eager"
+    torch.testing.assert_close(sdpa_logits, eager_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_restores_after_an_error():
+    model = make_tiny_llama(vocab_size=64, attn_implementation="eager")
+    with pytest.raises(RuntimeError, match="boom"):
+        with DenseMethod().activate(model):
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_specs():
+    methods = parse_methods("dense, dense:eager,longinfer,longinfer:plans/qwen.json")
+    assert [m.name for m in methods] == ["dense", "dense:eager", "longinfer", "longinfer:qwen"]
+    assert methods[1].describe() == {"attn_implementation": "eager"}
+    assert methods[3].describe() == {"plan": "plans/qwen.json"}
+    with pytest.raises(ValueError, match="unknown attention method"):
+        method_from_spec("flash")
+    with pytest.raises(ValueError, match="unique"):
+        parse_methods("dense,dense:sdpa")
+    with pytest.raises(ValueError, match="no attention methods"):
+        parse_methods(" , ")
+
+
+def test_longinfer_without_integration_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "longinfer.integrations.transformers", None)
+    model = make_tiny_llama(vocab_size=64)
+    with pytest.raises(RuntimeError, match="longinfer.integrations.transformers"):
+        with LonginferMethod().activate(model):
+            pass
+
+
+def test_longinfer_calls_patch_and_unpatch(monkeypatch):
+    calls = []
+    fake = types.ModuleType("longinfer.integrations.transformers")
+    fake.patch = lambda model, plan: calls.append(("patch", plan))
+    fake.unpatch = lambda model: calls.append(("unpatch",))
+    monkeypatch.setitem(sys.modules, "longinfer.integrations.transformers", fake)
+    import longinfer.integrations
+
+    monkeypatch.setattr(longinfer.integrations, "transformers", fake, raising=False)
+    model = make_tiny_llama(vocab_size=64)
+    with LonginferMethod("my_plan.json").activate(model):
+        calls.append(("inside",))
+    assert calls == [("patch", "my_plan.json"), ("inside",), ("unpatch",)]
