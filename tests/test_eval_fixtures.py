@@ -17,13 +17,20 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-_SUBJECTS = ["The old miller", "A young painter", "The harbor master", "Our neighbor", "The teacher", "A tired sailor"]
+_SUBJECTS = [
+    "The old miller",
+    "A young painter",
+    "The harbor master",
+    "Our neighbor",
+    "The teacher",
+    "A tired sailor",
+]
 _VERBS = ["walked along", "painted", "watched", "remembered", "crossed", "described"]
 _OBJECTS = ["the quiet river", "the northern hills", "a wooden bridge", "the empty market", "the long road"]
 _TAILS = ["before dawn", "in the autumn rain", "with great care", "after the storm", "every summer"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def corpus_text(n_sentences: int = 1500, seed: int = 0) -> str:
     """Plain English-like text: paragraphs of six simple sentences, deterministic for the seed."""
     rng = random.Random(seed)
@@ -34,7 +41,7 @@ def corpus_text(n_sentences: int = 1500, seed: int = 0) -> str:
     return "\n\n".join(" ".join(sentences[i : i + 6]) for i in range(0, n_sentences, 6))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

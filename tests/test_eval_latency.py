@@ -14,7 +14,11 @@ from tests.test_eval_fixtures import corpus_text, make_tiny_llama, make_tokenize
     ("dense", "sparse", "expected"),
     [
         ({1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0}, {1: 1.5, 2: 2.5, 4: 3.0, 8: 4.0}, 4),
-        ({1: 1.0, 2: 2.0, 4: 4.0}, {1: 0.5, 2: 2.5, 4: 3.0}, 4),  # a faster short length before a slower one does not count
+        (
+            {1: 1.0, 2: 2.0, 4: 4.0},
+            {1: 0.5, 2: 2.5, 4: 3.0},
+            4,
+        ),  # a faster short length before a slower one does not count
         ({1: 1.0, 2: 2.0}, {1: 0.5, 2: 1.0}, 1),
         ({1: 1.0, 2: 2.0}, {1: 2.0, 2: 3.0}, None),
         ({1: 1.0, 2: 2.0, 4: 4.0}, {2: 1.0}, 2),  # only common lengths count

@@ -47,7 +47,10 @@ def test_needle_follows_a_sentence_end(tokenizer, haystack):
 
 
 def test_depth_order_in_the_text(tokenizer, haystack):
-    starts = [build_needle_prompt(tokenizer, haystack, 1024, d, Needle("Oslo", "1000001")).needle_start for d in (0.1, 0.5, 0.9)]
+    starts = [
+        build_needle_prompt(tokenizer, haystack, 1024, d, Needle("Oslo", "1000001")).needle_start
+        for d in (0.1, 0.5, 0.9)
+    ]
     assert starts[0] < starts[1] < starts[2]
 
 
@@ -58,7 +61,9 @@ def test_task_cases_are_deterministic_and_seeded(tokenizer, haystack):
     other_seed = NeedleTask(haystack, depths=[0.0, 0.5], needles_per_cell=3, seed=8).cases(tokenizer, 600)
     assert len(first) == 6
     assert len({c.case_id for c in first}) == 6
-    assert [(c.case_id, c.input_ids, c.expected) for c in first] == [(c.case_id, c.input_ids, c.expected) for c in second]
+    assert [(c.case_id, c.input_ids, c.expected) for c in first] == [
+        (c.case_id, c.input_ids, c.expected) for c in second
+    ]
     assert [c.expected for c in first] != [c.expected for c in other_seed]
     assert len({c.expected for c in first}) > 1  # several random needles per cell
     for case in first:
@@ -76,7 +81,9 @@ def test_haystack_fn_source_and_too_short_fn(tokenizer):
         calls.append(n_tokens)
         return text
 
-    prompt = build_needle_prompt(tokenizer, Haystack.from_fn(haystack_fn), 512, 0.5, Needle("Rome", "7654321"))
+    prompt = build_needle_prompt(
+        tokenizer, Haystack.from_fn(haystack_fn), 512, 0.5, Needle("Rome", "7654321")
+    )
     assert len(prompt.input_ids) == 512 and calls
     short = Haystack.from_fn(lambda n: "Too short.")
     with pytest.raises(ValueError, match="haystack_fn"):

@@ -23,10 +23,14 @@ def _reference_nll(model, ids: torch.Tensor, eval_tokens: int) -> float:
     with torch.no_grad():
         logits = model(input_ids=ids).logits.double()
     n = ids.shape[1]
-    return F.cross_entropy(logits[0, n - eval_tokens - 1 : n - 1], ids[0, n - eval_tokens :], reduction="sum").item()
+    return F.cross_entropy(
+        logits[0, n - eval_tokens - 1 : n - 1], ids[0, n - eval_tokens :], reduction="sum"
+    ).item()
 
 
-@pytest.mark.parametrize(("n", "eval_tokens", "chunk"), [(300, 128, 1024), (300, 128, 50), (257, 256, 7), (64, 1, 1)])
+@pytest.mark.parametrize(
+    ("n", "eval_tokens", "chunk"), [(300, 128, 1024), (300, 128, 50), (257, 256, 7), (64, 1, 1)]
+)
 def test_chunked_equals_full_logits(model, n, eval_tokens, chunk):
     torch.manual_seed(n)
     ids = torch.randint(0, 512, (1, n))

@@ -15,8 +15,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _write(path, records):
     store = ResultStore(path)
     for i, record in enumerate(records):
-        store.append({"model": "tiny", "case_id": f"c{i}", "date": f"2026-01-0{1 + i % 9}T00:00:00+00:00",
-                      "device": "cpu (test)", "versions": {"torch": "2.x"}, **record})
+        store.append(
+            {
+                "model": "tiny",
+                "case_id": f"c{i}",
+                "date": f"2026-01-0{1 + i % 9}T00:00:00+00:00",
+                "device": "cpu (test)",
+                "versions": {"torch": "2.x"},
+                **record,
+            }
+        )
     return path
 
 
@@ -30,12 +38,22 @@ def test_markdown_table():
 
 def test_needle_report(tmp_path):
     records = []
-    for method, passes in [("dense", {(1024, 0.0): [1, 1], (1024, 1.0): [1, 0]}),
-                           ("longinfer", {(1024, 0.0): [1, 0], (1024, 1.0): [1, 1]})]:
+    for method, passes in [
+        ("dense", {(1024, 0.0): [1, 1], (1024, 1.0): [1, 0]}),
+        ("longinfer", {(1024, 0.0): [1, 0], (1024, 1.0): [1, 1]}),
+    ]:
         for (length, depth), results in passes.items():
             for ok in results:
-                records.append({"method": method, "task": "needle", "length": length, "depth": depth,
-                                "passed": bool(ok), "score": float(ok)})
+                records.append(
+                    {
+                        "method": method,
+                        "task": "needle",
+                        "length": length,
+                        "depth": depth,
+                        "passed": bool(ok),
+                        "score": float(ok),
+                    }
+                )
     records.append({"method": "longinfer", "task": "needle", "length": 2048, "depth": 0.0, "error": "oom"})
     path = render_report(_write(tmp_path / "needle.jsonl", records), tmp_path / "out")
     text = path.read_text()
@@ -54,10 +72,17 @@ def test_needle_report(tmp_path):
 
 def test_ruler_report(tmp_path):
     records = []
-    scores = {("dense", "niah_single"): 1.0, ("dense", "cwe"): 0.5, ("sparse", "niah_single"): 1.0, ("sparse", "cwe"): 0.3}
+    scores = {
+        ("dense", "niah_single"): 1.0,
+        ("dense", "cwe"): 0.5,
+        ("sparse", "niah_single"): 1.0,
+        ("sparse", "cwe"): 0.3,
+    }
     for (method, subtask), score in scores.items():
         for sample_score in (score, score):
-            records.append({"method": method, "task": "ruler", "length": 4096, "subtask": subtask, "score": sample_score})
+            records.append(
+                {"method": method, "task": "ruler", "length": 4096, "subtask": subtask, "score": sample_score}
+            )
     text = render_report(_write(tmp_path / "ruler.jsonl", records)).read_text()
     assert "| 4096 | 75.0 | 65.0 | -10.0 |" in text
     assert "| 4096 | cwe | 50.0 | 30.0 |" in text
@@ -76,10 +101,21 @@ def test_ppl_report_pools_windows(tmp_path):
 
 
 def test_latency_report_and_crossover(tmp_path):
-    ttft = {"dense": {8192: 0.10, 16384: 0.40, 32768: 1.60}, "longinfer": {8192: 0.20, 16384: 0.30, 32768: 0.40}}
+    ttft = {
+        "dense": {8192: 0.10, 16384: 0.40, 32768: 1.60},
+        "longinfer": {8192: 0.20, 16384: 0.30, 32768: 0.40},
+    }
     records = [
-        {"method": m, "task": "latency", "length": n, "ttft_s": t, "peak_memory_bytes": 2**30, "timer": "cuda-synchronized"}
-        for m, points in ttft.items() for n, t in points.items()
+        {
+            "method": m,
+            "task": "latency",
+            "length": n,
+            "ttft_s": t,
+            "peak_memory_bytes": 2**30,
+            "timer": "cuda-synchronized",
+        }
+        for m, points in ttft.items()
+        for n, t in points.items()
     ]
     records.append({"method": "longinfer", "task": "latency", "length": 65536, "error": "oom"})
     text = render_report(_write(tmp_path / "latency.jsonl", records)).read_text()
@@ -91,13 +127,18 @@ def test_latency_report_and_crossover(tmp_path):
 
 
 def test_baseline_falls_back_to_first_method(tmp_path):
-    records = [{"method": m, "task": "ppl", "length": 10, "nll_sum": s, "n_scored": 1} for m, s in (("a", 1.0), ("b", 2.0))]
+    records = [
+        {"method": m, "task": "ppl", "length": 10, "nll_sum": s, "n_scored": 1}
+        for m, s in (("a", 1.0), ("b", 2.0))
+    ]
     text = render_report(_write(tmp_path / "p.jsonl", records), baseline="dense").read_text()
     assert "| length | a | b | b vs a |" in text
 
 
 def test_unknown_task_is_listed_not_dropped(tmp_path):
-    text = render_report(_write(tmp_path / "x.jsonl", [{"method": "a", "task": "recall", "length": 1}])).read_text()
+    text = render_report(
+        _write(tmp_path / "x.jsonl", [{"method": "a", "task": "recall", "length": 1}])
+    ).read_text()
     assert "No renderer for this task; 1 records not shown." in text
 
 

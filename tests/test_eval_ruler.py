@@ -136,3 +136,20 @@ def test_bad_arguments(tokenizer, haystack):
         generate("niah_multiquery", tokenizer, haystack, 100, seed=0, sample=0)
     with pytest.raises(ValueError, match="at least one"):
         string_match_all("x", ())
+
+
+def test_summarize_per_task_and_average():
+    from longinfer.eval.ruler import summarize
+
+    records = [
+        {"task": "ruler", "method": "dense", "length": 4096, "subtask": "vt", "score": 1.0},
+        {"task": "ruler", "method": "dense", "length": 4096, "subtask": "vt", "score": 0.5},
+        {"task": "ruler", "method": "dense", "length": 4096, "subtask": "cwe", "score": 0.25},
+        {"task": "ruler", "method": "dense", "length": 8192, "subtask": "vt", "score": 1.0},
+        {"task": "ruler", "method": "dense", "length": 8192, "subtask": "cwe", "error": "oom"},
+        {"task": "needle", "method": "dense", "length": 4096, "score": 1.0},
+    ]
+    summary = summarize(records)
+    assert summary["dense"][4096] == {"vt": 75.0, "cwe": 25.0, "average": 50.0}
+    assert summary["dense"][8192]["vt"] == 100.0
+    assert summary["dense"][8192]["average"] != summary["dense"][8192]["average"]  # nan: cwe missing

@@ -84,7 +84,9 @@ class Counting:
 def setup():
     tokenizer = make_tokenizer()
     model = make_tiny_llama(vocab_size=len(tokenizer))
-    task = NeedleTask(Haystack.from_text(corpus_text()), depths=[0.0, 1.0], needles_per_cell=2, max_new_tokens=4)
+    task = NeedleTask(
+        Haystack.from_text(corpus_text()), depths=[0.0, 1.0], needles_per_cell=2, max_new_tokens=4
+    )
     return tokenizer, model, task
 
 
@@ -103,7 +105,16 @@ def test_run_resume_and_report(setup, tmp_path):
     assert len(ResultStore(out).records()) == 4
 
     resumed = Counting(task)
-    summary = run_task(resumed, model, tokenizer, methods, LENGTHS, out_jsonl=out, model_name="tiny", extra={"command": "test"})
+    summary = run_task(
+        resumed,
+        model,
+        tokenizer,
+        methods,
+        LENGTHS,
+        out_jsonl=out,
+        model_name="tiny",
+        extra={"command": "test"},
+    )
     assert summary.ran == total - 4 and summary.skipped == 4 and summary.oom == 0
     assert len(resumed.ran) == total - 4
     records = ResultStore(out).records()
@@ -141,7 +152,9 @@ def test_changed_prompts_are_not_mixed(setup, tmp_path):
     out = tmp_path / "needle.jsonl"
     small = NeedleTask(Haystack.from_text(corpus_text()), depths=[0.5], needles_per_cell=1, max_new_tokens=2)
     run_task(small, model, tokenizer, [DenseMethod()], [256], out_jsonl=out, model_name="tiny")
-    other_text = NeedleTask(Haystack.from_text(corpus_text(seed=1)), depths=[0.5], needles_per_cell=1, max_new_tokens=2)
+    other_text = NeedleTask(
+        Haystack.from_text(corpus_text(seed=1)), depths=[0.5], needles_per_cell=1, max_new_tokens=2
+    )
     with pytest.raises(ValueError, match="different prompt"):
         run_task(other_text, model, tokenizer, [DenseMethod()], [256], out_jsonl=out, model_name="tiny")
 
@@ -161,7 +174,9 @@ def test_oom_is_recorded_and_the_run_goes_on(setup, tmp_path):
             return task.run_case(model, tokenizer, case)
 
     out = tmp_path / "r.jsonl"
-    summary = run_task(OomAtLongest(), model, tokenizer, [DenseMethod()], LENGTHS, out_jsonl=out, model_name="tiny")
+    summary = run_task(
+        OomAtLongest(), model, tokenizer, [DenseMethod()], LENGTHS, out_jsonl=out, model_name="tiny"
+    )
     assert summary.ran == 2 and summary.oom == 1
     errors = [json.loads(line).get("error") for line in out.read_text().splitlines()]
     assert errors == [None, "oom"]
@@ -170,6 +185,15 @@ def test_oom_is_recorded_and_the_run_goes_on(setup, tmp_path):
 def test_reserved_fields_are_protected(setup, tmp_path):
     tokenizer, model, task = setup
     with pytest.raises(ValueError, match="reserved"):
-        run_task(task, model, tokenizer, [DenseMethod()], [256], out_jsonl=tmp_path / "r.jsonl", model_name="tiny", extra={"model": "x"})
+        run_task(
+            task,
+            model,
+            tokenizer,
+            [DenseMethod()],
+            [256],
+            out_jsonl=tmp_path / "r.jsonl",
+            model_name="tiny",
+            extra={"model": "x"},
+        )
     with pytest.raises(ValueError, match="at least one"):
         run_task(task, model, tokenizer, [], [256], out_jsonl=tmp_path / "r.jsonl", model_name="tiny")

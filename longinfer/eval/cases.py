@@ -114,7 +114,9 @@ class Generation:
     timer: str
 
 
-def greedy_generate(model: Any, tokenizer: TokenizerLike, input_ids: Sequence[int], max_new_tokens: int) -> Generation:
+def greedy_generate(
+    model: Any, tokenizer: TokenizerLike, input_ids: Sequence[int], max_new_tokens: int
+) -> Generation:
     """Greedy decoding of at most ``max_new_tokens`` after the prompt ``input_ids`` (batch 1).
 
     Memory: what ``model.generate`` needs for the prompt (the KV cache of ``len(input_ids)``

@@ -17,7 +17,6 @@ import argparse
 import importlib
 import logging
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["register", "parse_lengths", "parse_floats"]
 
+
 def parse_lengths(text: str) -> list[int]:
     """``"2048,8K,1M"`` -> ``[2048, 8192, 1048576]`` (K = 1024, M = 1024**2)."""
     lengths = []
@@ -39,7 +39,9 @@ def parse_lengths(text: str) -> list[int]:
         scale = {"K": 1024, "M": 1024**2}.get(item[-1], 1)
         digits = item[:-1] if scale > 1 else item
         if not digits.isdigit() or int(digits) == 0:
-            raise argparse.ArgumentTypeError(f"bad length '{item}': use positive integers like 4096, 8K or 1M")
+            raise argparse.ArgumentTypeError(
+                f"bad length '{item}': use positive integers like 4096, 8K or 1M"
+            )
         lengths.append(int(digits) * scale)
     if not lengths:
         raise argparse.ArgumentTypeError("no lengths given; use e.g. --lengths 4K,8K")
@@ -55,7 +57,7 @@ def parse_floats(text: str) -> list[float]:
 
 
 def load_haystack(spec: str) -> Haystack:
-    """A haystack from a ``.txt`` file or folder of them, or a corpus name of :mod:`longinfer.data.corpora`."""
+    """A haystack from a ``.txt`` file or a folder of them, or a :mod:`longinfer.data.corpora` name."""
     if Path(spec).exists():
         return Haystack.from_files([spec])
     corpora = importlib.import_module("longinfer.data.corpora")
@@ -73,17 +75,42 @@ def build_task(args: argparse.Namespace, haystack: Haystack) -> Task:
     chat = {"auto": None, "on": True, "off": False}[args.chat_template]
     if args.task == "needle":
         return NeedleTask(
-            haystack, depths=args.depths, needles_per_cell=args.needles_per_cell, seed=args.seed, use_chat_template=chat
+            haystack,
+            depths=args.depths,
+            needles_per_cell=args.needles_per_cell,
+            seed=args.seed,
+            use_chat_template=chat,
         )
     if args.task == "ruler":
         tasks = [t.strip() for t in args.ruler_tasks.split(",")] if args.ruler_tasks else None
         kwargs: dict[str, Any] = {"tasks": tasks} if tasks else {}
         return RulerTask(haystack, samples=args.samples, seed=args.seed, use_chat_template=chat, **kwargs)
     if args.task == "ppl":
-        return PerplexityTask(haystack, eval_tokens=args.eval_tokens, samples=args.samples, chunk_size=args.chunk_size)
+        return PerplexityTask(
+            haystack, eval_tokens=args.eval_tokens, samples=args.samples, chunk_size=args.chunk_size
+        )
     if args.task == "latency":
         return LatencyTask(haystack, repeats=args.repeats, warmup=args.warmup)
     raise ValueError(f"unknown task {args.task}")
+
+
+_NOT_IN_COMMAND = {"func", "command", "task", "verbose", "record_command", "no_report"}
+
+
+def canonical_command(args: argparse.Namespace) -> str:
+    """The full command line of a run, every option spelled out, to store with its results."""
+    parts = ["longinfer", "eval", args.task]
+    for key, value in sorted(vars(args).items()):
+        if key in _NOT_IN_COMMAND or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, ",".join(str(v) for v in value)]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -103,14 +130,20 @@ def _run(args: argparse.Namespace) -> int:
     task = build_task(args, haystack)
     model, tokenizer = _load_model(args)
     out_jsonl = Path(args.out) / f"{args.task}.jsonl"
-    command = "longinfer " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.record_command else None
-    extra = {"command": command} if command else {}
+    extra: dict[str, Any] = {"command": canonical_command(args)} if args.record_command else {}
     if args.yarn:
         extra["yarn_factor"] = args.yarn
     summary = run_task(
         task, model, tokenizer, methods, args.lengths, out_jsonl=out_jsonl, model_name=args.model, extra=extra
     )
-    logger.info("%s: %d cases run, %d already recorded, %d out of memory -> %s", args.task, summary.ran, summary.skipped, summary.oom, out_jsonl)
+    logger.info(
+        "%s: %d cases run, %d already recorded, %d out of memory -> %s",
+        args.task,
+        summary.ran,
+        summary.skipped,
+        summary.oom,
+        out_jsonl,
+    )
     if not args.no_report:
         logger.info("report: %s", render_report(out_jsonl, baseline=args.baseline))
     return 0
@@ -125,24 +158,52 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="zoo name, .gguf file, HF folder or id (default: smollm2-135m)")
-    parser.add_argument("--methods", default="dense,longinfer", help="comma list: dense, dense:<impl>, longinfer, longinfer:<plan.json>")
-    parser.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4K"), help="prompt lengths, e.g. 8K,16K,32K")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="zoo name, .gguf file, HF folder or id (default: smollm2-135m)",
+    )
+    parser.add_argument(
+        "--methods",
+        default="dense,longinfer",
+        help="comma list: dense, dense:<impl>, longinfer, longinfer:<plan.json>",
+    )
+    parser.add_argument(
+        "--lengths", type=parse_lengths, default=parse_lengths("4K"), help="prompt lengths, e.g. 8K,16K,32K"
+    )
     parser.add_argument("--out", required=True, help="output folder; results go to <out>/<task>.jsonl")
-    parser.add_argument("--haystack", default="pg", help="corpus name (pg, sotu) or a .txt file / folder (default: pg)")
+    parser.add_argument(
+        "--haystack", default="pg", help="corpus name (pg, sotu) or a .txt file / folder (default: pg)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--yarn", type=float, default=None, help="extend the context with YaRN by this factor")
-    parser.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"], help="frame prompts with the chat template")
-    parser.add_argument("--baseline", default="dense", help="method the report compares against (default: dense)")
+    parser.add_argument(
+        "--yarn", type=float, default=None, help="extend the context with YaRN by this factor"
+    )
+    parser.add_argument(
+        "--chat-template",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="frame prompts with the chat template",
+    )
+    parser.add_argument(
+        "--baseline", default="dense", help="method the report compares against (default: dense)"
+    )
     parser.add_argument("--no-report", action="store_true", help="only write the JSONL")
-    parser.add_argument("--no-record-command", dest="record_command", action="store_false", help="do not store the command line in records")
+    parser.add_argument(
+        "--no-record-command",
+        dest="record_command",
+        action="store_false",
+        help="do not store the command line in records",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``eval`` with one sub-command per task plus ``report``."""
-    parser = subparsers.add_parser("eval", help="evaluate attention methods: needle, ruler, ppl, latency, report")
+    parser = subparsers.add_parser(
+        "eval", help="evaluate attention methods: needle, ruler, ppl, latency, report"
+    )
     tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
 
     needle = tasks.add_parser("needle", help="needle in a haystack over lengths x depths")

@@ -39,7 +39,9 @@ def _prefill(model: Any, ids: torch.Tensor) -> torch.Tensor:
     return out.logits[:, -1].argmax(dim=-1)
 
 
-def time_to_first_token(model: Any, input_ids: torch.Tensor, *, repeats: int = 3, warmup: int = 1) -> TtftMeasurement:
+def time_to_first_token(
+    model: Any, input_ids: torch.Tensor, *, repeats: int = 3, warmup: int = 1
+) -> TtftMeasurement:
     """Median TTFT of ``input_ids`` ``[1, N]`` over ``repeats`` runs after ``warmup`` runs.
 
     Memory: one prefill at length ``N`` (KV cache of ``N`` tokens plus the attention method's

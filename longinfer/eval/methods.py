@@ -22,7 +22,14 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AttentionMethod", "DenseMethod", "LonginferMethod", "method_from_spec", "parse_methods", "set_attention"]
+__all__ = [
+    "AttentionMethod",
+    "DenseMethod",
+    "LonginferMethod",
+    "method_from_spec",
+    "parse_methods",
+    "set_attention",
+]
 
 _INTEGRATION_MODULE = "longinfer.integrations.transformers"
 
@@ -137,7 +144,9 @@ def method_from_spec(spec: str) -> AttentionMethod:
         return DenseMethod(argument or "sdpa")
     if kind == "longinfer":
         return LonginferMethod(argument or None)
-    raise ValueError(f"unknown attention method '{spec}'; use dense, dense:<impl>, longinfer or longinfer:<plan.json>")
+    raise ValueError(
+        f"unknown attention method '{spec}'; use dense, dense:<impl>, longinfer or longinfer:<plan.json>"
+    )
 
 
 def parse_methods(specs: str) -> list[AttentionMethod]:

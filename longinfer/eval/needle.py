@@ -32,16 +32,87 @@ __all__ = [
 DEFAULT_DEPTHS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 CITIES: tuple[str, ...] = (
-    "Amsterdam", "Athens", "Auckland", "Bangkok", "Barcelona", "Beijing", "Berlin", "Bogota",
-    "Boston", "Brussels", "Budapest", "Buenos Aires", "Cairo", "Cape Town", "Caracas", "Chicago",
-    "Copenhagen", "Dakar", "Delhi", "Dhaka", "Dublin", "Edinburgh", "Florence", "Geneva",
-    "Hanoi", "Havana", "Helsinki", "Istanbul", "Jakarta", "Johannesburg", "Kabul", "Karachi",
-    "Kathmandu", "Kiev", "Kyoto", "Lagos", "Lima", "Lisbon", "London", "Madrid", "Manila",
-    "Marrakesh", "Melbourne", "Mexico City", "Montreal", "Moscow", "Mumbai", "Munich", "Nairobi",
-    "Naples", "Oslo", "Ottawa", "Paris", "Perth", "Prague", "Quito", "Reykjavik", "Riga",
-    "Rome", "Santiago", "Seoul", "Shanghai", "Singapore", "Sofia", "Stockholm", "Sydney",
-    "Taipei", "Tallinn", "Tehran", "Tokyo", "Toronto", "Tunis", "Valencia", "Vancouver",
-    "Venice", "Vienna", "Vilnius", "Warsaw", "Wellington", "Zagreb", "Zurich",
+    "Amsterdam",
+    "Athens",
+    "Auckland",
+    "Bangkok",
+    "Barcelona",
+    "Beijing",
+    "Berlin",
+    "Bogota",
+    "Boston",
+    "Brussels",
+    "Budapest",
+    "Buenos Aires",
+    "Cairo",
+    "Cape Town",
+    "Caracas",
+    "Chicago",
+    "Copenhagen",
+    "Dakar",
+    "Delhi",
+    "Dhaka",
+    "Dublin",
+    "Edinburgh",
+    "Florence",
+    "Geneva",
+    "Hanoi",
+    "Havana",
+    "Helsinki",
+    "Istanbul",
+    "Jakarta",
+    "Johannesburg",
+    "Kabul",
+    "Karachi",
+    "Kathmandu",
+    "Kiev",
+    "Kyoto",
+    "Lagos",
+    "Lima",
+    "Lisbon",
+    "London",
+    "Madrid",
+    "Manila",
+    "Marrakesh",
+    "Melbourne",
+    "Mexico City",
+    "Montreal",
+    "Moscow",
+    "Mumbai",
+    "Munich",
+    "Nairobi",
+    "Naples",
+    "Oslo",
+    "Ottawa",
+    "Paris",
+    "Perth",
+    "Prague",
+    "Quito",
+    "Reykjavik",
+    "Riga",
+    "Rome",
+    "Santiago",
+    "Seoul",
+    "Shanghai",
+    "Singapore",
+    "Sofia",
+    "Stockholm",
+    "Sydney",
+    "Taipei",
+    "Tallinn",
+    "Tehran",
+    "Tokyo",
+    "Toronto",
+    "Tunis",
+    "Valencia",
+    "Vancouver",
+    "Venice",
+    "Vienna",
+    "Vilnius",
+    "Warsaw",
+    "Wellington",
+    "Zagreb",
+    "Zurich",
 )
 
 INSTRUCTION = (
@@ -118,7 +189,9 @@ def build_needle_prompt(
     needle_ids = encode(tokenizer, " " + needle.sentence)
     hay_len = frame.context_budget(length) - len(needle_ids)
     if hay_len <= 0:
-        raise ValueError(f"length {length} leaves no room for a haystack around the needle; use a longer length")
+        raise ValueError(
+            f"length {length} leaves no room for a haystack around the needle; use a longer length"
+        )
     context, starts = insert_pieces(tokenizer, haystack.token_ids(tokenizer, hay_len), [(depth, needle_ids)])
     return NeedlePrompt(
         input_ids=frame.assemble(context),
@@ -144,7 +217,9 @@ class NeedleTask(GenerationTask):
         use_chat_template: bool | None = None,
     ) -> None:
         if not isinstance(haystack, Haystack):
-            raise TypeError(f"haystack must be a longinfer.eval.prompts.Haystack, got {type(haystack).__name__}")
+            raise TypeError(
+                f"haystack must be a longinfer.eval.prompts.Haystack, got {type(haystack).__name__}"
+            )
         if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
             raise ValueError(f"depths must be a non-empty list of values in [0, 1], got {list(depths)}")
         if needles_per_cell < 1:
@@ -162,7 +237,12 @@ class NeedleTask(GenerationTask):
             for index in range(self.needles_per_cell):
                 rng = random.Random(f"needle/{self.seed}/{length}/{depth:.4f}/{index}")
                 prompt = build_needle_prompt(
-                    tokenizer, self.haystack, length, depth, random_needle(rng), use_chat_template=self.use_chat_template
+                    tokenizer,
+                    self.haystack,
+                    length,
+                    depth,
+                    random_needle(rng),
+                    use_chat_template=self.use_chat_template,
                 )
                 cases.append(
                     Case(

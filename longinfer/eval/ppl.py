@@ -34,7 +34,9 @@ def _head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def last_tokens_nll(model: Any, input_ids: torch.Tensor, eval_tokens: int, *, chunk_size: int = 1024) -> tuple[float, int]:
+def last_tokens_nll(
+    model: Any, input_ids: torch.Tensor, eval_tokens: int, *, chunk_size: int = 1024
+) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) of the last ``eval_tokens`` tokens of ``input_ids``.
 
     Args:
@@ -54,7 +56,9 @@ def last_tokens_nll(model: Any, input_ids: torch.Tensor, eval_tokens: int, *, ch
         raise ValueError(f"input_ids must be [1, N], got shape {tuple(input_ids.shape)}")
     n = input_ids.shape[1]
     if not 1 <= eval_tokens < n:
-        raise ValueError(f"eval_tokens must be in [1, {n - 1}] for a sequence of {n} tokens, got {eval_tokens}")
+        raise ValueError(
+            f"eval_tokens must be in [1, {n - 1}] for a sequence of {n} tokens, got {eval_tokens}"
+        )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     with torch.inference_mode():
@@ -79,9 +83,14 @@ class PerplexityTask:
 
     name = "ppl"
 
-    def __init__(self, haystack: Haystack, *, eval_tokens: int = 1024, samples: int = 1, chunk_size: int = 1024) -> None:
+    def __init__(
+        self, haystack: Haystack, *, eval_tokens: int = 1024, samples: int = 1, chunk_size: int = 1024
+    ) -> None:
         if eval_tokens < 1 or samples < 1 or chunk_size < 1:
-            raise ValueError(f"eval_tokens, samples and chunk_size must be >= 1, got {eval_tokens}, {samples}, {chunk_size}")
+            raise ValueError(
+                f"eval_tokens, samples and chunk_size must be >= 1, "
+                f"got {eval_tokens}, {samples}, {chunk_size}"
+            )
         self.haystack = haystack
         self.eval_tokens = eval_tokens
         self.samples = samples
@@ -100,7 +109,11 @@ class PerplexityTask:
                     case_id=f"L{length}/w{sample}/e{self.eval_tokens}",
                     length=length,
                     input_ids=[*bos, *ids],
-                    params={"window": sample, "eval_tokens": self.eval_tokens, "haystack": self.haystack.name},
+                    params={
+                        "window": sample,
+                        "eval_tokens": self.eval_tokens,
+                        "haystack": self.haystack.name,
+                    },
                 )
             )
         return cases

@@ -243,7 +243,9 @@ def make_prompt_frame(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
         if not isinstance(rendered, str) or rendered.count(_CONTEXT_SENTINEL) != 1:
-            raise ValueError("the chat template did not render the user message verbatim; pass use_chat_template=False")
+            raise ValueError(
+                "the chat template did not render the user message verbatim; pass use_chat_template=False"
+            )
         before, after = rendered.split(_CONTEXT_SENTINEL)
         return PromptFrame(encode(tokenizer, before), encode(tokenizer, after + answer_prefix), True)
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
@@ -261,7 +263,9 @@ def _snap_to_sentence_end(tokenizer: TokenizerLike, ids: Sequence[int], position
     pieces = tokenizer.batch_decode([[t] for t in ids[lo - 1 : hi]])  # type: ignore[attr-defined]
     best: int | None = None
     for p, piece in zip(range(lo, hi + 1), pieces):
-        if piece.rstrip(" ").endswith(_SENTENCE_ENDS) and (best is None or abs(p - position) < abs(best - position)):
+        if piece.rstrip(" ").endswith(_SENTENCE_ENDS) and (
+            best is None or abs(p - position) < abs(best - position)
+        ):
             best = p
     return position if best is None else best
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from .latency import crossover_length
 from .results import ResultStore
+from .ruler import summarize as ruler_summary
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,9 @@ def _header(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
-def _needle_section(records: Sequence[Record], out_dir: Path, prefix: str, baseline: str) -> tuple[str, list[Path]]:
+def _needle_section(
+    records: Sequence[Record], out_dir: Path, prefix: str, baseline: str
+) -> tuple[str, list[Path]]:
     methods = _ordered(r["method"] for r in records)
     base = _baseline(methods, baseline)
     cells = _group(_ok(records), "method", "length", "depth")
@@ -113,7 +116,10 @@ def _needle_section(records: Sequence[Record], out_dir: Path, prefix: str, basel
             if _mean(cells.get((base, length, depth), []), "score") == 1.0
             and _mean(cells.get((method, length, depth), []), "score") < 1.0
         ]
-        regressions.append(f"- {method}: fails {len(lost)} cell(s) that {base} passes fully" + (f": {', '.join(lost)}" if lost else ""))
+        regressions.append(
+            f"- {method}: fails {len(lost)} cell(s) that {base} passes fully"
+            + (f": {', '.join(lost)}" if lost else "")
+        )
     figures = [
         _heatmap(
             {(d, n): _mean(cells.get((method, n, d), []), "score") for n in lengths for d in depths},
@@ -127,40 +133,50 @@ def _needle_section(records: Sequence[Record], out_dir: Path, prefix: str, basel
         )
         for method in methods
     ]
-    return "Pass count per cell (needles passed / needles).\n\n" + text + "\n\n" + "\n".join(regressions), figures
+    return "Pass count per cell (needles passed / needles).\n\n" + text + "\n\n" + "\n".join(
+        regressions
+    ), figures
 
 
-def _ruler_section(records: Sequence[Record], out_dir: Path, prefix: str, baseline: str) -> tuple[str, list[Path]]:
+def _ruler_section(
+    records: Sequence[Record], out_dir: Path, prefix: str, baseline: str
+) -> tuple[str, list[Path]]:
     methods = _ordered(r["method"] for r in records)
     base = _baseline(methods, baseline)
     subtasks = _ordered(r["subtask"] for r in records)
     lengths = sorted({r["length"] for r in records})
-    groups = _group(_ok(records), "method", "length", "subtask")
-    score = {key: 100 * _mean(group, "score") for key, group in groups.items()}
+    summary = ruler_summary(records)
 
-    def average(method: str, length: int) -> float:
-        values = [score.get((method, length, t), math.nan) for t in subtasks]
-        return statistics.fmean(values) if all(not math.isnan(v) for v in values) else math.nan
+    def score(method: str, length: int, column: str) -> float:
+        return summary.get(method, {}).get(length, {}).get(column, math.nan)
 
-    summary = [
-        [length, *[f"{average(m, length):.1f}" for m in methods], *[f"{average(m, length) - average(base, length):+.1f}" for m in methods if m != base]]
+    rows = [
+        [
+            length,
+            *[f"{score(m, length, 'average'):.1f}" for m in methods],
+            *[
+                f"{score(m, length, 'average') - score(base, length, 'average'):+.1f}"
+                for m in methods
+                if m != base
+            ],
+        ]
         for length in lengths
     ]
-    summary_header = ["length", *[f"{m} avg" for m in methods], *[f"{m} - {base}" for m in methods if m != base]]
+    header = ["length", *[f"{m} avg" for m in methods], *[f"{m} - {base}" for m in methods if m != base]]
     detail = [
-        [length, task, *[f"{score.get((m, length, task), math.nan):.1f}" for m in methods]]
+        [length, task, *[f"{score(m, length, task):.1f}" for m in methods]]
         for length in lengths
         for task in subtasks
     ]
     text = (
         "Average score (0-100) over the sub-tasks, per length.\n\n"
-        + markdown_table(summary_header, summary)
+        + markdown_table(header, rows)
         + "\n\nPer sub-task score (share of expected strings found, 0-100).\n\n"
         + markdown_table(["length", "task", *methods], detail)
     )
     figures = [
         _heatmap(
-            {(t, n): score.get((m, n, t), math.nan) / 100 for n in lengths for t in subtasks},
+            {(t, n): score(m, n, t) / 100 for n in lengths for t in subtasks},
             rows_=subtasks,
             cols=lengths,
             row_label="task",
@@ -174,7 +190,9 @@ def _ruler_section(records: Sequence[Record], out_dir: Path, prefix: str, baseli
     return text, figures
 
 
-def _ppl_section(records: Sequence[Record], out_dir: Path, prefix: str, baseline: str) -> tuple[str, list[Path]]:
+def _ppl_section(
+    records: Sequence[Record], out_dir: Path, prefix: str, baseline: str
+) -> tuple[str, list[Path]]:
     methods = _ordered(r["method"] for r in records)
     base = _baseline(methods, baseline)
     lengths = sorted({r["length"] for r in records})
@@ -187,14 +205,22 @@ def _ppl_section(records: Sequence[Record], out_dir: Path, prefix: str, baseline
         return math.exp(sum(r["nll_sum"] for r in group) / sum(r["n_scored"] for r in group))
 
     rows = [
-        [length, *[f"{ppl(m, length):.3f}" for m in methods], *[f"{100 * (ppl(m, length) / ppl(base, length) - 1):+.2f}%" for m in methods if m != base]]
+        [
+            length,
+            *[f"{ppl(m, length):.3f}" for m in methods],
+            *[f"{100 * (ppl(m, length) / ppl(base, length) - 1):+.2f}%" for m in methods if m != base],
+        ]
         for length in lengths
     ]
     header = ["length", *methods, *[f"{m} vs {base}" for m in methods if m != base]]
-    return "Perplexity of the last tokens of each window (all windows pooled).\n\n" + markdown_table(header, rows), []
+    return "Perplexity of the last tokens of each window (all windows pooled).\n\n" + markdown_table(
+        header, rows
+    ), []
 
 
-def _latency_section(records: Sequence[Record], out_dir: Path, prefix: str, baseline: str) -> tuple[str, list[Path]]:
+def _latency_section(
+    records: Sequence[Record], out_dir: Path, prefix: str, baseline: str
+) -> tuple[str, list[Path]]:
     methods = _ordered(r["method"] for r in records)
     base = _baseline(methods, baseline)
     lengths = sorted({r["length"] for r in records})
@@ -218,13 +244,20 @@ def _latency_section(records: Sequence[Record], out_dir: Path, prefix: str, base
                 both = length in ttft[method] and length in ttft[base]
                 row.append(f"{ttft[base][length] / ttft[method][length]:.2f}x" if both else "-")
         rows.append(row)
-    header = ["length", *[f"{m} TTFT / peak mem" for m in methods], *[f"{m} speedup vs {base}" for m in methods if m != base]]
+    header = [
+        "length",
+        *[f"{m} TTFT / peak mem" for m in methods],
+        *[f"{m} speedup vs {base}" for m in methods if m != base],
+    ]
     timers = _ordered(r.get("timer") for r in _ok(records))
     notes = [f"Median TTFT per length; timer: {', '.join(map(str, timers))}."]
     for method in methods:
         if method != base:
             cross = crossover_length(ttft[base], ttft[method])
-            notes.append(f"- crossover {method} vs {base}: " + (f"{cross} tokens" if cross else "none in the measured range"))
+            notes.append(
+                f"- crossover {method} vs {base}: "
+                + (f"{cross} tokens" if cross else "none in the measured range")
+            )
     figure = _line_plot(ttft, out_dir / f"{prefix}.png")
     return notes[0] + "\n\n" + markdown_table(header, rows) + "\n\n" + "\n".join(notes[1:]), [figure]
 
@@ -292,7 +325,9 @@ _SECTIONS: dict[str, Callable[[Sequence[Record], Path, str, str], tuple[str, lis
 }
 
 
-def render_markdown(records: Sequence[Record], out_dir: Path, stem: str, *, baseline: str = "dense") -> tuple[str, list[Path]]:
+def render_markdown(
+    records: Sequence[Record], out_dir: Path, stem: str, *, baseline: str = "dense"
+) -> tuple[str, list[Path]]:
     """The report's markdown and the figures it wrote to ``out_dir``.
 
     Figures are named ``<stem>_<method>.png`` (latency: ``<stem>.png``); the task name and, when
@@ -319,7 +354,9 @@ def render_markdown(records: Sequence[Record], out_dir: Path, stem: str, *, base
     return "\n\n".join(parts) + "\n", figures
 
 
-def render_report(jsonl_path: str | Path, out_dir: str | Path | None = None, *, baseline: str = "dense") -> Path:
+def render_report(
+    jsonl_path: str | Path, out_dir: str | Path | None = None, *, baseline: str = "dense"
+) -> Path:
     """Render ``<out_dir>/<name>.md`` and its PNGs from one result JSONL; returns the markdown path."""
     jsonl_path = Path(jsonl_path)
     if not jsonl_path.exists():

@@ -60,7 +60,7 @@ def environment_info(device: torch.device | str) -> dict[str, Any]:
 
 def now() -> str:
     """The current UTC time, ISO 8601 to the second."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 class ResultStore:
@@ -94,10 +94,13 @@ class ResultStore:
                 if is_unterminated_last:
                     logger.warning(
                         "%s: ignoring an incomplete last line (%d bytes), left by an interrupted write",
-                        self.path, len(line),
+                        self.path,
+                        len(line),
                     )
                     continue
-                raise ValueError(f"{self.path}:{number}: not valid JSON ({exc}); the file is corrupt") from exc
+                raise ValueError(
+                    f"{self.path}:{number}: not valid JSON ({exc}); the file is corrupt"
+                ) from exc
             if not isinstance(record, dict):
                 raise ValueError(f"{self.path}:{number}: expected a JSON object, got {type(record).__name__}")
             records.append(record)
@@ -137,7 +140,9 @@ class ResultStore:
             try:
                 json.loads(tail)
             except json.JSONDecodeError:
-                logger.warning("%s: removing an incomplete last line (%d bytes) before appending", self.path, len(tail))
+                logger.warning(
+                    "%s: removing an incomplete last line (%d bytes) before appending", self.path, len(tail)
+                )
                 handle.truncate(cut)
             else:
                 handle.seek(0, os.SEEK_END)

@@ -24,7 +24,7 @@ import itertools
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,15 @@ from .prompts import (
     single_token_filler,
 )
 
-__all__ = ["RULER_TASKS", "RulerPrompt", "RulerTask", "generate", "string_match_all", "word_pool"]
+__all__ = [
+    "RULER_TASKS",
+    "RulerPrompt",
+    "RulerTask",
+    "generate",
+    "string_match_all",
+    "summarize",
+    "word_pool",
+]
 
 
 @dataclass(frozen=True)
@@ -63,14 +71,20 @@ def string_match_all(text: str, expected: Sequence[str]) -> float:
     return sum(e.lower() in lowered for e in expected) / len(expected)
 
 
-def _frame(tokenizer: TokenizerLike, chat: bool | None, instruction: str, question: str, answer: str) -> PromptFrame:
+def _frame(
+    tokenizer: TokenizerLike, chat: bool | None, instruction: str, question: str, answer: str
+) -> PromptFrame:
     return make_prompt_frame(
         tokenizer, instruction=instruction, question=question, answer_prefix=answer, use_chat_template=chat
     )
 
 
 def _with_pieces(
-    tokenizer: TokenizerLike, haystack: Haystack, length: int, frame: PromptFrame, pieces: Sequence[tuple[float, str]]
+    tokenizer: TokenizerLike,
+    haystack: Haystack,
+    length: int,
+    frame: PromptFrame,
+    pieces: Sequence[tuple[float, str]],
 ) -> list[int]:
     """A prompt of ``length`` tokens: the haystack with ``(depth, sentence)`` pieces inserted."""
     piece_ids = [(depth, encode(tokenizer, " " + text)) for depth, text in pieces]
@@ -113,28 +127,37 @@ def _niah(
     queried = keys[:num_queries]
     expected = tuple(value for key, value in needles if key in queried)
     plural = len(expected) > 1
-    what = "all the special magic numbers" if plural else "the special magic number"
-    question = f"What {'are' if plural else 'is'} {what} for {_join_names(queried)} mentioned in the provided text?"
-    answer = f"The special magic number{'s' if plural else ''} for {_join_names(queried)} mentioned in the provided text {'are' if plural else 'is'}"
+    numbers, verb, keys = ("numbers", "are", _join_names(queried)) if plural else ("number", "is", queried[0])
+    what = f"all the special magic {numbers}" if plural else "the special magic number"
+    question = f"What {verb} {what} for {keys} mentioned in the provided text?"
+    answer = f"The special magic {numbers} for {keys} mentioned in the provided text {verb}"
     frame = _frame(tokenizer, chat, NIAH_INSTRUCTION, question, answer)
     sentences = [f"One of the special magic numbers for {key} is: {value}." for key, value in needles]
     ids = _with_pieces(tokenizer, haystack, length, frame, list(zip(depths, sentences)))
     return RulerPrompt(ids, expected, 32 + 16 * len(expected))
 
 
-def _niah_single(tok: TokenizerLike, hay: Haystack, length: int, rng: random.Random, chat: bool | None) -> RulerPrompt:
+def _niah_single(
+    tok: TokenizerLike, hay: Haystack, length: int, rng: random.Random, chat: bool | None
+) -> RulerPrompt:
     return _niah(tok, hay, length, rng, chat, num_keys=1, values_per_key=1, num_queries=1)
 
 
-def _niah_multikey(tok: TokenizerLike, hay: Haystack, length: int, rng: random.Random, chat: bool | None) -> RulerPrompt:
+def _niah_multikey(
+    tok: TokenizerLike, hay: Haystack, length: int, rng: random.Random, chat: bool | None
+) -> RulerPrompt:
     return _niah(tok, hay, length, rng, chat, num_keys=4, values_per_key=1, num_queries=1)
 
 
-def _niah_multivalue(tok: TokenizerLike, hay: Haystack, length: int, rng: random.Random, chat: bool | None) -> RulerPrompt:
+def _niah_multivalue(
+    tok: TokenizerLike, hay: Haystack, length: int, rng: random.Random, chat: bool | None
+) -> RulerPrompt:
     return _niah(tok, hay, length, rng, chat, num_keys=1, values_per_key=4, num_queries=1)
 
 
-def _niah_multiquery(tok: TokenizerLike, hay: Haystack, length: int, rng: random.Random, chat: bool | None) -> RulerPrompt:
+def _niah_multiquery(
+    tok: TokenizerLike, hay: Haystack, length: int, rng: random.Random, chat: bool | None
+) -> RulerPrompt:
     return _niah(tok, hay, length, rng, chat, num_keys=4, values_per_key=1, num_queries=4)
 
 
@@ -147,7 +170,14 @@ def _variable_name(rng: random.Random, taken: set[str]) -> str:
 
 
 def _variable_tracking(
-    tok: TokenizerLike, hay: Haystack, length: int, rng: random.Random, chat: bool | None, *, num_chains: int = 1, num_hops: int = 4
+    tok: TokenizerLike,
+    hay: Haystack,
+    length: int,
+    rng: random.Random,
+    chat: bool | None,
+    *,
+    num_chains: int = 1,
+    num_hops: int = 4,
 ) -> RulerPrompt:
     """Chains of ``num_hops`` assignments; the question asks about the first chain's value."""
     taken: set[str] = set()
@@ -161,7 +191,9 @@ def _variable_tracking(
         values.append(value)
         names = [_variable_name(rng, taken) for _ in range(num_hops + 1)]
         chains.append(names)
-        statements = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+        statements = [f"VAR {names[0]} = {value}."] + [
+            f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])
+        ]
         pieces.extend(zip(sorted(rng.random() for _ in statements), statements))
     pieces.sort(key=lambda piece: piece[0])  # stable: a chain's statements keep their order
     expected = tuple(chains[0])
@@ -176,7 +208,9 @@ def _variable_tracking(
     return RulerPrompt(_with_pieces(tok, hay, length, frame, pieces), expected, 48)
 
 
-def word_pool(haystack: Haystack, tokenizer: TokenizerLike, rng: random.Random, n: int, *, sample_tokens: int = 50_000) -> list[str]:
+def word_pool(
+    haystack: Haystack, tokenizer: TokenizerLike, rng: random.Random, n: int, *, sample_tokens: int = 50_000
+) -> list[str]:
     """``n`` distinct lowercase words: haystack words first, then made-up pronounceable ones.
 
     Haystack words are alphabetic, 3-12 letters, taken from its first ``sample_tokens`` tokens.
@@ -228,7 +262,13 @@ def _numbered_list_ids(costs: _TokenCosts, words: Sequence[str]) -> list[int]:
 
 
 def _common_words(
-    tok: TokenizerLike, hay: Haystack, length: int, rng: random.Random, chat: bool | None, *, num_common: int = 10
+    tok: TokenizerLike,
+    hay: Haystack,
+    length: int,
+    rng: random.Random,
+    chat: bool | None,
+    *,
+    num_common: int = 10,
 ) -> RulerPrompt:
     """A numbered word list filling the context; ``num_common`` words occur most often."""
     frame = _frame(
@@ -250,7 +290,9 @@ def _common_words(
     words = [w for w in common for _ in range(common_freq)]
     used = sum(costs.item(i, w) for i, w in enumerate(words, start=1))
     if used > budget:
-        raise ValueError(f"length {length} is too short for {num_common} common words x {common_freq}; use a longer length")
+        raise ValueError(
+            f"length {length} is too short for {num_common} common words x {common_freq}; use a longer length"
+        )
     for word in rare:  # add rare words (rare_freq copies each) while they fit
         extra = sum(costs.item(len(words) + j, word) for j in range(1, rare_freq + 1))
         if used + extra > budget:
@@ -264,7 +306,14 @@ def _common_words(
 
 
 def _frequent_words(
-    tok: TokenizerLike, hay: Haystack, length: int, rng: random.Random, chat: bool | None, *, alpha: float = 2.0, vocab_size: int = 2000
+    tok: TokenizerLike,
+    hay: Haystack,
+    length: int,
+    rng: random.Random,
+    chat: bool | None,
+    *,
+    alpha: float = 2.0,
+    vocab_size: int = 2000,
 ) -> RulerPrompt:
     """Coded text of Zipf(``alpha``) made-up words; the answer is the three most frequent."""
     frame = _frame(
@@ -277,7 +326,12 @@ def _frequent_words(
         "Answer: According to the coded text above, the three most frequently appeared words are:",
     )
     budget = frame.context_budget(length)
-    vocab = sorted({"".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6))) for _ in range(vocab_size)})
+    vocab = sorted(
+        {
+            "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
+            for _ in range(vocab_size)
+        }
+    )
     rng.shuffle(vocab)
     cum_weights = list(itertools.accumulate(1.0 / (rank + 1) ** alpha for rank in range(len(vocab))))
     word_ids = {w: encode(tok, " " + w) for w in vocab}
@@ -294,7 +348,9 @@ def _frequent_words(
         if len(top) >= 3 and (len(top) == 3 or top[2][1] > top[3][1]):
             context += [single_token_filler(tok)] * (budget - len(context))
             return RulerPrompt(frame.assemble(context), tuple(w for w, _ in top[:3]), 50)
-    raise ValueError(f"length {length} is too short to make three words clearly the most frequent; use a longer length")
+    raise ValueError(
+        f"length {length} is too short to make three words clearly the most frequent; use a longer length"
+    )
 
 
 RULER_TASKS: dict[str, Generator] = {
@@ -309,7 +365,14 @@ RULER_TASKS: dict[str, Generator] = {
 
 
 def generate(
-    task: str, tokenizer: TokenizerLike, haystack: Haystack, length: int, *, seed: int, sample: int, use_chat_template: bool | None = None
+    task: str,
+    tokenizer: TokenizerLike,
+    haystack: Haystack,
+    length: int,
+    *,
+    seed: int,
+    sample: int,
+    use_chat_template: bool | None = None,
 ) -> RulerPrompt:
     """The prompt of one RULER-style case; a pure function of its arguments."""
     if task not in RULER_TASKS:
@@ -348,7 +411,13 @@ class RulerTask(GenerationTask):
         for task in self.tasks:
             for sample in range(self.samples):
                 prompt = generate(
-                    task, tokenizer, self.haystack, length, seed=self.seed, sample=sample, use_chat_template=self.use_chat_template
+                    task,
+                    tokenizer,
+                    self.haystack,
+                    length,
+                    seed=self.seed,
+                    sample=sample,
+                    use_chat_template=self.use_chat_template,
                 )
                 cases.append(
                     Case(
@@ -357,10 +426,41 @@ class RulerTask(GenerationTask):
                         input_ids=prompt.input_ids,
                         expected=prompt.expected,
                         max_new_tokens=prompt.max_new_tokens,
-                        params={"subtask": task, "sample": sample, "seed": self.seed, "haystack": self.haystack.name},
+                        params={
+                            "subtask": task,
+                            "sample": sample,
+                            "seed": self.seed,
+                            "haystack": self.haystack.name,
+                        },
                     )
                 )
         return cases
 
     def score(self, case: Case, text: str) -> dict[str, Any]:
         return {"score": string_match_all(text, case.expected)}
+
+
+def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
+    """Scores (0-100) per method, length and sub-task, plus ``"average"`` over the sub-tasks.
+
+    Takes RULER result records (``task == "ruler"``; records with an ``error`` are left out).
+    The average is only given for a (method, length) that has a score for every sub-task seen
+    in the records; otherwise it is ``nan``, so a partial run is never averaged as if complete.
+    """
+    sums: dict[tuple[str, int, str], list[float]] = {}
+    subtasks: dict[str, None] = {}
+    for record in records:
+        if record.get("task") != "ruler" or record.get("error"):
+            continue
+        subtasks[record["subtask"]] = None
+        sums.setdefault((record["method"], int(record["length"]), record["subtask"]), []).append(
+            float(record["score"])
+        )
+    summary: dict[str, dict[int, dict[str, float]]] = {}
+    for (method, length, subtask), scores in sums.items():
+        summary.setdefault(method, {}).setdefault(length, {})[subtask] = 100 * sum(scores) / len(scores)
+    for per_length in summary.values():
+        for scores in per_length.values():
+            complete = all(t in scores for t in subtasks)
+            scores["average"] = sum(scores[t] for t in subtasks) / len(subtasks) if complete else float("nan")
+    return summary

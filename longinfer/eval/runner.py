@@ -26,7 +26,17 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RunSummary", "run_task"]
 
-_RESERVED = {*KEY_FIELDS, "length", "n_input_tokens", "prompt_sha1", "date", "versions", "device", "python", "error"}
+_RESERVED = {
+    *KEY_FIELDS,
+    "length",
+    "n_input_tokens",
+    "prompt_sha1",
+    "date",
+    "versions",
+    "device",
+    "python",
+    "error",
+}
 
 
 @dataclass
@@ -39,7 +49,12 @@ class RunSummary:
 
 
 def _case_record(
-    task: Task, case: Case, method: AttentionMethod, model_name: str, environment: Mapping[str, Any], extra: Mapping[str, Any]
+    task: Task,
+    case: Case,
+    method: AttentionMethod,
+    model_name: str,
+    environment: Mapping[str, Any],
+    extra: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The identity, case facts and environment of a record (results are added by the caller)."""
     clashes = (set(case.params) | set(extra) | set(method.describe())) & _RESERVED
@@ -64,9 +79,9 @@ def _check_same_prompt(stored: Mapping[str, Any], case: Case, path: Path) -> Non
     digest = prompt_digest(case.input_ids)
     if stored.get("prompt_sha1") != digest:
         raise ValueError(
-            f"{path} already holds case {case.case_id} of method {stored.get('method')} built from a different "
-            f"prompt (digest {stored.get('prompt_sha1')} vs {digest}): the task settings, haystack or tokenizer "
-            f"changed. Write to a new output file, or delete the old one to start over"
+            f"{path} already holds case {case.case_id} of method {stored.get('method')} built from a "
+            f"different prompt (digest {stored.get('prompt_sha1')} vs {digest}): the task settings, "
+            f"haystack or tokenizer changed. Write to a new output file, or delete the old one to start over"
         )
 
 
@@ -75,7 +90,9 @@ def _run_one(task: Task, model: Any, tokenizer: TokenizerLike, case: Case) -> di
     try:
         return task.run_case(model, tokenizer, case)
     except torch.OutOfMemoryError:
-        logger.warning("out of memory on case %s (%d tokens); recorded as oom", case.case_id, len(case.input_ids))
+        logger.warning(
+            "out of memory on case %s (%d tokens); recorded as oom", case.case_id, len(case.input_ids)
+        )
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return {"error": "oom"}
@@ -127,16 +144,31 @@ def run_task(
                 else:
                     todo.append(case)
             if not todo:
-                logger.info("%s / %s / %d tokens: all %d cases already recorded", task.name, method.name, length, len(cases))
+                logger.info(
+                    "%s / %s / %d tokens: all %d cases already recorded",
+                    task.name,
+                    method.name,
+                    length,
+                    len(cases),
+                )
                 continue
-            logger.info("%s / %s / %d tokens: running %d of %d cases", task.name, method.name, length, len(todo), len(cases))
+            logger.info(
+                "%s / %s / %d tokens: running %d of %d cases",
+                task.name,
+                method.name,
+                length,
+                len(todo),
+                len(cases),
+            )
             with method.activate(model):
                 for case in todo:
                     record = _case_record(task, case, method, model_name, environment, extra)
                     result = _run_one(task, model, tokenizer, case)
                     clashes = set(result) & (_RESERVED - {"error"})
                     if clashes:
-                        raise ValueError(f"task {task.name} returned reserved record fields {sorted(clashes)}")
+                        raise ValueError(
+                            f"task {task.name} returned reserved record fields {sorted(clashes)}"
+                        )
                     record.update(result)
                     record["date"] = now()
                     store.append(record)
