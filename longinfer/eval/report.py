@@ -133,9 +133,8 @@ def _needle_section(
         )
         for method in methods
     ]
-    return "Pass count per cell (needles passed / needles).\n\n" + text + "\n\n" + "\n".join(
-        regressions
-    ), figures
+    parts = ["Pass count per cell (needles passed / needles).", text, "\n".join(regressions)]
+    return "\n\n".join(p for p in parts if p), figures
 
 
 def _ruler_section(
