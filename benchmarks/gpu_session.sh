@@ -14,7 +14,7 @@ if [ ! -d /tmp/peer/minference ] && ls .device/minference-*.tar.gz >/dev/null 2>
   peer_pid=$!
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q -x tests/test_ops_kernels.py tests/test_ops_errors.py -m "not slow" 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+  LONGINFER_AUTOTUNE=0 python3 -m pytest -q -x tests/test_ops_kernels.py tests/test_ops_errors.py -m "not slow" ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
 fi
 [ -n "${peer_pid:-}" ] && wait "$peer_pid"
 if [ "$what" = bench ] || [ "$what" = all ]; then

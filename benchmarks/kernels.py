@@ -50,7 +50,8 @@ from longinfer.ops import (  # noqa: E402
     vertical_slash_attention,
 )
 from longinfer.ops import _checks, _launch  # noqa: E402
-from longinfer.ops._kernel import MODE_A_SHAPE, MODE_DENSE, MODE_VERTICAL_SLASH  # noqa: E402
+from longinfer.ops import _kernel  # noqa: E402
+from longinfer.ops._kernel import MODE_A_SHAPE, MODE_BLOCKS, MODE_DENSE, MODE_VERTICAL_SLASH  # noqa: E402
 from longinfer.ops.reference import (  # noqa: E402
     a_shape_mask,
     block_sparse_mask,
@@ -177,6 +178,11 @@ def check(n: int) -> list[dict]:
                          block_sparse_mask(block_index, n, rows=rows)),
         "a_shape": (lambda: a_shape_attention(q, k, v, A_SINK, A_WINDOW),
                     a_shape_mask(A_SINK, A_WINDOW, n, rows=rows, device="cuda")),
+        # One index per KV group: two query heads share every tile (heads_per_tile = 2).
+        "vertical_slash_group_index": (lambda: vertical_slash_attention(q, k, v, vertical[:, ::4], slash[:, ::4]),
+                                       vertical_slash_mask(vertical[:, ::4], slash[:, ::4], n, rows=rows)),
+        "block_sparse_group_index": (lambda: block_sparse_attention(q, k, v, block_index[:, ::4]),
+                                     block_sparse_mask(block_index[:, ::4], n, rows=rows)),
     }
     results = []
     for name, (run, mask) in cases.items():
@@ -196,27 +202,33 @@ def check(n: int) -> list[dict]:
 
 
 def sweep(n: int) -> list[dict]:
+    """Time each kernel variant under each fixed launch option (what the autotuner chooses among)."""
     q, k, v = make_inputs(n)
     vertical, slash = make_vs_index(n)
+    block_index = make_block_index(n)
     shape = _checks.check_qkv(q, k, v)
-    vs_index = build_vertical_slash_index(vertical, slash, n, 64)
+    variants = {
+        "dense BM128": (MODE_DENSE, 128, 1, {}),
+        "dense BM64x2heads": (MODE_DENSE, 64, 2, {}),
+        "a_shape BM128": (MODE_A_SHAPE, 128, 1, {"sink": A_SINK, "window": A_WINDOW}),
+        "a_shape BM64x2heads": (MODE_A_SHAPE, 64, 2, {"sink": A_SINK, "window": A_WINDOW}),
+        "vs per-head index": (MODE_VERTICAL_SLASH, 64, 1, {"vs": build_vertical_slash_index(vertical, slash, n, 64)}),
+        "vs group index x2heads": (MODE_VERTICAL_SLASH, 64, 2,
+                                   {"vs": build_vertical_slash_index(vertical[:, ::4], slash[:, ::4], n, 64)}),
+        "bs per-head index": (MODE_BLOCKS, 64, 1, {"blocks": build_block_sparse_index(block_index, n, 64)}),
+        "bs group index x2heads": (MODE_BLOCKS, 64, 2, {"blocks": build_block_sparse_index(block_index[:, ::4], n, 64)}),
+    }
     results = []
-    for mode, block_m, name in ((MODE_DENSE, 128, "dense"), (MODE_DENSE, 64, "dense"),
-                                (MODE_VERTICAL_SLASH, 64, "vertical_slash"), (MODE_A_SHAPE, 128, "a_shape")):
-        for block_n in (64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    opts = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
-                    kw = {"vs": vs_index} if mode == MODE_VERTICAL_SLASH else {}
-                    if mode == MODE_A_SHAPE:
-                        kw = {"sink": A_SINK, "window": A_WINDOW}
-                    try:
-                        ms = bench_ms(lambda: _launch.launch(q, k, v, shape, D**-0.5, mode, block_m, options=opts, **kw))
-                    except Exception as exc:  # out of shared memory etc.
-                        print(f"sweep {name} BM={block_m} {opts}: {type(exc).__name__}", flush=True)
-                        continue
-                    results.append({"n": n, "kernel": name, "BLOCK_M": block_m, **opts, "ms": ms})
-                    print(f"sweep n={n} {name:>15} BM={block_m:>3} BN={block_n:>3} w={warps} s={stages}: {ms:8.3f} ms", flush=True)
+    for name, (mode, block_m, hpt, kw) in variants.items():
+        for cfg in _kernel._tuning_configs():
+            opts = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "heads_per_tile": hpt}
+            try:
+                ms = bench_ms(lambda: _launch.launch(q, k, v, shape, D**-0.5, mode, block_m, options=opts, **kw))
+            except Exception as exc:  # out of shared memory etc.
+                print(f"sweep {name} {opts}: {type(exc).__name__}", flush=True)
+                continue
+            results.append({"n": n, "kernel": name, "BLOCK_M": block_m, **opts, "ms": ms})
+            print(f"sweep n={n} {name:>24} BN={opts['BLOCK_N']:>3} w={opts['num_warps']} s={opts['num_stages']}: {ms:8.3f} ms", flush=True)
     return results
 
 
@@ -240,6 +252,13 @@ def time_all(n: int, peer) -> dict:
     bs_index = build_block_sparse_index(block_index, n, BS)
     row["bs_kernel_ms"] = bench_ms(lambda: block_sparse_attention(q, k, v, index=bs_index))
     row["a_shape_ms"] = bench_ms(lambda: a_shape_attention(q, k, v, A_SINK, A_WINDOW))
+    # Variants the peer cannot have: one index per KV group, two query heads stacked per tile.
+    row["vs_group_index_total_ms"] = bench_ms(lambda: vertical_slash_attention(q, k, v, vertical[:, ::4], slash[:, ::4]))
+    row["bs_group_index_total_ms"] = bench_ms(lambda: block_sparse_attention(q, k, v, block_index[:, ::4]))
+    shape = _checks.check_qkv(q, k, v)
+    row["dense_bm64x2heads_ms"] = bench_ms(lambda: _launch.launch(q, k, v, shape, D**-0.5, MODE_DENSE, 64, options={"heads_per_tile": 2}))
+    row["a_shape_bm64x2heads_ms"] = bench_ms(lambda: _launch.launch(q, k, v, shape, D**-0.5, MODE_A_SHAPE, 64, sink=A_SINK,
+                                                                    window=A_WINDOW, options={"heads_per_tile": 2}))
     if peer is not None:
         seqlens = torch.tensor([n], dtype=torch.int32, device="cuda")
         row["peer_vs_ms"] = bench_ms(lambda: peer.vs(q, k_rep, v_rep, vertical, slash))
@@ -255,6 +274,8 @@ def time_all(n: int, peer) -> dict:
         "vertical_slash": flops["vertical_slash"] / row["vs_total_ms"] / 1e9,
         "block_sparse": flops["block_sparse"] / row["bs_total_ms"] / 1e9,
         "a_shape": flops["a_shape"] / row["a_shape_ms"] / 1e9,
+        "vertical_slash_group_index": flops["vertical_slash"] / row["vs_group_index_total_ms"] / 1e9,
+        "block_sparse_group_index": flops["block_sparse"] / row["bs_group_index_total_ms"] / 1e9,
     }
     if peer is not None:
         row["tflops"].update({
@@ -309,6 +330,15 @@ def render_markdown(meta: dict, checks: list[dict], timings: list[dict], sweeps:
         for r in timings:
             lines.append(f"| {r['n']} | {r['peer_vs_ms'] / r['vs_total_ms']:.2f}x | {r['peer_bs_kernel_ms'] / r['bs_total_ms']:.2f}x | "
                          f"{r['peer_a_shape_ms'] / r['a_shape_ms']:.2f}x | {_fmt(r['peer_bs_with_estimate_ms'])} |")
+    if timings:
+        lines += ["", "## GQA variants only longinfer has (ms; one index per KV group, 2 query heads stacked per tile)", "",
+                  "| N | VS per-head index | VS group index | block-sparse per-head | block-sparse group index | "
+                  "dense BM128 | dense BM64 x 2 heads | A-shape BM128 | A-shape BM64 x 2 heads |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in timings:
+            lines.append(f"| {r['n']} | {_fmt(r['vs_total_ms'])} | {_fmt(r['vs_group_index_total_ms'])} | {_fmt(r['bs_total_ms'])} | "
+                         f"{_fmt(r['bs_group_index_total_ms'])} | {_fmt(r['dense_ms'])} | {_fmt(r['dense_bm64x2heads_ms'])} | "
+                         f"{_fmt(r['a_shape_ms'])} | {_fmt(r['a_shape_bm64x2heads_ms'])} |")
     lines += ["", "## Useful TFLOP/s", "", "| N | " + " | ".join(timings[0]["tflops"]) + " |",
               "|---|" + "---|" * len(timings[0]["tflops"])] if timings else []
     for r in timings:
@@ -348,6 +378,10 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = device.replace(" ", "-").replace("/", "-")
+    if not timings and not checks:
+        return 0
+    suffix = "" if timings else "-check"
+    slug += suffix
     (out / f"kernels-{slug}.json").write_text(json.dumps({"meta": meta, "checks": checks, "sweeps": sweeps, "timings": timings}, indent=1))
     (out / f"kernels-{slug}.md").write_text(render_markdown(meta, checks, timings, sweeps))
     print(render_markdown(meta, checks, timings, sweeps))

@@ -154,7 +154,8 @@ def test_block_sparse_block_sizes(block_size):
     q, k, v = _qkv(1, 2, 1, n, 64, torch.float32, seed=block_size)
     nb = math.ceil(n / block_size)
     diag = torch.arange(nb, device=DEVICE)
-    block_index = torch.stack([diag, torch.zeros_like(diag), diag - 2], -1)[None, None].expand(1, 2, nb, 3)
+    # One index per KV group: its two query heads share each tile (heads_per_tile = 2).
+    block_index = torch.stack([diag, torch.zeros_like(diag), diag - 2], -1)[None, None].expand(1, 1, nb, 3)
     out = block_sparse_attention(q, k, v, block_index, block_size=block_size)
     assert_matches_reference(out, q, k, v, block_sparse_mask(block_index, n, block_size))
 

@@ -1,7 +1,9 @@
 """One Triton flash-attention kernel for every pattern: key ranges, then gathered key columns.
 
 Each program computes one query tile (``BLOCK_M`` consecutive query positions, aligned to
-multiples of ``BLOCK_M`` in key coordinates) of one query head. Its key set is
+multiples of ``BLOCK_M`` in key coordinates) of ``HEADS_PER_TILE`` query heads of one KV group that
+share an index (their rows are stacked, so each K/V tile is loaded once for all of them). Its key
+set is
 
 1. a list of contiguous key *ranges*, processed in ``BLOCK_N`` tiles with an online softmax; the
    range list depends on ``MODE``:
@@ -16,7 +18,7 @@ multiples of ``BLOCK_M`` in key coordinates) of one query head. Its key set is
 
 Element masks are applied only on tiles that need them (the diagonal, range ends, the window edge).
 GQA: query head ``h`` reads K/V head ``h // GROUP``; heads are the fastest grid axis, so the query
-heads of one KV group run side by side and share K/V tiles through L2.
+heads of one KV group run side by side and share K/V tiles through L2 even when not stacked.
 
 Positions: queries are the last ``q_len`` of ``k_len`` positions (bottom-right causal alignment).
 Packed sequences (``VARLEN``) take their offsets from ``cu_seqlens_q/k``.
@@ -88,15 +90,19 @@ def _sparse_attention_fwd(
     BlockIdx, stride_bi_b, stride_bi_h, stride_bi_m, num_slots,
     GroupLo, GroupHi, GroupCount, stride_g_b, stride_g_h, stride_gc_b, stride_gc_h, search_steps,
     Cols, ColCount, stride_c_b, stride_c_h, stride_cc_b, stride_cc_h,
-    INDEX_HEAD_DIV,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    INDEX_HEAD_DIV, BlockCount, stride_bc_b, stride_bc_h, tune_bucket,
+    HEADS_PER_TILE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    head_linear = tl.program_id(0)  # b * Hq + h, fastest axis: KV-group heads run together
+    # Axis 0 = (batch, group of HEADS_PER_TILE query heads), the fastest axis: the query heads of
+    # one KV group run side by side and share K/V tiles through L2. With HEADS_PER_TILE > 1 the
+    # heads (which then share one index) are stacked into one tile and share every K/V load.
+    head_linear = tl.program_id(0)
     tile = num_tiles - 1 - tl.program_id(1)  # longest (latest) tiles first, for load balance
-    b = head_linear // num_q_heads
-    h = head_linear % num_q_heads
+    heads_per_batch = num_q_heads // HEADS_PER_TILE
+    b = head_linear // heads_per_batch
+    h = (head_linear % heads_per_batch) * HEADS_PER_TILE  # first query head of the tile
     kvh = h // GROUP
     idx_h = h // INDEX_HEAD_DIV
 
@@ -123,16 +129,18 @@ def _sparse_attention_fwd(
         return
     tile_end = tl.minimum(tile_start + BLOCK_M, n_k)  # keys past the tile's last row are never needed
 
-    rows = tile_start + tl.arange(0, BLOCK_M)  # absolute positions
+    tile_rows = tl.arange(0, BLOCK_M * HEADS_PER_TILE)  # row r: head h + r // BLOCK_M
+    rows = tile_start + tile_rows % BLOCK_M  # absolute positions
+    row_ptr_offset = (tile_rows // BLOCK_M) * stride_qh + (rows - shift) * stride_qn
     row_ok = (rows >= shift) & (rows < n_k)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(q_base + (rows - shift)[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(q_base + row_ptr_offset[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M * HEADS_PER_TILE, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M * HEADS_PER_TILE], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M * HEADS_PER_TILE], dtype=tl.float32)
 
     if MODE == 0:  # dense
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, 0, tile_end,
@@ -147,15 +155,22 @@ def _sparse_attention_fwd(
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, win_start, tile_end,
                                       rows, offs_n, offs_d, d_ok, tile_start, qk_scale, sink, window,
                                       True, BLOCK_M, BLOCK_N, PRECISION)
-    elif MODE == 2:  # block-sparse: sorted, de-duplicated key-block ids, -1 = unused
+    elif MODE == 2:  # block-sparse: ids sorted ascending; the first `count` are the blocks <= tile
         slot_base = BlockIdx + b * stride_bi_b + idx_h * stride_bi_h + tile * stride_bi_m
-        for slot in range(0, num_slots):
-            kb = tl.load(slot_base + slot)
-            if (kb >= 0) & (kb <= tile):
-                acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
-                                              kb * BLOCK_M, tl.minimum(kb * BLOCK_M + BLOCK_M, tile_end),
-                                              rows, offs_n, offs_d, d_ok, tile_start, qk_scale, 0, 0,
-                                              False, BLOCK_M, BLOCK_N, PRECISION)
+        count = tl.load(BlockCount + b * stride_bc_b + idx_h * stride_bc_h + tile)
+        has_diagonal = tl.load(slot_base + count - 1, mask=count > 0, other=-1) == tile
+        n_off_diagonal = count - has_diagonal.to(tl.int32)
+        # A flat loop over whole key blocks (BLOCK_M keys each) needs no mask and pipelines well.
+        block_offs = tl.arange(0, BLOCK_M)
+        for slot in range(0, n_off_diagonal):
+            cols = tl.load(slot_base + slot) * BLOCK_M + block_offs
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, block_offs[None, :] >= 0, qk_scale, False, PRECISION)
+        if has_diagonal:
+            acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
+                                          tile_start, tile_end, rows, offs_n, offs_d, d_ok, tile_start,
+                                          qk_scale, 0, 0, False, BLOCK_M, BLOCK_N, PRECISION)
     else:  # vertical-slash
         g_base = b * stride_g_b + idx_h * stride_g_h
         n_groups = tl.load(GroupCount + b * stride_gc_b + idx_h * stride_gc_h)
@@ -196,5 +211,21 @@ def _sparse_attention_fwd(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows with no key at all give zeros
     out = acc / l_safe[:, None]
-    tl.store(o_base + (rows - shift)[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
+    out_ptr_offset = (tile_rows // BLOCK_M) * stride_oh + (rows - shift) * stride_on
+    tl.store(o_base + out_ptr_offset[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _tuning_configs() -> list[triton.Config]:
+    """Key-tile sizes, warps and stages the autotuner tries on the GPU (once per shape bucket)."""
+    return [
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bn, w, st in ((64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 2))
+    ]
+
+
+# tune_bucket = log2 of the key length, so each length scale gets its own choice.
+sparse_attention_fwd_tuned = triton.autotune(
+    configs=_tuning_configs(),
+    key=["HEAD_DIM", "MODE", "BLOCK_M", "HEADS_PER_TILE", "VARLEN", "tune_bucket"],
+)(_sparse_attention_fwd)

@@ -53,10 +53,17 @@ class VerticalSlashIndex:
 
 @dataclass(frozen=True)
 class BlockSparseIndex:
-    """Kernel-ready block-sparse index: ``block_ids`` ``[B, H, T, K]`` int32, sorted ascending
-    per query block, duplicates and out-of-range ids replaced by ``-1``."""
+    """Kernel-ready block-sparse index.
+
+    Attributes:
+        block_ids: ``[B, H, T, K]`` int32, per query block the valid ids sorted ascending, then
+            ``-1`` for repeats and out-of-range ids.
+        block_count: ``[B, H, T]`` int32, how many leading ids of tile ``t`` are ``<= t`` (causal).
+        block_size: query and key block size.
+    """
 
     block_ids: torch.Tensor
+    block_count: torch.Tensor
     block_size: int
 
     @property
@@ -149,5 +156,7 @@ def build_block_sparse_index(block_index: torch.Tensor, k_len: int, block_size: 
     """
     num_blocks = math.ceil(k_len / block_size)
     ids = _sorted_unique(block_index, (block_index >= 0) & (block_index < num_blocks), num_blocks)
+    tile = torch.arange(ids.shape[-2], device=ids.device)[:, None]
+    count = (ids <= tile).sum(-1)  # the fill value num_blocks is above every tile
     ids = torch.where(ids >= num_blocks, -1, ids)
-    return BlockSparseIndex(block_ids=ids.int().contiguous(), block_size=block_size)
+    return BlockSparseIndex(block_ids=ids.int().contiguous(), block_count=count.int().contiguous(), block_size=block_size)
