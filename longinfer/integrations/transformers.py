@@ -1,0 +1,835 @@
+"""Hugging Face transformers integration: sparse prefill through ``AttentionInterface``.
+
+Nothing in transformers is reassigned: :func:`register` adds an attention function and a mask
+function under the name ``"longinfer"`` (``AttentionInterface.register`` and
+``AttentionMaskInterface.register``), and :func:`patch` switches a loaded model to that
+implementation and attaches a :class:`~longinfer.plans.Plan` to its attention modules::
+
+    import longinfer
+    model = AutoModelForCausalLM.from_pretrained(name)
+    longinfer.patch(model, "plan.json")        # a Plan, a plan path, or None: the default plan
+    model.generate(...)                         # sparse prefill, dense decoding
+    longinfer.unpatch(model)                    # back to the previous implementation
+
+``from_pretrained(name, attn_implementation="longinfer")`` works too once :func:`register` has run;
+call :func:`patch` afterwards to attach a plan, else each layer uses :func:`default_plan_for`
+(logged). The plan lives in private attributes of the model and its attention modules, never in
+``model.config``.
+
+One attention call (one layer, one forward), ``q [B, Hq, Nq, D]``, ``k, v [B, Hkv, Nk, D]``,
+queries = the last ``Nq`` key positions (a chunk after a cached prefix has ``Nk > Nq``):
+
+1. Padding. The mask function hands over the 2-D key-padding mask (``None`` when nothing is
+   padded). A padded batch runs one sequence at a time on its contiguous valid span (left or right
+   padding); a short query (decoding) runs batched with the padding mask instead.
+2. Model-defined attention is kept: a sliding-window layer whose window is shorter than the keys
+   runs exact windowed attention (the A-shape kernel with no sinks, or masked dense attention);
+   logit softcapping (Gemma 2) runs exact dense attention with the softcap (no sparse kernel
+   supports it; :func:`patch` logs this).
+3. Dense when ``Nq < SPARSE_MIN_QUERIES`` (decoding) or ``Nk < layer.dense_below``: torch SDPA
+   (``enable_gqa``; no GQA copy) or the dense kernel for a chunk after a prefix.
+4. Sparse otherwise: query heads sharing a head plan run together, one estimator call and one
+   kernel launch per group. Heads are gathered per KV head so the kernel sees a plain GQA layout
+   (``n`` query heads per KV head): whole KV groups sharing a pattern need no K/V copy at all,
+   partial groups copy only the K/V heads they read. The index is estimated from the chunk's own
+   last queries against all (cached + new) keys.
+
+Backends: ``"triton"`` runs the kernels of :mod:`longinfer.ops` (CUDA, or CPU under
+``TRITON_INTERPRET=1``); ``"torch"`` computes the same masks (the kernels' reference semantics)
+with dense masked matmuls over query chunks, exact but with no speedup, for CPUs without the
+interpreter and head dims the kernels lack. ``"auto"`` picks per call from the tensors' device.
+
+Density (:func:`attention_stats`): the share of the (query, key) pairs of the model's own
+attention mask (causal, window included) that prefill attention computed, over every layer and
+head. Dense and windowed calls count fully; a sparse call counts its index's mask measured at
+``DENSITY_SAMPLE_ROWS`` evenly spaced query rows (the exact mask the kernel computes, block
+rounding included), so recording costs ``O(H * rows * Nk)`` per call and no host sync. Calls
+with fewer than ``SPARSE_MIN_QUERIES`` queries (decoding) are counted but not in the density.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longinfer.patterns.registry import PatternSpec, get_pattern
+from longinfer.plans.schema import DEFAULT_PATTERN_CONFIG, HeadPlan, LayerPlan, Plan, default_plan_for, model_shape
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "IMPLEMENTATION",
+    "SPARSE_MIN_QUERIES",
+    "AttentionStats",
+    "HeadBucket",
+    "attention_stats",
+    "head_buckets",
+    "longinfer_attention",
+    "longinfer_mask",
+    "patch",
+    "plan_of",
+    "register",
+    "reset_stats",
+    "unpatch",
+]
+
+IMPLEMENTATION = "longinfer"  # the name registered with transformers
+BACKENDS = ("auto", "triton", "torch")
+# Calls with fewer queries than this run dense: decoding steps and tiny chunks, where estimating
+# an index costs more than it saves (the kernels' query tile is 64).
+SPARSE_MIN_QUERIES = 64
+DENSITY_SAMPLE_ROWS = 8
+# Float32 score elements per step of the masked (torch) path: bounds its workspace to ~256 MiB.
+MASKED_SCORE_BUDGET = 64 * 2**20
+
+_RUNTIME_ATTR = "_longinfer_runtime"  # on each attention module: its LayerRuntime
+_PATCH_ATTR = "_longinfer_patch"  # on the model: PatchState
+
+
+# --------------------------------------------------------------------------------------------
+# Registration
+
+
+def register() -> None:
+    """Register ``"longinfer"`` with transformers' attention and mask interfaces (idempotent).
+
+    Needed before ``from_pretrained(..., attn_implementation="longinfer")``; :func:`patch` calls it.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION, longinfer_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, longinfer_mask)
+
+
+def longinfer_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor = 0,
+    kv_offset: int = 0,
+    mask_function: Callable | None = None,
+    attention_mask: torch.Tensor | None = None,
+    use_vmap: bool = False,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """Mask interface: the key-padding mask ``bool [B, kv_length]`` the attention call needs, or ``None``.
+
+    The causal and sliding-window structure is not materialized: the attention function applies
+    it from the layer's ``sliding_window``, as a flash-attention backend would.
+
+    Raises:
+        NotImplementedError: extra mask overlays (``or_mask_function`` / ``and_mask_function``,
+            e.g. bidirectional image tokens) or a pre-allocated (static) cache, which this
+            integration does not reproduce; use ``sdpa`` for those.
+    """
+    if use_vmap:
+        raise NotImplementedError(
+            "longinfer attention supports causal and sliding-window masks only; this model adds a custom mask "
+            "overlay (e.g. bidirectional image tokens). Use attn_implementation='sdpa' for it"
+        )
+    seen = int(q_offset) + q_length - kv_offset
+    if kv_length > seen:
+        raise NotImplementedError(
+            f"the cache has {kv_length} key slots for {seen} tokens (a static, pre-allocated cache); longinfer "
+            "needs the default DynamicCache: do not pass cache_implementation='static'"
+        )
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"expected a 2-D padding mask [batch, keys], got shape {tuple(attention_mask.shape)}")
+    mask = attention_mask[:, -kv_length:].to(torch.bool)
+    if mask.shape[1] != kv_length:
+        raise ValueError(f"the padding mask covers {mask.shape[1]} keys but the layer has {kv_length}")
+    return None if bool(mask.all()) else mask
+
+
+# --------------------------------------------------------------------------------------------
+# Plans on modules
+
+
+@dataclass(frozen=True)
+class HeadBucket:
+    """Query heads of one layer that share a head plan and run in one estimator call + kernel launch.
+
+    Attributes:
+        head: the shared head plan.
+        q_heads: query head ids, grouped by KV head (``group_size`` consecutive ids per KV head).
+        kv_heads: the KV heads they read, one per group.
+    """
+
+    head: HeadPlan
+    q_heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head inside the bucket (its GQA ratio)."""
+        return len(self.q_heads) // len(self.kv_heads)
+
+
+def head_buckets(layer: LayerPlan, num_kv_heads: int) -> tuple[HeadBucket, ...]:
+    """Split a layer's heads into :class:`HeadBucket` s: same plan and same count per KV head.
+
+    Query head ``h`` reads KV head ``h // (Hq // Hkv)``. A plan shared by whole KV groups gives one
+    bucket with the model's own GQA ratio; a plan shared by, say, 2 of 3 heads in each group gives
+    a bucket of ratio 2. Buckets never contain a K/V head twice, so GQA is never expanded.
+    """
+    num_q_heads = len(layer.heads)
+    group = num_q_heads // num_kv_heads
+    buckets = []
+    for head, head_ids in layer.head_groups():
+        per_kv: dict[int, list[int]] = {}
+        for h in head_ids:
+            per_kv.setdefault(h // group, []).append(h)
+        by_count: dict[int, list[int]] = {}
+        for kv, members in per_kv.items():
+            by_count.setdefault(len(members), []).append(kv)
+        for count in sorted(by_count):
+            kv_heads = tuple(sorted(by_count[count]))
+            q_heads = tuple(h for kv in kv_heads for h in sorted(per_kv[kv]))
+            buckets.append(HeadBucket(head, q_heads, kv_heads))
+    return tuple(buckets)
+
+
+@dataclass
+class LayerStats:
+    """Counters of one layer's attention calls (see the module docstring for density)."""
+
+    calls: int = 0
+    decode_calls: int = 0
+    dense_calls: int = 0
+    sparse_calls: int = 0
+    window_calls: int = 0
+    total_pairs: float = 0.0  # (query, key) pairs of the model's mask, prefill calls, all heads
+    kept_pairs: float = 0.0  # pairs computed by dense and windowed calls
+    kept_sparse: torch.Tensor | None = None  # pairs computed by sparse calls (estimate; stays on device)
+
+    def add_full(self, pairs: float, *, window: bool) -> None:
+        self.total_pairs += pairs
+        self.kept_pairs += pairs
+        if window:
+            self.window_calls += 1
+        else:
+            self.dense_calls += 1
+
+    def add_sparse(self, pairs: float, kept: torch.Tensor) -> None:
+        self.total_pairs += pairs
+        kept = kept.detach().double()
+        self.kept_sparse = kept if self.kept_sparse is None else self.kept_sparse + kept
+
+
+@dataclass
+class LayerRuntime:
+    """What one attention module needs at call time: its layer plan, buckets and counters."""
+
+    layer_idx: int
+    layer: LayerPlan
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    backend: str
+    buckets: tuple[HeadBucket, ...]
+    stats: LayerStats = field(default_factory=LayerStats)
+    _index_cache: dict[tuple[int, torch.device], tuple[torch.Tensor | None, torch.Tensor | None]] = field(
+        default_factory=dict, repr=False
+    )
+    _fallback_logged: bool = False
+
+    @classmethod
+    def build(cls, plan: Plan, layer_idx: int, backend: str) -> LayerRuntime:
+        if not 0 <= layer_idx < plan.num_layers:
+            raise ValueError(f"attention layer {layer_idx} is outside the plan's {plan.num_layers} layers")
+        layer = plan.layers[layer_idx]
+        return cls(layer_idx, layer, plan.num_q_heads, plan.num_kv_heads, plan.head_dim, backend,
+                   head_buckets(layer, plan.num_kv_heads))
+
+    def indices(self, position: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Index tensors ``(q_heads, kv_heads)`` of bucket ``position`` on ``device``; ``None`` = all, in order."""
+        key = (position, device)
+        if key not in self._index_cache:
+            bucket = self.buckets[position]
+            q_all = bucket.q_heads == tuple(range(self.num_q_heads))
+            kv_all = bucket.kv_heads == tuple(range(self.num_kv_heads))
+            self._index_cache[key] = (
+                None if q_all else torch.tensor(bucket.q_heads, device=device),
+                None if kv_all else torch.tensor(bucket.kv_heads, device=device),
+            )
+        return self._index_cache[key]
+
+
+@dataclass(frozen=True)
+class PatchState:
+    """Kept on a patched model: its plan, the implementation to restore, the backend asked for."""
+
+    plan: Plan
+    previous_implementation: str
+    backend: str
+
+
+# --------------------------------------------------------------------------------------------
+# patch / unpatch / stats
+
+
+def _interpreter_enabled() -> bool:
+    from longinfer.ops._checks import interpreter_enabled
+
+    return interpreter_enabled()
+
+
+def _kernel_support(device: torch.device, head_dim: int) -> str | None:
+    """Why the Triton kernels cannot run here, or ``None`` when they can."""
+    from longinfer.ops._checks import SUPPORTED_HEAD_DIMS
+
+    if device.type == "cpu" and not _interpreter_enabled():
+        return "the tensors are on the CPU and TRITON_INTERPRET=1 is not set"
+    if device.type not in ("cpu", "cuda"):
+        return f"the kernels do not run on {device.type}"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {head_dim} is not one of the kernels' {SUPPORTED_HEAD_DIMS}"
+    return None
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _resolve_plan(plan: Plan | str | os.PathLike[str] | None, model: Any) -> Plan:
+    config = model.config
+    if plan is None:
+        model_id = str(getattr(config, "name_or_path", "") or "")
+        resolved = default_plan_for(config, model_id=model_id)
+        logger.info(
+            "no plan given for %s: using the default plan (vertical-slash, coverage tau=%s from the last %d "
+            "queries, every head; layers dense below %d keys)",
+            model_id or type(model).__name__, DEFAULT_PATTERN_CONFIG.tau, DEFAULT_PATTERN_CONFIG.last_q,
+            resolved.layers[0].dense_below,
+        )
+        return resolved
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        path = Path(plan)
+        if not path.is_file():
+            raise FileNotFoundError(f"plan file {path} does not exist; pass an existing plan JSON or None")
+        return Plan.load(path)
+    raise TypeError(f"plan must be a Plan, a path to a plan JSON, or None; got {type(plan).__name__}")
+
+
+def _attention_modules(model: Any) -> dict[int, torch.nn.Module]:
+    """The model's attention modules by ``layer_idx`` (modules with ``layer_idx``, ``scaling``, ``is_causal``)."""
+    found: dict[int, torch.nn.Module] = {}
+    for module in model.modules():
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int) and hasattr(module, "scaling") and hasattr(module, "is_causal"):
+            if idx in found:
+                raise ValueError(
+                    f"{type(model).__name__} has two attention modules for layer {idx}; multimodal and "
+                    "encoder-decoder models are not supported, patch the language model only"
+                )
+            found[idx] = module
+    return found
+
+
+def _current_implementation(model: Any) -> str:
+    return str(getattr(model.config, "_attn_implementation", None) or "eager")
+
+
+def _set_implementation(model: Any, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+    if _current_implementation(model) != name:
+        raise ValueError(f"{type(model).__name__} did not switch to attention {name!r}")
+
+
+def _stock_implementation(model: Any) -> str:
+    """What to restore when the model was loaded with ``attn_implementation="longinfer"``."""
+    return "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+
+
+def patch(model: Any, plan: Plan | str | os.PathLike[str] | None = None, *, backend: str = "auto") -> Plan:
+    """Run ``model``'s attention with longinfer and ``plan``.
+
+    Args:
+        model: a loaded transformers causal LM (Llama, Qwen2/2.5/3, Mistral, Phi-3, Gemma 2/3, ...).
+        plan: a :class:`Plan`, a plan JSON path, or ``None`` for :func:`default_plan_for` the model
+            (logged). Patching a patched model replaces its plan.
+        backend: ``"auto"`` (Triton kernels where they run, else the torch path, decided per
+            call), ``"triton"`` or ``"torch"`` (see the module docstring).
+
+    Returns:
+        The plan in use.
+
+    Raises:
+        ValueError: the plan does not match the model (the message names every differing field),
+            an unknown backend, ``"triton"`` where the kernels cannot run, or a model whose
+            attention modules do not match the plan's layers.
+        FileNotFoundError: a plan path that does not exist.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    register()
+    resolved = _resolve_plan(plan, model)
+    resolved.check_matches(model.config)
+    device = _model_device(model)
+    if backend == "triton" and (reason := _kernel_support(device, resolved.head_dim)) is not None:
+        raise ValueError(f"backend='triton' cannot run: {reason}; use backend='torch' or 'auto'")
+    modules = _attention_modules(model)
+    if sorted(modules) != list(range(resolved.num_layers)):
+        raise ValueError(
+            f"{type(model).__name__} has attention modules for layers {sorted(modules)} but the plan has "
+            f"{resolved.num_layers} layers"
+        )
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(text_config, "attn_logit_softcapping", None) is not None:
+        logger.warning(
+            "%s uses attention logit softcapping, which the sparse kernels do not support: every layer runs "
+            "exact dense attention with the softcap (no speedup). Set config.attn_logit_softcapping=None to "
+            "run sparse (Gemma 2 was trained with it)", type(model).__name__,
+        )
+    previous = getattr(model, _PATCH_ATTR, None)
+    if previous is not None:
+        restore = previous.previous_implementation
+    else:
+        current = _current_implementation(model)
+        restore = current if current != IMPLEMENTATION else _stock_implementation(model)
+    _set_implementation(model, IMPLEMENTATION)
+    for idx, module in modules.items():
+        setattr(module, _RUNTIME_ATTR, LayerRuntime.build(resolved, idx, backend))
+    setattr(model, _PATCH_ATTR, PatchState(resolved, restore, backend))
+    logger.debug("patched %s: %d layers, backend %s", type(model).__name__, len(modules), backend)
+    return resolved
+
+
+def unpatch(model: Any) -> None:
+    """Restore the attention implementation ``model`` had before :func:`patch` and drop the plan.
+
+    A model loaded with ``attn_implementation="longinfer"`` goes back to ``sdpa`` (``eager`` for
+    models without SDPA support). Raises ``ValueError`` for a model that is not patched.
+    """
+    state: PatchState | None = getattr(model, _PATCH_ATTR, None)
+    if state is None and _current_implementation(model) != IMPLEMENTATION:
+        raise ValueError(f"{type(model).__name__} is not patched by longinfer; nothing to undo")
+    restore = state.previous_implementation if state is not None else _stock_implementation(model)
+    _set_implementation(model, restore)
+    for module in model.modules():
+        if hasattr(module, _RUNTIME_ATTR):
+            delattr(module, _RUNTIME_ATTR)
+    if state is not None:
+        delattr(model, _PATCH_ATTR)
+
+
+def plan_of(model: Any) -> Plan | None:
+    """The plan :func:`patch` attached to ``model``, or ``None``."""
+    state: PatchState | None = getattr(model, _PATCH_ATTR, None)
+    return None if state is None else state.plan
+
+
+@dataclass(frozen=True)
+class AttentionStats:
+    """Attention calls since the last :func:`reset_stats` (see the module docstring).
+
+    Attributes:
+        density: share of the model's attention pairs that prefill calls computed (1.0 = dense;
+            ``nan`` when no prefill call ran).
+        layer_density: the same per layer, in layer order.
+        calls, decode_calls, dense_calls, sparse_calls, window_calls: call counts over all layers;
+            decode calls have fewer than ``SPARSE_MIN_QUERIES`` queries, dense calls ran dense by
+            the plan's threshold, window calls ran the model's sliding window (or softcap) exactly.
+    """
+
+    density: float
+    layer_density: tuple[float, ...]
+    calls: int
+    decode_calls: int
+    dense_calls: int
+    sparse_calls: int
+    window_calls: int
+
+
+def _runtimes(model: Any) -> list[LayerRuntime]:
+    runtimes = [getattr(m, _RUNTIME_ATTR) for m in model.modules() if hasattr(m, _RUNTIME_ATTR)]
+    return sorted(runtimes, key=lambda rt: rt.layer_idx)
+
+
+def attention_stats(model: Any) -> AttentionStats:
+    """Density and call counts of a patched model's attention since patching or :func:`reset_stats`.
+
+    Reads the per-layer counters (one host sync for the sparse estimates).
+    """
+    runtimes = _runtimes(model)
+    if not runtimes:
+        raise ValueError(f"{type(model).__name__} is not patched by longinfer; call longinfer.patch(model) first")
+    layer_density = []
+    kept_all = total_all = 0.0
+    for rt in runtimes:
+        s = rt.stats
+        kept = s.kept_pairs + (float(s.kept_sparse) if s.kept_sparse is not None else 0.0)
+        layer_density.append(kept / s.total_pairs if s.total_pairs else math.nan)
+        kept_all += kept
+        total_all += s.total_pairs
+    counts = {name: sum(getattr(rt.stats, name) for rt in runtimes)
+              for name in ("calls", "decode_calls", "dense_calls", "sparse_calls", "window_calls")}
+    return AttentionStats(density=kept_all / total_all if total_all else math.nan,
+                          layer_density=tuple(layer_density), **counts)
+
+
+def reset_stats(model: Any) -> None:
+    """Zero the attention counters of a patched model."""
+    for rt in _runtimes(model):
+        rt.stats = LayerStats()
+
+
+# --------------------------------------------------------------------------------------------
+# The attention function
+
+
+def _runtime_for(module: torch.nn.Module) -> LayerRuntime:
+    """The module's runtime; a module of a model loaded with ``attn_implementation="longinfer"``
+    and never patched gets the default plan on first use."""
+    runtime = getattr(module, _RUNTIME_ATTR, None)
+    if runtime is None:
+        config = module.config
+        plan = default_plan_for(config, model_id=str(getattr(config, "name_or_path", "") or ""))
+        if module.layer_idx == 0:
+            logger.info("no plan attached (call longinfer.patch(model, plan)); every layer uses the default plan")
+        runtime = LayerRuntime.build(plan, module.layer_idx, "auto")
+        setattr(module, _RUNTIME_ATTR, runtime)
+    return runtime
+
+
+def _call_backend(runtime: LayerRuntime, device: torch.device) -> str:
+    if runtime.backend != "auto":
+        return runtime.backend
+    reason = _kernel_support(device, runtime.head_dim)
+    if reason is None:
+        return "triton"
+    if not runtime._fallback_logged and runtime.layer_idx == 0:
+        level = logging.INFO if device.type == "cpu" else logging.WARNING
+        logger.log(level, "%s: sparse patterns run on the torch backend (exact, no speedup)", reason)
+    runtime._fallback_logged = True
+    return "torch"
+
+
+def _check_packed_positions(position_ids: torch.Tensor | None) -> None:
+    """Raise when position ids restart inside a row (packed sequences without a padding mask)."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] < 2:
+        return
+    if bool((position_ids[:, 1:] - position_ids[:, :-1] != 1).any()):
+        raise NotImplementedError(
+            "position_ids restart inside a row (packed sequences); longinfer runs padded batches only: pad the "
+            "sequences and pass an attention_mask instead"
+        )
+
+
+def longinfer_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The ``AttentionInterface`` function (see the module docstring for what it does).
+
+    Args:
+        module: the model's attention module (``layer_idx`` selects the layer plan).
+        query: ``[B, Hq, Nq, D]``; key, value: ``[B, Hkv, Nk, D]`` (cached prefix included).
+        attention_mask: ``bool [B, Nk]`` key-padding mask from :func:`longinfer_mask`, or ``None``.
+        scaling: softmax scale (default ``1/sqrt(D)``); sliding_window, softcap: the layer's own.
+
+    Returns:
+        ``(out [B, Nq, Hq, D], None)``; attention weights are never returned.
+    """
+    if dropout and module.training:
+        raise ValueError("longinfer attention is inference-only (no dropout, no backward); call model.eval()")
+    if kwargs.get("output_attentions"):
+        raise ValueError("longinfer attention does not return attention weights; use attn_implementation='eager'")
+    if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
+        raise NotImplementedError("attention sinks / position biases are not supported by longinfer attention")
+    if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+        raise NotImplementedError("longinfer attention is causal only; this layer is bidirectional")
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
+        raise ValueError(
+            "longinfer attention got a prepared 4-D or float mask; pass a 2-D padding mask (attention_mask) "
+            "and let the model build the rest"
+        )
+    runtime = _runtime_for(module)
+    bsz, hq, nq, d = query.shape
+    hkv = key.shape[1]
+    if (hq, hkv, d) != (runtime.num_q_heads, runtime.num_kv_heads, runtime.head_dim):
+        raise ValueError(
+            f"layer {runtime.layer_idx} has {hq} query heads, {hkv} KV heads, head_dim {d}; the plan expects "
+            f"{runtime.num_q_heads}, {runtime.num_kv_heads}, {runtime.head_dim}"
+        )
+    if attention_mask is None and nq > 1 and runtime.layer_idx == 0:
+        _check_packed_positions(kwargs.get("position_ids"))
+    scale = scaling if scaling is not None else d**-0.5
+    window = sliding_window if sliding_window is not None and sliding_window > 0 else None
+    backend = _call_backend(runtime, query.device)
+    ctx = _CallContext(runtime, backend, scale, window, softcap)
+    runtime.stats.calls += 1
+    if attention_mask is None:
+        out = _attend_contiguous(ctx, query, key, value)
+    elif nq < SPARSE_MIN_QUERIES:
+        runtime.stats.decode_calls += 1
+        out = _masked_attention(query, key, value, scale, _causal_rows(window, attention_mask), softcap)
+    else:
+        out = _attend_padded(ctx, query, key, value, attention_mask)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@dataclass(frozen=True)
+class _CallContext:
+    runtime: LayerRuntime
+    backend: str
+    scale: float
+    window: int | None
+    softcap: float | None
+
+
+def _sequence_spans(key_valid: torch.Tensor) -> list[tuple[int, int]]:
+    """Per row of ``key_valid bool [B, Nk]``, the contiguous span ``(start, end)`` of valid keys.
+
+    Raises ``ValueError`` when a row's valid keys are not contiguous (padding in the middle).
+    """
+    nk = key_valid.shape[1]
+    as_int = key_valid.to(torch.int8)
+    counts = as_int.sum(1)
+    first = as_int.argmax(1)
+    last = nk - 1 - as_int.flip(1).argmax(1)
+    rows = torch.stack([counts, first, last], 1).tolist()
+    spans = []
+    for b, (count, start, stop) in enumerate(rows):
+        if count == 0:
+            spans.append((0, 0))
+        elif count != stop - start + 1:
+            raise ValueError(
+                f"sequence {b} of the batch has padding between its tokens; longinfer prefill needs left or right "
+                "padding (one contiguous run of tokens per sequence)"
+            )
+        else:
+            spans.append((start, stop + 1))
+    return spans
+
+
+def _attend_padded(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   key_valid: torch.Tensor) -> torch.Tensor:
+    """A padded batch, one sequence at a time on its valid span; padded query rows give zeros.
+
+    Query row ``i`` sits at key position ``Nk - Nq + i``; sequence ``b``'s valid rows are those
+    inside its span, and they are the last positions of the span (bottom-right aligned).
+    """
+    nq, nk = q.shape[2], k.shape[2]
+    q_start = nk - nq
+    out = torch.zeros_like(q)
+    for b, (start, stop) in enumerate(_sequence_spans(key_valid)):
+        first = max(start, q_start)
+        if stop <= first:
+            continue  # no real query of this sequence in the call
+        rows = slice(first - q_start, stop - q_start)
+        out[b : b + 1, :, rows] = _attend_contiguous(
+            ctx, q[b : b + 1, :, rows], k[b : b + 1, :, start:stop], v[b : b + 1, :, start:stop]
+        )
+    return out
+
+
+def _causal_pairs(nq: int, nk: int, window: int | None = None) -> int:
+    """(query, key) pairs of a bottom-right causal mask, optionally windowed, for one head of one sequence.
+
+    Query ``i`` at position ``p = nk - nq + i`` has ``min(p + 1, window)`` keys.
+    """
+    lo, hi = nk - nq + 1, nk  # p + 1 ranges over [lo, hi]
+    if window is None or window >= hi:
+        return (lo + hi) * nq // 2
+    below = max(0, min(hi, window) - lo + 1)  # rows with p + 1 <= window
+    small = (lo + lo + below - 1) * below // 2
+    return small + (nq - below) * window
+
+
+def _attend_contiguous(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unpadded ``q [B, Hq, Nq, D]`` against ``k, v [B, Hkv, Nk, D]`` (queries = last positions)."""
+    runtime, stats = ctx.runtime, ctx.runtime.stats
+    bsz, hq, nq, _ = q.shape
+    nk = k.shape[2]
+    window = ctx.window if ctx.window is not None and ctx.window < nk else None
+    decode = nq < SPARSE_MIN_QUERIES
+    if decode:
+        stats.decode_calls += 1
+    if ctx.softcap is not None or window is not None:
+        if not decode:
+            stats.add_full(_causal_pairs(nq, nk, window) * bsz * hq, window=True)
+        if ctx.softcap is None and ctx.backend == "triton" and not decode:
+            from longinfer import ops
+
+            return ops.a_shape_attention(q, k, v, 0, window, sm_scale=ctx.scale)
+        return _masked_attention(q, k, v, ctx.scale, _causal_rows(window), ctx.softcap)
+    if decode or runtime.layer.runs_dense(nk):
+        if not decode:
+            stats.add_full(_causal_pairs(nq, nk) * bsz * hq, window=False)
+        return _dense_attention(q, k, v, ctx.scale, ctx.backend)
+    stats.sparse_calls += 1
+    return _sparse_attention(ctx, q, k, v)
+
+
+def _sparse_attention(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Each bucket of heads: estimate its index from ``q``/``k`` and run its kernel."""
+    runtime = ctx.runtime
+    bsz, _, nq, _ = q.shape
+    nk = k.shape[2]
+    pairs = _causal_pairs(nq, nk) * bsz
+    out = None
+    kept = None
+    for position, bucket in enumerate(runtime.buckets):
+        q_idx, kv_idx = runtime.indices(position, q.device)
+        qb = q if q_idx is None else q.index_select(1, q_idx)
+        kb = k if kv_idx is None else k.index_select(1, kv_idx)
+        vb = v if kv_idx is None else v.index_select(1, kv_idx)
+        ob, ratio = _run_bucket(bucket.head, qb, kb, vb, ctx)
+        bucket_kept = ratio * (pairs * len(bucket.q_heads))
+        kept = bucket_kept if kept is None else kept + bucket_kept
+        if q_idx is None:
+            out = ob
+        else:
+            if out is None:
+                out = torch.empty_like(q)
+            out.index_copy_(1, q_idx, ob)
+    runtime.stats.add_sparse(pairs * q.shape[1], kept)
+    return out
+
+
+def _run_bucket(head: HeadPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                ctx: _CallContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one bucket and the share of its causal pairs it kept (a 0-d tensor)."""
+    spec = get_pattern(head.pattern)
+    if head.pattern == "dense":
+        return _dense_attention(q, k, v, ctx.scale, ctx.backend), torch.ones((), device=q.device)
+    selection = spec.estimate(q, k, head.config, sm_scale=ctx.scale)
+    ratio = _sampled_density(spec, selection, q.shape[2], k.shape[2])
+    if ctx.backend == "triton":
+        return spec.run(q, k, v, selection, head.config, sm_scale=ctx.scale), ratio
+    return _masked_attention(q, k, v, ctx.scale, lambda rows: spec.reference_mask(selection, rows)), ratio
+
+
+def _sampled_density(spec: PatternSpec, selection: Any, nq: int, nk: int) -> torch.Tensor:
+    """Kept share of the causal pairs of ``DENSITY_SAMPLE_ROWS`` evenly spaced query rows (0-d tensor)."""
+    device = _selection_device(selection)
+    count = min(DENSITY_SAMPLE_ROWS, nq)
+    rows = torch.linspace(nk - nq, nk - 1, count, device=device).round().long()
+    mask = spec.reference_mask(selection, rows)  # [B|1, H|1, R, Nk]
+    kept = mask.sum(dtype=torch.float32) / (mask.shape[0] * mask.shape[1])
+    return kept / (rows + 1).sum().float()
+
+
+def _selection_device(selection: Any) -> torch.device:
+    """The device of a selection's first tensor (or its ``device`` field); CPU if it has neither."""
+    fields = dataclasses.fields(selection) if dataclasses.is_dataclass(selection) else ()
+    for value in (getattr(selection, f.name) for f in fields):
+        if isinstance(value, torch.Tensor):
+            return value.device
+        if isinstance(value, torch.device):
+            return value
+    return torch.device("cpu")
+
+
+def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+    """Dense bottom-right causal attention without a GQA copy: SDPA (``enable_gqa``) or the dense kernel."""
+    nq, nk = q.shape[2], k.shape[2]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if nq == nk:
+        return sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    if nq == 1:
+        return sdpa(q, k, v, scale=scale, enable_gqa=True)  # the last position sees every key
+    if backend == "triton":
+        from longinfer import ops
+
+        return ops.dense_attention(q, k, v, sm_scale=scale)
+    return _masked_attention(q, k, v, scale, _causal_rows(None))
+
+
+RowsMask = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _causal_rows(window: int | None, key_valid: torch.Tensor | None = None) -> RowsMask:
+    """Mask builder for absolute query positions ``rows [R]``: causal, within ``window``, on valid keys.
+
+    Returns a function ``rows -> bool [B|1, 1, R, Nk']`` (``Nk'`` = last row + 1 or more).
+    """
+
+    def build(rows: torch.Tensor) -> torch.Tensor:
+        keys = torch.arange(int(rows[-1]) + 1, device=rows.device)
+        mask = keys[None, :] <= rows[:, None]
+        if window is not None:
+            mask &= rows[:, None] - keys[None, :] < window
+        mask = mask[None, None]
+        if key_valid is not None:
+            mask = mask & key_valid[:, None, None, : keys.numel()]
+        return mask
+
+    return build
+
+
+def _row_chunks(bsz: int, hq: int, nq: int, nk: int) -> Iterator[tuple[int, int]]:
+    rows = max(1, min(nq, MASKED_SCORE_BUDGET // max(1, bsz * hq * nk)))
+    for start in range(0, nq, rows):
+        yield start, min(start + rows, nq)
+
+
+def _masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    rows_mask: RowsMask,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention restricted to a mask, in float32, over query chunks (the torch path).
+
+    Args:
+        q: ``[B, Hq, Nq, D]``, the last ``Nq`` of ``Nk`` positions; k, v: ``[B, Hkv, Nk, D]``.
+        rows_mask: absolute query positions ``[R]`` -> ``bool [B|1, H|1, R, >= last row + 1]`` with
+            ``H`` in ``{Hq, Hkv}`` (the kernels' reference masks, or :func:`_causal_rows`).
+        softcap: ``tanh`` logit softcapping (Gemma 2): ``scores = softcap * tanh(scores / softcap)``.
+
+    Query heads are viewed as ``[B, Hkv, G, R, D]`` so GQA is never copied. Rows with no key give
+    zeros. Memory: about ``MASKED_SCORE_BUDGET`` float32 scores per step (keys beyond the chunk's
+    last row are skipped).
+    """
+    bsz, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    out = torch.empty_like(q)
+    for start, stop in _row_chunks(bsz, hq, nq, nk):
+        rows = torch.arange(nk - nq + start, nk - nq + stop, device=q.device)
+        width = int(rows[-1]) + 1
+        qc = q[:, :, start:stop].float().reshape(bsz, hkv, group, stop - start, d)
+        kc = k[:, :, None, :width].float()
+        scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # [B, Hkv, G, R, width]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        mask = rows_mask(rows)[..., :width]
+        mask = mask.reshape(mask.shape[0], -1, 1, stop - start, width) if mask.shape[1] in (1, hkv) else \
+            mask.reshape(mask.shape[0], hkv, group, stop - start, width)
+        scores = scores.masked_fill(~mask, -math.inf)
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        result = torch.matmul(probs, v[:, :, None, :width].float())
+        out[:, :, start:stop] = result.reshape(bsz, hq, stop - start, d).to(q.dtype)
+    return out
