@@ -35,7 +35,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CAPTURE_IMPLEMENTATION", "LayerQK", "capture_qk"]
+__all__ = ["CAPTURE_IMPLEMENTATION", "LayerQK", "capture_qk", "capturing"]
 
 CAPTURE_IMPLEMENTATION = "longinfer_capture"
 
@@ -86,6 +86,9 @@ class _CaptureSession:
     def handle(self, layer: int, query: torch.Tensor, key: torch.Tensor, sm_scale: float, masked: bool) -> None:
         rows = None
         if self.query_rows is not None:
+            if int(self.query_rows.max()) >= query.shape[2]:
+                raise ValueError(f"query_rows reach position {int(self.query_rows.max())} but the input has "
+                                 f"{query.shape[2]} positions")
             rows = self.query_rows.to(query.device)
             query = query[:, :, rows]
         captured = LayerQK(layer=layer, q=self._keep(query), k=self._keep(key), sm_scale=sm_scale,
@@ -115,7 +118,7 @@ def _capture_attention(
     if session is None:
         raise RuntimeError(
             f"attention implementation {CAPTURE_IMPLEMENTATION!r} is only usable inside "
-            "longinfer.eval.capture.capture_qk(); set the model back to 'sdpa'"
+            "longinfer.eval.capture.capturing() or capture_qk(); set the model back to 'sdpa'"
         )
     layer = getattr(module, "layer_idx", None)
     if not isinstance(layer, int):
@@ -145,13 +148,72 @@ def _register() -> None:
     AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
+def _check_layers(layers: Iterable[int] | None, num_layers: int | None) -> frozenset[int] | None:
+    if layers is None:
+        return None
+    chosen = frozenset(layers)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in chosen):
+        raise TypeError(f"layers must be ints, got {sorted(chosen, key=str)}")
+    if num_layers is not None and any(not 0 <= i < num_layers for i in chosen):
+        raise ValueError(f"layers {sorted(chosen)} out of range: the model has {num_layers} layers")
+    return chosen
+
+
+def _check_query_rows(query_rows: torch.Tensor | None) -> torch.Tensor | None:
+    if query_rows is None:
+        return None
+    if (not isinstance(query_rows, torch.Tensor) or query_rows.dim() != 1 or query_rows.dtype.is_floating_point
+            or query_rows.dtype == torch.bool):
+        raise TypeError("query_rows must be a 1-D integer tensor of positions")
+    if query_rows.numel() == 0 or int(query_rows.min()) < 0:
+        raise ValueError("query_rows must be non-empty, non-negative positions")
+    return query_rows.long()
+
+
 @contextlib.contextmanager
-def _capture_implementation(model: torch.nn.Module, session: _CaptureSession) -> Iterator[None]:
-    """Switch ``model`` to the capture implementation for the duration; restore it afterwards."""
-    if _ACTIVE.get() is not None:
-        raise RuntimeError("capture_qk() calls cannot be nested")
+def capturing(
+    model: torch.nn.Module,
+    *,
+    layers: Iterable[int] | None = None,
+    on_layer: Callable[[LayerQK], None] | None = None,
+    store_device: torch.device | str | None = None,
+    store_dtype: torch.dtype | None = None,
+    query_rows: torch.Tensor | None = None,
+) -> Iterator[dict[int, LayerQK]]:
+    """Within the block, every forward of ``model`` captures each layer's post-RoPE q and k.
+
+    The model runs dense SDPA attention, exactly as with ``attn_implementation="sdpa"``; its
+    previous implementation is restored on exit (also on error). Use one prefill forward per
+    block without a KV cache (``use_cache=False``); a second forward overwrites stored layers.
+
+    Args:
+        model: a transformers causal LM whose attention goes through ``AttentionInterface``
+            (Llama, Qwen2, ... in transformers 5).
+        layers: layer indices to capture; default all. Other layers run without being copied.
+        on_layer: if given, called with each captured :class:`LayerQK` during the forward (in
+            layer order) and nothing is stored; the tensors are valid only during the call.
+        store_device: where stored tensors go (e.g. ``"cpu"`` to keep GPU memory for the
+            forward); default: where the layer computed them.
+        store_dtype: dtype of the stored tensors; default: the model's compute dtype.
+        query_rows: ``[R]`` absolute positions: keep only these query rows (every key is kept).
+
+    Yields:
+        ``{layer: LayerQK}``, filled by the forward (stays empty when ``on_layer`` is given).
+    """
+    if on_layer is not None and not callable(on_layer):
+        raise TypeError(f"on_layer must be callable, got {type(on_layer).__name__}")
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel (no set_attn_implementation)")
+    if _ACTIVE.get() is not None:
+        raise RuntimeError("capturing() blocks cannot be nested")
+    session = _CaptureSession(
+        layers=_check_layers(layers, getattr(model.config, "num_hidden_layers", None)),
+        on_layer=on_layer,
+        store_device=None if store_device is None else torch.device(store_device),
+        store_dtype=store_dtype,
+        query_rows=_check_query_rows(query_rows),
+        stored={},
+    )
     _register()
     previous = model.config._attn_implementation
     token = _ACTIVE.set(session)
@@ -162,28 +224,10 @@ def _capture_implementation(model: torch.nn.Module, session: _CaptureSession) ->
                 f"{type(model).__name__} does not accept a custom attention implementation "
                 "(it does not use transformers' AttentionInterface)"
             )
-        yield
+        yield session.stored
     finally:
         _ACTIVE.reset(token)
         model.set_attn_implementation(previous)
-
-
-def _check_input_ids(input_ids: torch.Tensor) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError("input_ids must be an int32/int64 torch.Tensor of token ids [B, N]")
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [B, N] with N > 0, got shape {tuple(input_ids.shape)}")
-
-
-def _check_layers(layers: Iterable[int] | None, num_layers: int | None) -> frozenset[int] | None:
-    if layers is None:
-        return None
-    chosen = frozenset(layers)
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in chosen):
-        raise TypeError(f"layers must be ints, got {sorted(chosen, key=str)}")
-    if num_layers is not None and any(not 0 <= i < num_layers for i in chosen):
-        raise ValueError(f"layers {sorted(chosen)} out of range: the model has {num_layers} layers")
-    return chosen
 
 
 def capture_qk(
@@ -199,43 +243,24 @@ def capture_qk(
     """Run one prefill forward of ``input_ids`` and capture each layer's post-RoPE q and k.
 
     Args:
-        model: a transformers causal LM whose attention goes through ``AttentionInterface``
-            (Llama, Qwen2, ... in transformers 5). Its attention implementation is switched for
-            the call and restored afterwards.
+        model: see :func:`capturing`.
         input_ids: ``[B, N]`` token ids on the model's device; no padding (every position is a
             real token, attention is plain causal).
-        layers: layer indices to capture; default all. Other layers run without being copied.
-        on_layer: if given, called with each captured :class:`LayerQK` during the forward (in
-            layer order) and nothing is stored; the tensors are valid only during the call.
-        store_device: where stored tensors go (e.g. ``"cpu"`` to keep GPU memory for the
-            forward); default: where the layer computed them.
-        store_dtype: dtype of the stored tensors; default: the model's compute dtype.
-        query_rows: ``[R]`` absolute positions: keep only these query rows (every key is kept).
+        layers, on_layer, store_device, store_dtype, query_rows: see :func:`capturing`.
 
     Returns:
-        ``{layer: LayerQK}`` for the captured layers (empty when ``on_layer`` is given).
+        ``{layer: LayerQK}`` for the captured layers, by layer (empty when ``on_layer`` is given).
 
-    Memory: see the module docstring. Runs under ``torch.inference_mode``.
+    Memory: see the module docstring; only the last position's logits are computed. Runs under
+    ``torch.inference_mode``.
     """
-    _check_input_ids(input_ids)
-    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if on_layer is not None and not callable(on_layer):
-        raise TypeError(f"on_layer must be callable, got {type(on_layer).__name__}")
-    if query_rows is not None:
-        if query_rows.dim() != 1 or query_rows.dtype.is_floating_point or query_rows.dtype == torch.bool:
-            raise TypeError("query_rows must be a 1-D integer tensor of positions")
-        n = input_ids.shape[1]
-        if query_rows.numel() == 0 or int(query_rows.min()) < 0 or int(query_rows.max()) >= n:
-            raise ValueError(f"query_rows must be non-empty positions in [0, {n})")
-        query_rows = query_rows.long()
-    session = _CaptureSession(
-        layers=_check_layers(layers, num_layers),
-        on_layer=on_layer,
-        store_device=None if store_device is None else torch.device(store_device),
-        store_dtype=store_dtype,
-        query_rows=query_rows,
-        stored={},
-    )
-    with _capture_implementation(model, session), torch.inference_mode():
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError("input_ids must be an int32/int64 torch.Tensor of token ids [B, N]")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [B, N] with N > 0, got shape {tuple(input_ids.shape)}")
+    if query_rows is not None and query_rows.numel() and int(query_rows.max()) >= input_ids.shape[1]:
+        raise ValueError(f"query_rows must be positions in [0, {input_ids.shape[1]})")
+    with capturing(model, layers=layers, on_layer=on_layer, store_device=store_device, store_dtype=store_dtype,
+                   query_rows=query_rows) as stored, torch.inference_mode():
         model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
-    return dict(sorted(session.stored.items()))
+    return dict(sorted(stored.items()))

@@ -232,3 +232,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--out", default=None, help="output folder (default: next to each file)")
     report.add_argument("--baseline", default="dense")
     report.set_defaults(func=_report)
+
+    from .recall import register_recall  # the recall-density frontier, with its own options
+
+    register_recall(tasks)
