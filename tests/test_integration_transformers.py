@@ -1,0 +1,349 @@
+"""longinfer attention inside transformers models: tiny random models of every supported family.
+
+Every test compares against the same model run with a stock transformers implementation (``sdpa``,
+``eager`` for Gemma 2) or against the same model run sequence by sequence. Kernels run in the
+Triton interpreter on CPU, so sequences are short (a few hundred tokens) and models have 1-2 layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from longinfer.integrations import transformers as lt  # noqa: E402
+from longinfer.plans import HeadPlan, LayerPlan, Plan, uniform_plan  # noqa: E402
+
+VOCAB = 128
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=64, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+    pad_token_id=0,
+)
+WINDOW = 64  # sliding windows shorter than the test sequences, so they matter
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(query_pre_attn_scalar=64, sliding_window=WINDOW)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(query_pre_attn_scalar=64, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
+}
+# Every diagonal of any test sequence kept: the mask is the full causal mask, so outputs equal dense.
+NEAR_DENSE_VS = dict(num_vertical=4, num_slash=512, sink=4, local=16, last_q=64)
+NEAR_DENSE_A = dict(sink=0, window=4096)
+SPARSE_VS = dict(num_vertical=8, num_slash=8, sink=4, local=8, last_q=64)
+
+
+def make_model(family: str, **overrides):
+    config_name, model_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config).eval()
+    model.set_attn_implementation(stock_implementation(family))
+    return model
+
+
+def stock_implementation(family: str) -> str:
+    return "eager" if family == "gemma2" else "sdpa"  # transformers refuses sdpa with Gemma 2's softcap
+
+
+def token_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def mixed_plan(config, first: tuple[str, dict], second: tuple[str, dict], *, per_kv_group: bool,
+               dense_below: int = 0) -> Plan:
+    """Heads alternate between two head plans: by KV group (heads 0,1 | 2,3) or within each group."""
+    a, b = HeadPlan.from_params(*first), HeadPlan.from_params(*second)
+    heads = (a, a, b, b) if per_kv_group else (a, b, a, b)
+    layer = LayerPlan(heads=heads, dense_below=dense_below)
+    return Plan(model_id="tiny", num_layers=config.num_hidden_layers, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                layers=(layer,) * config.num_hidden_layers)
+
+
+@contextlib.contextmanager
+def patched(model, plan, **kwargs):
+    lt.patch(model, plan, **kwargs)
+    try:
+        yield
+    finally:
+        lt.unpatch(model)
+
+
+def logits(model, ids, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_near_dense_plan_matches_dense_logits(family):
+    model = make_model(family)
+    ids = token_ids(1, 128)
+    reference = logits(model, ids)
+    plan = mixed_plan(model.config, ("vertical_slash", NEAR_DENSE_VS), ("a_shape", NEAR_DENSE_A), per_kv_group=True)
+    with patched(model, plan):
+        out = logits(model, ids)
+        stats = lt.attention_stats(model)
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-4)
+    assert stats.calls == 2 and stats.density == pytest.approx(1.0)
+    windowed = {"qwen2": 1, "mistral": 2, "gemma2": 2, "gemma3": 1}.get(family, 0)
+    assert stats.window_calls == windowed  # Gemma 2: softcap -> exact dense in both layers
+    assert stats.sparse_calls == 2 - windowed
+    assert model.config._attn_implementation == stock_implementation(family)
+
+
+def test_heads_of_partial_kv_groups_match_dense():
+    model = make_model("qwen3", num_hidden_layers=1)
+    ids = token_ids(1, 128)
+    reference = logits(model, ids)
+    plan = mixed_plan(model.config, ("vertical_slash", NEAR_DENSE_VS), ("a_shape", NEAR_DENSE_A), per_kv_group=False)
+    with patched(model, plan):
+        out = logits(model, ids)
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_head_buckets_keep_gqa_layout():
+    vs, a = HeadPlan.from_params("vertical_slash", {}), HeadPlan.from_params("a_shape", {})
+    # 6 query heads, 2 KV heads (groups 0-2, 3-5); vs takes 2 heads of group 0 and 3 of group 1
+    layer = LayerPlan(heads=(vs, a, vs, vs, vs, vs))
+    buckets = lt.head_buckets(layer, num_kv_heads=2)
+    summary = [(b.head.pattern, b.q_heads, b.kv_heads, b.group_size) for b in buckets]
+    assert summary == [
+        ("vertical_slash", (0, 2), (0,), 2),
+        ("vertical_slash", (3, 4, 5), (1,), 3),
+        ("a_shape", (1,), (0,), 1),
+    ]
+    uniform = lt.head_buckets(LayerPlan(heads=(vs,) * 6), num_kv_heads=2)
+    assert [(b.q_heads, b.kv_heads) for b in uniform] == [((0, 1, 2, 3, 4, 5), (0, 1))]
+
+
+def test_sparse_plan_runs_differs_and_stays_finite():
+    model = make_model("llama")
+    ids = token_ids(1, 192)
+    reference = logits(model, ids)
+    plan = mixed_plan(model.config, ("vertical_slash", SPARSE_VS), ("block_sparse", dict(num_blocks=2)),
+                      per_kv_group=True)
+    with patched(model, plan):
+        out = logits(model, ids)
+        stats = lt.attention_stats(model)
+    assert torch.isfinite(out).all()
+    assert (out - reference).abs().max() > 1e-2
+    assert stats.sparse_calls == 2 and 0.05 < stats.density < 0.9
+    # the first 64 rows lie inside the always-kept sinks/local band/diagonal block: still exact
+    torch.testing.assert_close(out[:, :8], reference[:, :8], atol=2e-5, rtol=1e-4)
+
+
+def test_triton_and_torch_backends_agree():
+    model = make_model("llama", num_hidden_layers=1)
+    ids = token_ids(1, 128)
+    plan = uniform_plan(model.config, "vertical_slash", SPARSE_VS)
+    with patched(model, plan, backend="triton"):
+        triton_out = logits(model, ids)
+    with patched(model, plan, backend="torch"):
+        torch_out = logits(model, ids)
+    torch.testing.assert_close(triton_out, torch_out, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family, side", [("llama", "left"), ("llama", "right"), ("mistral", "left")])
+def test_padded_batch_equals_each_sequence_alone(family, side):
+    model = make_model(family)
+    lengths = (128, 80)
+    plan = uniform_plan(model.config, "vertical_slash", SPARSE_VS)
+    sequences = [token_ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
+    batch = torch.zeros(2, max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for b, seq in enumerate(sequences):
+        where = slice(batch.shape[1] - seq.numel(), None) if side == "left" else slice(0, seq.numel())
+        batch[b, where], mask[b, where] = seq, 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with patched(model, plan):
+        padded = logits(model, batch, attention_mask=mask, position_ids=positions)
+        alone = [logits(model, seq[None]) for seq in sequences]
+    for b, seq in enumerate(sequences):
+        valid = mask[b].bool()
+        torch.testing.assert_close(padded[b, valid], alone[b][0], atol=5e-5, rtol=1e-4)
+
+
+def greedy(model, ids, new_tokens, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                             eos_token_id=None, **kwargs)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_generate_after_sparse_prefill_decodes_dense(family):
+    """generate(): sparse prefill, then dense decode steps. Reference: the same sparse prefill, then
+    decoding with the stock implementation over the same cache."""
+    model = make_model(family)
+    ids = token_ids(1, 128)
+    plan = uniform_plan(model.config, "vertical_slash", SPARSE_VS)
+    with patched(model, plan):
+        generated = greedy(model, ids, 4)
+        stats = lt.attention_stats(model)
+        cache = transformers.DynamicCache(config=model.config)
+        with torch.no_grad():
+            next_logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+    assert stats.sparse_calls + stats.window_calls == 2 and stats.decode_calls == 2 * 3
+    expected = [next_logits.argmax(-1)]
+    with torch.no_grad():
+        for _ in range(3):
+            step = model(expected[-1][:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+            expected.append(step.argmax(-1))
+    assert generated.tolist() == torch.stack(expected, 1).tolist()
+
+
+def test_padded_generate_matches_stock_generate():
+    model = make_model("qwen2")
+    ids = token_ids(2, 128)
+    mask = torch.ones_like(ids)
+    mask[1, :32] = 0  # left padding
+    ids[1, :32] = 0
+    reference = greedy(model, ids, 4, attention_mask=mask)
+    plan = mixed_plan(model.config, ("vertical_slash", NEAR_DENSE_VS), ("a_shape", NEAR_DENSE_A), per_kv_group=True)
+    with patched(model, plan):
+        out = greedy(model, ids, 4, attention_mask=mask)
+    assert out.tolist() == reference.tolist()
+
+
+def run_chunks(model, ids, cut: int) -> torch.Tensor:
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        first = model(ids[:, :cut], past_key_values=cache, use_cache=True).logits
+        second = model(ids[:, cut:], past_key_values=cache, use_cache=True).logits
+    return torch.cat([first, second], 1)
+
+
+def test_chunk_after_cached_prefix_runs_sparse_like_one_shot():
+    """One layer: the chunk's queries, keys and estimation queries equal the one-shot prefill's, so
+    a sparse chunk over cached + new keys must give the one-shot logits for its rows."""
+    model = make_model("llama", num_hidden_layers=1)
+    ids = token_ids(1, 192)
+    plan = uniform_plan(model.config, "vertical_slash", SPARSE_VS)
+    with patched(model, plan):
+        one_shot = logits(model, ids)
+        lt.reset_stats(model)
+        chunked = run_chunks(model, ids, 128)
+        stats = lt.attention_stats(model)
+    assert stats.sparse_calls == 2  # the prefix and the chunk (64 queries over 192 keys)
+    torch.testing.assert_close(chunked[:, 128:], one_shot[:, 128:], atol=2e-5, rtol=1e-4)
+    assert (one_shot - logits(model, ids)).abs().max() > 1e-2  # and the plan is really sparse
+
+
+def test_chunked_prefill_with_near_dense_plan_matches_dense():
+    model = make_model("mistral")  # a sliding-window layer reads the cache's window tail too
+    ids = token_ids(1, 160)
+    reference = logits(model, ids)
+    plan = uniform_plan(model.config, "vertical_slash", NEAR_DENSE_VS)
+    with patched(model, plan):
+        one_shot = logits(model, ids)
+        chunked = run_chunks(model, ids, 96)
+    torch.testing.assert_close(one_shot, reference, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(chunked, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_dense_below_threshold_runs_dense():
+    model = make_model("llama")
+    ids = token_ids(1, 128)
+    plan = uniform_plan(model.config, "vertical_slash", SPARSE_VS, dense_below=129)
+    with patched(model, plan):
+        out = logits(model, ids)
+        stats = lt.attention_stats(model)
+    assert stats.dense_calls == 2 and stats.sparse_calls == 0
+    torch.testing.assert_close(out, logits(model, ids), atol=2e-5, rtol=1e-4)
+
+
+def test_gemma2_without_softcap_runs_sparse():
+    model = make_model("gemma2", attn_logit_softcapping=None)
+    ids = token_ids(1, 128)
+    reference = logits(model, ids)
+    with patched(model, uniform_plan(model.config, "vertical_slash", NEAR_DENSE_VS)):
+        out = logits(model, ids)
+        stats = lt.attention_stats(model)
+    assert stats.sparse_calls == 1 and stats.window_calls == 1  # full layer sparse, sliding layer windowed
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_unpatch_restores_previous_implementation_and_outputs():
+    model = make_model("llama")
+    model.set_attn_implementation("eager")
+    ids = token_ids(1, 96)
+    before = logits(model, ids)
+    plan = lt.patch(model, uniform_plan(model.config, "vertical_slash", SPARSE_VS))
+    assert lt.plan_of(model) is plan and model.config._attn_implementation == "longinfer"
+    assert "_longinfer" not in json.dumps(model.config.to_dict())  # nothing stored in the config
+    lt.unpatch(model)
+    assert model.config._attn_implementation == "eager" and lt.plan_of(model) is None
+    assert not any(hasattr(m, "_longinfer_runtime") for m in model.modules())
+    torch.testing.assert_close(logits(model, ids), before)
+    with pytest.raises(ValueError, match="not patched"):
+        lt.unpatch(model)
+
+
+def test_from_pretrained_with_longinfer_implementation(tmp_path, caplog):
+    model = make_model("llama")
+    model.save_pretrained(tmp_path)
+    ids = token_ids(1, 96)
+    reference = logits(model, ids)
+    lt.register()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="longinfer").eval()
+    with caplog.at_level("INFO", logger="longinfer.integrations.transformers"):
+        out = logits(loaded, ids)  # no plan attached: default plan (dense below 16K keys)
+    assert "default plan" in caplog.text
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-4)
+    lt.patch(loaded, uniform_plan(loaded.config, "vertical_slash", SPARSE_VS))
+    assert lt.attention_stats(loaded).calls == 0
+    lt.unpatch(loaded)
+    assert loaded.config._attn_implementation == "sdpa"
+
+
+def test_plan_from_file_and_errors(tmp_path):
+    model = make_model("llama")
+    path = tmp_path / "plan.json"
+    uniform_plan(model.config, "a_shape", NEAR_DENSE_A).save(path)
+    with patched(model, path):
+        assert lt.plan_of(model).layers[0].heads[0].pattern == "a_shape"
+    other = uniform_plan({"num_layers": 2, "num_q_heads": 8, "num_kv_heads": 2, "head_dim": 64}, "a_shape")
+    with pytest.raises(ValueError, match="num_q_heads: plan has 8, model has 4"):
+        lt.patch(model, other)
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        lt.patch(model, tmp_path / "missing.json")
+    with pytest.raises(TypeError, match="plan must be"):
+        lt.patch(model, {"layers": []})
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lt.patch(model, None, backend="cuda")
+    assert model.config._attn_implementation == "sdpa"  # failed patches change nothing
+
+
+def test_default_plan_is_logged(caplog):
+    model = make_model("llama")
+    with caplog.at_level("INFO", logger="longinfer.integrations.transformers"):
+        plan = lt.patch(model)
+    lt.unpatch(model)
+    assert plan.search["method"] == "default" and "default plan" in caplog.text
+
+
+def test_packed_position_ids_are_refused():
+    model = make_model("llama")
+    ids = token_ids(1, 96)
+    positions = torch.cat([torch.arange(48), torch.arange(48)])[None]
+    with patched(model, uniform_plan(model.config, "a_shape", NEAR_DENSE_A)):
+        with pytest.raises(NotImplementedError, match="packed sequences"):
+            logits(model, ids, position_ids=positions)
+
+
+def test_padding_inside_a_sequence_is_refused():
+    model = make_model("llama")
+    ids = token_ids(2, 96)
+    mask = torch.ones_like(ids)
+    mask[0, 40:50] = 0
+    with patched(model, uniform_plan(model.config, "a_shape", NEAR_DENSE_A)):
+        with pytest.raises(ValueError, match="padding between its tokens"):
+            logits(model, ids, attention_mask=mask)
