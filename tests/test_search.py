@@ -458,6 +458,14 @@ def test_sparse_layer_attention_matches_the_reference():
         mask = spec.reference_mask(spec.estimate(q, k, head.config), rows)
         expected = reference.masked_attention(q[:, h:h + 1], k[:, h // 2:h // 2 + 1], v[:, h // 2:h // 2 + 1], mask)
         torch.testing.assert_close(out[:, h:h + 1], expected, atol=2e-3, rtol=2e-3)
+    # A whole KV group sharing vertical-slash with share_kv_groups: one union index for heads 2, 3.
+    vs = HeadPlan.from_params("vertical_slash", {"num_vertical": 6, "num_slash": 6, "sink": 2, "local": 2,
+                                                 "block_size": 16})
+    out = search.sparse_layer_attention(q, k, v, LayerPlan(heads[:2] + (vs, vs)), share_kv_groups=True)
+    union = get_pattern("vertical_slash").estimate(q[:, 2:], k[:, 1:], vs.config, per_kv_group=True)
+    assert union.vertical.shape[1] == 1
+    expected = reference.masked_attention(q[:, 2:], k[:, 1:], v[:, 1:], union.mask(rows))
+    torch.testing.assert_close(out[:, 2:], expected, atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from longinfer.plans import search
@@ -92,7 +93,16 @@ def _model_revision(name: str) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model, search, write the plan; returns the exit code."""
+    """Run the search; bad settings (candidates, a resume with other settings) print an error and return 1."""
+    try:
+        return _search(args)
+    except (ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def _search(args: argparse.Namespace) -> int:
+    """Load the model, search, write the plan, print its path."""
     import torch
 
     from longinfer.models import zoo

@@ -497,24 +497,6 @@ def choose_candidates(
 # --------------------------------------------------------------------------------------------
 
 
-def _head_group_inputs(q: torch.Tensor, k: torch.Tensor, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """q/k for a subset of query heads: ``(q_sub, k_sub, whole_groups)``.
-
-    When ``ids`` are whole KV groups the matching KV heads are selected (GQA kept); otherwise each
-    query head gets its own copy of its KV head (``Hkv_sub = Hq_sub``).
-    """
-    hq, hkv = q.shape[1], k.shape[1]
-    group = hq // hkv
-    ids_t = torch.tensor(ids, device=q.device)
-    kv_ids = sorted(set(int(i) // group for i in ids))
-    whole = list(ids) == [g * group + j for g in kv_ids for j in range(group)]
-    if len(ids) == hq:
-        return q, k, True
-    if whole:
-        return q[:, ids_t], k[:, torch.tensor(kv_ids, device=k.device)], True
-    return q[:, ids_t], k[:, ids_t // group], False
-
-
 def sparse_layer_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -524,21 +506,30 @@ def sparse_layer_attention(
     sm_scale: float | None = None,
     share_kv_groups: bool = False,
 ) -> torch.Tensor:
-    """One layer's attention under its plan: per group of heads with one plan, estimate then run.
+    """One layer's attention under its plan, as the transformers integration runs it.
+
+    Heads sharing a plan run together (the integration's
+    :func:`~longinfer.integrations.transformers.head_buckets`: gathered per KV head, GQA never
+    expanded), one estimate and one kernel launch per bucket. With ``share_kv_groups`` a bucket of
+    whole KV groups is estimated once per group.
 
     Args:
         q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, N, D]``.
 
-    Returns ``[B, Hq, N, D]``. This is what the crossover is timed on; heads that are not whole KV
-    groups get their KV heads copied (one index per query head).
+    Returns ``[B, Hq, N, D]``. This is what the dense crossover is timed on.
     """
+    from longinfer.integrations.transformers import head_buckets
+
     out = torch.empty_like(q)
-    for head, ids in layer.head_groups():
-        spec = get_pattern(head.pattern)
-        q_sub, k_sub, whole = _head_group_inputs(q, k, ids)
-        _, v_sub, _ = _head_group_inputs(q, v, ids)
-        selection = spec.estimate(q_sub, k_sub, head.config, sm_scale=sm_scale, per_kv_group=share_kv_groups and whole)
-        out[:, list(ids)] = spec.run(q_sub, k_sub, v_sub, selection, head.config, sm_scale=sm_scale)
+    full_group = q.shape[1] // k.shape[1]
+    for bucket in head_buckets(layer, k.shape[1]):
+        spec = get_pattern(bucket.head.pattern)
+        q_idx = torch.tensor(bucket.q_heads, device=q.device)
+        kv_idx = torch.tensor(bucket.kv_heads, device=k.device)
+        q_sub, k_sub, v_sub = q.index_select(1, q_idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx)
+        per_group = share_kv_groups and bucket.group_size == full_group
+        selection = spec.estimate(q_sub, k_sub, bucket.head.config, sm_scale=sm_scale, per_kv_group=per_group)
+        out.index_copy_(1, q_idx, spec.run(q_sub, k_sub, v_sub, selection, bucket.head.config, sm_scale=sm_scale))
     return out
 
 
