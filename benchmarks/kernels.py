@@ -255,10 +255,7 @@ def time_all(n: int, peer) -> dict:
     # Variants the peer cannot have: one index per KV group, two query heads stacked per tile.
     row["vs_group_index_total_ms"] = bench_ms(lambda: vertical_slash_attention(q, k, v, vertical[:, ::4], slash[:, ::4]))
     row["bs_group_index_total_ms"] = bench_ms(lambda: block_sparse_attention(q, k, v, block_index[:, ::4]))
-    shape = _checks.check_qkv(q, k, v)
-    row["dense_bm64x2heads_ms"] = bench_ms(lambda: _launch.launch(q, k, v, shape, D**-0.5, MODE_DENSE, 64, options={"heads_per_tile": 2}))
-    row["a_shape_bm64x2heads_ms"] = bench_ms(lambda: _launch.launch(q, k, v, shape, D**-0.5, MODE_A_SHAPE, 64, sink=A_SINK,
-                                                                    window=A_WINDOW, options={"heads_per_tile": 2}))
+
     if peer is not None:
         seqlens = torch.tensor([n], dtype=torch.int32, device="cuda")
         row["peer_vs_ms"] = bench_ms(lambda: peer.vs(q, k_rep, v_rep, vertical, slash))
@@ -332,13 +329,11 @@ def render_markdown(meta: dict, checks: list[dict], timings: list[dict], sweeps:
                          f"{r['peer_a_shape_ms'] / r['a_shape_ms']:.2f}x | {_fmt(r['peer_bs_with_estimate_ms'])} |")
     if timings:
         lines += ["", "## GQA variants only longinfer has (ms; one index per KV group, 2 query heads stacked per tile)", "",
-                  "| N | VS per-head index | VS group index | block-sparse per-head | block-sparse group index | "
-                  "dense BM128 | dense BM64 x 2 heads | A-shape BM128 | A-shape BM64 x 2 heads |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| N | VS per-head index | VS group index | block-sparse per-head | block-sparse group index |",
+                  "|---|---|---|---|---|"]
         for r in timings:
             lines.append(f"| {r['n']} | {_fmt(r['vs_total_ms'])} | {_fmt(r['vs_group_index_total_ms'])} | {_fmt(r['bs_total_ms'])} | "
-                         f"{_fmt(r['bs_group_index_total_ms'])} | {_fmt(r['dense_ms'])} | {_fmt(r['dense_bm64x2heads_ms'])} | "
-                         f"{_fmt(r['a_shape_ms'])} | {_fmt(r['a_shape_bm64x2heads_ms'])} |")
+                         f"{_fmt(r['bs_group_index_total_ms'])} |")
     lines += ["", "## Useful TFLOP/s", "", "| N | " + " | ".join(timings[0]["tflops"]) + " |",
               "|---|" + "---|" * len(timings[0]["tflops"])] if timings else []
     for r in timings:
@@ -372,18 +367,29 @@ def main() -> int:
         "command": "PEER_SITE=... python " + " ".join(sys.argv) if os.environ.get("PEER_SITE") else "python " + " ".join(sys.argv),
     }
     peer = load_peer()
-    checks = [c for n in map(int, filter(None, args.check_lengths.split(","))) for c in check(n)]
-    sweeps = sweep(args.sweep) if args.sweep else []
-    timings = [time_all(n, peer) for n in map(int, filter(None, args.lengths.split(",")))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = device.replace(" ", "-").replace("/", "-")
-    if not timings and not checks:
-        return 0
-    suffix = "" if timings else "-check"
-    slug += suffix
-    (out / f"kernels-{slug}.json").write_text(json.dumps({"meta": meta, "checks": checks, "sweeps": sweeps, "timings": timings}, indent=1))
-    (out / f"kernels-{slug}.md").write_text(render_markdown(meta, checks, timings, sweeps))
+    checks: list[dict] = []
+    sweeps: list[dict] = []
+    timings: list[dict] = []
+
+    def write(suffix: str) -> None:  # after every step, so a killed run keeps what it measured
+        (out / f"kernels-{slug}{suffix}.json").write_text(
+            json.dumps({"meta": meta, "checks": checks, "sweeps": sweeps, "timings": timings}, indent=1))
+        (out / f"kernels-{slug}{suffix}.md").write_text(render_markdown(meta, checks, timings, sweeps))
+
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    suffix = "" if lengths else "-check"
+    for n in (int(x) for x in args.check_lengths.split(",") if x):
+        checks += check(n)
+        write(suffix)
+    if args.sweep:
+        sweeps += sweep(args.sweep)
+        write(suffix)
+    for n in lengths:
+        timings.append(time_all(n, peer))
+        write(suffix)
     print(render_markdown(meta, checks, timings, sweeps))
     return 0 if all(c["pass"] for c in checks) else 1
 

@@ -17,8 +17,8 @@ set is
    time; a column already inside one of the tile's ranges is masked out so nothing counts twice.
 
 Element masks are applied only on tiles that need them (the diagonal, range ends, the window edge).
-GQA: query head ``h`` reads K/V head ``h // GROUP``; heads are the fastest grid axis, so the query
-heads of one KV group run side by side and share K/V tiles through L2 even when not stacked.
+GQA: query head ``h`` reads K/V head ``h // GROUP``; the grid order (see the kernel) keeps the
+query heads and neighbouring tiles of one KV head together, so K/V tiles are reused through L2.
 
 Positions: queries are the last ``q_len`` of ``k_len`` positions (bottom-right causal alignment).
 Packed sequences (``VARLEN``) take their offsets from ``cu_seqlens_q/k``.
@@ -95,14 +95,18 @@ def _sparse_attention_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # Axis 0 = (batch, group of HEADS_PER_TILE query heads), the fastest axis: the query heads of
-    # one KV group run side by side and share K/V tiles through L2. With HEADS_PER_TILE > 1 the
-    # heads (which then share one index) are stacked into one tile and share every K/V load.
-    head_linear = tl.program_id(0)
-    tile = num_tiles - 1 - tl.program_id(1)  # longest (latest) tiles first, for load balance
-    heads_per_batch = num_q_heads // HEADS_PER_TILE
-    b = head_linear // heads_per_batch
-    h = (head_linear % heads_per_batch) * HEADS_PER_TILE  # first query head of the tile
+    # One flat grid, ordered (batch, KV head, query tile from the last, query heads of the group).
+    # Programs running at the same time then work on one KV head and neighbouring tiles, so its
+    # K/V stays in L2 (the whole K/V of a long sequence does not fit there), and the query heads
+    # of the group (stacked HEADS_PER_TILE to a tile when they share an index) reuse each K/V tile.
+    # Long (late) tiles go first for causal load balance.
+    pid = tl.program_id(0)
+    head_tiles_per_group = GROUP // HEADS_PER_TILE
+    head_tile = pid % head_tiles_per_group
+    tile = num_tiles - 1 - (pid // head_tiles_per_group) % num_tiles
+    batch_kv = pid // (head_tiles_per_group * num_tiles)
+    b = batch_kv // (num_q_heads // GROUP)
+    h = (batch_kv % (num_q_heads // GROUP)) * GROUP + head_tile * HEADS_PER_TILE  # first query head of the tile
     kvh = h // GROUP
     idx_h = h // INDEX_HEAD_DIV
 
@@ -220,7 +224,8 @@ def _tuning_configs() -> list[triton.Config]:
     """Key-tile sizes, warps and stages the autotuner tries on the GPU (once per shape bucket)."""
     return [
         triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-        for bn, w, st in ((64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 2))
+        # The best three of a sweep of five on an H100 (benchmarks/results/kernels-*-check.md).
+        for bn, w, st in ((64, 4, 3), (128, 4, 3), (64, 4, 2))
     ]
 
 

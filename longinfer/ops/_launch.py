@@ -90,7 +90,7 @@ def launch(
     heads_per_tile = opts.pop("heads_per_tile", None) or _heads_per_tile(shape, block_m, index_head_div)
     if index_head_div % heads_per_tile or shape.group_size % heads_per_tile:
         raise ValueError(f"heads_per_tile={heads_per_tile} must divide the heads sharing an index ({index_head_div})")
-    grid = (shape.batch * shape.q_heads // heads_per_tile, num_tiles)
+    grid = (shape.batch * shape.q_heads // heads_per_tile * num_tiles,)
     kernel = _sparse_attention_fwd if "BLOCK_N" in opts else sparse_attention_fwd_tuned
     kernel[grid](
         q, k, v, out,
