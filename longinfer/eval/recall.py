@@ -417,6 +417,16 @@ def _check_resumable(existing: Iterable[Mapping[str, Any]], methods: Sequence[Me
             )
 
 
+def _pending_oracles(oracles: Sequence[OracleMethod], done: set[tuple[str, str]], case_id: str) -> list[OracleMethod]:
+    """The oracles of one layer restricted to the densities not yet recorded."""
+    pending = []
+    for oracle in oracles:
+        missing = tuple(d for d in oracle.densities if (oracle.name_at(d), case_id) not in done)
+        if missing:
+            pending.append(dataclasses.replace(oracle, densities=missing))
+    return pending
+
+
 def run_frontier(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -459,9 +469,7 @@ def run_frontier(
     _check_resumable(existing, methods, run)
     done = {(r["method"], r["case_id"]) for r in existing if run.owns(r)}
     todo = {layer: [m for m in methods if (m.name, run.case_id(layer)) not in done] for layer in chosen}
-    oracles_todo = {
-        layer: [o for o in oracles if any((n, run.case_id(layer)) not in done for n in o.names)] for layer in chosen
-    }
+    oracles_todo = {layer: _pending_oracles(oracles, done, run.case_id(layer)) for layer in chosen}
     common = {**environment_info(input_ids.device), **(extra or {})}
     job = _LayerJob(run, store, {l: m for l, m in todo.items() if m},
                     {l: o for l, o in oracles_todo.items() if o}, common)
