@@ -81,7 +81,7 @@ def _by_method_layer(path: Path) -> dict[tuple[str, int], dict]:
 def test_end_to_end_values_and_files(tmp_path, model, input_ids):
     jsonl = _run(model, input_ids, tmp_path)
     records = _by_method_layer(jsonl)
-    names = ["vs-small", "vs-cov", "bs-4", "everything", "oracle-key@5%", "oracle-key@10%", "oracle-block@10%"]
+    names = ["vs-small", "vs-cov", "bs-4", "everything", "oracle-key@5%", "oracle-key@10%", "oracle-block16@10%"]
     assert sorted(records) == sorted((m, layer) for m in names for layer in (0, 1))
     for layer in (0, 1):
         full = records[("everything", layer)]
@@ -112,6 +112,7 @@ def test_end_to_end_values_and_files(tmp_path, model, input_ids):
     assert (tmp_path / "recall_frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = report.read_text()
     assert "| oracle-key@10% |" in text and "| vs-small |" in text and "oracle-key@5%" in text
+    assert "- `vs-cov`: vertical_slash(block_size=16, budget=coverage, " in text and "union per KV group" in text
     summary = {m["name"]: m for m in json.loads((tmp_path / "recall_summary.json").read_text())["methods"]}
     heads = list(csv.DictReader(open(tmp_path / "recall_heads.csv")))
     vs_heads = [float(h["recall"]) for h in heads if h["method"] == "vs-small"]
@@ -165,6 +166,12 @@ def test_plan_scores_each_head_with_its_own_pattern(tmp_path, model, input_ids):
     assert mixed == pytest.approx([vs[0], a[1], a[2], vs[3]], abs=1e-6)
     assert got[("mixed", 1)]["head_recall"] == pytest.approx([1.0] * 4, abs=1e-5)  # runs dense at this length
     assert got[("mixed", 1)]["head_density"] == pytest.approx([1.0] * 4)
+
+    edited = Plan(model_id="tiny", num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8, layers=layers[::-1])
+    edited.save(tmp_path / "plan.json")  # same file name, different plan: not the same method any more
+    with pytest.raises(ValueError, match="different definition"):
+        run_frontier(model, input_ids, FrontierRun("tiny", N, ROWS),
+                     resolve_methods([parse_method_spec(f"mixed=plan:{tmp_path / 'plan.json'}")], model.config), tmp_path)
 
 
 def test_parse_method_spec():

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -129,7 +130,10 @@ class PlanMethod:
     note: str = ""
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "plan", "plan": self.source}
+        """The plan's source and a digest of its layers (a changed file is a different method)."""
+        layers = None if self.plan is None else [layer.to_dict() for layer in self.plan.layers]
+        digest = hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
+        return {"kind": "plan", "plan": self.source, "plan_digest": digest}
 
     def index(self, q: torch.Tensor, k: torch.Tensor, *, layer: int, sm_scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
         """A callable ``rows -> mask [B, Hq, R, N]`` combining the layer's head groups.
@@ -173,7 +177,8 @@ class OracleMethod:
     block_size: int = 64
 
     def name_at(self, density: float) -> str:
-        return f"oracle-{self.granularity}@{density * 100:g}%"
+        size = f"{self.block_size}" if self.granularity == "block" and self.block_size != 64 else ""
+        return f"oracle-{self.granularity}{size}@{density * 100:g}%"
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -200,7 +205,7 @@ def _builtin_methods() -> dict[str, EstimatorMethod]:
         EstimatorMethod("vs-1000-6096-lq256", vs(num_vertical=1000, num_slash=6096, last_q=256)),
         EstimatorMethod("vs-cov0.9-lq256", coverage_90, note="columns+diagonals ranked together, caps 4096/8192"),
         EstimatorMethod("vs-cov0.95-lq256", vs(**_COVERAGE_CAPS, last_q=256, budget="coverage", tau=0.95),
-                        note="the current default plan's config"),
+                        note="as vs-cov0.9-lq256 with tau 0.95"),
         EstimatorMethod("bs-top100", BlockSparseConfig(num_blocks=100), note="MInference's block-sparse budget"),
         EstimatorMethod("bs-cov0.9", BlockSparseConfig(num_blocks=512, budget="coverage", tau=0.9)),
         EstimatorMethod("peer-vs-1000-6096-lq64-kv", peer, per_kv_group=True, note="union over each KV group"),
@@ -630,8 +635,23 @@ def _markdown(run: FrontierRun, records: Sequence[Mapping[str, Any]], summaries:
     lines.append(markdown_table(["method", *map(str, all_layers)],
                                 [[s.name, *(_fmt(s.layer_recall.get(layer, math.nan), 2) for layer in all_layers)]
                                  for s in layer_methods]))
-    lines += ["", *[f"![{p.stem}]({p.name})" for p in figures], ""]
+    lines += ["", "## Methods", "", *_method_lines(records), "", *[f"![{p.stem}]({p.name})" for p in figures], ""]
     return "\n".join(lines)
+
+
+def _method_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per estimator / plan: its pattern and the parameters that differ from the defaults."""
+    lines = []
+    for name, record in {r["method"]: r for r in records}.items():
+        if record.get("kind") == "estimator":
+            defaults = config_to_params(get_pattern(record["pattern"]).config_cls())
+            changed = {k: v for k, v in record["params"].items() if defaults.get(k) != v}
+            union = ", union per KV group" if record.get("per_kv_group") else ""
+            text = ", ".join(f"{k}={v}" for k, v in changed.items()) or "defaults"
+            lines.append(f"- `{name}`: {record['pattern']}({text}){union}")
+        elif record.get("kind") == "plan":
+            lines.append(f"- `{name}`: plan {record['plan']} (layers digest {record.get('plan_digest')})")
+    return lines
 
 
 def _frontier_figure(summaries: Sequence[MethodSummary], title: str, path: Path) -> Path:
