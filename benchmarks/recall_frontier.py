@@ -28,10 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import torch  # noqa: E402
+import torch
 
-from longinfer.eval import recall  # noqa: E402
-from longinfer.eval.report import markdown_table  # noqa: E402
+from longinfer.eval import recall
+from longinfer.eval.report import markdown_table
 
 PROGRAM = "python3 benchmarks/recall_frontier.py"
 GIB = 1024**3

@@ -88,9 +88,8 @@ def test_errors_restore_the_model(model, input_ids):
         capture_qk(model, input_ids, query_rows=torch.tensor([150]))
     with pytest.raises(TypeError, match="input_ids"):
         capture_qk(model, input_ids.float())
-    with pytest.raises(RuntimeError, match="nested"):
-        with capturing(model), capturing(model):
-            pass
+    with pytest.raises(RuntimeError, match="nested"), capturing(model), capturing(model):
+        pass
     assert model.config._attn_implementation == "sdpa"
 
 
@@ -99,6 +98,5 @@ def test_capture_function_is_inert_outside_a_session(model, input_ids):
     capture_qk(model, input_ids, layers=[0])
     other = make_tiny_llama(VOCAB, seed=4)
     other.set_attn_implementation(CAPTURE_IMPLEMENTATION)
-    with pytest.raises(RuntimeError, match="only usable inside"):
-        with torch.no_grad():
-            other(input_ids=input_ids, use_cache=False)
+    with pytest.raises(RuntimeError, match="only usable inside"), torch.no_grad():
+        other(input_ids=input_ids, use_cache=False)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import longinfer.models.zoo as zoo
 from longinfer.cli import main as cli_main
 from longinfer.eval import recall as frontier
 from longinfer.eval.capture import capture_qk
@@ -26,6 +25,7 @@ from longinfer.eval.recall import (
     summarize,
 )
 from longinfer.eval.results import ResultStore
+from longinfer.models import zoo
 from longinfer.patterns import AShapeConfig, BlockSparseConfig, VerticalSlashConfig, attention_recall, sample_rows
 from longinfer.plans.schema import HeadPlan, LayerPlan, Plan
 from tests.test_eval_fixtures import corpus_text, make_tiny_llama, make_tokenizer
@@ -114,7 +114,8 @@ def test_end_to_end_values_and_files(tmp_path, model, input_ids):
     assert "| oracle-key@10% |" in text and "| vs-small |" in text and "oracle-key@5%" in text
     assert "- `vs-cov`: vertical_slash(block_size=16, budget=coverage, " in text and "union per KV group" in text
     summary = {m["name"]: m for m in json.loads((tmp_path / "recall_summary.json").read_text())["methods"]}
-    heads = list(csv.DictReader(open(tmp_path / "recall_heads.csv")))
+    with open(tmp_path / "recall_heads.csv") as handle:
+        heads = list(csv.DictReader(handle))
     vs_heads = [float(h["recall"]) for h in heads if h["method"] == "vs-small"]
     assert len(vs_heads) == 8
     assert summary["vs-small"]["mean_recall"] == pytest.approx(sum(vs_heads) / 8)

@@ -145,7 +145,7 @@ class PlanMethod:
         if self.plan is None:
             raise ValueError(f"plan method {self.name!r} was not resolved; call resolve_methods() first")
         layer_plan = self.plan.layers[layer]
-        bsz, hq, n, _ = q.shape
+        bsz, hq = q.shape[:2]
         if layer_plan.runs_dense(k.shape[2]):
             return lambda rows: torch.ones(1, 1, rows.numel(), k.shape[2], dtype=torch.bool, device=q.device)
         group = hq // k.shape[1]
@@ -613,16 +613,16 @@ def _markdown(run: FrontierRun, records: Sequence[Mapping[str, Any]], summaries:
         "",
         f"- text: {run.text} (seed {run.seed}); {run.num_rows} query rows per head sampled across the sequence"
         + (f"; YaRN x{run.yarn:g}" if run.yarn else ""),
-        f"- shape: {first.get('num_q_heads')} query / {first.get('num_kv_heads')} KV heads, head_dim "
-        f"{first.get('head_dim')}; layers measured: {max(s.layers for s in summaries)}",
+        (f"- shape: {first.get('num_q_heads')} query / {first.get('num_kv_heads')} KV heads, head_dim "
+         f"{first.get('head_dim')}; layers measured: {max(s.layers for s in summaries)}"),
         f"- device: {first.get('device', '?')}; dates: {dates[0] if dates else '?'} to {dates[-1] if dates else '?'}",
         f"- versions: {versions}",
         *[f"- command: `{c}`" for c in commands],
         "",
-        "Recall = share of a head's true attention mass (softmax over all causal keys) the index keeps, "
-        "averaged over the sampled rows; mean / p10 / min across every head of every layer. Density = kept "
-        "keys / causal keys. Estimate time: median per layer, all heads at once (Python estimator, "
-        "synchronized).",
+        ("Recall = share of a head's true attention mass (softmax over all causal keys) the index keeps, "
+         "averaged over the sampled rows; mean / p10 / min across every head of every layer. Density = kept "
+         "keys / causal keys. Estimate time: median per layer, all heads at once (Python estimator, "
+         "synchronized)."),
         "",
         markdown_table(["method", "recall mean / p10 / min", "density", "estimate ms", "note"],
                        summary_table(summaries)),
@@ -783,7 +783,8 @@ def estimate_memory(config: Any, length: int, *, dtype_bytes: int = 2,
     Returns:
         ``{"weights", "forward", "layer_qk", "estimators", "recall", "oracle", "total"}``.
     """
-    from longinfer.patterns import block_sparse, recall as recall_module, vertical_slash
+    from longinfer.patterns import block_sparse, vertical_slash
+    from longinfer.patterns import recall as recall_module
 
     hidden = int(config.hidden_size)
     inter = int(config.intermediate_size)

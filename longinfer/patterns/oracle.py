@@ -34,7 +34,7 @@ from longinfer.patterns.recall import (
     causal_logsumexp,
 )
 
-__all__ = ["GRANULARITIES", "oracle_counts", "oracle_recall", "oracle_mask"]
+__all__ = ["GRANULARITIES", "oracle_counts", "oracle_mask", "oracle_recall"]
 
 GRANULARITIES = ("key", "block")
 _ROUNDING_SLACK = 1e-9  # keeps ceil(0.1 * 30) at 3 despite 0.1 * 30 = 3.0000000000000004
