@@ -726,7 +726,32 @@ def _run_bucket(head: HeadPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     ratio = _sampled_density(spec, selection, q.shape[2], k.shape[2])
     if ctx.backend == "triton":
         return spec.run(q, k, v, selection, head.config, sm_scale=ctx.scale), ratio
-    return _masked_attention(q, k, v, ctx.scale, lambda rows: spec.reference_mask(selection, rows)), ratio
+    return _masked_attention(q, k, v, ctx.scale, _selection_rows(spec, selection)), ratio
+
+
+def _selection_rows(spec: PatternSpec, selection: Any) -> RowsMask:
+    """Mask builder of a selection for the torch path.
+
+    Vertical-slash and block-sparse masks are the same for every row of a ``block_size`` query
+    tile apart from causality (see :mod:`longinfer.ops.reference`), so they are built once per
+    tile (at its last row) and repeated over its rows: ``block_size`` times less index work.
+    """
+    from longinfer.patterns.block_sparse import BlockSparseSelection
+    from longinfer.patterns.vertical_slash import VerticalSlashSelection
+
+    if not isinstance(selection, (VerticalSlashSelection, BlockSparseSelection)):
+        return lambda rows: spec.reference_mask(selection, rows)
+    tile = selection.block_size
+
+    def build(rows: torch.Tensor) -> torch.Tensor:
+        first = int(rows[0]) // tile
+        tiles = torch.arange(first, int(rows[-1]) // tile + 1, device=rows.device)
+        last_rows = (tiles * tile + tile - 1).clamp(max=selection.k_len - 1)
+        per_tile = spec.reference_mask(selection, last_rows)  # [B, H, T, Nk]
+        keys = torch.arange(per_tile.shape[-1], device=rows.device)
+        return per_tile[:, :, rows // tile - first] & (keys[None, :] <= rows[:, None])
+
+    return build
 
 
 def _sampled_density(spec: PatternSpec, selection: Any, nq: int, nk: int) -> torch.Tensor:
@@ -801,35 +826,50 @@ def _masked_attention(
     rows_mask: RowsMask,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention restricted to a mask, in float32, over query chunks (the torch path).
+    """Attention restricted to a mask, over query chunks (the torch path).
 
     Args:
         q: ``[B, Hq, Nq, D]``, the last ``Nq`` of ``Nk`` positions; k, v: ``[B, Hkv, Nk, D]``.
         rows_mask: absolute query positions ``[R]`` -> ``bool [B|1, H|1, R, >= last row + 1]`` with
             ``H`` in ``{Hq, Hkv}`` (the kernels' reference masks, or :func:`_causal_rows`).
-        softcap: ``tanh`` logit softcapping (Gemma 2): ``scores = softcap * tanh(scores / softcap)``.
+        softcap: ``tanh`` logit softcapping (Gemma 2): ``scores = softcap * tanh(scores / softcap)``,
+            computed in float32 with query heads viewed as ``[B, Hkv, G, R, D]``; without it, torch
+            SDPA with ``enable_gqa``. GQA is never copied (a per-KV-group mask is repeated per query head).
 
-    Query heads are viewed as ``[B, Hkv, G, R, D]`` so GQA is never copied. Rows with no key give
-    zeros. Memory: about ``MASKED_SCORE_BUDGET`` float32 scores per step (keys beyond the chunk's
-    last row are skipped).
+    Rows with no key give zeros. Memory: about ``MASKED_SCORE_BUDGET`` scores (and mask bytes) per
+    step; keys beyond a chunk's last row are skipped.
     """
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    group = hq // hkv
     out = torch.empty_like(q)
     for start, stop in _row_chunks(bsz, hq, nq, nk):
         rows = torch.arange(nk - nq + start, nk - nq + stop, device=q.device)
         width = int(rows[-1]) + 1
-        qc = q[:, :, start:stop].float().reshape(bsz, hkv, group, stop - start, d)
-        kc = k[:, :, None, :width].float()
-        scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # [B, Hkv, G, R, width]
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
         mask = rows_mask(rows)[..., :width]
-        mask = mask.reshape(mask.shape[0], -1, 1, stop - start, width) if mask.shape[1] in (1, hkv) else \
-            mask.reshape(mask.shape[0], hkv, group, stop - start, width)
-        scores = scores.masked_fill(~mask, -math.inf)
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-        result = torch.matmul(probs, v[:, :, None, :width].float())
-        out[:, :, start:stop] = result.reshape(bsz, hq, stop - start, d).to(q.dtype)
+        if mask.shape[1] not in (1, hq):
+            mask = mask.repeat_interleave(hq // mask.shape[1], dim=1)
+        if softcap is None:
+            chunk = torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, start:stop], k[:, :, :width], v[:, :, :width], attn_mask=mask, scale=scale, enable_gqa=True
+            )
+        else:
+            chunk = _softcapped_chunk(q[:, :, start:stop], k[:, :, :width], v[:, :, :width], scale, mask, softcap)
+        out[:, :, start:stop] = chunk.nan_to_num(0.0)  # rows whose mask is empty
     return out
+
+
+def _softcapped_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor,
+                      softcap: float) -> torch.Tensor:
+    """Eager attention with logit softcapping in float32: q ``[B, Hq, R, D]``, k/v ``[B, Hkv, W, D]``,
+    mask ``bool [B|1, Hq|1, R, W]``; query heads viewed per KV group (no GQA copy)."""
+    bsz, hq, rows, d = q.shape
+    hkv, width = k.shape[1], k.shape[2]
+    group = hq // hkv
+    scores = torch.matmul(q.float().reshape(bsz, hkv, group * rows, d), k.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.reshape(bsz, hkv, group, rows, width)
+    mask = mask.reshape(mask.shape[0], -1, 1, rows, width) if mask.shape[1] == 1 else \
+        mask.reshape(mask.shape[0], hkv, group, rows, width)
+    probs = torch.softmax(scores.masked_fill(~mask, -math.inf), dim=-1).nan_to_num(0.0)
+    out = torch.matmul(probs.reshape(bsz, hkv, group * rows, width), v.float())
+    return out.reshape(bsz, hq, rows, d).to(q.dtype)
