@@ -107,7 +107,7 @@ def test_end_to_end_values_and_files(tmp_path, model, input_ids):
 
     report = render_frontier_report(jsonl)[0]
     for name in ("recall.md", "recall_summary.csv", "recall_summary.json", "recall_heads.csv",
-                 "recall_frontier.png", "recall_layers.png"):
+                 "recall_frontier.png", "recall_layers.png", "recall_heads.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "recall_frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = report.read_text()

@@ -711,6 +711,38 @@ def _layer_figure(summaries: Sequence[MethodSummary], title: str, path: Path) ->
     return path
 
 
+HEATMAP_METHODS = 4  # per-head heatmaps drawn: every plan first, then the first estimators
+
+
+def _heads_figure(records: Sequence[Mapping[str, Any]], title: str, path: Path) -> Path | None:
+    """Recall of every (layer, head) as heatmaps, for plans and the first estimators; ``None`` if none."""
+    from matplotlib.figure import Figure
+
+    by_method: dict[str, dict[int, list[float]]] = {}
+    kinds: dict[str, str] = {}
+    for record in records:
+        if record.get("kind") in ("plan", "estimator"):
+            by_method.setdefault(record["method"], {})[record["layer"]] = record["head_recall"]
+            kinds[record["method"]] = record["kind"]
+    chosen = sorted(by_method, key=lambda name: kinds[name] != "plan")[:HEATMAP_METHODS]
+    if not chosen:
+        return None
+    fig = Figure(figsize=(4.2 * len(chosen), 5.5))
+    for i, name in enumerate(chosen):
+        ax = fig.add_subplot(1, len(chosen), i + 1)
+        layers = sorted(by_method[name])
+        image = ax.imshow([by_method[name][layer] for layer in layers], cmap="RdYlGn", vmin=0.0, vmax=1.0,
+                          aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6)
+        ax.set_xlabel("query head")
+        ax.set_ylabel("layer")
+        ax.set_title(name, fontsize=9)
+    fig.colorbar(image, ax=fig.axes, shrink=0.8, label="recall")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -724,6 +756,8 @@ def _render_run(run: FrontierRun, records: Sequence[Mapping[str, Any]], out: Pat
     title = f"{run.model}, {run.length} tokens, {run.text}, {run.num_rows} rows/head"
     figures = [_frontier_figure(summaries, title, out / "recall_frontier.png"),
                _layer_figure(summaries, title, out / "recall_layers.png")]
+    heads_png = _heads_figure(records, title, out / "recall_heads.png")
+    figures += [heads_png] if heads_png is not None else []
     _write_csv(out / "recall_summary.csv", list(summaries[0].row()), [list(s.row().values()) for s in summaries])
     _write_csv(out / "recall_heads.csv", ["method", "layer", "head", "recall", "density"],
                ([r["method"], r["layer"], h, rec, den] for r in records
