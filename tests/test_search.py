@@ -13,8 +13,7 @@ import torch
 from longinfer.ops import reference
 from longinfer.patterns import get_pattern
 from longinfer.patterns.recall import sample_rows
-from longinfer.plans import HeadPlan, LayerPlan, Plan
-from longinfer.plans import search
+from longinfer.plans import HeadPlan, LayerPlan, Plan, search
 from longinfer.plans.calibration import kv_retrieval_prompt
 from tests.test_eval_fixtures import corpus_text, make_tokenizer
 
@@ -223,7 +222,7 @@ def test_search_finds_the_planted_patterns():
     assert scores.recall.shape == scores.cost.shape == (3, 2)
     assert (scores.cost < 0.3).all()  # comparable kernel cost
     assert scores.recall[:, 0].min() > 0.99  # every candidate keeps the A-shape head ...
-    assert scores.recall[0, 1] < 0.3 < 0.8 < scores.recall[1, 1]  # ... only vertical-slash the other
+    assert scores.recall[0, 1] < 0.3 and scores.recall[1, 1] > 0.8  # ... only vertical-slash the other
     assert search.choose_candidates(scores, 0.3) == [0, 1]  # a_shape (cheapest of the tie), vertical_slash
 
 
@@ -248,8 +247,12 @@ def test_default_candidates_are_valid_at_any_length():
         candidates = search.default_candidates(length, 0.1)
         assert len(set(candidates)) == len(candidates) >= 5
         assert {c.pattern for c in candidates} >= {"a_shape", "vertical_slash", "block_sparse", "triangle"}
-    widest = next(c.config for c in search.default_candidates(32768, 0.1) if c.pattern == "a_shape")
-    assert widest.sink + widest.window == int(0.1 * 32768 / 2)  # the budget's keys per query
+    for length in (8192, 32768):
+        widest = next(c.config for c in search.default_candidates(length, 0.1) if c.pattern == "a_shape")
+        dense = search.dense_pairs(length, length)
+        # the widest window the cost model allows within the budget (tile rounding included)
+        assert search.a_shape_pairs(length, length, widest.sink, widest.window) <= 0.1 * dense
+        assert search.a_shape_pairs(length, length, widest.sink, widest.window + 1) > 0.1 * dense
     with pytest.raises(ValueError, match="cost_budget"):
         search.default_candidates(1000, 0.0)
 
@@ -329,13 +332,13 @@ def tiny_setup():
 
 def _run(tiny_setup, out, **kwargs):
     tok, model, calibration, candidates = tiny_setup
-    options = dict(calibration=calibration, candidates=candidates, cost_budget=0.6, num_rows=24, progress=False)
-    options.update(kwargs)
+    options = {"calibration": calibration, "candidates": candidates, "cost_budget": 0.6, "num_rows": 24,
+               "progress": False, **kwargs}
     return search.search_plan(model, tok, out=out, **options)
 
 
 def test_search_writes_a_valid_plan(tiny_setup, tmp_path):
-    tok, model, calibration, candidates = tiny_setup
+    _, model, calibration, candidates = tiny_setup
     out = tmp_path / "plan.json"
     plan = _run(tiny_setup, out, model_id="tiny-llama")
     loaded = Plan.load(out)

@@ -137,3 +137,25 @@ def test_triangle_mix_errors():
         triangle_mix_plan(SHAPE, dynamic=other)
     with pytest.raises(ValueError, match="window"):
         triangle_mix_plan(SHAPE, window=-1)
+
+
+def test_triangle_mix_plan_runs_through_the_integration():
+    """A patched model runs the plan: with the last queries covering the whole prompt the triangle
+    layers are exact (logits equal dense); with a short tail they are not."""
+    from longinfer.integrations.transformers import patch, unpatch
+    from tests.test_search import tiny_llama
+
+    model = tiny_llama(300)
+    ids = torch.randint(0, 300, (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    outputs = []
+    for last_q in (200, 16):
+        patch(model, triangle_mix_plan(model.config, dense_layers=1, sink=4, window=32, last_q=last_q, dense_below=0))
+        try:
+            with torch.no_grad():
+                outputs.append(model(input_ids=ids).logits)
+        finally:
+            unpatch(model)
+    torch.testing.assert_close(outputs[0], dense, atol=1e-4, rtol=1e-4)
+    assert (outputs[1] - dense).abs().max() > 1e-2

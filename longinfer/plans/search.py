@@ -54,13 +54,12 @@ from typing import Any
 
 import torch
 
-from longinfer.patterns import triangle as _triangle  # noqa: F401  (registers the "triangle" pattern)
 from longinfer.patterns.a_shape import AShapeSelection
 from longinfer.patterns.block_sparse import BlockSparseSelection
 from longinfer.patterns.dense import DenseSelection
 from longinfer.patterns.recall import attention_recall, causal_logsumexp, sample_rows
 from longinfer.patterns.registry import config_to_params, get_pattern
-from longinfer.patterns.triangle import TriangleSelection
+from longinfer.patterns.triangle import TriangleSelection  # importing it registers the "triangle" pattern
 from longinfer.patterns.vertical_slash import VerticalSlashSelection
 from longinfer.plans.calibration import CalibrationPrompt, kv_retrieval_prompt
 from longinfer.plans.schema import DEFAULT_DENSE_BELOW, HeadPlan, LayerPlan, Plan, model_shape
@@ -74,6 +73,7 @@ DEFAULT_LENGTH = 32768
 CROSSOVER_LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536, 131072)
 CROSSOVER_EXTRAPOLATION = 4  # a crossover is extrapolated at most this many times past the longest length
 CAPTURE_ATTENTION = "longinfer_capture"
+MIN_USEFUL_WINDOW = 64  # a default A-shape candidate with a narrower window is left out
 
 # Kernel tiles of the cost model (see longinfer.ops._kernel): key tiles of COST_BLOCK_N (the
 # smallest the GPU autotuner tries); query tiles of 128 for dense and A-shape, block_size otherwise.
@@ -218,37 +218,68 @@ def relative_cost(head: HeadPlan, selection: Any, q_len: int, q_heads: int) -> t
 # --------------------------------------------------------------------------------------------
 
 
-def default_candidates(length: int, cost_budget: float = DEFAULT_COST_BUDGET, *, block_size: int = 64) -> tuple[HeadPlan, ...]:
-    """Candidates sized for ``length`` tokens around ``cost_budget``.
+def _widest_window(length: int, sink: int, cost_budget: float, last_q: int = 0) -> int:
+    """The largest A-shape (``last_q = 0``) or triangle window whose kernel cost at ``length`` stays
+    within ``cost_budget`` (at least 1): a binary search over the exact cost model."""
+    dense = dense_pairs(length, length)
 
-    With ``K = cost_budget * length / 2`` keys per query (the budget's share of a causal row on
-    average): A-shape with windows ``K`` and ``K / 2``; the triangle with window ``K``; fixed
-    vertical-slash with ``K/4`` or ``K/2`` columns and ``K/64`` or ``K/16`` slashes beyond the local
-    band; coverage vertical-slash (tau 0.9 and 0.95, last 256 queries) capped at ``K/2`` columns;
-    block-sparse with ``K`` or ``K/2`` keys of blocks, and a coverage variant capped at ``K``. The
-    measured cost decides which of them fit the budget.
+    def cost(window: int) -> float:
+        tail = min(last_q, length)
+        pairs = a_shape_pairs(length - tail, length - tail, sink, window) if tail < length else 0
+        return (pairs + (dense_pairs(tail, length) if tail else 0)) / dense
+
+    lo, hi = 1, length
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= cost_budget else (lo, mid - 1)
+    return lo
+
+
+def default_candidates(length: int, cost_budget: float = DEFAULT_COST_BUDGET, *, block_size: int = 64) -> tuple[HeadPlan, ...]:
+    """Candidates of comparable kernel cost, sized for ``length`` tokens and ``cost_budget``.
+
+    With ``K = cost_budget * length / 2`` keys per query (the budget's share of an average causal
+    row):
+
+    - A-shape (sink ``min(128, K/8)``): the widest window within the budget (by the cost model,
+      tile rounding included) and the widest within half of it (if at least
+      :data:`MIN_USEFUL_WINDOW`); the triangle (last 128 queries dense) with the widest window
+      within the budget;
+    - fixed vertical-slash: ``K/4``, ``K/2`` or ``K`` columns and ``K/32`` or ``K/8`` diagonals
+      beyond the local band (their cost depends on where the diagonals fall: measured);
+    - coverage vertical-slash, tau 0.9 and 0.95, capped at ``K`` columns and ``K/8`` extra
+      diagonals, from the last ``min(256, budget * length / 16)`` queries (at least 64), so that
+      the estimate stays a small part of the budget;
+    - block-sparse: ``K`` or ``K/2`` keys of ``block_size`` blocks, and coverage (tau 0.9) capped at ``K``.
+
+    Which of them fit the budget is decided by their measured cost on the calibration prompt.
     """
     if not isinstance(length, int) or length < 1:
         raise ValueError(f"length must be a positive int, got {length!r}")
     if not 0.0 < cost_budget <= 1.0:
         raise ValueError(f"cost_budget must lie in (0, 1], got {cost_budget}")
     keys = max(8, int(cost_budget * length / 2))
-    sink = min(128, keys // 4)
+    sink = min(128, max(1, keys // 8))
     local = min(100, max(1, keys // 8))
     vs_sink = min(30, keys // 8)
     out: list[HeadPlan] = []
-    for window in (keys - sink, keys // 2 - sink):
-        out.append(HeadPlan.from_params("a_shape", {"sink": sink, "window": max(1, window)}))
-    out.append(HeadPlan.from_params("triangle", {"sink": sink, "window": max(1, keys - sink), "last_q": 128}))
-    for columns in (keys // 4, keys // 2):
-        for extra in (keys // 64, keys // 16):
+    for share in (1.0, 0.5):
+        window = _widest_window(length, sink, share * cost_budget)
+        if share == 1.0 or window >= MIN_USEFUL_WINDOW:
+            out.append(HeadPlan.from_params("a_shape", {"sink": sink, "window": window}))
+    triangle_last = min(128, length)
+    out.append(HeadPlan.from_params("triangle", {
+        "sink": sink, "window": _widest_window(length, sink, cost_budget, triangle_last), "last_q": triangle_last}))
+    vs_common = {"sink": vs_sink, "local": local, "block_size": block_size}
+    for columns in (keys // 4, keys // 2, keys):
+        for extra in (keys // 32, keys // 8):
             out.append(HeadPlan.from_params("vertical_slash", {
-                "num_vertical": max(vs_sink, columns), "num_slash": local + max(1, extra), "sink": vs_sink,
-                "local": local, "block_size": block_size}))
+                "num_vertical": max(vs_sink, columns), "num_slash": local + max(1, extra), **vs_common}))
+    coverage_last_q = max(64, min(256, int(cost_budget * length / 16)) // 64 * 64)
     for tau in (0.9, 0.95):
         out.append(HeadPlan.from_params("vertical_slash", {
-            "num_vertical": max(vs_sink, keys // 2), "num_slash": local + max(1, keys // 16), "sink": vs_sink,
-            "local": local, "last_q": 256, "budget": "coverage", "tau": tau, "block_size": block_size}))
+            "num_vertical": max(vs_sink, keys), "num_slash": local + max(1, keys // 8), "last_q": coverage_last_q,
+            "budget": "coverage", "tau": tau, **vs_common}))
     blocks = max(2, keys // block_size)
     for num_blocks in (blocks, max(2, blocks // 2)):
         out.append(HeadPlan.from_params("block_sparse", {"num_blocks": num_blocks, "block_size": block_size}))
@@ -427,6 +458,7 @@ class LayerScores:
     cost: torch.Tensor
 
 
+@torch.no_grad()
 def score_layer(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -578,11 +610,11 @@ def crossover_from_timings(lengths: Sequence[int], dense_ms: Sequence[float], sp
 
     if first_fast < len(lengths):
         at = cross(first_fast - 1, first_fast)
-        return int(math.ceil(min(max(at, lengths[first_fast - 1]), lengths[first_fast]))), "interpolated"
+        return math.ceil(min(max(at, lengths[first_fast - 1]), lengths[first_fast])), "interpolated"
     if len(lengths) >= 2:
         at = cross(len(lengths) - 2, len(lengths) - 1)
         if at <= limit:
-            return int(math.ceil(max(at, lengths[-1]))), "extrapolated"
+            return math.ceil(max(at, lengths[-1])), "extrapolated"
     return int(limit), "not_reached"
 
 
@@ -613,9 +645,16 @@ def measure_dense_below(
     dense_ms, sparse_ms = [], []
     for n in usable:
         q_n, k_n = q[:, :, :n], k[:, :, :n]
-        dense_ms.append(_median_ms(lambda: ops.dense_attention(q_n, k_n, k_n, sm_scale=captured.sm_scale), repeats, warmup))
-        sparse_ms.append(_median_ms(lambda: sparse_layer_attention(q_n, k_n, k_n, layer, sm_scale=captured.sm_scale,
-                                                                    share_kv_groups=share_kv_groups), repeats, warmup))
+
+        def dense(q_n: torch.Tensor = q_n, k_n: torch.Tensor = k_n) -> torch.Tensor:
+            return ops.dense_attention(q_n, k_n, k_n, sm_scale=captured.sm_scale)
+
+        def sparse(q_n: torch.Tensor = q_n, k_n: torch.Tensor = k_n) -> torch.Tensor:
+            return sparse_layer_attention(q_n, k_n, k_n, layer, sm_scale=captured.sm_scale,
+                                          share_kv_groups=share_kv_groups)
+
+        dense_ms.append(_median_ms(dense, repeats, warmup))
+        sparse_ms.append(_median_ms(sparse, repeats, warmup))
     dense_below, how = crossover_from_timings(usable, dense_ms, sparse_ms)
     return dense_below, {"measured": True, "device": torch.cuda.get_device_name(q.device), "how": how,
                          "lengths": usable, "dense_ms": [round(t, 4) for t in dense_ms],
