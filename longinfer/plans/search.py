@@ -864,6 +864,8 @@ def search_plan(
         "crossover_lengths": sorted(set(crossover_lengths)),
         "cost_model": {"block_n": COST_BLOCK_N, "dense_block_m": DENSE_BLOCK_M, "estimation": "included"},
     }
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
     store = SearchProgress(partial_path(out), settings, restart=restart) if out is not None else None
     done = dict(store.layers) if store is not None else {}
     todo = [layer for layer in range(shape.num_layers) if layer not in done]
