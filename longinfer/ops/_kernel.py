@@ -109,23 +109,27 @@ def _sparse_attention_fwd(
     h = (batch_kv % (num_q_heads // GROUP)) * GROUP + head_tile * HEADS_PER_TILE  # first query head of the tile
     kvh = h // GROUP
     idx_h = h // INDEX_HEAD_DIV
+    # Base offsets in int64: head * N * D alone passes 2**31 from about 512K tokens with 32 heads.
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    kvh64 = kvh.to(tl.int64)
 
     if VARLEN:
         q_tok0 = tl.load(CuSeqQ + b)
         k_tok0 = tl.load(CuSeqK + b)
         n_q = tl.load(CuSeqQ + b + 1) - q_tok0
         n_k = tl.load(CuSeqK + b + 1) - k_tok0
-        q_base = Q + q_tok0 * stride_qn + h * stride_qh
-        o_base = Out + q_tok0 * stride_on + h * stride_oh
-        k_base = K + k_tok0 * stride_kn + kvh * stride_kh
-        v_base = V + k_tok0 * stride_vn + kvh * stride_vh
+        q_base = Q + q_tok0.to(tl.int64) * stride_qn + h64 * stride_qh
+        o_base = Out + q_tok0.to(tl.int64) * stride_on + h64 * stride_oh
+        k_base = K + k_tok0.to(tl.int64) * stride_kn + kvh64 * stride_kh
+        v_base = V + k_tok0.to(tl.int64) * stride_vn + kvh64 * stride_vh
     else:
         n_q = q_len
         n_k = k_len
-        q_base = Q + b * stride_qb + h * stride_qh
-        o_base = Out + b * stride_ob + h * stride_oh
-        k_base = K + b * stride_kb + kvh * stride_kh
-        v_base = V + b * stride_vb + kvh * stride_vh
+        q_base = Q + b64 * stride_qb + h64 * stride_qh
+        o_base = Out + b64 * stride_ob + h64 * stride_oh
+        k_base = K + b64 * stride_kb + kvh64 * stride_kh
+        v_base = V + b64 * stride_vb + kvh64 * stride_vh
 
     shift = n_k - n_q  # absolute position of query row 0
     tile_start = tile * BLOCK_M
