@@ -654,25 +654,36 @@ def _method_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def _frontier_figure(summaries: Sequence[MethodSummary], title: str, path: Path) -> Path:
-    """Recall (mean: filled, p10: hollow) against density; oracle curves as lines."""
-    from matplotlib.figure import Figure
+_ORACLE_COLORS = {"key": "black", "block": "tab:gray"}
 
-    fig = Figure(figsize=(8, 5.5))
-    ax = fig.add_subplot()
-    colors = iter(f"C{i}" for i in range(1000))
+
+def _method_colors(summaries: Sequence[MethodSummary]) -> dict[str, Any]:
+    """One color per estimator / plan, the same in every panel: tab10 then its light tones, grays
+    left to the oracles (18 distinct before repeating)."""
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"].colors
+    hues = [j for j in range(10) if j != 7]  # tab10's 8th hue is gray
+    palette = [tab20[2 * j] for j in hues] + [tab20[2 * j + 1] for j in hues]
+    names = [s.name for s in summaries if s.kind != "oracle"]
+    return {name: palette[i % len(palette)] for i, name in enumerate(names)}
+
+
+def _draw_frontier(ax: Any, summaries: Sequence[MethodSummary]) -> None:
+    """Recall (mean: filled, p10: hollow) against density; oracle curves as lines."""
     for granularity, style in (("key", "-"), ("block", "--")):
         points = sorted((s.mean_density, s.mean_recall, s.p10_recall) for s in summaries
                         if s.kind == "oracle" and s.granularity == granularity)
         if points:
-            color = next(colors)
+            color = _ORACLE_COLORS[granularity]
             ax.plot([p[0] for p in points], [p[1] for p in points], style, color=color, marker=".",
                     label=f"oracle ({granularity}) mean")
-            ax.plot([p[0] for p in points], [p[2] for p in points], style, color=color, alpha=0.45,
+            ax.plot([p[0] for p in points], [p[2] for p in points], style, color=color, alpha=0.4,
                     label=f"oracle ({granularity}) p10")
     markers = "osD^vPX*<>ph"
+    colors = _method_colors(summaries)
     for i, s in enumerate(x for x in summaries if x.kind != "oracle"):
-        color, marker = next(colors), markers[i % len(markers)]
+        color, marker = colors[s.name], markers[i % len(markers)]
         ax.plot([s.mean_density] * 2, [s.p10_recall, s.mean_recall], color=color, linewidth=0.8)
         ax.plot(s.mean_density, s.mean_recall, marker, color=color, label=s.name)
         ax.plot(s.mean_density, s.p10_recall, marker, markerfacecolor="none", color=color)
@@ -681,31 +692,39 @@ def _frontier_figure(summaries: Sequence[MethodSummary], title: str, path: Path)
     ax.set_ylabel("attention recall (filled: mean, hollow: p10 over heads)")
     ax.set_ylim(0.0, 1.02)
     ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(title, fontsize=10)
+    ax.set_title("recall vs density", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
 
 
-def _layer_figure(summaries: Sequence[MethodSummary], title: str, path: Path) -> Path:
-    """Mean recall per layer, one line per method (table oracles included)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.add_subplot()
+def _draw_layers(ax: Any, summaries: Sequence[MethodSummary]) -> None:
+    """Mean recall per layer, one line per method; the table's oracles in black/gray (5% dotted, 10% dashed)."""
+    colors = _method_colors(summaries)
     for s in summaries:
         if not s.in_table:
             continue
         layers = sorted(s.layer_recall)
-        ax.plot(layers, [s.layer_recall[layer] for layer in layers], marker=".",
-                linestyle="--" if s.kind == "oracle" else "-", label=s.name)
+        if s.kind == "oracle":
+            style = {"color": _ORACLE_COLORS.get(s.granularity or "", "black"),
+                     "linestyle": ":" if (s.density_target or 0.0) < 0.075 else "--"}
+        else:
+            style = {"color": colors[s.name], "linestyle": "-"}
+        ax.plot(layers, [s.layer_recall[layer] for layer in layers], marker=".", label=s.name, **style)
     ax.set_xlabel("layer")
     ax.set_ylabel("mean recall over heads")
     ax.set_ylim(0.0, 1.02)
     ax.grid(True, alpha=0.3)
-    ax.set_title(title, fontsize=10)
+    ax.set_title("recall per layer", fontsize=10)
     ax.legend(fontsize=7, loc="lower left")
+
+
+def _frontier_figure(summaries: Sequence[MethodSummary], title: str, path: Path) -> Path:
+    """The frontier (left) and the per-layer recall (right) in one PNG."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 6))
+    _draw_frontier(fig.add_subplot(1, 2, 1), summaries)
+    _draw_layers(fig.add_subplot(1, 2, 2), summaries)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
@@ -754,8 +773,7 @@ def _render_run(run: FrontierRun, records: Sequence[Mapping[str, Any]], out: Pat
     out.mkdir(parents=True, exist_ok=True)
     summaries = summarize(records)
     title = f"{run.model}, {run.length} tokens, {run.text}, {run.num_rows} rows/head"
-    figures = [_frontier_figure(summaries, title, out / "recall_frontier.png"),
-               _layer_figure(summaries, title, out / "recall_layers.png")]
+    figures = [_frontier_figure(summaries, title, out / "recall_frontier.png")]
     heads_png = _heads_figure(records, title, out / "recall_heads.png")
     figures += [heads_png] if heads_png is not None else []
     _write_csv(out / "recall_summary.csv", list(summaries[0].row()), [list(s.row().values()) for s in summaries])
