@@ -37,7 +37,22 @@ _LAZY = {
     "Generation": "longinfer.api",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [  # noqa: RUF022  (grouped as in the docstring)
+    "__version__",
+    "patch",
+    "unpatch",
+    "register",
+    "attention_stats",
+    "reset_stats",
+    "plan_of",
+    "AttentionStats",
+    "Plan",
+    "default_plan_for",
+    "uniform_plan",
+    "load_plan",
+    "generate",
+    "Generation",
+]
 
 
 def __getattr__(name: str) -> Any:

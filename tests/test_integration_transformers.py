@@ -27,13 +27,15 @@ COMMON = dict(
 WINDOW = 64  # sliding windows shorter than the test sequences, so they matter
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
+              dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(query_pre_attn_scalar=64, sliding_window=WINDOW)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-               dict(query_pre_attn_scalar=64, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
+               dict(query_pre_attn_scalar=64, sliding_window=WINDOW,
+                    layer_types=["sliding_attention", "full_attention"])),
 }
 # Every diagonal of any test sequence kept: the mask is the full causal mask, so outputs equal dense.
 NEAR_DENSE_VS = dict(num_vertical=4, num_slash=512, sink=4, local=16, last_q=64)
@@ -166,7 +168,7 @@ def test_padded_batch_equals_each_sequence_alone(family, side):
     with patched(model, plan):
         padded = logits(model, batch, attention_mask=mask, position_ids=positions)
         alone = [logits(model, seq[None]) for seq in sequences]
-    for b, seq in enumerate(sequences):
+    for b in range(len(sequences)):
         valid = mask[b].bool()
         torch.testing.assert_close(padded[b, valid], alone[b][0], atol=5e-5, rtol=1e-4)
 
@@ -334,9 +336,9 @@ def test_packed_position_ids_are_refused():
     model = make_model("llama")
     ids = token_ids(1, 96)
     positions = torch.cat([torch.arange(48), torch.arange(48)])[None]
-    with patched(model, uniform_plan(model.config, "a_shape", NEAR_DENSE_A)):
-        with pytest.raises(NotImplementedError, match="packed sequences"):
-            logits(model, ids, position_ids=positions)
+    plan = uniform_plan(model.config, "a_shape", NEAR_DENSE_A)
+    with patched(model, plan), pytest.raises(NotImplementedError, match="packed sequences"):
+        logits(model, ids, position_ids=positions)
 
 
 def test_padding_inside_a_sequence_is_refused():
@@ -344,6 +346,6 @@ def test_padding_inside_a_sequence_is_refused():
     ids = token_ids(2, 96)
     mask = torch.ones_like(ids)
     mask[0, 40:50] = 0
-    with patched(model, uniform_plan(model.config, "a_shape", NEAR_DENSE_A)):
-        with pytest.raises(ValueError, match="padding between its tokens"):
-            logits(model, ids, attention_mask=mask)
+    plan = uniform_plan(model.config, "a_shape", NEAR_DENSE_A)
+    with patched(model, plan), pytest.raises(ValueError, match="padding between its tokens"):
+        logits(model, ids, attention_mask=mask)

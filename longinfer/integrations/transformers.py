@@ -49,7 +49,6 @@ with fewer than ``SPARSE_MIN_QUERIES`` queries (decoding) are counted but not in
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -61,7 +60,7 @@ from typing import Any
 import torch
 
 from longinfer.patterns.registry import PatternSpec, get_pattern
-from longinfer.plans.schema import DEFAULT_PATTERN_CONFIG, HeadPlan, LayerPlan, Plan, default_plan_for, model_shape
+from longinfer.plans.schema import DEFAULT_PATTERN_CONFIG, HeadPlan, LayerPlan, Plan, default_plan_for
 
 logger = logging.getLogger(__name__)
 
@@ -573,7 +572,7 @@ def longinfer_attention(
             "and let the model build the rest"
         )
     runtime = _runtime_for(module)
-    bsz, hq, nq, d = query.shape
+    _, hq, nq, d = query.shape
     hkv = key.shape[1]
     if (hq, hkv, d) != (runtime.num_q_heads, runtime.num_kv_heads, runtime.head_dim):
         raise ValueError(
@@ -723,10 +722,12 @@ def _run_bucket(head: HeadPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if head.pattern == "dense":
         return _dense_attention(q, k, v, ctx.scale, ctx.backend), torch.ones((), device=q.device)
     selection = spec.estimate(q, k, head.config, sm_scale=ctx.scale)
-    ratio = _sampled_density(spec, selection, q.shape[2], k.shape[2])
     if ctx.backend == "triton":
+        ratio = _sampled_density(lambda rows: spec.reference_mask(selection, rows), q.shape[2], k.shape[2], q.device)
         return spec.run(q, k, v, selection, head.config, sm_scale=ctx.scale), ratio
-    return _masked_attention(q, k, v, ctx.scale, _selection_rows(spec, selection)), ratio
+    rows_mask = _selection_rows(spec, selection)
+    ratio = _sampled_density(rows_mask, q.shape[2], k.shape[2], q.device)
+    return _masked_attention(q, k, v, ctx.scale, rows_mask), ratio
 
 
 def _selection_rows(spec: PatternSpec, selection: Any) -> RowsMask:
@@ -741,38 +742,41 @@ def _selection_rows(spec: PatternSpec, selection: Any) -> RowsMask:
 
     if not isinstance(selection, (VerticalSlashSelection, BlockSparseSelection)):
         return lambda rows: spec.reference_mask(selection, rows)
-    tile = selection.block_size
+    tile, nk = selection.block_size, selection.k_len
+    num_tiles = math.ceil(nk / tile)
+    cached: list[torch.Tensor] = []  # every tile's mask, when that fits the budget
+
+    def tile_masks(first: int, stop: int, device: torch.device) -> torch.Tensor:
+        """Masks ``[B, H, stop - first, Nk]`` of tiles ``first .. stop - 1`` (at their last rows)."""
+        if num_tiles * nk * selection.num_heads <= MASKED_SCORE_BUDGET:
+            if not cached:
+                cached.append(tile_masks_uncached(0, num_tiles, device))
+            return cached[0][:, :, first:stop]
+        return tile_masks_uncached(first, stop, device)
+
+    def tile_masks_uncached(first: int, stop: int, device: torch.device) -> torch.Tensor:
+        last_rows = (torch.arange(first, stop, device=device) * tile + tile - 1).clamp(max=nk - 1)
+        return spec.reference_mask(selection, last_rows)
 
     def build(rows: torch.Tensor) -> torch.Tensor:
         first = int(rows[0]) // tile
-        tiles = torch.arange(first, int(rows[-1]) // tile + 1, device=rows.device)
-        last_rows = (tiles * tile + tile - 1).clamp(max=selection.k_len - 1)
-        per_tile = spec.reference_mask(selection, last_rows)  # [B, H, T, Nk]
-        keys = torch.arange(per_tile.shape[-1], device=rows.device)
+        per_tile = tile_masks(first, int(rows[-1]) // tile + 1, rows.device)  # [B, H, T, Nk]
+        keys = torch.arange(nk, device=rows.device)
         return per_tile[:, :, rows // tile - first] & (keys[None, :] <= rows[:, None])
 
     return build
 
 
-def _sampled_density(spec: PatternSpec, selection: Any, nq: int, nk: int) -> torch.Tensor:
-    """Kept share of the causal pairs of ``DENSITY_SAMPLE_ROWS`` evenly spaced query rows (0-d tensor)."""
-    device = _selection_device(selection)
+def _sampled_density(rows_mask: RowsMask, nq: int, nk: int, device: torch.device) -> torch.Tensor:
+    """Kept share of the causal pairs of ``DENSITY_SAMPLE_ROWS`` evenly spaced query rows (0-d tensor).
+
+    ``rows_mask`` gives the selection's mask (``bool [B|1, H|1, R, >= last row + 1]``).
+    """
     count = min(DENSITY_SAMPLE_ROWS, nq)
     rows = torch.linspace(nk - nq, nk - 1, count, device=device).round().long()
-    mask = spec.reference_mask(selection, rows)  # [B|1, H|1, R, Nk]
+    mask = rows_mask(rows)[..., : nk]
     kept = mask.sum(dtype=torch.float32) / (mask.shape[0] * mask.shape[1])
     return kept / (rows + 1).sum().float()
-
-
-def _selection_device(selection: Any) -> torch.device:
-    """The device of a selection's first tensor (or its ``device`` field); CPU if it has neither."""
-    fields = dataclasses.fields(selection) if dataclasses.is_dataclass(selection) else ()
-    for value in (getattr(selection, f.name) for f in fields):
-        if isinstance(value, torch.Tensor):
-            return value.device
-        if isinstance(value, torch.device):
-            return value
-    return torch.device("cpu")
 
 
 def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
@@ -839,8 +843,8 @@ def _masked_attention(
     Rows with no key give zeros. Memory: about ``MASKED_SCORE_BUDGET`` scores (and mask bytes) per
     step; keys beyond a chunk's last row are skipped.
     """
-    bsz, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
+    bsz, hq, nq, _ = q.shape
+    nk = k.shape[2]
     out = torch.empty_like(q)
     for start, stop in _row_chunks(bsz, hq, nq, nk):
         rows = torch.arange(nk - nq + start, nk - nq + stop, device=q.device)
