@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LENGTH = 4096
 DEFAULT_DENSE_BELOW = 1024
+MIN_LENGTH = 256
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,6 +64,14 @@ class DemoResult:
     density: float
 
 
+def check_demo_options(length: int, depth: float) -> None:
+    """``ValueError`` for a prompt too short to hide a needle in, or a depth outside ``[0, 1]``."""
+    if length < MIN_LENGTH:
+        raise ValueError(f"--length must be at least {MIN_LENGTH} tokens for a needle prompt, got {length}")
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"--depth must lie in [0, 1], got {depth}")
+
+
 def run_demo(
     model: Any,
     tokenizer: Any,
@@ -86,10 +95,7 @@ def run_demo(
     from longinfer.eval.needle import build_needle_prompt, contains_exact_value, random_needle
     from longinfer.eval.prompts import Haystack
 
-    if length < 256:
-        raise ValueError(f"--length must be at least 256 tokens for a needle prompt, got {length}")
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"--depth must lie in [0, 1], got {depth}")
+    check_demo_options(length, depth)
     needle = random_needle(random.Random(f"demo/{seed}"))
     # a little more text than needed: the prompt frame cuts the haystack to the exact length
     haystack = Haystack.from_text(corpora.haystack(tokenizer, length + 512, corpus, seed), name=corpus)
@@ -141,6 +147,7 @@ def main(args: argparse.Namespace) -> int:
     from longinfer.models.download import FetchError
 
     try:
+        check_demo_options(args.length, args.depth)
         plan = longinfer.load_plan(args.plan) if args.plan is not None else None
         model, tokenizer = load_model(args.model, args.device)
         result = run_demo(model, tokenizer, length=args.length, depth=args.depth, seed=args.seed,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import longinfer
+    from longinfer.integrations.transformers import SPARSE_MIN_QUERIES
 
     try:
         if args.max_new_tokens < 1:
@@ -146,7 +148,12 @@ def run(args: argparse.Namespace) -> int:
         print("attention:         dense (sdpa), density 1.000")
     else:
         stats = longinfer.attention_stats(model)
-        print(f"attention density: {stats.density:.3f} of the causal (query, key) pairs in prefill "
-              f"({stats.sparse_calls} sparse, {stats.dense_calls} dense, {stats.window_calls} windowed layer calls)")
+        if math.isnan(stats.density):
+            density = f"n/a (prompts under {SPARSE_MIN_QUERIES} tokens run dense)"
+        else:
+            density = (f"{stats.density:.3f} of the model's (query, key) pairs in prefill "
+                       f"({stats.sparse_calls} sparse, {stats.dense_calls} dense, "
+                       f"{stats.window_calls} windowed layer calls)")
+        print(f"attention density: {density}")
         print(f"plan:              {plan.model_id or '(unnamed)'} [{plan.search.get('method', '?')}]")
     return 0

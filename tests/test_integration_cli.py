@@ -1,0 +1,138 @@
+"""``longinfer run`` end to end on a tiny local model folder (random Llama + a BPE tokenizer trained here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import longinfer  # noqa: E402
+from longinfer import cli  # noqa: E402
+from longinfer.integrations import cli as run_cli  # noqa: E402
+from longinfer.plans import uniform_plan  # noqa: E402
+from tests.test_eval_fixtures import corpus_text, make_tokenizer  # noqa: E402
+
+SPARSE_VS = {"num_vertical": 8, "num_slash": 8, "sink": 4, "local": 8, "last_q": 64}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved 2-layer Llama (head_dim 64, GQA 4/2) with its tokenizer."""
+    tokenizer = make_tokenizer()
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompt") / "prompt.txt"
+    path.write_text(corpus_text()[:700], encoding="utf-8")  # about 150 tokens
+    return path
+
+
+@pytest.fixture(scope="module")
+def plan_file(model_dir, tmp_path_factory):
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    uniform_plan(config, "vertical_slash", SPARSE_VS, model_id="tiny").save(path)
+    return path
+
+
+def expected_answer(model_dir, prompt_file, plan=None, chunk_size=None) -> longinfer.Generation:
+    """The same generation in-process, through the public API."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    if plan is not None:
+        longinfer.patch(model, plan)
+    return longinfer.generate(model, tokenizer, prompt_file.read_text(encoding="utf-8"), max_new_tokens=5,
+                              chunk_size=chunk_size)
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    code = cli.main(["run", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_run_with_plan_prints_answer_prefill_time_and_density(capsys, model_dir, prompt_file, plan_file):
+    code, out, _ = run(capsys, "--model", model_dir, "--prompt-file", prompt_file, "--plan", plan_file,
+                       "--max-new-tokens", 5, "--device", "cpu")
+    assert code == 0
+    expected = expected_answer(model_dir, prompt_file, plan=longinfer.load_plan(plan_file))
+    text, summary = out.split("\n---\n")
+    assert text == expected.text
+    assert f"prompt tokens:     {expected.prompt_tokens}" in summary
+    assert "prefill time:" in summary
+    density = float(summary.split("attention density: ")[1].split()[0])
+    assert 0.05 < density < 0.95  # the plan is sparse at this length
+    assert "(2 sparse, 0 dense, 0 windowed layer calls)" in summary
+
+
+def test_run_dense_and_chunked(capsys, caplog, model_dir, prompt_file, plan_file):
+    code, out, _ = run(capsys, "--model", model_dir, "--prompt-file", prompt_file, "--dense",
+                       "--max-new-tokens", 5, "--device", "cpu")
+    assert code == 0
+    assert out.split("\n---\n")[0] == expected_answer(model_dir, prompt_file).text
+    assert "dense (sdpa)" in out
+    with caplog.at_level("INFO", logger="longinfer.api"):
+        code, out, _ = run(capsys, "--model", model_dir, "--prompt-file", prompt_file, "--plan", plan_file,
+                           "--chunk-size", 64, "--max-new-tokens", 5, "--device", "cpu")
+    assert code == 0
+    chunked = expected_answer(model_dir, prompt_file, plan=longinfer.load_plan(plan_file), chunk_size=64)
+    assert out.split("\n---\n")[0] == chunked.text
+    assert "prefill: 64 / " in caplog.text  # progress per chunk
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt-file", "missing.txt"], "prompt file missing.txt does not exist"),
+        (["--model", "no-such-model"], "unknown model"),
+        (["--plan", "missing-plan.json"], "plan file missing-plan.json does not exist"),
+        (["--dense", "--plan", "PLAN"], "--dense runs without a plan"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    ],
+)
+def test_run_errors_name_the_problem(capsys, model_dir, prompt_file, plan_file, extra, message):
+    base = {"--model": str(model_dir), "--prompt-file": str(prompt_file)}
+    args = [str(plan_file) if a == "PLAN" else a for a in extra]
+    for flag, value in base.items():
+        if flag not in args:
+            args += [flag, value]
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    assert message.lower() in err.lower()
+
+
+def test_run_plan_mismatch(capsys, tmp_path, model_dir, prompt_file):
+    other = tmp_path / "other.json"
+    uniform_plan({"num_layers": 3, "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 64}, "a_shape").save(other)
+    code, _, err = run(capsys, "--model", model_dir, "--prompt-file", prompt_file, "--plan", other)
+    assert code == 2
+    assert "num_layers: plan has 3, model has 2" in err
+
+
+def test_run_out_of_memory_names_the_fix(capsys, monkeypatch, model_dir, prompt_file):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(longinfer, "generate", out_of_memory)
+    code, _, err = run(capsys, "--model", model_dir, "--prompt-file", prompt_file, "--device", "cpu")
+    assert code == 2
+    assert "out of GPU memory" in err and "--chunk-size 8192" in err and "--dtype bfloat16" in err
+
+
+def test_oom_message_with_chunks_suggests_smaller_chunks():
+    args = run_cli.argparse.Namespace(chunk_size=16384, dtype="bfloat16")
+    message = run_cli._oom_message(100_000, args)
+    assert "a smaller --chunk-size than 16384" in message and "--dtype" not in message
