@@ -48,12 +48,12 @@ def plan_file(model_dir, tmp_path_factory):
     return path
 
 
-def expected_answer(model_dir, prompt_file, plan=None, chunk_size=None) -> longinfer.Generation:
+def expected_answer(model_dir, prompt_file, plan=None, chunk_size=None, backend="auto") -> longinfer.Generation:
     """The same generation in-process, through the public API."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     if plan is not None:
-        longinfer.patch(model, plan)
+        longinfer.patch(model, plan, backend=backend)
     return longinfer.generate(model, tokenizer, prompt_file.read_text(encoding="utf-8"), max_new_tokens=5,
                               chunk_size=chunk_size)
 
@@ -86,9 +86,10 @@ def test_run_dense_and_chunked(capsys, caplog, model_dir, prompt_file, plan_file
     assert "dense (sdpa)" in out
     with caplog.at_level("INFO", logger="longinfer.api"):
         code, out, _ = run(capsys, "--model", model_dir, "--prompt-file", prompt_file, "--plan", plan_file,
-                           "--chunk-size", 64, "--max-new-tokens", 5, "--device", "cpu")
+                           "--chunk-size", 64, "--max-new-tokens", 5, "--device", "cpu", "--backend", "torch")
     assert code == 0
-    chunked = expected_answer(model_dir, prompt_file, plan=longinfer.load_plan(plan_file), chunk_size=64)
+    chunked = expected_answer(model_dir, prompt_file, plan=longinfer.load_plan(plan_file), chunk_size=64,
+                              backend="torch")
     assert out.split("\n---\n")[0] == chunked.text
     assert "prefill: 64 / " in caplog.text  # progress per chunk
 

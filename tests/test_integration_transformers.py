@@ -153,8 +153,10 @@ def test_triton_and_torch_backends_agree():
     torch.testing.assert_close(triton_out, torch_out, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family, side", [("llama", "left"), ("llama", "right"), ("mistral", "left")])
-def test_padded_batch_equals_each_sequence_alone(family, side):
+# the per-sequence split does not depend on the backend: one case runs on the (faster) torch path
+@pytest.mark.parametrize("family, side, backend", [("llama", "left", "triton"), ("llama", "right", "torch"),
+                                                   ("mistral", "left", "triton")])
+def test_padded_batch_equals_each_sequence_alone(family, side, backend):
     model = make_model(family)
     lengths = (128, 80)
     plan = uniform_plan(model.config, "vertical_slash", SPARSE_VS)
@@ -165,7 +167,7 @@ def test_padded_batch_equals_each_sequence_alone(family, side):
         where = slice(batch.shape[1] - seq.numel(), None) if side == "left" else slice(0, seq.numel())
         batch[b, where], mask[b, where] = seq, 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with patched(model, plan):
+    with patched(model, plan, backend=backend):
         padded = logits(model, batch, attention_mask=mask, position_ids=positions)
         alone = [logits(model, seq[None]) for seq in sequences]
     for b in range(len(sequences)):
@@ -349,3 +351,42 @@ def test_padding_inside_a_sequence_is_refused():
     plan = uniform_plan(model.config, "a_shape", NEAR_DENSE_A)
     with patched(model, plan), pytest.raises(ValueError, match="padding between its tokens"):
         logits(model, ids, attention_mask=mask)
+
+
+def sparse_selections(nq: int, nk: int):
+    from longinfer.patterns import BlockSparseConfig, VerticalSlashConfig, get_pattern
+
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 4, nq, 64, generator=gen), torch.randn(1, 2, nk, 64, generator=gen)
+    for name, config in (("vertical_slash", VerticalSlashConfig(num_vertical=16, num_slash=16, sink=4, local=16)),
+                         ("block_sparse", BlockSparseConfig(num_blocks=3))):
+        spec = get_pattern(name)
+        yield spec, spec.estimate(q, k, config)
+
+
+@pytest.mark.parametrize("nq, nk", [(300, 300), (200, 520)])
+def test_torch_path_tile_masks_equal_reference_masks(nq, nk):
+    for spec, selection in sparse_selections(nq, nk):
+        build = lt._selection_rows(spec, selection)
+        for first, stop in ((nk - nq, nk - nq + 70), (nk - 130, nk)):
+            rows = torch.arange(first, stop)
+            assert torch.equal(build(rows, first, stop - 1), spec.reference_mask(selection, rows)), spec.name
+
+
+def test_sampled_density_is_close_to_the_exact_density():
+    for nq, nk in ((1024, 1024), (256, 1024)):
+        for spec, selection in sparse_selections(nq, nk):
+            estimate = float(lt._sampled_density(lt._selection_rows(spec, selection), nq, nk, torch.device("cpu")))
+            mask = spec.reference_mask(selection, torch.arange(nk - nq, nk))
+            exact = mask.sum().item() / (mask.shape[0] * mask.shape[1]) / sum(range(nk - nq + 1, nk + 1))
+            assert estimate == pytest.approx(exact, rel=0.15), spec.name
+
+
+@pytest.mark.parametrize("nq, nk, window", [(5, 5, None), (3, 10, None), (10, 10, 4), (4, 12, 6), (6, 12, 20)])
+def test_causal_pair_count(nq, nk, window):
+    rows = torch.arange(nk - nq, nk)[:, None]
+    keys = torch.arange(nk)[None, :]
+    mask = keys <= rows
+    if window is not None:
+        mask &= rows - keys < window
+    assert lt._causal_pairs(nq, nk, window) == int(mask.sum())

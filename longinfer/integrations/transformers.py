@@ -723,11 +723,16 @@ def _run_bucket(head: HeadPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         return _dense_attention(q, k, v, ctx.scale, ctx.backend), torch.ones((), device=q.device)
     selection = spec.estimate(q, k, head.config, sm_scale=ctx.scale)
     if ctx.backend == "triton":
-        ratio = _sampled_density(lambda rows: spec.reference_mask(selection, rows), q.shape[2], k.shape[2], q.device)
+        ratio = _sampled_density(_reference_rows(spec, selection), q.shape[2], k.shape[2], q.device)
         return spec.run(q, k, v, selection, head.config, sm_scale=ctx.scale), ratio
     rows_mask = _selection_rows(spec, selection)
     ratio = _sampled_density(rows_mask, q.shape[2], k.shape[2], q.device)
     return _masked_attention(q, k, v, ctx.scale, rows_mask), ratio
+
+
+def _reference_rows(spec: PatternSpec, selection: Any) -> RowsMask:
+    """The selection's reference mask as a :data:`RowsMask`."""
+    return lambda positions, first, last: spec.reference_mask(selection, positions)
 
 
 def _selection_rows(spec: PatternSpec, selection: Any) -> RowsMask:
@@ -741,7 +746,7 @@ def _selection_rows(spec: PatternSpec, selection: Any) -> RowsMask:
     from longinfer.patterns.vertical_slash import VerticalSlashSelection
 
     if not isinstance(selection, (VerticalSlashSelection, BlockSparseSelection)):
-        return lambda rows: spec.reference_mask(selection, rows)
+        return _reference_rows(spec, selection)
     tile, nk = selection.block_size, selection.k_len
     num_tiles = math.ceil(nk / tile)
     cached: list[torch.Tensor] = []  # every tile's mask, when that fits the budget
@@ -758,11 +763,11 @@ def _selection_rows(spec: PatternSpec, selection: Any) -> RowsMask:
         last_rows = (torch.arange(first, stop, device=device) * tile + tile - 1).clamp(max=nk - 1)
         return spec.reference_mask(selection, last_rows)
 
-    def build(rows: torch.Tensor) -> torch.Tensor:
-        first = int(rows[0]) // tile
-        per_tile = tile_masks(first, int(rows[-1]) // tile + 1, rows.device)  # [B, H, T, Nk]
-        keys = torch.arange(nk, device=rows.device)
-        return per_tile[:, :, rows // tile - first] & (keys[None, :] <= rows[:, None])
+    def build(positions: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        first_tile = first // tile
+        per_tile = tile_masks(first_tile, last // tile + 1, positions.device)  # [B, H, T, Nk]
+        keys = torch.arange(nk, device=positions.device)
+        return per_tile[:, :, positions // tile - first_tile] & (keys[None, :] <= positions[:, None])
 
     return build
 
@@ -770,13 +775,19 @@ def _selection_rows(spec: PatternSpec, selection: Any) -> RowsMask:
 def _sampled_density(rows_mask: RowsMask, nq: int, nk: int, device: torch.device) -> torch.Tensor:
     """Kept share of the causal pairs of ``DENSITY_SAMPLE_ROWS`` evenly spaced query rows (0-d tensor).
 
-    ``rows_mask`` gives the selection's mask (``bool [B|1, H|1, R, >= last row + 1]``).
+    ``rows_mask`` gives the selection's mask (see :data:`RowsMask`). The queries are cut into
+    equal strata and stratum ``i`` is sampled at the fraction ``(2i + 1) / (2R)`` of its length, so
+    the samples also spread over the positions inside a 64-row query tile (masks rounded to whole
+    tiles differ between a tile's first and last rows).
     """
     count = min(DENSITY_SAMPLE_ROWS, nq)
-    rows = torch.linspace(nk - nq, nk - 1, count, device=device).round().long()
-    mask = rows_mask(rows)[..., : nk]
+    stratum = nq / count
+    offsets = [int(i * stratum + (2 * i + 1) * stratum / (2 * count)) for i in range(count)]
+    rows = [nk - nq + min(offset, nq - 1) for offset in offsets]
+    positions = torch.tensor(rows, device=device)
+    mask = rows_mask(positions, rows[0], rows[-1])[..., :nk]
     kept = mask.sum(dtype=torch.float32) / (mask.shape[0] * mask.shape[1])
-    return kept / (rows + 1).sum().float()
+    return kept / sum(row + 1 for row in rows)
 
 
 def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
@@ -794,20 +805,20 @@ def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return _masked_attention(q, k, v, scale, _causal_rows(None))
 
 
-RowsMask = Callable[[torch.Tensor], torch.Tensor]
+# A mask builder: (positions, first, last) -> bool [B|1, H|1, R, >= last + 1] with H in {1, Hkv, Hq}:
+# positions = ascending absolute query positions [R] (int64, on the device), first/last = the
+# smallest and largest as Python ints, so building never reads a tensor back to the host.
+RowsMask = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
 def _causal_rows(window: int | None, key_valid: torch.Tensor | None = None) -> RowsMask:
-    """Mask builder for absolute query positions ``rows [R]``: causal, within ``window``, on valid keys.
+    """Mask builder: causal, within ``window`` (``i - j < window``), on ``key_valid bool [B, Nk]`` keys."""
 
-    Returns a function ``rows -> bool [B|1, 1, R, Nk']`` (``Nk'`` = last row + 1 or more).
-    """
-
-    def build(rows: torch.Tensor) -> torch.Tensor:
-        keys = torch.arange(int(rows[-1]) + 1, device=rows.device)
-        mask = keys[None, :] <= rows[:, None]
+    def build(positions: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        keys = torch.arange(last + 1, device=positions.device)
+        mask = keys[None, :] <= positions[:, None]
         if window is not None:
-            mask &= rows[:, None] - keys[None, :] < window
+            mask &= positions[:, None] - keys[None, :] < window
         mask = mask[None, None]
         if key_valid is not None:
             mask = mask & key_valid[:, None, None, : keys.numel()]
@@ -834,11 +845,10 @@ def _masked_attention(
 
     Args:
         q: ``[B, Hq, Nq, D]``, the last ``Nq`` of ``Nk`` positions; k, v: ``[B, Hkv, Nk, D]``.
-        rows_mask: absolute query positions ``[R]`` -> ``bool [B|1, H|1, R, >= last row + 1]`` with
-            ``H`` in ``{Hq, Hkv}`` (the kernels' reference masks, or :func:`_causal_rows`).
+        rows_mask: the mask (:data:`RowsMask`): the kernels' reference masks, or :func:`_causal_rows`.
         softcap: ``tanh`` logit softcapping (Gemma 2): ``scores = softcap * tanh(scores / softcap)``,
             computed in float32 with query heads viewed as ``[B, Hkv, G, R, D]``; without it, torch
-            SDPA with ``enable_gqa``. GQA is never copied (a per-KV-group mask is repeated per query head).
+            SDPA with ``enable_gqa`` (no K/V copy here; a per-KV-group mask is repeated per query head).
 
     Rows with no key give zeros. Memory: about ``MASKED_SCORE_BUDGET`` scores (and mask bytes) per
     step; keys beyond a chunk's last row are skipped.
@@ -847,9 +857,9 @@ def _masked_attention(
     nk = k.shape[2]
     out = torch.empty_like(q)
     for start, stop in _row_chunks(bsz, hq, nq, nk):
-        rows = torch.arange(nk - nq + start, nk - nq + stop, device=q.device)
-        width = int(rows[-1]) + 1
-        mask = rows_mask(rows)[..., :width]
+        first, width = nk - nq + start, nk - nq + stop
+        positions = torch.arange(first, width, device=q.device)
+        mask = rows_mask(positions, first, width - 1)[..., :width]
         if mask.shape[1] not in (1, hq):
             mask = mask.repeat_interleave(hq // mask.shape[1], dim=1)
         if softcap is None:
