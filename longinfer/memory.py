@@ -349,11 +349,11 @@ class PrefillResult(NamedTuple):
         logits: ``[B, vocab]`` logits of the prompt's last position.
     """
 
-    cache: Any
+    cache: Cache
     logits: torch.Tensor
 
 
-def _reserve_host_layers(cache: Any, total_tokens: int) -> None:
+def _reserve_host_layers(cache: Cache, total_tokens: int) -> None:
     for layer in getattr(cache, "layers", ()):
         if isinstance(layer, HostKVLayer):
             layer.reserve(total_tokens)
@@ -363,7 +363,7 @@ def prefill_in_chunks(
     model: Any,
     input_ids: torch.Tensor,
     chunk_size: int,
-    cache: Any | None = None,
+    cache: Cache | None = None,
     *,
     attention_mask: torch.Tensor | None = None,
 ) -> PrefillResult:
@@ -401,7 +401,7 @@ def prefill_in_chunks(
         raise TypeError(f"cache must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}")
     batch, length = input_ids.shape
     cached = cache.get_seq_length()
-    positions = None
+    positions: torch.Tensor | None = None  # with a padding mask: real-token positions [B, cached + N]
     if attention_mask is not None:
         if tuple(attention_mask.shape) != (batch, cached + length):
             raise ValueError(
@@ -591,7 +591,7 @@ class HostKVLayer(DynamicLayer):
     reorder_cache = _no_batch_edits
 
 
-def host_cache(model_or_config: Any, *, device_layers: int = 0, reserve_tokens: int | None = None) -> Any:
+def host_cache(model_or_config: Any, *, device_layers: int = 0, reserve_tokens: int | None = None) -> DynamicCache:
     """A ``DynamicCache`` for the model whose full-attention layers keep keys/values in host memory.
 
     Layers ``0 .. device_layers-1`` and the model's sliding-window layers (small: at most one
