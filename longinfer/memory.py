@@ -289,8 +289,8 @@ def _chunk_targets(model: nn.Module, norms: bool) -> list[tuple[nn.Module, str]]
         if norms:
             targets += [(layer, name) for name, child in layer.named_children() if name.endswith("norm")]
     if norms:
-        base = _decoder_of(model) if hasattr(model, "get_decoder") else None
-        if base is not None and isinstance(getattr(base, "norm", None), nn.Module):
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model  # a base model returns itself
+        if isinstance(getattr(base, "norm", None), nn.Module):
             targets.append((base, "norm"))
     if any(isinstance(getattr(parent, name), SequenceChunked) for parent, name in targets):
         raise ValueError(f"{type(model).__name__} is already inside chunked_mlp; do not nest it")

@@ -98,6 +98,17 @@ def test_chunked_mlp_gives_the_same_logits_and_restores_the_modules(family):
     assert set(model.state_dict()) == keys
 
 
+def test_chunked_mlp_on_a_base_model():
+    model = make_model()
+    ids = token_ids(1, 40)
+    with torch.no_grad():
+        reference = model.model(ids).last_hidden_state
+        with memory.chunked_mlp(model.model, 16):
+            assert isinstance(model.model.norm, memory.SequenceChunked)
+            out = model.model(ids).last_hidden_state
+    torch.testing.assert_close(out, reference, **TOL)
+
+
 def test_chunked_mlp_restores_after_an_exception_and_refuses_nesting():
     model = make_model()
     mlp = model.model.layers[1].mlp
