@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"default plan: layers run dense below this many keys (default {DEFAULT_DENSE_BELOW})")
     parser.add_argument("--max-new-tokens", type=int, default=12, help="answer budget (default 12)")
     parser.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
-                        help="sparse backend (default auto: Triton on a GPU, torch on a CPU)")
+                        help="sparse backend (default auto: Triton on a GPU, torch on a CPU, even with "
+                             "TRITON_INTERPRET=1)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.set_defaults(func=main)
 
@@ -150,9 +151,12 @@ def main(args: argparse.Namespace) -> int:
         check_demo_options(args.length, args.depth)
         plan = longinfer.load_plan(args.plan) if args.plan is not None else None
         model, tokenizer = load_model(args.model, args.device)
+        backend = args.backend
+        if backend == "auto" and next(model.parameters()).device.type == "cpu":
+            backend = "torch"  # the Triton interpreter would take hours at demo lengths
         result = run_demo(model, tokenizer, length=args.length, depth=args.depth, seed=args.seed,
                           corpus=args.corpus, plan=plan, dense_below=args.dense_below,
-                          max_new_tokens=args.max_new_tokens, backend=args.backend)
+                          max_new_tokens=args.max_new_tokens, backend=backend)
     except (RunError, ValueError, FileNotFoundError, FetchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

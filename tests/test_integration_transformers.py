@@ -390,3 +390,10 @@ def test_causal_pair_count(nq, nk, window):
     if window is not None:
         mask &= rows - keys < window
     assert lt._causal_pairs(nq, nk, window) == int(mask.sum())
+
+
+def test_static_cache_is_refused_with_the_fix():
+    model = make_model("llama", num_hidden_layers=1)
+    with patched(model, uniform_plan(model.config, "a_shape", NEAR_DENSE_A)), \
+            pytest.raises(NotImplementedError, match="cache_implementation='static'"):
+        greedy(model, token_ids(1, 80), 2, cache_implementation="static")
