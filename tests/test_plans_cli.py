@@ -94,6 +94,7 @@ def test_search_command_writes_a_plan_and_resumes(model_dir, tmp_path, capsys):
     info = capsys.readouterr().out
     assert "recall:   mean" in info and "dense_below: not measured (no CUDA device" in info
     assert "calibration: kind=kv_retrieval, length=1024, corpus=text, seed=1" in info
+    assert "q/k captured on cpu/float32, longinfer " in info
 
 
 def test_search_command_rejects_bad_candidates_before_loading(tmp_path, capsys):

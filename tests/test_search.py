@@ -366,6 +366,8 @@ def test_search_writes_a_valid_plan(tiny_setup, tmp_path):
     assert plan.search["method"] == "search"
     assert plan.search["calibration"]["ids_sha256"] == calibration.description["ids_sha256"]
     assert len(plan.search["layers"]) == 3
+    assert plan.search["captured_on"] == [{"device": "cpu", "dtype": "float32"}]
+    assert set(plan.search["versions"]) == {"longinfer", "torch", "transformers"}
     for layer, summary in zip(plan.layers, plan.search["layers"]):
         assert layer.dense_below == search.DEFAULT_DENSE_BELOW  # no CUDA: the documented default ...
         assert summary["crossover"]["measured"] is False  # ... recorded as not measured

@@ -52,6 +52,11 @@ def _provenance(search: Mapping[str, Any]) -> list[str]:
         settings.append(f"candidates={len(search['candidates'])}")
     if settings:
         lines.append("          " + ", ".join(settings))
+    captured = search.get("captured_on")
+    if isinstance(captured, list) and captured:
+        where = ", ".join(f"{c.get('device')}/{c.get('dtype')}" for c in captured if isinstance(c, Mapping))
+        versions = search.get("versions") if isinstance(search.get("versions"), Mapping) else {}
+        lines.append(f"          q/k captured on {where}" + "".join(f", {k} {v}" for k, v in versions.items()))
     return lines
 
 

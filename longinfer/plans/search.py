@@ -771,6 +771,7 @@ def _search_layer(
         "cost": _rounded(scores.cost[chosen, heads]),
         "all_recall": _rounded(scores.recall),
         "all_cost": _rounded(scores.cost),
+        "captured": {"device": q.device.type, "dtype": str(q.dtype).removeprefix("torch.")},
     }
     names = [candidates[c].pattern for c in choice]
     logger.info("layer %d: %s; mean recall %.4f at mean cost %.4f; dense below %d", layer_index,
@@ -891,6 +892,15 @@ def search_plan(
     return plan
 
 
+def _versions() -> dict[str, str]:
+    """Versions of the libraries that shape a search's numbers."""
+    import transformers
+
+    from longinfer import __version__
+
+    return {"longinfer": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def _plan_from_records(shape: Any, records: Mapping[int, Mapping[str, Any]], candidates: Sequence[HeadPlan],
                        settings: Mapping[str, Any], model_id: str, model_revision: str | None) -> Plan:
     layers = []
@@ -901,6 +911,9 @@ def _plan_from_records(shape: Any, records: Mapping[int, Mapping[str, Any]], can
         summary.append({key: record[key] for key in ("recall", "cost", "crossover")})
     search = {key: value for key, value in settings.items() if key not in ("model", "shape")}
     search["layers"] = summary
+    captured = [records[i]["captured"] for i in range(shape.num_layers) if "captured" in records[i]]
+    search["captured_on"] = [dict(c) for c in {json.dumps(c, sort_keys=True): c for c in captured}.values()]
+    search["versions"] = _versions()
     return Plan(model_id=model_id, model_revision=model_revision, **dataclasses.asdict(shape), layers=tuple(layers),
                 search=search)
 
