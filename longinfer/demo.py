@@ -4,7 +4,7 @@ On the built-in default model (SmolLM2-135M, fetched from PyPI and verified on f
 prompt of ``--length`` tokens of Paul Graham essays hides "The special magic number for <city> is
 <7 digits>." at ``--depth``; the model answers once with stock dense attention (sdpa) and once
 with longinfer sparse prefill. Both answers, pass/fail, prefill times and the attention density
-are printed. About a minute on a 2-core CPU (float32) at the default 4096 tokens, after the
+are printed. One to two minutes on a 2-core CPU (float32) at the default 4096 tokens, after the
 first download.
 
 The plan is the default plan (vertical-slash with a coverage budget on every head) with its

@@ -102,6 +102,7 @@ def test_run_dense_and_chunked(capsys, caplog, model_dir, prompt_file, plan_file
         (["--plan", "missing-plan.json"], "plan file missing-plan.json does not exist"),
         (["--dense", "--plan", "PLAN"], "--dense runs without a plan"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--chat"], "this tokenizer has no chat template"),
     ],
 )
 def test_run_errors_name_the_problem(capsys, model_dir, prompt_file, plan_file, extra, message):

@@ -448,6 +448,7 @@ class AttentionStats:
         calls, decode_calls, dense_calls, sparse_calls, window_calls: call counts over all layers;
             decode calls have fewer than ``SPARSE_MIN_QUERIES`` queries, dense calls ran dense by
             the plan's threshold, window calls ran the model's sliding window (or softcap) exactly.
+            ``calls`` counts attention calls; the others count a padded batch once per sequence.
     """
 
     density: float
