@@ -500,3 +500,19 @@ def test_dense_below_is_measured_on_cuda():
                                                      lengths=(2048, 4096, 8192), repeats=3, warmup=1)
     assert record["measured"] is True and record["lengths"] == [2048, 4096, 8192]
     assert len(record["dense_ms"]) == len(record["sparse_ms"]) == 3 and dense_below > 0
+
+
+def test_builtin_plans_load_and_match_their_zoo_models():
+    from pathlib import Path
+
+    from longinfer.models import zoo
+
+    paths = sorted((Path(search.__file__).parent / "builtin").glob("*.json"))
+    assert paths
+    for path in paths:
+        plan = Plan.load(path)
+        model = zoo.get_model(plan.model_id)
+        plan.check_matches({"num_layers": model.num_layers, "num_q_heads": model.num_q_heads,
+                            "num_kv_heads": model.num_kv_heads, "head_dim": model.head_dim})
+        assert plan.model_revision == f"sha256:{model.file.sha256}"
+        assert plan.search["method"] == "search" and len(plan.search["layers"]) == plan.num_layers
