@@ -33,7 +33,8 @@ until the file is removed (``restart=True``). The plan is written when every lay
 
 Memory: the captured q/k of the layers searched in one forward pass
 (``layers * N * (Hq + Hkv) * D`` elements in the model's dtype; ``layers_per_forward`` bounds it),
-plus per scoring step ``O(Hq * row_chunk * key_chunk)`` floats and the candidates' indices.
+plus per scoring step ``O(Hq * row_chunk * key_chunk)`` floats, one candidate's index and its mask
+for ``row_chunk`` rows (``[B, H, row_chunk, N]`` booleans).
 """
 
 from __future__ import annotations
@@ -845,6 +846,8 @@ def search_plan(
         raise TypeError("candidates must be a non-empty sequence of HeadPlan (see parse_candidate)")
     if num_rows < 1:
         raise ValueError(f"num_rows must be >= 1, got {num_rows}")
+    if not cost_budget > 0 or not recall_tolerance >= 0:
+        raise ValueError(f"cost_budget must be > 0 and recall_tolerance >= 0, got {cost_budget}, {recall_tolerance}")
     if dense_below is not None and (not isinstance(dense_below, int) or dense_below < 0):
         raise ValueError(f"dense_below must be a non-negative int or None, got {dense_below!r}")
     if model_id is None:
