@@ -1,6 +1,7 @@
 """Plan schema: round trips, validation against the registry and the model, version errors."""
 
 import json
+import os
 
 import pytest
 import transformers
@@ -46,6 +47,15 @@ def test_round_trip_through_file(tmp_path):
     # Every parameter is written out, defaults included.
     assert set(data["layers"][0]["heads"][0]["params"]) == set(VerticalSlashConfig.__dataclass_fields__)
     assert data["model"] == {"id": "tiny/model", "revision": "abc123", **SHAPE}
+
+
+def test_saved_plan_is_readable_by_others(tmp_path):
+    old = os.umask(0o022)
+    try:
+        _mixed_plan().save(tmp_path / "plan.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "plan.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_plan_is_immutable():

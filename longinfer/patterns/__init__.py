@@ -22,6 +22,9 @@ from longinfer.patterns.registry import (
 )
 from longinfer.patterns.vertical_slash import VerticalSlashConfig, VerticalSlashSelection, estimate_vertical_slash
 
+# Registered last: TriangleMix's pattern builds on the registry and the others.
+from longinfer.patterns import triangle  # noqa: E402,F401  (registers "triangle")
+
 __all__ = [
     "AShapeConfig",
     "AShapeSelection",

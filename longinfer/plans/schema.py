@@ -381,6 +381,7 @@ class Plan:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
+            os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; plans are meant to be shared
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)
@@ -454,3 +455,9 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
         model_id=model_id,
         search={"method": "default"},
     )
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
