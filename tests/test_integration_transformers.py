@@ -397,3 +397,96 @@ def test_static_cache_is_refused_with_the_fix():
     with patched(model, uniform_plan(model.config, "a_shape", NEAR_DENSE_A)), \
             pytest.raises(NotImplementedError, match="cache_implementation='static'"):
         greedy(model, token_ids(1, 80), 2, cache_implementation="static")
+
+
+# --------------------------------------------------------------------------- one index per KV group
+
+
+def test_head_buckets_share_whole_kv_groups_only():
+    vs, a = HeadPlan.from_params("vertical_slash", {}), HeadPlan.from_params("a_shape", {})
+    heads = (vs, vs, vs, vs, a, vs)  # 6 query heads, 2 KV groups: group 0 all vs, group 1 mixed
+    shared = lt.head_buckets(LayerPlan(heads=heads, share_kv_groups=True), num_kv_heads=2)
+    assert [(b.q_heads, b.kv_heads, b.per_kv_group) for b in shared] == [
+        ((3, 5), (1,), False), ((0, 1, 2), (0,), True), ((4,), (1,), False),
+    ]
+    assert not any(b.per_kv_group for b in lt.head_buckets(LayerPlan(heads=heads), num_kv_heads=2))
+
+
+def _union_reference(q, k, v, layer: LayerPlan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``layer`` from per-query-head estimates (with ``share_kv_groups``: OR-ed over each KV
+    group whose heads share a plan, what the flag promises), by the reference masked attention; and that mask."""
+    from longinfer.ops.reference import masked_attention
+    from longinfer.patterns import get_pattern
+
+    hq, hkv, n = q.shape[1], k.shape[1], k.shape[2]
+    group = hq // hkv
+    masks = []
+    for h, head in enumerate(layer.heads):
+        spec = get_pattern(head.pattern)
+        selection = spec.estimate(q[:, h:h + 1], k[:, h // group:h // group + 1], head.config, sm_scale=scale)
+        masks.append(spec.reference_mask(selection, torch.arange(n)).expand(1, 1, n, n))
+    mask = torch.cat(masks, 1)
+    for kv in range(hkv):
+        members = slice(kv * group, (kv + 1) * group)
+        if layer.share_kv_groups and len(set(layer.heads[members])) == 1:
+            mask[:, members] = mask[:, members].any(1, keepdim=True)
+    return masked_attention(q, k, v, mask, sm_scale=scale), mask
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_shared_kv_group_index_is_the_union_of_its_heads(backend):
+    """8 query heads, 2 KV heads: group 0 shares one vertical-slash plan (one union index), group 1
+    mixes vertical-slash and block-sparse (per-head indices). The layer equals the reference attention
+    under per-head masks OR-ed over group 0, and its density is at least the unshared layer's."""
+    gen = torch.Generator().manual_seed(3)
+    n, scale = 256, 64**-0.5
+    q = torch.randn(1, 8, n, 64, generator=gen)
+    k, v = torch.randn(1, 2, n, 64, generator=gen), torch.randn(1, 2, n, 64, generator=gen)
+    vs = HeadPlan.from_params("vertical_slash", SPARSE_VS)
+    bs = HeadPlan.from_params("block_sparse", {"num_blocks": 2})
+    heads = (vs,) * 4 + (vs, bs, vs, vs)
+    densities = {}
+    for share in (True, False):
+        layer = LayerPlan(heads=heads, share_kv_groups=share)
+        plan = Plan(model_id="tiny", num_layers=1, num_q_heads=8, num_kv_heads=2, head_dim=64, layers=(layer,))
+        runtime = lt.LayerRuntime.build(plan, 0, backend)
+        out = lt._sparse_attention(lt._CallContext(runtime, backend, scale, None, None), q, k, v)
+        expected, mask = _union_reference(q, k, v, layer, scale)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        exact = mask.sum().item() / (8 * lt._causal_pairs(n, n))
+        densities[share] = float(runtime.stats.kept_sparse) / runtime.stats.total_pairs
+        assert densities[share] == pytest.approx(exact, rel=0.15)
+    assert densities[True] > densities[False]
+
+
+def gqa_plan(config, params: dict, *, share: bool) -> Plan:
+    return uniform_plan(config, "vertical_slash", params, model_id="tiny", share_kv_groups=share)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])  # GQA ratios 2 and 4
+def test_near_dense_plan_with_shared_kv_groups_matches_dense(kv_heads):
+    model = make_model("llama", num_hidden_layers=1, num_key_value_heads=kv_heads)
+    ids = token_ids(1, 128)
+    reference = logits(model, ids)
+    with patched(model, gqa_plan(model.config, NEAR_DENSE_VS, share=True), backend="triton"):
+        out = logits(model, ids)
+        stats = lt.attention_stats(model)
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-4)
+    assert stats.sparse_calls == 1 and stats.density == pytest.approx(1.0)
+
+
+def test_sparse_plan_with_shared_kv_groups_keeps_more_keys_and_backends_agree():
+    model = make_model("llama", num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1)
+    ids = token_ids(1, 192)
+    reference = logits(model, ids)
+    runs = {}
+    for share, backend in ((True, "triton"), (True, "torch"), (False, "torch")):
+        with patched(model, gqa_plan(model.config, SPARSE_VS, share=share), backend=backend):
+            runs[share, backend] = (logits(model, ids), lt.attention_stats(model).density)
+    (shared, shared_density), (torch_shared, torch_density), (per_head, per_head_density) = runs.values()
+    torch.testing.assert_close(shared, torch_shared, atol=2e-5, rtol=1e-4)
+    assert shared_density == pytest.approx(torch_density)
+    assert per_head_density < shared_density < 1.0  # the union adds keys, still sparse
+    error_shared = (shared - reference).abs().max()
+    error_per_head = (per_head - reference).abs().max()
+    assert 0 < error_shared <= error_per_head  # more of the true attention kept: closer to dense

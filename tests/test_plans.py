@@ -1,5 +1,6 @@
 """Plan schema: round trips, validation against the registry and the model, version errors."""
 
+import dataclasses
 import json
 import os
 
@@ -47,6 +48,30 @@ def test_round_trip_through_file(tmp_path):
     # Every parameter is written out, defaults included.
     assert set(data["layers"][0]["heads"][0]["params"]) == set(VerticalSlashConfig.__dataclass_fields__)
     assert data["model"] == {"id": "tiny/model", "revision": "abc123", **SHAPE}
+
+
+def test_share_kv_groups_round_trips_and_old_files_read_as_false(tmp_path):
+    plan = _mixed_plan()
+    shared = dataclasses.replace(plan, layers=(plan.layers[0], dataclasses.replace(plan.layers[1], share_kv_groups=True),
+                                               plan.layers[2]))
+    path = tmp_path / "shared.json"
+    shared.save(path)
+    loaded = Plan.load(path)
+    assert loaded == shared and loaded != plan
+    assert [layer.share_kv_groups for layer in loaded.layers] == [False, True, False]
+    data = json.loads(path.read_text())
+    assert data["layers"][1]["share_kv_groups"] is True
+    # A layer without the flag writes no key, so files stay what schema 1 always was ...
+    assert "share_kv_groups" not in data["layers"][0]
+    plan.save(tmp_path / "plain.json")
+    assert "share_kv_groups" not in (tmp_path / "plain.json").read_text()
+    # ... and a file written before the flag existed (no key anywhere) loads with it off.
+    old = plan.to_dict()
+    for layer in old["layers"]:
+        layer.pop("share_kv_groups", None)
+    assert all(not layer.share_kv_groups for layer in Plan.from_dict(old).layers)
+    with pytest.raises(TypeError, match="share_kv_groups must be true or false"):
+        LayerPlan(plan.layers[0].heads, share_kv_groups="yes")
 
 
 def test_saved_plan_is_readable_by_others(tmp_path):
@@ -133,6 +158,8 @@ def test_missing_version_is_not_a_plan(tmp_path):
         (lambda d: d["layers"][2]["heads"].pop(), ValueError, r"layers\[2\] has 3 heads but num_q_heads is 4"),
         (lambda d: d["layers"].pop(), ValueError, "plan has 2 layers but num_layers is 3"),
         (lambda d: d["layers"][0].update(dense_below=-1), ValueError, "dense_below must be >= 0"),
+        (lambda d: d["layers"][1].update(share_kv_groups=1), TypeError, r"layers\[1\].*share_kv_groups must be true or false"),
+        (lambda d: d["layers"][1].update(share_kv_group=True), ValueError, r"layers\[1\] has unknown key.*share_kv_group"),
         (lambda d: d["model"].pop("head_dim"), ValueError, r"plan.model is missing \['head_dim'\]"),
         (lambda d: d.update(extra=1), ValueError, r"unknown key\(s\) \['extra'\]"),
         (lambda d: d["model"].update(num_kv_heads=3), ValueError, "multiple of num_kv_heads"),
@@ -162,6 +189,9 @@ def test_uniform_and_default_plan():
     assert all(h.config == DEFAULT_PATTERN_CONFIG for layer in plan.layers for h in layer.heads)
     assert DEFAULT_PATTERN_CONFIG.budget == "coverage"
     assert len(plan.layers) == 2 and len(plan.layers[0].heads) == 6
+    assert not any(layer.share_kv_groups for layer in plan.layers)
+    assert all(layer.share_kv_groups for layer in default_plan_for(cfg, share_kv_groups=True).layers)
+    assert all(layer.share_kv_groups for layer in uniform_plan(cfg, "block_sparse", share_kv_groups=True).layers)
     plan.check_matches(cfg)
     with pytest.raises(ValueError, match="unknown pattern"):
         uniform_plan(cfg, "triangle_mix")

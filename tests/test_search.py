@@ -367,6 +367,7 @@ def test_search_writes_a_valid_plan(tiny_setup, tmp_path):
     assert plan.search["calibration"]["ids_sha256"] == calibration.description["ids_sha256"]
     assert len(plan.search["layers"]) == 3
     assert plan.search["captured_on"] == [{"device": "cpu", "dtype": "float32"}]
+    assert not any(layer.share_kv_groups for layer in plan.layers)
     assert set(plan.search["versions"]) == {"longinfer", "torch", "transformers"}
     for layer, summary in zip(plan.layers, plan.search["layers"]):
         assert layer.dense_below == search.DEFAULT_DENSE_BELOW  # no CUDA: the documented default ...
@@ -434,6 +435,7 @@ def test_search_with_shared_kv_groups_gives_groups_one_pattern(tiny_setup, tmp_p
     for layer in plan.layers:
         assert layer.heads[0] == layer.heads[1] and layer.heads[2] == layer.heads[3]
         assert layer.dense_below == 777
+        assert layer.share_kv_groups  # the integration runs what was scored: one index per KV group
     assert plan.search["share_kv_groups"] is True
 
 

@@ -32,7 +32,10 @@ queries = the last ``Nq`` key positions (a chunk after a cached prefix has ``Nk 
    kernel launch per group. Heads are gathered per KV head so the kernel sees a plain GQA layout
    (``n`` query heads per KV head): whole KV groups sharing a pattern need no K/V copy at all,
    partial groups copy only the K/V heads they read. The index is estimated from the chunk's own
-   last queries against all (cached + new) keys.
+   last queries against all (cached + new) keys. When the layer plan has ``share_kv_groups``, a
+   bucket of whole KV groups is estimated once per KV group (``per_kv_group=True``: the union of
+   the group's query heads' selections) and the kernel gets that index with ``Hkv`` heads, so it
+   stacks the group's query heads in one tile and shares every K/V load.
 
 Backends: ``"triton"`` runs the kernels of :mod:`longinfer.ops` (CUDA, or CPU under
 ``TRITON_INTERPRET=1``); ``"torch"`` computes the same masks (the kernels' reference semantics)
@@ -163,11 +166,14 @@ class HeadBucket:
         head: the shared head plan.
         q_heads: query head ids, grouped by KV head (``group_size`` consecutive ids per KV head).
         kv_heads: the KV heads they read, one per group.
+        per_kv_group: estimate one index per KV head (the union of its query heads), set when the
+            layer plan shares KV groups and the bucket holds whole KV groups.
     """
 
     head: HeadPlan
     q_heads: tuple[int, ...]
     kv_heads: tuple[int, ...]
+    per_kv_group: bool = False
 
     @property
     def group_size(self) -> int:
@@ -181,6 +187,8 @@ def head_buckets(layer: LayerPlan, num_kv_heads: int) -> tuple[HeadBucket, ...]:
     Query head ``h`` reads KV head ``h // (Hq // Hkv)``. A plan shared by whole KV groups gives one
     bucket with the model's own GQA ratio; a plan shared by, say, 2 of 3 heads in each group gives
     a bucket of ratio 2. Buckets never contain a K/V head twice, so GQA is never expanded.
+    With ``layer.share_kv_groups``, buckets of whole KV groups get ``per_kv_group=True``; a KV
+    group whose heads have different plans keeps per-head indices.
     """
     num_q_heads = len(layer.heads)
     group = num_q_heads // num_kv_heads
@@ -195,7 +203,8 @@ def head_buckets(layer: LayerPlan, num_kv_heads: int) -> tuple[HeadBucket, ...]:
         for count in sorted(by_count):
             kv_heads = tuple(sorted(by_count[count]))
             q_heads = tuple(h for kv in kv_heads for h in sorted(per_kv[kv]))
-            buckets.append(HeadBucket(head, q_heads, kv_heads))
+            whole_groups = count == group
+            buckets.append(HeadBucket(head, q_heads, kv_heads, per_kv_group=layer.share_kv_groups and whole_groups))
     return tuple(buckets)
 
 
@@ -703,7 +712,7 @@ def _sparse_attention(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: to
         qb = q if q_idx is None else q.index_select(1, q_idx)
         kb = k if kv_idx is None else k.index_select(1, kv_idx)
         vb = v if kv_idx is None else v.index_select(1, kv_idx)
-        ob, ratio = _run_bucket(bucket.head, qb, kb, vb, ctx)
+        ob, ratio = _run_bucket(bucket, qb, kb, vb, ctx)
         bucket_kept = ratio * (pairs * len(bucket.q_heads))
         kept = bucket_kept if kept is None else kept + bucket_kept
         if q_idx is None:
@@ -716,13 +725,19 @@ def _sparse_attention(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: to
     return out
 
 
-def _run_bucket(head: HeadPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def _run_bucket(bucket: HeadBucket, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 ctx: _CallContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of one bucket and the share of its causal pairs it kept (a 0-d tensor)."""
+    """Attention of one bucket and the share of its causal pairs it kept (a 0-d tensor).
+
+    ``q [B, n * g, Nq, D]``, ``k, v [B, n, Nk, D]`` (the bucket's heads). The selection has
+    ``n * g`` heads, or ``n`` with ``bucket.per_kv_group``; a KV head's mask then applies to each
+    of its ``g`` query heads, so the mean kept share over the index heads is the per-query-head one.
+    """
+    head = bucket.head
     spec = get_pattern(head.pattern)
     if head.pattern == "dense":
         return _dense_attention(q, k, v, ctx.scale, ctx.backend), torch.ones((), device=q.device)
-    selection = spec.estimate(q, k, head.config, sm_scale=ctx.scale)
+    selection = spec.estimate(q, k, head.config, sm_scale=ctx.scale, per_kv_group=bucket.per_kv_group)
     if ctx.backend == "triton":
         ratio = _sampled_density(_reference_rows(spec, selection), q.shape[2], k.shape[2], q.device)
         return spec.run(q, k, v, selection, head.config, sm_scale=ctx.scale), ratio

@@ -17,9 +17,15 @@ JSON layout (``schema_version`` 1)::
       "layers": [
         {"dense_below": 16384,
          "heads": [{"pattern": "vertical_slash", "params": {"num_vertical": 1000, ...}}, ...]},
+        {"dense_below": 16384, "share_kv_groups": true, "heads": [...]},
         ...
       ]
     }
+
+``share_kv_groups`` (optional, default ``false``; written only when true, so plans without it stay
+readable by older versions of schema 1): the query heads of a KV group that share one head plan
+use one index for the group, the union of their estimates, so the kernels stack them in one tile
+and share every K/V load.
 
 Every head lists all parameters of its pattern (defaults filled in on save), so a plan reads the
 same whatever the library's defaults become. Unknown keys anywhere are an error.
@@ -182,10 +188,14 @@ class LayerPlan:
         heads: ``num_q_heads`` head plans, in query-head order.
         dense_below: the layer runs dense attention when the number of key positions (prefix
             included) is below this; 0 = never dense.
+        share_kv_groups: a KV group whose query heads all share one head plan is estimated once
+            for the group (one index with ``Hkv`` heads, the union of its heads' selections);
+            groups with mixed plans still get one index per query head.
     """
 
     heads: tuple[HeadPlan, ...]
     dense_below: int = 0
+    share_kv_groups: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", tuple(self.heads))
@@ -195,6 +205,11 @@ class LayerPlan:
             if not isinstance(head, HeadPlan):
                 raise TypeError(f"heads[{i}] must be a HeadPlan, got {type(head).__name__}")
         _require_int("dense_below", self.dense_below, 0)
+        if not isinstance(self.share_kv_groups, bool):
+            raise TypeError(
+                f"share_kv_groups must be true or false, got {type(self.share_kv_groups).__name__} "
+                f"{self.share_kv_groups!r}"
+            )
 
     def runs_dense(self, k_len: int) -> bool:
         """True when a call with ``k_len`` key positions should use dense attention."""
@@ -211,16 +226,22 @@ class LayerPlan:
         return tuple((head, tuple(ids)) for head, ids in groups.items())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dense_below": self.dense_below, "heads": [h.to_dict() for h in self.heads]}
+        """The JSON form; ``share_kv_groups`` only when true (absent reads as false)."""
+        data: dict[str, Any] = {"dense_below": self.dense_below}
+        if self.share_kv_groups:
+            data["share_kv_groups"] = True
+        data["heads"] = [h.to_dict() for h in self.heads]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, location: str = "layer") -> LayerPlan:
-        _require_keys(location, data, {"heads", "dense_below"})
+        _require_keys(location, data, {"heads", "dense_below"}, frozenset({"share_kv_groups"}))
         if not isinstance(data["heads"], list):
             raise TypeError(f"{location}.heads must be a JSON list, got {type(data['heads']).__name__}")
         heads = tuple(HeadPlan.from_dict(h, f"{location}.heads[{i}]") for i, h in enumerate(data["heads"]))
         try:
-            return cls(heads=heads, dense_below=data["dense_below"])
+            return cls(heads=heads, dense_below=data["dense_below"],
+                       share_kv_groups=data.get("share_kv_groups", False))
         except (ValueError, TypeError) as error:
             raise _where(location, error) from error
 
@@ -231,7 +252,8 @@ def _format_plan_json(data: dict[str, Any]) -> str:
     layers = []
     for layer in data["layers"]:
         heads = ",\n   ".join(json.dumps(head) for head in layer["heads"])
-        layers.append(f'  {{"dense_below": {json.dumps(layer["dense_below"])}, "heads": [\n   {heads}\n  ]}}')
+        share = f'"share_kv_groups": {json.dumps(layer["share_kv_groups"])}, ' if "share_kv_groups" in layer else ""
+        layers.append(f'  {{"dense_below": {json.dumps(layer["dense_below"])}, {share}"heads": [\n   {heads}\n  ]}}')
     return header[:-2] + ',\n "layers": [\n' + ",\n".join(layers) + "\n ]\n}\n"
 
 
@@ -410,6 +432,7 @@ def uniform_plan(
     model_id: str | None = None,
     model_revision: str | None = None,
     search: Mapping[str, Any] | None = None,
+    share_kv_groups: bool = False,
 ) -> Plan:
     """A plan with the same pattern and parameters for every head of every layer.
 
@@ -420,10 +443,11 @@ def uniform_plan(
         dense_below: per-layer dense threshold (key positions), the same for every layer.
         model_id: defaults to the config's ``name_or_path`` when it has one, else ``""``.
         search: provenance; default ``{"method": "uniform"}``.
+        share_kv_groups: one index per KV group (see :class:`LayerPlan`) in every layer.
     """
     shape = model_shape(model_config_fields)
     head = HeadPlan.from_params(pattern, params)
-    layer = LayerPlan(heads=(head,) * shape.num_q_heads, dense_below=dense_below)
+    layer = LayerPlan(heads=(head,) * shape.num_q_heads, dense_below=dense_below, share_kv_groups=share_kv_groups)
     if model_id is None:
         model_id = str(getattr(model_config_fields, "name_or_path", "") or "")
     return Plan(
@@ -435,7 +459,8 @@ def uniform_plan(
     )
 
 
-def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: int = DEFAULT_DENSE_BELOW) -> Plan:
+def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: int = DEFAULT_DENSE_BELOW,
+                     share_kv_groups: bool = False) -> Plan:
     """The plan used when the user gives none.
 
     Every head of every layer uses :data:`DEFAULT_PATTERN_CONFIG`: vertical-slash from the last
@@ -446,6 +471,8 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
 
     Args:
         config: anything :func:`model_shape` accepts.
+        share_kv_groups: estimate one index per KV group (the union of its heads' selections), so
+            the kernels share K/V loads between the group's query heads (see :class:`LayerPlan`).
     """
     return uniform_plan(
         config,
@@ -454,6 +481,7 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
         dense_below,
         model_id=model_id,
         search={"method": "default"},
+        share_kv_groups=share_kv_groups,
     )
 
 

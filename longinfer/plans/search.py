@@ -752,7 +752,8 @@ def _search_layer(
     group = q.shape[1] // num_kv_heads if settings["share_kv_groups"] else 1
     choice = choose_candidates(scores, settings["cost_budget"], recall_tolerance=settings["recall_tolerance"],
                                group_size=group)
-    layer_plan = LayerPlan(tuple(candidates[c] for c in choice), dense_below=0)
+    layer_plan = LayerPlan(tuple(candidates[c] for c in choice), dense_below=0,
+                           share_kv_groups=settings["share_kv_groups"])
     if settings["dense_below"] is not None:
         dense_below, crossover = settings["dense_below"], {"measured": False, "reason": "given by the user"}
     elif not settings["measure_crossover"]:
@@ -822,7 +823,8 @@ def search_plan(
         recall_tolerance: recalls this close to the best count as a tie (the cheaper wins).
         num_rows: sampled query rows per layer for recall.
         seed: seeds the calibration prompt and the sampled rows.
-        share_kv_groups: give each KV group one pattern (estimated once for the group).
+        share_kv_groups: give each KV group one pattern (estimated once for the group); every
+            layer of the plan records it (``LayerPlan.share_kv_groups``) so the integration runs it so.
         dense_below: use this threshold for every layer instead of measuring it.
         measure_crossover: time the dense crossover (CUDA only; see :func:`measure_dense_below`).
         crossover_lengths: lengths to time at (those beyond the calibration length are skipped).
@@ -910,7 +912,8 @@ def _plan_from_records(shape: Any, records: Mapping[int, Mapping[str, Any]], can
     summary = []
     for index in range(shape.num_layers):
         record = records[index]
-        layers.append(LayerPlan(tuple(candidates[c] for c in record["choice"]), dense_below=record["dense_below"]))
+        layers.append(LayerPlan(tuple(candidates[c] for c in record["choice"]), dense_below=record["dense_below"],
+                                share_kv_groups=settings["share_kv_groups"]))
         summary.append({key: record[key] for key in ("recall", "cost", "crossover")})
     search = {key: value for key, value in settings.items() if key not in ("model", "shape")}
     search["layers"] = summary
