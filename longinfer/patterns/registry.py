@@ -29,9 +29,16 @@ import torch
 from longinfer.patterns.a_shape import AShapeConfig, AShapeSelection, estimate_a_shape
 from longinfer.patterns.block_sparse import BlockSparseConfig, BlockSparseSelection, estimate_block_sparse
 from longinfer.patterns.dense import DenseConfig, DenseSelection, estimate_dense
-from longinfer.patterns.vertical_slash import VerticalSlashConfig, VerticalSlashSelection, estimate_vertical_slash
+from longinfer.patterns.vertical_slash import (
+    SegmentedVerticalSlashSelection,
+    VerticalSlashConfig,
+    VerticalSlashSelection,
+    estimate_vertical_slash,
+    run_segmented,
+)
 
-Selection = VerticalSlashSelection | BlockSparseSelection | AShapeSelection | DenseSelection
+Selection = (VerticalSlashSelection | SegmentedVerticalSlashSelection | BlockSparseSelection | AShapeSelection
+             | DenseSelection)
 
 
 @dataclass(frozen=True)
@@ -57,8 +64,12 @@ class PatternSpec:
         return selection.mask(rows)
 
 
-def _run_vertical_slash(q, k, v, selection: VerticalSlashSelection, config: VerticalSlashConfig, *, sm_scale=None):
+def _run_vertical_slash(q, k, v, selection: VerticalSlashSelection | SegmentedVerticalSlashSelection,
+                        config: VerticalSlashConfig, *, sm_scale=None):
     from longinfer import ops
+
+    if isinstance(selection, SegmentedVerticalSlashSelection):
+        return run_segmented(q, k, v, selection, block_size=config.block_size, sm_scale=sm_scale)
 
     return ops.vertical_slash_attention(q, k, v, selection.vertical, selection.slash,
                                         block_size=config.block_size, sm_scale=sm_scale)

@@ -25,10 +25,20 @@ Output format (what :func:`longinfer.ops.vertical_slash_attention` takes): ``ver
 and ``slash [B, H, S]`` int64 with ``V = num_vertical`` and ``S = num_slash`` in both modes
 (times ``Hq // Hkv`` for a per-KV-group union); chosen entries come first, ascending, and unused
 slots hold ``-1``, which the kernels ignore.
+
+Segments (``segments > 1``): the query positions are cut into contiguous segments (boundaries on
+multiples of ``block_size``) and each segment gets its own index, estimated as above from the last
+``last_q`` queries *of that segment* against the keys up to the segment's end, with the same
+budget (fixed counts clip to the segment's key count; coverage keeps the same ``tau``). At long
+context the last queries of the whole sequence miss what early query blocks attend; queries near
+each block see it. The result is a :class:`SegmentedVerticalSlashSelection`, run as one kernel call
+per segment with k/v cut at the segment's end (:func:`run_segmented`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -65,6 +75,8 @@ class VerticalSlashConfig:
         min_vertical, min_slash: minimum columns / diagonals in coverage mode (forced ones count).
         block_size: the kernel's query tile; slashes are covered for whole tiles (see
             :func:`longinfer.ops.reference.vertical_slash_mask`).
+        segments: number of query segments with their own index (1 = one index for all queries);
+            short inputs get fewer (segments are at least one ``block_size`` tile long).
     """
 
     num_vertical: int = 1000
@@ -77,6 +89,7 @@ class VerticalSlashConfig:
     min_vertical: int = 0
     min_slash: int = 0
     block_size: int = 64
+    segments: int = 1
 
     def __post_init__(self) -> None:
         check_config_fields(self)
@@ -95,6 +108,7 @@ class VerticalSlashConfig:
                 f"{name}.min_slash must lie in [0, num_slash={self.num_slash}], got {self.min_slash}")
         require(self.block_size in KERNEL_BLOCK_SIZES,
                 f"{name}.block_size must be one of {KERNEL_BLOCK_SIZES}, got {self.block_size}")
+        require(self.segments >= 1, f"{name}.segments must be >= 1, got {self.segments}")
 
 
 @dataclass(frozen=True)
@@ -122,6 +136,84 @@ class VerticalSlashSelection:
     def mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Reference mask ``[B, H, R, Nk]`` of the kernel for absolute query positions ``rows``."""
         return reference.vertical_slash_mask(self.vertical, self.slash, self.k_len, self.block_size, rows=rows)
+
+
+@dataclass(frozen=True)
+class SegmentedVerticalSlashSelection:
+    """One vertical-slash index per contiguous query segment.
+
+    Attributes:
+        bounds: ``((start, end), ...)`` absolute query positions of each segment, contiguous and
+            ascending; the last ``end`` is ``k_len``.
+        parts: per segment a :class:`VerticalSlashSelection` for keys ``0 .. end - 1``
+            (``part.k_len == end``); all parts have the same ``H``.
+        k_len: number of key positions ``Nk`` of the whole call.
+        block_size: kernel query tile.
+
+    Query row ``i`` uses the index of the segment containing it; rows before the first segment
+    (a cached prefix, not queries of the call) are given the first segment's index.
+    """
+
+    bounds: tuple[tuple[int, int], ...]
+    parts: tuple[VerticalSlashSelection, ...]
+    k_len: int
+    block_size: int = 64
+
+    def __post_init__(self) -> None:
+        require(len(self.bounds) == len(self.parts) >= 1,
+                f"SegmentedVerticalSlashSelection needs one part per segment, got {len(self.bounds)} bounds "
+                f"and {len(self.parts)} parts")
+        require(all(a[1] == b[0] for a, b in itertools.pairwise(self.bounds))
+                and all(start < end for start, end in self.bounds) and self.bounds[-1][1] == self.k_len,
+                f"segment bounds {self.bounds} must be contiguous, non-empty and end at k_len={self.k_len}")
+        require(all(part.k_len == end for part, (_, end) in zip(self.parts, self.bounds)),
+                "each part's k_len must equal its segment's end")
+
+    @property
+    def num_heads(self) -> int:
+        return self.parts[0].num_heads
+
+    @property
+    def q_len(self) -> int:
+        """Number of query positions covered (``k_len - bounds[0][0]``)."""
+        return self.k_len - self.bounds[0][0]
+
+    def mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Reference mask ``[B, H, R, Nk]`` for absolute query positions ``rows`` (default all ``Nk``).
+
+        Memory: the ``[B, H, R, Nk]`` boolean output plus one segment's rows at a time.
+        """
+        device = self.parts[0].vertical.device
+        rows = torch.arange(self.k_len, device=device) if rows is None else rows.to(device=device, dtype=torch.long)
+        require(rows.dim() == 1, f"rows must be 1-D query positions, got shape {tuple(rows.shape)}")
+        bsz, heads = self.parts[0].vertical.shape[:2]
+        out = torch.zeros(bsz, heads, rows.numel(), self.k_len, dtype=torch.bool, device=device)
+        for number, ((start, end), part) in enumerate(zip(self.bounds, self.parts)):  # a few segments
+            low = 0 if number == 0 else start  # prefix rows take the first segment's index
+            picked = ((rows >= low) & (rows < end)).nonzero().flatten()
+            if picked.numel():
+                out[:, :, picked] = reference.vertical_slash_mask(
+                    part.vertical, part.slash, self.k_len, self.block_size, rows=rows[picked])
+        return out
+
+
+def segment_bounds(q_len: int, k_len: int, segments: int, block_size: int) -> tuple[tuple[int, int], ...]:
+    """Cut the query positions ``k_len - q_len .. k_len - 1`` into at most ``segments`` contiguous parts.
+
+    Inner boundaries are the multiples of ``block_size`` nearest to equal shares of the queries, so
+    no kernel tile straddles two segments; boundaries that would leave a segment empty are dropped
+    (short inputs get fewer segments). Returns ``((start, end), ...)`` absolute positions.
+    """
+    require(1 <= q_len <= k_len, f"need 1 <= q_len ({q_len}) <= k_len ({k_len})")
+    require(segments >= 1, f"segments must be >= 1, got {segments}")
+    first = k_len - q_len
+    cuts = [first]
+    for number in range(1, segments):
+        cut = round((first + q_len * number / segments) / block_size) * block_size
+        if cuts[-1] < cut < k_len:
+            cuts.append(cut)
+    cuts.append(k_len)
+    return tuple(itertools.pairwise(cuts))
 
 
 def _grouped_last_queries(q: torch.Tensor, kv_heads: int, last: int) -> torch.Tensor:
@@ -263,12 +355,15 @@ def estimate_vertical_slash(
 
     Returns:
         A :class:`VerticalSlashSelection` with ``vertical [B, H, V]`` / ``slash [B, H, S]`` int64,
-        ``-1``-padded (see the module docstring).
+        ``-1``-padded (see the module docstring); with ``config.segments > 1`` a
+        :class:`SegmentedVerticalSlashSelection` (see :func:`estimate_segmented`).
 
     Memory: as :func:`estimate_masses` plus a few ``[B, Hq, 2 * Nk]`` tensors.
     """
     if not isinstance(config, VerticalSlashConfig):
         raise TypeError(f"config must be a VerticalSlashConfig, got {type(config).__name__}")
+    if config.segments > 1:
+        return estimate_segmented(q, k, config, sm_scale=sm_scale, per_kv_group=per_kv_group)
     columns, diagonals = estimate_masses(q, k, config, sm_scale=sm_scale)
     chosen_cols, chosen_diags = choose(columns, diagonals, config)
     widths = (config.num_vertical, config.num_slash)
@@ -283,3 +378,67 @@ def estimate_vertical_slash(
         k_len=k.shape[2],
         block_size=config.block_size,
     )
+
+
+def estimate_segmented(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: VerticalSlashConfig,
+    *,
+    sm_scale: float | None = None,
+    per_kv_group: bool = False,
+) -> SegmentedVerticalSlashSelection:
+    """One vertical-slash index per query segment (:func:`segment_bounds` with ``config.segments``).
+
+    Segment ``[start, end)`` is estimated exactly as :func:`estimate_vertical_slash` with one
+    segment would on ``q`` rows ``start .. end - 1`` and keys ``0 .. end - 1``: the last ``last_q``
+    queries of the segment, the same counts (clipped to ``end`` keys) or the same ``tau``.
+
+    Args and memory: as :func:`estimate_vertical_slash` (one segment at a time); the estimation
+    work grows with the number of segments (each reads the keys up to its end).
+    """
+    shape = check_qk(q, k)
+    single = dataclasses.replace(config, segments=1)
+    bounds = segment_bounds(shape.q_len, shape.k_len, config.segments, config.block_size)
+    parts = tuple(
+        estimate_vertical_slash(q[:, :, start - shape.q_offset: end - shape.q_offset], k[:, :, :end], single,
+                                sm_scale=sm_scale, per_kv_group=per_kv_group)
+        for start, end in bounds  # a few segments, each a batched estimate over all heads
+    )
+    return SegmentedVerticalSlashSelection(bounds=bounds, parts=parts, k_len=shape.k_len,
+                                           block_size=config.block_size)
+
+
+def run_segmented(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: SegmentedVerticalSlashSelection,
+    *,
+    block_size: int,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """Vertical-slash attention of a segmented index: one kernel call per segment.
+
+    Args:
+        q: ``[B, Hq, Nq, D]``, the last ``Nq`` of ``Nk`` positions; must match ``selection.q_len``.
+        k, v: ``[B, Hkv, Nk, D]`` with ``Nk == selection.k_len``.
+        selection: from :func:`estimate_segmented` on these q/k.
+        block_size: kernel query tile (the config's).
+
+    Returns:
+        ``[B, Hq, Nq, D]``: segment rows ``start .. end - 1`` attend keys ``0 .. end - 1`` with that
+        segment's index. Memory: the kernel's, plus the concatenated output.
+    """
+    from longinfer import ops
+
+    require(k.shape[2] == selection.k_len and q.shape[2] == selection.q_len,
+            f"selection was estimated for {selection.q_len} queries over {selection.k_len} keys, got "
+            f"q with {q.shape[2]} and k with {k.shape[2]}: estimate it on these tensors")
+    offset = selection.k_len - selection.q_len
+    outputs = [
+        ops.vertical_slash_attention(q[:, :, start - offset: end - offset], k[:, :, :end], v[:, :, :end],
+                                     part.vertical, part.slash, block_size=block_size, sm_scale=sm_scale)
+        for (start, end), part in zip(selection.bounds, selection.parts)  # a few segments, not heads
+    ]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
