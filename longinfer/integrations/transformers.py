@@ -759,9 +759,10 @@ def _selection_rows(spec: PatternSpec, selection: Any) -> RowsMask:
     tile (at its last row) and repeated over its rows: ``block_size`` times less index work.
     """
     from longinfer.patterns.block_sparse import BlockSparseSelection
-    from longinfer.patterns.vertical_slash import VerticalSlashSelection
+    from longinfer.patterns.vertical_slash import SegmentedVerticalSlashSelection, VerticalSlashSelection
 
-    if not isinstance(selection, (VerticalSlashSelection, BlockSparseSelection)):
+    # Segment boundaries fall on tile boundaries, so segmented selections are tile-constant too.
+    if not isinstance(selection, (VerticalSlashSelection, SegmentedVerticalSlashSelection, BlockSparseSelection)):
         return _reference_rows(spec, selection)
     tile, nk = selection.block_size, selection.k_len
     num_tiles = math.ceil(nk / tile)
