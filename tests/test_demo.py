@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -16,23 +15,14 @@ import longinfer  # noqa: E402
 from longinfer import cli, demo  # noqa: E402
 from longinfer.data import corpora  # noqa: E402
 from longinfer.plans import uniform_plan  # noqa: E402
-from tests.test_eval_fixtures import corpus_text, make_tokenizer  # noqa: E402
+from tests.test_eval_fixtures import corpus_text, make_saved_kernel_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """``(model, tokenizer, folder)``: a saved 2-layer Llama (head_dim 64) and a BPE tokenizer."""
-    tokenizer = make_tokenizer()
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
     folder = tmp_path_factory.mktemp("tiny-demo")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    model, tokenizer = make_saved_kernel_llama(folder)
     return model, tokenizer, folder
 
 

@@ -87,3 +87,21 @@ def make_tiny_llama(vocab_size: int, seed: int = 0, attn_implementation: str = "
     model = LlamaForCausalLM(config)
     model.set_attn_implementation(attn_implementation)
     return model.eval()
+
+
+def make_saved_kernel_llama(folder, seed: int = 0):
+    """A random 2-layer Llama with kernel-sized heads (head_dim 64, 4 query / 2 KV heads) and the
+    :func:`make_tokenizer` tokenizer, both saved to ``folder``; returns ``(model, tokenizer)``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer

@@ -11,7 +11,7 @@ import longinfer  # noqa: E402
 from longinfer import cli  # noqa: E402
 from longinfer.integrations import cli as run_cli  # noqa: E402
 from longinfer.plans import uniform_plan  # noqa: E402
-from tests.test_eval_fixtures import corpus_text, make_tokenizer  # noqa: E402
+from tests.test_eval_fixtures import corpus_text, make_saved_kernel_llama  # noqa: E402
 
 SPARSE_VS = {"num_vertical": 8, "num_slash": 8, "sink": 4, "local": 8, "last_q": 64}
 
@@ -19,17 +19,8 @@ SPARSE_VS = {"num_vertical": 8, "num_slash": 8, "sink": 4, "local": 8, "last_q":
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A saved 2-layer Llama (head_dim 64, GQA 4/2) with its tokenizer."""
-    tokenizer = make_tokenizer()
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    make_saved_kernel_llama(path)
     return path
 
 
