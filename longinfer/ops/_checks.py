@@ -26,7 +26,6 @@ class AttentionShape:
     q_len: int  # padded length per sequence (max over sequences when packed)
     k_len: int
     head_dim: int
-    varlen: bool
 
     @property
     def group_size(self) -> int:
@@ -86,7 +85,7 @@ def check_qkv(
             raise ValueError(f"k ({nk} positions) must be at least as long as q ({nq}); queries are the last positions")
         if nq == 0:
             raise ValueError("q has no positions (N = 0)")
-        return AttentionShape(bsz, hq, hkv, nq, nk, d, varlen=False)
+        return AttentionShape(bsz, hq, hkv, nq, nk, d)
     if bsz != 1:
         raise ValueError(f"packed sequences (cu_seqlens) need q/k/v with batch 1 [1, H, total, D], got batch {bsz}")
     cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
@@ -106,7 +105,7 @@ def check_qkv(
             raise ValueError("cu_seqlens point past the end of the packed q/k")
         max_seqlen_q = int(lens_q.max())
         max_seqlen_k = int(lens_k.max())
-    return AttentionShape(cu_seqlens_q.numel() - 1, hq, hkv, max_seqlen_q, max_seqlen_k, d, varlen=True)
+    return AttentionShape(cu_seqlens_q.numel() - 1, hq, hkv, max_seqlen_q, max_seqlen_k, d)
 
 
 def check_index(name: str, index: torch.Tensor, shape: AttentionShape, ndim: int, device: torch.device) -> int:

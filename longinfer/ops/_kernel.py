@@ -87,7 +87,7 @@ def _sparse_attention_fwd(
     q_len, k_len, CuSeqQ, CuSeqK,
     num_q_heads, num_tiles, qk_scale,
     sink, window,
-    BlockIdx, stride_bi_b, stride_bi_h, stride_bi_m, num_slots,
+    BlockIdx, stride_bi_b, stride_bi_h, stride_bi_m,
     GroupLo, GroupHi, GroupCount, stride_g_b, stride_g_h, stride_gc_b, stride_gc_h, search_steps,
     Cols, ColCount, stride_c_b, stride_c_h, stride_cc_b, stride_cc_h,
     INDEX_HEAD_DIV, BlockCount, stride_bc_b, stride_bc_h, tune_bucket,

@@ -66,14 +66,13 @@ def launch(
     num_tiles = math.ceil(shape.k_len / block_m)
     dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
     index_heads = shape.kv_heads  # without an index, every head of a KV group can share a tile
-    bi, bi_strides, num_slots, bc, bc_strides = dummy, (0, 0, 0), 0, dummy, (0, 0)
+    bi, bi_strides, bc, bc_strides = dummy, (0, 0, 0), dummy, (0, 0)
     g_lo = g_hi = g_count = cols = col_count = dummy
     g_strides, gc_strides, c_strides, cc_strides, steps = (0, 0), (0, 0), (0, 0), (0, 0), 0
     if blocks is not None:
         bi = blocks.block_ids
         bi_strides = bi.stride()[:3]
         bc, bc_strides = blocks.block_count, blocks.block_count.stride()[:2]
-        num_slots = bi.shape[-1]
         index_heads = blocks.num_heads
     if vs is not None:
         g_lo, g_hi, g_count, cols, col_count = vs.group_lo, vs.group_hi, vs.group_count, vs.columns, vs.column_count
@@ -101,7 +100,7 @@ def launch(
         shape.q_len, shape.k_len, cu_q, cu_k,
         shape.q_heads, num_tiles, sm_scale * LOG2_E,
         sink, window,
-        bi, *bi_strides, num_slots,
+        bi, *bi_strides,
         g_lo, g_hi, g_count, *g_strides, *gc_strides, steps,
         cols, col_count, *c_strides, *cc_strides,
         index_head_div, bc, *bc_strides, max(shape.k_len, 1).bit_length(),
