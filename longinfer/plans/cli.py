@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from longinfer.plans import search
@@ -109,6 +110,7 @@ def _search(args: argparse.Namespace) -> int:
     from longinfer.plans.calibration import kv_retrieval_prompt
 
     candidates = _candidates(args)  # parse before the (slow) model load, so typos fail fast
+    started = time.perf_counter()
     haystack_text = args.calibration_text.read_text(encoding="utf-8") if args.calibration_text else None
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, tokenizer = zoo.load(args.model, dtype=dtype, device=args.device, yarn_factor=args.yarn_factor,
@@ -128,5 +130,16 @@ def _search(args: argparse.Namespace) -> int:
         model_id=str(args.model), model_revision=_model_revision(str(args.model)), restart=args.restart,
         progress=not args.no_progress,
     )
+    logger.info("search finished in %.1f s (model load and calibration prompt included)%s",
+                time.perf_counter() - started, _peak_gpu_memory(args.device))
     print(out)
     return 0
+
+
+def _peak_gpu_memory(device: str | None) -> str:
+    """``", peak GPU memory X GiB"`` on CUDA (``torch.cuda.max_memory_allocated``), else ``""``."""
+    import torch
+
+    if not torch.cuda.is_available() or (device is not None and not str(device).startswith("cuda")):
+        return ""
+    return f", peak GPU memory {torch.cuda.max_memory_allocated() / 1024**3:.2f} GiB"
