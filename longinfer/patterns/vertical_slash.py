@@ -58,6 +58,8 @@ from longinfer.patterns._common import (
 )
 
 KEY_CHUNK = 8192  # keys per streaming step of the estimate: memory O(last_q * KEY_CHUNK) per head
+QUERY_SAMPLINGS = ("last", "strided", "mixed")
+RANKINGS = ("mass", "cost")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,14 @@ class VerticalSlashConfig:
             :func:`longinfer.ops.reference.vertical_slash_mask`).
         segments: number of query segments with their own index (1 = one index for all queries);
             short inputs get fewer (segments are at least one ``block_size`` tile long).
+        query_sampling: which ``last_q`` queries estimate: ``"last"`` (the last ones, MInference),
+            ``"strided"`` (evenly spread over all queries) or ``"mixed"`` (half each); see
+            :func:`estimation_positions`. Spread queries represent early queries too, at the same cost.
+        rank: coverage ranking: ``"mass"`` (estimated mass, the default) or ``"cost"`` (estimated
+            mass per unit of kernel work, slashes scored with the tile coverage; see
+            :func:`_cost_ranked_choice`). ``"cost"`` needs ``budget="coverage"``.
+        max_density: with ``rank="cost"``, stop adding items once the estimated kernel work
+            reaches this share of all causal pairs (1.0 = no cap).
     """
 
     num_vertical: int = 1000
@@ -90,6 +100,9 @@ class VerticalSlashConfig:
     min_slash: int = 0
     block_size: int = 64
     segments: int = 1
+    query_sampling: str = "last"
+    rank: str = "mass"
+    max_density: float = 1.0
 
     def __post_init__(self) -> None:
         check_config_fields(self)
@@ -109,6 +122,14 @@ class VerticalSlashConfig:
         require(self.block_size in KERNEL_BLOCK_SIZES,
                 f"{name}.block_size must be one of {KERNEL_BLOCK_SIZES}, got {self.block_size}")
         require(self.segments >= 1, f"{name}.segments must be >= 1, got {self.segments}")
+        require(self.query_sampling in QUERY_SAMPLINGS,
+                f"{name}.query_sampling must be one of {QUERY_SAMPLINGS}, got {self.query_sampling!r}")
+        require(self.rank in RANKINGS, f"{name}.rank must be one of {RANKINGS}, got {self.rank!r}")
+        require(self.rank == "mass" or self.budget == "coverage",
+                f"{name}.rank={self.rank!r} orders a coverage budget; set budget='coverage' or rank='mass'")
+        require(0.0 < self.max_density <= 1.0, f"{name}.max_density must lie in (0, 1], got {self.max_density}")
+        require(self.max_density == 1.0 or self.rank == "cost",
+                f"{name}.max_density needs rank='cost' (the mass ranking has no cost model)")
 
 
 @dataclass(frozen=True)
@@ -216,11 +237,32 @@ def segment_bounds(q_len: int, k_len: int, segments: int, block_size: int) -> tu
     return tuple(itertools.pairwise(cuts))
 
 
-def _grouped_last_queries(q: torch.Tensor, kv_heads: int, last: int) -> torch.Tensor:
-    """The last ``last`` queries in float32, grouped per KV head: ``[B, Hkv, G * last, D]``."""
+def estimation_positions(q_len: int, k_len: int, last_q: int, sampling: str) -> torch.Tensor:
+    """Absolute positions ``[L]`` (ascending, distinct) of the estimation queries, ``L = min(last_q, q_len)``.
+
+    - ``"last"``: the last ``L`` positions (MInference).
+    - ``"strided"``: ``L`` positions evenly spaced over the queries ``k_len - q_len .. k_len - 1``,
+      the last position included (query ``i`` of ``L`` ends stride ``i``).
+    - ``"mixed"``: the last ``ceil(L / 2)`` positions plus ``floor(L / 2)`` evenly spaced over the
+      queries before them.
+    """
+    require(sampling in QUERY_SAMPLINGS, f"query sampling must be one of {QUERY_SAMPLINGS}, got {sampling!r}")
+    require(1 <= q_len <= k_len and last_q >= 1, f"need 1 <= q_len ({q_len}) <= k_len ({k_len}), last_q >= 1")
+    count = min(last_q, q_len)
+    first = k_len - q_len
+    tail = count if sampling == "last" else (0 if sampling == "strided" else count - count // 2)
+    spread = count - tail
+    span = q_len - tail  # the queries before the tail; span >= spread because count <= q_len
+    steps = torch.arange(1, spread + 1, dtype=torch.float64)
+    spaced = first + (steps * span / max(spread, 1)).floor().long() - 1
+    return torch.cat([spaced, torch.arange(k_len - tail, k_len)])
+
+
+def _grouped_queries(q: torch.Tensor, kv_heads: int, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (indices into ``q``'s positions) in float32, grouped per KV head: ``[B, Hkv, G * L, D]``."""
     bsz, hq, _, d = q.shape
-    tail = q[:, :, -last:].float()
-    return tail.reshape(bsz, kv_heads, (hq // kv_heads) * last, d)
+    picked = q[:, :, rows].float()
+    return picked.reshape(bsz, kv_heads, (hq // kv_heads) * rows.numel(), d)
 
 
 def _chunk_scores(q_est: torch.Tensor, k: torch.Tensor, start: int, stop: int, positions: torch.Tensor,
@@ -247,6 +289,19 @@ def _diagonal_sums(probs: torch.Tensor) -> torch.Tensor:
     return skewed.sum(1)
 
 
+def _scatter_diagonal_sums(probs: torch.Tensor, positions: torch.Tensor, start: int, k_len: int) -> torch.Tensor:
+    """Diagonal sums of ``probs [M, L, C]`` for queries at any ``positions [L]`` against keys ``start ..``.
+
+    Returns ``[M, k_len]``: entry ``s`` sums the cells whose key is ``position - s``; cells with a
+    key after their query (negative offset) are dropped. Memory: one ``[L, C]`` int64 index.
+    """
+    m, rows, cols = probs.shape
+    offsets = positions[:, None] - torch.arange(start, start + cols, device=probs.device)[None, :]  # [L, C]
+    slots = torch.where(offsets >= 0, offsets, k_len).reshape(1, rows * cols).expand(m, -1)
+    sums = torch.zeros(m, k_len + 1, dtype=probs.dtype, device=probs.device)
+    return sums.scatter_add_(-1, slots, probs.reshape(m, rows * cols))[:, :k_len]
+
+
 def estimate_masses(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -257,9 +312,10 @@ def estimate_masses(
     """Estimated attention mass per key column and per diagonal offset.
 
     Args:
-        q: ``[B, Hq, Nq, D]``; the last ``min(last_q, Nq)`` rows are used.
+        q: ``[B, Hq, Nq, D]``; ``min(last_q, Nq)`` rows are used, chosen by ``config.query_sampling``
+            (:func:`estimation_positions`); each attends causally to the keys up to its position.
         k: ``[B, Hkv, Nk, D]``, ``Nk >= Nq`` (queries are the last ``Nq`` positions).
-        config: supplies ``last_q``, ``sink`` and ``local``.
+        config: supplies ``last_q``, ``query_sampling``, ``sink`` and ``local``.
 
     Returns:
         ``(columns [B, Hq, Nk], diagonals [B, Hq, Nk])`` float32: mean over the estimation
@@ -267,32 +323,40 @@ def estimate_masses(
         diagonal offset (sink columns left out).
 
     Memory: ``O(B * Hq * L * KEY_CHUNK)`` floats plus the ``[B, Hq, Nk]`` outputs; never N x N.
-    Two passes over the keys (log-sum-exp, then probabilities).
+    Two passes over the keys (log-sum-exp, then probabilities). Spread samplings add one
+    ``[L, KEY_CHUNK]`` int64 index for the diagonal scatter.
     """
     shape = check_qk(q, k)
     scale = softmax_scale(sm_scale, shape.head_dim)
-    last = min(config.last_q, shape.q_len)
     group = shape.group_size
     nk = shape.k_len
-    q_est = _grouped_last_queries(q, shape.kv_heads, last)  # [B, Hkv, G*L, D]
-    positions = torch.arange(nk - last, nk, device=q.device).repeat(group)  # [G*L]
+    query_pos = estimation_positions(shape.q_len, nk, config.last_q, config.query_sampling).to(q.device)  # [L]
+    last = query_pos.numel()
+    q_est = _grouped_queries(q, shape.kv_heads, query_pos - shape.q_offset)  # [B, Hkv, G*L, D]
+    positions = query_pos.repeat(group)  # [G*L]
+    contiguous = config.query_sampling == "last"
     chunks = [(start, min(start + KEY_CHUNK, nk)) for start in range(0, nk, KEY_CHUNK)]
     lse = torch.full(q_est.shape[:-1], -math.inf, device=q.device)
     for start, stop in chunks:
         lse = torch.logaddexp(lse, torch.logsumexp(_chunk_scores(q_est, k, start, stop, positions, scale), -1))
     columns = torch.zeros(shape.batch, shape.kv_heads, group, nk, device=q.device)
     diagonals = torch.zeros_like(columns)
+    first_pos = int(query_pos[0])
     for start, stop in chunks:
         probs = torch.exp(_chunk_scores(q_est, k, start, stop, positions, scale) - lse[..., None])
         probs = probs.reshape(shape.batch, shape.kv_heads, group, last, stop - start)
-        if stop > nk - last - config.local + 1:  # the chunk reaches the local band of some query
-            offsets = positions[:last, None] - torch.arange(start, stop, device=q.device)[None, :]  # [L, C]
+        if stop > first_pos - config.local + 1:  # the chunk reaches the local band of some query
+            offsets = query_pos[:, None] - torch.arange(start, stop, device=q.device)[None, :]  # [L, C]
             in_band = (offsets >= 0) & (offsets < config.local)
             columns[..., start:stop] = probs.masked_fill(in_band, 0.0).sum(-2)
         else:
             columns[..., start:stop] = probs.sum(-2)
         if start < config.sink:
             probs[..., : config.sink - start] = 0.0
+        if not contiguous:
+            sums = _scatter_diagonal_sums(probs.reshape(-1, last, stop - start), query_pos, start, nk)
+            diagonals += sums.reshape(columns.shape)
+            continue
         # Cell (i, c) has offset s = (nk - last + i) - (start + c); x = L - 1 + c - i indexes the sums.
         sums = _diagonal_sums(probs.reshape(-1, last, stop - start)).flip(-1)  # now s ascending
         s_low = nk - last - stop + 1  # offset of the flipped first entry
@@ -312,12 +376,140 @@ def _fixed_choice(score: torch.Tensor, forced: torch.Tensor, count: int) -> torc
     return chosen.scatter(-1, ranked.topk(count, dim=-1).indices, True)
 
 
+def tile_smoothed_mass(diagonals: torch.Tensor, block_size: int, local: int) -> torch.Tensor:
+    """Expected mass one slash keeps under the kernel's tile coverage: ``[..., Nk] -> [..., Nk]`` float32.
+
+    The kernel covers slash ``s`` for the whole query tile, so row ``i`` (``r = i mod block_size``)
+    gets offsets ``s + r - block_size + 1 .. s + r``: offset ``o`` is kept for a share
+    ``(block_size - |o - s|) / block_size`` of the rows (a triangle). Mass the forced local band
+    (offsets ``< local``, reaching ``local - 1 + r``) already keeps is left out first. Two prefix
+    sums in float64: O(Nk) per head.
+    """
+    bs = block_size
+    n = diagonals.shape[-1]
+    offsets = torch.arange(n, device=diagonals.device, dtype=torch.float64)
+    residual = ((offsets - local + 1) / bs).clamp(0.0, 1.0) if local > 0 else torch.ones_like(offsets)
+    padded = torch.nn.functional.pad(diagonals.double() * residual, (bs - 1, bs - 1))  # [..., N + 2bs - 2]
+    zero = torch.zeros(*padded.shape[:-1], 1, dtype=torch.float64, device=padded.device)
+    prefix = torch.cat([zero, padded.cumsum(-1)], -1)
+    forward_box = prefix[..., bs:] - prefix[..., :-bs]  # [..., N + bs - 1]: sums of bs entries
+    prefix = torch.cat([zero, forward_box.cumsum(-1)], -1)
+    return ((prefix[..., bs: bs + n] - prefix[..., :n]) / bs).float()
+
+
+def slash_candidates(smoothed: torch.Tensor, block_size: int, local: int) -> torch.Tensor:
+    """Offsets worth a slash under the cost ranking: bool ``[..., Nk]``, at most one per tile of offsets.
+
+    Each bin of ``block_size`` offsets proposes its best offset (largest ``smoothed``, the first on
+    ties, offsets ``< local`` left to the forced band): a narrow strong diagonal proposes its own
+    offset, a wide band decreasing with the offset proposes the bin starts, whose slashes tile it.
+    Where the proposals of two neighbouring bins lie closer than ``block_size`` (their coverages
+    would overlap), the weaker is dropped, so the kept candidates cover disjoint keys in every row
+    and their smoothed masses add up. Bins proposing no mass propose nothing. O(Nk) per head.
+    """
+    n = smoothed.shape[-1]
+    bins = -(-n // block_size)
+    offsets = torch.arange(n, device=smoothed.device)
+    key = smoothed.masked_fill(offsets < local, -1.0)
+    key = torch.nn.functional.pad(key, (0, bins * block_size - n), value=-1.0).unflatten(-1, (bins, block_size))
+    best = key.argmax(-1, keepdim=True)  # first maximum of each bin
+    value = key.gather(-1, best).squeeze(-1)  # [..., bins]
+    position = best.squeeze(-1) + torch.arange(bins, device=smoothed.device) * block_size
+    close = (position[..., 1:] - position[..., :-1]) < block_size  # neighbour bins i, i + 1
+    weaker_right = close & (value[..., 1:] <= value[..., :-1])
+    weaker_left = close & (value[..., :-1] < value[..., 1:])
+    keep = value > 0
+    keep[..., 1:] &= ~weaker_right
+    keep[..., :-1] &= ~weaker_left
+    chosen = torch.zeros(*smoothed.shape[:-1], bins * block_size + 1, dtype=torch.bool, device=smoothed.device)
+    chosen.scatter_(-1, torch.where(keep, position, bins * block_size), True)
+    return chosen[..., :n]
+
+
+def pair_costs(k_len: int, q_len: int, config: VerticalSlashConfig,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Kernel work of each item as a share of all causal (query, key) pairs.
+
+    Returns ``(column_cost [Nk], slash_cost [Nk], forced_cost)`` float64: column ``j`` is read by
+    every query at or after ``j``; slash ``s`` reads one tile of ``block_size`` keys for every query
+    at or after ``s``; the forced sink columns and local band (whose tile coverage reaches
+    ``(block_size - 1) / 2`` offsets further on average) are always paid. Overlaps are ignored.
+    """
+    first = k_len - q_len
+    positions = torch.arange(k_len, device=device, dtype=torch.float64)
+    rows_from = k_len - positions.clamp(min=first)  # queries at or after each position
+    total = q_len * (first + 1) + q_len * (q_len - 1) / 2  # sum of (p + 1) over the queries
+    forced = float(rows_from[: config.sink].sum() + rows_from[: config.local].sum())
+    if 0 < config.local < k_len:
+        forced += (config.block_size - 1) / 2 * float(rows_from[config.local])
+    return rows_from / total, rows_from * config.block_size / total, forced / total
+
+
+def _cost_ranked_choice(
+    columns: torch.Tensor,
+    diagonals: torch.Tensor,
+    config: VerticalSlashConfig,
+    q_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coverage budget ranked by estimated mass per unit of kernel work (``rank="cost"``).
+
+    Columns score their mass, slashes their tile-smoothed mass (:func:`tile_smoothed_mass`) over
+    :func:`slash_candidates`; each score is divided by the item's :func:`pair_costs` work. Walking
+    that ranking after the forced items, an item is taken while the mass taken before it is below
+    ``tau``, the work taken including it stays within ``max_density``, and its kind's cap allows;
+    the first ``min_vertical`` / ``min_slash`` of each kind (forced ones count) are taken regardless.
+
+    Args: ``columns``, ``diagonals`` ``[B, H, Nk]`` from :func:`estimate_masses`; ``q_len`` the
+    number of query positions. Returns chosen ``(columns, diagonals)`` bool ``[B, H, Nk]``.
+    Memory: a few ``[B, H, 2 * Nk]`` tensors (one sort).
+    """
+    nk = columns.shape[-1]
+    device = columns.device
+    pos = torch.arange(nk, device=device)
+    forced_cols, forced_diags = pos < config.sink, pos < config.local
+    smoothed = tile_smoothed_mass(diagonals, config.block_size, config.local)
+    candidate = slash_candidates(smoothed, config.block_size, config.local)
+    column_cost, slash_cost, forced_cost = pair_costs(nk, q_len, config, device)
+    mass = torch.cat([columns, smoothed], -1).double()
+    cost = torch.cat([column_cost, slash_cost])
+    valid = torch.cat([(~forced_cols & (column_cost > 0)).expand_as(columns), candidate & (slash_cost > 0)], -1)
+    ratio = torch.where(valid, mass / cost.clamp(min=1e-30), torch.full_like(mass, -math.inf))
+    order = ratio.argsort(dim=-1, descending=True, stable=True)
+    sorted_valid = valid.gather(-1, order)
+    is_col = pos.new_ones(2 * nk, dtype=torch.bool)
+    is_col[nk:] = False
+    allowed = torch.zeros_like(sorted_valid)
+    at_least = torch.zeros_like(sorted_valid)
+    kinds = ((is_col, config.sink, config.min_vertical, config.num_vertical),
+             (~is_col, config.local, config.min_slash, config.num_slash))
+    for kind, forced_count, low, high in kinds:  # two item kinds, not heads
+        forced_count = min(forced_count, nk)
+        kind_sorted = kind.expand_as(mass).gather(-1, order) & sorted_valid
+        rank_in_kind = kind_sorted.long().cumsum(-1)  # 1-based among the kind's candidates
+        allowed |= kind_sorted & (rank_in_kind <= high - forced_count)
+        at_least |= kind_sorted & (rank_in_kind <= min(low, high) - forced_count)
+    sorted_mass = mass.gather(-1, order) * allowed
+    sorted_cost = cost.expand_as(mass).gather(-1, order) * allowed
+    forced_mass = ((columns * forced_cols).sum(-1, keepdim=True) + (diagonals * forced_diags).sum(-1, keepdim=True)).double()
+    mass_before = forced_mass + sorted_mass.cumsum(-1) - sorted_mass
+    work_with = forced_cost + sorted_cost.cumsum(-1)
+    take = allowed & (((mass_before < config.tau) & (work_with <= config.max_density)) | at_least)
+    chosen = torch.zeros_like(take).scatter(-1, order, take)
+    return chosen[..., :nk] | forced_cols, chosen[..., nk:] | forced_diags
+
+
 def choose(
     columns: torch.Tensor,
     diagonals: torch.Tensor,
     config: VerticalSlashConfig,
+    *,
+    q_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the budget to estimated masses ``[B, H, Nk]`` -> chosen ``(columns, diagonals)`` bool ``[B, H, Nk]``."""
+    """Apply the budget to estimated masses ``[B, H, Nk]`` -> chosen ``(columns, diagonals)`` bool ``[B, H, Nk]``.
+
+    ``q_len`` (default ``Nk``): the number of query positions; it sets the work per item that
+    ``rank="cost"`` divides by.
+    """
     nk = columns.shape[-1]
     pos = torch.arange(nk, device=columns.device)
     forced_cols = pos < config.sink
@@ -325,6 +517,8 @@ def choose(
     if config.budget == "fixed":
         return (_fixed_choice(columns, forced_cols, config.num_vertical),
                 _fixed_choice(diagonals, forced_diags, config.num_slash))
+    if config.rank == "cost":
+        return _cost_ranked_choice(columns, diagonals, config, nk if q_len is None else q_len)
     is_col = torch.cat([torch.ones_like(pos, dtype=torch.bool), torch.zeros_like(pos, dtype=torch.bool)])
     chosen = coverage_selection(
         torch.cat([columns, diagonals], -1),
@@ -365,7 +559,7 @@ def estimate_vertical_slash(
     if config.segments > 1:
         return estimate_segmented(q, k, config, sm_scale=sm_scale, per_kv_group=per_kv_group)
     columns, diagonals = estimate_masses(q, k, config, sm_scale=sm_scale)
-    chosen_cols, chosen_diags = choose(columns, diagonals, config)
+    chosen_cols, chosen_diags = choose(columns, diagonals, config, q_len=q.shape[2])
     widths = (config.num_vertical, config.num_slash)
     if per_kv_group:
         group = q.shape[1] // k.shape[1]

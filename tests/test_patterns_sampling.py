@@ -1,0 +1,262 @@
+"""Vertical-slash estimation options: spread estimation queries and the cost-aware coverage ranking.
+
+Every estimator piece is checked against a brute-force pure-torch (or pure-Python) reference on
+small random inputs: dense causal softmax rows for the masses, explicit loops for the ranking.
+"""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from longinfer.ops import reference
+from longinfer.patterns import VerticalSlashConfig, estimate_vertical_slash
+from longinfer.patterns import vertical_slash as vs
+
+COST = VerticalSlashConfig(num_vertical=48, num_slash=24, last_q=16, sink=2, local=3, block_size=16,
+                           budget="coverage", tau=0.8, rank="cost", query_sampling="strided")
+
+
+def _qk(n_q: int, n_k: int, hq: int = 4, hkv: int = 2, d: int = 16, seed: int = 0, sharp: float = 2.0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, hq, n_q, d, generator=gen) * sharp
+    k = torch.randn(1, hkv, n_k, d, generator=gen)
+    return q, k
+
+
+def _reference_masses(q, k, positions, sink, local):
+    """Dense per-query causal softmax -> (columns, diagonals) ``[B, Hq, Nk]`` (the estimator's definition)."""
+    bsz, hq, n_q, d = q.shape
+    hkv, n_k = k.shape[1], k.shape[2]
+    offset = n_k - n_q
+    columns = torch.zeros(bsz, hq, n_k, dtype=torch.float64)
+    diagonals = torch.zeros(bsz, hq, n_k, dtype=torch.float64)
+    for h in range(hq):
+        keys = k[:, h // (hq // hkv)].double()  # [B, Nk, D]
+        for p in positions.tolist():
+            scores = (q[:, h, p - offset].double()[:, None, :] * keys).sum(-1) / math.sqrt(d)  # [B, Nk]
+            scores[:, p + 1:] = -math.inf
+            probs = scores.softmax(-1)
+            for j in range(p + 1):
+                if p - j >= local:
+                    columns[:, h, j] += probs[:, j]
+                if j >= sink:
+                    diagonals[:, h, p - j] += probs[:, j]
+    count = positions.numel()
+    return columns / count, diagonals / count
+
+
+def test_estimation_positions_spread_distinct_and_end_at_the_last_query():
+    assert vs.estimation_positions(100, 120, 8, "last").tolist() == list(range(112, 120))
+    strided = vs.estimation_positions(100, 120, 8, "strided")
+    assert strided.tolist() == [31, 44, 56, 69, 81, 94, 106, 119]
+    mixed = vs.estimation_positions(100, 120, 8, "mixed")
+    assert mixed.tolist() == [43, 67, 91, 115, 116, 117, 118, 119]
+    for sampling in vs.QUERY_SAMPLINGS:
+        for q_len, last_q in ((1, 4), (5, 5), (37, 9), (64, 64), (300, 7)):
+            pos = vs.estimation_positions(q_len, q_len + 11, last_q, sampling)
+            assert pos.numel() == min(last_q, q_len) and pos[-1] == q_len + 10
+            assert bool((pos[1:] > pos[:-1]).all()) and int(pos[0]) >= 11
+    with pytest.raises(ValueError, match="query sampling"):
+        vs.estimation_positions(10, 10, 4, "random")
+
+
+@pytest.mark.parametrize("sampling", vs.QUERY_SAMPLINGS)
+def test_masses_match_dense_causal_reference(sampling, monkeypatch):
+    monkeypatch.setattr(vs, "KEY_CHUNK", 24)  # several key chunks, one straddling the query range
+    q, k = _qk(70, 90, seed=1)
+    config = VerticalSlashConfig(num_vertical=20, num_slash=20, last_q=11, sink=3, local=5,
+                                 query_sampling=sampling)
+    columns, diagonals = vs.estimate_masses(q, k, config)
+    positions = vs.estimation_positions(70, 90, 11, sampling)
+    ref_columns, ref_diagonals = _reference_masses(q, k, positions, sink=3, local=5)
+    torch.testing.assert_close(columns.double(), ref_columns, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(diagonals.double(), ref_diagonals, atol=1e-6, rtol=1e-5)
+
+
+def test_strided_queries_never_see_later_keys():
+    # Both sampled queries (31 and 63) look for one direction, which keys 32.. carry strongly: query
+    # 63 puts nearly all its probability there, query 31 must still spend all of its on keys 0..31.
+    q, k = _qk(64, 64, hq=2, hkv=1, seed=2)
+    direction = torch.randn(16, generator=torch.Generator().manual_seed(7))
+    q[:, :, [31, 63]] = direction
+    k[:, :, 32:] = 3.0 * direction
+    config = VerticalSlashConfig(num_vertical=8, num_slash=8, last_q=2, sink=0, local=0, query_sampling="strided")
+    assert vs.estimation_positions(64, 64, 2, "strided").tolist() == [31, 63]
+    columns, diagonals = vs.estimate_masses(q, k, config)
+    early = columns[..., :32].sum(-1)  # query 31's half, plus a negligible share of query 63
+    assert torch.allclose(early, torch.full_like(early, 0.5), atol=1e-3)
+    assert torch.allclose(columns.sum(-1), torch.ones(1, 2)) and torch.allclose(diagonals.sum(-1), torch.ones(1, 2))
+
+
+def test_tile_smoothed_mass_is_the_kernel_coverage_of_one_slash():
+    bs, n, slash = 16, 160, 70
+    rows = torch.arange(7 * bs, n)  # whole tiles, far enough from the start that no coverage is clipped
+    mask = reference.vertical_slash_mask(torch.full((1, 1, 1), -1), torch.tensor([[[slash]]]), n, bs, rows=rows)
+    kept_share = torch.zeros(n, dtype=torch.float64)  # per offset: share of the rows keeping it
+    for r, row in enumerate(rows.tolist()):
+        kept_share[row - mask[0, 0, r].nonzero().flatten()] += 1 / rows.numel()
+    for offset in (55, 62, 69, 70, 71, 80, 85, 86, 100):
+        one_hot = torch.zeros(1, 1, n)
+        one_hot[..., offset] = 1.0
+        smoothed = vs.tile_smoothed_mass(one_hot, bs, local=0)
+        assert smoothed[0, 0, slash].item() == pytest.approx(kept_share[offset].item(), abs=1e-6)
+        assert smoothed[0, 0, slash].item() == pytest.approx(max(0.0, 1 - abs(offset - slash) / bs), abs=1e-6)
+
+
+def test_tile_smoothed_mass_leaves_out_what_the_local_band_keeps():
+    bs, local = 8, 5
+    diagonals = torch.rand(2, 3, 64, generator=torch.Generator().manual_seed(3))
+    smoothed = vs.tile_smoothed_mass(diagonals, bs, local).double()
+    weights = [max(0.0, min(1.0, (o - local + 1) / bs)) for o in range(64)]
+    for s in (0, 4, 5, 9, 30, 63):
+        expected = sum(diagonals[..., o].double() * weights[o] * (bs - abs(o - s)) / bs
+                       for o in range(64) if abs(o - s) < bs)
+        torch.testing.assert_close(smoothed[..., s], expected, atol=1e-6, rtol=1e-6)
+
+
+def test_pair_costs_count_the_kernel_work_of_columns_and_slashes():
+    config = dataclasses.replace(COST, sink=2, local=3, block_size=16)
+    n_k, n_q = 200, 150
+    column_cost, slash_cost, forced = vs.pair_costs(n_k, n_q, config, torch.device("cpu"))
+    rows = torch.arange(n_k - n_q, n_k)
+    total = float((rows + 1).sum())
+    for j in (0, 10, 49, 50, 120, 199):  # a column's kept keys summed over the query rows
+        mask = reference.vertical_slash_mask(torch.tensor([[[j]]]), torch.full((1, 1, 1), -1), n_k, 16, rows=rows)
+        assert column_cost[j].item() * total == pytest.approx(float(mask.sum()))
+    for s in (20, 64, 131):  # a slash keeps one tile of keys per query row, less the clipped edge rows
+        mask = reference.vertical_slash_mask(torch.full((1, 1, 1), -1), torch.tensor([[[s]]]), n_k, 16, rows=rows)
+        assert abs(slash_cost[s].item() * total - float(mask.sum())) <= 16 * 16
+    assert forced > 0
+
+
+def _reference_cost_choice(columns, diagonals, config, q_len):
+    """Pure-Python loops: candidates, smoothed slash mass, work, and the greedy walk of one head."""
+    n = columns.numel()
+    bs, local, sink = config.block_size, config.local, config.sink
+    first = n - q_len
+    total = sum(p + 1 for p in range(first, n))
+    rows_from = [n - max(x, first) for x in range(n)]
+    weight = [min(1.0, max(0.0, (o - local + 1) / bs)) if local else 1.0 for o in range(n)]
+    smooth = [sum(float(diagonals[o]) * weight[o] * (bs - abs(o - s)) / bs for o in range(max(0, s - bs + 1), min(n, s + bs)))
+              for s in range(n)]
+    proposals = []  # per bin: (offset, smoothed) of its first best offset >= local
+    for start in range(0, n, bs):
+        scores = [(smooth[s] if s >= local else -1.0, s) for s in range(start, min(start + bs, n))]
+        best = max(scores, key=lambda pair: (pair[0], -pair[1]))
+        proposals.append((best[1], best[0]))
+    candidate = [False] * n
+    for b, (offset, value) in enumerate(proposals):
+        left = b > 0 and offset - proposals[b - 1][0] < bs and value <= proposals[b - 1][1]
+        right = b + 1 < len(proposals) and proposals[b + 1][0] - offset < bs and value < proposals[b + 1][1]
+        candidate[offset] = value > 0 and not left and not right
+    items = [(float(columns[j]) / (rows_from[j] / total), 0, j, float(columns[j]), rows_from[j] / total)
+             for j in range(sink, n) if rows_from[j] > 0]
+    items += [(smooth[s] / (bs * rows_from[s] / total), 1, s, smooth[s], bs * rows_from[s] / total)
+              for s in range(local, n) if candidate[s] and rows_from[s] > 0]
+    items.sort(key=lambda item: -item[0])  # Python's sort is stable: ties keep columns first, by index
+    mass = sum(float(columns[j]) for j in range(min(sink, n))) + sum(float(diagonals[o]) for o in range(min(local, n)))
+    work = (sum(rows_from[:sink]) + sum(rows_from[:local]) + ((bs - 1) / 2 * rows_from[local] if 0 < local < n else 0)) / total
+    counts = [min(sink, n), min(local, n)]
+    caps = [config.num_vertical, config.num_slash]
+    mins = [config.min_vertical, config.min_slash]
+    chosen = [set(range(min(sink, n))), set(range(min(local, n)))]
+    for _, kind, position, item_mass, item_work in items:
+        if counts[kind] >= caps[kind]:
+            continue
+        counts[kind] += 1
+        if (mass < config.tau and work + item_work <= config.max_density + 1e-12) or counts[kind] <= mins[kind]:
+            chosen[kind].add(position)
+        mass += item_mass
+        work += item_work
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"tau": 0.95, "max_density": 0.3},
+    {"tau": 1.0, "max_density": 0.2, "min_vertical": 6, "min_slash": 5},
+    {"num_vertical": 10, "num_slash": 6, "local": 0, "sink": 0, "block_size": 32},
+])
+def test_cost_ranking_matches_the_loop_reference(seed, overrides):
+    config = dataclasses.replace(COST, **overrides)
+    gen = torch.Generator().manual_seed(seed)
+    n, q_len = 96, 80
+    # peaky masses like real heads: a few strong columns and diagonals over a weak floor
+    columns = torch.rand(1, 2, n, generator=gen) ** 6
+    diagonals = torch.rand(1, 2, n, generator=gen) ** 6
+    columns, diagonals = columns / (2 * columns.sum(-1, keepdim=True)), diagonals / (2 * diagonals.sum(-1, keepdim=True))
+    chosen_cols, chosen_diags = vs.choose(columns, diagonals, config, q_len=q_len)
+    for h in range(2):
+        want_cols, want_diags = _reference_cost_choice(columns[0, h], diagonals[0, h], config, q_len)
+        assert set(chosen_cols[0, h].nonzero().flatten().tolist()) == want_cols
+        assert set(chosen_diags[0, h].nonzero().flatten().tolist()) == want_diags
+        assert len(want_cols) <= config.num_vertical and len(want_diags) <= config.num_slash
+
+
+def test_cost_ranking_puts_a_narrow_diagonal_on_its_offset_and_tiles_a_wide_band():
+    n, bs = 512, 16
+    diagonals = torch.zeros(1, 1, n)
+    diagonals[..., 301] = 0.3  # one sharp diagonal
+    diagonals[..., 96:160] = 0.3 / 64  # a wide band of 4 tiles
+    columns = torch.zeros(1, 1, n)
+    columns[..., 400] = 0.2
+    config = VerticalSlashConfig(num_vertical=64, num_slash=64, last_q=16, sink=0, local=0, block_size=bs,
+                                 budget="coverage", tau=0.75, rank="cost")
+    chosen_cols, chosen_diags = vs.choose(columns, diagonals, config)
+    assert chosen_cols[0, 0].nonzero().flatten().tolist() == [400]
+    slashes = chosen_diags[0, 0].nonzero().flatten().tolist()
+    assert 301 in slashes
+    band = [s for s in slashes if s < 200]  # the band, tiled by slashes one tile apart
+    assert {128, 144}.issubset(band) and 111 in band and len(band) <= 5
+    assert all(b - a >= bs for a, b in zip(slashes, slashes[1:]))
+
+
+def test_cost_ranked_estimate_finds_a_planted_diagonal_and_its_density_cap_holds():
+    from longinfer.patterns.recall import attention_recall, sample_rows
+
+    gen = torch.Generator().manual_seed(5)
+    n, d = 1024, 16
+    k = torch.randn(1, 1, n, d, generator=gen)
+    q = 0.3 * torch.randn(1, 2, n, d, generator=gen)
+    q[:, 0, 40:] += 6.0 * k[:, 0, :-40]  # head 0 reads the key 40 back (a slash); head 1 is diffuse
+    config = VerticalSlashConfig(num_vertical=512, num_slash=512, last_q=32, sink=4, local=8, block_size=16,
+                                 budget="coverage", tau=0.9, rank="cost", query_sampling="strided")
+    rows = sample_rows(n, n, 64)
+    selection = estimate_vertical_slash(q, k, config)
+    assert 40 in selection.slash[0, 0].tolist()
+    stats = attention_recall(q, k, selection, rows)
+    assert stats.head_recall[0, 0] >= 0.8 and stats.head_density[0, 0] < 0.1
+    for cap in (0.1, 0.25):  # the diffuse head stops at the work cap (overlaps make it an upper bound)
+        capped = estimate_vertical_slash(q, k, dataclasses.replace(config, tau=1.0, max_density=cap))
+        density = attention_recall(q, k, capped, rows).head_density[0, 1].item()
+        assert 0.5 * cap <= density <= cap * 1.05
+
+
+@pytest.mark.parametrize("sampling", ["strided", "mixed"])
+def test_segments_run_the_new_options_per_segment(sampling):
+    q, k = _qk(160, 192, seed=4)
+    config = dataclasses.replace(COST, query_sampling=sampling, segments=2)
+    segmented = estimate_vertical_slash(q, k, config)
+    assert len(segmented.parts) == 2
+    single = dataclasses.replace(config, segments=1)
+    for (start, end), part in zip(segmented.bounds, segmented.parts):
+        alone = estimate_vertical_slash(q[:, :, start - 32: end - 32], k[:, :, :end], single)
+        assert torch.equal(part.vertical, alone.vertical) and torch.equal(part.slash, alone.slash)
+
+
+def test_new_options_are_validated():
+    with pytest.raises(ValueError, match="query_sampling"):
+        VerticalSlashConfig(query_sampling="random")
+    with pytest.raises(ValueError, match="rank"):
+        VerticalSlashConfig(rank="ratio")
+    with pytest.raises(ValueError, match="budget='coverage'"):
+        VerticalSlashConfig(rank="cost")
+    with pytest.raises(ValueError, match="max_density"):
+        VerticalSlashConfig(budget="coverage", max_density=0.5)
+    with pytest.raises(ValueError, match="max_density"):
+        VerticalSlashConfig(budget="coverage", rank="cost", max_density=0.0)
+    defaults = VerticalSlashConfig()
+    assert (defaults.query_sampling, defaults.rank, defaults.max_density) == ("last", "mass", 1.0)
