@@ -131,19 +131,33 @@ def test_pair_costs_count_the_kernel_work_of_columns_and_slashes():
     assert forced > 0
 
 
-def _reference_cost_choice(columns, diagonals, config, q_len):
-    """Pure-Python loops: candidates, smoothed slash mass, work, and the greedy walk of one head."""
+def _reference_cost_choice(columns, diagonals, config, q_len, second=None):
+    """Pure-Python loops: candidates, smoothed slash mass, work, and the greedy walk of one head.
+
+    ``second``: the masses of the other half of the estimation queries (``split_halves``).
+    """
     n = columns.numel()
     bs, local, sink = config.block_size, config.local, config.sink
     first = n - q_len
     total = sum(p + 1 for p in range(first, n))
     rows_from = [n - max(x, first) for x in range(n)]
     weight = [min(1.0, max(0.0, (o - local + 1) / bs)) if local else 1.0 for o in range(n)]
-    smooth = [sum(float(diagonals[o]) * weight[o] * (bs - abs(o - s)) / bs for o in range(max(0, s - bs + 1), min(n, s + bs)))
-              for s in range(n)]
+    def smoothed(diag):
+        return [sum(float(diag[o]) * weight[o] * (bs - abs(o - s)) / bs for o in range(max(0, s - bs + 1), min(n, s + bs)))
+                for s in range(n)]
+
+    smooth = smoothed(diagonals)
+    item_columns = [float(x) for x in columns]
+    if second is not None:
+        other = smoothed(second[1])
+        smooth, ranked_by = [min(a, b) for a, b in zip(smooth, other)], [a + b for a, b in zip(smooth, other)]
+        item_columns = [min(float(a), float(b)) for a, b in zip(columns, second[0])]
+        columns, diagonals = (columns + second[0]) / 2, (diagonals + second[1]) / 2
+    else:
+        ranked_by = smooth
     proposals = []  # per bin: (offset, smoothed) of its first best offset >= local
     for start in range(0, n, bs):
-        scores = [(smooth[s] if s >= local else -1.0, s) for s in range(start, min(start + bs, n))]
+        scores = [(ranked_by[s] if s >= local else -1.0, s) for s in range(start, min(start + bs, n))]
         best = max(scores, key=lambda pair: (pair[0], -pair[1]))
         proposals.append((best[1], best[0]))
     candidate = [False] * n
@@ -151,7 +165,7 @@ def _reference_cost_choice(columns, diagonals, config, q_len):
         left = b > 0 and offset - proposals[b - 1][0] < bs and value <= proposals[b - 1][1]
         right = b + 1 < len(proposals) and proposals[b + 1][0] - offset < bs and value < proposals[b + 1][1]
         candidate[offset] = value > 0 and not left and not right
-    items = [(float(columns[j]) / (rows_from[j] / total), 0, j, float(columns[j]), rows_from[j] / total)
+    items = [(item_columns[j] / (rows_from[j] / total), 0, j, item_columns[j], rows_from[j] / total)
              for j in range(sink, n) if rows_from[j] > 0]
     items += [(smooth[s] / (bs * rows_from[s] / total), 1, s, smooth[s], bs * rows_from[s] / total)
               for s in range(local, n) if candidate[s] and rows_from[s] > 0]
@@ -162,11 +176,12 @@ def _reference_cost_choice(columns, diagonals, config, q_len):
     caps = [config.num_vertical, config.num_slash]
     mins = [config.min_vertical, config.min_slash]
     chosen = [set(range(min(sink, n))), set(range(min(local, n)))]
-    for _, kind, position, item_mass, item_work in items:
+    for ratio, kind, position, item_mass, item_work in items:
         if counts[kind] >= caps[kind]:
             continue
         counts[kind] += 1
-        if (mass < config.tau and work + item_work <= config.max_density + 1e-12) or counts[kind] <= mins[kind]:
+        worth = ratio >= config.min_gain
+        if (mass < config.tau and work + item_work <= config.max_density + 1e-12 and worth) or counts[kind] <= mins[kind]:
             chosen[kind].add(position)
         mass += item_mass
         work += item_work
@@ -179,6 +194,7 @@ def _reference_cost_choice(columns, diagonals, config, q_len):
     {"tau": 0.95, "max_density": 0.3},
     {"tau": 1.0, "max_density": 0.2, "min_vertical": 6, "min_slash": 5},
     {"num_vertical": 10, "num_slash": 6, "local": 0, "sink": 0, "block_size": 32},
+    {"tau": 1.0, "min_gain": 0.3},
 ])
 def test_cost_ranking_matches_the_loop_reference(seed, overrides):
     config = dataclasses.replace(COST, **overrides)
@@ -235,6 +251,23 @@ def test_cost_ranked_estimate_finds_a_planted_diagonal_and_its_density_cap_holds
         assert 0.5 * cap <= density <= cap * 1.05
 
 
+@pytest.mark.parametrize("min_gain", [0.0, 0.5])
+def test_split_halves_score_items_by_the_smaller_half(min_gain):
+    q, k = _qk(96, 96, hq=2, hkv=1, seed=6, sharp=3.0)
+    config = dataclasses.replace(COST, last_q=12, tau=0.9, min_gain=min_gain, split_halves=True)
+    selection = estimate_vertical_slash(q, k, config)
+    positions = vs.estimation_positions(96, 96, 12, "strided")
+    first = vs.estimate_masses(q, k, config, positions=positions[0::2])
+    second = vs.estimate_masses(q, k, config, positions=positions[1::2])
+    for h in range(2):
+        want_cols, want_diags = _reference_cost_choice(first[0][0, h], first[1][0, h], config, 96,
+                                                       second=(second[0][0, h], second[1][0, h]))
+        assert set(selection.vertical[0, h][selection.vertical[0, h] >= 0].tolist()) == want_cols
+        assert set(selection.slash[0, h][selection.slash[0, h] >= 0].tolist()) == want_diags
+    with pytest.raises(ValueError, match="ascending"):
+        vs.estimate_masses(q, k, config, positions=torch.tensor([50, 40]))
+
+
 @pytest.mark.parametrize("sampling", ["strided", "mixed"])
 def test_segments_run_the_new_options_per_segment(sampling):
     q, k = _qk(160, 192, seed=4)
@@ -258,5 +291,12 @@ def test_new_options_are_validated():
         VerticalSlashConfig(budget="coverage", max_density=0.5)
     with pytest.raises(ValueError, match="max_density"):
         VerticalSlashConfig(budget="coverage", rank="cost", max_density=0.0)
+    with pytest.raises(ValueError, match="min_gain"):
+        VerticalSlashConfig(budget="coverage", min_gain=1.0)
+    with pytest.raises(ValueError, match="min_gain"):
+        VerticalSlashConfig(budget="coverage", rank="cost", min_gain=-1.0)
+    with pytest.raises(ValueError, match="split_halves"):
+        VerticalSlashConfig(budget="coverage", split_halves=True)
     defaults = VerticalSlashConfig()
-    assert (defaults.query_sampling, defaults.rank, defaults.max_density) == ("last", "mass", 1.0)
+    assert (defaults.query_sampling, defaults.rank, defaults.max_density, defaults.min_gain,
+            defaults.split_halves) == ("last", "mass", 1.0, 0.0, False)

@@ -87,6 +87,12 @@ class VerticalSlashConfig:
             :func:`_cost_ranked_choice`). ``"cost"`` needs ``budget="coverage"``.
         max_density: with ``rank="cost"``, stop adding items once the estimated kernel work
             reaches this share of all causal pairs (1.0 = no cap).
+        min_gain: with ``rank="cost"``, take only items whose estimated mass per unit of work
+            (recall gained per density spent) is at least this; one value for all heads spends the
+            work where it buys the most recall (0 = no threshold).
+        split_halves: with ``rank="cost"``, score every item by the smaller of its masses in the
+            two interleaved halves of the estimation queries, so an item only a query or two attend
+            (which does not carry over to other queries) ranks low. Same estimation work.
     """
 
     num_vertical: int = 1000
@@ -103,6 +109,8 @@ class VerticalSlashConfig:
     query_sampling: str = "last"
     rank: str = "mass"
     max_density: float = 1.0
+    min_gain: float = 0.0
+    split_halves: bool = False
 
     def __post_init__(self) -> None:
         check_config_fields(self)
@@ -130,6 +138,10 @@ class VerticalSlashConfig:
         require(0.0 < self.max_density <= 1.0, f"{name}.max_density must lie in (0, 1], got {self.max_density}")
         require(self.max_density == 1.0 or self.rank == "cost",
                 f"{name}.max_density needs rank='cost' (the mass ranking has no cost model)")
+        require(self.min_gain >= 0.0 and math.isfinite(self.min_gain), f"{name}.min_gain must be finite and >= 0, got {self.min_gain}")
+        require(self.min_gain == 0.0 or self.rank == "cost",
+                f"{name}.min_gain needs rank='cost' (the mass ranking has no cost model)")
+        require(not self.split_halves or self.rank == "cost", f"{name}.split_halves needs rank='cost'")
 
 
 @dataclass(frozen=True)
@@ -308,6 +320,7 @@ def estimate_masses(
     config: VerticalSlashConfig,
     *,
     sm_scale: float | None = None,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimated attention mass per key column and per diagonal offset.
 
@@ -316,6 +329,8 @@ def estimate_masses(
             (:func:`estimation_positions`); each attends causally to the keys up to its position.
         k: ``[B, Hkv, Nk, D]``, ``Nk >= Nq`` (queries are the last ``Nq`` positions).
         config: supplies ``last_q``, ``query_sampling``, ``sink`` and ``local``.
+        positions: optional ``[L]`` ascending absolute query positions to use instead of the
+            config's sampling.
 
     Returns:
         ``(columns [B, Hq, Nk], diagonals [B, Hq, Nk])`` float32: mean over the estimation
@@ -330,11 +345,16 @@ def estimate_masses(
     scale = softmax_scale(sm_scale, shape.head_dim)
     group = shape.group_size
     nk = shape.k_len
-    query_pos = estimation_positions(shape.q_len, nk, config.last_q, config.query_sampling).to(q.device)  # [L]
+    if positions is None:
+        positions = estimation_positions(shape.q_len, nk, config.last_q, config.query_sampling)
+    query_pos = positions.to(device=q.device, dtype=torch.long)  # [L]
     last = query_pos.numel()
+    require(last >= 1 and int(query_pos[0]) >= shape.q_offset and int(query_pos[-1]) < nk
+            and bool((query_pos[1:] > query_pos[:-1]).all()),
+            f"positions must be ascending query positions in [{shape.q_offset}, {nk})")
     q_est = _grouped_queries(q, shape.kv_heads, query_pos - shape.q_offset)  # [B, Hkv, G*L, D]
     positions = query_pos.repeat(group)  # [G*L]
-    contiguous = config.query_sampling == "last"
+    contiguous = int(query_pos[-1]) == nk - 1 and int(query_pos[0]) == nk - last
     chunks = [(start, min(start + KEY_CHUNK, nk)) for start in range(0, nk, KEY_CHUNK)]
     lse = torch.full(q_est.shape[:-1], -math.inf, device=q.device)
     for start, stop in chunks:
@@ -450,6 +470,7 @@ def _cost_ranked_choice(
     diagonals: torch.Tensor,
     config: VerticalSlashConfig,
     q_len: int,
+    second: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Coverage budget ranked by estimated mass per unit of kernel work (``rank="cost"``).
 
@@ -460,7 +481,9 @@ def _cost_ranked_choice(
     the first ``min_vertical`` / ``min_slash`` of each kind (forced ones count) are taken regardless.
 
     Args: ``columns``, ``diagonals`` ``[B, H, Nk]`` from :func:`estimate_masses`; ``q_len`` the
-    number of query positions. Returns chosen ``(columns, diagonals)`` bool ``[B, H, Nk]``.
+    number of query positions; ``second``: the masses of a second, disjoint query sample of the
+    same size (``split_halves``): items then score the smaller of their two masses, the forced
+    items the mean. Returns chosen ``(columns, diagonals)`` bool ``[B, H, Nk]``.
     Memory: a few ``[B, H, 2 * Nk]`` tensors (one sort).
     """
     nk = columns.shape[-1]
@@ -468,9 +491,17 @@ def _cost_ranked_choice(
     pos = torch.arange(nk, device=device)
     forced_cols, forced_diags = pos < config.sink, pos < config.local
     smoothed = tile_smoothed_mass(diagonals, config.block_size, config.local)
-    candidate = slash_candidates(smoothed, config.block_size, config.local)
+    item_columns = columns
+    if second is not None:
+        smoothed_second = tile_smoothed_mass(second[1], config.block_size, config.local)
+        candidate = slash_candidates(smoothed + smoothed_second, config.block_size, config.local)
+        smoothed = torch.minimum(smoothed, smoothed_second)
+        item_columns = torch.minimum(columns, second[0])
+        columns, diagonals = (columns + second[0]) / 2, (diagonals + second[1]) / 2
+    else:
+        candidate = slash_candidates(smoothed, config.block_size, config.local)
     column_cost, slash_cost, forced_cost = pair_costs(nk, q_len, config, device)
-    mass = torch.cat([columns, smoothed], -1).double()
+    mass = torch.cat([item_columns, smoothed], -1).double()
     cost = torch.cat([column_cost, slash_cost])
     valid = torch.cat([(~forced_cols & (column_cost > 0)).expand_as(columns), candidate & (slash_cost > 0)], -1)
     ratio = torch.where(valid, mass / cost.clamp(min=1e-30), torch.full_like(mass, -math.inf))
@@ -493,7 +524,8 @@ def _cost_ranked_choice(
     forced_mass = ((columns * forced_cols).sum(-1, keepdim=True) + (diagonals * forced_diags).sum(-1, keepdim=True)).double()
     mass_before = forced_mass + sorted_mass.cumsum(-1) - sorted_mass
     work_with = forced_cost + sorted_cost.cumsum(-1)
-    take = allowed & (((mass_before < config.tau) & (work_with <= config.max_density)) | at_least)
+    worth = ratio.gather(-1, order) >= config.min_gain
+    take = allowed & (((mass_before < config.tau) & (work_with <= config.max_density) & worth) | at_least)
     chosen = torch.zeros_like(take).scatter(-1, order, take)
     return chosen[..., :nk] | forced_cols, chosen[..., nk:] | forced_diags
 
@@ -558,8 +590,17 @@ def estimate_vertical_slash(
         raise TypeError(f"config must be a VerticalSlashConfig, got {type(config).__name__}")
     if config.segments > 1:
         return estimate_segmented(q, k, config, sm_scale=sm_scale, per_kv_group=per_kv_group)
-    columns, diagonals = estimate_masses(q, k, config, sm_scale=sm_scale)
-    chosen_cols, chosen_diags = choose(columns, diagonals, config, q_len=q.shape[2])
+    if config.split_halves:
+        positions = estimation_positions(q.shape[2], k.shape[2], config.last_q, config.query_sampling)
+        columns, diagonals = estimate_masses(q, k, config, sm_scale=sm_scale, positions=positions[0::2])
+        if positions.numel() > 1:
+            second = estimate_masses(q, k, config, sm_scale=sm_scale, positions=positions[1::2])
+        else:
+            second = (columns, diagonals)
+        chosen_cols, chosen_diags = _cost_ranked_choice(columns, diagonals, config, q.shape[2], second)
+    else:
+        columns, diagonals = estimate_masses(q, k, config, sm_scale=sm_scale)
+        chosen_cols, chosen_diags = choose(columns, diagonals, config, q_len=q.shape[2])
     widths = (config.num_vertical, config.num_slash)
     if per_kv_group:
         group = q.shape[1] // k.shape[1]
