@@ -21,6 +21,20 @@ Budgets:
   of its items' masses, which overestimates the union by the overlap of the chosen (non-forced)
   columns and diagonals (each column meets each diagonal in at most one estimation query).
 
+Estimation queries (``query_sampling``): ``"last"`` (the last ``last_q``, MInference), ``"strided"``
+(``last_q`` evenly spread over all queries, each causal up to its own position) or ``"mixed"``.
+Recall is averaged over every query, and the last queries miss what early queries attend: spread
+queries estimate it at the same cost (CPU, 0.5B, 8K: +0.025 mean recall at equal density).
+
+Cost ranking (``budget="coverage", rank="cost"``): items are ranked by estimated mass per unit of
+kernel work instead of by mass. A column costs one key per query after it; a slash costs a whole
+tile of ``block_size`` keys per query (the kernel covers slashes per query tile), so slashes are
+scored by the mass their tile coverage keeps (:func:`tile_smoothed_mass`) at one candidate offset
+per tile of offsets (:func:`slash_candidates`), which tiles wide diagonal bands without overlap.
+``min_gain`` stops at a recall-per-density threshold shared by all heads (a density dial that puts
+the work where it buys the most), ``max_density`` caps the work, ``split_halves`` scores items by
+the smaller mass of two halves of the estimation queries.
+
 Output format (what :func:`longinfer.ops.vertical_slash_attention` takes): ``vertical [B, H, V]``
 and ``slash [B, H, S]`` int64 with ``V = num_vertical`` and ``S = num_slash`` in both modes
 (times ``Hq // Hkv`` for a per-KV-group union); chosen entries come first, ascending, and unused
@@ -561,6 +575,27 @@ def choose(
     return chosen[..., :nk], chosen[..., nk:]
 
 
+def _chosen_items(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: VerticalSlashConfig,
+    sm_scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimate and apply the budget: chosen ``(columns, diagonals)`` bool ``[B, Hq, Nk]``.
+
+    With ``split_halves`` the estimation queries are split into their even and odd halves,
+    each estimated on its own (the same work as one estimate of all of them).
+    """
+    if not config.split_halves:
+        columns, diagonals = estimate_masses(q, k, config, sm_scale=sm_scale)
+        return choose(columns, diagonals, config, q_len=q.shape[2])
+    positions = estimation_positions(q.shape[2], k.shape[2], config.last_q, config.query_sampling)
+    first = estimate_masses(q, k, config, sm_scale=sm_scale, positions=positions[0::2])
+    second = first if positions.numel() == 1 else estimate_masses(q, k, config, sm_scale=sm_scale,
+                                                                  positions=positions[1::2])
+    return _cost_ranked_choice(*first, config, q.shape[2], second)
+
+
 def estimate_vertical_slash(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -590,17 +625,7 @@ def estimate_vertical_slash(
         raise TypeError(f"config must be a VerticalSlashConfig, got {type(config).__name__}")
     if config.segments > 1:
         return estimate_segmented(q, k, config, sm_scale=sm_scale, per_kv_group=per_kv_group)
-    if config.split_halves:
-        positions = estimation_positions(q.shape[2], k.shape[2], config.last_q, config.query_sampling)
-        columns, diagonals = estimate_masses(q, k, config, sm_scale=sm_scale, positions=positions[0::2])
-        if positions.numel() > 1:
-            second = estimate_masses(q, k, config, sm_scale=sm_scale, positions=positions[1::2])
-        else:
-            second = (columns, diagonals)
-        chosen_cols, chosen_diags = _cost_ranked_choice(columns, diagonals, config, q.shape[2], second)
-    else:
-        columns, diagonals = estimate_masses(q, k, config, sm_scale=sm_scale)
-        chosen_cols, chosen_diags = choose(columns, diagonals, config, q_len=q.shape[2])
+    chosen_cols, chosen_diags = _chosen_items(q, k, config, sm_scale)
     widths = (config.num_vertical, config.num_slash)
     if per_kv_group:
         group = q.shape[1] // k.shape[1]
