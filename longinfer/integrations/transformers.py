@@ -319,9 +319,10 @@ def _resolve_plan(plan: Plan | str | os.PathLike[str] | None, model: Any) -> Pla
         model_id = str(getattr(config, "name_or_path", "") or "")
         resolved = default_plan_for(config, model_id=model_id)
         logger.info(
-            "no plan given for %s: using the default plan (vertical-slash, coverage tau=%s from the last %d "
+            "no plan given for %s: using the default plan (vertical-slash, coverage tau=%s from %d %s "
             "queries, every head; layers dense below %d keys)",
             model_id or type(model).__name__, DEFAULT_PATTERN_CONFIG.tau, DEFAULT_PATTERN_CONFIG.last_q,
+            DEFAULT_PATTERN_CONFIG.query_sampling,
             resolved.layers[0].dense_below,
         )
         return resolved
