@@ -59,6 +59,7 @@ from dataclasses import dataclass
 import torch
 
 from longinfer.ops import reference
+from longinfer.ops._checks import interpreter_enabled
 from longinfer.patterns._common import (
     KERNEL_BLOCK_SIZES,
     check_budget,
@@ -70,6 +71,7 @@ from longinfer.patterns._common import (
     softmax_scale,
     union_over_groups,
 )
+from longinfer.patterns._estimate_kernel import estimate_masses_triton
 
 KEY_CHUNK = 8192  # keys per streaming step of the estimate: memory O(last_q * KEY_CHUNK) per head
 QUERY_SAMPLINGS = ("last", "strided", "mixed")
@@ -263,8 +265,11 @@ def segment_bounds(q_len: int, k_len: int, segments: int, block_size: int) -> tu
     return tuple(itertools.pairwise(cuts))
 
 
-def estimation_positions(q_len: int, k_len: int, last_q: int, sampling: str) -> torch.Tensor:
+def estimation_positions(q_len: int, k_len: int, last_q: int, sampling: str,
+                         device: torch.device | str | None = None) -> torch.Tensor:
     """Absolute positions ``[L]`` (ascending, distinct) of the estimation queries, ``L = min(last_q, q_len)``.
+
+    Built on ``device`` (default CPU) from sizes alone: no host-device copy, no synchronization.
 
     - ``"last"``: the last ``L`` positions (MInference).
     - ``"strided"``: ``L`` positions evenly spaced over the queries ``k_len - q_len .. k_len - 1``,
@@ -279,9 +284,9 @@ def estimation_positions(q_len: int, k_len: int, last_q: int, sampling: str) -> 
     tail = count if sampling == "last" else (0 if sampling == "strided" else count - count // 2)
     spread = count - tail
     span = q_len - tail  # the queries before the tail; span >= spread because count <= q_len
-    steps = torch.arange(1, spread + 1, dtype=torch.float64)
+    steps = torch.arange(1, spread + 1, dtype=torch.float64, device=device)
     spaced = first + (steps * span / max(spread, 1)).floor().long() - 1
-    return torch.cat([spaced, torch.arange(k_len - tail, k_len)])
+    return torch.cat([spaced, torch.arange(k_len - tail, k_len, device=device)])
 
 
 def _grouped_queries(q: torch.Tensor, kv_heads: int, rows: torch.Tensor) -> torch.Tensor:
@@ -328,6 +333,29 @@ def _scatter_diagonal_sums(probs: torch.Tensor, positions: torch.Tensor, start: 
     return sums.scatter_add_(-1, slots, probs.reshape(m, rows * cols))[:, :k_len]
 
 
+def estimate_backend(q: torch.Tensor, k: torch.Tensor) -> str:
+    """The backend :func:`estimate_masses` uses for ``q``, ``k``: ``"triton"`` or ``"torch"``.
+
+    The Triton kernel (:mod:`longinfer.patterns._estimate_kernel`) runs on CUDA tensors, and in
+    the interpreter (``TRITON_INTERPRET=1``) for float16 / float32, so CPU tests exercise it
+    (``tl.dot`` in bfloat16 is wrong in the interpreter); everything else (float64, mixed dtypes,
+    CPU without the interpreter) takes the torch path.
+    """
+    kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32) if q.is_cuda else (torch.float16, torch.float32)
+    if (q.is_cuda or interpreter_enabled()) and q.dtype in kernel_dtypes and k.dtype == q.dtype:
+        return "triton"
+    return "torch"
+
+
+def _checked_positions(positions: torch.Tensor, q_offset: int, k_len: int) -> torch.Tensor:
+    """Validate caller-given estimation positions on the host: ``[L]`` int64, ascending, in ``[q_offset, k_len)``."""
+    host = positions.detach().to("cpu", torch.long).flatten()
+    require(host.numel() >= 1 and int(host[0]) >= q_offset and int(host[-1]) < k_len
+            and bool((host[1:] > host[:-1]).all()),
+            f"positions must be ascending query positions in [{q_offset}, {k_len})")
+    return host
+
+
 def estimate_masses(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -335,6 +363,7 @@ def estimate_masses(
     *,
     sm_scale: float | None = None,
     positions: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimated attention mass per key column and per diagonal offset.
 
@@ -344,38 +373,63 @@ def estimate_masses(
         k: ``[B, Hkv, Nk, D]``, ``Nk >= Nq`` (queries are the last ``Nq`` positions).
         config: supplies ``last_q``, ``query_sampling``, ``sink`` and ``local``.
         positions: optional ``[L]`` ascending absolute query positions to use instead of the
-            config's sampling.
+            config's sampling (validated on the host: one synchronization if on the GPU).
+        backend: ``"triton"``, ``"torch"`` or None (:func:`estimate_backend` chooses). Both compute
+            the same masses; the torch path is the reference and the CPU path.
 
     Returns:
         ``(columns [B, Hq, Nk], diagonals [B, Hq, Nk])`` float32: mean over the estimation
         queries of their causal softmax probability per column (local band left out) and per
         diagonal offset (sink columns left out).
 
-    Memory: ``O(B * Hq * L * KEY_CHUNK)`` floats plus the ``[B, Hq, Nk]`` outputs; never N x N.
-    Two passes over the keys (log-sum-exp, then probabilities). Spread samplings add one
-    ``[L, KEY_CHUNK]`` int64 index for the diagonal scatter.
+    Memory: torch path ``O(B * Hq * L * KEY_CHUNK)`` floats plus the ``[B, Hq, Nk]`` outputs; never
+    N x N. Two passes over the keys (log-sum-exp, then probabilities). Spread samplings add one
+    ``[L, KEY_CHUNK]`` int64 index for the diagonal scatter. Triton path: the outputs plus
+    ``O(B * Hq * L * Nk / 2048)`` floats (see :mod:`longinfer.patterns._estimate_kernel`).
     """
     shape = check_qk(q, k)
     scale = softmax_scale(sm_scale, shape.head_dim)
+    nk = shape.k_len
+    backend = estimate_backend(q, k) if backend is None else backend
+    require(backend in ("triton", "torch"), f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    require(backend == "torch" or q.is_cuda or interpreter_enabled(),
+            "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; use backend='torch' on the CPU")
+    if positions is None:
+        host_pos = estimation_positions(shape.q_len, nk, config.last_q, config.query_sampling)
+        query_pos = estimation_positions(shape.q_len, nk, config.last_q, config.query_sampling, device=q.device)
+    else:
+        host_pos = _checked_positions(positions, shape.q_offset, nk)
+        query_pos = positions.to(device=q.device, dtype=torch.long).flatten()
+    if backend == "triton":
+        return estimate_masses_triton(q, k, query_pos - shape.q_offset, query_pos, sink=config.sink,
+                                      local=config.local, scale=scale)
+    return _estimate_masses_torch(q, k, config, scale, host_pos, query_pos)
+
+
+def _estimate_masses_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: VerticalSlashConfig,
+    scale: float,
+    host_pos: torch.Tensor,
+    query_pos: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch path of :func:`estimate_masses` (the reference): ``host_pos`` / ``query_pos`` are the
+    ``[L]`` estimation positions on the host and on ``q``'s device."""
+    shape = check_qk(q, k)
     group = shape.group_size
     nk = shape.k_len
-    if positions is None:
-        positions = estimation_positions(shape.q_len, nk, config.last_q, config.query_sampling)
-    query_pos = positions.to(device=q.device, dtype=torch.long)  # [L]
     last = query_pos.numel()
-    require(last >= 1 and int(query_pos[0]) >= shape.q_offset and int(query_pos[-1]) < nk
-            and bool((query_pos[1:] > query_pos[:-1]).all()),
-            f"positions must be ascending query positions in [{shape.q_offset}, {nk})")
     q_est = _grouped_queries(q, shape.kv_heads, query_pos - shape.q_offset)  # [B, Hkv, G*L, D]
     positions = query_pos.repeat(group)  # [G*L]
-    contiguous = int(query_pos[-1]) == nk - 1 and int(query_pos[0]) == nk - last
+    contiguous = int(host_pos[-1]) == nk - 1 and int(host_pos[0]) == nk - last
     chunks = [(start, min(start + KEY_CHUNK, nk)) for start in range(0, nk, KEY_CHUNK)]
     lse = torch.full(q_est.shape[:-1], -math.inf, device=q.device)
     for start, stop in chunks:
         lse = torch.logaddexp(lse, torch.logsumexp(_chunk_scores(q_est, k, start, stop, positions, scale), -1))
     columns = torch.zeros(shape.batch, shape.kv_heads, group, nk, device=q.device)
     diagonals = torch.zeros_like(columns)
-    first_pos = int(query_pos[0])
+    first_pos = int(host_pos[0])
     for start, stop in chunks:
         probs = torch.exp(_chunk_scores(q_est, k, start, stop, positions, scale) - lse[..., None])
         probs = probs.reshape(shape.batch, shape.kv_heads, group, last, stop - start)

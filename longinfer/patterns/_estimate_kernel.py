@@ -1,0 +1,218 @@
+"""Triton kernels of the vertical-slash estimate: column and diagonal attention mass of a few queries.
+
+:func:`estimate_masses_triton` computes exactly what the torch path
+(:func:`longinfer.patterns.vertical_slash.estimate_masses`) computes, for estimation queries at
+any absolute positions ``p`` (each sees the keys ``<= p``):
+
+- ``columns[b, h, j] = mean_l P[l, j]`` over the cells with offset ``p_l - j >= local``;
+- ``diagonals[b, h, s] = mean_l P[l, p_l - s]`` over the cells with key ``p_l - s >= sink``;
+
+where ``P[l, :]`` is the causal softmax of estimation query ``l`` of query head ``h`` against
+the keys of KV head ``h // (Hq // Hkv)`` (GQA is never materialized).
+
+Two passes over the keys:
+
+1. :func:`_row_stats_kernel`: one program per (query head, query block, key split) streams its
+   split of the keys and writes the running max and sum of ``exp2`` (split-K); a few torch ops
+   merge the splits into each query's log-sum-exp (base 2).
+2. :func:`_masses_kernel`: one program per (query head, key tile) loads its key tile once and
+   loops over the estimation queries: the column mass of its tile is summed in registers and
+   stored without atomics; the diagonal mass goes to offset ``p - key``, which differs per query
+   (a strided sample spreads a tile's cells over ``L`` disjoint offset ranges), so it is added
+   with float32 atomics into a ``[B, Hq, Nk]`` buffer that stays in L2 at 128K.
+
+Programs of the query heads of one KV group are adjacent in the grid (axis 0 = query head), so
+a key tile is read from DRAM about once per KV head and pass.
+
+Memory: the two ``[B, Hq, Nk]`` float32 outputs, ``2 * B * Hq * L * ceil(Nk / KEYS_PER_SPLIT)``
+floats of split-K statistics and ``B * Hq * L`` log-sum-exps; never ``[L, Nk]``.
+Work: ``4 * B * Hq * L * Nk * D`` FLOP (two passes, causal cells only for strided samples) and
+one atomic add per visible (query, key) cell at or after the sink columns.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from longinfer.ops._checks import interpreter_enabled
+
+LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2
+KEYS_PER_SPLIT = 2048  # keys per pass-1 program: enough programs at 8K, few partials at 128K
+
+
+@triton.jit
+def _scores_log2(Q, K, q_row_ptr, k_rows, d_offs, d_mask, key_mask, stride_qd, stride_kn, stride_kd,
+                 q_mask, qk_scale_log2, PRECISION: tl.constexpr):
+    """Scaled scores ``[BLOCK_M, BLOCK_N]`` (base 2) of a query block against a key tile."""
+    q = tl.load(Q + q_row_ptr[:, None] + d_offs[None, :] * stride_qd, mask=q_mask[:, None] & d_mask[None, :], other=0.0)
+    k = tl.load(K + k_rows[:, None] * stride_kn + d_offs[None, :] * stride_kd,
+                mask=key_mask[:, None] & d_mask[None, :], other=0.0)
+    return tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
+
+
+@triton.jit
+def _row_stats_kernel(
+    Q, K, ROWS, POS, M_OUT, L_OUT,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    num_queries, k_len, group, num_splits, keys_per_split, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Pass 1: per (query head, query block, key split) the running max ``m`` and ``sum exp2(s - m)``.
+
+    Grid ``(Hq, query_blocks * num_splits, B)``; outputs ``M_OUT, L_OUT [B, Hq, L, num_splits]``
+    float32 (``m = -inf, l = 0`` where a query sees no key of the split).
+    """
+    head = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1) // num_splits
+    split = tl.program_id(1) % num_splits
+    batch = tl.program_id(2).to(tl.int64)
+    query_idx = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_valid = query_idx < num_queries
+    rows = tl.load(ROWS + query_idx, mask=q_valid, other=0).to(tl.int64)
+    pos = tl.load(POS + query_idx, mask=q_valid, other=-1)
+    d_offs = tl.arange(0, BLOCK_D)
+    d_mask = d_offs < HEAD_DIM
+    q_ptr = batch * stride_qb + head * stride_qh + rows * stride_qn
+    k_base = K + batch * stride_kb + (head // group) * stride_kh
+    last_pos = tl.max(pos, axis=0)  # queries are ascending; rows past the end hold -1
+    start = split * keys_per_split
+    stop = tl.minimum(tl.minimum(start + keys_per_split, k_len), last_pos + 1)
+    m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_run = tl.zeros([BLOCK_M], tl.float32)
+    for tile in range(start, stop, BLOCK_N):
+        keys = tile + tl.arange(0, BLOCK_N)
+        s = _scores_log2(Q, k_base, q_ptr, keys.to(tl.int64), d_offs, d_mask, keys < k_len, stride_qd, stride_kn,
+                         stride_kd, q_valid, qk_scale_log2, PRECISION)
+        s = tl.where((keys[None, :] <= pos[:, None]) & (keys[None, :] < k_len), s, float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        l_run = l_run * tl.exp2(m_run - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+        m_run = m_new
+    out = ((batch * tl.num_programs(0) + head) * num_queries + query_idx) * num_splits + split
+    tl.store(M_OUT + out, m_run, mask=q_valid)
+    tl.store(L_OUT + out, l_run, mask=q_valid)
+
+
+@triton.jit
+def _masses_kernel(
+    Q, K, ROWS, POS, LSE, COLUMNS, DIAGONALS,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    num_queries, k_len, group, sink, local, qk_scale_log2, inv_count,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Pass 2: probabilities of every estimation query on one key tile -> column and diagonal mass.
+
+    Grid ``(Hq, ceil(Nk / BLOCK_N), B)``. ``LSE [B, Hq, L]`` base-2 log-sum-exp of each query;
+    ``COLUMNS`` ``[B, Hq, Nk]`` is written (every tile, zeros where no query sees it);
+    ``DIAGONALS`` ``[B, Hq, Nk]`` must be zero on entry and is accumulated with atomics.
+    """
+    head = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_valid = keys < k_len
+    d_offs = tl.arange(0, BLOCK_D)
+    d_mask = d_offs < HEAD_DIM
+    k_base = K + batch * stride_kb + (head // group) * stride_kh
+    head_row = (batch * tl.num_programs(0) + head)
+    out_base = head_row * k_len
+    column_mass = tl.zeros([BLOCK_N], tl.float32)
+    for block in range(0, tl.cdiv(num_queries, BLOCK_M)):
+        query_idx = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        q_valid = query_idx < num_queries
+        pos = tl.load(POS + query_idx, mask=q_valid, other=-1)
+        if tl.max(pos, axis=0) >= tile * BLOCK_N:  # some query of the block sees this tile
+            rows = tl.load(ROWS + query_idx, mask=q_valid, other=0).to(tl.int64)
+            lse = tl.load(LSE + head_row * num_queries + query_idx, mask=q_valid, other=0.0)
+            q_ptr = batch * stride_qb + head * stride_qh + rows * stride_qn
+            s = _scores_log2(Q, k_base, q_ptr, keys.to(tl.int64), d_offs, d_mask, key_valid, stride_qd, stride_kn,
+                             stride_kd, q_valid, qk_scale_log2, PRECISION)
+            offsets = pos[:, None] - keys[None, :]  # [BLOCK_M, BLOCK_N] diagonal offset of each cell
+            visible = (offsets >= 0) & key_valid[None, :]
+            probs = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0) * inv_count
+            column_mass += tl.sum(tl.where(offsets >= local, probs, 0.0), axis=0)
+            on_diagonal = visible & (keys[None, :] >= sink)
+            tl.atomic_add(DIAGONALS + out_base + offsets, probs, mask=on_diagonal, sem="relaxed")
+    tl.store(COLUMNS + out_base + keys, column_mass, mask=key_valid)
+
+
+def _launch_options(dtype: torch.dtype, head_dim: int, num_queries: int) -> dict[str, int]:
+    """Tile sizes and warps: small tiles in the interpreter, 64-query blocks on the GPU."""
+    block_d = triton.next_power_of_2(head_dim)
+    if interpreter_enabled():
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_D": max(block_d, 16), "num_warps": 4}
+    block_m = 64 if num_queries > 32 else max(16, triton.next_power_of_2(num_queries))
+    block_n = 64 if dtype == torch.float32 or block_d > 128 else 128
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": max(block_d, 16), "num_warps": 4}
+
+
+def _merge_splits(m_parts: torch.Tensor, l_parts: torch.Tensor) -> torch.Tensor:
+    """Base-2 log-sum-exp ``[B, Hq, L]`` from split-K ``(max, sum)`` pairs ``[B, Hq, L, splits]``."""
+    m_max = m_parts.amax(-1, keepdim=True)  # finite: every query sees key 0 in split 0
+    total = (l_parts * torch.exp2(m_parts - m_max)).sum(-1)
+    return m_max.squeeze(-1) + torch.log2(total)
+
+
+def estimate_masses_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    sink: int,
+    local: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column and diagonal mass of the estimation queries (see the module docstring).
+
+    Args:
+        q: ``[B, Hq, Nq, D]`` float16 / bfloat16 / float32 (any strides).
+        k: ``[B, Hkv, Nk, D]`` same dtype, ``Hq % Hkv == 0``.
+        rows: ``[L]`` integer indices into ``q``'s positions of the estimation queries.
+        positions: ``[L]`` their absolute positions (``rows + Nk - Nq``), ascending, same device.
+        sink: keys ``< sink`` are left out of the diagonal mass.
+        local: offsets ``< local`` are left out of the column mass.
+        scale: softmax scale.
+
+    Returns:
+        ``(columns [B, Hq, Nk], diagonals [B, Hq, Nk])`` float32, means over the ``L`` queries.
+        Shapes and dtypes are the caller's to validate (:func:`longinfer.patterns._common.check_qk`).
+    """
+    if q.dtype != k.dtype:
+        raise TypeError(f"q ({q.dtype}) and k ({k.dtype}) must have the same dtype; cast one of them")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the estimate kernel takes float16, bfloat16 or float32, got {q.dtype}")
+    bsz, hq, _, head_dim = q.shape
+    hkv, k_len = k.shape[1], k.shape[2]
+    count = rows.numel()
+    rows = rows.to(device=q.device, dtype=torch.int32).contiguous()
+    positions = positions.to(device=q.device, dtype=torch.int32).contiguous()
+    opts = _launch_options(q.dtype, head_dim, count)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    block_m, block_n = opts["BLOCK_M"], opts["BLOCK_N"]
+    query_blocks = triton.cdiv(count, block_m)
+    num_splits = triton.cdiv(k_len, KEYS_PER_SPLIT)
+    keys_per_split = KEYS_PER_SPLIT
+    m_parts = torch.empty(bsz, hq, count, num_splits, device=q.device, dtype=torch.float32)
+    l_parts = torch.empty_like(m_parts)
+    qk_scale_log2 = scale * LOG2_E
+    strides = (*q.stride(), *k.stride())
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=opts["BLOCK_D"], BLOCK_M=block_m, BLOCK_N=block_n,
+                  PRECISION=precision, num_warps=opts["num_warps"])
+    _row_stats_kernel[(hq, query_blocks * num_splits, bsz)](
+        q, k, rows, positions, m_parts, l_parts, *strides,
+        count, k_len, hq // hkv, num_splits, keys_per_split, qk_scale_log2, **common)
+    lse = _merge_splits(m_parts, l_parts).contiguous()
+    columns = torch.empty(bsz, hq, k_len, device=q.device, dtype=torch.float32)
+    diagonals = torch.zeros_like(columns)
+    _masses_kernel[(hq, triton.cdiv(k_len, block_n), bsz)](
+        q, k, rows, positions, lse, columns, diagonals, *strides,
+        count, k_len, hq // hkv, sink, local, qk_scale_log2, 1.0 / count, **common)
+    return columns, diagonals
+

@@ -1,0 +1,134 @@
+"""The Triton vertical-slash estimate kernel against the torch path and a float64 brute force.
+
+On the CPU the kernel runs in the Triton interpreter (float16 / float32 only there: ``tl.dot`` in
+bfloat16 is wrong in the interpreter). Tolerance: both paths multiply the same (float16 or
+float32) values in float32 and differ only in summation order and exp vs exp2, so masses (means
+of probabilities, <= 1) agree to ``atol=2e-6`` plus ``rtol=1e-5``; the float64 brute force
+agrees to ``atol=1e-5`` for float32 inputs.
+"""
+
+import math
+
+import pytest
+import torch
+
+from longinfer.patterns import VerticalSlashConfig, estimate_vertical_slash
+from longinfer.patterns import vertical_slash as vs
+from longinfer.patterns._estimate_kernel import estimate_masses_triton
+
+ATOL, RTOL = 2e-6, 1e-5
+
+
+def _qk(b, hq, hkv, n_q, n_k, d, dtype=torch.float32, seed=0, sharp=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, hq, n_q, d, generator=gen) * sharp).to(dtype)
+    k = torch.randn(b, hkv, n_k, d, generator=gen).to(dtype)
+    return q, k
+
+
+def _brute_force(q, k, positions, sink, local, scale):
+    """Per-query float64 causal softmax -> (columns, diagonals) ``[B, Hq, Nk]``: the definition."""
+    bsz, hq, n_q, _ = q.shape
+    hkv, n_k = k.shape[1], k.shape[2]
+    columns = torch.zeros(bsz, hq, n_k, dtype=torch.float64)
+    diagonals = torch.zeros_like(columns)
+    for h in range(hq):
+        keys = k[:, h // (hq // hkv)].double()
+        for p in positions.tolist():
+            probs = ((keys[:, : p + 1] @ q[:, h, p - (n_k - n_q)].double()[:, :, None]).squeeze(-1) * scale).softmax(-1)
+            offsets = p - torch.arange(p + 1)
+            columns[:, h, : p + 1] += torch.where(offsets >= local, probs, 0.0)
+            diagonals[:, h].index_add_(1, offsets[sink:], probs[:, sink:])
+    return columns / positions.numel(), diagonals / positions.numel()
+
+
+CASES = [  # (B, Hq, Hkv, Nq, Nk, D, last_q, sampling): Nk off the 32-key interpreter tile, GQA 1/2/7
+    (2, 4, 2, 50, 77, 64, 7, "strided"),
+    (1, 7, 1, 40, 40, 128, 64, "last"),  # last_q > Nq: all 40 queries
+    (2, 2, 2, 100, 130, 64, 1, "strided"),
+    (1, 4, 4, 60, 90, 64, 9, "mixed"),
+    (1, 14, 2, 70, 70, 64, 64, "strided"),
+    (1, 4, 1, 33, 129, 128, 7, "last"),  # cached prefix: 96 keys before the queries
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,hq,hkv,n_q,n_k,d,last_q,sampling", CASES)
+def test_kernel_matches_the_torch_path(dtype, b, hq, hkv, n_q, n_k, d, last_q, sampling):
+    q, k = _qk(b, hq, hkv, n_q, n_k, d, dtype)
+    config = VerticalSlashConfig(num_vertical=10, num_slash=12, last_q=last_q, sink=3, local=4, query_sampling=sampling)
+    columns, diagonals = vs.estimate_masses(q, k, config, backend="triton")
+    ref_columns, ref_diagonals = vs.estimate_masses(q.float(), k.float(), config, backend="torch")
+    assert columns.shape == diagonals.shape == (b, hq, n_k) and columns.dtype == torch.float32
+    torch.testing.assert_close(columns, ref_columns, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(diagonals, ref_diagonals, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("b,hq,hkv,n_q,n_k,d,last_q,sampling", CASES[:2] + CASES[-1:])
+def test_kernel_matches_brute_force(b, hq, hkv, n_q, n_k, d, last_q, sampling):
+    q, k = _qk(b, hq, hkv, n_q, n_k, d)
+    positions = vs.estimation_positions(n_q, n_k, last_q, sampling)
+    scale = 0.3
+    columns, diagonals = estimate_masses_triton(q, k, positions - (n_k - n_q), positions, sink=5, local=2, scale=scale)
+    ref_columns, ref_diagonals = _brute_force(q, k, positions, sink=5, local=2, scale=scale)
+    torch.testing.assert_close(columns.double(), ref_columns, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(diagonals.double(), ref_diagonals, atol=1e-5, rtol=1e-5)
+
+
+def test_masses_sum_to_one_without_forced_parts_and_respect_causality():
+    q, k = _qk(1, 4, 2, 64, 100, 64)
+    config = VerticalSlashConfig(num_vertical=10, num_slash=10, last_q=8, sink=0, local=0, query_sampling="strided")
+    columns, diagonals = vs.estimate_masses(q, k, config, backend="triton")
+    torch.testing.assert_close(columns.sum(-1), torch.ones(1, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(diagonals.sum(-1), torch.ones(1, 4), atol=1e-5, rtol=0)
+    positions = torch.tensor([40, 41, 57])  # queries see keys up to their own position only
+    columns, diagonals = vs.estimate_masses(q, k, config, positions=positions, backend="triton")
+    assert torch.all(columns[..., 58:] == 0) and torch.all(diagonals[..., 58:] == 0)
+    torch.testing.assert_close(columns.sum(-1), torch.ones(1, 4), atol=1e-5, rtol=0)
+    ref = vs.estimate_masses(q, k, config, positions=positions, backend="torch")
+    torch.testing.assert_close((columns, diagonals), ref, atol=ATOL, rtol=RTOL)
+
+
+def test_strided_views_and_a_planted_diagonal_are_found():
+    """Non-contiguous q/k (a transposed [B, N, H, D] layout) and a diagonal at offset 17 planted in every head."""
+    b, hq, hkv, n, d = 1, 4, 2, 160, 64
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(b, n, hkv, d, generator=gen)
+    q = torch.randn(b, n, hq, d, generator=gen) * 0.1
+    q[:, 17:] += 4.0 * k[:, :-17].repeat_interleave(hq // hkv, dim=2)  # query i looks at key i - 17
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    assert not q.is_contiguous()
+    config = VerticalSlashConfig(num_vertical=8, num_slash=8, last_q=16, sink=2, local=2, query_sampling="strided")
+    columns, diagonals = vs.estimate_masses(q, k, config, backend="triton")
+    ref = vs.estimate_masses(q.contiguous(), k.contiguous(), config, backend="torch")
+    torch.testing.assert_close((columns, diagonals), ref, atol=ATOL, rtol=RTOL)
+    assert bool((diagonals.argmax(-1) == 17).all())
+    selection = estimate_vertical_slash(q, k, config)
+    assert bool((selection.slash == 17).any(-1).all())
+
+
+def test_errors_name_the_problem():
+    q, k = _qk(1, 2, 1, 8, 8, 16)
+    positions = torch.arange(8)
+    with pytest.raises(TypeError, match="same dtype"):
+        estimate_masses_triton(q, k.half(), positions, positions, sink=0, local=0, scale=1.0)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        estimate_masses_triton(q.double(), k.double(), positions, positions, sink=0, local=0, scale=1.0)
+    config = VerticalSlashConfig(num_vertical=4, num_slash=4, last_q=4, sink=1, local=1)
+    with pytest.raises(ValueError, match="backend must be"):
+        vs.estimate_masses(q, k, config, backend="cuda")
+    assert vs.estimate_backend(q.double(), k.double()) == "torch"
+    assert vs.estimate_backend(q.bfloat16(), k.bfloat16()) == "torch"  # the interpreter's bf16 dot is wrong
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_kernel_matches_the_torch_path(dtype):
+    q, k = _qk(1, 8, 2, 3000, 5000, 128, dtype)
+    q, k = q.cuda(), k.cuda()
+    for sampling, last_q in (("strided", 64), ("last", 64), ("mixed", 256)):
+        config = VerticalSlashConfig(num_vertical=100, num_slash=100, last_q=last_q, query_sampling=sampling)
+        got = vs.estimate_masses(q, k, config, backend="triton")
+        ref = vs.estimate_masses(q.float(), k.float(), config, backend="torch")
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    assert math.isfinite(float(got[0].sum()))
