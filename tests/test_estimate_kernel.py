@@ -14,6 +14,7 @@ import torch
 
 from longinfer.patterns import VerticalSlashConfig, estimate_vertical_slash
 from longinfer.patterns import vertical_slash as vs
+from longinfer.patterns._common import coverage_selection, mask_to_index
 from longinfer.patterns._estimate_kernel import estimate_masses_triton
 
 ATOL, RTOL = 2e-6, 1e-5
@@ -132,3 +133,61 @@ def test_gpu_kernel_matches_the_torch_path(dtype):
         ref = vs.estimate_masses(q.float(), k.float(), config, backend="torch")
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     assert math.isfinite(float(got[0].sum()))
+
+
+def _reference_choice(columns, diagonals, config):
+    """The selection as one stable sort of all 2 Nk items (the shared coverage_selection) or a full topk."""
+    nk = columns.shape[-1]
+    pos = torch.arange(nk)
+    forced_cols, forced_diags = pos < config.sink, pos < config.local
+    if config.budget == "fixed":
+        def top(score, forced, count):
+            ranked = torch.where(forced, math.inf, score)
+            return torch.zeros_like(score, dtype=torch.bool).scatter(-1, ranked.topk(min(count, nk), -1).indices, True)
+        return top(columns, forced_cols, config.num_vertical), top(diagonals, forced_diags, config.num_slash)
+    is_col = torch.cat([torch.ones(nk, dtype=torch.bool), torch.zeros(nk, dtype=torch.bool)])
+    chosen = coverage_selection(torch.cat([columns, diagonals], -1), torch.cat([forced_cols, forced_diags]), config.tau,
+                                limits=[(is_col, config.min_vertical, config.num_vertical),
+                                        (~is_col, config.min_slash, config.num_slash)])
+    return chosen[..., :nk], chosen[..., nk:]
+
+
+SELECTION_CONFIGS = [
+    dict(budget="coverage", tau=0.9, num_vertical=40, num_slash=60, sink=3, local=5),
+    dict(budget="coverage", tau=1.0, num_vertical=300, num_slash=300, sink=3, local=5),  # caps above Nk
+    dict(budget="coverage", tau=0.5, num_vertical=40, num_slash=60, sink=0, local=0, min_vertical=7, min_slash=30),
+    dict(budget="coverage", tau=0.95, num_vertical=10, num_slash=80, sink=10, local=2),  # caps bind, ties at the cap
+    dict(budget="fixed", num_vertical=40, num_slash=60, sink=3, local=5),
+    dict(budget="fixed", num_vertical=0, num_slash=5, sink=0, local=5),
+]
+
+
+@pytest.mark.parametrize("overrides,ties", [(overrides, ties) for overrides in SELECTION_CONFIGS for ties in (False, True)
+                                            if not (ties and overrides["budget"] == "fixed")])  # topk ties: arbitrary
+def test_selection_matches_one_sort_of_all_items(overrides, ties):
+    """The top-k + small-merge selection takes exactly the items a stable sort of all 2 Nk items takes."""
+    gen = torch.Generator().manual_seed(7)
+    columns = torch.rand(2, 3, 200, generator=gen) ** 4
+    diagonals = torch.rand(2, 3, 200, generator=gen) ** 4
+    if ties:  # a few distinct values, many zeros: every boundary is a tie
+        columns, diagonals = (torch.floor(x * 4) / 40 for x in (columns, diagonals))
+    columns, diagonals = columns / columns.sum(-1, keepdim=True) * 0.6, diagonals / diagonals.sum(-1, keepdim=True) * 0.6
+    config = VerticalSlashConfig(last_q=8, **overrides)
+    got = vs.choose(columns, diagonals, config)
+    expected = _reference_choice(columns, diagonals, config)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    items = vs.select_items(columns, diagonals, config)
+    packed = vs._pack_taken(items.vertical, items.vertical_taken, config.num_vertical)
+    assert torch.equal(packed, mask_to_index(expected[0], config.num_vertical))
+    assert torch.equal(vs._pack_taken(items.slash, items.slash_taken, config.num_slash),
+                       mask_to_index(expected[1], config.num_slash))
+
+
+def test_estimate_packs_the_same_index_as_the_masks():
+    q, k = _qk(1, 4, 2, 96, 96, 32)
+    config = VerticalSlashConfig(num_vertical=20, num_slash=30, last_q=16, sink=2, local=3, budget="coverage", tau=0.8,
+                                 query_sampling="strided")
+    selection = estimate_vertical_slash(q, k, config)
+    chosen = vs.choose(*vs.estimate_masses(q, k, config), config)
+    assert torch.equal(selection.vertical, mask_to_index(chosen[0], 20))
+    assert torch.equal(selection.slash, mask_to_index(chosen[1], 30))

@@ -55,6 +55,7 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -65,7 +66,6 @@ from longinfer.patterns._common import (
     check_budget,
     check_config_fields,
     check_qk,
-    coverage_selection,
     mask_to_index,
     require,
     softmax_scale,
@@ -454,14 +454,96 @@ def _estimate_masses_torch(
     return columns.reshape(flat) / last, diagonals.reshape(flat) / last
 
 
-def _fixed_choice(score: torch.Tensor, forced: torch.Tensor, count: int) -> torch.Tensor:
-    """Top ``count`` of ``score [..., N]`` with ``forced`` positions first -> bool ``[..., N]``."""
-    chosen = torch.zeros_like(score, dtype=torch.bool)
-    count = min(count, score.shape[-1])
+class ChosenItems(NamedTuple):
+    """A selection as short candidate lists per head (what the budget needs, not ``[.., Nk]`` masks).
+
+    Attributes:
+        vertical: ``[B, H, Cv]`` int64 candidate key positions, ascending.
+        vertical_taken: ``[B, H, Cv]`` bool, which candidates the budget takes.
+        slash: ``[B, H, Cs]`` int64 candidate diagonal offsets, ascending.
+        slash_taken: ``[B, H, Cs]`` bool.
+
+    ``Cv = min(num_vertical, Nk)`` and ``Cs = min(num_slash, Nk)``: every item a budget can take
+    is among the top ``num_vertical`` columns / ``num_slash`` diagonals of its kind.
+    """
+
+    vertical: torch.Tensor
+    vertical_taken: torch.Tensor
+    slash: torch.Tensor
+    slash_taken: torch.Tensor
+
+
+def _top_positions(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions ``[..., count]`` (ascending) of the ``count`` largest ``score [..., N]``, ``count <= N``.
+
+    Ties at the boundary go to the lower positions, as in a stable descending sort, but with one
+    ``topk`` (values only, unsorted) and two O(N) scans instead of a sort of all N.
+    """
+    n = score.shape[-1]
+    if count >= n:
+        return torch.arange(n, device=score.device).expand(*score.shape[:-1], n)
     if count == 0:
-        return chosen
-    ranked = torch.where(forced, torch.full_like(score, math.inf), score)
-    return chosen.scatter(-1, ranked.topk(count, dim=-1).indices, True)
+        return torch.empty(*score.shape[:-1], 0, dtype=torch.long, device=score.device)
+    kth = score.topk(count, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # count-th largest
+    above = score > kth
+    tie = score == kth
+    needed = count - above.sum(-1, keepdim=True)
+    return mask_to_index(above | (tie & (tie.cumsum(-1) <= needed)), count)
+
+
+def _pack_taken(items: torch.Tensor, taken: torch.Tensor, width: int) -> torch.Tensor:
+    """Taken ``items [..., C]`` (ascending) -> ``[..., width]`` int64, taken first in order, ``-1`` after."""
+    slot = taken.long().cumsum(-1) - 1
+    out = torch.full((*items.shape[:-1], width + 1), -1, dtype=torch.long, device=items.device)
+    return out.scatter_(-1, torch.where(taken, slot, width), items)[..., :width]
+
+
+def _items_to_masks(items: ChosenItems, k_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean ``(columns, diagonals)`` ``[B, H, k_len]`` of the taken items."""
+    def scatter(positions: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(*positions.shape[:-1], k_len, dtype=torch.bool, device=positions.device)
+        return mask.scatter_(-1, positions, taken)
+    return scatter(items.vertical, items.vertical_taken), scatter(items.slash, items.slash_taken)
+
+
+def select_items(columns: torch.Tensor, diagonals: torch.Tensor, config: VerticalSlashConfig) -> ChosenItems:
+    """Apply a fixed or mass-ranked coverage budget to estimated masses ``[B, H, Nk]``.
+
+    Fixed: the top ``num_vertical`` columns / ``num_slash`` diagonals, forced ones (the first
+    ``sink`` columns, the ``local`` diagonals) ranked first. Coverage (``rank="mass"``): the same
+    top lists are the only candidates (a kind's cap never lets more in), merged by mass in the
+    order a stable sort of all ``2 Nk`` items gives, and taken while the mass before reaches
+    ``tau`` (forced items and each kind's first ``min_vertical`` / ``min_slash`` regardless).
+
+    Work: two ``topk`` over ``Nk`` and one sort of ``Cv + Cs`` candidates per head; no host
+    synchronization. Memory: a few ``[B, H, Nk]`` and ``[B, H, Cv + Cs]`` tensors.
+    """
+    require(config.rank == "mass", "select_items applies the mass ranking; rank='cost' goes through choose()")
+    nk = columns.shape[-1]
+    pos = torch.arange(nk, device=columns.device)
+    rank_cols = torch.where(pos < config.sink, math.inf, columns)
+    rank_diags = torch.where(pos < config.local, math.inf, diagonals)
+    vertical = _top_positions(rank_cols, min(config.num_vertical, nk))
+    slash = _top_positions(rank_diags, min(config.num_slash, nk))
+    if config.budget == "fixed":
+        all_taken = torch.ones_like(vertical, dtype=torch.bool), torch.ones_like(slash, dtype=torch.bool)
+        return ChosenItems(vertical, all_taken[0], slash, all_taken[1])
+    count_v = vertical.shape[-1]
+    rank = torch.cat([rank_cols.gather(-1, vertical), rank_diags.gather(-1, slash)], -1)
+    mass = torch.cat([columns.gather(-1, vertical), diagonals.gather(-1, slash)], -1)
+    forced = torch.cat([vertical < config.sink, slash < config.local], -1)
+    is_col = torch.arange(rank.shape[-1], device=rank.device) < count_v
+    order = rank.argsort(dim=-1, descending=True, stable=True)  # candidates in concatenation order: stable ties
+    sorted_mass = mass.gather(-1, order)
+    sorted_is_col = is_col[order]
+    at_least = torch.zeros_like(sorted_is_col)
+    for kind, low in ((sorted_is_col, min(config.min_vertical, config.num_vertical)),
+                      (~sorted_is_col, min(config.min_slash, config.num_slash))):  # two item kinds
+        at_least |= kind & (kind.long().cumsum(-1) <= low)
+    mass_before = sorted_mass.cumsum(-1) - sorted_mass
+    take = (mass_before < config.tau) | at_least | forced.gather(-1, order)
+    taken = torch.zeros_like(take).scatter_(-1, order, take)
+    return ChosenItems(vertical, taken[..., :count_v], slash, taken[..., count_v:])
 
 
 def tile_smoothed_mass(diagonals: torch.Tensor, block_size: int, local: int) -> torch.Tensor:
@@ -611,22 +693,9 @@ def choose(
     ``rank="cost"`` divides by.
     """
     nk = columns.shape[-1]
-    pos = torch.arange(nk, device=columns.device)
-    forced_cols = pos < config.sink
-    forced_diags = pos < config.local
-    if config.budget == "fixed":
-        return (_fixed_choice(columns, forced_cols, config.num_vertical),
-                _fixed_choice(diagonals, forced_diags, config.num_slash))
     if config.rank == "cost":
         return _cost_ranked_choice(columns, diagonals, config, nk if q_len is None else q_len)
-    is_col = torch.cat([torch.ones_like(pos, dtype=torch.bool), torch.zeros_like(pos, dtype=torch.bool)])
-    chosen = coverage_selection(
-        torch.cat([columns, diagonals], -1),
-        torch.cat([forced_cols, forced_diags]),
-        config.tau,
-        limits=[(is_col, config.min_vertical, config.num_vertical), (~is_col, config.min_slash, config.num_slash)],
-    )
-    return chosen[..., :nk], chosen[..., nk:]
+    return _items_to_masks(select_items(columns, diagonals, config), nk)
 
 
 def _chosen_items(
@@ -673,12 +742,21 @@ def estimate_vertical_slash(
         ``-1``-padded (see the module docstring); with ``config.segments > 1`` a
         :class:`SegmentedVerticalSlashSelection` (see :func:`estimate_segmented`).
 
-    Memory: as :func:`estimate_masses` plus a few ``[B, Hq, 2 * Nk]`` tensors.
+    Memory: as :func:`estimate_masses` plus a few ``[B, Hq, Nk]`` tensors (:func:`select_items`).
+    No host synchronization on the GPU (``rank="mass"``).
     """
     if not isinstance(config, VerticalSlashConfig):
         raise TypeError(f"config must be a VerticalSlashConfig, got {type(config).__name__}")
     if config.segments > 1:
         return estimate_segmented(q, k, config, sm_scale=sm_scale, per_kv_group=per_kv_group)
+    if config.rank == "mass" and not per_kv_group:  # straight from the candidate lists: no [B, H, Nk] masks
+        items = select_items(*estimate_masses(q, k, config, sm_scale=sm_scale), config)
+        return VerticalSlashSelection(
+            vertical=_pack_taken(items.vertical, items.vertical_taken, config.num_vertical),
+            slash=_pack_taken(items.slash, items.slash_taken, config.num_slash),
+            k_len=k.shape[2],
+            block_size=config.block_size,
+        )
     chosen_cols, chosen_diags = _chosen_items(q, k, config, sm_scale)
     widths = (config.num_vertical, config.num_slash)
     if per_kv_group:
