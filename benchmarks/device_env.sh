@@ -27,7 +27,9 @@ assemble() {
     echo "$sha" > "$dir/$file.sha256"
     rm -f /tmp/m/"$prefix".a?
   fi
-  [ -d .device/recall/cache/corpora ] && cp -n .device/recall/cache/corpora/* "$LONGINFER_CACHE/corpora/"
+  for f in .device/recall/cache/corpora/*; do
+    [ -f "$f" ] && [ ! -e "$LONGINFER_CACHE/corpora/${f##*/}" ] && cp "$f" "$LONGINFER_CACHE/corpora/"
+  done
   if [ ! -d /tmp/gg/gguf ]; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/gg .device/recall/gguf-*.whl || return 1
   fi
