@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -152,6 +153,38 @@ def test_resume_after_kill_and_with_a_new_method(tmp_path, model, input_ids, mon
                                                               local=4, block_size=16))
     with pytest.raises(ValueError, match="different definition"):
         _run(model, input_ids, tmp_path, methods=[changed])
+
+
+OLD_FIELDS = ("query_sampling", "rank", "max_density", "min_gain", "split_halves")
+
+
+def test_resume_accepts_records_written_before_config_fields_existed(tmp_path, model, input_ids, monkeypatch):
+    """An older recall.jsonl lacks config fields added since: they count as their defaults."""
+    methods = _methods()[:2]
+    jsonl = _run(model, input_ids, tmp_path, methods=methods)
+    records = ResultStore(jsonl).records()
+    for record in records:
+        if record.get("pattern") == "vertical_slash":
+            for name in OLD_FIELDS:
+                del record["params"][name]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the old records should count as done, yet a forward pass was started")
+
+    monkeypatch.setattr("longinfer.eval.capture.capture_qk", no_forward)
+    _run(model, input_ids, tmp_path, methods=methods)  # resumes: nothing to measure
+    assert len(ResultStore(jsonl).records()) == len(records)
+
+    # A new field set away from its default is a different method than the old records.
+    strided = EstimatorMethod("vs-small", dataclasses.replace(VS_SMALL, query_sampling="strided"))
+    with pytest.raises(ValueError, match="different definition"):
+        _run(model, input_ids, tmp_path, methods=[strided])
+    # A stored field the config does not have is still a difference, not filled over.
+    records[0]["params"]["colour"] = 1
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValueError, match="different definition"):
+        _run(model, input_ids, tmp_path, methods=methods)
 
 
 def test_plan_scores_each_head_with_its_own_pattern(tmp_path, model, input_ids):

@@ -407,14 +407,43 @@ def _measure_layer(job: _LayerJob, layer: int, q: torch.Tensor, k: torch.Tensor,
                 len(job.oracles_todo.get(layer, [])), time.perf_counter() - started)
 
 
+def _config_defaults(config: Any) -> dict[str, Any]:
+    """Default value of every field of ``config``'s dataclass that has one (JSON-ready)."""
+    defaults = {}
+    for item in dataclasses.fields(config):
+        if item.default is not dataclasses.MISSING:
+            defaults[item.name] = item.default
+        elif item.default_factory is not dataclasses.MISSING:
+            defaults[item.name] = item.default_factory()
+    return json.loads(json.dumps(defaults))
+
+
+def _stored_definition(record: Mapping[str, Any], method: Method, wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """The definition a stored record gives for the keys of ``wanted`` (``method.describe()``).
+
+    An estimator's stored ``params`` that lack fields its config class gained since the record was
+    written (e.g. ``query_sampling``, ``rank``) get those fields' defaults: the older code behaved
+    as the default does. Stored fields the class no longer has stay, so they still differ.
+    """
+    stored = {key: record.get(key) for key in wanted}
+    if isinstance(method, EstimatorMethod) and isinstance(stored.get("params"), Mapping):
+        stored["params"] = {**_config_defaults(method.config), **stored["params"]}
+    return stored
+
+
 def _check_resumable(existing: Iterable[Mapping[str, Any]], methods: Sequence[Method], run: FrontierRun) -> None:
-    """Refuse to mix a method's new definition with records of an older one under the same name."""
+    """Refuse to mix a method's new definition with records of an older one under the same name.
+
+    Records written before a config field existed count as having its default (see
+    :func:`_stored_definition`).
+    """
+    by_name = {m.name: m for m in methods}
     wanted = {m.name: m.describe() for m in methods}
     for record in existing:
         name = record.get("method")
         if not run.owns(record) or name not in wanted:
             continue
-        stored = {key: record.get(key) for key in wanted[name]}
+        stored = _stored_definition(record, by_name[name], wanted[name])
         if stored != wanted[name]:
             raise ValueError(
                 f"method {name!r} already has records in this run with a different definition "
