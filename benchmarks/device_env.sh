@@ -10,6 +10,8 @@
 # /tmp, which survives between calls while the machine stays warm.
 export LONGINFER_CACHE=/tmp/lc PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/gg:$PWD
 export RES=/tmp/res
+# the first load of a GGUF keeps a dequantized copy in /tmp/lc; later processes load it in seconds
+export LONGINFER_DEQUANTIZED_CACHE=1
 mkdir -p "$RES" /tmp/m "$LONGINFER_CACHE/corpora"
 
 li() { python3 -m longinfer.cli "$@"; }

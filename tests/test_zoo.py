@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import subprocess
 from collections import namedtuple
@@ -427,3 +428,43 @@ def test_real_smollm2_fetch_load_generate(monkeypatch):
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
     assert "Paris" in answer
+
+
+def test_dequantized_copy_is_written_once_and_reused(tiny_gguf, tmp_path, monkeypatch):
+    source, _ = tiny_gguf
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(source.read_bytes())
+    copy = tmp_path / "tiny.gguf.dequantized-float32"
+    ids = torch.tensor([[5, 9, 256, 100, 7, 42]])
+    first, tokenizer = zoo.load(path, device="cpu", dequantized_cache=True)
+    assert (copy / "longinfer-dequantized.json").is_file()
+    saved_config = json.loads((copy / "config.json").read_text())
+    assert "quantization_config" not in saved_config
+
+    monkeypatch.setenv(zoo.DEQUANTIZED_CACHE_ENV, "1")  # the environment turns it on too
+    loaded = []
+    original = zoo._Source
+    monkeypatch.setattr(zoo, "_Source", lambda location, gguf: loaded.append((location, gguf)) or original(location, gguf))
+    second, tokenizer2 = zoo.load(path, device="cpu", yarn_factor=4.0)
+    assert loaded[-1] == (str(copy), None)  # read from the copy, not the GGUF
+    assert second.config.rope_parameters["rope_type"] == "yarn"  # load-time changes still apply...
+    assert json.loads((copy / "config.json").read_text()) == saved_config  # ...and never reach the copy
+    plain, _ = zoo.load(path, device="cpu")
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, plain(ids).logits)
+    assert tokenizer2.encode("ab cab", add_special_tokens=False) == tokenizer.encode("ab cab", add_special_tokens=False)
+
+
+def test_dequantized_copy_is_refreshed_when_the_gguf_changes_and_skipped_with_overrides(tiny_gguf, tmp_path):
+    source, _ = tiny_gguf
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(source.read_bytes())
+    copy = tmp_path / "tiny.gguf.dequantized-float32"
+    zoo.load(path, device="cpu", dequantized_cache=True, config_overrides={"rms_norm_eps": 1e-3})
+    assert not copy.exists()  # overrides may change the architecture: never cached
+    zoo.load(path, device="cpu", dequantized_cache=True)
+    marker = json.loads((copy / "longinfer-dequantized.json").read_text())
+    os.utime(path, ns=(marker["mtime_ns"] + 10**9, marker["mtime_ns"] + 10**9))
+    assert not zoo._DequantizedCopy(path, torch.float32).is_valid()
+    zoo.load(path, device="cpu", dequantized_cache=True)
+    assert json.loads((copy / "longinfer-dequantized.json").read_text())["mtime_ns"] == marker["mtime_ns"] + 10**9
