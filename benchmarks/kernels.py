@@ -41,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from longinfer.eval.peer import PEER_SITE_ENV, import_peer_module, load_peer_kernels  # noqa: E402
 from longinfer.ops import (  # noqa: E402
     a_shape_attention,
     block_sparse_attention,
@@ -71,19 +72,15 @@ def bench_ms(fn) -> float:
 
 
 def load_peer():
-    """Import the peer's kernels without its package ``__init__`` (needs vllm); None if absent."""
-    site = os.environ.get("PEER_SITE")
-    if not site:
+    """The peer's kernels, imported without its package ``__init__`` (needs vllm) by
+    :mod:`longinfer.eval.peer`; None when ``PEER_SITE`` is unset."""
+    if not os.environ.get(PEER_SITE_ENV):
         return None
-    pkg = types.ModuleType("minference")
-    pkg.__path__ = [os.path.join(site, "minference")]
-    sys.modules["minference"] = pkg
-    from minference.ops import block_sparse_flash_attention as bsa
-    from minference.ops.pit_sparse_flash_attention_v2 import vertical_slash_sparse_attention
-    from minference.ops.streaming_kernel import streaming_forward
-
-    return types.SimpleNamespace(vs=vertical_slash_sparse_attention, bs_kernel=bsa._triton_block_sparse_attention,
-                                 bs_full=bsa.block_sparse_attention, a_shape=streaming_forward)
+    vs = load_peer_kernels().vertical_slash
+    bsa = import_peer_module("ops.block_sparse_flash_attention")
+    streaming = import_peer_module("ops.streaming_kernel")
+    return types.SimpleNamespace(vs=vs, bs_kernel=bsa._triton_block_sparse_attention,
+                                 bs_full=bsa.block_sparse_attention, a_shape=streaming.streaming_forward)
 
 
 def make_inputs(n: int, seed: int = 0):

@@ -126,6 +126,8 @@ def _run(args: argparse.Namespace) -> int:
     from .runner import run_task
 
     methods = parse_methods(args.methods)
+    for method in methods:
+        method.prepare()  # fail before the model load (the peer: PEER_SITE, CUDA)
     haystack = load_haystack(args.haystack)
     task = build_task(args, haystack)
     model, tokenizer = _load_model(args)
@@ -166,7 +168,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         default="dense,longinfer",
-        help="comma list: dense, dense:<impl>, longinfer, longinfer:<plan.json>",
+        help="comma list: dense, dense:<impl>, longinfer, longinfer:<plan.json>, peer, peer:<V>,<S> "
+        "(the peer: minference 0.1.6 built by benchmarks/gpu_session.sh into $PEER_SITE; GPU only)",
     )
     parser.add_argument(
         "--lengths", type=parse_lengths, default=parse_lengths("4K"), help="prompt lengths, e.g. 8K,16K,32K"

@@ -6,7 +6,10 @@ model serves every method of a run.
 
 Spec strings (CLI ``--methods``): ``dense`` (transformers ``sdpa``), ``dense:<impl>`` (any
 transformers implementation, e.g. ``dense:eager``), ``longinfer`` (the built-in plan for the
-model), ``longinfer:<plan.json>``.
+model), ``longinfer:<plan.json>``, ``peer`` (the peer, PyPI ``minference`` 0.1.6, with its
+default budget of 1000 columns and 6096 diagonals; GPU only, see :mod:`longinfer.eval.peer`) and
+``peer:<V>,<S>`` (that budget). In a spec list a comma followed by a digit continues the spec, so
+``dense,peer:500,1500`` is two methods.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import abc
 import contextlib
 import importlib
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -26,12 +30,15 @@ __all__ = [
     "AttentionMethod",
     "DenseMethod",
     "LonginferMethod",
+    "PeerMethod",
     "method_from_spec",
     "parse_methods",
     "set_attention",
 ]
 
 _INTEGRATION_MODULE = "longinfer.integrations.transformers"
+_PEER_MODULE = "longinfer.eval.peer"
+_SPEC_SEPARATOR = re.compile(r",(?!\s*\d)")  # a comma not followed by a digit (peer:V,S keeps its own)
 
 
 def current_attention(model: Any) -> str:
@@ -69,6 +76,9 @@ class AttentionMethod(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """Fields stored in every result record of this method (besides ``method``)."""
         return {}
+
+    def prepare(self) -> None:
+        """Load what the method needs before a model is loaded, so a missing dependency fails fast."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -136,6 +146,93 @@ class LonginferMethod(AttentionMethod):
         return {"plan": self.plan or "default"}
 
 
+class PeerMethod(AttentionMethod):
+    """The peer's vertical-slash prefill (PyPI ``minference`` 0.1.6) with its own online estimate.
+
+    Every layer's prefill runs MInference's estimate (last 64 queries; the first 30 columns and the
+    100 nearest diagonals forced; top ``num_vertical`` columns and ``num_slash`` diagonals per query
+    head) and the peer's kernel; decoding and what the peer cannot do (padding, batch > 1, a cached
+    prefix) run dense SDPA, counted in :attr:`stats` (see :mod:`longinfer.eval.peer`).
+
+    Args:
+        num_vertical, num_slash: the budget (default the peer's 1000, 6096); at least 30 and 100.
+        site: the peer's install folder (default: env ``PEER_SITE``).
+        require_cuda: ``False`` only for a stand-in peer that runs on the CPU (tests).
+    """
+
+    def __init__(
+        self,
+        num_vertical: int | None = None,
+        num_slash: int | None = None,
+        *,
+        site: str | Path | None = None,
+        require_cuda: bool = True,
+        name: str | None = None,
+    ) -> None:
+        peer = _peer_module()
+        self.num_vertical = peer.DEFAULT_NUM_VERTICAL if num_vertical is None else num_vertical
+        self.num_slash = peer.DEFAULT_NUM_SLASH if num_slash is None else num_slash
+        for label, value, least in (("num_vertical", self.num_vertical, peer.SINK),
+                                    ("num_slash", self.num_slash, peer.LOCAL)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(
+                    f"peer {label} must be an integer >= {least} (the peer always keeps {least} of them), got {value!r}"
+                )
+        self.site = None if site is None else str(site)
+        self.require_cuda = require_cuda
+        default = (self.num_vertical, self.num_slash) == (peer.DEFAULT_NUM_VERTICAL, peer.DEFAULT_NUM_SLASH)
+        self.name = name or ("peer" if default else f"peer:{self.num_vertical},{self.num_slash}")
+        self.stats: Any = None  # PeerStats of the latest activation
+        self._kernels: Any = None
+
+    def prepare(self) -> None:
+        self._load()
+
+    def _load(self) -> Any:
+        """The peer's kernels (:func:`longinfer.eval.peer.load_peer_kernels`), loaded once."""
+        if self._kernels is None:
+            self._kernels = _peer_module().load_peer_kernels(self.site, require_cuda=self.require_cuda)
+        return self._kernels
+
+    @contextlib.contextmanager
+    def activate(self, model: Any) -> Iterator[None]:
+        peer = _peer_module()
+        runtime = peer.PeerRuntime(self._load(), self.num_vertical, self.num_slash)
+        self.stats = runtime.stats
+        previous = current_attention(model)
+        peer.register()
+        peer.attach(model, runtime)
+        try:
+            set_attention(model, peer.IMPLEMENTATION)
+            yield
+        finally:
+            if current_attention(model) != previous:
+                set_attention(model, previous)
+            peer.detach(model)
+            level = logging.WARNING if runtime.stats.fallbacks else logging.INFO
+            logger.log(level, "%s: %s", self.name, runtime.stats.summary())
+
+    def describe(self) -> dict[str, Any]:
+        version = self._kernels.version if self._kernels is not None else _peer_module().peer_version(self.site)
+        return {"num_vertical": self.num_vertical, "num_slash": self.num_slash, "last_q": _peer_module().LAST_Q,
+                "peer_version": version}
+
+
+def _peer_module() -> ModuleType:
+    """``longinfer.eval.peer``, imported on first use (it imports the pattern estimators)."""
+    return importlib.import_module(_PEER_MODULE)
+
+
+def _peer_budget(argument: str) -> tuple[int | None, int | None]:
+    """``""`` -> the defaults; ``"V,S"`` -> ``(V, S)``."""
+    if not argument:
+        return None, None
+    parts = [p.strip() for p in argument.split(",")]
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"bad peer budget '{argument}': use peer:<V>,<S> with two integers, e.g. peer:1000,6096")
+    return int(parts[0]), int(parts[1])
+
+
 def method_from_spec(spec: str) -> AttentionMethod:
     """A method from its spec string (see the module docstring)."""
     spec = spec.strip()
@@ -144,14 +241,17 @@ def method_from_spec(spec: str) -> AttentionMethod:
         return DenseMethod(argument or "sdpa")
     if kind == "longinfer":
         return LonginferMethod(argument or None)
+    if kind == "peer":
+        return PeerMethod(*_peer_budget(argument))
     raise ValueError(
-        f"unknown attention method '{spec}'; use dense, dense:<impl>, longinfer or longinfer:<plan.json>"
+        f"unknown attention method '{spec}'; use dense, dense:<impl>, longinfer, longinfer:<plan.json>, peer "
+        f"or peer:<V>,<S>"
     )
 
 
 def parse_methods(specs: str) -> list[AttentionMethod]:
-    """Methods from a comma-separated spec list, e.g. ``"dense,longinfer"``; names must be unique."""
-    methods = [method_from_spec(s) for s in specs.split(",") if s.strip()]
+    """Methods from a comma-separated spec list, e.g. ``"dense,longinfer,peer:500,1500"``; names must be unique."""
+    methods = [method_from_spec(s) for s in _SPEC_SEPARATOR.split(specs) if s.strip()]
     if not methods:
         raise ValueError("no attention methods given; use e.g. --methods dense,longinfer")
     names = [m.name for m in methods]
