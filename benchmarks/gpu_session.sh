@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One device call: build the peer (once per warm machine), run the GPU tests, then the kernel
-# benchmark. Usage: bash benchmarks/gpu_session.sh [tests|bench|all] [extra args for kernels.py]
+# benchmark. Usage: bash benchmarks/gpu_session.sh [tests|bench|all|build] [extra args for kernels.py]
+# (`build` only builds the peer into /tmp/peer, e.g. before `PEER_SITE=/tmp/peer longinfer eval ... --methods peer`.)
 # Expects the peer sdist in .device/ (see benchmarks/README.md); writes logs and results to $OUT.
 set -uo pipefail
 what=${1:-all}; shift || true
+case "$what" in tests|bench|all|build) ;; *) echo "unknown step '$what': use tests, bench, all or build" >&2; exit 2;; esac
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -16,7 +18,10 @@ fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   LONGINFER_AUTOTUNE=0 python3 -m pytest -q -x tests/test_ops_kernels.py tests/test_ops_errors.py -m "not slow" ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
 fi
-[ -n "${peer_pid:-}" ] && wait "$peer_pid"
+if [ -n "${peer_pid:-}" ] && ! wait "$peer_pid"; then
+  echo "peer build failed: see $OUT/peer_build.log" >&2
+  [ "$what" = build ] && exit 1
+fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   PEER_SITE=/tmp/peer python3 benchmarks/kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^{"
 fi
