@@ -48,6 +48,13 @@ head. Dense and windowed calls count fully; a sparse call counts its index's mas
 ``DENSITY_SAMPLE_ROWS`` evenly spaced query rows (the exact mask the kernel computes, block
 rounding included), so recording costs ``O(H * rows * Nk)`` per call and no host sync. Calls
 with fewer than ``SPARSE_MIN_QUERIES`` queries (decoding) are counted but not in the density.
+
+Host synchronization: an unpadded prefill call never waits for the GPU (no value read back, no
+shape that depends on values, no host-to-device copy), so the CPU keeps queueing kernels while
+the GPU works; ``tests/test_no_host_sync.py`` checks it. The packed-position check starts at
+layer 0 and raises at the last layer (:class:`PackedGuard`). What still syncs: the mask function
+once per forward when a padding mask is passed, the padded path (its spans), and
+:func:`attention_stats`.
 """
 
 from __future__ import annotations
@@ -236,6 +243,45 @@ class LayerStats:
 
 
 @dataclass
+class PackedGuard:
+    """The packed-sequence check of one forward, shared by a patched model's layers.
+
+    Layer 0 computes ``position_ids`` restarting inside a row on the device and starts an
+    asynchronous copy of that flag to the host; the last layer reads it (the copy finished long
+    before, so reading does not stall the GPU queue) and raises. Without this, layer 0 would wait
+    for the GPU on every forward.
+    """
+
+    last_layer: int
+    pending: tuple[torch.Tensor, Any] | None = None  # (host flag, CUDA event or None)
+
+    def start(self, position_ids: torch.Tensor) -> None:
+        restarts = (position_ids[:, 1:] - position_ids[:, :-1] != 1).any()
+        if restarts.is_cuda:
+            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag.copy_(restarts, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending = (flag, event)
+        else:
+            self.pending = (restarts, None)
+
+    def finish(self) -> None:
+        """Raise ``NotImplementedError`` when the flag of :meth:`start` is set (clears it)."""
+        if self.pending is None:
+            return
+        flag, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()  # recorded at layer 0: long complete by the last layer
+        if bool(flag):
+            raise NotImplementedError(
+                "position_ids restart inside a row (packed sequences); longinfer runs padded batches only: pad the "
+                "sequences and pass an attention_mask instead"
+            )
+
+
+@dataclass
 class LayerRuntime:
     """What one attention module needs at call time: its layer plan, buckets and counters."""
 
@@ -247,18 +293,19 @@ class LayerRuntime:
     backend: str
     buckets: tuple[HeadBucket, ...]
     stats: LayerStats = field(default_factory=LayerStats)
+    guard: PackedGuard | None = None  # shared by the model's layers (patch); None: check at layer 0
     _index_cache: dict[tuple[int, torch.device], tuple[torch.Tensor | None, torch.Tensor | None]] = field(
         default_factory=dict, repr=False
     )
     _fallback_logged: bool = False
 
     @classmethod
-    def build(cls, plan: Plan, layer_idx: int, backend: str) -> LayerRuntime:
+    def build(cls, plan: Plan, layer_idx: int, backend: str, guard: PackedGuard | None = None) -> LayerRuntime:
         if not 0 <= layer_idx < plan.num_layers:
             raise ValueError(f"attention layer {layer_idx} is outside the plan's {plan.num_layers} layers")
         layer = plan.layers[layer_idx]
         return cls(layer_idx, layer, plan.num_q_heads, plan.num_kv_heads, plan.head_dim, backend,
-                   head_buckets(layer, plan.num_kv_heads))
+                   head_buckets(layer, plan.num_kv_heads), guard=guard)
 
     def indices(self, position: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Index tensors ``(q_heads, kv_heads)`` of bucket ``position`` on ``device``; ``None`` = all, in order."""
@@ -416,8 +463,9 @@ def patch(model: Any, plan: Plan | str | os.PathLike[str] | None = None, *, back
         current = _current_implementation(model)
         restore = current if current != IMPLEMENTATION else _stock_implementation(model)
     _set_implementation(model, IMPLEMENTATION)
+    guard = PackedGuard(last_layer=resolved.num_layers - 1)
     for idx, module in modules.items():
-        setattr(module, _RUNTIME_ATTR, LayerRuntime.build(resolved, idx, backend))
+        setattr(module, _RUNTIME_ATTR, LayerRuntime.build(resolved, idx, backend, guard))
     setattr(model, _PATCH_ATTR, PatchState(resolved, restore, backend))
     logger.debug("patched %s: %d layers, backend %s", type(model).__name__, len(modules), backend)
     return resolved
@@ -534,15 +582,19 @@ def _call_backend(runtime: LayerRuntime, device: torch.device) -> str:
     return "torch"
 
 
-def _check_packed_positions(position_ids: torch.Tensor | None) -> None:
-    """Raise when position ids restart inside a row (packed sequences without a padding mask)."""
-    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] < 2:
-        return
-    if bool((position_ids[:, 1:] - position_ids[:, :-1] != 1).any()):
-        raise NotImplementedError(
-            "position_ids restart inside a row (packed sequences); longinfer runs padded batches only: pad the "
-            "sequences and pass an attention_mask instead"
-        )
+def _check_packed_positions(runtime: LayerRuntime, position_ids: torch.Tensor | None) -> None:
+    """Refuse position ids that restart inside a row (packed sequences without a padding mask).
+
+    With a shared :class:`PackedGuard` the check starts at layer 0 and raises at the last layer
+    (no host synchronization); a runtime without one checks at layer 0 directly.
+    """
+    guard = runtime.guard or PackedGuard(last_layer=runtime.layer_idx)
+    if runtime.layer_idx == 0:
+        guard.pending = None
+        if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[1] >= 2:
+            guard.start(position_ids)
+    if runtime.layer_idx == guard.last_layer:
+        guard.finish()
 
 
 def longinfer_attention(
@@ -590,8 +642,8 @@ def longinfer_attention(
             f"layer {runtime.layer_idx} has {hq} query heads, {hkv} KV heads, head_dim {d}; the plan expects "
             f"{runtime.num_q_heads}, {runtime.num_kv_heads}, {runtime.head_dim}"
         )
-    if attention_mask is None and nq > 1 and runtime.layer_idx == 0:
-        _check_packed_positions(kwargs.get("position_ids"))
+    if attention_mask is None and nq > 1:
+        _check_packed_positions(runtime, kwargs.get("position_ids"))
     scale = scaling if scaling is not None else d**-0.5
     window = sliding_window if sliding_window is not None and sliding_window > 0 else None
     backend = _call_backend(runtime, query.device)
@@ -741,10 +793,26 @@ def _run_bucket(bucket: HeadBucket, q: torch.Tensor, k: torch.Tensor, v: torch.T
     selection = spec.estimate(q, k, head.config, sm_scale=ctx.scale, per_kv_group=bucket.per_kv_group)
     if ctx.backend == "triton":
         ratio = _sampled_density(_reference_rows(spec, selection), q.shape[2], k.shape[2], q.device)
-        return spec.run(q, k, v, selection, head.config, sm_scale=ctx.scale), ratio
+        return _run_kernel(spec, q, k, v, selection, head.config, ctx.scale), ratio
     rows_mask = _selection_rows(spec, selection)
     ratio = _sampled_density(rows_mask, q.shape[2], k.shape[2], q.device)
     return _masked_attention(q, k, v, ctx.scale, rows_mask), ratio
+
+
+def _run_kernel(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Any,
+                config: Any, scale: float) -> torch.Tensor:
+    """``spec.run``, except that a vertical-slash selection's kernel index is built without sorting:
+    the estimator lists each head's entries ascending and distinct, ``-1`` after them."""
+    from longinfer.patterns.vertical_slash import VerticalSlashSelection
+
+    if not isinstance(selection, VerticalSlashSelection):
+        return spec.run(q, k, v, selection, config, sm_scale=scale)
+    from longinfer import ops
+    from longinfer.ops.index import build_vertical_slash_index
+
+    index = build_vertical_slash_index(selection.vertical, selection.slash, selection.k_len, selection.block_size,
+                                       presorted=True)
+    return ops.vertical_slash_attention(q, k, v, index=index, block_size=selection.block_size, sm_scale=scale)
 
 
 def _reference_rows(spec: PatternSpec, selection: Any) -> RowsMask:
@@ -790,22 +858,38 @@ def _selection_rows(spec: PatternSpec, selection: Any) -> RowsMask:
     return build
 
 
+def _density_offsets(nq: int) -> tuple[int, int, int]:
+    """``(count, first, last)``: how many query rows :func:`_sampled_density` samples and the
+    offsets (into the ``nq`` queries) of the first and last, from the sizes alone.
+
+    Row ``i`` of ``count`` sits at offset ``min(nq - 1, ((2 * i * count + 2 * i + 1) * nq) // (2 * count**2))``:
+    the queries are cut into ``count`` equal strata and stratum ``i`` is sampled at the fraction
+    ``(2i + 1) / (2 count)`` of its length (integer arithmetic, so host and device agree exactly).
+    """
+    count = min(DENSITY_SAMPLE_ROWS, nq)
+    return count, _density_offset(0, count, nq), _density_offset(count - 1, count, nq)
+
+
+def _density_offset(i: int, count: int, nq: int) -> int:
+    return min(nq - 1, ((2 * i * count + 2 * i + 1) * nq) // (2 * count * count))
+
+
 def _sampled_density(rows_mask: RowsMask, nq: int, nk: int, device: torch.device) -> torch.Tensor:
     """Kept share of the causal pairs of ``DENSITY_SAMPLE_ROWS`` evenly spaced query rows (0-d tensor).
 
     ``rows_mask`` gives the selection's mask (see :data:`RowsMask`). The queries are cut into
     equal strata and stratum ``i`` is sampled at the fraction ``(2i + 1) / (2R)`` of its length, so
     the samples also spread over the positions inside a 64-row query tile (masks rounded to whole
-    tiles differ between a tile's first and last rows).
+    tiles differ between a tile's first and last rows). The row positions are computed on the
+    device from the sizes (no host-to-device copy, hence no host synchronization).
     """
-    count = min(DENSITY_SAMPLE_ROWS, nq)
-    stratum = nq / count
-    offsets = [int(i * stratum + (2 * i + 1) * stratum / (2 * count)) for i in range(count)]
-    rows = [nk - nq + min(offset, nq - 1) for offset in offsets]
-    positions = torch.tensor(rows, device=device)
-    mask = rows_mask(positions, rows[0], rows[-1])[..., :nk]
-    kept = mask.sum(dtype=torch.float32) / (mask.shape[0] * mask.shape[1])
-    return kept / sum(row + 1 for row in rows)
+    count, first, last = _density_offsets(nq)
+    step = 2 * count + 2  # (2 i count + 2 i + 1) = i * step + 1
+    offsets = torch.arange(count, device=device).mul_(step).add_(1).mul_(nq).floor_divide_(2 * count * count)
+    positions = offsets.clamp_(max=nq - 1).add_(nk - nq)
+    mask = rows_mask(positions, nk - nq + first, nk - nq + last)[..., :nk]
+    pairs = sum(nk - nq + _density_offset(i, count, nq) + 1 for i in range(count))
+    return mask.sum(dtype=torch.float32).div_(mask.shape[0] * mask.shape[1] * pairs)
 
 
 def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str) -> torch.Tensor:

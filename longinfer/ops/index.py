@@ -71,41 +71,44 @@ class BlockSparseIndex:
         return self.block_ids.shape[1]
 
 
-def _sorted_unique(values: torch.Tensor, valid: torch.Tensor, fill: int) -> torch.Tensor:
+def _sorted_unique(values: torch.Tensor, valid: torch.Tensor, fill: int, presorted: bool = False) -> torch.Tensor:
     """Sort the last dim with invalid entries and repeats replaced by ``fill`` (moved to the end).
 
-    ``fill`` must be larger than every valid value. Returns int64 of the same shape.
+    ``fill`` must be larger than every valid value. Returns int64 of the same shape. With
+    ``presorted`` (valid entries already ascending, distinct and before every invalid one) only
+    the invalid entries are replaced: no sort.
     """
-    x = torch.where(valid, values.long(), fill).sort(-1).values
-    repeat = torch.zeros_like(x, dtype=torch.bool)
-    repeat[..., 1:] = x[..., 1:] == x[..., :-1]
-    return torch.where(repeat, fill, x).sort(-1).values
+    x = values.long().masked_fill(~valid, fill)
+    if presorted:
+        return x
+    x = x.sort(-1).values
+    repeat = torch.nn.functional.pad(x[..., 1:] == x[..., :-1], (1, 0), value=False)
+    return x.masked_fill_(repeat, fill).sort(-1).values
 
 
 def _slash_groups(
-    slash: torch.Tensor, k_len: int, block_size: int, limit: torch.Tensor | int
+    slash: torch.Tensor, k_len: int, block_size: int, limit: torch.Tensor | int, presorted: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge sorted slash offsets closer than ``block_size + 1`` into groups.
 
     Two slashes ``a < b`` give key ranges that touch or overlap iff ``b - a <= block_size``.
     Offsets ``>= limit`` (``k_len``, or ``[B, 1, 1]`` per-sequence lengths) are dropped.
     Returns ``(lo, hi, count)``: ``[B, H, S]`` int32 each padded with ``k_len``, and ``[B, H]``.
+    ``presorted``: see :func:`build_vertical_slash_index`.
     """
-    s = _sorted_unique(slash, (slash >= 0) & (slash < limit), k_len)  # [B, H, S]
+    s = _sorted_unique(slash, (slash >= 0) & (slash < limit), k_len, presorted)  # [B, H, S]
     num = s.shape[-1]
-    valid = s < k_len
-    prev = torch.cat([torch.full_like(s[..., :1], -(2 * block_size + 1)), s[..., :-1]], -1)
-    nxt = torch.cat([s[..., 1:], torch.full_like(s[..., :1], k_len)], -1)
-    is_first = valid & (s - prev > block_size)
-    is_last = valid & ((nxt - s > block_size) | (nxt >= k_len))
-    group_id = is_first.long().cumsum(-1) - 1  # id of the group each slash belongs to
-    dump = torch.full_like(group_id, num)  # scatter target for non-boundary slashes
+    valid = s < k_len  # valid entries come first (the fill k_len sorts last)
+    apart = s[..., 1:] - s[..., :-1] > block_size  # [B, H, S - 1]: a group ends between i and i + 1
+    pad = torch.nn.functional.pad
+    is_first = valid & pad(apart, (1, 0), value=True)
+    is_last = valid & pad(apart | ~valid[..., 1:], (0, 1), value=True)
+    group_id = is_first.cumsum(-1) - 1  # id of the group each slash belongs to
     lo = torch.full(s.shape[:-1] + (num + 1,), k_len, dtype=torch.long, device=s.device)
     hi = lo.clone()
-    lo.scatter_(-1, torch.where(is_first, group_id, dump), s)
-    hi.scatter_(-1, torch.where(is_last, group_id, dump), s)
-    count = is_first.sum(-1)
-    return lo[..., :num].int(), hi[..., :num].int(), count.int()
+    lo.scatter_(-1, group_id.masked_fill(~is_first, num), s)  # non-boundary slashes go to the dump slot
+    hi.scatter_(-1, group_id.masked_fill(~is_last, num), s)
+    return lo[..., :num].int(), hi[..., :num].int(), is_first.sum(-1, dtype=torch.int32)
 
 
 def build_vertical_slash_index(
@@ -114,6 +117,8 @@ def build_vertical_slash_index(
     k_len: int,
     block_size: int = 64,
     seqlens_k: torch.Tensor | None = None,
+    *,
+    presorted: bool = False,
 ) -> VerticalSlashIndex:
     """Convert raw ``vertical [B, H, V]`` / ``slash [B, H, S]`` into a :class:`VerticalSlashIndex`.
 
@@ -123,11 +128,15 @@ def build_vertical_slash_index(
         k_len: number of key positions (the longest sequence when packed).
         block_size: query tile size of the kernel that will consume the index.
         seqlens_k: optional ``[B]`` per-sequence key lengths (packed sequences); default ``k_len``.
+        presorted: the caller guarantees that in each row of ``vertical`` and ``slash`` the valid
+            entries (in ``[0, k_len)``) are ascending and distinct and come before every invalid
+            one, as the estimators' ``-1``-padded selections are; skips the sorts. Wrong input
+            then gives a wrong index.
 
     Memory: ``O(B * H * (V + S + k_len / block_size))`` integers.
     """
     num_tiles = math.ceil(k_len / block_size)
-    columns = _sorted_unique(vertical, (vertical >= 0) & (vertical < k_len), k_len)  # per-sequence ends below
+    columns = _sorted_unique(vertical, (vertical >= 0) & (vertical < k_len), k_len, presorted)  # per-sequence ends below
     tile_end = torch.arange(1, num_tiles + 1, device=vertical.device) * block_size  # [T]
     if seqlens_k is None:
         tile_end = tile_end.clamp(max=k_len).expand(*vertical.shape[:2], num_tiles)
@@ -137,7 +146,7 @@ def build_vertical_slash_index(
     # Each sequence only lists columns before its own end, so a padded column never counts.
     column_count = torch.searchsorted(columns.contiguous(), tile_end.contiguous(), right=False).int()
     limit = k_len if seqlens_k is None else seqlens_k.to(slash.device).long()[:, None, None]
-    lo, hi, count = _slash_groups(slash, k_len, block_size, limit)
+    lo, hi, count = _slash_groups(slash, k_len, block_size, limit, presorted)
     return VerticalSlashIndex(
         columns=columns.int().contiguous(),
         column_count=column_count.contiguous(),

@@ -395,8 +395,11 @@ def estimate_masses(
     require(backend == "torch" or q.is_cuda or interpreter_enabled(),
             "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; use backend='torch' on the CPU")
     if positions is None:
-        host_pos = estimation_positions(shape.q_len, nk, config.last_q, config.query_sampling)
         query_pos = estimation_positions(shape.q_len, nk, config.last_q, config.query_sampling, device=q.device)
+        if backend == "triton":  # the host copy is for the torch path only
+            return estimate_masses_triton(q, k, query_pos - shape.q_offset, query_pos, sink=config.sink,
+                                          local=config.local, scale=scale)
+        host_pos = estimation_positions(shape.q_len, nk, config.last_q, config.query_sampling)
     else:
         host_pos = _checked_positions(positions, shape.q_offset, nk)
         query_pos = positions.to(device=q.device, dtype=torch.long).flatten()
