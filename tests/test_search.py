@@ -257,6 +257,103 @@ def test_default_candidates_are_valid_at_any_length():
         search.default_candidates(1000, 0.0)
 
 
+def _strided(candidates):
+    return [c for c in candidates if c.pattern == "vertical_slash" and c.config.query_sampling == "strided"]
+
+
+def test_default_candidates_include_strided_vertical_slash():
+    for length, budget in ((1024, 0.3), (4096, 0.1), (32768, 0.1), (131072, 0.1)):
+        candidates = search.default_candidates(length, budget)
+        strided = _strided(candidates)
+        assert strided == search.strided_vertical_slash_candidates(length, budget)
+        configs = [c.config for c in strided]
+        assert sorted(c.tau for c in configs if c.budget == "coverage" and c.rank == "mass") == list(search.STRIDED_TAUS)
+        assert any(c.budget == "fixed" for c in configs) and any(c.rank == "cost" for c in configs)
+        for config in configs:
+            assert 16 <= config.last_q <= 64
+            # the local band fills whole key tiles: 1, 65 or 129 diagonals
+            assert config.local in (1, 65, 129)
+        estimate = search.estimation_pairs("vertical_slash", configs[0], length, length)
+        assert estimate <= budget / 4 * search.dense_pairs(length, length) or configs[0].last_q == 16
+    assert search.strided_estimation_queries(32768, 0.1) == 64  # the default plan's estimate
+    assert search.strided_estimation_queries(4096, 0.1) == 16
+    with pytest.raises(ValueError, match="cost_budget"):
+        search.strided_vertical_slash_candidates(1000, 1.5)
+
+
+def test_each_slash_costs_a_key_tile_band_per_query_tile():
+    """Slashes on multiples of 64 (two of them merged) and 64 sink columns: per full query tile the
+    kernel computes exactly what the reference mask keeps for the tile's last row, slash bands and
+    columns counted apart (covered columns are computed twice, as the kernel does)."""
+    from longinfer.patterns.vertical_slash import VerticalSlashSelection
+
+    n, bs = 1024, 64
+    vertical = torch.arange(64).expand(1, 2, 64)
+    slash = torch.tensor([[[0, 128, 512, -1], [0, 256, 320, 768]]])
+    selection = VerticalSlashSelection(vertical, slash, n, bs)
+    last_rows = torch.arange(bs - 1, n, bs)
+    none_v, none_s = torch.full((1, 2, 1), -1), torch.full((1, 2, 1), -1)
+    slash_keys = reference.vertical_slash_mask(none_v, slash, n, bs, rows=last_rows).sum(-1)  # [1, 2, T]
+    column_keys = reference.vertical_slash_mask(vertical, none_s, n, bs, rows=last_rows).sum(-1)
+    expected = (bs * (slash_keys + column_keys)).sum(-1)
+    assert search.vertical_slash_pairs(selection, n).tolist() == expected.tolist()
+    # head 0: the slash 512 costs 64 keys for each of the 8 tiles from 512 on
+    assert int(slash_keys[0, 0, -1]) == 3 * bs
+
+
+def _planted_moving_columns_qk(n=1024, d=64, segments=3, per_segment=6):
+    """One head whose queries after ``n/4`` attend a few early key columns, a different set in each
+    third of them (before ``n/4``: themselves). The last queries see only the last set."""
+    g = torch.Generator().manual_seed(0)
+    unit = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+    directions = torch.linalg.qr(torch.randn(d, segments, generator=g))[0].T  # orthonormal [segments, d]
+    k, q = unit.clone(), 16.0 * unit
+    start = n // 4
+    bounds = torch.linspace(start, n, segments + 1).long().tolist()
+    columns = (torch.randperm(start - 64, generator=g)[: segments * per_segment] + 32).view(segments, per_segment)
+    for s in range(segments):
+        k[columns[s]] += 3.0 * directions[s]
+        q[bounds[s]: bounds[s + 1]] = 12.0 * directions[s] + 4.0 * unit[bounds[s]: bounds[s + 1]]
+    return q[None, None], k[None, None]
+
+
+def test_strided_candidate_costs_follow_their_masks():
+    """For the estimated strided candidates: per query tile the kernel computes the reference mask's
+    keys of the tile's last row (slash bands and columns apart), plus at most one partial key tile
+    per slash group and one for the columns."""
+    n, budget, bs = 1024, 0.3, 64
+    q, k = _planted_moving_columns_qk(n)
+    last_rows = torch.arange(bs - 1, n, bs)
+    for head in _strided(search.default_candidates(n, budget)):
+        selection = get_pattern("vertical_slash").estimate(q, k, head.config, sm_scale=1.0)
+        assert selection.block_size == bs
+        pairs = float(search.kernel_pairs(selection, n))
+        none = torch.full((1, 1, 1), -1)
+        slash_keys = reference.vertical_slash_mask(none, selection.slash, n, bs, rows=last_rows).sum()
+        column_keys = reference.vertical_slash_mask(selection.vertical, none, n, bs, rows=last_rows).sum()
+        slashes = int((selection.slash >= 0).sum())
+        exact = float(bs * (slash_keys + column_keys))
+        label = search.candidate_label(head)
+        assert exact <= pairs <= exact + bs * (bs - 1) * (slashes + 1) * (n // bs), label
+        assert pairs >= float(selection.mask(torch.arange(n)).sum()), label  # a superset of the mask
+        cost = search.relative_cost(head, selection, n, 1)
+        estimate = 2 * head.config.last_q * n
+        assert float(cost) == pytest.approx((pairs + estimate) / search.dense_pairs(n, n), rel=1e-6)
+
+
+def test_search_picks_strided_estimation_when_attention_moves_over_the_prompt():
+    n, budget = 1024, 0.3
+    q, k = _planted_moving_columns_qk(n)
+    candidates = search.default_candidates(n, budget)
+    scores = search.score_layer(q, k, candidates, sample_rows(n, n, 64), sm_scale=1.0)
+    chosen = candidates[search.choose_candidates(scores, budget)[0]]
+    assert chosen in _strided(candidates)
+    best_strided = max(float(scores.recall[i, 0]) for i, c in enumerate(candidates) if c in _strided(candidates))
+    last_query = [float(scores.recall[i, 0]) for i, c in enumerate(candidates)
+                  if c.pattern == "vertical_slash" and c.config.query_sampling == "last"]
+    assert best_strided > 0.95 and max(last_query) < 0.6  # the last queries miss the earlier columns
+
+
 def test_parse_candidate():
     head = search.parse_candidate("vertical_slash:num_vertical=500,num_slash=800,budget=coverage,tau=0.95")
     assert head.pattern == "vertical_slash"

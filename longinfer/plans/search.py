@@ -251,7 +251,9 @@ def default_candidates(length: int, cost_budget: float = DEFAULT_COST_BUDGET, *,
     - coverage vertical-slash, tau 0.9 and 0.95, capped at ``K`` columns and ``K/8`` extra
       diagonals, from the last ``min(256, budget * length / 16)`` queries (at least 64), so that
       the estimate stays a small part of the budget;
-    - block-sparse: ``K`` or ``K/2`` keys of ``block_size`` blocks, and coverage (tau 0.9) capped at ``K``.
+    - block-sparse: ``K`` or ``K/2`` keys of ``block_size`` blocks, and coverage (tau 0.9) capped at ``K``;
+    - strided vertical-slash (estimated from queries spread over the prompt, the default plan's
+      estimate): see :func:`strided_vertical_slash_candidates`.
 
     Which of them fit the budget is decided by their measured cost on the calibration prompt.
     """
@@ -286,7 +288,70 @@ def default_candidates(length: int, cost_budget: float = DEFAULT_COST_BUDGET, *,
         out.append(HeadPlan.from_params("block_sparse", {"num_blocks": num_blocks, "block_size": block_size}))
     out.append(HeadPlan.from_params("block_sparse", {"num_blocks": blocks, "block_size": block_size,
                                                      "budget": "coverage", "tau": 0.9}))
+    out.extend(strided_vertical_slash_candidates(length, cost_budget, block_size=block_size))
     return tuple(dict.fromkeys(out))  # drop duplicates (short lengths), keep order
+
+
+STRIDED_TAUS = (0.7, 0.8, 0.9)  # coverage targets of the strided candidates (the default plan uses 0.9)
+STRIDED_SLASH_SHARES = (0.125, 0.25, 0.5)  # share of the free row budget the fixed candidates spend on slashes
+MAX_ESTIMATION_QUERIES = 64
+
+
+def strided_estimation_queries(length: int, cost_budget: float) -> int:
+    """Estimation queries of the strided candidates: 64 (the default plan's), fewer where 64 would
+    cost more than a quarter of the budget (``2 * L * N`` estimate pairs against ``~N^2 / 2``
+    dense pairs: ``L <= budget * N / 16``), in multiples of 16, at least 16."""
+    fitting = int(cost_budget * length / 16) // 16 * 16
+    return max(16, min(MAX_ESTIMATION_QUERIES, fitting, length))
+
+
+def strided_vertical_slash_candidates(length: int, cost_budget: float = DEFAULT_COST_BUDGET, *,
+                                      block_size: int = 64) -> list[HeadPlan]:
+    """Vertical-slash candidates estimated from ``L`` queries spread over the prompt (``query_sampling="strided"``).
+
+    Sized in the kernel's units: a row may compute ``K = cost_budget * length / 2`` keys on average;
+    the estimate takes ``2 L`` of them (:func:`strided_estimation_queries`), the forced local band
+    whole key tiles (``local`` is the widest band in ``m`` tiles, ``64 (m - 1) + 1`` diagonals, with
+    ``m`` up to 3 and at most a third of ``K``), the sink columns one column tile. Of the rest
+    ``R``, every extra slash costs a ``block_size``-key band per query tile (merged only with
+    slashes less than ``block_size`` apart), a column about one key per later row (the first
+    column tile is paid already):
+
+    - fixed: ``share * R / block_size`` extra slashes (possibly none) and ``64 + (1 - share) * R``
+      columns for each share in :data:`STRIDED_SLASH_SHARES`;
+    - coverage (columns and diagonals ranked together by mass) for each tau in
+      :data:`STRIDED_TAUS`, capped at ``64 + 2 R`` columns and ``max(1, R / 32)`` extra slashes;
+    - coverage ranked by mass per unit of kernel work (``rank="cost"``, tau 0.95) with its work
+      capped at 80% of what the budget leaves after the estimate.
+
+    Sizes are estimates: the search scores each candidate's real cost on the calibration prompt.
+    """
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive int, got {length!r}")
+    if not 0.0 < cost_budget <= 1.0:
+        raise ValueError(f"cost_budget must lie in (0, 1], got {cost_budget}")
+    keys = max(8, int(cost_budget * length / 2))
+    last_q = strided_estimation_queries(length, cost_budget)
+    tiles = max(1, min(3, keys // (3 * COST_BLOCK_N)))
+    local = min(COST_BLOCK_N * (tiles - 1) + 1, length)
+    sink = min(30, max(1, keys // 8), length)
+    free = max(0, keys - 2 * last_q - tiles * COST_BLOCK_N - COST_BLOCK_N)
+    common = {"sink": sink, "local": local, "last_q": last_q, "block_size": block_size,
+              "query_sampling": "strided"}
+    out = []
+    for share in STRIDED_SLASH_SHARES:
+        out.append(HeadPlan.from_params("vertical_slash", {
+            "num_vertical": min(length, max(sink, COST_BLOCK_N + int((1 - share) * free))),
+            "num_slash": min(length, local + round(share * free / block_size)), **common}))
+    caps = {"num_vertical": min(length, max(sink, COST_BLOCK_N + 2 * free)),
+            "num_slash": min(length, local + max(1, free // 32))}
+    for tau in STRIDED_TAUS:
+        out.append(HeadPlan.from_params("vertical_slash", {**caps, "budget": "coverage", "tau": tau, **common}))
+    estimate_share = 2 * last_q * length / dense_pairs(length, length)
+    max_density = round(max(0.005, 0.8 * (cost_budget - estimate_share)), 4)
+    out.append(HeadPlan.from_params("vertical_slash", {
+        **caps, "budget": "coverage", "tau": 0.95, "rank": "cost", "max_density": min(1.0, max_density), **common}))
+    return list(dict.fromkeys(out))
 
 
 def _parse_value(text: str) -> Any:
