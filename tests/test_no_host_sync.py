@@ -114,6 +114,15 @@ def recording(count_ops: bool = False) -> Iterator[SyncRecorder]:
             setattr(owner, name, original)
 
 
+@pytest.fixture(autouse=True)
+def estimate_on_the_kernel_path(monkeypatch):
+    """Estimate with the Triton kernel, the path CUDA tensors take (on the CPU it runs in the
+    interpreter, which the estimator uses only when asked: see ``estimate_backend``)."""
+    from longinfer.patterns import vertical_slash
+
+    monkeypatch.setattr(vertical_slash, "estimate_backend", lambda q, k: "triton")
+
+
 def tiny_llama(layers: int = 2):
     config = transformers.LlamaConfig(
         vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,

@@ -336,13 +336,13 @@ def _scatter_diagonal_sums(probs: torch.Tensor, positions: torch.Tensor, start: 
 def estimate_backend(q: torch.Tensor, k: torch.Tensor) -> str:
     """The backend :func:`estimate_masses` uses for ``q``, ``k``: ``"triton"`` or ``"torch"``.
 
-    The Triton kernel (:mod:`longinfer.patterns._estimate_kernel`) runs on CUDA tensors, and in
-    the interpreter (``TRITON_INTERPRET=1``) for float16 / float32, so CPU tests exercise it
-    (``tl.dot`` in bfloat16 is wrong in the interpreter); everything else (float64, mixed dtypes,
-    CPU without the interpreter) takes the torch path.
+    The Triton kernel (:mod:`longinfer.patterns._estimate_kernel`) runs on CUDA tensors in
+    float16 / bfloat16 / float32; everything else (CPU tensors, float64, mixed dtypes) takes the
+    torch path. On the CPU the interpreter (``TRITON_INTERPRET=1``) can run the kernel too, but
+    only when asked for (``backend="triton"``, as its tests do): it is far slower than the torch
+    path there, and every other CPU test that estimates an index would pay for it.
     """
-    kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32) if q.is_cuda else (torch.float16, torch.float32)
-    if (q.is_cuda or interpreter_enabled()) and q.dtype in kernel_dtypes and k.dtype == q.dtype:
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype:
         return "triton"
     return "torch"
 
