@@ -396,16 +396,15 @@ def estimate_masses(
             "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; use backend='torch' on the CPU")
     if positions is None:
         query_pos = estimation_positions(shape.q_len, nk, config.last_q, config.query_sampling, device=q.device)
-        if backend == "triton":  # the host copy is for the torch path only
-            return estimate_masses_triton(q, k, query_pos - shape.q_offset, query_pos, sink=config.sink,
-                                          local=config.local, scale=scale)
-        host_pos = estimation_positions(shape.q_len, nk, config.last_q, config.query_sampling)
     else:
         host_pos = _checked_positions(positions, shape.q_offset, nk)
         query_pos = positions.to(device=q.device, dtype=torch.long).flatten()
     if backend == "triton":
         return estimate_masses_triton(q, k, query_pos - shape.q_offset, query_pos, sink=config.sink,
                                       local=config.local, scale=scale)
+    if positions is None:  # the torch path also needs them on the host: rebuilt from the sizes, no copy back
+        host_pos = query_pos if query_pos.device.type == "cpu" else estimation_positions(
+            shape.q_len, nk, config.last_q, config.query_sampling)
     return _estimate_masses_torch(q, k, config, scale, host_pos, query_pos)
 
 
