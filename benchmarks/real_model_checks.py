@@ -38,7 +38,6 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ import torch
 
 import longinfer
 from longinfer.eval.cli import load_haystack
+from longinfer.eval.methods import DenseMethod, LonginferMethod
 from longinfer.eval.needle import Needle, build_needle_prompt, contains_exact_value, random_needle
 from longinfer.eval.report import markdown_table
 from longinfer.integrations import transformers as integration
@@ -163,15 +163,13 @@ def _needle_ids(tokenizer: Any, haystack: Any, length: int, depth: float, seed: 
 def one_shot_case(model: Any, tokenizer: Any, ids: torch.Tensor, needle: Needle, plan: Any,
                   max_new_tokens: int) -> dict[str, Any]:
     """Dense vs sparse prefill of one prompt (see the module docstring, check 1)."""
-    dense_logits = _next_token_logits(model, ids)
-    dense_text = _greedy(model, tokenizer, ids, max_new_tokens)
-    integration.patch(model, plan)
-    try:
+    with DenseMethod().activate(model):
+        dense_logits = _next_token_logits(model, ids)
+        dense_text = _greedy(model, tokenizer, ids, max_new_tokens)
+    with LonginferMethod(plan).activate(model):
         sparse_logits = _next_token_logits(model, ids)
         density = integration.attention_stats(model).density
         sparse_text = _greedy(model, tokenizer, ids, max_new_tokens)
-    finally:
-        integration.unpatch(model)
     return {**_compare_logits(dense_logits, sparse_logits), "density": density,
             "dense_answer": dense_text, "sparse_answer": sparse_text,
             "dense_pass": contains_exact_value(dense_text, needle.value),
@@ -221,25 +219,15 @@ def _prefill_cache(model: Any, prefix_ids: torch.Tensor) -> Any:
     return cache
 
 
-def _with_attention(model: Any, implementation: str, run: Callable[[], Any]) -> Any:
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(implementation)
-    try:
-        return run()
-    finally:
-        model.set_attn_implementation(previous)
-
-
 def second_turn_case(model: Any, tokenizer: Any, ids: torch.Tensor, needle: Needle, plan: Any, turn: int,
                      repeats: int, max_new_tokens: int) -> dict[str, Any]:
     """Dense vs sparse second turn of ``turn`` tokens over a cached prefix (module docstring, check 2)."""
     prefix = ids.shape[1] - turn
     prefix_ids, turn_ids = ids[:, :prefix], ids[:, prefix:]
     results: dict[str, Any] = {}
-    for method in ("dense", "sparse"):
-        if method == "sparse":
-            integration.patch(model, plan)
-        try:
+    no_attention = DenseMethod(NULL_ATTENTION, name="no-attention")
+    for method, activation in (("dense", DenseMethod()), ("sparse", LonginferMethod(plan))):
+        with activation.activate(model):
             cache = _prefill_cache(model, prefix_ids)
             results[f"{method}_turn_ms"] = _time_turn(model, turn_ids, cache, prefix, repeats)
             if method == "sparse":
@@ -247,11 +235,8 @@ def second_turn_case(model: Any, tokenizer: Any, ids: torch.Tensor, needle: Need
             text = _turn_answer(model, tokenizer, ids, cache, prefix, max_new_tokens)
             if method == "sparse":
                 results["density"] = integration.attention_stats(model).density
-            null_ms = _with_attention(model, NULL_ATTENTION,
-                                      lambda cache=cache: _time_turn(model, turn_ids, cache, prefix, repeats))
-        finally:
-            if method == "sparse":
-                integration.unpatch(model)
+            with no_attention.activate(model):
+                null_ms = _time_turn(model, turn_ids, cache, prefix, repeats)
         results[f"{method}_null_ms"] = null_ms
         results[f"{method}_attention_ms"] = results[f"{method}_turn_ms"] - null_ms
         results[f"{method}_answer"] = text
