@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{args.model}, {args.length} tokens, {args.rows} rows/head, text {args.text_file or args.text}, "
           f"seed {args.seed}" + (f", YaRN x{args.yarn:g}" if args.yarn else ""))
-    print(markdown_table(["method", "recall mean / p10 / min", "density", "est. ms", "note"],
-                         ([*row[:4], row[4][:60]] for row in recall.summary_table(summaries))))
+    print(markdown_table(list(recall.SUMMARY_HEADER),
+                         ([*row[:-1], row[-1][:60]] for row in recall.summary_table(summaries))))
     peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / GIB:.2f} GiB" if device.startswith("cuda") else ""
     print(f"\nreport: {report}\ntotal {elapsed:.1f} s (load {load_s:.1f} s){peak}")
     return 0

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -238,6 +239,35 @@ def test_summarize_across_heads_of_all_layers():
     assert s.min_recall == 0.2 and s.mean_density == pytest.approx(0.225)
     assert s.heads == 8 and s.layers == 2 and s.estimate_ms == 4.0
     assert s.layer_recall == {0: pytest.approx(0.5), 1: 1.0}
+    assert math.isnan(s.kernel_ms) and math.isnan(s.speedup)  # not timed
+
+
+def test_summarize_timed_records_gives_attention_speedup_over_all_layers():
+    base = {"method": "m", "kind": "estimator", "head_recall": [1.0], "head_density": [0.1]}
+    records = [{**base, "layer": 0, "estimate_ms": 1.0, "kernel_ms": 3.0, "dense_sdpa_ms": 20.0},
+               {**base, "layer": 1, "estimate_ms": 2.0, "kernel_ms": 4.0, "dense_sdpa_ms": 30.0},
+               {**base, "layer": 2, "estimate_ms": 9.0}]  # an untimed layer (e.g. an older record) is left out
+    (s,) = summarize(records)
+    assert s.speedup == pytest.approx(50.0 / 10.0)
+    assert s.kernel_ms == pytest.approx(3.5)
+    row = frontier.summary_table([s])[0]
+    assert row[frontier.SUMMARY_HEADER.index("vs SDPA")] == "5.00x"
+    assert row[frontier.SUMMARY_HEADER.index("kernel ms")] == "3.5"
+
+
+def test_time_kernels_needs_cuda(tmp_path, model, input_ids):
+    with pytest.raises(ValueError, match="CUDA"):
+        _run(model, input_ids, tmp_path, time_kernels=True)
+    assert not (tmp_path / frontier.RESULTS_FILE).exists()
+
+
+@pytest.mark.gpu
+def test_time_kernels_on_gpu_records_times(tmp_path, input_ids):
+    gpu_model = _peaked_llama().to("cuda", torch.float16)
+    path = _run(gpu_model, input_ids.cuda(), tmp_path, methods=_methods()[:2], time_kernels=True)
+    for record in ResultStore(path).records():
+        if record["kind"] == "estimator":
+            assert record["kernel_ms"] > 0 and record["dense_sdpa_ms"] > 0 and record["estimate_ms"] > 0
 
 
 def test_memory_estimate_grows_with_length(model):

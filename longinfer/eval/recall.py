@@ -49,6 +49,7 @@ from longinfer.patterns.oracle import oracle_recall
 from longinfer.patterns.recall import RecallStats, attention_recall, causal_logsumexp, sample_rows
 from longinfer.patterns.registry import config_to_params, get_pattern, pattern_of_config
 from longinfer.patterns.vertical_slash import VerticalSlashConfig
+from longinfer.timing import median_cuda_ms
 
 from .results import ResultStore, environment_info, now
 
@@ -75,6 +76,7 @@ TASK = "recall"
 RESULTS_FILE = "recall.jsonl"
 DEFAULT_ROWS = 128
 DEFAULT_ORACLE_DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+KERNEL_REPEATS = 5  # CUDA-event repeats per timed estimate / kernel / dense SDPA (median)
 TABLE_ORACLE_DENSITIES = (0.05, 0.1)  # the oracle rows of the summary table (as in anchors.md)
 _DIGITS = 6  # rounding of recall/density in records
 
@@ -371,6 +373,7 @@ class _LayerJob:
     todo: dict[int, list[Method]]
     oracles_todo: dict[int, list[OracleMethod]]
     common: dict[str, Any]
+    time_kernels: bool = False
     measured: int = 0
 
     def layers(self) -> list[int]:
@@ -382,21 +385,43 @@ class _LayerJob:
         self.measured += 1
 
 
+def _dense_sdpa_ms(q: torch.Tensor, k: torch.Tensor, sm_scale: float) -> float:
+    """CUDA time of causal dense SDPA (flash on the GPU) for the layer, K/V expanded to every
+    query head beforehand as transformers does (``k`` stands in for ``v``: same shape and time)."""
+    k_full = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return median_cuda_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k_full, k_full, is_causal=True, scale=sm_scale), repeats=KERNEL_REPEATS)
+
+
+def _estimator_timings(method: EstimatorMethod, q: torch.Tensor, k: torch.Tensor, layer: int,
+                       sm_scale: float, index: Any) -> dict[str, float]:
+    """Median CUDA times of the method's estimate and of its kernel on ``index`` (``k`` as ``v``)."""
+    spec = get_pattern(method.pattern)
+    estimate_ms = median_cuda_ms(lambda: method.index(q, k, layer=layer, sm_scale=sm_scale), repeats=KERNEL_REPEATS)
+    kernel_ms = median_cuda_ms(lambda: spec.run(q, k, k, index, method.config, sm_scale=sm_scale),
+                               repeats=KERNEL_REPEATS)
+    return {"estimate_ms": round(estimate_ms, 3), "kernel_ms": round(kernel_ms, 3)}
+
+
 def _measure_layer(job: _LayerJob, layer: int, q: torch.Tensor, k: torch.Tensor, sm_scale: float) -> None:
     """Score every pending method and oracle of one layer and append their records."""
     started = time.perf_counter()
     rows = sample_rows(q.shape[2], k.shape[2], job.run.num_rows, seed=job.run.seed, device=q.device)
     lse = causal_logsumexp(q, k, rows, sm_scale=sm_scale)
     shape = {"num_q_heads": q.shape[1], "num_kv_heads": k.shape[1], "head_dim": q.shape[3], "sm_scale": sm_scale}
+    timed = job.time_kernels and bool(job.todo.get(layer))
+    dense = {"dense_sdpa_ms": round(_dense_sdpa_ms(q, k, sm_scale), 3)} if timed else {}
     for method in job.todo.get(layer, []):
         _sync(q.device)
         t0 = time.perf_counter()
         index = method.index(q, k, layer=layer, sm_scale=sm_scale)
         _sync(q.device)
-        estimate_ms = (time.perf_counter() - t0) * 1e3
+        times = {"estimate_ms": round((time.perf_counter() - t0) * 1e3, 3)}
+        if timed and isinstance(method, EstimatorMethod):
+            times = {**_estimator_timings(method, q, k, layer, sm_scale, index), **dense}
         stats = attention_recall(q, k, index, rows, sm_scale=sm_scale, lse=lse)
         job.record(layer, method.name, {**method.describe(), **shape, **_stats_fields(stats), "note": method.note,
-                                        "estimate_ms": round(estimate_ms, 3)})
+                                        **times})
     for oracle in job.oracles_todo.get(layer, []):
         results = oracle_recall(q, k, rows, oracle.densities, granularity=oracle.granularity,
                                 block_size=oracle.block_size, sm_scale=sm_scale, lse=lse)
@@ -471,6 +496,7 @@ def run_frontier(
     oracles: Sequence[OracleMethod] = (),
     layers: Iterable[int] | None = None,
     extra: Mapping[str, Any] | None = None,
+    time_kernels: bool = False,
 ) -> Path:
     """Measure every (layer, method) of ``run`` not yet in ``<out_dir>/recall.jsonl``; return that path.
 
@@ -483,12 +509,19 @@ def run_frontier(
         oracles: key/block oracles to score at their densities.
         layers: layer indices (default all).
         extra: fields added to every record (e.g. the command line).
+        time_kernels: also time, with CUDA events (median of :data:`KERNEL_REPEATS` after a
+            warm-up), each estimator's estimate and its kernel on the index it estimated, and
+            causal dense SDPA on the same layer (CUDA only; ``k`` stands in for ``v``, which does
+            not change the time). Records gain ``kernel_ms`` and ``dense_sdpa_ms``.
 
     One forward pass captures the layers that still have work; each layer is analysed during the
     forward (one layer's q/k alive at a time) and its records are written before the next layer.
     """
     from .capture import capture_qk
 
+    if time_kernels and input_ids.device.type != "cuda":
+        raise ValueError(f"time_kernels needs the model on a CUDA device (input on {input_ids.device.type}); "
+                         "drop --time-kernels on the CPU")
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] != run.length:
         raise ValueError(f"input_ids must be [1, {run.length}] (run.length), got {tuple(input_ids.shape)}")
     for method in methods:
@@ -506,7 +539,7 @@ def run_frontier(
     oracles_todo = {layer: _pending_oracles(oracles, done, run.case_id(layer)) for layer in chosen}
     common = {**environment_info(input_ids.device), **(extra or {})}
     job = _LayerJob(run, store, {l: m for l, m in todo.items() if m},
-                    {l: o for l, o in oracles_todo.items() if o}, common)
+                    {l: o for l, o in oracles_todo.items() if o}, common, time_kernels)
     pending = job.layers()
     if not pending:
         logger.info("recall: every (layer, method) of this run is already in %s", store.path)
@@ -549,6 +582,9 @@ class MethodSummary:
         mean_density: mean over heads of kept / causal keys.
         layers: layers measured; heads: heads measured.
         estimate_ms: median estimation time per layer (``nan`` for oracles).
+        kernel_ms: median kernel time per layer on the estimated index (``nan`` when not timed).
+        speedup: attention speedup over dense SDPA on the measured layers,
+            ``sum(dense_sdpa_ms) / sum(estimate_ms + kernel_ms)`` (``nan`` when not timed).
         layer_recall: mean recall per layer, by layer index.
         note: the method's note.
         granularity, density_target: the oracle's (``None`` for other methods).
@@ -563,6 +599,8 @@ class MethodSummary:
     layers: int
     heads: int
     estimate_ms: float
+    kernel_ms: float = math.nan
+    speedup: float = math.nan
     layer_recall: Mapping[int, float] = field(default_factory=dict)
     note: str = ""
     granularity: str | None = None
@@ -577,7 +615,7 @@ class MethodSummary:
         """A flat, JSON/CSV-ready dict (no per-layer detail)."""
         return {key: getattr(self, key) for key in
                 ("name", "kind", "mean_recall", "p10_recall", "min_recall", "mean_density", "layers", "heads",
-                 "estimate_ms", "note")}
+                 "estimate_ms", "kernel_ms", "speedup", "note")}
 
 
 def summarize(records: Sequence[Mapping[str, Any]]) -> list[MethodSummary]:
@@ -591,10 +629,14 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> list[MethodSummary]:
         recalls = [x for r in latest.values() for x in r["head_recall"]]
         densities = [x for r in latest.values() for x in r["head_density"]]
         times = [r["estimate_ms"] for r in latest.values() if r.get("estimate_ms") is not None]
+        timed = [r for r in latest.values() if r.get("kernel_ms") is not None and r.get("dense_sdpa_ms") is not None]
         summaries.append(MethodSummary(
             name=name, kind=group[0].get("kind", "?"), mean_recall=statistics.fmean(recalls),
             p10_recall=_percentile(recalls, 0.1), min_recall=min(recalls), mean_density=statistics.fmean(densities),
             layers=len(latest), heads=len(recalls), estimate_ms=statistics.median(times) if times else math.nan,
+            kernel_ms=statistics.median(r["kernel_ms"] for r in timed) if timed else math.nan,
+            speedup=(sum(r["dense_sdpa_ms"] for r in timed) / sum(r["estimate_ms"] + r["kernel_ms"] for r in timed)
+                     if timed else math.nan),
             layer_recall={layer: statistics.fmean(r["head_recall"]) for layer, r in sorted(latest.items())},
             note=group[0].get("note", "") or "", granularity=group[0].get("granularity"),
             density_target=group[0].get("density_target"),
@@ -620,13 +662,17 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+SUMMARY_HEADER = ("method", "recall mean / p10 / min", "density", "estimate ms", "kernel ms", "vs SDPA", "note")
+
+
 def summary_table(summaries: Sequence[MethodSummary]) -> list[list[str]]:
-    """Rows ``[method, recall mean / p10 / min, density, estimate ms, note]``: the table oracles
-    (5% and 10%) first, then estimators and plans ranked by mean recall."""
+    """Rows of :data:`SUMMARY_HEADER`: the table oracles (5% and 10%) first, then estimators and
+    plans ranked by mean recall."""
     from_oracles = [s for s in summaries if s.kind == "oracle" and s.in_table]
     others = sorted((s for s in summaries if s.kind != "oracle"), key=lambda s: -s.mean_recall)
     return [[s.name, f"{_fmt(s.mean_recall)} / {_fmt(s.p10_recall)} / {_fmt(s.min_recall, 2)}",
-             f"{s.mean_density * 100:.1f}%", _fmt(s.estimate_ms, 1), s.note] for s in from_oracles + others]
+             f"{s.mean_density * 100:.1f}%", _fmt(s.estimate_ms, 1), _fmt(s.kernel_ms, 1),
+             "-" if math.isnan(s.speedup) else f"{s.speedup:.2f}x", s.note] for s in from_oracles + others]
 
 
 def _markdown(run: FrontierRun, records: Sequence[Mapping[str, Any]], summaries: Sequence[MethodSummary],
@@ -653,8 +699,8 @@ def _markdown(run: FrontierRun, records: Sequence[Mapping[str, Any]], summaries:
          "keys / causal keys. Estimate time: median per layer, all heads at once (Python estimator, "
          "synchronized)."),
         "",
-        markdown_table(["method", "recall mean / p10 / min", "density", "estimate ms", "note"],
-                       summary_table(summaries)),
+        *(_timing_lines() if any(not math.isnan(s.kernel_ms) for s in summaries) else []),
+        markdown_table(list(SUMMARY_HEADER), summary_table(summaries)),
         "",
         "## Mean recall per layer",
         "",
@@ -666,6 +712,14 @@ def _markdown(run: FrontierRun, records: Sequence[Mapping[str, Any]], summaries:
                                  for s in layer_methods]))
     lines += ["", "## Methods", "", *_method_lines(records), "", *[f"![{p.stem}]({p.name})" for p in figures], ""]
     return "\n".join(lines)
+
+
+def _timing_lines() -> list[str]:
+    return [("Timed (`--time-kernels`): estimate ms and kernel ms are medians over layers of CUDA-event "
+             f"medians of {KERNEL_REPEATS} runs after a warm-up, on the layer's real q/k (k standing in for v); "
+             "the kernel runs on the index the estimator produced for that layer. vs SDPA = "
+             "sum over layers of causal dense SDPA time (K/V expanded to every query head beforehand) / "
+             "sum of (estimate + kernel): the attention-only speedup."), ""]
 
 
 def _method_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -952,6 +1006,8 @@ def add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--yarn", type=float, default=None, help="extend the context with YaRN by this factor")
     parser.add_argument("--cache-dir", default=None, help="longinfer cache (corpora, zoo models)")
+    parser.add_argument("--time-kernels", action="store_true",
+                        help="CUDA only: also time each estimator's estimate and kernel, and dense SDPA, per layer")
 
 
 def methods_from_args(args: argparse.Namespace) -> list[Method]:
@@ -1034,7 +1090,7 @@ def run_from_args(
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids(tokenizer, args)], device=device)
     jsonl = run_frontier(model, input_ids, run, methods, args.out, oracles=oracles, layers=args.layers,
-                         extra={"command": command_line(args, program)})
+                         extra={"command": command_line(args, program)}, time_kernels=args.time_kernels)
     records = [r for r in ResultStore(jsonl).records() if run.owns(r)]
     wanted = {m.name for m in methods} | {n for o in oracles for n in o.names}
     report = render_frontier_report(jsonl, args.out, run=run)[0]
@@ -1046,8 +1102,7 @@ def _run_command(args: argparse.Namespace) -> int:
 
     report, summaries = run_from_args(args)
     logger.info("recall report: %s\n%s", report,
-                markdown_table(["method", "recall mean / p10 / min", "density", "estimate ms", "note"],
-                               summary_table(summaries)))
+                markdown_table(list(SUMMARY_HEADER), summary_table(summaries)))
     return 0
 
 

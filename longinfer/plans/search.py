@@ -64,6 +64,7 @@ from longinfer.patterns.triangle import TriangleSelection  # importing it regist
 from longinfer.patterns.vertical_slash import VerticalSlashSelection
 from longinfer.plans.calibration import CalibrationPrompt, kv_retrieval_prompt
 from longinfer.plans.schema import DEFAULT_DENSE_BELOW, HeadPlan, LayerPlan, Plan, model_shape
+from longinfer.timing import median_cuda_ms
 
 logger = logging.getLogger(__name__)
 
@@ -631,21 +632,6 @@ def sparse_layer_attention(
     return out
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
-    """Median CUDA-event time of ``fn`` in milliseconds after ``warmup`` calls (compilation, autotuning)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
-
-
 def crossover_from_timings(lengths: Sequence[int], dense_ms: Sequence[float], sparse_ms: Sequence[float]) -> tuple[int, str]:
     """The key length below which dense is faster, from timings at increasing ``lengths``.
 
@@ -719,8 +705,8 @@ def measure_dense_below(
             return sparse_layer_attention(q_n, k_n, k_n, layer, sm_scale=captured.sm_scale,
                                           share_kv_groups=share_kv_groups)
 
-        dense_ms.append(_median_ms(dense, repeats, warmup))
-        sparse_ms.append(_median_ms(sparse, repeats, warmup))
+        dense_ms.append(median_cuda_ms(dense, repeats, warmup))
+        sparse_ms.append(median_cuda_ms(sparse, repeats, warmup))
     dense_below, how = crossover_from_timings(usable, dense_ms, sparse_ms)
     return dense_below, {"measured": True, "device": torch.cuda.get_device_name(q.device), "how": how,
                          "lengths": usable, "dense_ms": [round(t, 4) for t in dense_ms],
