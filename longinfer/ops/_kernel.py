@@ -228,8 +228,9 @@ def _tuning_configs() -> list[triton.Config]:
     """Key-tile sizes, warps and stages the autotuner tries on the GPU (once per shape bucket)."""
     return [
         triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-        # The best three of a sweep of five on an H100 (benchmarks/results/kernels-*-check.md).
-        for bn, w, st in ((64, 4, 3), (128, 4, 3), (64, 4, 2))
+        # The best three of a sweep of five on an H100 (benchmarks/results/kernels-*-check.md), and
+        # 32-key tiles for the narrow ranges of 16- and 32-row query tiles (BLOCK_M is in the key).
+        for bn, w, st in ((64, 4, 3), (128, 4, 3), (64, 4, 2), (32, 4, 3), (32, 2, 3))
     ]
 
 
