@@ -12,7 +12,7 @@ step=${1:?usage: real_model_runs.sh STEP (see the case list)}
 limit=${LIMIT:-540}
 Q15="--model qwen2.5-coder-1.5b --yarn 4"
 Q05="--model qwen2.5-coder-0.5b"
-PLANS=docs/results/gpu-session3/plans
+PLANS4=docs/results/gpu-session4/plans
 VS="vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,last_q=64,query_sampling=strided"
 COST="vertical_slash:budget=coverage,num_vertical=8192,num_slash=8192,last_q=64,query_sampling=strided,rank=cost,tau=1.0"
 # The default estimator at 64-, 32- and 16-row query tiles, coverage and cost-ranked budgets.
@@ -22,6 +22,13 @@ TILE_METHODS=(
   --method "cov0.95-bs16=$VS,tau=0.95,block_size=16" --method "cost-g1-bs16=$COST,min_gain=1,block_size=16"
   --method "cost-g2-bs16=$COST,min_gain=2,block_size=16" --method "cost-g2-bs64=$COST,min_gain=2"
   --method "def-kv-bs64=$VS,tau=0.9,per_kv_group=true"
+)
+# The lines-only view (exact_lines: the entries on the chosen columns and diagonals, as anchors.md counts).
+LINES_METHODS=(
+  --method "peer-lines=vertical_slash:num_vertical=1000,num_slash=6096,last_q=64,exact_lines=true"
+  --method "str0.9-lines=$VS,tau=0.9,exact_lines=true" --method "str0.95-lines=$VS,tau=0.95,exact_lines=true"
+  --method "str0.98-lines=$VS,tau=0.98,exact_lines=true" --method "mix0.95-lines=$VS,tau=0.95,query_sampling=mixed,exact_lines=true"
+  --method "str0.95-kv-lines=$VS,tau=0.95,per_kv_group=true,exact_lines=true" --method "str0.9=$VS,tau=0.9"
 )
 # `timeout` runs programs, not shell functions (so no `li` here)
 run() { timeout "$limit" "$@"; echo "exit $? after ${SECONDS}s: $*" | cut -c1-300; }
@@ -38,22 +45,38 @@ case "$step" in
   q05-frontier)  # issue 3: the same at 32K on the 0.5B
     run python3 benchmarks/recall_frontier.py $Q05 --length 32768 --rows 128 --no-oracles --time-kernels \
       --methods peer-vs-1000-6096-lq64,bs-cov0.9 "${TILE_METHODS[@]}" --out "$RES/$step" ;;
-  q15-latency)  # issues 4/5: TTFT with the default at each tile size, then where a follow-up turn's time goes
+  q15-frontier-lines)  # issue 6 in anchors.md's units: recall and density of the chosen lines' entries alone
+    run python3 benchmarks/recall_frontier.py $Q15 --length 131072 --rows 128 --oracle-densities 0.05,0.1 \
+      --methods none "${LINES_METHODS[@]}" --out "$RES/$step" ;;
+  q05-frontier-lines)  # issue 3 in anchors.md's units, 0.5B at 32K
+    run python3 benchmarks/recall_frontier.py $Q05 --length 32768 --rows 128 --oracle-densities 0.05,0.1 \
+      --methods none "${LINES_METHODS[@]}" --out "$RES/$step" ;;
+  q15-frontier-end)  # recall over the prompt's last 128 rows (the answer's attention), by estimation-query sampling
+    run python3 benchmarks/recall_frontier.py $Q15 --length 131072 --rows 128 --rows-at end --no-oracles --time-kernels \
+      --methods none --method "strided=$VS,tau=0.9" --method "last=$VS,tau=0.9,query_sampling=last" \
+      --method "mixed=$VS,tau=0.9,query_sampling=mixed" --method "kv=$VS,tau=0.9,per_kv_group=true" \
+      --method "tail=plan:$PLANS4/q15-default-kv-tail.json" --out "$RES/$step" ;;
+  q15-latency)  # issues 4/5: TTFT of the default, then where a follow-up turn's time goes
     run_cli eval latency $Q15 --lengths 16384,32768,65536,131072 --repeats 2 --warmup 1 --out "$RES/$step" \
-      --methods "dense,longinfer,longinfer:$PLANS/q15-default-bs32.json,longinfer:$PLANS/q15-default-bs16.json"
-    run python3 benchmarks/profile_prefill.py $Q15 --prefix 65536 --length 4096 --sort cpu --rows 25 \
+      --methods dense,longinfer
+    run python3 benchmarks/profile_prefill.py $Q15 --prefix 65536 --length 4096 --sort cpu --rows 30 \
       > "$RES/$step/profile-turn-cpu.txt" 2>&1
-    run python3 benchmarks/profile_prefill.py $Q15 --prefix 65536 --length 4096 --rows 25 \
+    run python3 benchmarks/profile_prefill.py $Q15 --prefix 65536 --length 4096 --sort cuda --rows 30 \
       > "$RES/$step/profile-turn-cuda.txt" 2>&1 ;;
-  q15-turn)  # issue 4: second turn of 4K over a cached 64K prefix, default and 16-row tiles
+  q15-turn)  # issue 4: second turn of 4K over a cached 64K prefix, default and one index per KV group
     run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
       --out "$RES/$step/default"
     run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
-      --plan "$PLANS/q15-default-bs16.json" --out "$RES/$step/bs16" ;;
-  q15-ruler)  # issue 5: RULER-style at 32K and 128K, 4 samples per sub-task
-    run_cli eval ruler $Q15 --lengths 32768,131072 --samples 4 --methods "dense,longinfer" --out "$RES/$step" ;;
-  q15-ppl)  # issue 5: perplexity over 8 windows
-    run_cli eval ppl $Q15 --lengths 32768,131072 --samples 8 --methods "dense,longinfer" --out "$RES/$step" ;;
+      --plan "$PLANS4/q15-default-kv.json" --out "$RES/$step/kv" ;;
+  q15-ruler)  # issue 5: RULER-style at 128K, 6 samples per sub-task (resumable: rerun to finish)
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,longinfer,longinfer:$PLANS4/q15-default-kv.json" ;;
+  q15-ruler-tail)  # issue 5: does the dense tail (default since session 4) recover RULER at 128K? (rerun to finish)
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" --methods \
+      "dense,longinfer,longinfer:$PLANS4/q15-default-notail.json,longinfer:$PLANS4/q15-mixed-tail.json,longinfer:$PLANS4/q15-default-kv-tail.json" ;;
+  q15-ppl)  # issue 5: perplexity, 4 windows at 32K and the one 128K window the corpus holds
+    run_cli eval ppl $Q15 --lengths 32768 --samples 4 --methods "dense,longinfer" --out "$RES/$step"
+    run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step" ;;
   q05-ruler)  # issue 5: RULER-style at 16K and 32K with the peer, 6 samples per sub-task
     peer
     run_cli eval ruler $Q05 --lengths 16384,32768 --samples 6 --methods "dense,longinfer,peer" --out "$RES/$step" ;;

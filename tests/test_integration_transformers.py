@@ -376,7 +376,8 @@ def test_torch_path_tile_masks_equal_reference_masks(nq, nk):
 def test_sampled_density_is_close_to_the_exact_density():
     for nq, nk in ((1024, 1024), (256, 1024)):
         for spec, selection in sparse_selections(nq, nk):
-            estimate = float(lt._sampled_density(lt._selection_rows(spec, selection), nq, nk, torch.device("cpu")))
+            estimate = float(lt._sampled_density(lt._counts_of_mask(lt._selection_rows(spec, selection), nk), nq, nk,
+                                                  torch.device("cpu")))
             mask = spec.reference_mask(selection, torch.arange(nk - nq, nk))
             exact = mask.sum().item() / (mask.shape[0] * mask.shape[1]) / sum(range(nk - nq + 1, nk + 1))
             assert estimate == pytest.approx(exact, rel=0.15), spec.name
@@ -490,3 +491,43 @@ def test_sparse_plan_with_shared_kv_groups_keeps_more_keys_and_backends_agree():
     error_shared = (shared - reference).abs().max()
     error_per_head = (per_head - reference).abs().max()
     assert 0 < error_shared <= error_per_head  # more of the true attention kept: closer to dense
+
+
+# --------------------------------------------------------------------------- dense rows at the prompt's end
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("prefix", [0, 96])  # one-shot prefill, and a chunk after a cached prefix
+def test_dense_last_rows_are_dense_and_the_rest_stays_sparse(backend, prefix):
+    """With ``dense_last=40`` the last 40 query rows equal dense causal attention and every other row
+    equals the sparse layer without the option; density counts the tail's rows as fully kept."""
+    gen = torch.Generator().manual_seed(5)
+    nq, tail, scale = 200, 40, 64**-0.5  # 200 rows: not a multiple of the 64-row tile
+    q = torch.randn(2, 4, nq, 64, generator=gen)
+    k, v = torch.randn(2, 2, prefix + nq, 64, generator=gen), torch.randn(2, 2, prefix + nq, 64, generator=gen)
+    heads = (HeadPlan.from_params("vertical_slash", SPARSE_VS),) * 4
+    outs, densities = {}, {}
+    for dense_last in (0, tail):
+        plan = Plan(model_id="tiny", num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                    layers=(LayerPlan(heads=heads, dense_last=dense_last),))
+        runtime = lt.LayerRuntime.build(plan, 0, backend)
+        outs[dense_last] = lt._sparse_attention(lt._CallContext(runtime, backend, scale, None, None), q, k, v)
+        densities[dense_last] = float(runtime.stats.kept_sparse) / runtime.stats.total_pairs
+    dense = lt._masked_attention(q, k, v, scale, lt._causal_rows(None), None)
+    torch.testing.assert_close(outs[tail][:, :, nq - tail:], dense[:, :, nq - tail:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outs[tail][:, :, :nq - tail], outs[0][:, :, :nq - tail], atol=0, rtol=0)
+    assert (outs[0][:, :, nq - tail:] - dense[:, :, nq - tail:]).abs().max() > 1e-2  # the option changed them
+    share = lt._causal_pairs(tail, prefix + nq) / lt._causal_pairs(nq, prefix + nq)
+    assert densities[tail] == pytest.approx(densities[0] * (1 - share) + share)
+
+
+def test_dense_last_covering_the_whole_call_runs_dense():
+    model = make_model("llama", num_hidden_layers=1)
+    ids = token_ids(1, 100)
+    reference = logits(model, ids)
+    plan = uniform_plan(model.config, "vertical_slash", SPARSE_VS, model_id="tiny", dense_last=100)
+    with patched(model, plan, backend="torch"):
+        out = logits(model, ids)
+        stats = lt.attention_stats(model)
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-4)
+    assert stats.sparse_calls == 0 and stats.dense_calls == 1

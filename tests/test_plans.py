@@ -9,6 +9,7 @@ import transformers
 
 from longinfer.patterns import BlockSparseConfig, VerticalSlashConfig
 from longinfer.plans import (
+    DEFAULT_DENSE_LAST,
     DEFAULT_PATTERN_CONFIG,
     SCHEMA_VERSION,
     HeadPlan,
@@ -72,6 +73,19 @@ def test_share_kv_groups_round_trips_and_old_files_read_as_false(tmp_path):
     assert all(not layer.share_kv_groups for layer in Plan.from_dict(old).layers)
     with pytest.raises(TypeError, match="share_kv_groups must be true or false"):
         LayerPlan(plan.layers[0].heads, share_kv_groups="yes")
+
+
+def test_dense_last_round_trips_and_is_validated(tmp_path):
+    plan = _mixed_plan()
+    tailed = dataclasses.replace(plan, layers=(dataclasses.replace(plan.layers[0], dense_last=128),) + plan.layers[1:])
+    path = tmp_path / "tail.json"
+    tailed.save(path)
+    assert Plan.load(path) == tailed
+    data = json.loads(path.read_text())
+    assert data["layers"][0]["dense_last"] == 128 and "dense_last" not in data["layers"][1]
+    assert Plan.from_dict(plan.to_dict()).layers[0].dense_last == 0  # absent reads as 0
+    with pytest.raises(ValueError, match="dense_last"):
+        LayerPlan(plan.layers[0].heads, dense_last=-1)
 
 
 def test_saved_plan_is_readable_by_others(tmp_path):
@@ -190,6 +204,8 @@ def test_uniform_and_default_plan():
     assert DEFAULT_PATTERN_CONFIG.budget == "coverage"
     assert len(plan.layers) == 2 and len(plan.layers[0].heads) == 6
     assert not any(layer.share_kv_groups for layer in plan.layers)
+    assert all(layer.dense_last == DEFAULT_DENSE_LAST for layer in plan.layers)
+    assert all(layer.dense_last == 0 for layer in default_plan_for(cfg, dense_last=0).layers)
     assert all(layer.share_kv_groups for layer in default_plan_for(cfg, share_kv_groups=True).layers)
     assert all(layer.share_kv_groups for layer in uniform_plan(cfg, "block_sparse", share_kv_groups=True).layers)
     plan.check_matches(cfg)

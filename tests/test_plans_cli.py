@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -40,6 +41,15 @@ def test_info_lists_patterns_per_layer(tmp_path, capsys):
     assert "1x a_shape(sink=64, window=1024) [2]" in out
     assert "4x dense [0-3]" in out
     assert "recall:" not in out  # not a searched plan: no scores to show
+
+
+def test_info_shows_layer_options():
+    plan = _mixed_plan()
+    first = dataclasses.replace(plan.layers[0], share_kv_groups=True, dense_last=128)
+    text = plan_summary(dataclasses.replace(plan, layers=(first,) + plan.layers[1:]))
+    rows = [line for line in text.splitlines() if line[:5].strip().isdigit()]
+    assert rows[0].endswith("(shared per KV group, last 128 rows dense)")
+    assert not rows[1].endswith(")")
 
 
 def test_info_shows_triangle_mix_provenance():

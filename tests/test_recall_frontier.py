@@ -210,6 +210,78 @@ def test_plan_scores_each_head_with_its_own_pattern(tmp_path, model, input_ids):
                      resolve_methods([parse_method_spec(f"mixed=plan:{tmp_path / 'plan.json'}")], model.config), tmp_path)
 
 
+def test_plan_sharing_kv_groups_scores_like_the_per_kv_group_estimator(tmp_path, model, input_ids):
+    vs_cov = VerticalSlashConfig(num_vertical=64, num_slash=32, last_q=64, sink=4, local=4, block_size=16,
+                                 budget="coverage", tau=0.8)
+    head = HeadPlan.from_config(vs_cov)
+    layers = (LayerPlan(heads=(head,) * 4, share_kv_groups=True),) * 2
+    Plan(model_id="tiny", num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8, layers=layers).save(tmp_path / "kv.json")
+    methods = resolve_methods([parse_method_spec(f"kv-plan=plan:{tmp_path / 'kv.json'}"),
+                               EstimatorMethod("kv", vs_cov, per_kv_group=True), EstimatorMethod("heads", vs_cov)],
+                              model.config)
+    got = _by_method_layer(run_frontier(model, input_ids, FrontierRun("tiny", N, ROWS), methods, tmp_path, layers=[0]))
+    assert got[("kv-plan", 0)]["head_recall"] == pytest.approx(got[("kv", 0)]["head_recall"], abs=1e-6)
+    assert got[("kv-plan", 0)]["head_density"] == pytest.approx(got[("kv", 0)]["head_density"], abs=1e-6)
+    assert got[("kv", 0)]["mean_density"] > got[("heads", 0)]["mean_density"]  # the union keeps more
+
+
+def test_exact_lines_scores_only_the_chosen_columns_and_diagonals(tmp_path, model, input_ids):
+    """The lines-only view of an estimate keeps a subset of the kernel's set: lower density and
+    recall, and its density is the count of (row, key) pairs on a chosen column or diagonal."""
+    lines = parse_method_spec(f"vs-lines=vertical_slash:{_spec_params(VS_SMALL)},exact_lines=true")
+    assert lines.exact_lines and lines.describe()["exact_lines"] is True
+    methods = [EstimatorMethod("vs", VS_SMALL), lines]
+    got = _by_method_layer(run_frontier(model, input_ids, FrontierRun("tiny", N, ROWS), methods, tmp_path, layers=[0]))
+    wide, exact = got[("vs", 0)], got[("vs-lines", 0)]
+    assert all(e <= w + 1e-6 for e, w in zip(exact["head_recall"], wide["head_recall"]))
+    assert exact["mean_density"] < wide["mean_density"]
+
+    captured = capture_qk(model, input_ids, layers=[0])[0]
+    selection = lines.index(captured.q, captured.k, layer=0, sm_scale=captured.sm_scale)
+    rows = FrontierRun("tiny", N, ROWS).rows(N, N, torch.device("cpu"))
+    keys = torch.arange(N)
+    on_lines = torch.zeros(1, 4, ROWS, N, dtype=torch.bool)
+    for h in range(4):
+        cols = {int(c) for c in selection.vertical[0, h] if c >= 0}
+        diags = {int(s) for s in selection.slash[0, h] if s >= 0}
+        for r, i in enumerate(rows.tolist()):
+            on_lines[0, h, r] = torch.tensor([(j in cols or (i - j) in diags) and j <= i for j in keys.tolist()])
+    per_head = on_lines.sum((-1, -2)).double() / (rows + 1).sum()  # kept pairs / causal pairs of the rows
+    assert exact["head_density"] == pytest.approx(per_head[0].tolist(), abs=1e-6)
+    with pytest.raises(ValueError, match="exact_lines applies to vertical_slash"):
+        EstimatorMethod("bs", BlockSparseConfig(num_blocks=4, block_size=16), exact_lines=True)
+
+
+def _spec_params(config) -> str:
+    return ",".join(f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config)
+                    if getattr(config, f.name) != f.default)
+
+
+def test_rows_at_end_scores_the_last_rows_and_a_dense_tail_keeps_them_whole(tmp_path, model, input_ids):
+    """``rows_at="end"`` scores the last positions, kept apart from the spread run in the same file;
+    a plan with ``dense_last`` covering those rows recalls all of their attention."""
+    vs_head = HeadPlan.from_config(VS_SMALL)
+    layers = (LayerPlan(heads=(vs_head,) * 4), LayerPlan(heads=(vs_head,) * 4, dense_last=ROWS))
+    plan = Plan(model_id="tiny", num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8, layers=layers)
+    plan.save(tmp_path / "tail.json")
+    methods = resolve_methods([parse_method_spec(f"tail=plan:{tmp_path / 'tail.json'}"),
+                               EstimatorMethod("vs", VS_SMALL)], model.config)
+    end = FrontierRun("tiny", N, ROWS, rows_at="end")
+    assert end.rows(N, N, torch.device("cpu")).tolist() == list(range(N - ROWS, N))
+    run_frontier(model, input_ids, FrontierRun("tiny", N, ROWS), methods, tmp_path, layers=[0, 1])
+    jsonl = run_frontier(model, input_ids, end, methods, tmp_path, layers=[0, 1])
+    records = list(ResultStore(jsonl).records())
+    assert len(records) == 8 and sum(end.owns(r) for r in records) == 4  # two runs, 2 methods x 2 layers each
+    got = {(r["method"], r["layer"]): r for r in records if end.owns(r)}
+    assert got[("tail", 1)]["head_recall"] == pytest.approx([1.0] * 4, abs=1e-5)
+    assert got[("tail", 0)]["head_recall"] == pytest.approx(got[("vs", 0)]["head_recall"], abs=1e-6)
+    assert min(got[("vs", 1)]["head_recall"]) < 0.99  # the sparse index alone misses some of it
+    reports = render_frontier_report(jsonl, tmp_path / "reports")
+    assert len(reports) == 2 and any("the last 24 query rows" in p.read_text() for p in reports)
+    with pytest.raises(ValueError, match="rows_at"):
+        FrontierRun("tiny", N, ROWS, rows_at="middle")
+
+
 def test_parse_method_spec():
     assert parse_method_spec("peer-vs-1000-6096-lq64").config == VerticalSlashConfig(1000, 6096, 64)
     assert "not the peer's code" in parse_method_spec("peer-vs-1000-6096-lq64").note

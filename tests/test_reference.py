@@ -70,3 +70,22 @@ def test_masked_attention_equals_softmax_with_gqa_and_empty_rows():
     expected = torch.nan_to_num(torch.softmax(scores, -1)) @ vv
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     assert torch.all(out[0, 2:, 4] == 0)
+
+
+@pytest.mark.parametrize("n, block_size, num_vertical, num_slash", [
+    (300, 64, 7, 9), (1000, 64, 50, 40), (513, 16, 20, 60), (64, 64, 3, 3), (777, 32, 0, 5), (130, 64, 200, 200),
+])
+def test_vertical_slash_kept_counts_the_reference_mask(n, block_size, num_vertical, num_slash):
+    """Kept keys per row from the kernel index (closed form) == the reference mask's row sums: random
+    verticals and slashes with out-of-range entries and repeats, lengths off the tile grid, the last
+    (partial) tile, overlapping columns and slash bands."""
+    from longinfer.ops.index import build_vertical_slash_index, vertical_slash_kept
+
+    gen = torch.Generator().manual_seed(n + block_size)
+    for _ in range(5):
+        vertical = torch.randint(-5, n + 5, (2, 3, num_vertical), generator=gen)
+        slash = torch.randint(-5, n + 5, (2, 3, num_slash), generator=gen)
+        rows = torch.sort(torch.randperm(n, generator=gen)[:17]).values
+        expected = vertical_slash_mask(vertical, slash, n, block_size, rows=rows).sum(-1)
+        index = build_vertical_slash_index(vertical, slash, n, block_size)
+        assert torch.equal(vertical_slash_kept(index, rows), expected)

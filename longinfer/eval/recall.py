@@ -78,6 +78,9 @@ DEFAULT_ROWS = 128
 DEFAULT_ORACLE_DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 KERNEL_REPEATS = 5  # CUDA-event repeats per timed estimate / kernel / dense SDPA (median)
 TABLE_ORACLE_DENSITIES = (0.05, 0.1)  # the oracle rows of the summary table (as in anchors.md)
+# Scored query rows: "spread" samples one per stratum across the queries (recall of the whole
+# prefill); "end" takes the last rows, the prompt's end, whose attention decides the answer.
+ROWS_AT = ("spread", "end")
 _DIGITS = 6  # rounding of recall/density in records
 
 
@@ -93,27 +96,41 @@ class EstimatorMethod:
         name: label in records and reports (unique within a run).
         config: a registered config dataclass instance (its pattern follows from its type).
         per_kv_group: score the per-KV-group union index (one index per KV head).
+        exact_lines: vertical-slash only: score just the entries on the chosen columns and
+            diagonals, not the key band the kernel computes around each diagonal for its query
+            tile. This is how ``../shared/docs/anchors.md`` counts density (an estimator's index
+            quality, apart from any kernel); no kernel computes exactly this set, so it is not timed.
         note: one line for the report (e.g. provenance of the configuration).
     """
 
     name: str
     config: Any
     per_kv_group: bool = False
+    exact_lines: bool = False
     note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.exact_lines and self.pattern != "vertical_slash":
+            raise ValueError(f"method {self.name!r}: exact_lines applies to vertical_slash, not {self.pattern}")
 
     @property
     def pattern(self) -> str:
         return pattern_of_config(self.config).name
 
     def describe(self) -> dict[str, Any]:
-        """What identifies the method in a record (checked again on resume)."""
-        return {"kind": "estimator", "pattern": self.pattern, "params": config_to_params(self.config),
-                "per_kv_group": self.per_kv_group}
+        """What identifies the method in a record (checked again on resume; ``exact_lines`` only
+        when set, so records written before it existed still match)."""
+        described = {"kind": "estimator", "pattern": self.pattern, "params": config_to_params(self.config),
+                     "per_kv_group": self.per_kv_group}
+        return {**described, "exact_lines": True} if self.exact_lines else described
 
     def index(self, q: torch.Tensor, k: torch.Tensor, *, layer: int, sm_scale: float) -> Any:
         """The estimated selection for ``q [B, Hq, N, D]``, ``k [B, Hkv, N, D]`` (``layer`` unused)."""
         spec = get_pattern(self.pattern)
-        return spec.estimate(q, k, self.config, sm_scale=sm_scale, per_kv_group=self.per_kv_group)
+        selection = spec.estimate(q, k, self.config, sm_scale=sm_scale, per_kv_group=self.per_kv_group)
+        if self.exact_lines:  # a one-row tile covers each diagonal exactly: the mask of the lines alone
+            return dataclasses.replace(selection, block_size=1)
+        return selection
 
 
 @dataclass(frozen=True)
@@ -140,31 +157,35 @@ class PlanMethod:
     def index(self, q: torch.Tensor, k: torch.Tensor, *, layer: int, sm_scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
         """A callable ``rows -> mask [B, Hq, R, N]`` combining the layer's head groups.
 
-        Each group of heads sharing a plan entry is estimated once on its own heads (keys
-        gathered per query head, so the group needs no GQA alignment); a layer that runs dense at
-        this length keeps every causal key.
+        The heads are split as the integration splits them (:func:`head_buckets`): each bucket of
+        heads sharing a plan entry is estimated once on its own heads and KV heads, as one index
+        per KV group when the layer shares KV groups. A layer that runs dense at this length keeps
+        every causal key, and so do the layer's ``dense_last`` last rows.
         """
+        from longinfer.integrations.transformers import head_buckets
+
         if self.plan is None:
             raise ValueError(f"plan method {self.name!r} was not resolved; call resolve_methods() first")
         layer_plan = self.plan.layers[layer]
         bsz, hq = q.shape[:2]
-        if layer_plan.runs_dense(k.shape[2]):
+        if layer_plan.runs_dense(k.shape[2]) or layer_plan.dense_last >= q.shape[2]:
             return lambda rows: torch.ones(1, 1, rows.numel(), k.shape[2], dtype=torch.bool, device=q.device)
-        group = hq // k.shape[1]
         parts = []
-        for head_plan, head_ids in layer_plan.head_groups():
-            spec = get_pattern(head_plan.pattern)
-            if len(head_ids) == hq:
-                selection = spec.estimate(q, k, head_plan.config, sm_scale=sm_scale)
-            else:
-                ids = torch.tensor(head_ids, device=q.device)
-                selection = spec.estimate(q[:, ids], k[:, ids // group], head_plan.config, sm_scale=sm_scale)
-            parts.append((selection, head_ids))
+        for bucket in head_buckets(layer_plan, k.shape[1]):
+            spec = get_pattern(bucket.head.pattern)
+            q_ids = torch.tensor(bucket.q_heads, device=q.device)
+            kv_ids = torch.tensor(bucket.kv_heads, device=q.device)
+            selection = spec.estimate(q[:, q_ids], k[:, kv_ids], bucket.head.config, sm_scale=sm_scale,
+                                      per_kv_group=bucket.per_kv_group)
+            parts.append((selection, bucket.q_heads, bucket.group_size if bucket.per_kv_group else 1))
 
         def mask(rows: torch.Tensor) -> torch.Tensor:
             out = torch.empty(bsz, hq, rows.numel(), k.shape[2], dtype=torch.bool, device=q.device)
-            for selection, head_ids in parts:
-                out[:, list(head_ids)] = selection.mask(rows).expand(bsz, len(head_ids), -1, -1)
+            for selection, q_heads, repeat in parts:
+                part = selection.mask(rows)
+                part = part.repeat_interleave(repeat, dim=1) if part.shape[1] > 1 else part
+                out[:, list(q_heads)] = part.expand(bsz, len(q_heads), -1, -1)
+            out[:, :, rows >= k.shape[2] - layer_plan.dense_last] = True
             return out
 
         return mask
@@ -250,7 +271,8 @@ def parse_method_spec(spec: str) -> Method:
     Forms:
         ``NAME`` (a built-in, see :data:`BUILTIN_METHODS`);
         ``NAME=PATTERN[:key=value,...]`` (a registered pattern; ``per_kv_group=true`` asks for the
-        per-KV-group union), e.g. ``mine=vertical_slash:budget=coverage,tau=0.9,last_q=256``;
+        per-KV-group union, ``exact_lines=true`` for the chosen lines alone, see
+        :class:`EstimatorMethod`), e.g. ``mine=vertical_slash:budget=coverage,tau=0.9,last_q=256``;
         ``[NAME=]plan[:PATH]`` (a plan file; without a path the default plan for the model).
 
     Raises:
@@ -275,16 +297,16 @@ def parse_method_spec(spec: str) -> Method:
         return PlanMethod(name=name, source=params_text.strip() or "default")
     config_cls = get_pattern(pattern.strip()).config_cls
     params: dict[str, Any] = {}
-    per_kv_group = False
+    flags = {"per_kv_group": False, "exact_lines": False}
     for item in filter(None, (p.strip() for p in params_text.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"bad parameter {item!r} in {spec!r}: use key=value")
-        if key.strip() == "per_kv_group":
-            per_kv_group = _parse_bool(value)
+        if key.strip() in flags:
+            flags[key.strip()] = _parse_bool(value)
         else:
             params[key.strip()] = _parse_value(config_cls, key.strip(), value.strip())
-    return EstimatorMethod(name=name, config=config_cls(**params), per_kv_group=per_kv_group)
+    return EstimatorMethod(name=name, config=config_cls(**params), **flags)
 
 
 def resolve_methods(methods: Sequence[Method], model_config: Any, *, model_id: str = "") -> list[Method]:
@@ -328,22 +350,35 @@ class FrontierRun:
     seed: int = 0
     text: str = "pg"
     yarn: float | None = None
+    rows_at: str = "spread"
 
     def __post_init__(self) -> None:
         if self.length < 1 or self.num_rows < 1 or self.num_rows > self.length:
             raise ValueError(f"need 1 <= num_rows ({self.num_rows}) <= length ({self.length})")
+        if self.rows_at not in ROWS_AT:
+            raise ValueError(f"rows_at must be one of {ROWS_AT}, got {self.rows_at!r}")
 
     def case_id(self, layer: int) -> str:
         yarn = f"-yarn{self.yarn:g}" if self.yarn else ""
-        return f"n{self.length}-r{self.num_rows}-s{self.seed}-{self.text}{yarn}-L{layer:03d}"
+        end = "-end" if self.rows_at == "end" else ""
+        return f"n{self.length}-r{self.num_rows}{end}-s{self.seed}-{self.text}{yarn}-L{layer:03d}"
 
     def fields(self) -> dict[str, Any]:
-        return {"model": self.model, "length": self.length, "num_rows": self.num_rows, "seed": self.seed,
-                "text": self.text, "yarn": self.yarn}
+        """Record fields naming the run (``rows_at`` only when not the default, as records before it)."""
+        fields = {"model": self.model, "length": self.length, "num_rows": self.num_rows, "seed": self.seed,
+                  "text": self.text, "yarn": self.yarn}
+        return fields if self.rows_at == "spread" else {**fields, "rows_at": self.rows_at}
 
     def owns(self, record: Mapping[str, Any]) -> bool:
         """True when ``record`` belongs to this run."""
-        return record.get("task") == TASK and all(record.get(k) == v for k, v in self.fields().items())
+        return (record.get("task") == TASK and record.get("rows_at", "spread") == self.rows_at
+                and all(record.get(k) == v for k, v in self.fields().items()))
+
+    def rows(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+        """The scored query rows: sampled across the queries, or the last ``num_rows`` positions."""
+        if self.rows_at == "end":
+            return torch.arange(k_len - min(self.num_rows, q_len), k_len, device=device)
+        return sample_rows(q_len, k_len, self.num_rows, seed=self.seed, device=device)
 
 
 def _sync(device: torch.device) -> None:
@@ -406,7 +441,7 @@ def _estimator_timings(method: EstimatorMethod, q: torch.Tensor, k: torch.Tensor
 def _measure_layer(job: _LayerJob, layer: int, q: torch.Tensor, k: torch.Tensor, sm_scale: float) -> None:
     """Score every pending method and oracle of one layer and append their records."""
     started = time.perf_counter()
-    rows = sample_rows(q.shape[2], k.shape[2], job.run.num_rows, seed=job.run.seed, device=q.device)
+    rows = job.run.rows(q.shape[2], k.shape[2], q.device)
     lse = causal_logsumexp(q, k, rows, sm_scale=sm_scale)
     shape = {"num_q_heads": q.shape[1], "num_kv_heads": k.shape[1], "head_dim": q.shape[3], "sm_scale": sm_scale}
     timed = job.time_kernels and bool(job.todo.get(layer))
@@ -417,7 +452,7 @@ def _measure_layer(job: _LayerJob, layer: int, q: torch.Tensor, k: torch.Tensor,
         index = method.index(q, k, layer=layer, sm_scale=sm_scale)
         _sync(q.device)
         times = {"estimate_ms": round((time.perf_counter() - t0) * 1e3, 3)}
-        if timed and isinstance(method, EstimatorMethod):
+        if timed and isinstance(method, EstimatorMethod) and not method.exact_lines:
             times = {**_estimator_timings(method, q, k, layer, sm_scale, index), **dense}
         stats = attention_recall(q, k, index, rows, sm_scale=sm_scale, lse=lse)
         job.record(layer, method.name, {**method.describe(), **shape, **_stats_fields(stats), "note": method.note,
@@ -451,6 +486,8 @@ def _stored_definition(record: Mapping[str, Any], method: Method, wanted: Mappin
     as the default does. Stored fields the class no longer has stay, so they still differ.
     """
     stored = {key: record.get(key) for key in wanted}
+    if record.get("exact_lines") and "exact_lines" not in wanted:
+        stored["exact_lines"] = True  # a lines-only record never stands for the kernel's set
     if isinstance(method, EstimatorMethod) and isinstance(stored.get("params"), Mapping):
         stored["params"] = {**_config_defaults(method.config), **stored["params"]}
     return stored
@@ -653,7 +690,8 @@ def _runs_in(records: Sequence[Mapping[str, Any]]) -> list[FrontierRun]:
     for r in records:
         if r.get("task") != TASK:
             continue
-        run = FrontierRun(r["model"], r["length"], r["num_rows"], r["seed"], r["text"], r.get("yarn"))
+        run = FrontierRun(r["model"], r["length"], r["num_rows"], r["seed"], r["text"], r.get("yarn"),
+                          r.get("rows_at", "spread"))
         seen.setdefault(tuple(run.fields().values()), run)
     return list(seen.values())
 
@@ -686,7 +724,9 @@ def _markdown(run: FrontierRun, records: Sequence[Mapping[str, Any]], summaries:
     lines = [
         f"# Attention recall vs density: {run.model}, {run.length} tokens",
         "",
-        f"- text: {run.text} (seed {run.seed}); {run.num_rows} query rows per head sampled across the sequence"
+        f"- text: {run.text} (seed {run.seed}); " + (f"{run.num_rows} query rows per head sampled across the sequence"
+                                                      if run.rows_at == "spread" else
+                                                      f"the last {run.num_rows} query rows (the prompt's end)")
         + (f"; YaRN x{run.yarn:g}" if run.yarn else ""),
         (f"- shape: {first.get('num_q_heads')} query / {first.get('num_kv_heads')} KV heads, head_dim "
          f"{first.get('head_dim')}; layers measured: {max(s.layers for s in summaries)}"),
@@ -730,8 +770,9 @@ def _method_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
             defaults = config_to_params(get_pattern(record["pattern"]).config_cls())
             changed = {k: v for k, v in record["params"].items() if defaults.get(k) != v}
             union = ", union per KV group" if record.get("per_kv_group") else ""
+            exact = ", the chosen lines' entries only (as anchors.md counts)" if record.get("exact_lines") else ""
             text = ", ".join(f"{k}={v}" for k, v in changed.items()) or "defaults"
-            lines.append(f"- `{name}`: {record['pattern']}({text}){union}")
+            lines.append(f"- `{name}`: {record['pattern']}({text}){union}{exact}")
         elif record.get("kind") == "plan":
             lines.append(f"- `{name}`: plan {record['plan']} (layers digest {record.get('plan_digest')})")
     return lines
@@ -990,6 +1031,8 @@ def add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gguf", default=None, help="load the weights from this .gguf file (--model stays the label)")
     parser.add_argument("--length", type=parse_length, default=4096, help="prompt length, e.g. 32K")
     parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="sampled query rows per head")
+    parser.add_argument("--rows-at", choices=ROWS_AT, default="spread",
+                        help="score rows sampled across the queries (spread) or the last --rows positions (end)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text", default="pg", help="corpus name for the prompt (pg, sotu)")
     parser.add_argument("--text-file", default=None, help="use this text file instead of a corpus (repeated as needed)")
@@ -1086,7 +1129,8 @@ def run_from_args(
     model, tokenizer = loaded if loaded is not None else load_model(args)
     methods = resolve_methods(methods, model.config, model_id=args.model)
     run = FrontierRun(model=args.model, length=args.length, num_rows=args.rows, seed=args.seed,
-                      text=Path(args.text_file).name if args.text_file else args.text, yarn=args.yarn)
+                      text=Path(args.text_file).name if args.text_file else args.text, yarn=args.yarn,
+                      rows_at=args.rows_at)
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids(tokenizer, args)], device=device)
     jsonl = run_frontier(model, input_ids, run, methods, args.out, oracles=oracles, layers=args.layers,

@@ -26,8 +26,9 @@ queries = the last ``Nq`` key positions (a chunk after a cached prefix has ``Nk 
    runs exact windowed attention (the A-shape kernel with no sinks, or masked dense attention);
    logit softcapping (Gemma 2) runs exact dense attention with the softcap (no sparse kernel
    supports it; :func:`patch` logs this).
-3. Dense when ``Nq < SPARSE_MIN_QUERIES`` (decoding) or ``Nk < layer.dense_below``: torch SDPA
-   (``enable_gqa``; no GQA copy) or the dense kernel for a chunk after a prefix.
+3. Dense when ``Nq < SPARSE_MIN_QUERIES`` (decoding), ``Nk < layer.dense_below`` or
+   ``Nq <= layer.dense_last``: torch SDPA (``enable_gqa``; no GQA copy) or the dense kernel for a
+   chunk after a prefix.
 4. Sparse otherwise: query heads sharing a head plan run together, one estimator call and one
    kernel launch per group. Heads are gathered per KV head so the kernel sees a plain GQA layout
    (``n`` query heads per KV head): whole KV groups sharing a pattern need no K/V copy at all,
@@ -35,7 +36,9 @@ queries = the last ``Nq`` key positions (a chunk after a cached prefix has ``Nk 
    last queries against all (cached + new) keys. When the layer plan has ``share_kv_groups``, a
    bucket of whole KV groups is estimated once per KV group (``per_kv_group=True``: the union of
    the group's query heads' selections) and the kernel gets that index with ``Hkv`` heads, so it
-   stacks the group's query heads in one tile and shares every K/V load.
+   stacks the group's query heads in one tile and shares every K/V load. With ``dense_last``
+   the last ``dense_last`` query rows are then recomputed densely (the prompt's end, whose
+   attention decides the first generated tokens).
 
 Backends: ``"triton"`` runs the kernels of :mod:`longinfer.ops` (CUDA, or CPU under
 ``TRITON_INTERPRET=1``); ``"torch"`` computes the same masks (the kernels' reference semantics)
@@ -59,6 +62,7 @@ once per forward when a padding mask is passed, the padded path (its spans), and
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -367,10 +371,10 @@ def _resolve_plan(plan: Plan | str | os.PathLike[str] | None, model: Any) -> Pla
         resolved = default_plan_for(config, model_id=model_id)
         logger.info(
             "no plan given for %s: using the default plan (vertical-slash, coverage tau=%s from %d %s "
-            "queries, every head; layers dense below %d keys)",
+            "queries, every head; layers dense below %d keys; the last %d query rows dense)",
             model_id or type(model).__name__, DEFAULT_PATTERN_CONFIG.tau, DEFAULT_PATTERN_CONFIG.last_q,
             DEFAULT_PATTERN_CONFIG.query_sampling,
-            resolved.layers[0].dense_below,
+            resolved.layers[0].dense_below, resolved.layers[0].dense_last,
         )
         return resolved
     if isinstance(plan, Plan):
@@ -744,7 +748,7 @@ def _attend_contiguous(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: t
 
             return ops.a_shape_attention(q, k, v, 0, window, sm_scale=ctx.scale)
         return _masked_attention(q, k, v, ctx.scale, _causal_rows(window), ctx.softcap)
-    if decode or runtime.layer.runs_dense(nk):
+    if decode or runtime.layer.runs_dense(nk) or runtime.layer.dense_last >= nq:
         if not decode:
             stats.add_full(_causal_pairs(nq, nk) * bsz * hq, window=False)
         return _dense_attention(q, k, v, ctx.scale, ctx.backend)
@@ -753,11 +757,13 @@ def _attend_contiguous(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: t
 
 
 def _sparse_attention(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Each bucket of heads: estimate its index from ``q``/``k`` and run its kernel."""
+    """Each bucket of heads: estimate its index from ``q``/``k`` and run its kernel; then the
+    layer's ``dense_last`` last query rows (fewer than ``Nq``) again, densely."""
     runtime = ctx.runtime
     bsz, _, nq, _ = q.shape
     nk = k.shape[2]
     pairs = _causal_pairs(nq, nk) * bsz
+    tail = runtime.layer.dense_last
     out = None
     kept = None
     for position, bucket in enumerate(runtime.buckets):
@@ -774,6 +780,11 @@ def _sparse_attention(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: to
             if out is None:
                 out = torch.empty_like(q)
             out.index_copy_(1, q_idx, ob)
+    if tail:
+        out[:, :, nq - tail:] = _dense_attention(q[:, :, nq - tail:], k, v, ctx.scale, ctx.backend)
+        # The sampled kept share stands for the sparse rows too; the tail's rows are all kept.
+        tail_pairs = _causal_pairs(tail, nk) * bsz * q.shape[1]
+        kept = kept * (1 - tail_pairs / (pairs * q.shape[1])) + tail_pairs
     runtime.stats.add_sparse(pairs * q.shape[1], kept)
     return out
 
@@ -791,28 +802,36 @@ def _run_bucket(bucket: HeadBucket, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if head.pattern == "dense":
         return _dense_attention(q, k, v, ctx.scale, ctx.backend), torch.ones((), device=q.device)
     selection = spec.estimate(q, k, head.config, sm_scale=ctx.scale, per_kv_group=bucket.per_kv_group)
+    nq, nk = q.shape[2], k.shape[2]
     if ctx.backend == "triton":
-        ratio = _sampled_density(_reference_rows(spec, selection), q.shape[2], k.shape[2], q.device)
-        return _run_kernel(spec, q, k, v, selection, head.config, ctx.scale), ratio
+        from longinfer.patterns.vertical_slash import VerticalSlashSelection
+
+        if isinstance(selection, VerticalSlashSelection):
+            return _run_vertical_slash_kernel(q, k, v, selection, ctx.scale)
+        ratio = _sampled_density(_counts_of_mask(_reference_rows(spec, selection), nk), nq, nk, q.device)
+        return spec.run(q, k, v, selection, head.config, sm_scale=ctx.scale), ratio
     rows_mask = _selection_rows(spec, selection)
-    ratio = _sampled_density(rows_mask, q.shape[2], k.shape[2], q.device)
+    ratio = _sampled_density(_counts_of_mask(rows_mask, nk), nq, nk, q.device)
     return _masked_attention(q, k, v, ctx.scale, rows_mask), ratio
 
 
-def _run_kernel(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Any,
-                config: Any, scale: float) -> torch.Tensor:
-    """``spec.run``, except that a vertical-slash selection's kernel index is built without sorting:
-    the estimator lists each head's entries ascending and distinct, ``-1`` after them."""
-    from longinfer.patterns.vertical_slash import VerticalSlashSelection
+def _run_vertical_slash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Any,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel on a vertical-slash selection, and its kept share counted on the kernel's index.
 
-    if not isinstance(selection, VerticalSlashSelection):
-        return spec.run(q, k, v, selection, config, sm_scale=scale)
+    The index is built without sorting (the estimator lists each head's entries ascending and
+    distinct, ``-1`` after them), and the sampled rows' kept keys come from it in closed form
+    (:func:`longinfer.ops.index.vertical_slash_kept`): no ``[B, H, R, Nk]`` mask.
+    """
     from longinfer import ops
-    from longinfer.ops.index import build_vertical_slash_index
+    from longinfer.ops.index import build_vertical_slash_index, vertical_slash_kept
 
     index = build_vertical_slash_index(selection.vertical, selection.slash, selection.k_len, selection.block_size,
                                        presorted=True)
-    return ops.vertical_slash_attention(q, k, v, index=index, block_size=selection.block_size, sm_scale=scale)
+    ratio = _sampled_density(lambda positions, first, last: vertical_slash_kept(index, positions),
+                             q.shape[2], k.shape[2], q.device)
+    out = ops.vertical_slash_attention(q, k, v, index=index, block_size=selection.block_size, sm_scale=scale)
+    return out, ratio
 
 
 def _reference_rows(spec: PatternSpec, selection: Any) -> RowsMask:
@@ -874,22 +893,37 @@ def _density_offset(i: int, count: int, nq: int) -> int:
     return min(nq - 1, ((2 * i * count + 2 * i + 1) * nq) // (2 * count * count))
 
 
-def _sampled_density(rows_mask: RowsMask, nq: int, nk: int, device: torch.device) -> torch.Tensor:
+# Kept keys of sampled rows: (positions, first, last) as for RowsMask -> counts [B|1, H, R].
+RowsKept = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def _counts_of_mask(rows_mask: RowsMask, nk: int) -> RowsKept:
+    return lambda positions, first, last: rows_mask(positions, first, last)[..., :nk].sum(-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _density_positions(nq: int, nk: int, device: torch.device) -> torch.Tensor:
+    """Absolute positions ``[R]`` of :func:`_sampled_density`'s rows, built on ``device`` once per
+    shape and shared by every layer (read-only)."""
+    count = _density_offsets(nq)[0]
+    step = 2 * count + 2  # (2 i count + 2 i + 1) = i * step + 1
+    offsets = torch.arange(count, device=device).mul_(step).add_(1).mul_(nq).floor_divide_(2 * count * count)
+    return offsets.clamp_(max=nq - 1).add_(nk - nq)
+
+
+def _sampled_density(rows_kept: RowsKept, nq: int, nk: int, device: torch.device) -> torch.Tensor:
     """Kept share of the causal pairs of ``DENSITY_SAMPLE_ROWS`` evenly spaced query rows (0-d tensor).
 
-    ``rows_mask`` gives the selection's mask (see :data:`RowsMask`). The queries are cut into
+    ``rows_kept`` counts the selection's kept keys per sampled row. The queries are cut into
     equal strata and stratum ``i`` is sampled at the fraction ``(2i + 1) / (2R)`` of its length, so
     the samples also spread over the positions inside a 64-row query tile (masks rounded to whole
     tiles differ between a tile's first and last rows). The row positions are computed on the
     device from the sizes (no host-to-device copy, hence no host synchronization).
     """
     count, first, last = _density_offsets(nq)
-    step = 2 * count + 2  # (2 i count + 2 i + 1) = i * step + 1
-    offsets = torch.arange(count, device=device).mul_(step).add_(1).mul_(nq).floor_divide_(2 * count * count)
-    positions = offsets.clamp_(max=nq - 1).add_(nk - nq)
-    mask = rows_mask(positions, nk - nq + first, nk - nq + last)[..., :nk]
+    kept = rows_kept(_density_positions(nq, nk, device), nk - nq + first, nk - nq + last)
     pairs = sum(nk - nq + _density_offset(i, count, nq) + 1 for i in range(count))
-    return mask.sum(dtype=torch.float32).div_(mask.shape[0] * mask.shape[1] * pairs)
+    return kept.sum(dtype=torch.float32).div_(kept.shape[0] * kept.shape[1] * pairs)
 
 
 def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str) -> torch.Tensor:

@@ -169,3 +169,34 @@ def build_block_sparse_index(block_index: torch.Tensor, k_len: int, block_size: 
     count = (ids <= tile).sum(-1)  # the fill value num_blocks is above every tile
     ids = torch.where(ids >= num_blocks, -1, ids)
     return BlockSparseIndex(block_ids=ids.int().contiguous(), block_count=count.int().contiguous(), block_size=block_size)
+
+
+def vertical_slash_kept(index: VerticalSlashIndex, rows: torch.Tensor) -> torch.Tensor:
+    """Keys the vertical-slash kernel computes for query rows ``rows [R]`` (absolute positions, ascending).
+
+    Row ``i`` of the tile starting at ``t = i - i % block_size`` gets the verticals ``<= i`` and, per
+    slash group ``[lo, hi]``, the keys ``[t - hi, t + block_size - 1 - lo]`` up to ``i``; groups are
+    more than ``block_size`` apart, so their key ranges are disjoint and only verticals inside them
+    are counted twice. Equals ``reference.vertical_slash_mask(...)[..., rows, :].sum(-1)`` for the
+    raw index this one was built from (causal, one sequence).
+
+    Returns ``[B, H, R]`` int64. Memory: ``O(B * H * R * S)`` integers (``S`` slash groups).
+    """
+    bs = index.block_size
+    i = rows.to(index.columns.device).long()[:, None]  # [R, 1]
+    tile_start = i - i % bs
+    columns = index.columns.long()  # [B, H, V], sorted, padded with k_len
+    b, h = columns.shape[:2]
+
+    def columns_below(bound: torch.Tensor) -> torch.Tensor:  # verticals < bound, bound [B, H, R, S']
+        return torch.searchsorted(columns, bound.flatten(2).contiguous(), right=False).view(bound.shape)
+
+    lo = index.group_lo.long()[:, :, None, :]  # [B, H, 1, S]
+    first = (tile_start - index.group_hi.long()[:, :, None, :]).clamp(min=0)  # [B, H, R, S]
+    last = torch.minimum(tile_start + bs - 1 - lo, i)
+    padding = torch.arange(lo.shape[-1], device=lo.device) >= index.group_count[:, :, None, None]
+    last = last.masked_fill_(padding, -1)  # padded groups: empty ranges
+    width = (last - first + 1).clamp(min=0)
+    doubled = (columns_below(last + 1) - columns_below(first)).clamp(min=0)
+    own = columns_below((i + 1).expand(b, h, -1, 1)).squeeze(-1)  # [B, H, R]
+    return own + (width - doubled).sum(-1)

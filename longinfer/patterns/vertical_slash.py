@@ -52,6 +52,7 @@ per segment with k/v cut at the segment's end (:func:`run_segmented`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -289,6 +290,16 @@ def estimation_positions(q_len: int, k_len: int, last_q: int, sampling: str,
     return torch.cat([spaced, torch.arange(k_len - tail, k_len, device=device)])
 
 
+@functools.lru_cache(maxsize=32)
+def _kernel_positions(q_len: int, k_len: int, last_q: int, sampling: str,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, positions)`` int32 ``[L]`` of :func:`estimation_positions` on ``device``, as the
+    estimate kernel takes them: built once per shape and shared (read-only) by every layer and call
+    of that shape, which saves a dozen small launches per sparse call."""
+    positions = estimation_positions(q_len, k_len, last_q, sampling, device=device)
+    return (positions - (k_len - q_len)).int(), positions.int()
+
+
 def _grouped_queries(q: torch.Tensor, kv_heads: int, rows: torch.Tensor) -> torch.Tensor:
     """Rows ``rows`` (indices into ``q``'s positions) in float32, grouped per KV head: ``[B, Hkv, G * L, D]``."""
     bsz, hq, _, d = q.shape
@@ -394,6 +405,9 @@ def estimate_masses(
     require(backend in ("triton", "torch"), f"backend must be 'triton', 'torch' or None, got {backend!r}")
     require(backend == "torch" or q.is_cuda or interpreter_enabled(),
             "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; use backend='torch' on the CPU")
+    if positions is None and backend == "triton":
+        rows, query_pos = _kernel_positions(shape.q_len, nk, config.last_q, config.query_sampling, q.device)
+        return estimate_masses_triton(q, k, rows, query_pos, sink=config.sink, local=config.local, scale=scale)
     if positions is None:
         query_pos = estimation_positions(shape.q_len, nk, config.last_q, config.query_sampling, device=q.device)
     else:
@@ -533,17 +547,15 @@ def select_items(columns: torch.Tensor, diagonals: torch.Tensor, config: Vertica
     count_v = vertical.shape[-1]
     rank = torch.cat([rank_cols.gather(-1, vertical), rank_diags.gather(-1, slash)], -1)
     mass = torch.cat([columns.gather(-1, vertical), diagonals.gather(-1, slash)], -1)
-    forced = torch.cat([vertical < config.sink, slash < config.local], -1)
-    is_col = torch.arange(rank.shape[-1], device=rank.device) < count_v
-    order = rank.argsort(dim=-1, descending=True, stable=True)  # candidates in concatenation order: stable ties
+    # Candidates in concatenation order on ties (stable); forced items rank +inf, so they come first.
+    sorted_rank, order = rank.sort(dim=-1, descending=True, stable=True)
     sorted_mass = mass.gather(-1, order)
-    sorted_is_col = is_col[order]
-    at_least = torch.zeros_like(sorted_is_col)
-    for kind, low in ((sorted_is_col, min(config.min_vertical, config.num_vertical)),
-                      (~sorted_is_col, min(config.min_slash, config.num_slash))):  # two item kinds
-        at_least |= kind & (kind.long().cumsum(-1) <= low)
-    mass_before = sorted_mass.cumsum(-1) - sorted_mass
-    take = (mass_before < config.tau) | at_least | forced.gather(-1, order)
+    take = (sorted_mass.cumsum(-1) - sorted_mass < config.tau) | (sorted_rank == math.inf)
+    lows = (min(config.min_vertical, config.num_vertical), min(config.min_slash, config.num_slash))
+    if any(lows):  # each kind's first min_vertical / min_slash regardless of mass
+        sorted_is_col = (torch.arange(rank.shape[-1], device=rank.device) < count_v)[order]
+        for kind, low in ((sorted_is_col, lows[0]), (~sorted_is_col, lows[1])):
+            take |= kind & (kind.long().cumsum(-1) <= low)
     taken = torch.zeros_like(take).scatter_(-1, order, take)
     return ChosenItems(vertical, taken[..., :count_v], slash, taken[..., count_v:])
 

@@ -2,6 +2,7 @@
 
 from longinfer.plans.schema import (
     DEFAULT_DENSE_BELOW,
+    DEFAULT_DENSE_LAST,
     DEFAULT_PATTERN_CONFIG,
     SCHEMA_VERSION,
     HeadPlan,
@@ -15,6 +16,7 @@ from longinfer.plans.schema import (
 
 __all__ = [
     "DEFAULT_DENSE_BELOW",
+    "DEFAULT_DENSE_LAST",
     "DEFAULT_PATTERN_CONFIG",
     "SCHEMA_VERSION",
     "HeadPlan",

@@ -111,6 +111,9 @@ def plan_summary(plan: Plan, path: str | None = None) -> str:
     lines.append(header)
     for index, layer in enumerate(plan.layers):
         groups = "; ".join(f"{len(ids)}x {candidate_label(head)} [{_head_ids(ids)}]" for head, ids in layer.head_groups())
+        options = ["shared per KV group"] if layer.share_kv_groups else []
+        options += [f"last {layer.dense_last} rows dense"] if layer.dense_last else []
+        groups += f" ({', '.join(options)})" if options else ""
         row = f"{index:5d}  {layer.dense_below:11d}"
         if has_scores:
             row += f"  {statistics.fmean(scores[index]['recall']):.4f}  {statistics.fmean(scores[index]['cost']):.4f}"

@@ -27,6 +27,11 @@ readable by older versions of schema 1): the query heads of a KV group that shar
 use one index for the group, the union of their estimates, so the kernels stack them in one tile
 and share every K/V load.
 
+``dense_last`` (optional, default ``0``; written only when positive): the last ``dense_last``
+query positions of every sparse call attend densely (to every causal key). They are the prompt's
+end (the question, the chat template's answer prefix) whose attention decides the first generated
+tokens; at 128K, 128 dense rows add 0.2% of the causal pairs.
+
 Every head lists all parameters of its pattern (defaults filled in on save), so a plan reads the
 same whatever the library's defaults become. Unknown keys anywhere are an error.
 """
@@ -55,6 +60,13 @@ SUPPORTED_SCHEMA_VERSIONS = (1,)
 # Key length below which the default plan runs every layer dense. A placeholder until the
 # measured dense/sparse crossover of the kernels replaces it (issue 3: "a measured crossover").
 DEFAULT_DENSE_BELOW = 16384
+
+# Query rows at the end of every sparse call that the default plan runs dense. The default index
+# is estimated from queries spread over the prompt, which serves the prompt's end worst: on
+# Qwen2.5-Coder-0.5B at 8K (CPU, docs/results/recall-cpu-qwen0.5b-8k-end) its recall over the last
+# 128 rows is 0.832 mean / 0.641 p10 against 0.928 / 0.875 over rows spread across the prompt.
+# Those rows decide the answer; dense, they cost 0.2% more pairs at 128K.
+DEFAULT_DENSE_LAST = 128
 
 # The estimate used when a user gives no plan: vertical-slash with a coverage budget on every
 # head (columns and diagonals ranked together), estimated from 64 queries spread evenly over the
@@ -194,11 +206,14 @@ class LayerPlan:
         share_kv_groups: a KV group whose query heads all share one head plan is estimated once
             for the group (one index with ``Hkv`` heads, the union of its heads' selections);
             groups with mixed plans still get one index per query head.
+        dense_last: the last ``dense_last`` query positions of a sparse call attend to every
+            causal key (dense rows at the prompt's end); 0 = none.
     """
 
     heads: tuple[HeadPlan, ...]
     dense_below: int = 0
     share_kv_groups: bool = False
+    dense_last: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", tuple(self.heads))
@@ -208,6 +223,7 @@ class LayerPlan:
             if not isinstance(head, HeadPlan):
                 raise TypeError(f"heads[{i}] must be a HeadPlan, got {type(head).__name__}")
         _require_int("dense_below", self.dense_below, 0)
+        _require_int("dense_last", self.dense_last, 0)
         if not isinstance(self.share_kv_groups, bool):
             raise TypeError(
                 f"share_kv_groups must be true or false, got {type(self.share_kv_groups).__name__} "
@@ -229,22 +245,25 @@ class LayerPlan:
         return tuple((head, tuple(ids)) for head, ids in groups.items())
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form; ``share_kv_groups`` only when true (absent reads as false)."""
+        """The JSON form; ``share_kv_groups`` only when true and ``dense_last`` only when positive
+        (absent, they read as false and 0)."""
         data: dict[str, Any] = {"dense_below": self.dense_below}
         if self.share_kv_groups:
             data["share_kv_groups"] = True
+        if self.dense_last:
+            data["dense_last"] = self.dense_last
         data["heads"] = [h.to_dict() for h in self.heads]
         return data
 
     @classmethod
     def from_dict(cls, data: Any, location: str = "layer") -> LayerPlan:
-        _require_keys(location, data, {"heads", "dense_below"}, frozenset({"share_kv_groups"}))
+        _require_keys(location, data, {"heads", "dense_below"}, frozenset({"share_kv_groups", "dense_last"}))
         if not isinstance(data["heads"], list):
             raise TypeError(f"{location}.heads must be a JSON list, got {type(data['heads']).__name__}")
         heads = tuple(HeadPlan.from_dict(h, f"{location}.heads[{i}]") for i, h in enumerate(data["heads"]))
         try:
             return cls(heads=heads, dense_below=data["dense_below"],
-                       share_kv_groups=data.get("share_kv_groups", False))
+                       share_kv_groups=data.get("share_kv_groups", False), dense_last=data.get("dense_last", 0))
         except (ValueError, TypeError) as error:
             raise _where(location, error) from error
 
@@ -255,8 +274,9 @@ def _format_plan_json(data: dict[str, Any]) -> str:
     layers = []
     for layer in data["layers"]:
         heads = ",\n   ".join(json.dumps(head) for head in layer["heads"])
-        share = f'"share_kv_groups": {json.dumps(layer["share_kv_groups"])}, ' if "share_kv_groups" in layer else ""
-        layers.append(f'  {{"dense_below": {json.dumps(layer["dense_below"])}, {share}"heads": [\n   {heads}\n  ]}}')
+        options = "".join(f'"{key}": {json.dumps(layer[key])}, ' for key in ("share_kv_groups", "dense_last")
+                          if key in layer)
+        layers.append(f'  {{"dense_below": {json.dumps(layer["dense_below"])}, {options}"heads": [\n   {heads}\n  ]}}')
     return header[:-2] + ',\n "layers": [\n' + ",\n".join(layers) + "\n ]\n}\n"
 
 
@@ -436,6 +456,7 @@ def uniform_plan(
     model_revision: str | None = None,
     search: Mapping[str, Any] | None = None,
     share_kv_groups: bool = False,
+    dense_last: int = 0,
 ) -> Plan:
     """A plan with the same pattern and parameters for every head of every layer.
 
@@ -447,10 +468,12 @@ def uniform_plan(
         model_id: defaults to the config's ``name_or_path`` when it has one, else ``""``.
         search: provenance; default ``{"method": "uniform"}``.
         share_kv_groups: one index per KV group (see :class:`LayerPlan`) in every layer.
+        dense_last: dense query rows at the end of every sparse call (see :class:`LayerPlan`).
     """
     shape = model_shape(model_config_fields)
     head = HeadPlan.from_params(pattern, params)
-    layer = LayerPlan(heads=(head,) * shape.num_q_heads, dense_below=dense_below, share_kv_groups=share_kv_groups)
+    layer = LayerPlan(heads=(head,) * shape.num_q_heads, dense_below=dense_below, share_kv_groups=share_kv_groups,
+                      dense_last=dense_last)
     if model_id is None:
         model_id = str(getattr(model_config_fields, "name_or_path", "") or "")
     return Plan(
@@ -463,19 +486,22 @@ def uniform_plan(
 
 
 def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: int = DEFAULT_DENSE_BELOW,
-                     share_kv_groups: bool = False) -> Plan:
+                     share_kv_groups: bool = False, dense_last: int = DEFAULT_DENSE_LAST) -> Plan:
     """The plan used when the user gives none.
 
     Every head of every layer uses :data:`DEFAULT_PATTERN_CONFIG`: vertical-slash from 64 queries
     spread evenly over the prompt, with a coverage budget (keep the fewest columns and diagonals,
     ranked together, whose estimated attention mass reaches 0.9; at most 4096 columns and 8192 diagonals; the first
     30 keys and 100 nearest diagonals always kept). Layers run dense below ``dense_below`` key
-    positions (default :data:`DEFAULT_DENSE_BELOW`). Recorded as ``search={"method": "default"}``.
+    positions (default :data:`DEFAULT_DENSE_BELOW`), and the last ``dense_last`` query rows of every
+    sparse call attend densely (default :data:`DEFAULT_DENSE_LAST`). Recorded as
+    ``search={"method": "default"}``.
 
     Args:
         config: anything :func:`model_shape` accepts.
         share_kv_groups: estimate one index per KV group (the union of its heads' selections), so
             the kernels share K/V loads between the group's query heads (see :class:`LayerPlan`).
+        dense_last: dense query rows at the end of every sparse call (0: none).
     """
     return uniform_plan(
         config,
@@ -485,6 +511,7 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
         model_id=model_id,
         search={"method": "default"},
         share_kv_groups=share_kv_groups,
+        dense_last=dense_last,
     )
 
 
