@@ -214,7 +214,7 @@ def main() -> int:
         if device.type == "cuda" and str(n) not in dense:
             from longinfer.ops import dense_attention
 
-            dense[str(n)] = time_ms(lambda: dense_attention(*tensors), device)
+            dense[str(n)] = time_ms(lambda t=tensors: dense_attention(*t), device)
             write()
         for key, config in configs.items():
             if (n, key) in done:

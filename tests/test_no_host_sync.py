@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import sys
 import traceback
 import types
 from collections.abc import Iterator
