@@ -84,11 +84,12 @@ def test_search_command_writes_a_plan_and_resumes(model_dir, tmp_path, capsys):
     argv = ["search", "--model", str(model_dir), "--length", "1024", "--out", str(out),
             "--calibration-text", str(model_dir / "calibration.txt"), "--rows", "16", "--cost-budget", "0.6",
             "--candidates", "a_shape:sink=16,window=128", "vertical_slash:num_vertical=32,num_slash=20,sink=4,local=16",
-            "--device", "cpu", "--no-progress"]
+            "--device", "cpu", "--no-progress", "--dense-last", "64"]
     assert cli.main(argv) == 0
     assert capsys.readouterr().out.strip() == str(out)
     plan = Plan.load(out)
     assert plan.model_id == str(model_dir) and plan.num_layers == 3
+    assert all(layer.dense_last == 64 for layer in plan.layers)
     assert {head.pattern for layer in plan.layers for head in layer.heads} <= {"a_shape", "vertical_slash"}
     assert plan.search["calibration"]["length"] == 1024 and plan.search["calibration"]["corpus"] == "text"
     # A rerun finds every layer finished and rebuilds the same plan.

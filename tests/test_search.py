@@ -13,7 +13,7 @@ import torch
 from longinfer.ops import reference
 from longinfer.patterns import get_pattern
 from longinfer.patterns.recall import sample_rows
-from longinfer.plans import HeadPlan, LayerPlan, Plan, search
+from longinfer.plans import DEFAULT_DENSE_LAST, HeadPlan, LayerPlan, Plan, search
 from longinfer.plans.calibration import kv_retrieval_prompt
 from tests.test_eval_fixtures import corpus_text, make_tokenizer
 
@@ -465,6 +465,7 @@ def test_search_writes_a_valid_plan(tiny_setup, tmp_path):
     assert len(plan.search["layers"]) == 3
     assert plan.search["captured_on"] == [{"device": "cpu", "dtype": "float32"}]
     assert not any(layer.share_kv_groups for layer in plan.layers)
+    assert all(layer.dense_last == DEFAULT_DENSE_LAST for layer in plan.layers)  # the default plan's tail
     assert set(plan.search["versions"]) == {"longinfer", "torch", "transformers"}
     for layer, summary in zip(plan.layers, plan.search["layers"]):
         assert layer.dense_below == search.DEFAULT_DENSE_BELOW  # no CUDA: the documented default ...
@@ -528,10 +529,10 @@ def test_resume_refuses_other_settings_and_drops_a_torn_line(tiny_setup, tmp_pat
 
 
 def test_search_with_shared_kv_groups_gives_groups_one_pattern(tiny_setup, tmp_path):
-    plan = _run(tiny_setup, None, share_kv_groups=True, dense_below=777)
+    plan = _run(tiny_setup, None, share_kv_groups=True, dense_below=777, dense_last=0)
     for layer in plan.layers:
         assert layer.heads[0] == layer.heads[1] and layer.heads[2] == layer.heads[3]
-        assert layer.dense_below == 777
+        assert layer.dense_below == 777 and layer.dense_last == 0
         assert layer.share_kv_groups  # the integration runs what was scored: one index per KV group
     assert plan.search["share_kv_groups"] is True
 

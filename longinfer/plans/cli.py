@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from longinfer.plans import search
+from longinfer.plans.schema import DEFAULT_DENSE_LAST
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="one pattern per KV group (estimated once per group)")
     parser.add_argument("--dense-below", type=int, default=None,
                         help="use this dense threshold for every layer instead of measuring it")
+    parser.add_argument("--dense-last", type=int, default=DEFAULT_DENSE_LAST,
+                        help="query rows at the end of each sparse call that run dense (default %(default)s)")
     parser.add_argument("--no-measure", action="store_true",
                         help="do not time the dense crossover; use the default threshold")
     parser.add_argument("--crossover-lengths", type=_int_list, default=list(search.CROSSOVER_LENGTHS),
@@ -125,7 +128,8 @@ def _search(args: argparse.Namespace) -> int:
     search.search_plan(
         model, tokenizer, out=out, calibration=calibration, candidates=candidates,
         cost_budget=args.cost_budget, recall_tolerance=args.recall_tolerance, num_rows=args.rows, seed=args.seed,
-        share_kv_groups=args.share_kv_groups, dense_below=args.dense_below, measure_crossover=not args.no_measure,
+        share_kv_groups=args.share_kv_groups, dense_below=args.dense_below, dense_last=args.dense_last,
+        measure_crossover=not args.no_measure,
         crossover_lengths=args.crossover_lengths, layers_per_forward=args.layers_per_forward,
         model_id=str(args.model), model_revision=_model_revision(str(args.model)), restart=args.restart,
         progress=not args.no_progress,

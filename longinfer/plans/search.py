@@ -63,7 +63,7 @@ from longinfer.patterns.registry import config_to_params, get_pattern
 from longinfer.patterns.triangle import TriangleSelection  # importing it registers the "triangle" pattern
 from longinfer.patterns.vertical_slash import VerticalSlashSelection
 from longinfer.plans.calibration import CalibrationPrompt, kv_retrieval_prompt
-from longinfer.plans.schema import DEFAULT_DENSE_BELOW, HeadPlan, LayerPlan, Plan, model_shape
+from longinfer.plans.schema import DEFAULT_DENSE_BELOW, DEFAULT_DENSE_LAST, HeadPlan, LayerPlan, Plan, model_shape
 from longinfer.timing import median_cuda_ms
 
 logger = logging.getLogger(__name__)
@@ -853,6 +853,7 @@ def search_plan(
     seed: int = 0,
     share_kv_groups: bool = False,
     dense_below: int | None = None,
+    dense_last: int = DEFAULT_DENSE_LAST,
     measure_crossover: bool = True,
     crossover_lengths: Sequence[int] = CROSSOVER_LENGTHS,
     layers_per_forward: int | None = None,
@@ -877,6 +878,8 @@ def search_plan(
         share_kv_groups: give each KV group one pattern (estimated once for the group); every
             layer of the plan records it (``LayerPlan.share_kv_groups``) so the integration runs it so.
         dense_below: use this threshold for every layer instead of measuring it.
+        dense_last: every layer of the plan runs the last ``dense_last`` query rows of a sparse
+            call dense (``LayerPlan.dense_last``; the search itself scores the heads' indices alone).
         measure_crossover: time the dense crossover (CUDA only; see :func:`measure_dense_below`).
         crossover_lengths: lengths to time at (those beyond the calibration length are skipped).
         layers_per_forward: capture at most this many layers per forward pass (bounds memory; each
@@ -903,6 +906,8 @@ def search_plan(
         raise ValueError(f"cost_budget must be > 0 and recall_tolerance >= 0, got {cost_budget}, {recall_tolerance}")
     if dense_below is not None and (not isinstance(dense_below, int) or dense_below < 0):
         raise ValueError(f"dense_below must be a non-negative int or None, got {dense_below!r}")
+    if not isinstance(dense_last, int) or dense_last < 0:
+        raise ValueError(f"dense_last must be a non-negative int, got {dense_last!r}")
     if model_id is None:
         model_id = str(getattr(model.config, "name_or_path", "") or "")
     settings = {
@@ -917,6 +922,7 @@ def search_plan(
         "seed": seed,
         "share_kv_groups": share_kv_groups,
         "dense_below": dense_below,
+        "dense_last": dense_last,
         "measure_crossover": measure_crossover,
         "crossover_lengths": sorted(set(crossover_lengths)),
         "cost_model": {"block_n": COST_BLOCK_N, "dense_block_m": DENSE_BLOCK_M, "estimation": "included"},
@@ -964,7 +970,7 @@ def _plan_from_records(shape: Any, records: Mapping[int, Mapping[str, Any]], can
     for index in range(shape.num_layers):
         record = records[index]
         layers.append(LayerPlan(tuple(candidates[c] for c in record["choice"]), dense_below=record["dense_below"],
-                                share_kv_groups=settings["share_kv_groups"]))
+                                share_kv_groups=settings["share_kv_groups"], dense_last=settings.get("dense_last", 0)))
         summary.append({key: record[key] for key in ("recall", "cost", "crossover")})
     search = {key: value for key, value in settings.items() if key not in ("model", "shape")}
     search["layers"] = summary
