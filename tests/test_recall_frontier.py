@@ -248,6 +248,12 @@ def test_exact_lines_scores_only_the_chosen_columns_and_diagonals(tmp_path, mode
             on_lines[0, h, r] = torch.tensor([(j in cols or (i - j) in diags) and j <= i for j in keys.tolist()])
     per_head = on_lines.sum((-1, -2)).double() / (rows + 1).sum()  # kept pairs / causal pairs of the rows
     assert exact["head_density"] == pytest.approx(per_head[0].tolist(), abs=1e-6)
+    segmented = dataclasses.replace(VS_SMALL, segments=2)
+    seg_lines = EstimatorMethod("seg", segmented, exact_lines=True).index(captured.q, captured.k, layer=0,
+                                                                         sm_scale=captured.sm_scale)
+    seg_wide = EstimatorMethod("seg", segmented).index(captured.q, captured.k, layer=0, sm_scale=captured.sm_scale)
+    lines_mask, wide_mask = seg_lines.mask(rows), seg_wide.mask(rows)
+    assert not (lines_mask & ~wide_mask).any() and lines_mask.sum() < wide_mask.sum()  # per-segment lines only
     with pytest.raises(ValueError, match="exact_lines applies to vertical_slash"):
         EstimatorMethod("bs", BlockSparseConfig(num_blocks=4, block_size=16), exact_lines=True)
 

@@ -128,9 +128,13 @@ class EstimatorMethod:
         """The estimated selection for ``q [B, Hq, N, D]``, ``k [B, Hkv, N, D]`` (``layer`` unused)."""
         spec = get_pattern(self.pattern)
         selection = spec.estimate(q, k, self.config, sm_scale=sm_scale, per_kv_group=self.per_kv_group)
-        if self.exact_lines:  # a one-row tile covers each diagonal exactly: the mask of the lines alone
-            return dataclasses.replace(selection, block_size=1)
-        return selection
+        if not self.exact_lines:
+            return selection
+        # A one-row tile covers each diagonal exactly: the mask of the lines alone.
+        if hasattr(selection, "parts"):  # one index per query segment
+            return dataclasses.replace(selection, block_size=1,
+                                       parts=tuple(dataclasses.replace(p, block_size=1) for p in selection.parts))
+        return dataclasses.replace(selection, block_size=1)
 
 
 @dataclass(frozen=True)
