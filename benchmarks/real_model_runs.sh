@@ -56,7 +56,7 @@ case "$step" in
       --methods none --method "strided=$VS,tau=0.9" --method "last=$VS,tau=0.9,query_sampling=last" \
       --method "mixed=$VS,tau=0.9,query_sampling=mixed" --method "kv=$VS,tau=0.9,per_kv_group=true" \
       --method "strided-lq256=$VS,tau=0.9,last_q=256" --method "mixed-lq256=$VS,tau=0.9,last_q=256,query_sampling=mixed" \
-      --method "tail=plan:$PLANS4/q15-default-kv-tail.json" --out "$RES/$step" ;;
+      --method "kv-tail=plan:$PLANS4/q15-default-kv-tail.json" --out "$RES/$step" ;;
   q15-latency)  # issues 4/5: TTFT of the default, then where a follow-up turn's time goes
     run_cli eval latency $Q15 --lengths 16384,32768,65536,131072 --repeats 2 --warmup 1 --out "$RES/$step" \
       --methods dense,longinfer
