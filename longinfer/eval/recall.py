@@ -81,6 +81,9 @@ TABLE_ORACLE_DENSITIES = (0.05, 0.1)  # the oracle rows of the summary table (as
 # Scored query rows: "spread" samples one per stratum across the queries (recall of the whole
 # prefill); "end" takes the last rows, the prompt's end, whose attention decides the answer.
 ROWS_AT = ("spread", "end")
+# Record fields added after records were first written, and the value an older record (without
+# the field) stands for: resume and run ownership read a missing field as this value.
+_ADDED_FIELD_DEFAULTS = {"rows_at": "spread", "exact_lines": False}
 _DIGITS = 6  # rounding of recall/density in records
 
 
@@ -118,11 +121,9 @@ class EstimatorMethod:
         return pattern_of_config(self.config).name
 
     def describe(self) -> dict[str, Any]:
-        """What identifies the method in a record (checked again on resume; ``exact_lines`` only
-        when set, so records written before it existed still match)."""
-        described = {"kind": "estimator", "pattern": self.pattern, "params": config_to_params(self.config),
-                     "per_kv_group": self.per_kv_group}
-        return {**described, "exact_lines": True} if self.exact_lines else described
+        """What identifies the method in a record (checked again on resume)."""
+        return {"kind": "estimator", "pattern": self.pattern, "params": config_to_params(self.config),
+                "per_kv_group": self.per_kv_group, "exact_lines": self.exact_lines}
 
     def index(self, q: torch.Tensor, k: torch.Tensor, *, layer: int, sm_scale: float) -> Any:
         """The estimated selection for ``q [B, Hq, N, D]``, ``k [B, Hkv, N, D]`` (``layer`` unused)."""
@@ -368,15 +369,13 @@ class FrontierRun:
         return f"n{self.length}-r{self.num_rows}{end}-s{self.seed}-{self.text}{yarn}-L{layer:03d}"
 
     def fields(self) -> dict[str, Any]:
-        """Record fields naming the run (``rows_at`` only when not the default, as records before it)."""
-        fields = {"model": self.model, "length": self.length, "num_rows": self.num_rows, "seed": self.seed,
-                  "text": self.text, "yarn": self.yarn}
-        return fields if self.rows_at == "spread" else {**fields, "rows_at": self.rows_at}
+        return {"model": self.model, "length": self.length, "num_rows": self.num_rows, "seed": self.seed,
+                "text": self.text, "yarn": self.yarn, "rows_at": self.rows_at}
 
     def owns(self, record: Mapping[str, Any]) -> bool:
         """True when ``record`` belongs to this run."""
-        return (record.get("task") == TASK and record.get("rows_at", "spread") == self.rows_at
-                and all(record.get(k) == v for k, v in self.fields().items()))
+        return record.get("task") == TASK and all(record.get(k, _ADDED_FIELD_DEFAULTS.get(k)) == v
+                                                  for k, v in self.fields().items())
 
     def rows(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
         """The scored query rows: sampled across the queries, or the last ``num_rows`` positions."""
@@ -487,11 +486,10 @@ def _stored_definition(record: Mapping[str, Any], method: Method, wanted: Mappin
 
     An estimator's stored ``params`` that lack fields its config class gained since the record was
     written (e.g. ``query_sampling``, ``rank``) get those fields' defaults: the older code behaved
-    as the default does. Stored fields the class no longer has stay, so they still differ.
+    as the default does. Stored fields the class no longer has stay, so they still differ; record
+    fields added since (:data:`_ADDED_FIELD_DEFAULTS`) read as their old meaning.
     """
-    stored = {key: record.get(key) for key in wanted}
-    if record.get("exact_lines") and "exact_lines" not in wanted:
-        stored["exact_lines"] = True  # a lines-only record never stands for the kernel's set
+    stored = {key: record.get(key, _ADDED_FIELD_DEFAULTS.get(key)) for key in wanted}
     if isinstance(method, EstimatorMethod) and isinstance(stored.get("params"), Mapping):
         stored["params"] = {**_config_defaults(method.config), **stored["params"]}
     return stored
@@ -695,7 +693,7 @@ def _runs_in(records: Sequence[Mapping[str, Any]]) -> list[FrontierRun]:
         if r.get("task") != TASK:
             continue
         run = FrontierRun(r["model"], r["length"], r["num_rows"], r["seed"], r["text"], r.get("yarn"),
-                          r.get("rows_at", "spread"))
+                          r.get("rows_at", _ADDED_FIELD_DEFAULTS["rows_at"]))
         seen.setdefault(tuple(run.fields().values()), run)
     return list(seen.values())
 
