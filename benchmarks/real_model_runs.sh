@@ -73,8 +73,11 @@ case "$step" in
     run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
       --methods "dense,longinfer,longinfer:$PLANS4/q15-default-kv.json" ;;
   q15-ruler-tail)  # issue 5: does the dense tail (default since session 4) recover RULER at 128K? (rerun to finish)
+    # dense is the same code and prompts as in session 4: its 42 records seed the file instead of a rerun
+    [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session4/q15-ruler/ruler.jsonl \
+      | grep '"sample": [0-5],' > "$RES/$step/ruler.jsonl"
     run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" --methods \
-      "dense,longinfer,longinfer:$PLANS4/q15-default-notail.json,longinfer:$PLANS4/q15-mixed-tail.json,longinfer:$PLANS4/q15-default-kv-tail.json" ;;
+      "dense,longinfer,longinfer:$PLANS4/q15-default-kv-tail.json" ;;  # without the tail: session 4's default
   q15-ppl)  # issue 5: perplexity, 4 windows at 32K and the one 128K window the corpus holds
     run_cli eval ppl $Q15 --lengths 32768 --samples 4 --methods "dense,longinfer" --out "$RES/$step"
     run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step" ;;
