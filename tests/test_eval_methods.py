@@ -58,7 +58,7 @@ def test_longinfer_without_integration_is_a_clear_error(monkeypatch):
 def test_longinfer_calls_patch_and_unpatch(monkeypatch):
     calls = []
     fake = types.ModuleType("longinfer.integrations.transformers")
-    fake.patch = lambda model, plan: calls.append(("patch", plan))
+    fake.patch = lambda model, plan, cuda_graphs: calls.append(("patch", plan, cuda_graphs))
     fake.unpatch = lambda model: calls.append(("unpatch",))
     monkeypatch.setitem(sys.modules, "longinfer.integrations.transformers", fake)
     import longinfer.integrations
@@ -67,4 +67,6 @@ def test_longinfer_calls_patch_and_unpatch(monkeypatch):
     model = make_tiny_llama(vocab_size=64)
     with LonginferMethod("my_plan.json").activate(model):
         calls.append(("inside",))
-    assert calls == [("patch", "my_plan.json"), ("inside",), ("unpatch",)]
+    with LonginferMethod(cuda_graphs=False).activate(model):
+        pass
+    assert calls == [("patch", "my_plan.json", True), ("inside",), ("unpatch",), ("patch", None, False), ("unpatch",)]

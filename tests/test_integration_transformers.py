@@ -499,26 +499,30 @@ def test_sparse_plan_with_shared_kv_groups_keeps_more_keys_and_backends_agree():
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("prefix", [0, 96])  # one-shot prefill, and a chunk after a cached prefix
 def test_dense_last_rows_are_dense_and_the_rest_stays_sparse(backend, prefix):
-    """With ``dense_last=40`` the last 40 query rows equal dense causal attention and every other row
-    equals the sparse layer without the option; density counts the tail's rows as fully kept."""
+    """With ``dense_last=40`` the last 40 query rows, rounded out to whole 64-row tiles, equal dense
+    causal attention and every other row equals the sparse layer without the option; density counts
+    the tail's rows as fully kept."""
     gen = torch.Generator().manual_seed(5)
-    nq, tail, scale = 200, 40, 64**-0.5  # 200 rows: not a multiple of the 64-row tile
+    nq, dense_last, scale = 200, 40, 64**-0.5  # 200 rows: not a multiple of the 64-row tile
+    # one-shot: rows from position 128 (the tile holding position 160); after 96 cached: from 256 exactly
+    tail = {0: 72, 96: 40}[prefix]
     q = torch.randn(2, 4, nq, 64, generator=gen)
     k, v = torch.randn(2, 2, prefix + nq, 64, generator=gen), torch.randn(2, 2, prefix + nq, 64, generator=gen)
     heads = (HeadPlan.from_params("vertical_slash", SPARSE_VS),) * 4
     outs, densities = {}, {}
-    for dense_last in (0, tail):
+    for option in (0, dense_last):
         plan = Plan(model_id="tiny", num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=64,
-                    layers=(LayerPlan(heads=heads, dense_last=dense_last),))
+                    layers=(LayerPlan(heads=heads, dense_last=option),))
         runtime = lt.LayerRuntime.build(plan, 0, backend)
-        outs[dense_last] = lt._sparse_attention(lt._CallContext(runtime, backend, scale, None, None), q, k, v)
-        densities[dense_last] = float(runtime.stats.kept_sparse) / runtime.stats.total_pairs
+        assert lt._dense_tail_rows(plan.layers[0], nq, prefix + nq) == (tail if option else 0)
+        outs[option] = lt._sparse_attention(lt._CallContext(runtime, backend, scale, None, None), q, k, v)
+        densities[option] = float(runtime.stats.kept_sparse) / runtime.stats.total_pairs
     dense = lt._masked_attention(q, k, v, scale, lt._causal_rows(None), None)
-    torch.testing.assert_close(outs[tail][:, :, nq - tail:], dense[:, :, nq - tail:], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(outs[tail][:, :, :nq - tail], outs[0][:, :, :nq - tail], atol=0, rtol=0)
+    torch.testing.assert_close(outs[dense_last][:, :, nq - tail:], dense[:, :, nq - tail:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outs[dense_last][:, :, :nq - tail], outs[0][:, :, :nq - tail], atol=0, rtol=0)
     assert (outs[0][:, :, nq - tail:] - dense[:, :, nq - tail:]).abs().max() > 1e-2  # the option changed them
     share = lt._causal_pairs(tail, prefix + nq) / lt._causal_pairs(nq, prefix + nq)
-    assert densities[tail] == pytest.approx(densities[0] * (1 - share) + share)
+    assert densities[dense_last] == pytest.approx(densities[0] * (1 - share) + share)
 
 
 def test_dense_last_covering_the_whole_call_runs_dense():
@@ -531,3 +535,38 @@ def test_dense_last_covering_the_whole_call_runs_dense():
         stats = lt.attention_stats(model)
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-4)
     assert stats.sparse_calls == 0 and stats.dense_calls == 1
+
+
+# --------------------------------------------------------------------------- repeated calls from graphs
+
+
+@pytest.mark.parametrize("dense_last", [0, 16])
+def test_layers_sharing_a_plan_replay_one_recorded_call_with_the_same_results(dense_last):
+    """Three layers with one plan: layer 0 eager, layer 1 recorded, layer 2 replayed (a stand-in for the
+    CUDA graph, see tests/test_graphs.py); logits and density equal the eager run exactly."""
+    from tests.test_graphs import StandInCapture
+
+    model = make_model("llama", num_hidden_layers=3)
+    ids = token_ids(2, 160)
+    plan = uniform_plan(model.config, "vertical_slash", SPARSE_VS, model_id="tiny", dense_last=dense_last)
+    results = {}
+    for name, graphs in (("eager", False), ("graphs", lt.CallGraphs(capture=StandInCapture(), device_types=("cpu",)))):
+        with patched(model, plan, backend="triton", cuda_graphs=graphs):
+            results[name] = logits(model, ids), lt.attention_stats(model).density
+        if graphs:
+            assert (graphs.captures, graphs.replays) == (1, 2)
+    torch.testing.assert_close(results["graphs"][0], results["eager"][0], atol=0, rtol=0)
+    assert results["graphs"][1] == results["eager"][1]
+
+
+def test_layers_with_different_plans_never_record():
+    from tests.test_graphs import StandInCapture
+
+    model = make_model("llama", num_hidden_layers=2)
+    first = LayerPlan(heads=(HeadPlan.from_params("vertical_slash", SPARSE_VS),) * 4)
+    second = LayerPlan(heads=(HeadPlan.from_params("vertical_slash", {**SPARSE_VS, "num_slash": 16}),) * 4)
+    plan = Plan(model_id="tiny", num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=64, layers=(first, second))
+    graphs = lt.CallGraphs(capture=StandInCapture(), device_types=("cpu",))
+    with patched(model, plan, backend="triton", cuda_graphs=graphs):
+        logits(model, token_ids(1, 128))
+    assert graphs.captures == 0

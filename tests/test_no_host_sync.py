@@ -154,7 +154,8 @@ def test_default_plan_prefill_makes_no_host_sync(chunked):
     """Prefill (and a second chunk over a cached prefix) with the default plan, Triton kernels."""
     model = tiny_llama()
     plan = default_plan_for(model.config, dense_below=0, dense_last=16)
-    ids = torch.randint(3, 128, (1, 128), generator=torch.Generator().manual_seed(0))
+    # 192 tokens, a second chunk of 128: its last 64-row tile runs dense (dense_last), the rest sparse
+    ids = torch.randint(3, 128, (1, 192), generator=torch.Generator().manual_seed(0))
     lt.patch(model, plan, backend="triton")
     try:
         with torch.no_grad():
@@ -189,9 +190,9 @@ def test_packed_positions_still_refused_without_sync():
 # this size: 168 (the index build without sorts, density rows built on the device); 139 once the
 # estimation and density positions were built once per shape and the density was counted on the
 # kernel index instead of a [B, H, R, Nk] mask; 144 with the dense tail; 125 once the coverage
-# selection read the forced items off its sort and skipped the per-kind minimums when both are 0.
-# Raise it only for a reason.
-MAX_OPS_PER_SPARSE_CALL = 127  # 125 at this test's size
+# selection read the forced items off its sort and skipped the per-kind minimums when both are 0;
+# 122 once the kernel ran the dense tail's tiles itself. Raise it only for a reason.
+MAX_OPS_PER_SPARSE_CALL = 124  # 122 at this test's size
 
 
 def test_sparse_call_op_count_stays_small():
@@ -201,14 +202,14 @@ def test_sparse_call_op_count_stays_small():
     module = types.SimpleNamespace(layer_idx=1, training=False, is_causal=True, config=config)
     setattr(module, lt._RUNTIME_ATTR, runtime)
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 12, 64, 128, generator=gen)
+    q = torch.randn(1, 12, 128, 128, generator=gen)  # 128 rows: the last tile dense (dense_last), one sparse
     k, v = torch.randn(1, 2, 256, 128, generator=gen), torch.randn(1, 2, 256, 128, generator=gen)
     with torch.no_grad():
         lt.longinfer_attention(module, q, k, v, None)  # a model's first layer: builds the per-shape caches
         with recording(count_ops=True) as rec:
             lt.longinfer_attention(module, q, k, v, None)
     assert runtime.stats.sparse_calls == 2 and not rec.syncs
-    assert 50 < sum(rec.ops.values()) <= MAX_OPS_PER_SPARSE_CALL, rec.ops
+    assert 50 < sum(rec.ops.values()) <= MAX_OPS_PER_SPARSE_CALL, (sum(rec.ops.values()), rec.ops)
 
 
 def test_presorted_index_equals_the_sorted_build():

@@ -176,6 +176,34 @@ def test_a_shape_edges(sink, window):
     assert_matches_reference(out, q, k, v, a_shape_mask(sink, window, n, device=DEVICE))
 
 
+@pytest.mark.parametrize("block_size, nq, nk, dense_from", [
+    (64, 200, 200, 128),  # one-shot, the last partial tile and the one before dense
+    (32, 70, 333, 320),  # after a cached prefix: only the last (partial) tile
+    (16, 130, 130, 0),  # every tile dense: equals dense attention
+    (64, 100, 300, 192),  # the boundary inside the queries' first tile's range
+])
+def test_vertical_slash_dense_from_runs_the_last_tiles_dense(block_size, nq, nk, dense_from):
+    q, k, v = _qkv(2, 4, 2, nq, 64, torch.float32, seed=nq + dense_from, nk=nk)
+    vertical = torch.tensor([0, 1, 2, 50, 121], device=DEVICE).expand(2, 4, 5)
+    slash = torch.tensor([0, 1, 2, 3, 70], device=DEVICE).expand(2, 4, 5)
+    out = vertical_slash_attention(q, k, v, vertical, slash, block_size=block_size, dense_from=dense_from)
+    mask = vertical_slash_mask(vertical, slash, nk, block_size, dense_from=dense_from)
+    assert_matches_reference(out, q, k, v, mask)
+    rows = torch.arange(nk - nq, nk, device=DEVICE)
+    dense_rows = rows[rows >= dense_from]
+    assert torch.equal(mask[:, :, dense_rows], dense_causal_mask(nk, dense_rows, device=DEVICE).expand(2, 4, -1, -1))
+    sparse_rows = rows < dense_from  # the rows before keep their sparse output exactly
+    plain = vertical_slash_attention(q, k, v, vertical, slash, block_size=block_size)
+    torch.testing.assert_close(out[:, :, sparse_rows], plain[:, :, sparse_rows], rtol=0, atol=0)
+
+
+def test_vertical_slash_dense_from_errors():
+    q, k, v = _qkv(1, 2, 1, 100, 64, torch.float32, seed=1)
+    idx = torch.zeros(1, 2, 1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of block_size=64"):
+        vertical_slash_attention(q, k, v, idx, idx, dense_from=100)
+
+
 def test_queries_after_a_cached_prefix():
     """k/v longer than q: the queries are the last positions, for every pattern."""
     nq, nk = 70, 333

@@ -88,6 +88,17 @@ def test_dense_last_round_trips_and_is_validated(tmp_path):
         LayerPlan(plan.layers[0].heads, dense_last=-1)
 
 
+@pytest.mark.parametrize("dense_last, k_len, expected", [
+    (0, 5000, None),  # no tail
+    (128, 131072, 131072 - 128),  # aligned: exactly the last 128 rows
+    (128, 1000, 832),  # position 872 lies in the tile starting at 832: 168 rows
+    (40, 30, 0),  # more rows than positions: every row
+])
+def test_dense_last_rounds_out_to_whole_tiles(dense_last, k_len, expected):
+    layer = LayerPlan(_mixed_plan().layers[0].heads, dense_last=dense_last)
+    assert layer.dense_from(k_len) == expected
+
+
 def test_saved_plan_is_readable_by_others(tmp_path):
     old = os.umask(0o022)
     try:

@@ -123,12 +123,14 @@ class LonginferMethod(AttentionMethod):
     """longinfer sparse attention through ``longinfer.integrations.transformers.patch``.
 
     ``plan`` is a plan JSON path, or ``None`` for the model's built-in plan; it is passed to
-    ``patch(model, plan)`` as given and ``unpatch(model)`` restores the model on exit.
+    ``patch(model, plan, cuda_graphs=cuda_graphs)`` as given and ``unpatch(model)`` restores the
+    model on exit. ``cuda_graphs=False`` runs every call eagerly (to measure what the graphs win).
     """
 
-    def __init__(self, plan: str | Path | None = None, *, name: str | None = None) -> None:
+    def __init__(self, plan: str | Path | None = None, *, name: str | None = None, cuda_graphs: bool = True) -> None:
         self.plan = None if plan in (None, "", "default") else str(plan)
         self.name = name or ("longinfer" if self.plan is None else f"longinfer:{Path(self.plan).stem}")
+        self.cuda_graphs = cuda_graphs
 
     @contextlib.contextmanager
     def activate(self, model: Any) -> Iterator[None]:
@@ -136,14 +138,15 @@ class LonginferMethod(AttentionMethod):
         for function in ("patch", "unpatch"):
             if not callable(getattr(integration, function, None)):
                 raise RuntimeError(f"{_INTEGRATION_MODULE} has no {function}(); it is not finished yet")
-        integration.patch(model, self.plan)
+        integration.patch(model, self.plan, cuda_graphs=self.cuda_graphs)
         try:
             yield
         finally:
             integration.unpatch(model)
 
     def describe(self) -> dict[str, Any]:
-        return {"plan": self.plan or "default"}
+        return {"plan": self.plan or "default"} if self.cuda_graphs else {"plan": self.plan or "default",
+                                                                          "cuda_graphs": False}
 
 
 class PeerMethod(AttentionMethod):

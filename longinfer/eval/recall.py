@@ -165,7 +165,8 @@ class PlanMethod:
         The heads are split as the integration splits them (:func:`head_buckets`): each bucket of
         heads sharing a plan entry is estimated once on its own heads and KV heads, as one index
         per KV group when the layer shares KV groups. A layer that runs dense at this length keeps
-        every causal key, and so do the layer's ``dense_last`` last rows.
+        every causal key, and so do the layer's ``dense_last`` last rows (rounded out to whole
+        tiles, :meth:`LayerPlan.dense_from`).
         """
         from longinfer.integrations.transformers import head_buckets
 
@@ -173,7 +174,8 @@ class PlanMethod:
             raise ValueError(f"plan method {self.name!r} was not resolved; call resolve_methods() first")
         layer_plan = self.plan.layers[layer]
         bsz, hq = q.shape[:2]
-        if layer_plan.runs_dense(k.shape[2]) or layer_plan.dense_last >= q.shape[2]:
+        dense_from = layer_plan.dense_from(k.shape[2])
+        if layer_plan.runs_dense(k.shape[2]) or (dense_from is not None and dense_from <= k.shape[2] - q.shape[2]):
             return lambda rows: torch.ones(1, 1, rows.numel(), k.shape[2], dtype=torch.bool, device=q.device)
         parts = []
         for bucket in head_buckets(layer_plan, k.shape[1]):
@@ -190,7 +192,8 @@ class PlanMethod:
                 part = selection.mask(rows)
                 part = part.repeat_interleave(repeat, dim=1) if part.shape[1] > 1 else part
                 out[:, list(q_heads)] = part.expand(bsz, len(q_heads), -1, -1)
-            out[:, :, rows >= k.shape[2] - layer_plan.dense_last] = True
+            if dense_from is not None:
+                out[:, :, rows >= dense_from] = True
             return out
 
         return mask

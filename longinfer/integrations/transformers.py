@@ -26,9 +26,9 @@ queries = the last ``Nq`` key positions (a chunk after a cached prefix has ``Nk 
    runs exact windowed attention (the A-shape kernel with no sinks, or masked dense attention);
    logit softcapping (Gemma 2) runs exact dense attention with the softcap (no sparse kernel
    supports it; :func:`patch` logs this).
-3. Dense when ``Nq < SPARSE_MIN_QUERIES`` (decoding), ``Nk < layer.dense_below`` or
-   ``Nq <= layer.dense_last``: torch SDPA (``enable_gqa``; no GQA copy) or the dense kernel for a
-   chunk after a prefix.
+3. Dense when ``Nq < SPARSE_MIN_QUERIES`` (decoding), ``Nk < layer.dense_below`` or every
+   query row lies in the ``dense_last`` tail (below): torch SDPA (``enable_gqa``; no GQA copy) or
+   the dense kernel for a chunk after a prefix.
 4. Sparse otherwise: query heads sharing a head plan run together, one estimator call and one
    kernel launch per group. Heads are gathered per KV head so the kernel sees a plain GQA layout
    (``n`` query heads per KV head): whole KV groups sharing a pattern need no K/V copy at all,
@@ -37,8 +37,12 @@ queries = the last ``Nq`` key positions (a chunk after a cached prefix has ``Nk 
    bucket of whole KV groups is estimated once per KV group (``per_kv_group=True``: the union of
    the group's query heads' selections) and the kernel gets that index with ``Hkv`` heads, so it
    stacks the group's query heads in one tile and shares every K/V load. With ``dense_last``
-   the last ``dense_last`` query rows are then recomputed densely (the prompt's end, whose
-   attention decides the first generated tokens).
+   the last ``dense_last`` query rows, rounded out to whole 64-row tiles
+   (:meth:`~longinfer.plans.LayerPlan.dense_from`), attend densely (the prompt's end, whose
+   attention decides the first generated tokens): the vertical-slash kernel runs those tiles
+   dense in the same launch; other patterns recompute those rows densely afterwards. On CUDA, a sparse call that repeats within a
+   forward (same plan and shapes in several layers) is replayed from a CUDA graph
+   (:mod:`longinfer.integrations.graphs`): one launch instead of ~125 for short chunks.
 
 Backends: ``"triton"`` runs the kernels of :mod:`longinfer.ops` (CUDA, or CPU under
 ``TRITON_INTERPRET=1``); ``"torch"`` computes the same masks (the kernels' reference semantics)
@@ -73,6 +77,7 @@ from typing import Any
 
 import torch
 
+from longinfer.integrations.graphs import CallGraphs
 from longinfer.patterns.registry import PatternSpec, get_pattern
 from longinfer.plans.schema import DEFAULT_PATTERN_CONFIG, HeadPlan, LayerPlan, Plan, default_plan_for
 
@@ -82,6 +87,7 @@ __all__ = [
     "IMPLEMENTATION",
     "SPARSE_MIN_QUERIES",
     "AttentionStats",
+    "CallGraphs",
     "HeadBucket",
     "attention_stats",
     "head_buckets",
@@ -298,18 +304,20 @@ class LayerRuntime:
     buckets: tuple[HeadBucket, ...]
     stats: LayerStats = field(default_factory=LayerStats)
     guard: PackedGuard | None = None  # shared by the model's layers (patch); None: check at layer 0
+    graphs: CallGraphs | None = None  # shared by the model's layers (patch); None: every call eager
     _index_cache: dict[tuple[int, torch.device], tuple[torch.Tensor | None, torch.Tensor | None]] = field(
         default_factory=dict, repr=False
     )
     _fallback_logged: bool = False
 
     @classmethod
-    def build(cls, plan: Plan, layer_idx: int, backend: str, guard: PackedGuard | None = None) -> LayerRuntime:
+    def build(cls, plan: Plan, layer_idx: int, backend: str, guard: PackedGuard | None = None,
+              graphs: CallGraphs | None = None) -> LayerRuntime:
         if not 0 <= layer_idx < plan.num_layers:
             raise ValueError(f"attention layer {layer_idx} is outside the plan's {plan.num_layers} layers")
         layer = plan.layers[layer_idx]
         return cls(layer_idx, layer, plan.num_q_heads, plan.num_kv_heads, plan.head_dim, backend,
-                   head_buckets(layer, plan.num_kv_heads), guard=guard)
+                   head_buckets(layer, plan.num_kv_heads), guard=guard, graphs=graphs)
 
     def indices(self, position: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Index tensors ``(q_heads, kv_heads)`` of bucket ``position`` on ``device``; ``None`` = all, in order."""
@@ -420,7 +428,8 @@ def _stock_implementation(model: Any) -> str:
     return "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
 
 
-def patch(model: Any, plan: Plan | str | os.PathLike[str] | None = None, *, backend: str = "auto") -> Plan:
+def patch(model: Any, plan: Plan | str | os.PathLike[str] | None = None, *, backend: str = "auto",
+          cuda_graphs: bool | CallGraphs = True) -> Plan:
     """Run ``model``'s attention with longinfer and ``plan``.
 
     Args:
@@ -429,6 +438,11 @@ def patch(model: Any, plan: Plan | str | os.PathLike[str] | None = None, *, back
             (logged). Patching a patched model replaces its plan.
         backend: ``"auto"`` (Triton kernels where they run, else the torch path, decided per
             call), ``"triton"`` or ``"torch"`` (see the module docstring).
+        cuda_graphs: replay a sparse call that repeats (the same plan and shapes in several
+            layers of one forward) from a CUDA graph (:mod:`longinfer.integrations.graphs`); costs
+            the static buffers of at most two calls, and only for calls of at most 512 MiB of inputs
+            and outputs (chunks over a cache, prefills up to tens of thousands of tokens). Pass a
+            :class:`~longinfer.integrations.graphs.CallGraphs` for other limits, ``False`` for none.
 
     Returns:
         The plan in use.
@@ -468,8 +482,9 @@ def patch(model: Any, plan: Plan | str | os.PathLike[str] | None = None, *, back
         restore = current if current != IMPLEMENTATION else _stock_implementation(model)
     _set_implementation(model, IMPLEMENTATION)
     guard = PackedGuard(last_layer=resolved.num_layers - 1)
+    graphs = cuda_graphs if isinstance(cuda_graphs, CallGraphs) else CallGraphs() if cuda_graphs else None
     for idx, module in modules.items():
-        setattr(module, _RUNTIME_ATTR, LayerRuntime.build(resolved, idx, backend, guard))
+        setattr(module, _RUNTIME_ATTR, LayerRuntime.build(resolved, idx, backend, guard, graphs))
     setattr(model, _PATCH_ATTR, PatchState(resolved, restore, backend))
     logger.debug("patched %s: %d layers, backend %s", type(model).__name__, len(modules), backend)
     return resolved
@@ -748,7 +763,7 @@ def _attend_contiguous(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: t
 
             return ops.a_shape_attention(q, k, v, 0, window, sm_scale=ctx.scale)
         return _masked_attention(q, k, v, ctx.scale, _causal_rows(window), ctx.softcap)
-    if decode or runtime.layer.runs_dense(nk) or runtime.layer.dense_last >= nq:
+    if decode or runtime.layer.runs_dense(nk) or _dense_tail_rows(runtime.layer, nq, nk) == nq:
         if not decode:
             stats.add_full(_causal_pairs(nq, nk) * bsz * hq, window=False)
         return _dense_attention(q, k, v, ctx.scale, ctx.backend)
@@ -757,21 +772,41 @@ def _attend_contiguous(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: t
 
 
 def _sparse_attention(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Each bucket of heads: estimate its index from ``q``/``k`` and run its kernel; then the
-    layer's ``dense_last`` last query rows (fewer than ``Nq``) again, densely."""
+    """A sparse call (:func:`_sparse_call`), replayed from a CUDA graph where the model's
+    :class:`~longinfer.integrations.graphs.CallGraphs` has one for its plan and shapes."""
+    runtime = ctx.runtime
+    head_indices = [runtime.indices(position, q.device) for position in range(len(runtime.buckets))]
+    call = functools.partial(_sparse_call, ctx, head_indices)
+    if runtime.graphs is None or ctx.backend != "triton":
+        out, kept = call(q, k, v)
+    else:
+        key = (runtime.buckets, runtime.layer.dense_last, ctx.scale, q.shape, k.shape, v.shape, q.dtype, q.device)
+        out, kept = runtime.graphs(key, call, (q, k, v), output_bytes=q.numel() * q.element_size() + 4)
+    runtime.stats.add_sparse(_causal_pairs(q.shape[2], k.shape[2]) * q.shape[0] * q.shape[1], kept)
+    return out
+
+
+def _sparse_call(ctx: _CallContext, head_indices: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each bucket of heads: estimate its index from ``q``/``k`` and run its kernel, with the
+    layer's dense tail rows (:func:`_dense_tail_rows`, fewer than ``Nq``) attending densely.
+
+    ``head_indices``: each bucket's ``(q_heads, kv_heads)`` index tensors (:meth:`LayerRuntime.indices`).
+    Returns the output ``[B, Hq, Nq, D]`` and the kept pairs (0-d float tensor, all heads).
+    No host synchronization (it may be recorded into a CUDA graph).
+    """
     runtime = ctx.runtime
     bsz, _, nq, _ = q.shape
     nk = k.shape[2]
     pairs = _causal_pairs(nq, nk) * bsz
-    tail = runtime.layer.dense_last
+    tail = _dense_tail_rows(runtime.layer, nq, nk)
     out = None
     kept = None
-    for position, bucket in enumerate(runtime.buckets):
-        q_idx, kv_idx = runtime.indices(position, q.device)
+    for bucket, (q_idx, kv_idx) in zip(runtime.buckets, head_indices):
         qb = q if q_idx is None else q.index_select(1, q_idx)
         kb = k if kv_idx is None else k.index_select(1, kv_idx)
         vb = v if kv_idx is None else v.index_select(1, kv_idx)
-        ob, ratio = _run_bucket(bucket, qb, kb, vb, ctx)
+        ob, ratio = _run_bucket(bucket, qb, kb, vb, ctx, tail)
         bucket_kept = ratio * (pairs * len(bucket.q_heads))
         kept = bucket_kept if kept is None else kept + bucket_kept
         if q_idx is None:
@@ -781,21 +816,27 @@ def _sparse_attention(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: to
                 out = torch.empty_like(q)
             out.index_copy_(1, q_idx, ob)
     if tail:
-        out[:, :, nq - tail:] = _dense_attention(q[:, :, nq - tail:], k, v, ctx.scale, ctx.backend)
         # The sampled kept share stands for the sparse rows too; the tail's rows are all kept.
         tail_pairs = _causal_pairs(tail, nk) * bsz * q.shape[1]
         kept = kept * (1 - tail_pairs / (pairs * q.shape[1])) + tail_pairs
-    runtime.stats.add_sparse(pairs * q.shape[1], kept)
-    return out
+    return out, kept
+
+
+def _dense_tail_rows(layer: LayerPlan, nq: int, nk: int) -> int:
+    """How many of the ``nq`` last query rows attend densely under the layer's ``dense_last``."""
+    dense_from = layer.dense_from(nk)
+    return 0 if dense_from is None else min(nq, nk - dense_from)
 
 
 def _run_bucket(bucket: HeadBucket, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                ctx: _CallContext) -> tuple[torch.Tensor, torch.Tensor]:
+                ctx: _CallContext, tail: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one bucket and the share of its causal pairs it kept (a 0-d tensor).
 
     ``q [B, n * g, Nq, D]``, ``k, v [B, n, Nk, D]`` (the bucket's heads). The selection has
     ``n * g`` heads, or ``n`` with ``bucket.per_kv_group``; a KV head's mask then applies to each
     of its ``g`` query heads, so the mean kept share over the index heads is the per-query-head one.
+    The last ``tail`` query rows (whole kernel tiles, see :func:`_dense_tail_rows`) attend densely;
+    the kept share counts them as the selection would (the caller corrects it).
     """
     head = bucket.head
     spec = get_pattern(head.pattern)
@@ -806,22 +847,27 @@ def _run_bucket(bucket: HeadBucket, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if ctx.backend == "triton":
         from longinfer.patterns.vertical_slash import VerticalSlashSelection
 
-        if isinstance(selection, VerticalSlashSelection):
-            return _run_vertical_slash_kernel(q, k, v, selection, ctx.scale)
+        if isinstance(selection, VerticalSlashSelection) and (nk - tail) % selection.block_size == 0:
+            return _run_vertical_slash_kernel(q, k, v, selection, ctx.scale, nk - tail if tail else None)
         ratio = _sampled_density(_counts_of_mask(_reference_rows(spec, selection), nk), nq, nk, q.device)
-        return spec.run(q, k, v, selection, head.config, sm_scale=ctx.scale), ratio
-    rows_mask = _selection_rows(spec, selection)
-    ratio = _sampled_density(_counts_of_mask(rows_mask, nk), nq, nk, q.device)
-    return _masked_attention(q, k, v, ctx.scale, rows_mask), ratio
+        out = spec.run(q, k, v, selection, head.config, sm_scale=ctx.scale)
+    else:
+        rows_mask = _selection_rows(spec, selection)
+        ratio = _sampled_density(_counts_of_mask(rows_mask, nk), nq, nk, q.device)
+        out = _masked_attention(q, k, v, ctx.scale, rows_mask)
+    if tail:
+        out[:, :, nq - tail:] = _dense_attention(q[:, :, nq - tail:], k, v, ctx.scale, ctx.backend)
+    return out, ratio
 
 
 def _run_vertical_slash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Any,
-                               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                               scale: float, dense_from: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel on a vertical-slash selection, and its kept share counted on the kernel's index.
 
     The index is built without sorting (the estimator lists each head's entries ascending and
     distinct, ``-1`` after them), and the sampled rows' kept keys come from it in closed form
-    (:func:`longinfer.ops.index.vertical_slash_kept`): no ``[B, H, R, Nk]`` mask.
+    (:func:`longinfer.ops.index.vertical_slash_kept`): no ``[B, H, R, Nk]`` mask. Query tiles at
+    or after ``dense_from`` run dense in the same launch.
     """
     from longinfer import ops
     from longinfer.ops.index import build_vertical_slash_index, vertical_slash_kept
@@ -830,7 +876,8 @@ def _run_vertical_slash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                        presorted=True)
     ratio = _sampled_density(lambda positions, first, last: vertical_slash_kept(index, positions),
                              q.shape[2], k.shape[2], q.device)
-    out = ops.vertical_slash_attention(q, k, v, index=index, block_size=selection.block_size, sm_scale=scale)
+    out = ops.vertical_slash_attention(q, k, v, index=index, block_size=selection.block_size, sm_scale=scale,
+                                       dense_from=dense_from)
     return out, ratio
 
 

@@ -12,6 +12,7 @@ set is
    - ``A_SHAPE``: ``[0, sink)`` and ``[tile_start - window + 1, tile_end)``, masked per element;
    - ``BLOCKS``: one range per listed key block (block-sparse);
    - ``VERTICAL_SLASH``: one range per group of nearby slashes (see :mod:`longinfer.ops.index`);
+     tiles starting at or after ``dense_from`` take ``[0, tile_end)`` instead (dense rows at the end);
 
 2. for ``VERTICAL_SLASH`` only, a list of key *columns* (sorted verticals) gathered ``BLOCK_N`` at a
    time; a column already inside one of the tile's ranges is masked out so nothing counts twice.
@@ -86,7 +87,7 @@ def _sparse_attention_fwd(
     stride_ob, stride_oh, stride_on,
     q_len, k_len, CuSeqQ, CuSeqK,
     num_q_heads, num_tiles, qk_scale,
-    sink, window,
+    sink, window, dense_from,
     BlockIdx, stride_bi_b, stride_bi_h, stride_bi_m,
     GroupLo, GroupHi, GroupCount, stride_g_b, stride_g_h, stride_gc_b, stride_gc_h, search_steps,
     Cols, ColCount, stride_c_b, stride_c_h, stride_cc_b, stride_cc_h,
@@ -179,6 +180,10 @@ def _sparse_attention_fwd(
             acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
                                           tile_start, tile_end, rows, offs_n, offs_d, d_ok, tile_start,
                                           qk_scale, 0, 0, False, BLOCK_M, BLOCK_N, PRECISION)
+    elif tile_start >= dense_from:  # vertical-slash, a dense tile at the end
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, 0, tile_end,
+                                      rows, offs_n, offs_d, d_ok, tile_start, qk_scale, 0, 0,
+                                      False, BLOCK_M, BLOCK_N, PRECISION)
     else:  # vertical-slash
         g_base = b * stride_g_b + idx_h * stride_g_h
         n_groups = tl.load(GroupCount + b * stride_gc_b + idx_h * stride_gc_h)

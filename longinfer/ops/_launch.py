@@ -51,6 +51,7 @@ def launch(
     window: int = 0,
     blocks: BlockSparseIndex | None = None,
     vs: VerticalSlashIndex | None = None,
+    dense_from: int | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
     options: dict[str, int] | None = None,
@@ -59,7 +60,8 @@ def launch(
 
     ``options`` fixes the tile/warp/stage choice (``BLOCK_N``, ``num_warps``, ``num_stages``, and
     optionally ``heads_per_tile``); the benchmarks use it to sweep configurations. Otherwise the
-    GPU path autotunes once per (head dim, mode, tile, key-length scale).
+    GPU path autotunes once per (head dim, mode, tile, key-length scale). ``dense_from``
+    (vertical-slash): query tiles starting at or after this key position run dense.
     """
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q)
@@ -99,7 +101,7 @@ def launch(
         out.stride(0), out.stride(1), out.stride(2),
         shape.q_len, shape.k_len, cu_q, cu_k,
         shape.q_heads, num_tiles, sm_scale * LOG2_E,
-        sink, window,
+        sink, window, 2**31 - 1 if dense_from is None else dense_from,
         bi, *bi_strides,
         g_lo, g_hi, g_count, *g_strides, *gc_strides, steps,
         cols, col_count, *c_strides, *cc_strides,

@@ -64,6 +64,7 @@ def vertical_slash_mask(
     n: int,
     block_size: int = 64,
     rows: torch.Tensor | None = None,
+    dense_from: int | None = None,
 ) -> torch.Tensor:
     """Mask ``[B, H, R, N]`` of :func:`longinfer.ops.vertical_slash_attention`.
 
@@ -73,6 +74,8 @@ def vertical_slash_mask(
         n: sequence length ``N``.
         block_size: query-block size the kernel covers slashes at.
         rows: optional query positions ``[R]`` to build only those rows.
+        dense_from: rows at or after this position attend every key ``j <= i`` (a multiple of
+            ``block_size``: whole query blocks at the end run dense).
 
     Semantics: entries outside ``[0, N)`` are ignored; duplicates change nothing. Query ``i`` in
     query block ``m = i // block_size`` (rows ``m*bs .. m*bs+bs-1``) attends key ``j <= i`` when
@@ -113,6 +116,8 @@ def vertical_slash_mask(
     offset = (i // block_size * block_size)[:, None] - j[None, :]  # [R, N]
     offset_idx = (offset + block_size - 1).clamp(0, n + block_size - 2)
     mask |= covered[:, :, offset_idx] & (offset >= -(block_size - 1))[None, None]
+    if dense_from is not None:
+        mask |= (i >= dense_from)[None, None, :, None]
     return mask & (j[None, :] <= i[:, None])[None, None]
 
 

@@ -48,6 +48,7 @@ def vertical_slash_attention(
     sm_scale: float | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    dense_from: int | None = None,
 ) -> torch.Tensor:
     """Attention over vertical lines (key columns) and slash lines (diagonals).
 
@@ -60,6 +61,9 @@ def vertical_slash_attention(
         block_size: query tile size; each slash is covered for a whole tile, i.e. query ``i``
             gets keys ``[m*bs - s, m*bs + bs - 1 - s]`` (``m = i // bs``), a superset of the exact
             diagonal (see :func:`longinfer.ops.reference.vertical_slash_mask`).
+        dense_from: query rows at or after this key position attend every causal key, in the
+            same launch (their tiles are scheduled first, so they overlap the sparse tiles); a
+            multiple of ``block_size``; not with packed sequences.
 
     Entries outside ``[0, Nk)`` and repeats are ignored; order does not matter; empty ``V`` or
     ``S`` are fine. Memory: the index plan, ``O(B * H * (V + S + Nk / block_size))``.
@@ -67,6 +71,11 @@ def vertical_slash_attention(
     shape = check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k)
     scale = check_scale(sm_scale, shape.head_dim)
     _check_block_size(block_size)
+    if dense_from is not None:
+        if isinstance(dense_from, bool) or not isinstance(dense_from, int) or dense_from < 0 or dense_from % block_size:
+            raise ValueError(f"dense_from must be a non-negative multiple of block_size={block_size}, got {dense_from!r}")
+        if cu_seqlens_q is not None:
+            raise ValueError("dense_from is not supported with packed sequences (cu_seqlens_q); run them one by one")
     if index is None:
         if vertical is None or slash is None:
             raise ValueError("pass either vertical and slash, or a prebuilt index")
@@ -84,7 +93,7 @@ def vertical_slash_attention(
                 f"index was built for k_len={index.k_len}, block_size={index.block_size}; this call has "
                 f"k_len={shape.k_len}, block_size={block_size}: rebuild it"
             )
-    return launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, block_size, vs=index,
+    return launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, block_size, vs=index, dense_from=dense_from,
                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
 
 

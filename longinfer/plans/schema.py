@@ -28,9 +28,11 @@ use one index for the group, the union of their estimates, so the kernels stack 
 and share every K/V load.
 
 ``dense_last`` (optional, default ``0``; written only when positive): the last ``dense_last``
-query positions of every sparse call attend densely (to every causal key). They are the prompt's
-end (the question, the chat template's answer prefix) whose attention decides the first generated
-tokens; at 128K, 128 dense rows add 0.2% of the causal pairs.
+query positions of every sparse call attend densely (to every causal key), rounded out to whole
+64-position query tiles (:meth:`LayerPlan.dense_from`), so the kernel runs those tiles dense in
+the same launch. They are the prompt's end (the question, the chat template's answer prefix)
+whose attention decides the first generated tokens; at 128K, 128 dense rows add 0.2% of the
+causal pairs.
 
 Every head lists all parameters of its pattern (defaults filled in on save), so a plan reads the
 same whatever the library's defaults become. Unknown keys anywhere are an error.
@@ -67,6 +69,8 @@ DEFAULT_DENSE_BELOW = 16384
 # 128 rows is 0.832 mean / 0.641 p10 against 0.928 / 0.875 over rows spread across the prompt.
 # Those rows decide the answer; dense, they cost 0.2% more pairs at 128K.
 DEFAULT_DENSE_LAST = 128
+# dense_last is rounded out to whole query tiles of this many positions (the kernels' largest tile).
+DENSE_LAST_TILE = 64
 
 # The estimate used when a user gives no plan: vertical-slash with a coverage budget on every
 # head (columns and diagonals ranked together), estimated from 64 queries spread evenly over the
@@ -207,7 +211,8 @@ class LayerPlan:
             for the group (one index with ``Hkv`` heads, the union of its heads' selections);
             groups with mixed plans still get one index per query head.
         dense_last: the last ``dense_last`` query positions of a sparse call attend to every
-            causal key (dense rows at the prompt's end); 0 = none.
+            causal key (dense rows at the prompt's end), rounded out to whole query tiles of
+            :data:`DENSE_LAST_TILE` positions (see :meth:`dense_from`); 0 = none.
     """
 
     heads: tuple[HeadPlan, ...]
@@ -233,6 +238,18 @@ class LayerPlan:
     def runs_dense(self, k_len: int) -> bool:
         """True when a call with ``k_len`` key positions should use dense attention."""
         return k_len < self.dense_below
+
+    def dense_from(self, k_len: int) -> int | None:
+        """First key position whose query row attends densely under ``dense_last``, or ``None``.
+
+        The last ``dense_last`` of ``k_len`` positions, extended back to the start of the
+        :data:`DENSE_LAST_TILE`-aligned tile holding the first of them: a multiple of the tile,
+        so the sparse kernel (query tiles of 16, 32 or 64, aligned the same way) runs whole tiles
+        dense. At most ``dense_last + DENSE_LAST_TILE - 1`` positions.
+        """
+        if not self.dense_last:
+            return None
+        return max(0, k_len - self.dense_last) // DENSE_LAST_TILE * DENSE_LAST_TILE
 
     def head_groups(self) -> tuple[tuple[HeadPlan, tuple[int, ...]], ...]:
         """Heads grouped by identical plan, in order of first appearance: ``((plan, head_ids), ...)``.
