@@ -37,8 +37,17 @@ peer() {  # the peer for --methods peer (built once per warm machine)
   [ -d /tmp/peer/minference ] || bash benchmarks/gpu_session.sh build > /dev/null
   export PEER_SITE=/tmp/peer
 }
+# dense RULER at 128K is the same code and prompts as in session 4: its 42 records seed the file
+seed_dense_ruler() {
+  [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session4/q15-ruler/ruler.jsonl \
+    | grep '"sample": [0-5],' > "$RES/$step/ruler.jsonl"
+}
 mkdir -p "$RES/$step"
 case "$step" in
+  gpu-tests)  # the GPU-only tests of the CUDA graphs and the kernels (bf16 shapes, dense tail tiles)
+    LONGINFER_AUTOTUNE=0 run python3 -m pytest -q -p no:cacheprovider tests/test_gpu_graphs.py tests/test_ops_kernels.py \
+      tests/test_estimate_kernel.py > "$RES/$step/pytest.txt" 2>&1
+    tail -5 "$RES/$step/pytest.txt" ;;
   q15-frontier)  # issue 6: recall, density and attention time of every tile size at 128K
     run python3 benchmarks/recall_frontier.py $Q15 --length 131072 --rows 128 --no-oracles --time-kernels \
       --methods peer-vs-1000-6096-lq64,bs-cov0.9 "${TILE_METHODS[@]}" --out "$RES/$step" ;;
@@ -64,20 +73,25 @@ case "$step" in
       > "$RES/$step/profile-turn-cpu.txt" 2>&1
     run python3 benchmarks/profile_prefill.py $Q15 --prefix 65536 --length 4096 --sort cuda --rows 30 \
       > "$RES/$step/profile-turn-cuda.txt" 2>&1 ;;
-  q15-turn)  # issue 4: second turn of 4K over a cached 64K prefix, default and one index per KV group
+  q15-ttft)  # issues 4/5: TTFT of the default alone (q15-latency without the profiles)
+    run_cli eval latency $Q15 --lengths 16384,32768,65536,131072 --repeats 2 --warmup 1 --out "$RES/$step" \
+      --methods dense,longinfer ;;
+  q15-turn)  # issue 4: second turn of 4K over a cached 64K prefix, default and one index per KV group (both with the tail)
     run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
       --out "$RES/$step/default"
     run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
-      --plan "$PLANS4/q15-default-kv.json" --out "$RES/$step/kv" ;;
+      --plan "$PLANS4/q15-default-kv-tail.json" --out "$RES/$step/kv-tail" ;;
   q15-ruler)  # issue 5: RULER-style at 128K, 6 samples per sub-task (resumable: rerun to finish)
     run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
       --methods "dense,longinfer,longinfer:$PLANS4/q15-default-kv.json" ;;
   q15-ruler-tail)  # issue 5: does the dense tail (default since session 4) recover RULER at 128K? (rerun to finish)
-    # dense is the same code and prompts as in session 4: its 42 records seed the file instead of a rerun
-    [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session4/q15-ruler/ruler.jsonl \
-      | grep '"sample": [0-5],' > "$RES/$step/ruler.jsonl"
+    seed_dense_ruler
     run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" --methods \
       "dense,longinfer,longinfer:$PLANS4/q15-default-kv-tail.json" ;;  # without the tail: session 4's default
+  q15-ruler-kv95)  # issue 5: one index per KV group, tau 0.95, dense tail: closer to dense? (rerun to finish)
+    seed_dense_ruler
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,longinfer:docs/results/gpu-session5/plans/q15-kv-tau0.95-tail.json" ;;
   q15-ppl)  # issue 5: perplexity, 4 windows at 32K and the one 128K window the corpus holds
     run_cli eval ppl $Q15 --lengths 32768 --samples 4 --methods "dense,longinfer" --out "$RES/$step"
     run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step" ;;
