@@ -100,3 +100,25 @@ def test_a_call_that_cannot_be_recorded_stays_eager_with_a_warning(caplog):
 def test_max_graphs_must_be_positive():
     with pytest.raises(ValueError, match="max_graphs"):
         CallGraphs(max_graphs=0)
+
+
+def test_device_cache_is_bypassed_while_a_graph_is_recorded(monkeypatch):
+    """A tensor built during a capture lives in the graph's pool: it must not be cached."""
+    from longinfer import _device_cache
+
+    built = []
+
+    @_device_cache.device_cached(maxsize=4)
+    def positions(n: int) -> torch.Tensor:
+        built.append(n)
+        return torch.arange(n)
+
+    positions(3)
+    positions(3)
+    assert built == [3]  # cached outside a capture
+    monkeypatch.setattr(_device_cache, "capturing", lambda: True)
+    first, second = positions(5), positions(5)
+    assert built == [3, 5, 5] and first is not second
+    monkeypatch.setattr(_device_cache, "capturing", lambda: False)
+    positions(5)
+    assert built == [3, 5, 5, 5]  # nothing made during the capture was kept

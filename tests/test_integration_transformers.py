@@ -570,3 +570,20 @@ def test_layers_with_different_plans_never_record():
     with patched(model, plan, backend="triton", cuda_graphs=graphs):
         logits(model, token_ids(1, 128))
     assert graphs.captures == 0
+
+
+def test_calls_above_the_graph_pair_limit_run_eagerly(monkeypatch):
+    from tests.test_graphs import StandInCapture
+
+    model = make_model("llama", num_hidden_layers=3)
+    plan = uniform_plan(model.config, "vertical_slash", SPARSE_VS, model_id="tiny")
+    ids = token_ids(1, 128)
+    monkeypatch.setattr(lt, "GRAPH_MAX_PAIRS", lt._causal_pairs(128, 128) * 4 - 1)  # 4 heads: just above
+    graphs = lt.CallGraphs(capture=StandInCapture(), device_types=("cpu",))
+    with patched(model, plan, backend="triton", cuda_graphs=graphs):
+        logits(model, ids)
+    assert graphs.captures == 0
+    monkeypatch.setattr(lt, "GRAPH_MAX_PAIRS", lt._causal_pairs(128, 128) * 4)
+    with patched(model, plan, backend="triton", cuda_graphs=graphs):
+        logits(model, ids)
+    assert graphs.captures == 1

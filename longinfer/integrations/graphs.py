@@ -11,7 +11,7 @@ it for the other layers: one launch per layer instead of ~125.
 synchronization:
 
 - the first call with a key runs eagerly (it also warms up Triton's autotuner and the shape
-  caches, which must not run during a capture);
+  caches; :func:`longinfer._device_cache.device_cached` never caches what a capture allocates);
 - the second call captures the function into a graph reading static input buffers, and replays
   it; later calls copy their inputs into those buffers and replay;
 - calls whose inputs and outputs would pin more than ``max_bytes`` of static buffers run eagerly
@@ -32,6 +32,8 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from longinfer._device_cache import capturing
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ class CallGraphs:
             return False
         if key in self._failed or _nbytes(inputs) + output_bytes > self.max_bytes:
             return False
-        if inputs[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        if capturing():
             return False  # the caller records a graph of its own: we are part of it
         if key not in self._seen:
             self._seen[key] = None

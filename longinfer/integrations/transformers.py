@@ -77,6 +77,7 @@ from typing import Any
 
 import torch
 
+from longinfer._device_cache import device_cached
 from longinfer.integrations.graphs import CallGraphs
 from longinfer.patterns.registry import PatternSpec, get_pattern
 from longinfer.plans.schema import DEFAULT_PATTERN_CONFIG, HeadPlan, LayerPlan, Plan, default_plan_for
@@ -106,6 +107,11 @@ BACKENDS = ("auto", "triton", "torch")
 # an index costs more than it saves (the kernels' query tile is 64).
 SPARSE_MIN_QUERIES = 64
 DENSITY_SAMPLE_ROWS = 8
+# Sparse calls of more causal (query, key) pairs than this (over batch and query heads) run eagerly
+# even with CUDA graphs: their GPU work hides the launches, and the graph's input copies only add
+# time (H200, Qwen2.5-Coder-1.5B, docs/results/gpu-session5: a 64K prefill, 2.6e10 pairs per layer,
+# took 2.7% longer with graphs; 16K/32K prefills and a 4K turn over 64K, 1.6e9-6.4e9, 0-5% shorter).
+GRAPH_MAX_PAIRS = 16 * 10**9
 # Float32 score elements per step of the masked (torch) path: bounds its workspace to ~256 MiB.
 MASKED_SCORE_BUDGET = 64 * 2**20
 
@@ -441,7 +447,8 @@ def patch(model: Any, plan: Plan | str | os.PathLike[str] | None = None, *, back
         cuda_graphs: replay a sparse call that repeats (the same plan and shapes in several
             layers of one forward) from a CUDA graph (:mod:`longinfer.integrations.graphs`); costs
             the static buffers of at most two calls, and only for calls of at most 512 MiB of inputs
-            and outputs (chunks over a cache, prefills up to tens of thousands of tokens). Pass a
+            and outputs and :data:`GRAPH_MAX_PAIRS` causal pairs (chunks over a cache, prefills up
+            to ~32K tokens), which are bound by launching their ~125 kernels. Pass a
             :class:`~longinfer.integrations.graphs.CallGraphs` for other limits, ``False`` for none.
 
     Returns:
@@ -773,16 +780,18 @@ def _attend_contiguous(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: t
 
 def _sparse_attention(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """A sparse call (:func:`_sparse_call`), replayed from a CUDA graph where the model's
-    :class:`~longinfer.integrations.graphs.CallGraphs` has one for its plan and shapes."""
+    :class:`~longinfer.integrations.graphs.CallGraphs` has one for its plan and shapes and the call
+    is small enough to be bound by launching its kernels (:data:`GRAPH_MAX_PAIRS`)."""
     runtime = ctx.runtime
     head_indices = [runtime.indices(position, q.device) for position in range(len(runtime.buckets))]
     call = functools.partial(_sparse_call, ctx, head_indices)
-    if runtime.graphs is None or ctx.backend != "triton":
+    pairs = _causal_pairs(q.shape[2], k.shape[2]) * q.shape[0] * q.shape[1]
+    if runtime.graphs is None or ctx.backend != "triton" or pairs > GRAPH_MAX_PAIRS:
         out, kept = call(q, k, v)
     else:
         key = (runtime.buckets, runtime.layer.dense_last, ctx.scale, q.shape, k.shape, v.shape, q.dtype, q.device)
         out, kept = runtime.graphs(key, call, (q, k, v), output_bytes=q.numel() * q.element_size() + 4)
-    runtime.stats.add_sparse(_causal_pairs(q.shape[2], k.shape[2]) * q.shape[0] * q.shape[1], kept)
+    runtime.stats.add_sparse(pairs, kept)
     return out
 
 
@@ -948,7 +957,7 @@ def _counts_of_mask(rows_mask: RowsMask, nk: int) -> RowsKept:
     return lambda positions, first, last: rows_mask(positions, first, last)[..., :nk].sum(-1)
 
 
-@functools.lru_cache(maxsize=32)
+@device_cached(maxsize=32)
 def _density_positions(nq: int, nk: int, device: torch.device) -> torch.Tensor:
     """Absolute positions ``[R]`` of :func:`_sampled_density`'s rows, built on ``device`` once per
     shape and shared by every layer (read-only)."""

@@ -52,7 +52,6 @@ per segment with k/v cut at the segment's end (:func:`run_segmented`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from typing import NamedTuple
 
 import torch
 
+from longinfer._device_cache import device_cached
 from longinfer.ops import reference
 from longinfer.ops._checks import interpreter_enabled
 from longinfer.patterns._common import (
@@ -290,7 +290,7 @@ def estimation_positions(q_len: int, k_len: int, last_q: int, sampling: str,
     return torch.cat([spaced, torch.arange(k_len - tail, k_len, device=device)])
 
 
-@functools.lru_cache(maxsize=32)
+@device_cached(maxsize=32)
 def _kernel_positions(q_len: int, k_len: int, last_q: int, sampling: str,
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows, positions)`` int32 ``[L]`` of :func:`estimation_positions` on ``device``, as the
