@@ -176,6 +176,31 @@ def test_a_shape_edges(sink, window):
     assert_matches_reference(out, q, k, v, a_shape_mask(sink, window, n, device=DEVICE))
 
 
+@pytest.mark.parametrize("b, hq, hkv, nq, nk, d, splits", [
+    (1, 2, 1, 100, 700, 64, 3),  # a chunk after a prefix, splits not at tile multiples of the rows
+    (2, 4, 2, 65, 65, 80, 2),  # one-shot: the split holding the diagonal is masked
+    (1, 3, 3, 1, 300, 96, 5),  # one query row
+    (1, 4, 1, 130, 1000, 128, 40),  # more splits than key tiles of some rows: empty splits
+])
+def test_dense_split_k_matches_reference(b, hq, hkv, nq, nk, d, splits):
+    q, k, v = _qkv(b, hq, hkv, nq, d, torch.float32, seed=nq + splits, nk=nk)
+    out = dense_attention(q, k, v, splits=splits)
+    assert_matches_reference(out, q, k, v, dense_causal_mask(nk, device=DEVICE))
+    torch.testing.assert_close(out, dense_attention(q, k, v, splits=1), atol=2e-5, rtol=1e-4)
+
+
+def test_dense_default_splits_only_for_few_programs():
+    from longinfer.ops._checks import AttentionShape
+    from longinfer.ops.dense import default_splits
+
+    assert default_splits(AttentionShape(1, 12, 2, 128, 69632, 128)) == 43  # the dense tail of a 4K turn
+    assert default_splits(AttentionShape(1, 12, 2, 4096, 69632, 128)) == 1  # a 4K chunk: 768 programs
+    assert default_splits(AttentionShape(1, 32, 8, 131072, 131072, 128)) == 1  # a long prefill
+    assert default_splits(AttentionShape(1, 12, 2, 128, 1500, 128)) == 1  # too few keys to split
+    with pytest.raises(ValueError, match="splits"):
+        dense_attention(*_qkv(1, 2, 1, 10, 64, torch.float32, seed=0), splits=0)
+
+
 @pytest.mark.parametrize("block_size, nq, nk, dense_from", [
     (64, 200, 200, 128),  # one-shot, the last partial tile and the one before dense
     (32, 70, 333, 320),  # after a cached prefix: only the last (partial) tile

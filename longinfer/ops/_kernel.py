@@ -23,6 +23,10 @@ query heads and neighbouring tiles of one KV head together, so K/V tiles are reu
 
 Positions: queries are the last ``q_len`` of ``k_len`` positions (bottom-right causal alignment).
 Packed sequences (``VARLEN``) take their offsets from ``cu_seqlens_q/k``.
+
+:func:`_dense_split_fwd` is the dense case for a few query tiles over many keys (a chunk after a
+long cached prefix): one program per (query tile, head, key split), merged by the caller, so the
+GPU gets enough programs when ``B * Hq * tiles`` alone would leave most of it idle.
 """
 
 from __future__ import annotations
@@ -244,3 +248,58 @@ sparse_attention_fwd_tuned = triton.autotune(
     configs=_tuning_configs(),
     key=["HEAD_DIM", "MODE", "BLOCK_M", "HEADS_PER_TILE", "VARLEN", "tune_bucket"],
 )(_sparse_attention_fwd)
+
+
+@triton.jit
+def _dense_split_fwd(
+    Q, K, V, Acc, Max, Sum,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    q_len, k_len, num_q_heads, num_tiles, keys_per_split, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Dense causal attention of one query tile over one split of the keys (split-K).
+
+    Grid ``(splits, B * Hq * tiles)``; query tiles start at the first query (row ``r`` of tile ``t``
+    is query ``t * BLOCK_M + r``, at key position ``k_len - q_len + t * BLOCK_M + r``). Writes the
+    unnormalized output ``Acc [S, B, Hq, Nq_pad, D]`` (float32) and the running max ``Max`` (log2
+    domain) and sum ``Sum`` ``[S, B, Hq, Nq_pad]`` of its keys ``[s * keys_per_split, ...)``; a split
+    with no visible key writes ``0, -inf, 0``. The caller merges the splits.
+    """
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
+    tile = pid % num_tiles
+    bh = pid // num_tiles
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + (h // GROUP).to(tl.int64) * stride_vh
+
+    shift = k_len - q_len
+    query = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = shift + query  # absolute positions
+    row_ok = query < q_len
+    first_row = shift + tile * BLOCK_M
+    keys_end = tl.minimum(first_row + BLOCK_M, k_len)  # the tile's last row sees keys < keys_end
+    k_lo = split * keys_per_split
+    k_hi = tl.minimum(k_lo + keys_per_split, keys_end)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(q_base + query[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_lo, k_hi,
+                                  rows, offs_n, offs_d, d_ok, first_row, qk_scale, 0, 0,
+                                  False, BLOCK_M, BLOCK_N, PRECISION)
+    q_pad = num_tiles * BLOCK_M
+    stat = ((split * tl.num_programs(1) // num_tiles + bh).to(tl.int64) * q_pad) + query
+    tl.store(Max + stat, m_i)
+    tl.store(Sum + stat, l_i)
+    tl.store(Acc + stat[:, None] * BLOCK_D + offs_d[None, :], acc)

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-import torch
+import math
 
-from longinfer.ops._checks import check_qkv, check_scale
-from longinfer.ops._kernel import MODE_DENSE
-from longinfer.ops._launch import launch
+import torch
+import triton
+
+from longinfer.ops._checks import AttentionShape, check_qkv, check_scale, interpreter_enabled
+from longinfer.ops._kernel import MODE_DENSE, _dense_split_fwd
+from longinfer.ops._launch import LOG2_E, launch
 
 DENSE_BLOCK_M = 128
+# Split-K: a call with fewer (query tile, head) programs than SPLIT_BELOW_PROGRAMS (about two per SM
+# of an H100/H200, 132 SMs) splits its keys until it has about SPLIT_TARGET_PROGRAMS, keeping at
+# least SPLIT_MIN_KEYS keys per split so the merge stays cheap.
+SPLIT_BELOW_PROGRAMS = 256
+SPLIT_TARGET_PROGRAMS = 1024
+SPLIT_MIN_KEYS = 1024
+SPLIT_BLOCK_M = 64
 
 
 def dense_attention(
@@ -19,6 +29,7 @@ def dense_attention(
     sm_scale: float | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Causal attention ``softmax(q k^T * sm_scale) v`` over all keys ``j <= i``.
 
@@ -35,11 +46,63 @@ def dense_attention(
         cu_seqlens_q, cu_seqlens_k: packed sequences: int32 ``[S + 1]`` offsets into
             ``q [1, Hq, total_q, D]`` and ``k, v [1, Hkv, total_k, D]`` (``cu_seqlens_k`` defaults to
             ``cu_seqlens_q``). Each sequence attends only to itself.
+        splits: split the keys into this many parts, each its own program per query tile, merged
+            afterwards (split-K). Default: :func:`default_splits` (only short queries over many keys
+            split: a chunk of a few hundred rows after a long prefix would otherwise run on a few
+            dozen programs). Not with packed sequences.
 
     Returns:
-        ``[B, Hq, Nq, D]`` in ``q.dtype``. Extra memory: none beyond the output.
+        ``[B, Hq, Nq, D]`` in ``q.dtype``. Extra memory: the output; with splits, float32 partial
+        outputs ``splits * B * Hq * Nq * D`` (at most ~70 MB with the default).
     """
     shape = check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k)
     scale = check_scale(sm_scale, shape.head_dim)
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"splits must be a positive int, got {splits!r}")
+    if cu_seqlens_q is not None:
+        if splits not in (None, 1):
+            raise ValueError("splits is not supported with packed sequences (cu_seqlens_q)")
+    elif (splits or default_splits(shape)) > 1:
+        return _split_attention(q, k, v, shape, scale, splits or default_splits(shape))
     return launch(q, k, v, shape, scale, MODE_DENSE, DENSE_BLOCK_M,
                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+
+
+def default_splits(shape: AttentionShape) -> int:
+    """Key splits for a dense call: 1 unless ``B * Hq * ceil(Nq / 64)`` programs are fewer than
+    :data:`SPLIT_BELOW_PROGRAMS`; then enough to reach :data:`SPLIT_TARGET_PROGRAMS`, with at least
+    :data:`SPLIT_MIN_KEYS` keys each."""
+    programs = shape.batch * shape.q_heads * math.ceil(shape.q_len / SPLIT_BLOCK_M)
+    if programs >= SPLIT_BELOW_PROGRAMS:
+        return 1
+    return max(1, min(math.ceil(SPLIT_TARGET_PROGRAMS / programs), shape.k_len // SPLIT_MIN_KEYS))
+
+
+def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape,
+                     scale: float, splits: int) -> torch.Tensor:
+    """Split-K dense attention (:func:`longinfer.ops._kernel._dense_split_fwd`) and the merge."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    interpreted = interpreter_enabled()
+    block_n = 32 if interpreted or q.dtype == torch.float32 else 64
+    block_d = triton.next_power_of_2(shape.head_dim)
+    keys_per_split = math.ceil(math.ceil(shape.k_len / splits) / block_n) * block_n  # whole key tiles
+    splits = math.ceil(shape.k_len / keys_per_split)
+    num_tiles = math.ceil(shape.q_len / SPLIT_BLOCK_M)
+    stats_shape = (splits, shape.batch, shape.q_heads, num_tiles * SPLIT_BLOCK_M)
+    acc = torch.empty(*stats_shape, block_d, device=q.device, dtype=torch.float32)
+    row_max = torch.empty(stats_shape, device=q.device, dtype=torch.float32)
+    row_sum = torch.empty_like(row_max)
+    grid = (splits, shape.batch * shape.q_heads * num_tiles)
+    _dense_split_fwd[grid](
+        q, k, v, acc, row_max, row_sum,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        shape.q_len, shape.k_len, shape.q_heads, num_tiles, keys_per_split, scale * LOG2_E,
+        GROUP=shape.group_size, HEAD_DIM=shape.head_dim, BLOCK_D=block_d, BLOCK_M=SPLIT_BLOCK_M, BLOCK_N=block_n,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=1 if interpreted else 2,
+    )
+    # Every row sees key 0, which split 0 holds: the max over splits is finite.
+    weight = torch.exp2(row_max - row_max.amax(0, keepdim=True))  # [S, B, Hq, Nq_pad]; empty splits: 0
+    out = (acc * weight[..., None]).sum(0) / (row_sum * weight).sum(0)[..., None]
+    return out[:, :, : shape.q_len, : shape.head_dim].to(q.dtype)
