@@ -197,8 +197,11 @@ def test_dense_default_splits_only_for_few_programs():
     assert default_splits(AttentionShape(1, 12, 2, 4096, 69632, 128)) == 1  # a 4K chunk: 768 programs
     assert default_splits(AttentionShape(1, 32, 8, 131072, 131072, 128)) == 1  # a long prefill
     assert default_splits(AttentionShape(1, 12, 2, 128, 1500, 128)) == 1  # too few keys to split
-    with pytest.raises(ValueError, match="splits"):
-        dense_attention(*_qkv(1, 2, 1, 10, 64, torch.float32, seed=0), splits=0)
+    q, k, v = _qkv(1, 2, 1, 10, 64, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="splits must be a positive int"):
+        dense_attention(q, k, v, splits=0)
+    with pytest.raises(ValueError, match="packed sequences"):
+        dense_attention(q, k, v, splits=2, cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE))
 
 
 @pytest.mark.parametrize("block_size, nq, nk, dense_from", [

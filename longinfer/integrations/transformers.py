@@ -40,9 +40,10 @@ queries = the last ``Nq`` key positions (a chunk after a cached prefix has ``Nk 
    the last ``dense_last`` query rows, rounded out to whole 64-row tiles
    (:meth:`~longinfer.plans.LayerPlan.dense_from`), attend densely (the prompt's end, whose
    attention decides the first generated tokens): the vertical-slash kernel runs those tiles
-   dense in the same launch; other patterns recompute those rows densely afterwards. On CUDA, a sparse call that repeats within a
-   forward (same plan and shapes in several layers) is replayed from a CUDA graph
-   (:mod:`longinfer.integrations.graphs`): one launch instead of ~125 for short chunks.
+   dense in the same launch; other patterns recompute those rows densely afterwards. On CUDA,
+   a sparse call that repeats within a forward (same plan and shapes in several layers) is
+   replayed from a CUDA graph (:mod:`longinfer.integrations.graphs`): one launch instead of ~125
+   for short chunks (calls above :data:`GRAPH_MAX_PAIRS` stay eager).
 
 Backends: ``"triton"`` runs the kernels of :mod:`longinfer.ops` (CUDA, or CPU under
 ``TRITON_INTERPRET=1``); ``"torch"`` computes the same masks (the kernels' reference semantics)

@@ -24,9 +24,10 @@ query heads and neighbouring tiles of one KV head together, so K/V tiles are reu
 Positions: queries are the last ``q_len`` of ``k_len`` positions (bottom-right causal alignment).
 Packed sequences (``VARLEN``) take their offsets from ``cu_seqlens_q/k``.
 
-:func:`_dense_split_fwd` is the dense case for a few query tiles over many keys (a chunk after a
-long cached prefix): one program per (query tile, head, key split), merged by the caller, so the
-GPU gets enough programs when ``B * Hq * tiles`` alone would leave most of it idle.
+:func:`_dense_split_fwd` (``dense_attention(splits=...)``) is the dense case for a few query
+tiles over many keys (a chunk after a long cached prefix): one program per (query tile, head, key
+split), merged by the caller, so the GPU gets enough programs when ``B * Hq * tiles`` alone would
+leave most of it idle.
 """
 
 from __future__ import annotations

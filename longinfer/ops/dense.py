@@ -47,23 +47,23 @@ def dense_attention(
             ``q [1, Hq, total_q, D]`` and ``k, v [1, Hkv, total_k, D]`` (``cu_seqlens_k`` defaults to
             ``cu_seqlens_q``). Each sequence attends only to itself.
         splits: split the keys into this many parts, each its own program per query tile, merged
-            afterwards (split-K). Default: :func:`default_splits` (only short queries over many keys
-            split: a chunk of a few hundred rows after a long prefix would otherwise run on a few
-            dozen programs). Not with packed sequences.
+            afterwards (split-K), for short queries over many keys (a chunk of a few hundred rows
+            after a long prefix otherwise runs on a few dozen programs). Default 1: the split is
+            tested on the CPU interpreter but not yet timed on a GPU; :func:`default_splits` is the
+            proposed choice (``benchmarks/tail_bench.py`` measures it). Not with packed sequences.
 
     Returns:
         ``[B, Hq, Nq, D]`` in ``q.dtype``. Extra memory: the output; with splits, float32 partial
-        outputs ``splits * B * Hq * Nq * D`` (at most ~70 MB with the default).
+        outputs ``splits * B * Hq * Nq * D`` (~70 MB at most with :func:`default_splits`).
     """
     shape = check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k)
     scale = check_scale(sm_scale, shape.head_dim)
     if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
         raise ValueError(f"splits must be a positive int, got {splits!r}")
-    if cu_seqlens_q is not None:
-        if splits not in (None, 1):
+    if splits not in (None, 1):
+        if cu_seqlens_q is not None:
             raise ValueError("splits is not supported with packed sequences (cu_seqlens_q)")
-    elif (splits or default_splits(shape)) > 1:
-        return _split_attention(q, k, v, shape, scale, splits or default_splits(shape))
+        return _split_attention(q, k, v, shape, scale, splits)
     return launch(q, k, v, shape, scale, MODE_DENSE, DENSE_BLOCK_M,
                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
 
