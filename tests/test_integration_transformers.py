@@ -587,3 +587,20 @@ def test_calls_above_the_graph_pair_limit_run_eagerly(monkeypatch):
     with patched(model, plan, backend="triton", cuda_graphs=graphs):
         logits(model, ids)
     assert graphs.captures == 1
+
+
+@pytest.mark.parametrize("dense_last, nq, nk", [(0, 130, 250), (16, 130, 250), (0, 128, 256)])
+def test_vertical_slash_buckets_use_the_kernel_path_at_any_length(monkeypatch, dense_last, nq, nk):
+    """The kernel (with its closed-form density) runs whether or not a tail applies and whatever Nk."""
+    calls = []
+    real = lt._run_vertical_slash_kernel
+    monkeypatch.setattr(lt, "_run_vertical_slash_kernel", lambda *a, **kw: calls.append(a[-1]) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, nq, 64, generator=gen)
+    k, v = torch.randn(1, 2, nk, 64, generator=gen), torch.randn(1, 2, nk, 64, generator=gen)
+    plan = Plan(model_id="tiny", num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                layers=(LayerPlan(heads=(HeadPlan.from_params("vertical_slash", SPARSE_VS),) * 4,
+                                  dense_last=dense_last),))
+    runtime = lt.LayerRuntime.build(plan, 0, "triton")
+    lt._sparse_attention(lt._CallContext(runtime, "triton", 0.125, None, None), q, k, v)
+    assert calls == [plan.layers[0].dense_from(nk)]

@@ -857,7 +857,9 @@ def _run_bucket(bucket: HeadBucket, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if ctx.backend == "triton":
         from longinfer.patterns.vertical_slash import VerticalSlashSelection
 
-        if isinstance(selection, VerticalSlashSelection) and (nk - tail) % selection.block_size == 0:
+        # The kernel runs the tail's tiles dense when they are whole tiles of its own size (dense_from
+        # is a multiple of 64, so every block size but 128).
+        if isinstance(selection, VerticalSlashSelection) and (not tail or (nk - tail) % selection.block_size == 0):
             return _run_vertical_slash_kernel(q, k, v, selection, ctx.scale, nk - tail if tail else None)
         ratio = _sampled_density(_counts_of_mask(_reference_rows(spec, selection), nk), nq, nk, q.device)
         out = spec.run(q, k, v, selection, head.config, sm_scale=ctx.scale)
