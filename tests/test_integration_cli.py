@@ -92,6 +92,8 @@ def test_run_dense_and_chunked(capsys, caplog, model_dir, prompt_file, plan_file
         (["--model", "no-such-model"], "unknown model"),
         (["--plan", "missing-plan.json"], "plan file missing-plan.json does not exist"),
         (["--dense", "--plan", "PLAN"], "--dense runs without a plan"),
+        (["--dense", "--share-kv-groups"], "--dense runs without a plan"),
+        (["--share-kv-groups", "--plan", "PLAN"], "--share-kv-groups sets up the default plan"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--chat"], "this tokenizer has no chat template"),
     ],
@@ -129,3 +131,17 @@ def test_oom_message_with_chunks_suggests_smaller_chunks():
     args = run_cli.argparse.Namespace(chunk_size=16384, dtype="bfloat16")
     message = run_cli._oom_message(100_000, args)
     assert "a smaller --chunk-size than 16384" in message and "--dtype" not in message
+
+
+def test_run_share_kv_groups_patches_the_default_plan_with_shared_indices(capsys, monkeypatch, model_dir, prompt_file):
+    patched = []
+    real_patch = longinfer.patch
+    monkeypatch.setattr(longinfer, "patch", lambda model, plan, **kw: patched.append(plan) or real_patch(model, plan, **kw))
+    code, out, _ = run(capsys, "--model", model_dir, "--prompt-file", prompt_file, "--share-kv-groups",
+                       "--max-new-tokens", 5, "--device", "cpu")
+    assert code == 0
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    assert len(patched) == 1  # the default plan with shared indices (its creation time aside)
+    assert patched[0].layers == longinfer.default_plan_for(config, share_kv_groups=True).layers
+    assert all(layer.share_kv_groups for layer in patched[0].layers)
+    assert out.split("\n---\n")[0] == expected_answer(model_dir, prompt_file, plan=patched[0]).text

@@ -1,7 +1,7 @@
 """``longinfer run``: answer one prompt with a model and a plan; print the text, prefill time and density.
 
-    longinfer run --model smollm2-135m --prompt-file prompt.txt [--plan plan.json] [--max-new-tokens 64]
-                  [--dense] [--chunk-size 8192] [--chat] [--backend auto] [--device cuda] [--dtype bfloat16]
+    longinfer run --model smollm2-135m --prompt-file prompt.txt [--plan plan.json | --share-kv-groups]
+                  [--max-new-tokens 64] [--dense] [--chunk-size 8192] [--chat] [--backend auto] [--device cuda] [--dtype bfloat16]
 
 The generated text goes to stdout, followed by a summary (prompt tokens, prefill time, decode time,
 attention density); logs go to stderr. Errors name the problem and the option that fixes it.
@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="zoo name (`longinfer models list`), local .gguf / folder, or Hugging Face id")
     parser.add_argument("--prompt-file", required=True, type=Path, help="UTF-8 text file with the prompt")
     parser.add_argument("--plan", type=Path, default=None, help="plan JSON (default: the model's default plan)")
+    parser.add_argument("--share-kv-groups", action="store_true",
+                        help="the default plan with one index per KV group: closer to dense answers, less speedup")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="decoding budget (default 64)")
     parser.add_argument("--dense", action="store_true", help="run the stock dense attention (sdpa) instead")
     parser.add_argument("--chunk-size", type=int, default=0,
@@ -112,8 +114,10 @@ def run(args: argparse.Namespace) -> int:
             raise RunError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if args.chunk_size < 0:
             raise RunError(f"--chunk-size must be >= 0, got {args.chunk_size}")
-        if args.dense and args.plan is not None:
-            raise RunError("--dense runs without a plan; drop --plan or --dense")
+        if args.dense and (args.plan is not None or args.share_kv_groups):
+            raise RunError("--dense runs without a plan; drop --plan / --share-kv-groups or --dense")
+        if args.share_kv_groups and args.plan is not None:
+            raise RunError("--share-kv-groups sets up the default plan; drop it or --plan")
         text = _read_prompt(args.prompt_file)
         plan = None
         if args.plan is not None:
@@ -125,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
                 raise RunError(f"invalid plan: {error}") from error
         model, tokenizer = load_model(args.model, args.device, args.dtype)
         ids = _prompt_ids(tokenizer, text, args.chat)
+        if args.share_kv_groups:
+            plan = longinfer.default_plan_for(model.config, share_kv_groups=True)
         if not args.dense:
             try:
                 plan = longinfer.patch(model, plan, backend=args.backend)
