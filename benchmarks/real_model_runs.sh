@@ -13,6 +13,7 @@ limit=${LIMIT:-540}
 Q15="--model qwen2.5-coder-1.5b --yarn 4"
 Q05="--model qwen2.5-coder-0.5b"
 PLANS4=docs/results/gpu-session4/plans
+PLANS5=docs/results/gpu-session5/plans
 VS="vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,last_q=64,query_sampling=strided"
 COST="vertical_slash:budget=coverage,num_vertical=8192,num_slash=8192,last_q=64,query_sampling=strided,rank=cost,tau=1.0"
 # The default estimator at 64-, 32- and 16-row query tiles, coverage and cost-ranked budgets.
@@ -96,7 +97,17 @@ case "$step" in
   q15-ruler-kv95)  # issue 5: one index per KV group, tau 0.95, dense tail: closer to dense? (rerun to finish)
     seed_dense_ruler
     run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
-      --methods "dense,longinfer:docs/results/gpu-session5/plans/q15-kv-tau0.95-tail.json" ;;
+      --methods "dense,longinfer:$PLANS5/q15-kv-tau0.95-tail.json" ;;
+  q15-frontier-hybrid)  # per-KV-group indices only in the worst layers (benchmarks/hybrid_plan.py), timed at 128K
+    run python3 benchmarks/recall_frontier.py $Q15 --length 131072 --rows 128 --no-oracles --time-kernels \
+      --methods none --method "default=plan:$PLANS4/q15-default-notail.json" \
+      --method "hybrid4=plan:$PLANS5/q15-hybrid-kv4-tail.json" --method "hybrid6=plan:$PLANS5/q15-hybrid-kv6-tail.json" \
+      --method "hybrid10=plan:$PLANS5/q15-hybrid-kv10-tail.json" --method "kv=plan:$PLANS4/q15-default-kv-tail.json" \
+      --out "$RES/$step" ;;
+  q15-ruler-hybrid)  # issue 5: RULER-style at 128K of the 6-layer hybrid (rerun to finish)
+    seed_dense_ruler
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,longinfer:$PLANS5/q15-hybrid-kv6-tail.json" ;;
   q15-ppl)  # issue 5: perplexity, 4 windows at 32K and the one 128K window the corpus holds
     run_cli eval ppl $Q15 --lengths 32768 --samples 4 --methods "dense,longinfer" --out "$RES/$step"
     run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step" ;;
