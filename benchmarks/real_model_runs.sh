@@ -98,12 +98,12 @@ case "$step" in
     seed_dense_ruler
     run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
       --methods "dense,longinfer:$PLANS5/q15-kv-tau0.95-tail.json" ;;
-  q15-frontier-hybrid)  # per-KV-group indices only in the worst layers (benchmarks/hybrid_plan.py), timed at 128K
+  q15-frontier-hybrid)  # per-KV-group indices only in the worst layers (benchmarks/hybrid_plan.py), timed at 128K;
     run python3 benchmarks/recall_frontier.py $Q15 --length 131072 --rows 128 --no-oracles --time-kernels \
       --methods none --method "default=plan:$PLANS4/q15-default-notail.json" \
       --method "hybrid4=plan:$PLANS5/q15-hybrid-kv4-tail.json" --method "hybrid6=plan:$PLANS5/q15-hybrid-kv6-tail.json" \
       --method "hybrid10=plan:$PLANS5/q15-hybrid-kv10-tail.json" --method "kv=plan:$PLANS4/q15-default-kv-tail.json" \
-      --out "$RES/$step" ;;
+      --method "def-bs128=$VS,tau=0.9,block_size=128" --out "$RES/$step" ;;  # and 128-row query tiles
   q15-ruler-hybrid)  # issue 5: RULER-style at 128K of the 6-layer hybrid (rerun to finish)
     seed_dense_ruler
     run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,15 @@ def test_worst_layers_share_indices_and_the_prediction_mixes_the_methods(script,
     # densities .1 .1 .5 .5 .4 .4 -> 33.3%
     assert "recall 0.928 mean / 0.850 p10 at 33.3% density" in plan.search["note"]
     assert "hybrid        recall 0.928 / p10 0.850, density 33.3%" in capsys.readouterr().out
+    # timings: per head 10 ms per layer, per group 30 ms; dense 100 ms -> hybrid (10 + 30 + 30) = 300 / 70
+    timings = [{"method": m, "layer": layer, "estimate_ms": 1.0, "kernel_ms": ms - 1.0, "dense_sdpa_ms": 100.0}
+               for m, ms in (("vs", 10.0), ("vs-kv", 30.0)) for layer in range(3)]
+    (tmp_path / "recall.jsonl").write_text("".join(json.dumps(t) + "\n" for t in timings))
+    assert script.main([*common, "--layers", "2", "--timings", str(tmp_path / "recall.jsonl"),
+                        "--out", str(tmp_path / "timed.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "per head      recall 0.812 / p10 0.400, density 13.3%, 10.00x SDPA" in printed
+    assert "hybrid        recall 0.928 / p10 0.850, density 33.3%, 4.29x SDPA" in printed
     assert script.main([*common, "--below", "0.5", "--out", str(tmp_path / "below.json")]) == 0
     assert [layer.share_kv_groups for layer in Plan.load(tmp_path / "below.json").layers] == [False, True, False]
     with pytest.raises(SystemExit, match="no rows of method 'missing'"):
