@@ -55,17 +55,24 @@ def capture_cuda_graph(fn: Callable[..., Tensors], inputs: Tensors) -> tuple[Cal
     The capture runs on a side stream ordered after the current one, with a private memory pool;
     unlike ``torch.cuda.graph`` it neither synchronizes nor empties the allocator's cache.
     """
+    device = inputs[0].device
     graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream(device=inputs[0].device)
-    stream.wait_stream(torch.cuda.current_stream(inputs[0].device))
-    with torch.cuda.stream(stream):
-        graph.capture_begin(capture_error_mode="thread_local")
-        try:
-            outputs = fn(*inputs)
-        finally:
-            graph.capture_end()
-    torch.cuda.current_stream(inputs[0].device).wait_stream(stream)
-    return graph.replay, tuple(outputs)
+    with torch.cuda.device(device):  # a model spread over several GPUs: record on the inputs' one
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                outputs = fn(*inputs)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def replay() -> None:
+        with torch.cuda.device(device):
+            graph.replay()
+
+    return replay, tuple(outputs)
 
 
 @dataclass
