@@ -604,3 +604,22 @@ def test_vertical_slash_buckets_use_the_kernel_path_at_any_length(monkeypatch, d
     runtime = lt.LayerRuntime.build(plan, 0, "triton")
     lt._sparse_attention(lt._CallContext(runtime, "triton", 0.125, None, None), q, k, v)
     assert calls == [plan.layers[0].dense_from(nk)]
+
+
+def test_attend_layer_runs_a_plan_layer_as_the_patched_model_does():
+    """attend_layer on captured q/k/v equals the patched model's own call; its errors name the fix."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, 150, 64, generator=gen)
+    k, v = torch.randn(1, 2, 250, 64, generator=gen), torch.randn(1, 2, 250, 64, generator=gen)
+    layer = LayerPlan(heads=(HeadPlan.from_params("vertical_slash", SPARSE_VS),) * 4, dense_last=40)
+    plan = Plan(model_id="tiny", num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=64, layers=(layer,))
+    runtime = lt.LayerRuntime.build(plan, 0, "triton")
+    expected = lt._attend_contiguous(lt._CallContext(runtime, "triton", 0.125, None, None), q, k, v)
+    torch.testing.assert_close(lt.attend_layer(plan, 0, q, k, v, backend="triton"), expected, atol=0, rtol=0)
+    torch.testing.assert_close(lt.attend_layer(plan, 0, q, k, v, backend="torch"), expected, atol=2e-5, rtol=1e-4)
+    dense = lt._masked_attention(q, k, v, 0.125, lt._causal_rows(None), None)
+    assert (expected - dense).abs().max() > 1e-2  # sparse
+    with pytest.raises(ValueError, match="the plan has"):
+        lt.attend_layer(plan, 0, q[:, :2], k, v)
+    with pytest.raises(ValueError, match="backend"):
+        lt.attend_layer(plan, 0, q, k, v, backend="cuda")

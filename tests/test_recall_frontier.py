@@ -342,10 +342,18 @@ def test_time_kernels_needs_cuda(tmp_path, model, input_ids):
 @pytest.mark.gpu
 def test_time_kernels_on_gpu_records_times(tmp_path, input_ids):
     gpu_model = _peaked_llama().to("cuda", torch.float16)
-    path = _run(gpu_model, input_ids.cuda(), tmp_path, methods=_methods()[:2], time_kernels=True)
+    from longinfer.plans import default_plan_for
+
+    default_plan_for(gpu_model.config, dense_below=0, dense_last=64).save(tmp_path / "sparse.json")
+    plan = PlanMethod(name="plan", source=str(tmp_path / "sparse.json"))
+    methods = resolve_methods([*_methods()[:2], plan], gpu_model.config)
+    path = _run(gpu_model, input_ids.cuda(), tmp_path / "run", methods=methods, time_kernels=True)
+    kinds = set()
     for record in ResultStore(path).records():
-        if record["kind"] == "estimator":
+        if record["kind"] in ("estimator", "plan"):
+            kinds.add(record["kind"])
             assert record["kernel_ms"] > 0 and record["dense_sdpa_ms"] > 0 and record["estimate_ms"] > 0
+    assert kinds == {"estimator", "plan"}
 
 
 def test_memory_estimate_grows_with_length(model):
@@ -394,3 +402,24 @@ def test_cli_and_benchmark_script(tmp_path, stub_zoo, capsys):
     printed = capsys.readouterr().out
     assert "| vs |" in printed and "| oracle-key@10% |" in printed and "memory estimate" in printed
     assert (tmp_path / "bench" / "recall_frontier.png").exists()
+
+
+def test_plan_layer_timing_is_the_integration_call_split_at_the_estimate(monkeypatch):
+    """A plan's kernel_ms is the integration's whole layer call minus its estimates (CUDA timer stubbed)."""
+    timed = []
+
+    def fake_timer(fn, repeats):
+        out = fn()  # runs the timed work once (estimates, or the whole attend_layer call)
+        timed.append(out)
+        return {1: 1.5, 2: 4.0}[len(timed)]
+
+    monkeypatch.setattr(frontier, "median_cuda_ms", fake_timer)
+    layer = LayerPlan(heads=(HeadPlan.from_params("vertical_slash", {"num_vertical": 8, "num_slash": 8, "sink": 2,
+                                                                        "local": 4, "last_q": 16}),) * 4,
+                      dense_last=16)
+    plan = Plan(model_id="tiny", num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=64, layers=(layer,))
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 100, 64, generator=gen), torch.randn(1, 2, 100, 64, generator=gen)
+    times = frontier._plan_timings(PlanMethod("p", "p.json", plan=plan), q, k, 0, 0.125)
+    assert times == {"estimate_ms": 1.5, "kernel_ms": 2.5}
+    assert callable(timed[0]) and timed[1].shape == q.shape  # a mask builder, then the layer's output

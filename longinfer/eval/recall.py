@@ -444,6 +444,22 @@ def _estimator_timings(method: EstimatorMethod, q: torch.Tensor, k: torch.Tensor
     return {"estimate_ms": round(estimate_ms, 3), "kernel_ms": round(kernel_ms, 3)}
 
 
+def _plan_timings(method: PlanMethod, q: torch.Tensor, k: torch.Tensor, layer: int,
+                  sm_scale: float) -> dict[str, float]:
+    """Median CUDA times of a plan layer: its estimates, and the rest of the integration's call.
+
+    The whole call is :func:`~longinfer.integrations.transformers.attend_layer` (estimates, index
+    builds, kernels, the dense tail, density counting; ``k`` as ``v``); ``kernel_ms`` is that minus
+    the estimates, so ``estimate_ms + kernel_ms`` is what the layer costs a patched model.
+    """
+    from longinfer.integrations.transformers import attend_layer
+
+    estimate_ms = median_cuda_ms(lambda: method.index(q, k, layer=layer, sm_scale=sm_scale), repeats=KERNEL_REPEATS)
+    call_ms = median_cuda_ms(lambda: attend_layer(method.plan, layer, q, k, k, scale=sm_scale, backend="triton"),
+                             repeats=KERNEL_REPEATS)
+    return {"estimate_ms": round(estimate_ms, 3), "kernel_ms": round(max(call_ms - estimate_ms, 0.0), 3)}
+
+
 def _measure_layer(job: _LayerJob, layer: int, q: torch.Tensor, k: torch.Tensor, sm_scale: float) -> None:
     """Score every pending method and oracle of one layer and append their records."""
     started = time.perf_counter()
@@ -460,6 +476,8 @@ def _measure_layer(job: _LayerJob, layer: int, q: torch.Tensor, k: torch.Tensor,
         times = {"estimate_ms": round((time.perf_counter() - t0) * 1e3, 3)}
         if timed and isinstance(method, EstimatorMethod) and not method.exact_lines:
             times = {**_estimator_timings(method, q, k, layer, sm_scale, index), **dense}
+        elif timed and isinstance(method, PlanMethod):
+            times = {**_plan_timings(method, q, k, layer, sm_scale), **dense}
         stats = attention_recall(q, k, index, rows, sm_scale=sm_scale, lse=lse)
         job.record(layer, method.name, {**method.describe(), **shape, **_stats_fields(stats), "note": method.note,
                                         **times})
@@ -554,7 +572,8 @@ def run_frontier(
         time_kernels: also time, with CUDA events (median of :data:`KERNEL_REPEATS` after a
             warm-up), each estimator's estimate and its kernel on the index it estimated, and
             causal dense SDPA on the same layer (CUDA only; ``k`` stands in for ``v``, which does
-            not change the time). Records gain ``kernel_ms`` and ``dense_sdpa_ms``.
+            not change the time); a plan's layer is timed as the integration runs it
+            (:func:`_plan_timings`). Records gain ``kernel_ms`` and ``dense_sdpa_ms``.
 
     One forward pass captures the layers that still have work; each layer is analysed during the
     forward (one layer's q/k alive at a time) and its records are written before the next layer.

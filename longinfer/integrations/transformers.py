@@ -90,6 +90,7 @@ __all__ = [
     "SPARSE_MIN_QUERIES",
     "AttentionStats",
     "CallGraphs",
+    "attend_layer",
     "HeadBucket",
     "attention_stats",
     "head_buckets",
@@ -580,6 +581,28 @@ def reset_stats(model: Any) -> None:
 
 # --------------------------------------------------------------------------------------------
 # The attention function
+
+
+def attend_layer(plan: Plan, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                 scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """One layer's prefill attention exactly as a patched model computes it, outside a model.
+
+    ``q [B, Hq, Nq, D]``, ``k, v [B, Hkv, Nk, D]`` (queries = the last ``Nq`` positions, no
+    padding, no sliding window). The layer's rules apply: dense below ``dense_below``, head buckets,
+    per-KV-group indices, the dense tail; every call runs eagerly (no CUDA graph). For benchmarks
+    and tools that time or compare a plan layer by layer on captured q/k/v. Returns
+    ``[B, Hq, Nq, D]``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    runtime = LayerRuntime.build(plan, layer_idx, backend)
+    shape = (q.shape[1], k.shape[1], q.shape[3])
+    if shape != (runtime.num_q_heads, runtime.num_kv_heads, runtime.head_dim):
+        raise ValueError(f"q/k have (query heads, KV heads, head_dim) {shape}; the plan has "
+                         f"{(runtime.num_q_heads, runtime.num_kv_heads, runtime.head_dim)}")
+    ctx = _CallContext(runtime, _call_backend(runtime, q.device), q.shape[3] ** -0.5 if scale is None else scale,
+                       None, None)
+    return _attend_contiguous(ctx, q, k, v)
 
 
 def _runtime_for(module: torch.nn.Module) -> LayerRuntime:
