@@ -42,7 +42,7 @@ queries = the last ``Nq`` key positions (a chunk after a cached prefix has ``Nk 
    attention decides the first generated tokens): the vertical-slash kernel runs those tiles
    dense in the same launch; other patterns recompute those rows densely afterwards. On CUDA,
    a sparse call that repeats within a forward (same plan and shapes in several layers) is
-   replayed from a CUDA graph (:mod:`longinfer.integrations.graphs`): one launch instead of ~125
+   replayed from a CUDA graph (:mod:`longinfer.integrations.graphs`): one launch instead of ~120
    for short chunks (calls above :data:`GRAPH_MAX_PAIRS` stay eager).
 
 Backends: ``"triton"`` runs the kernels of :mod:`longinfer.ops` (CUDA, or CPU under
@@ -450,7 +450,7 @@ def patch(model: Any, plan: Plan | str | os.PathLike[str] | None = None, *, back
             layers of one forward) from a CUDA graph (:mod:`longinfer.integrations.graphs`); costs
             the static buffers of at most two calls, and only for calls of at most 512 MiB of inputs
             and outputs and :data:`GRAPH_MAX_PAIRS` causal pairs (chunks over a cache, prefills up
-            to ~32K tokens), which are bound by launching their ~125 kernels. Pass a
+            to ~32K tokens), which are bound by launching their ~120 kernels. Pass a
             :class:`~longinfer.integrations.graphs.CallGraphs` for other limits, ``False`` for none.
 
     Returns:
