@@ -108,6 +108,9 @@ case "$step" in
     seed_dense_ruler
     run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
       --methods "dense,longinfer:$PLANS5/q15-hybrid-kv6-tail.json" ;;
+  q15-ruler-32k)  # issue 5: rank plans where samples are cheap: 12 per task at 32K (rerun to finish)
+    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
+      "dense,longinfer,longinfer:$PLANS5/q15-hybrid-kv6-tail.json,longinfer:$PLANS4/q15-default-kv-tail.json" ;;
   q15-ppl)  # issue 5: perplexity, 4 windows at 32K and the one 128K window the corpus holds
     run_cli eval ppl $Q15 --lengths 32768 --samples 4 --methods "dense,longinfer" --out "$RES/$step"
     run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step" ;;
