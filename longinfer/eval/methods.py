@@ -145,8 +145,8 @@ class LonginferMethod(AttentionMethod):
             integration.unpatch(model)
 
     def describe(self) -> dict[str, Any]:
-        return {"plan": self.plan or "default"} if self.cuda_graphs else {"plan": self.plan or "default",
-                                                                          "cuda_graphs": False}
+        described = {"plan": self.plan or "default"}
+        return described if self.cuda_graphs else {**described, "cuda_graphs": False}  # old records: no key
 
 
 class PeerMethod(AttentionMethod):
