@@ -496,9 +496,9 @@ def test_sparse_plan_with_shared_kv_groups_keeps_more_keys_and_backends_agree():
 # --------------------------------------------------------------------------- dense rows at the prompt's end
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend, share", [("triton", False), ("torch", False), ("triton", True)])
 @pytest.mark.parametrize("prefix", [0, 96])  # one-shot prefill, and a chunk after a cached prefix
-def test_dense_last_rows_are_dense_and_the_rest_stays_sparse(backend, prefix):
+def test_dense_last_rows_are_dense_and_the_rest_stays_sparse(backend, share, prefix):
     """With ``dense_last=40`` the last 40 query rows, rounded out to whole 64-row tiles, equal dense
     causal attention and every other row equals the sparse layer without the option; density counts
     the tail's rows as fully kept."""
@@ -512,7 +512,7 @@ def test_dense_last_rows_are_dense_and_the_rest_stays_sparse(backend, prefix):
     outs, densities = {}, {}
     for option in (0, dense_last):
         plan = Plan(model_id="tiny", num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=64,
-                    layers=(LayerPlan(heads=heads, dense_last=option),))
+                    layers=(LayerPlan(heads=heads, dense_last=option, share_kv_groups=share),))
         runtime = lt.LayerRuntime.build(plan, 0, backend)
         assert lt._dense_tail_rows(plan.layers[0], nq, prefix + nq) == (tail if option else 0)
         outs[option] = lt._sparse_attention(lt._CallContext(runtime, backend, scale, None, None), q, k, v)
