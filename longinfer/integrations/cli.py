@@ -1,7 +1,8 @@
 """``longinfer run``: answer one prompt with a model and a plan; print the text, prefill time and density.
 
     longinfer run --model smollm2-135m --prompt-file prompt.txt [--plan plan.json | --share-kv-groups]
-                  [--max-new-tokens 64] [--dense] [--chunk-size 8192] [--chat] [--backend auto] [--device cuda] [--dtype bfloat16]
+                  [--max-new-tokens 64] [--dense] [--chunk-size 8192] [--chat] [--backend auto]
+                  [--device cuda] [--dtype bfloat16]
 
 The generated text goes to stdout, followed by a summary (prompt tokens, prefill time, decode time,
 attention density); logs go to stderr. Errors name the problem and the option that fixes it.

@@ -69,7 +69,8 @@ DEFAULT_DENSE_BELOW = 16384
 # 128 rows is 0.832 mean / 0.641 p10 against 0.928 / 0.875 over rows spread across the prompt.
 # Those rows decide the answer; dense, they cost 0.2% more pairs at 128K.
 DEFAULT_DENSE_LAST = 128
-# dense_last is rounded out to whole query tiles of this many positions (the kernels' largest tile).
+# dense_last is rounded out to whole query tiles of this many positions (the default plan's tile;
+# 16- and 32-row tiles divide it, 128-row tiles take the tail as a second dense pass).
 DENSE_LAST_TILE = 64
 
 # The estimate used when a user gives no plan: vertical-slash with a coverage budget on every
