@@ -70,7 +70,8 @@ DEFAULT_DENSE_BELOW = 16384
 # Those rows decide the answer; dense, they cost 0.2% more pairs at 128K.
 DEFAULT_DENSE_LAST = 128
 # dense_last is rounded out to whole query tiles of this many positions (the default plan's tile;
-# 16- and 32-row tiles divide it, 128-row tiles take the tail as a second dense pass).
+# 16- and 32-row tiles divide it; with 128-row tiles the tail is a second dense pass unless it
+# starts on a multiple of 128).
 DENSE_LAST_TILE = 64
 
 # The estimate used when a user gives no plan: vertical-slash with a coverage budget on every
