@@ -84,9 +84,13 @@ def test_ruler_report(tmp_path):
                 {"method": method, "task": "ruler", "length": 4096, "subtask": subtask, "score": sample_score}
             )
     text = render_report(_write(tmp_path / "ruler.jsonl", records)).read_text()
-    assert "| 4096 | 75.0 | 65.0 | -10.0 |" in text
+    assert "| 4096 | 75.0 | 65.0 | -10.0 |" in text  # no prompt in common: no interval
     assert "| 4096 | cwe | 50.0 | 30.0 |" in text
     _png(tmp_path / "ruler_sparse.png")
+    for i, record in enumerate(records):  # the same prompts under both methods: paired
+        record["case_id"] = f"{record['subtask']}/{i % 2}"
+    text = render_report(_write(tmp_path / "paired.jsonl", records)).read_text()
+    assert "| 4096 | 75.0 | 65.0 | -10.0 [-10.0, -10.0] |" in text  # every pair differs by the same
 
 
 def test_ppl_report_pools_windows(tmp_path):

@@ -153,3 +153,25 @@ def test_summarize_per_task_and_average():
     assert summary["dense"][4096] == {"vt": 75.0, "cwe": 25.0, "average": 50.0}
     assert summary["dense"][8192]["vt"] == 100.0
     assert summary["dense"][8192]["average"] != summary["dense"][8192]["average"]  # nan: cwe missing
+
+
+def test_difference_interval_is_a_paired_bootstrap_over_cases():
+    from longinfer.eval.ruler import difference_interval
+
+    def record(method, subtask, case, score, length=4096):
+        return {"task": "ruler", "method": method, "length": length, "subtask": subtask,
+                "case_id": f"{subtask}/{case}", "score": score}
+
+    # vt: sparse loses 0.5 on every case; cwe: the same scores -> the average differs by exactly -25
+    records = [record(m, "vt", i, 1.0 if m == "dense" else 0.5) for m in ("dense", "sparse") for i in range(6)]
+    records += [record(m, "cwe", i, 0.2 * i) for m in ("dense", "sparse") for i in range(6)]
+    assert difference_interval(records, "sparse", "dense", 4096) == (-25.0, -25.0)
+    # one case of vt where sparse wins instead: the interval widens around the point estimate
+    records[6] = record("sparse", "vt", 0, 1.0)
+    low, high = difference_interval(records, "sparse", "dense", 4096)
+    point = (sum(-50 for _ in range(5)) / 6) / 2
+    assert low < point < high and low >= -25.0 and high <= 0.0
+    assert difference_interval(records, "sparse", "dense", 4096) == (low, high)  # seeded
+    # a sub-task without a paired case, or another length: no interval
+    assert difference_interval(records + [record("dense", "fwe", 0, 1.0)], "sparse", "dense", 4096) is None
+    assert difference_interval(records, "sparse", "dense", 8192) is None

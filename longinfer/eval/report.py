@@ -20,6 +20,7 @@ from typing import Any
 
 from .latency import crossover_length
 from .results import ResultStore
+from .ruler import difference_interval
 from .ruler import summarize as ruler_summary
 
 logger = logging.getLogger(__name__)
@@ -149,16 +150,14 @@ def _ruler_section(
     def score(method: str, length: int, column: str) -> float:
         return summary.get(method, {}).get(length, {}).get(column, math.nan)
 
+    def difference(method: str, length: int) -> str:
+        value = f"{score(method, length, 'average') - score(base, length, 'average'):+.1f}"
+        interval = difference_interval(records, method, base, length)
+        return value if interval is None else f"{value} [{interval[0]:+.1f}, {interval[1]:+.1f}]"
+
     rows = [
-        [
-            length,
-            *[f"{score(m, length, 'average'):.1f}" for m in methods],
-            *[
-                f"{score(m, length, 'average') - score(base, length, 'average'):+.1f}"
-                for m in methods
-                if m != base
-            ],
-        ]
+        [length, *[f"{score(m, length, 'average'):.1f}" for m in methods], *[difference(m, length) for m in methods
+                                                                          if m != base]]
         for length in lengths
     ]
     header = ["length", *[f"{m} avg" for m in methods], *[f"{m} - {base}" for m in methods if m != base]]
@@ -168,7 +167,8 @@ def _ruler_section(
         for task in subtasks
     ]
     text = (
-        "Average score (0-100) over the sub-tasks, per length.\n\n"
+        "Average score (0-100) over the sub-tasks, per length. Differences to the baseline carry a 95% "
+        "paired bootstrap interval over the prompts both methods ran (resampled within each sub-task).\n\n"
         + markdown_table(header, rows)
         + "\n\nPer sub-task score (share of expected strings found, 0-100).\n\n"
         + markdown_table(["length", "task", *methods], detail)

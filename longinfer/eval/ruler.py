@@ -464,3 +464,47 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[int, dict[
             complete = all(t in scores for t in subtasks)
             scores["average"] = sum(scores[t] for t in subtasks) / len(subtasks) if complete else float("nan")
     return summary
+
+
+def difference_interval(
+    records: Iterable[Mapping[str, Any]],
+    method: str,
+    baseline: str,
+    length: int,
+    *,
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Paired bootstrap interval of ``average(method) - average(baseline)`` at ``length`` (0-100).
+
+    Cases are paired by ``case_id`` (the same prompt under both methods; cases missing for either
+    are left out). Each resample draws, per sub-task, as many paired cases as it has, with
+    replacement, and averages the per-case differences over the sub-tasks as :func:`summarize`
+    averages scores. Returns the central ``level`` interval of the resampled differences, or
+    ``None`` when a sub-task has no paired case. Deterministic for a given ``seed``.
+    """
+    scores: dict[tuple[str, str], dict[str, float]] = {}  # (method, subtask) -> case_id -> score
+    subtasks: dict[str, None] = {}
+    for record in records:
+        if (record.get("task") != "ruler" or record.get("error") or int(record["length"]) != length
+                or "case_id" not in record):
+            continue
+        subtasks[record["subtask"]] = None
+        scores.setdefault((record["method"], record["subtask"]), {})[record["case_id"]] = float(record["score"])
+    differences = []
+    for subtask in subtasks:
+        ours, theirs = scores.get((method, subtask), {}), scores.get((baseline, subtask), {})
+        paired = [100 * (ours[case] - theirs[case]) for case in sorted(ours.keys() & theirs.keys())]
+        if not paired:
+            return None
+        differences.append(paired)
+    if not differences:
+        return None
+    rng = random.Random(seed)
+    means = sorted(
+        sum(sum(rng.choices(d, k=len(d))) / len(d) for d in differences) / len(differences)
+        for _ in range(resamples)
+    )
+    tail = (1 - level) / 2
+    return means[int(tail * (resamples - 1))], means[int(round((1 - tail) * (resamples - 1)))]
