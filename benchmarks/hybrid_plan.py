@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import datetime as dt
 import json
 import statistics
 import sys
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     note = (f"{args.base.name} with one index per KV group in layers {shared} (the worst by {args.per_head}'s "
             f"worst head in {args.heads}); table prediction: recall {expected['mean_recall']:.3f} mean / "
             f"{expected['p10_recall']:.3f} p10 at {expected['mean_density']:.1%} density")
-    plan = dataclasses.replace(base, layers=layers, search={"method": "hybrid_kv_layers", "note": note})
+    plan = dataclasses.replace(base, layers=layers, search={"method": "hybrid_kv_layers", "note": note},
+                               created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plan.save(args.out)
     times = None if args.timings is None else layer_times(args.timings, (args.per_head, args.per_group))
