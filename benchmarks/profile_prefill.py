@@ -1,12 +1,12 @@
 """Where the GPU time of one sparse prefill goes: torch.profiler over a patched model's forward.
 
 Prints the ops and kernels with the most CUDA time (the sparse attention kernel, the linear
-layers, the model's elementwise work). Random token ids: the index then differs from real text,
-so use it for the split of the time, not for density or accuracy. The table in
-``docs/results/gpu-qwen1.5b-128k/README.md`` came from (device run, real-model setup of
-``benchmarks/README.md``)::
+layers, the model's elementwise work). The tokens are PG essays (``--text pg``, as the evaluations
+use), or random ids (``--text random``: the index then differs from what text gives). The table in
+``docs/results/gpu-qwen1.5b-128k/README.md`` and the session-5 turn profiles came from random ids
+(device run, real-model setup of ``benchmarks/README.md``)::
 
-    python3 benchmarks/profile_prefill.py --model qwen2.5-coder-1.5b --yarn 4 --length 131072
+    python3 benchmarks/profile_prefill.py --model qwen2.5-coder-1.5b --yarn 4 --length 131072 --text random
 
 A follow-up turn over a cached prefix (issue 4's second turn)::
 
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from longinfer.data import corpora
 from longinfer.integrations import transformers as integration
 from longinfer.models import zoo
 
@@ -46,13 +47,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="first prefill this many tokens into a KV cache, then profile --length new tokens over it")
     parser.add_argument("--plan", default=None, help="plan JSON (default: the default plan)")
     parser.add_argument("--rows", type=int, default=14, help="table rows")
+    parser.add_argument("--text", choices=("pg", "random"), default="pg",
+                        help="PG essays (the haystack corpus) or random token ids")
     parser.add_argument("--sort", choices=("cuda", "cpu"), default="cuda",
                         help="rank ops by CUDA time, or by CPU time (host overhead of short forwards)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
-    model, _ = zoo.load(args.model, yarn_factor=args.yarn)
-    ids = torch.randint(1000, 20000, (1, args.prefix + args.length), device="cuda")
+    model, tokenizer = zoo.load(args.model, yarn_factor=args.yarn)
+    total = args.prefix + args.length
+    if args.text == "random":
+        ids = torch.randint(1000, 20000, (1, total), device="cuda")
+    else:
+        ids = torch.tensor([corpora.haystack_ids(tokenizer, total, "pg")], device="cuda")
     integration.patch(model, args.plan)
     cache = None
     with torch.inference_mode():
