@@ -553,6 +553,7 @@ def test_layers_sharing_a_plan_replay_one_recorded_call_with_the_same_results(de
     for name, graphs in (("eager", False), ("graphs", lt.CallGraphs(capture=StandInCapture(), device_types=("cpu",)))):
         with patched(model, plan, backend="triton", cuda_graphs=graphs):
             results[name] = logits(model, ids), lt.attention_stats(model).density
+            assert lt.attention_stats(model).graph_calls == (2 if graphs else 0)
         if graphs:
             assert (graphs.captures, graphs.replays) == (1, 2)
     torch.testing.assert_close(results["graphs"][0], results["eager"][0], atol=0, rtol=0)

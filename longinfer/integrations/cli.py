@@ -160,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             density = (f"{stats.density:.3f} of the model's (query, key) pairs in prefill "
                        f"({stats.sparse_calls} sparse, {stats.dense_calls} dense, "
-                       f"{stats.window_calls} windowed layer calls)")
+                       f"{stats.window_calls} windowed layer calls"
+                       + (f"; {stats.graph_calls} sparse ones replayed from CUDA graphs)" if stats.graph_calls else ")"))
         print(f"attention density: {density}")
         print(f"plan:              {plan.model_id or '(unnamed)'} [{plan.search.get('method', '?')}]")
     return 0

@@ -242,6 +242,7 @@ class LayerStats:
     dense_calls: int = 0
     sparse_calls: int = 0
     window_calls: int = 0
+    graph_calls: int = 0  # sparse calls replayed from a CUDA graph
     total_pairs: float = 0.0  # (query, key) pairs of the model's mask, prefill calls, all heads
     kept_pairs: float = 0.0  # pairs computed by dense and windowed calls
     kept_sparse: torch.Tensor | None = None  # pairs computed by sparse calls (estimate; stays on device)
@@ -535,6 +536,7 @@ class AttentionStats:
             decode calls have fewer than ``SPARSE_MIN_QUERIES`` queries, dense calls ran dense by
             the plan's threshold, window calls ran the model's sliding window (or softcap) exactly.
             ``calls`` counts attention calls; the others count a padded batch once per sequence.
+        graph_calls: the sparse calls replayed from a CUDA graph (``patch(..., cuda_graphs=True)``).
     """
 
     density: float
@@ -544,6 +546,7 @@ class AttentionStats:
     dense_calls: int
     sparse_calls: int
     window_calls: int
+    graph_calls: int = 0
 
 
 def _runtimes(model: Any) -> list[LayerRuntime]:
@@ -568,7 +571,7 @@ def attention_stats(model: Any) -> AttentionStats:
         kept_all += kept
         total_all += s.total_pairs
     counts = {name: sum(getattr(rt.stats, name) for rt in runtimes)
-              for name in ("calls", "decode_calls", "dense_calls", "sparse_calls", "window_calls")}
+              for name in ("calls", "decode_calls", "dense_calls", "sparse_calls", "window_calls", "graph_calls")}
     return AttentionStats(density=kept_all / total_all if total_all else math.nan,
                           layer_density=tuple(layer_density), **counts)
 
@@ -814,7 +817,9 @@ def _sparse_attention(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: to
         out, kept = call(q, k, v)
     else:
         key = (runtime.buckets, runtime.layer.dense_last, ctx.scale, q.shape, k.shape, v.shape, q.dtype, q.device)
+        replays = runtime.graphs.replays
         out, kept = runtime.graphs(key, call, (q, k, v), output_bytes=q.numel() * q.element_size() + 4)
+        runtime.stats.graph_calls += runtime.graphs.replays - replays
     runtime.stats.add_sparse(pairs, kept)
     return out
 
