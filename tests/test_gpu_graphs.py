@@ -42,7 +42,8 @@ def test_graph_replay_equals_eager(bsz, hq, hkv, nq, nk, d, heads, share, dense_
     plan = Plan(model_id="tiny", num_layers=1, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                 layers=(LayerPlan(heads=heads, share_kv_groups=share, dense_last=dense_last),))
     graphs = lt.CallGraphs()
-    runs = {name: lt.LayerRuntime.build(plan, 0, "triton", graphs=g) for name, g in (("eager", None), ("graph", graphs))}
+    runs = {"eager": lt.LayerRuntime.build(plan, 0, "triton"),
+            "graph": lt.LayerRuntime.build(plan, 0, "triton", graphs=graphs)}
     for seed in range(3):
         q, k, v = _inputs(seed, bsz, hq, hkv, nq, nk, d)
         outs = {}
@@ -52,3 +53,4 @@ def test_graph_replay_equals_eager(bsz, hq, hkv, nq, nk, d, heads, share, dense_
         torch.testing.assert_close(outs["graph"], outs["eager"], atol=1e-3, rtol=0)
         assert float(runs["graph"].stats.kept_sparse) == pytest.approx(float(runs["eager"].stats.kept_sparse), rel=1e-6)
     assert (graphs.captures, graphs.replays) == (1, 2)
+    assert runs["graph"].stats.graph_calls == 2 and runs["eager"].stats.graph_calls == 0
