@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -27,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 
 from longinfer import ops
-from longinfer.ops.dense import default_splits
 from longinfer.ops._checks import AttentionShape
+from longinfer.ops.dense import default_splits
+from longinfer.timing import median_cuda_ms
 
 
 def structured_index(heads: int, k_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,20 +39,6 @@ def structured_index(heads: int, k_len: int, seed: int) -> tuple[torch.Tensor, t
     slash = [torch.cat([local, torch.randperm(k_len - 100, generator=g)[:600] + 100]).sort().values
              for _ in range(heads)]
     return torch.stack(vertical)[None].cuda(), torch.stack(slash)[None].cuda()
-
-
-def time_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         in_kernel, split = sparse(nk - tail), second_pass(splits)
         diff = (in_kernel[:, :, nq - tail:].float() - split[:, :, nq - tail:].float()).abs().max().item()
         for name, fn in variants.items():
-            rows.append({"layout": layout, "variant": name, "ms": time_ms(fn, args.repeats),
+            rows.append({"layout": layout, "variant": name, "ms": median_cuda_ms(fn, args.repeats, warmup=3),
                          "tail_rows_max_abs_diff_kernel_vs_split": diff})
     header = {
         "device": torch.cuda.get_device_name(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
