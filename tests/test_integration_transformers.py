@@ -514,7 +514,7 @@ def test_dense_last_rows_are_dense_and_the_rest_stays_sparse(backend, share, pre
         plan = Plan(model_id="tiny", num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=64,
                     layers=(LayerPlan(heads=heads, dense_last=option, share_kv_groups=share),))
         runtime = lt.LayerRuntime.build(plan, 0, backend)
-        assert lt._dense_tail_rows(plan.layers[0], nq, prefix + nq) == (tail if option else 0)
+        assert plan.layers[0].dense_rows(nq, prefix + nq) == (tail if option else 0)
         outs[option] = lt._sparse_attention(lt._CallContext(runtime, backend, scale, None, None), q, k, v)
         densities[option] = float(runtime.stats.kept_sparse) / runtime.stats.total_pairs
     dense = lt._masked_attention(q, k, v, scale, lt._causal_rows(None), None)

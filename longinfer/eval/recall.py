@@ -175,7 +175,7 @@ class PlanMethod:
         layer_plan = self.plan.layers[layer]
         bsz, hq = q.shape[:2]
         dense_from = layer_plan.dense_from(k.shape[2])
-        if layer_plan.runs_dense(k.shape[2]) or (dense_from is not None and dense_from <= k.shape[2] - q.shape[2]):
+        if layer_plan.runs_dense(k.shape[2]) or layer_plan.dense_rows(q.shape[2], k.shape[2]) == q.shape[2]:
             return lambda rows: torch.ones(1, 1, rows.numel(), k.shape[2], dtype=torch.bool, device=q.device)
         parts = []
         for bucket in head_buckets(layer_plan, k.shape[1]):

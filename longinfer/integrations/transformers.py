@@ -797,7 +797,7 @@ def _attend_contiguous(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: t
 
             return ops.a_shape_attention(q, k, v, 0, window, sm_scale=ctx.scale)
         return _masked_attention(q, k, v, ctx.scale, _causal_rows(window), ctx.softcap)
-    if decode or runtime.layer.runs_dense(nk) or _dense_tail_rows(runtime.layer, nq, nk) == nq:
+    if decode or runtime.layer.runs_dense(nk) or runtime.layer.dense_rows(nq, nk) == nq:
         if not decode:
             stats.add_full(_causal_pairs(nq, nk) * bsz * hq, window=False)
         return _dense_attention(q, k, v, ctx.scale, ctx.backend)
@@ -827,7 +827,7 @@ def _sparse_attention(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: to
 def _sparse_call(ctx: _CallContext, head_indices: list[tuple[torch.Tensor | None, torch.Tensor | None]],
                  q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each bucket of heads: estimate its index from ``q``/``k`` and run its kernel, with the
-    layer's dense tail rows (:func:`_dense_tail_rows`, fewer than ``Nq``) attending densely.
+    layer's dense tail rows (:meth:`LayerPlan.dense_rows`, fewer than ``Nq``) attending densely.
 
     ``head_indices``: each bucket's ``(q_heads, kv_heads)`` index tensors (:meth:`LayerRuntime.indices`).
     Returns the output ``[B, Hq, Nq, D]`` and the kept pairs (0-d float tensor, all heads).
@@ -837,7 +837,7 @@ def _sparse_call(ctx: _CallContext, head_indices: list[tuple[torch.Tensor | None
     bsz, _, nq, _ = q.shape
     nk = k.shape[2]
     pairs = _causal_pairs(nq, nk) * bsz
-    tail = _dense_tail_rows(runtime.layer, nq, nk)
+    tail = runtime.layer.dense_rows(nq, nk)
     out = None
     kept = None
     for bucket, (q_idx, kv_idx) in zip(runtime.buckets, head_indices):
@@ -860,12 +860,6 @@ def _sparse_call(ctx: _CallContext, head_indices: list[tuple[torch.Tensor | None
     return out, kept
 
 
-def _dense_tail_rows(layer: LayerPlan, nq: int, nk: int) -> int:
-    """How many of the ``nq`` last query rows attend densely under the layer's ``dense_last``."""
-    dense_from = layer.dense_from(nk)
-    return 0 if dense_from is None else min(nq, nk - dense_from)
-
-
 def _run_bucket(bucket: HeadBucket, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 ctx: _CallContext, tail: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one bucket and the share of its causal pairs it kept (a 0-d tensor).
@@ -873,7 +867,7 @@ def _run_bucket(bucket: HeadBucket, q: torch.Tensor, k: torch.Tensor, v: torch.T
     ``q [B, n * g, Nq, D]``, ``k, v [B, n, Nk, D]`` (the bucket's heads). The selection has
     ``n * g`` heads, or ``n`` with ``bucket.per_kv_group``; a KV head's mask then applies to each
     of its ``g`` query heads, so the mean kept share over the index heads is the per-query-head one.
-    The last ``tail`` query rows (whole kernel tiles, see :func:`_dense_tail_rows`) attend densely;
+    The last ``tail`` query rows (whole kernel tiles, see :meth:`LayerPlan.dense_rows`) attend densely;
     the kept share counts them as the selection would (the caller corrects it).
     """
     head = bucket.head

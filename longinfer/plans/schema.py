@@ -253,6 +253,12 @@ class LayerPlan:
             return None
         return max(0, k_len - self.dense_last) // DENSE_LAST_TILE * DENSE_LAST_TILE
 
+    def dense_rows(self, q_len: int, k_len: int) -> int:
+        """How many of a call's ``q_len`` last query rows (of ``k_len`` positions) attend densely
+        under ``dense_last`` (:meth:`dense_from`); ``q_len`` means the whole call is dense."""
+        dense_from = self.dense_from(k_len)
+        return 0 if dense_from is None else min(q_len, k_len - dense_from)
+
     def head_groups(self) -> tuple[tuple[HeadPlan, tuple[int, ...]], ...]:
         """Heads grouped by identical plan, in order of first appearance: ``((plan, head_ids), ...)``.
 
