@@ -74,11 +74,13 @@ case "$step" in
       > "$RES/$step/profile-turn-cpu.txt" 2>&1
     run python3 benchmarks/profile_prefill.py $Q15 --prefix 65536 --length 4096 --sort cuda --rows 30 \
       > "$RES/$step/profile-turn-cuda.txt" 2>&1 ;;
-  tail-bench)  # no model: the dense tail in the kernel vs a second (split-K) pass, plus the GPU tests of both
+  tail-bench)  # no model: the dense tail in the kernel (split or not) vs a second pass, plus the GPU tests of both
+    LONGINFER_AUTOTUNE=0 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_estimate_kernel.py \
+      tests/test_gpu_graphs.py tests/test_ops_kernels.py -k "split or dense_from or graph or gpu" > "$RES/$step/pytest.txt" 2>&1
     run python3 benchmarks/tail_bench.py --out "$RES/$step"
-    LONGINFER_AUTOTUNE=0 run python3 -m pytest -q -p no:cacheprovider tests/test_ops_kernels.py -k "split or dense_from or graph" \
-      tests/test_gpu_graphs.py > "$RES/$step/pytest.txt" 2>&1
     tail -3 "$RES/$step/pytest.txt" ;;
+  q15-turn-kernels)  # issue 4: the turn's attention per layer and part (estimate, index, kernel variants), real q/k
+    run python3 benchmarks/turn_kernels.py $Q15 --out "$RES/$step" ;;
   q15-ttft)  # issues 4/5: TTFT of the default alone (q15-latency without the profiles)
     run_cli eval latency $Q15 --lengths 16384,32768,65536,131072 --repeats 2 --warmup 1 --out "$RES/$step" \
       --methods dense,longinfer ;;

@@ -1,5 +1,5 @@
-"""How to run the dense last rows of a sparse call: inside the vertical-slash kernel, or as a second
-dense launch (one program per query tile and head, or split over the keys).
+"""How to run the dense last rows of a sparse call: inside the vertical-slash kernel (one program per
+tile, or split over the keys), or as a second dense launch (one program per tile, or split-K).
 
 The shape is a 4K-token turn over a 64K cache on Qwen2.5-Coder-1.5B (12 query / 2 KV heads,
 head_dim 128, bfloat16), the call where the tail's cost showed (docs/results/gpu-session5). The
@@ -27,6 +27,7 @@ import torch
 from longinfer import ops
 from longinfer.ops._checks import AttentionShape
 from longinfer.ops.dense import default_splits
+from longinfer.ops.sparse import default_tail_splits
 from longinfer.timing import median_cuda_ms
 
 
@@ -58,12 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     v = torch.randn(1, hkv, nk, d, device="cuda", generator=g, dtype=torch.bfloat16)
     rows: list[dict[str, object]] = []
     splits = default_splits(AttentionShape(1, hq, hkv, tail, nk, d))
+    in_kernel_splits = default_tail_splits(nk)
     for layout, heads in (("one index per query head", hq), ("one index per KV group", hkv)):
         vertical, slash = structured_index(heads, nk, seed=heads)
         index = ops.build_vertical_slash_index(vertical, slash, nk)
 
-        def sparse(dense_from: int | None = None) -> torch.Tensor:
-            return ops.vertical_slash_attention(q, k, v, index=index, dense_from=dense_from)
+        def sparse(dense_from: int | None = None, tail_splits: int = 1) -> torch.Tensor:
+            return ops.vertical_slash_attention(q, k, v, index=index, dense_from=dense_from, tail_splits=tail_splits)
 
         def second_pass(split_count: int) -> torch.Tensor:
             out = sparse()
@@ -72,14 +74,16 @@ def main(argv: list[str] | None = None) -> int:
 
         variants = {
             "sparse, no dense rows": lambda: sparse(),
-            "dense tiles inside the kernel": lambda: sparse(nk - tail),
+            "dense tiles inside the kernel, one program per tile": lambda: sparse(nk - tail),
+            f"dense tiles inside the kernel, split over keys ({in_kernel_splits})": lambda: sparse(nk - tail,
+                                                                                                in_kernel_splits),
             "second pass, one program per tile": lambda: second_pass(1),
             f"second pass, split-K ({splits} splits)": lambda: second_pass(splits),
             "the dense rows alone, one program per tile": lambda: ops.dense_attention(q[:, :, nq - tail:], k, v, splits=1),
             f"the dense rows alone, split-K ({splits})": lambda: ops.dense_attention(q[:, :, nq - tail:], k, v,
                                                                                     splits=splits),
         }
-        in_kernel, split = sparse(nk - tail), second_pass(splits)
+        in_kernel, split = sparse(nk - tail, in_kernel_splits), second_pass(splits)
         diff = (in_kernel[:, :, nq - tail:].float() - split[:, :, nq - tail:].float()).abs().max().item()
         for name, fn in variants.items():
             rows.append({"layout": layout, "variant": name, "ms": median_cuda_ms(fn, args.repeats, warmup=3),
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
              f"- {header['device']}, {header['date']}, torch {header['torch']}; {header['timing']}",
              f"- command: `{header['command']}`", "", "| index | variant | ms |", "|---|---|---|"]
     lines += [f"| {r['layout']} | {r['variant']} | {r['ms']:.3f} |" for r in rows]
-    lines += ["", f"Tail rows, in-kernel vs split-K: max abs difference {rows[-1]['tail_rows_max_abs_diff_kernel_vs_split']:.2e} "
+    lines += ["", f"Tail rows, in-kernel split vs second-pass split-K: max abs difference {rows[-1]['tail_rows_max_abs_diff_kernel_vs_split']:.2e} "
               "(both dense, bfloat16 outputs)."]
     (out / "tail_bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

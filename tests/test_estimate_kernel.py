@@ -16,6 +16,7 @@ import torch
 from longinfer.patterns import VerticalSlashConfig, estimate_vertical_slash
 from longinfer.patterns import vertical_slash as vs
 from longinfer.patterns._common import coverage_selection, mask_to_index
+from longinfer.patterns import _estimate_kernel as kernel
 from longinfer.patterns._estimate_kernel import estimate_masses_triton
 
 ATOL, RTOL = 2e-6, 1e-5
@@ -87,6 +88,21 @@ def test_kernel_matches_brute_force(b, hq, hkv, n_q, n_k, d, last_q, sampling):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("scratch_groups", [0, 1, 2])  # 0: atomics; 1: one KV group per launch; 2: all at once
+def test_diagonal_scratch_chunks_and_atomics_agree_with_brute_force(monkeypatch, scratch_groups):
+    b, hq, hkv, n_q, n_k, d = 2, 4, 2, 45, 99, 64  # two KV groups of two query heads
+    q, k = _qk(b, hq, hkv, n_q, n_k, d, seed=4)
+    positions = vs.estimation_positions(n_q, n_k, 9, "strided")
+    per_group = b * (hq // hkv) * positions.numel() * n_k * 4
+    monkeypatch.setattr(kernel, "DIAGONAL_SCRATCH_BYTES", per_group * scratch_groups)
+    assert kernel.scratch_heads(b, hq, hkv, positions.numel(), n_k) == (hq // hkv) * scratch_groups
+    columns, diagonals = estimate_masses_triton(q, k, positions - (n_k - n_q), positions, sink=3, local=2, scale=0.3)
+    ref_columns, ref_diagonals = _brute_force(q, k, positions, sink=3, local=2, scale=0.3)
+    torch.testing.assert_close(columns.double(), ref_columns, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(diagonals.double(), ref_diagonals, atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
 def test_masses_sum_to_one_without_forced_parts_and_respect_causality():
     q, k = _qk(1, 4, 2, 64, 100, 64)
     config = VerticalSlashConfig(num_vertical=10, num_slash=10, last_q=8, sink=0, local=0, query_sampling="strided")
@@ -136,7 +152,9 @@ def test_errors_name_the_problem():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gpu_kernel_matches_the_torch_path(dtype):
+@pytest.mark.parametrize("scratch_bytes", [kernel.DIAGONAL_SCRATCH_BYTES, 0])  # scratch, atomics
+def test_gpu_kernel_matches_the_torch_path(monkeypatch, dtype, scratch_bytes):
+    monkeypatch.setattr(kernel, "DIAGONAL_SCRATCH_BYTES", scratch_bytes)
     q, k = _qk(1, 8, 2, 3000, 5000, 128, dtype)
     q, k = q.cuda(), k.cuda()
     for sampling, last_q in (("strided", 64), ("last", 64), ("mixed", 256)):

@@ -23,6 +23,7 @@ from longinfer.ops import (
     dense_attention,
     vertical_slash_attention,
 )
+from longinfer.ops.sparse import default_tail_splits
 from longinfer.ops.reference import (
     a_shape_mask,
     block_sparse_mask,
@@ -208,14 +209,17 @@ def test_dense_default_splits_only_for_few_programs():
     (64, 200, 200, 128),  # one-shot, the last partial tile and the one before dense
     (32, 70, 333, 320),  # after a cached prefix: only the last (partial) tile
     (16, 130, 130, 0),  # every tile dense: equals dense attention
-    (64, 100, 300, 192),  # the boundary inside the queries' first tile's range
+    (64, 100, 300, 192),  # the boundary inside the queries' first tile's range (never split)
 ])
-def test_vertical_slash_dense_from_runs_the_last_tiles_dense(block_size, nq, nk, dense_from):
+@pytest.mark.parametrize("tail_splits, index_heads", [(1, 4), (3, 4), (4, 2)])  # 2: heads stacked per tile
+def test_vertical_slash_dense_from_runs_the_last_tiles_dense(block_size, nq, nk, dense_from, tail_splits, index_heads):
     q, k, v = _qkv(2, 4, 2, nq, 64, torch.float32, seed=nq + dense_from, nk=nk)
-    vertical = torch.tensor([0, 1, 2, 50, 121], device=DEVICE).expand(2, 4, 5)
-    slash = torch.tensor([0, 1, 2, 3, 70], device=DEVICE).expand(2, 4, 5)
-    out = vertical_slash_attention(q, k, v, vertical, slash, block_size=block_size, dense_from=dense_from)
-    mask = vertical_slash_mask(vertical, slash, nk, block_size, dense_from=dense_from)
+    vertical = torch.tensor([0, 1, 2, 50, 121], device=DEVICE).expand(2, index_heads, 5)
+    slash = torch.tensor([0, 1, 2, 3, 70], device=DEVICE).expand(2, index_heads, 5)
+    out = vertical_slash_attention(q, k, v, vertical, slash, block_size=block_size, dense_from=dense_from,
+                                   tail_splits=tail_splits)
+    per_head = [x.repeat_interleave(4 // index_heads, dim=1) for x in (vertical, slash)]
+    mask = vertical_slash_mask(*per_head, nk, block_size, dense_from=dense_from)
     assert_matches_reference(out, q, k, v, mask)
     rows = torch.arange(nk - nq, nk, device=DEVICE)
     dense_rows = rows[rows >= dense_from]
@@ -230,6 +234,9 @@ def test_vertical_slash_dense_from_errors():
     idx = torch.zeros(1, 2, 1, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match="multiple of block_size=64"):
         vertical_slash_attention(q, k, v, idx, idx, dense_from=100)
+    with pytest.raises(ValueError, match="tail_splits must be a positive int"):
+        vertical_slash_attention(q, k, v, idx, idx, dense_from=64, tail_splits=0)
+    assert default_tail_splits(69632) == 8 and default_tail_splits(131072) == 16 and default_tail_splits(2000) == 1
 
 
 def test_queries_after_a_cached_prefix():

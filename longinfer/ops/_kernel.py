@@ -24,6 +24,12 @@ query heads and neighbouring tiles of one KV head together, so K/V tiles are reu
 Positions: queries are the last ``q_len`` of ``k_len`` positions (bottom-right causal alignment).
 Packed sequences (``VARLEN``) take their offsets from ``cu_seqlens_q/k``.
 
+Dense tail (``VERTICAL_SLASH``): the query tiles from ``dense_from`` on attend every causal key.
+Run as whole tiles, each is one program over all ``Nk`` keys, several times longer than a sparse
+tile's program, and the launch waits for it; split (``tail_splits > 1``), each tail tile is
+``tail_splits`` programs over consecutive key ranges that write float32 partials (unnormalized
+output, running max and sum), merged by the caller (:func:`longinfer.ops._launch.merge_key_splits`).
+
 :func:`_dense_split_fwd` (``dense_attention(splits=...)``) is the dense case for a few query
 tiles over many keys (a chunk after a long cached prefix): one program per (query tile, head, key
 split), merged by the caller, so the GPU gets enough programs when ``B * Hq * tiles`` alone would
@@ -91,8 +97,9 @@ def _sparse_attention_fwd(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     q_len, k_len, CuSeqQ, CuSeqK,
-    num_q_heads, num_tiles, qk_scale,
+    num_q_heads, num_tiles, first_tile, qk_scale,
     sink, window, dense_from,
+    TailAcc, TailMax, TailSum, tail_programs, tail_splits, tail_first_tile, num_tail_tiles, keys_per_tail_split,
     BlockIdx, stride_bi_b, stride_bi_h, stride_bi_m,
     GroupLo, GroupHi, GroupCount, stride_g_b, stride_g_h, stride_gc_b, stride_gc_h, search_steps,
     Cols, ColCount, stride_c_b, stride_c_h, stride_cc_b, stride_cc_h,
@@ -105,12 +112,25 @@ def _sparse_attention_fwd(
     # Programs running at the same time then work on one KV head and neighbouring tiles, so its
     # K/V stays in L2 (the whole K/V of a long sequence does not fit there), and the query heads
     # of the group (stacked HEADS_PER_TILE to a tile when they share an index) reuse each K/V tile.
-    # Long (late) tiles go first for causal load balance.
+    # Long (late) tiles go first for causal load balance. Main programs cover the tiles
+    # [first_tile, first_tile + num_tiles); with a split dense tail, the first `tail_programs`
+    # programs (scheduled before every sparse tile) each take one key split of one tail tile.
     pid = tl.program_id(0)
     head_tiles_per_group = GROUP // HEADS_PER_TILE
-    head_tile = pid % head_tiles_per_group
-    tile = num_tiles - 1 - (pid // head_tiles_per_group) % num_tiles
-    batch_kv = pid // (head_tiles_per_group * num_tiles)
+    is_tail = pid < tail_programs
+    if is_tail:
+        split = pid % tail_splits
+        unit = pid // tail_splits
+        tiles_here = num_tail_tiles
+        tile0 = tail_first_tile
+    else:
+        split = 0
+        unit = pid - tail_programs
+        tiles_here = num_tiles
+        tile0 = first_tile
+    head_tile = unit % head_tiles_per_group
+    tile = tile0 + tiles_here - 1 - (unit // head_tiles_per_group) % tiles_here
+    batch_kv = unit // (head_tiles_per_group * tiles_here)
     b = batch_kv // (num_q_heads // GROUP)
     h = (batch_kv % (num_q_heads // GROUP)) * GROUP + head_tile * HEADS_PER_TILE  # first query head of the tile
     kvh = h // GROUP
@@ -156,7 +176,13 @@ def _sparse_attention_fwd(
     m_i = tl.full([BLOCK_M * HEADS_PER_TILE], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M * HEADS_PER_TILE], dtype=tl.float32)
 
-    if MODE == 0:  # dense
+    if is_tail:  # one key split of a dense tail tile; the caller merges the splits
+        k_lo = split * keys_per_tail_split
+        k_hi = tl.minimum(k_lo + keys_per_tail_split, tile_end)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_lo, k_hi,
+                                      rows, offs_n, offs_d, d_ok, tile_start, qk_scale, 0, 0,
+                                      False, BLOCK_M, BLOCK_N, PRECISION)
+    elif MODE == 0:  # dense
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, 0, tile_end,
                                       rows, offs_n, offs_d, d_ok, tile_start, qk_scale, 0, 0,
                                       False, BLOCK_M, BLOCK_N, PRECISION)
@@ -227,20 +253,29 @@ def _sparse_attention_fwd(
             keep = (cols[None, :] <= rows[:, None]) & c_ok[None, :]
             acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, True, PRECISION)
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows with no key at all give zeros
-    out = acc / l_safe[:, None]
-    out_ptr_offset = (tile_rows // BLOCK_M) * stride_oh + (rows - shift) * stride_on
-    tl.store(o_base + out_ptr_offset[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    if is_tail:  # partials [B, Hq, tail_splits, num_tail_tiles * BLOCK_M] (+ [.., BLOCK_D] for TailAcc)
+        tail_rows = num_tail_tiles * BLOCK_M
+        head_rows = b64 * num_q_heads + h64 + (tile_rows // BLOCK_M)
+        stat = (head_rows * tail_splits + split) * tail_rows + (tile - tail_first_tile) * BLOCK_M + tile_rows % BLOCK_M
+        tl.store(TailMax + stat, m_i)
+        tl.store(TailSum + stat, l_i)
+        tl.store(TailAcc + stat[:, None] * BLOCK_D + offs_d[None, :], acc)
+    else:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows with no key at all give zeros
+        out = acc / l_safe[:, None]
+        out_ptr_offset = (tile_rows // BLOCK_M) * stride_oh + (rows - shift) * stride_on
+        tl.store(o_base + out_ptr_offset[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
 
 
 def _tuning_configs() -> list[triton.Config]:
     """Key-tile sizes, warps and stages the autotuner tries on the GPU (once per shape bucket)."""
     return [
         triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-        # The best three of a sweep of five on an H100 (benchmarks/results/kernels-*-check.md), and
-        # 32-key tiles for the narrow ranges of 16- and 32-row query tiles (BLOCK_M is in the key).
-        for bn, w, st in ((64, 4, 3), (128, 4, 3), (64, 4, 2), (32, 4, 3), (32, 2, 3))
+        # The best three of a sweep of five on an H100 (benchmarks/results/kernels-*-check.md),
+        # 32-key tiles for the narrow ranges of 16- and 32-row query tiles (BLOCK_M is in the key),
+        # and 8 warps for tiles of 128 rows and more (128-row tiles, stacked heads).
+        for bn, w, st in ((64, 4, 3), (128, 4, 3), (64, 4, 2), (32, 4, 3), (32, 2, 3), (64, 8, 3), (128, 8, 3))
     ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -55,17 +56,24 @@ def launch(
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
     options: dict[str, int] | None = None,
+    tail_splits: int = 1,
 ) -> torch.Tensor:
     """Run :func:`_sparse_attention_fwd` over all (head, query tile) pairs; returns ``[B, Hq, Nq, D]``.
 
     ``options`` fixes the tile/warp/stage choice (``BLOCK_N``, ``num_warps``, ``num_stages``, and
     optionally ``heads_per_tile``); the benchmarks use it to sweep configurations. Otherwise the
     GPU path autotunes once per (head dim, mode, tile, key-length scale). ``dense_from``
-    (vertical-slash): query tiles starting at or after this key position run dense.
+    (vertical-slash, a multiple of ``block_m``): query tiles starting at or after this key
+    position run dense, each as ``tail_splits`` programs over key ranges when ``tail_splits > 1``
+    (float32 partials ``tail_splits * B * Hq * (Nk - dense_from) * D``, then merged).
+
+    Without packed sequences the grid holds only the tiles that contain queries (a 4K chunk over
+    a 64K cache launches 64 tiles per head, not 1,088).
     """
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q)
-    num_tiles = math.ceil(shape.k_len / block_m)
+    all_tiles = math.ceil(shape.k_len / block_m)
+    first_tile = 0 if cu_seqlens_q is not None else (shape.k_len - shape.q_len) // block_m
     dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
     index_heads = shape.kv_heads  # without an index, every head of a KV group can share a tile
     bi, bi_strides, bc, bc_strides = dummy, (0, 0, 0), dummy, (0, 0)
@@ -91,8 +99,18 @@ def launch(
     heads_per_tile = opts.pop("heads_per_tile", None) or _heads_per_tile(shape, block_m, index_head_div)
     if index_head_div % heads_per_tile or shape.group_size % heads_per_tile:
         raise ValueError(f"heads_per_tile={heads_per_tile} must divide the heads sharing an index ({index_head_div})")
-    grid = (shape.batch * shape.q_heads // heads_per_tile * num_tiles,)
+    splits = 1 if cu_seqlens_q is not None else tail_splits
+    tail = _TailSplit.plan(shape, block_m, all_tiles, dense_from, splits, q.device)
+    if tail is not None:
+        dense_from = None  # the main programs stop before the tail's tiles
+    num_tiles = (all_tiles if tail is None else tail.first_tile) - first_tile
+    heads_tiles = shape.batch * shape.q_heads // heads_per_tile
+    tail_programs = 0 if tail is None else heads_tiles * tail.num_tiles * tail.splits
+    grid = (tail_programs + heads_tiles * num_tiles,)
     kernel = _sparse_attention_fwd if "BLOCK_N" in opts else sparse_attention_fwd_tuned
+    tail_args = (dummy, dummy, dummy, 0, 1, 0, 0, 0) if tail is None else (
+        tail.acc, tail.row_max, tail.row_sum, tail_programs, tail.splits, tail.first_tile, tail.num_tiles,
+        tail.keys_per_split)
     kernel[grid](
         q, k, v, out,
         q.stride(0), q.stride(1), q.stride(2),
@@ -100,8 +118,9 @@ def launch(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         shape.q_len, shape.k_len, cu_q, cu_k,
-        shape.q_heads, num_tiles, sm_scale * LOG2_E,
+        shape.q_heads, num_tiles, first_tile, sm_scale * LOG2_E,
         sink, window, 2**31 - 1 if dense_from is None else dense_from,
+        *tail_args,
         bi, *bi_strides,
         g_lo, g_hi, g_count, *g_strides, *gc_strides, steps,
         cols, col_count, *c_strides, *cc_strides,
@@ -111,4 +130,52 @@ def launch(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **opts,
     )
+    if tail is not None:
+        tail.write_into(out, shape, block_m)
     return out
+
+
+def merge_key_splits(acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor, dim: int) -> torch.Tensor:
+    """Attention output from split-K partials: ``acc [..., D]`` unnormalized (float32), ``row_max``
+    (log2 domain) and ``row_sum`` ``[...]``, the splits along ``dim``. A split with no visible key
+    holds ``(0, -inf, 0)``; every row needs one split with a key (its max is then finite)."""
+    weight = torch.exp2(row_max - row_max.amax(dim, keepdim=True))
+    return (acc * weight[..., None]).sum(dim) / (row_sum * weight).sum(dim)[..., None]
+
+
+@dataclass(frozen=True)
+class _TailSplit:
+    """The split dense tail of a vertical-slash launch: tiles ``[first_tile, first_tile +
+    num_tiles)``, each over ``splits`` key ranges of ``keys_per_split``, and their partials."""
+
+    first_tile: int
+    num_tiles: int
+    splits: int
+    keys_per_split: int
+    acc: torch.Tensor  # [B, Hq, splits, num_tiles * block_m, BLOCK_D] float32
+    row_max: torch.Tensor  # [B, Hq, splits, num_tiles * block_m]
+    row_sum: torch.Tensor
+
+    @classmethod
+    def plan(cls, shape: AttentionShape, block_m: int, all_tiles: int, dense_from: int | None, splits: int,
+             device: torch.device) -> _TailSplit | None:
+        """None when the tail runs unsplit (no tail, ``splits <= 1``, a tail before the queries)."""
+        if dense_from is None or splits <= 1:
+            return None
+        tail_first = dense_from // block_m
+        if tail_first >= all_tiles or tail_first * block_m < shape.k_len - shape.q_len:
+            return None  # no tail, or a tail tile with rows before the first query: run unsplit
+        keys_per_split = math.ceil(shape.k_len / splits / 128) * 128  # whole key tiles of every BLOCK_N
+        splits = math.ceil(shape.k_len / keys_per_split)
+        num_tiles = all_tiles - tail_first
+        stats = (shape.batch, shape.q_heads, splits, num_tiles * block_m)
+        row_max = torch.empty(stats, device=device, dtype=torch.float32)
+        acc = torch.empty(*stats, triton.next_power_of_2(shape.head_dim), device=device, dtype=torch.float32)
+        return cls(tail_first, num_tiles, splits, keys_per_split, acc, row_max, torch.empty_like(row_max))
+
+    def write_into(self, out: torch.Tensor, shape: AttentionShape, block_m: int) -> None:
+        """Merge the partials into the tail rows of ``out [B, Hq, Nq, D]``."""
+        start = self.first_tile * block_m
+        rows = shape.k_len - start
+        merged = merge_key_splits(self.acc, self.row_max, self.row_sum, dim=2)
+        out[:, :, start - (shape.k_len - shape.q_len):] = merged[:, :, :rows, :shape.head_dim].to(out.dtype)

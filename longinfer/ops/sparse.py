@@ -23,6 +23,7 @@ from longinfer.ops.index import (
     build_vertical_slash_index,
 )
 
+TAIL_SPLIT_KEYS = 8192  # keys per program of a split dense tail tile (default_tail_splits)
 A_SHAPE_BLOCK_M = 64  # with 2 query heads stacked per tile when Hq/Hkv is even (faster on H100)
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -49,6 +50,7 @@ def vertical_slash_attention(
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
     dense_from: int | None = None,
+    tail_splits: int | None = None,
 ) -> torch.Tensor:
     """Attention over vertical lines (key columns) and slash lines (diagonals).
 
@@ -64,6 +66,9 @@ def vertical_slash_attention(
         dense_from: query rows at or after this key position attend every causal key, in the
             same launch (their tiles are scheduled first, so they overlap the sparse tiles); a
             multiple of ``block_size``; not with packed sequences.
+        tail_splits: run each dense tile as this many programs over consecutive key ranges,
+            merged afterwards (a whole-row tile over 64K keys otherwise outlasts every sparse
+            tile of the launch); default :func:`default_tail_splits`. 1 = one program per tile.
 
     Entries outside ``[0, Nk)`` and repeats are ignored; order does not matter; empty ``V`` or
     ``S`` are fine. Memory: the index plan, ``O(B * H * (V + S + Nk / block_size))``.
@@ -76,6 +81,8 @@ def vertical_slash_attention(
             raise ValueError(f"dense_from must be a non-negative multiple of block_size={block_size}, got {dense_from!r}")
         if cu_seqlens_q is not None:
             raise ValueError("dense_from is not supported with packed sequences (cu_seqlens_q); run them one by one")
+    if tail_splits is not None and (isinstance(tail_splits, bool) or not isinstance(tail_splits, int) or tail_splits < 1):
+        raise ValueError(f"tail_splits must be a positive int, got {tail_splits!r}")
     if index is None:
         if vertical is None or slash is None:
             raise ValueError("pass either vertical and slash, or a prebuilt index")
@@ -94,7 +101,14 @@ def vertical_slash_attention(
                 f"k_len={shape.k_len}, block_size={block_size}: rebuild it"
             )
     return launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, block_size, vs=index, dense_from=dense_from,
-                  cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+                  cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                  tail_splits=default_tail_splits(shape.k_len) if tail_splits is None else tail_splits)
+
+
+def default_tail_splits(k_len: int) -> int:
+    """Key ranges per dense tail tile: about :data:`TAIL_SPLIT_KEYS` keys each, near what one
+    sparse tile computes at the default plan's density (15% of a 64K-key row)."""
+    return max(1, round(k_len / TAIL_SPLIT_KEYS))
 
 
 def block_sparse_attention(

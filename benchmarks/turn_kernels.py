@@ -1,0 +1,231 @@
+"""Where the attention time of a follow-up turn goes, layer by layer, on the model's own activations.
+
+Issue 4's second turn (4,096 new tokens over a cached 65,536-token prefix) spends its attention
+time in three places per layer: the index estimate, the index build and the sparse kernel. This
+captures every layer's post-RoPE queries (the turn's rows) and keys (all positions) from one SDPA
+forward over PG essays, then times, per layer and in one process:
+
+- ``dense SDPA``: ``torch.nn.functional.scaled_dot_product_attention`` with the bottom-right causal
+  mask (``causal_lower_right``) and the KV heads repeated, what a dense turn runs;
+- ``layer (eager)`` / ``layer (graph)``: the plan's layer exactly as a patched model runs it
+  (:func:`longinfer.integrations.transformers.attend_layer`), launched eagerly and replayed from
+  a CUDA graph (the patched model's default; the graph time is the GPU time alone);
+- its parts: ``estimate`` (masses and selection) with the diagonal-mass scratch and with
+  float32 atomics (``DIAGONAL_SCRATCH_BYTES = 0``), ``masses`` alone both ways, the ``index``
+  build, and the ``kernel`` with the dense tail split over keys (the default), unsplit (one
+  program per tail tile), without the tail, and at fixed launch options (key tile, warps, stages;
+  the autotuner's pick is the default row), and with 128-row query tiles (the estimate rerun with
+  ``block_size=128``, its own index; the slashes then cover whole 128-row tiles, so it computes
+  more pairs).
+
+V is random normal (a kernel's time does not depend on V's values); q/k and so every index are the
+model's. Timing: CUDA events, median of ``--repeats`` after 2 warm-ups
+(:func:`longinfer.timing.median_cuda_ms`). Writes ``turn_kernels.json`` and ``turn_kernels.md``
+into ``--out``: per-part totals over all layers, and the per-layer table.
+
+    python3 benchmarks/turn_kernels.py --model qwen2.5-coder-1.5b --yarn 4 --out $OUT/turn-kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch
+
+from longinfer import ops
+from longinfer.data import corpora
+from longinfer.eval.capture import capture_qk
+from longinfer.integrations.transformers import attend_layer
+from longinfer.models import zoo
+from longinfer.ops._checks import AttentionShape
+from longinfer.ops._kernel import MODE_VERTICAL_SLASH
+from longinfer.ops._launch import launch
+from longinfer.ops.index import build_vertical_slash_index
+from longinfer.ops.sparse import default_tail_splits
+from longinfer.patterns import _estimate_kernel, get_pattern
+from longinfer.patterns import vertical_slash as vs
+from longinfer.plans.schema import Plan, default_plan_for
+from longinfer.timing import median_cuda_ms
+
+# Fixed launch options to compare with the autotuner's pick: (BLOCK_N, num_warps, num_stages).
+KERNEL_OPTIONS = ((64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4), (128, 8, 2))
+TALL_KERNEL_OPTIONS = ((64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 8, 2))
+
+
+def sdpa_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Dense attention of the last ``Nq`` positions as transformers' SDPA path runs it."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    group = q.shape[1] // k.shape[1]
+    k_rep, v_rep = (x.repeat_interleave(group, dim=1) for x in (k, v))
+    mask = causal_lower_right(q.shape[2], k.shape[2])
+    return lambda: torch.nn.functional.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask)
+
+
+def graph_time(fn: Callable[[], Any], repeats: int) -> float:
+    """GPU time of ``fn`` replayed from a CUDA graph (``fn`` must not synchronize)."""
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_cuda_ms(graph.replay, repeats=repeats, warmup=2)
+
+
+def with_scratch_bytes(limit: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with the estimate's diagonal scratch limited to ``limit`` bytes (0 = atomics)."""
+    def run() -> Any:
+        saved = _estimate_kernel.DIAGONAL_SCRATCH_BYTES
+        _estimate_kernel.DIAGONAL_SCRATCH_BYTES = limit
+        try:
+            return fn()
+        finally:
+            _estimate_kernel.DIAGONAL_SCRATCH_BYTES = saved
+    return run
+
+
+def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  repeats: int) -> dict[str, float]:
+    """Every timed variant of one layer, in milliseconds (see the module docstring)."""
+    def timed(fn: Callable[[], Any]) -> float:
+        return median_cuda_ms(fn, repeats=repeats, warmup=2)
+
+    times = {"dense SDPA": timed(sdpa_dense(q, k, v)),
+             "layer (eager)": timed(lambda: attend_layer(plan, layer, q, k, v, scale=scale)),
+             "layer (graph)": graph_time(lambda: attend_layer(plan, layer, q, k, v, scale=scale), repeats)}
+    layer_plan = plan.layers[layer]
+    groups = layer_plan.head_groups()
+    head = groups[0][0]
+    if len(groups) != 1 or head.pattern != "vertical_slash" or layer_plan.runs_dense(k.shape[2]):
+        return times  # the parts below assume one vertical-slash bucket of every head
+    spec = get_pattern(head.pattern)
+    config, per_kv = head.config, layer_plan.share_kv_groups
+
+    def estimate() -> Any:
+        return spec.estimate(q, k, config, sm_scale=scale, per_kv_group=per_kv)
+
+    def masses() -> Any:
+        return vs.estimate_masses(q, k, config, sm_scale=scale, backend="triton")
+
+    times["estimate (scratch)"] = timed(estimate)
+    times["estimate (atomics)"] = timed(with_scratch_bytes(0, estimate))
+    times["masses (scratch)"] = timed(masses)
+    times["masses (atomics)"] = timed(with_scratch_bytes(0, masses))
+    selection = estimate()
+    nk = k.shape[2]
+
+    def index() -> Any:
+        return build_vertical_slash_index(selection.vertical, selection.slash, nk, selection.block_size, presorted=True)
+
+    times["index"] = timed(index)
+    built = index()
+    dense_from = layer_plan.dense_from(nk)
+
+    def kernel(tail_splits: int | None = None, from_row: int | None = dense_from) -> Callable[[], Any]:
+        return lambda: ops.vertical_slash_attention(q, k, v, index=built, block_size=selection.block_size,
+                                                    sm_scale=scale, dense_from=from_row, tail_splits=tail_splits)
+
+    times["kernel (tail split)"] = timed(kernel())
+    times["kernel (tail unsplit)"] = timed(kernel(1))
+    times["kernel (no tail)"] = timed(kernel(from_row=None))
+    shape = AttentionShape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], nk, q.shape[3])
+    # 128-row query tiles: their own estimate (slashes widen to whole tiles) and index.
+    tall = spec.estimate(q, k, dataclasses.replace(config, block_size=128), sm_scale=scale, per_kv_group=per_kv)
+    tall_index = build_vertical_slash_index(tall.vertical, tall.slash, nk, 128, presorted=True)
+    tall_from = None if dense_from is None else dense_from // 128 * 128
+    variants = [(f"kernel {selection.block_size}-row tiles", selection.block_size, built, dense_from, KERNEL_OPTIONS),
+                ("kernel 128-row tiles", 128, tall_index, tall_from, TALL_KERNEL_OPTIONS)]
+    times["kernel 128-row tiles (autotuned)"] = timed(
+        lambda: ops.vertical_slash_attention(q, k, v, index=tall_index, block_size=128, sm_scale=scale,
+                                             dense_from=tall_from))
+    for name, block_m, index_built, from_row, sweep in variants:
+        for block_n, warps, stages in sweep:
+            options = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+            times[f"{name} BLOCK_N={block_n} warps={warps} stages={stages}"] = timed(
+                lambda: launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, block_m, vs=index_built,
+                               dense_from=from_row, options=dict(options), tail_splits=default_tail_splits(nk)))
+    return times
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    """Totals over layers first (with the ratio to dense SDPA), then every layer."""
+    layers = data["layers"]
+    names = list(dict.fromkeys(name for row in layers for name in row["ms"]))
+    total = {name: sum(row["ms"].get(name, 0.0) for row in layers) for name in names}
+    dense = total["dense SDPA"]
+    lines = [f"# Attention of a {data['length']}-token turn over a {data['prefix']}-token cache, by part", "",
+             f"- Date: {data['date']}. Device: {data['device']}. torch {data['torch']}, triton {data['triton']}.",
+             f"- Model: `{data['model']}` (YaRN {data['yarn']}), plan: {data['plan']}. Text: PG essays.",
+             f"- Command: `{data['command']}`",
+             f"- Timing: CUDA events, median of {data['repeats']} after 2 warm-ups, per layer; totals are "
+             "sums over the layers. V is random (time does not depend on it); q/k are the model's.", "",
+             "| part | total ms | dense SDPA / this |", "|---|---|---|"]
+    lines += [f"| {name} | {total[name]:.2f} | {dense / total[name]:.2f}x |" for name in names if total[name] > 0]
+    short = [n for n in names if "BLOCK_N=" not in n]
+    lines += ["", "## Per layer (ms)", "", "| layer | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
+    for row in layers:
+        lines.append(f"| {row['layer']} | " + " | ".join(f"{row['ms'].get(n, float('nan')):.3f}" for n in short) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-coder-1.5b")
+    parser.add_argument("--yarn", type=float, default=None)
+    parser.add_argument("--prefix", type=int, default=65536)
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--plan", default=None, help="plan JSON (default: the library's default plan)")
+    parser.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    model, tokenizer = zoo.load(args.model, yarn_factor=args.yarn)
+    plan = Plan.load(args.plan) if args.plan else default_plan_for(model.config, model_id=args.model)
+    total = args.prefix + args.length
+    ids = torch.tensor([corpora.haystack_ids(tokenizer, total, "pg")], device="cuda")
+    wanted = range(len(plan.layers)) if args.layers is None else [int(x) for x in args.layers.split(",")]
+    captured = capture_qk(model, ids, layers=wanted, store_device="cuda",
+                          query_rows=torch.arange(args.prefix, total, device="cuda"))
+    del model
+    torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": __import__("triton").__version__,
+        "model": args.model, "yarn": args.yarn, "plan": args.plan or "default", "prefix": args.prefix,
+        "length": args.length, "repeats": args.repeats,
+        "command": "python3 benchmarks/turn_kernels.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "layers": [],
+    }
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for layer in wanted:
+        layer_qk = captured.pop(layer)
+        q, k = layer_qk.q.contiguous(), layer_qk.k.contiguous()
+        v = torch.randn(k.shape, device=k.device, dtype=k.dtype, generator=generator)
+        ms = layer_timings(plan, layer, q, k, v, layer_qk.sm_scale, args.repeats)
+        data["layers"].append({"layer": layer, "ms": ms})
+        print(f"layer {layer}: " + ", ".join(f"{name} {t:.3f}" for name, t in ms.items()), flush=True)
+        (out / "turn_kernels.json").write_text(json.dumps(data, indent=1) + "\n")
+        (out / "turn_kernels.md").write_text(render_markdown(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
