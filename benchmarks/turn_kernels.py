@@ -13,7 +13,7 @@ forward over PG essays, then times, per layer and in one process:
 - its parts: ``estimate`` (masses and selection) with the diagonal-mass scratch and with
   float32 atomics (``DIAGONAL_SCRATCH_BYTES = 0``), ``masses`` alone both ways, the ``index``
   build, and the ``kernel`` with the dense tail split over keys (the default), unsplit (one
-  program per tail tile), without the tail, and at fixed launch options (key tile, warps, stages;
+  program per tail tile), without the tail, and at fixed launch options (warps, stages;
   the autotuner's pick is the default row), and with 128-row query tiles (the estimate rerun with
   ``block_size=128``, its own index; the slashes then cover whole 128-row tiles, so it computes
   more pairs).
@@ -57,9 +57,10 @@ from longinfer.patterns import vertical_slash as vs
 from longinfer.plans.schema import Plan, default_plan_for
 from longinfer.timing import median_cuda_ms
 
-# Fixed launch options to compare with the autotuner's pick: (BLOCK_N, num_warps, num_stages).
-KERNEL_OPTIONS = ((64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4), (128, 8, 2))
-TALL_KERNEL_OPTIONS = ((64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 8, 2))
+# Fixed launch options to compare with the autotuner's pick: (num_warps, num_stages); the key tile
+# of a vertical-slash launch is the index's chunk (64 keys for these tiles).
+KERNEL_OPTIONS = ((4, 3), (4, 4), (8, 3))
+TALL_KERNEL_OPTIONS = ((4, 3), (8, 3), (8, 2))
 
 
 def sdpa_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -153,9 +154,9 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
         lambda: ops.vertical_slash_attention(q, k, v, index=tall_index, block_size=128, sm_scale=scale,
                                              dense_from=tall_from))
     for name, block_m, index_built, from_row, sweep in variants:
-        for block_n, warps, stages in sweep:
-            options = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
-            times[f"{name} BLOCK_N={block_n} warps={warps} stages={stages}"] = timed(
+        for warps, stages in sweep:
+            options = {"num_warps": warps, "num_stages": stages}
+            times[f"{name} warps={warps} stages={stages}"] = timed(
                 lambda: launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, block_m, vs=index_built,
                                dense_from=from_row, options=dict(options), tail_splits=default_tail_splits(nk)))
     return times
@@ -175,7 +176,7 @@ def render_markdown(data: dict[str, Any]) -> str:
              "sums over the layers. V is random (time does not depend on it); q/k are the model's.", "",
              "| part | total ms | dense SDPA / this |", "|---|---|---|"]
     lines += [f"| {name} | {total[name]:.2f} | {dense / total[name]:.2f}x |" for name in names if total[name] > 0]
-    short = [n for n in names if "BLOCK_N=" not in n]
+    short = [n for n in names if "warps=" not in n]
     lines += ["", "## Per layer (ms)", "", "| layer | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
     for row in layers:
         lines.append(f"| {row['layer']} | " + " | ".join(f"{row['ms'].get(n, float('nan')):.3f}" for n in short) + " |")

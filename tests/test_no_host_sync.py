@@ -191,8 +191,10 @@ def test_packed_positions_still_refused_without_sync():
 # estimation and density positions were built once per shape and the density was counted on the
 # kernel index instead of a [B, H, R, Nk] mask; 144 with the dense tail; 125 once the coverage
 # selection read the forced items off its sort and skipped the per-kind minimums when both are 0;
-# 122 once the kernel ran the dense tail's tiles itself. Raise it only for a reason.
-MAX_OPS_PER_SPARSE_CALL = 124  # 122 at this test's size
+# 122 once the kernel ran the dense tail's tiles itself; 175 with the index's flat slash-chunk list
+# and covered-offset table (the kernel's slash loop pipelines; about 50 small ops, ~0.1 ms per layer
+# under a CUDA graph). Raise it only for a reason.
+MAX_OPS_PER_SPARSE_CALL = 177  # 175 at this test's size
 
 
 def test_sparse_call_op_count_stays_small():

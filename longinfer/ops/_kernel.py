@@ -11,11 +11,13 @@ set is
    - ``DENSE``: ``[0, tile_end)``;
    - ``A_SHAPE``: ``[0, sink)`` and ``[tile_start - window + 1, tile_end)``, masked per element;
    - ``BLOCKS``: one range per listed key block (block-sparse);
-   - ``VERTICAL_SLASH``: one range per group of nearby slashes (see :mod:`longinfer.ops.index`);
-     tiles starting at or after ``dense_from`` take ``[0, tile_end)`` instead (dense rows at the end);
+   - ``VERTICAL_SLASH``: the groups of nearby slashes (see :mod:`longinfer.ops.index`), walked as
+     one flat list of ``BLOCK_N``-key chunks (``BLOCK_N`` = the index's ``chunk``); tiles starting
+     at or after ``dense_from`` take ``[0, tile_end)`` instead (dense rows at the end);
 
 2. for ``VERTICAL_SLASH`` only, a list of key *columns* (sorted verticals) gathered ``BLOCK_N`` at a
-   time; a column already inside one of the tile's ranges is masked out so nothing counts twice.
+   time; a column already inside one of the tile's ranges is masked out (one lookup in the index's
+   ``covered``) so nothing counts twice.
 
 Element masks are applied only on tiles that need them (the diagonal, range ends, the window edge).
 GQA: query head ``h`` reads K/V head ``h // GROUP``; the grid order (see the kernel) keeps the
@@ -101,7 +103,8 @@ def _sparse_attention_fwd(
     sink, window, dense_from,
     TailAcc, TailMax, TailSum, tail_programs, tail_splits, tail_first_tile, num_tail_tiles, keys_per_tail_split,
     BlockIdx, stride_bi_b, stride_bi_h, stride_bi_m,
-    GroupLo, GroupHi, GroupCount, stride_g_b, stride_g_h, stride_gc_b, stride_gc_h, search_steps,
+    ChunkStart, ChunkEnd, ChunkCount, stride_ch_b, stride_ch_h, stride_cn_b, stride_cn_h,
+    Covered, stride_cv_b, stride_cv_h,
     Cols, ColCount, stride_c_b, stride_c_h, stride_cc_b, stride_cc_h,
     INDEX_HEAD_DIV, BlockCount, stride_bc_b, stride_bc_h, tune_bucket,
     HEADS_PER_TILE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -216,37 +219,27 @@ def _sparse_attention_fwd(
                                       rows, offs_n, offs_d, d_ok, tile_start, qk_scale, 0, 0,
                                       False, BLOCK_M, BLOCK_N, PRECISION)
     else:  # vertical-slash
-        g_base = b * stride_g_b + idx_h * stride_g_h
-        n_groups = tl.load(GroupCount + b * stride_gc_b + idx_h * stride_gc_h)
-        for g in range(0, n_groups):
-            s_lo = tl.load(GroupLo + g_base + g)
-            s_hi = tl.load(GroupHi + g_base + g)
-            r_start = tl.maximum(tile_start - s_hi, 0)
-            r_end = tl.minimum(tile_start + BLOCK_M - s_lo, tile_end)
-            acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, r_start, r_end,
-                                          rows, offs_n, offs_d, d_ok, tile_start, qk_scale, 0, 0,
-                                          False, BLOCK_M, BLOCK_N, PRECISION)
-        # Columns: the sorted verticals before the tile's end, minus those a range already covered.
+        # Slash keys: one flat loop over the index's chunks (offsets from the tile start, the same
+        # for every tile), so the loads of the next chunks are in flight while one is computed.
+        ch_base = b * stride_ch_b + idx_h * stride_ch_h
+        n_chunks = tl.load(ChunkCount + b * stride_cn_b + idx_h * stride_cn_h + tile)
+        for i in range(0, n_chunks):
+            cols = tile_start + tl.load(ChunkStart + ch_base + i) + offs_n
+            col_end = tl.minimum(tile_start + tl.load(ChunkEnd + ch_base + i), tile_end)
+            col_ok = (cols >= 0) & (cols < col_end)
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, True, PRECISION)
+        # Columns: the sorted verticals before the tile's end, minus those a slash chunk covered
+        # (a lookup by d = tile_start - column, see VerticalSlashIndex.covered).
         c_base = Cols + b * stride_c_b + idx_h * stride_c_h
+        cv_base = Covered + b * stride_cv_b + idx_h * stride_cv_h + (tile_start + BLOCK_M - 1)
         n_cols = tl.load(ColCount + b * stride_cc_b + idx_h * stride_cc_h + tile)
         for c0 in range(0, n_cols, BLOCK_N):
             c_ok = (c0 + offs_n) < n_cols
             cols = tl.load(c_base + c0 + offs_n, mask=c_ok, other=0)
-            # Key j lies in a range of this tile iff d = tile_start - j is in [s_lo - BM + 1, s_hi]
-            # for a group; groups are sorted and disjoint, so binary-search the first s_hi >= d.
-            d = tile_start - cols
-            lo = tl.zeros([BLOCK_N], dtype=tl.int32)
-            hi = tl.zeros([BLOCK_N], dtype=tl.int32) + n_groups
-            for _ in range(0, search_steps):
-                active = lo < hi
-                mid = (lo + hi) // 2
-                mid_hi = tl.load(GroupHi + g_base + mid, mask=active, other=0)
-                go_right = active & (mid_hi < d)
-                lo = tl.where(go_right, mid + 1, lo)
-                hi = tl.where(active & ~go_right, mid, hi)
-            found = lo < n_groups
-            found_lo = tl.load(GroupLo + g_base + lo, mask=found, other=0)
-            covered = found & (found_lo - BLOCK_M + 1 <= d)
+            covered = tl.load(cv_base - cols, mask=c_ok, other=0) != 0
             c_ok = c_ok & ~covered
             k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
@@ -280,9 +273,12 @@ def _tuning_configs() -> list[triton.Config]:
 
 
 # tune_bucket = log2 of the key length, so each length scale gets its own choice.
-sparse_attention_fwd_tuned = triton.autotune(
-    configs=_tuning_configs(),
-    key=["HEAD_DIM", "MODE", "BLOCK_M", "HEADS_PER_TILE", "VARLEN", "tune_bucket"],
+_TUNING_KEY = ["HEAD_DIM", "MODE", "BLOCK_M", "HEADS_PER_TILE", "VARLEN", "tune_bucket"]
+sparse_attention_fwd_tuned = triton.autotune(configs=_tuning_configs(), key=_TUNING_KEY)(_sparse_attention_fwd)
+# Vertical-slash: BLOCK_N is the index's chunk (passed by the caller), so only warps and stages are tuned.
+vertical_slash_fwd_tuned = triton.autotune(
+    configs=[triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 3), (4, 2), (4, 4), (8, 3))],
+    key=[*_TUNING_KEY, "BLOCK_N"],
 )(_sparse_attention_fwd)
 
 

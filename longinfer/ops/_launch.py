@@ -10,7 +10,7 @@ import torch
 import triton
 
 from longinfer.ops._checks import AttentionShape, interpreter_enabled
-from longinfer.ops._kernel import _sparse_attention_fwd, sparse_attention_fwd_tuned
+from longinfer.ops._kernel import _sparse_attention_fwd, sparse_attention_fwd_tuned, vertical_slash_fwd_tuned
 from longinfer.ops.index import BlockSparseIndex, VerticalSlashIndex
 
 LOG2_E = 1.4426950408889634  # the kernel works with exp2: exp(x) = exp2(x * log2(e))
@@ -77,24 +77,31 @@ def launch(
     dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
     index_heads = shape.kv_heads  # without an index, every head of a KV group can share a tile
     bi, bi_strides, bc, bc_strides = dummy, (0, 0, 0), dummy, (0, 0)
-    g_lo = g_hi = g_count = cols = col_count = dummy
-    g_strides, gc_strides, c_strides, cc_strides, steps = (0, 0), (0, 0), (0, 0), (0, 0), 0
+    ch_start = ch_end = ch_count = covered = cols = col_count = dummy
+    ch_strides, cn_strides, cv_strides, c_strides, cc_strides = (0, 0), (0, 0), (0, 0), (0, 0), (0, 0)
     if blocks is not None:
         bi = blocks.block_ids
         bi_strides = bi.stride()[:3]
         bc, bc_strides = blocks.block_count, blocks.block_count.stride()[:2]
         index_heads = blocks.num_heads
     if vs is not None:
-        g_lo, g_hi, g_count, cols, col_count = vs.group_lo, vs.group_hi, vs.group_count, vs.columns, vs.column_count
-        g_strides, gc_strides = g_lo.stride()[:2], g_count.stride()[:2]
+        ch_start, ch_end, ch_count, covered = vs.chunk_start, vs.chunk_end, vs.chunk_count, vs.covered
+        cols, col_count = vs.columns, vs.column_count
+        ch_strides, cn_strides, cv_strides = ch_start.stride()[:2], ch_count.stride()[:2], covered.stride()[:2]
         c_strides, cc_strides = cols.stride()[:2], col_count.stride()[:2]
-        steps = vs.search_steps
         index_heads = vs.num_heads
     if cu_seqlens_q is None:
         cu_q = cu_k = dummy
     else:
         cu_q, cu_k = cu_seqlens_q, cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
     opts = dict(options or _fixed_options(q.dtype) or {})
+    if vs is not None:  # the kernel walks the index's slash chunks one key tile each
+        if options is not None and options.get("BLOCK_N", vs.chunk) != vs.chunk:
+            raise ValueError(f"a vertical-slash launch takes BLOCK_N = the index's chunk ({vs.chunk}), "
+                             f"got BLOCK_N={options['BLOCK_N']}")
+        opts["BLOCK_N"] = vs.chunk
+        if options is None and q.dtype == torch.float32:  # float32 K/V tiles of 64 keys: one stage fits any head_dim
+            opts["num_stages"] = 1
     index_head_div = shape.q_heads // index_heads
     heads_per_tile = opts.pop("heads_per_tile", None) or _heads_per_tile(shape, block_m, index_head_div)
     if index_head_div % heads_per_tile or shape.group_size % heads_per_tile:
@@ -107,7 +114,10 @@ def launch(
     heads_tiles = shape.batch * shape.q_heads // heads_per_tile
     tail_programs = 0 if tail is None else heads_tiles * tail.num_tiles * tail.splits
     grid = (tail_programs + heads_tiles * num_tiles,)
-    kernel = _sparse_attention_fwd if "BLOCK_N" in opts else sparse_attention_fwd_tuned
+    if vs is not None:
+        kernel = _sparse_attention_fwd if "num_warps" in opts else vertical_slash_fwd_tuned
+    else:
+        kernel = _sparse_attention_fwd if "BLOCK_N" in opts else sparse_attention_fwd_tuned
     tail_args = (dummy, dummy, dummy, 0, 1, 0, 0, 0) if tail is None else (
         tail.acc, tail.row_max, tail.row_sum, tail_programs, tail.splits, tail.first_tile, tail.num_tiles,
         tail.keys_per_split)
@@ -122,7 +132,7 @@ def launch(
         sink, window, 2**31 - 1 if dense_from is None else dense_from,
         *tail_args,
         bi, *bi_strides,
-        g_lo, g_hi, g_count, *g_strides, *gc_strides, steps,
+        ch_start, ch_end, ch_count, *ch_strides, *cn_strides, covered, *cv_strides,
         cols, col_count, *c_strides, *cc_strides,
         index_head_div, bc, *bc_strides, max(shape.k_len, 1).bit_length(),
         HEADS_PER_TILE=heads_per_tile, GROUP=shape.group_size, HEAD_DIM=shape.head_dim, BLOCK_D=triton.next_power_of_2(shape.head_dim),

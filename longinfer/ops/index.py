@@ -9,6 +9,12 @@ Vertical-slash. Slashes (diagonal offsets) are sorted and de-duplicated; offsets
 ``t`` a group covers the contiguous key range ``[t - s_hi, t + block_size - 1 - s_lo]``: the same
 groups serve every tile, so the plan is ``O(S)`` per head whatever ``N`` is. Verticals are sorted
 and de-duplicated; per tile, the kernel reads the prefix of verticals before the tile's end.
+
+For the kernel the groups' key ranges are cut into chunks of ``chunk`` keys, listed once per head
+as offsets from a tile's start (``[t + rel_start, t + rel_end)``, tile-independent), so the
+kernel walks all of a tile's slash keys in one flat loop whose loads pipeline; a tile uses the
+prefix of chunks of the groups that reach it (``chunk_count``). Whether a vertical lies inside a
+group's range depends only on ``d = t - column``: ``covered`` holds that answer for every ``d``.
 """
 
 from __future__ import annotations
@@ -29,8 +35,16 @@ class VerticalSlashIndex:
         group_lo, group_hi: ``[B, H, S]`` int32 first/last slash offset of each slash group, sorted;
             only the first ``group_count`` entries are meaningful.
         group_count: ``[B, H]`` int32 number of slash groups.
+        chunk_start, chunk_end: ``[B, H, W]`` int32, chunk ``i`` of the groups' ranges covers keys
+            ``[t + chunk_start[i], t + chunk_end[i])`` of the tile starting at ``t`` (clipped to
+            ``[0, tile end)``); at most ``chunk`` keys. Entries past the last chunk are unspecified.
+        chunk_count: ``[B, H, T]`` int32, how many leading chunks tile ``t`` walks (those of the
+            groups with ``s_lo < t + block_size``).
+        covered: ``[B, H, k_len + block_size]`` uint8, entry ``d + block_size - 1`` is 1 iff a
+            group's range holds key ``t - d`` for every tile start ``t`` (``s_lo - block_size < d <= s_hi``).
         k_len: key length the index was built for (max over sequences when packed).
         block_size: query tile size the groups were merged for.
+        chunk: keys per chunk: the kernel's key tile for this index.
     """
 
     columns: torch.Tensor
@@ -38,17 +52,23 @@ class VerticalSlashIndex:
     group_lo: torch.Tensor
     group_hi: torch.Tensor
     group_count: torch.Tensor
+    chunk_start: torch.Tensor
+    chunk_end: torch.Tensor
+    chunk_count: torch.Tensor
+    covered: torch.Tensor
     k_len: int
     block_size: int
+    chunk: int
 
     @property
     def num_heads(self) -> int:
         return self.columns.shape[1]
 
-    @property
-    def search_steps(self) -> int:
-        """Binary-search steps over the slash groups (enough for the padded group count)."""
-        return max(1, int(self.group_lo.shape[-1]).bit_length())
+
+def chunk_size(block_size: int) -> int:
+    """Keys per slash chunk (the kernel's key tile) for query tiles of ``block_size``: 64, or 32
+    for tiles of 16 and 32 rows, whose single-slash ranges are that short."""
+    return 64 if block_size >= 64 else 32
 
 
 @dataclass(frozen=True)
@@ -147,15 +167,63 @@ def build_vertical_slash_index(
     column_count = torch.searchsorted(columns.contiguous(), tile_end.contiguous(), right=False).int()
     limit = k_len if seqlens_k is None else seqlens_k.to(slash.device).long()[:, None, None]
     lo, hi, count = _slash_groups(slash, k_len, block_size, limit, presorted)
+    chunk = chunk_size(block_size)
+    chunk_start, chunk_end, chunk_count = _slash_chunks(lo, hi, count, k_len, block_size, chunk)
     return VerticalSlashIndex(
         columns=columns.int().contiguous(),
         column_count=column_count.contiguous(),
         group_lo=lo.contiguous(),
         group_hi=hi.contiguous(),
         group_count=count.contiguous(),
+        chunk_start=chunk_start,
+        chunk_end=chunk_end,
+        chunk_count=chunk_count,
+        covered=_covered_offsets(lo, hi, count, k_len, block_size),
         k_len=k_len,
         block_size=block_size,
+        chunk=chunk,
     )
+
+
+def _slash_chunks(lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, k_len: int, block_size: int,
+                  chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The groups' key ranges cut into chunks: ``(chunk_start, chunk_end [B, H, W], chunk_count [B, H, T])``.
+
+    Group ``g`` covers ``[t - hi_g, t + block_size - lo_g)``: ``ceil((hi_g - lo_g + block_size) / chunk)``
+    chunks. ``W`` bounds the total without a host sync: the groups are disjoint offset ranges in
+    ``[0, k_len)``, so ``sum(hi - lo) < k_len``, and each group adds at most
+    ``block_size / chunk + 1`` chunks more.
+    """
+    lo, hi = lo.long(), hi.long()
+    if lo.shape[-1] == 0:  # no slash at all: one padding group, never valid
+        lo = hi = torch.full((*lo.shape[:-1], 1), k_len, dtype=torch.long, device=lo.device)
+    num = lo.shape[-1]
+    valid = torch.arange(num, device=lo.device) < count.long()[..., None]
+    per_group = torch.where(valid, (hi - lo + block_size + chunk - 1) // chunk, 0)
+    ends = per_group.cumsum(-1)  # [B, H, S]: chunks of groups 0..g
+    width = math.ceil(k_len / chunk) + num * (block_size // chunk + 1)
+    chunk_ids = torch.arange(width, device=lo.device).expand(*lo.shape[:-1], width).contiguous()
+    group = torch.searchsorted(ends, chunk_ids, right=True).clamp_(max=num - 1)
+    first = (ends - per_group).gather(-1, group)
+    start = (chunk_ids - first) * chunk - hi.gather(-1, group)
+    end = torch.minimum(start + chunk, block_size - lo.gather(-1, group))
+    # Tile t walks the chunks of the groups with lo < t + block_size (lo ascending, padding k_len).
+    reach = (torch.arange(1, math.ceil(k_len / block_size) + 1, device=lo.device) * block_size).clamp(max=k_len)
+    reached = torch.searchsorted(lo.contiguous(), reach.expand(*lo.shape[:-1], reach.numel()).contiguous())
+    chunk_count = torch.nn.functional.pad(ends, (1, 0)).gather(-1, reached)
+    return start.int().contiguous(), end.int().contiguous(), chunk_count.int().contiguous()
+
+
+def _covered_offsets(lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, k_len: int, block_size: int) -> torch.Tensor:
+    """``[B, H, k_len + block_size]`` uint8: entry ``d + block_size - 1`` is 1 iff some group has
+    ``lo - block_size < d <= hi`` (a +1/-1 difference array and a cumulative sum)."""
+    size = k_len + block_size
+    valid = torch.arange(lo.shape[-1], device=lo.device) < count.long()[..., None]
+    delta = torch.zeros(*lo.shape[:-1], size + 1, dtype=torch.int32, device=lo.device)
+    ones = valid.int()
+    delta.scatter_add_(-1, torch.where(valid, lo.long(), size), ones)
+    delta.scatter_add_(-1, torch.where(valid, hi.long() + block_size, size), -ones)
+    return (delta.cumsum(-1, dtype=torch.int32)[..., :size] > 0).to(torch.uint8).contiguous()
 
 
 def build_block_sparse_index(block_index: torch.Tensor, k_len: int, block_size: int = 64) -> BlockSparseIndex:
