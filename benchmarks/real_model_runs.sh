@@ -81,6 +81,13 @@ case "$step" in
     tail -3 "$RES/$step/pytest.txt" ;;
   q15-turn-kernels)  # issue 4: the turn's attention per layer and part (estimate, index, kernel variants), real q/k
     run python3 benchmarks/turn_kernels.py $Q15 --out "$RES/$step" ;;
+  q15-turn-profile)  # issue 4: the turn's GPU time by op (PG text, default plan)
+    run python3 benchmarks/profile_prefill.py $Q15 --prefix 65536 --length 4096 --sort cuda --rows 45 \
+      > "$RES/$step/profile-turn-cuda.txt" 2>&1
+    head -60 "$RES/$step/profile-turn-cuda.txt" | cut -c1-160 ;;
+  q15-turn-default)  # issue 4: the second turn with the default plan only
+    run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
+      --out "$RES/$step/default" ;;
   q15-ttft)  # issues 4/5: TTFT of the default alone (q15-latency without the profiles)
     run_cli eval latency $Q15 --lengths 16384,32768,65536,131072 --repeats 2 --warmup 1 --out "$RES/$step" \
       --methods dense,longinfer ;;
