@@ -167,6 +167,8 @@ def build_vertical_slash_index(
     column_count = torch.searchsorted(columns.contiguous(), tile_end.contiguous(), right=False).int()
     limit = k_len if seqlens_k is None else seqlens_k.to(slash.device).long()[:, None, None]
     lo, hi, count = _slash_groups(slash, k_len, block_size, limit, presorted)
+    if lo.shape[-1] == 0:  # no slash at all: one padding group (never counted) keeps the gathers valid
+        lo = hi = torch.full((*lo.shape[:-1], 1), k_len, dtype=torch.int32, device=lo.device)
     chunk = chunk_size(block_size)
     chunk_start, chunk_end, chunk_count = _slash_chunks(lo, hi, count, k_len, block_size, chunk)
     return VerticalSlashIndex(
@@ -195,8 +197,6 @@ def _slash_chunks(lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, k_len
     ``block_size / chunk + 1`` chunks more.
     """
     lo, hi = lo.long(), hi.long()
-    if lo.shape[-1] == 0:  # no slash at all: one padding group, never valid
-        lo = hi = torch.full((*lo.shape[:-1], 1), k_len, dtype=torch.long, device=lo.device)
     num = lo.shape[-1]
     valid = torch.arange(num, device=lo.device) < count.long()[..., None]
     per_group = torch.where(valid, (hi - lo + block_size + chunk - 1) // chunk, 0)
@@ -215,15 +215,17 @@ def _slash_chunks(lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, k_len
 
 
 def _covered_offsets(lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, k_len: int, block_size: int) -> torch.Tensor:
-    """``[B, H, k_len + block_size]`` uint8: entry ``d + block_size - 1`` is 1 iff some group has
-    ``lo - block_size < d <= hi`` (a +1/-1 difference array and a cumulative sum)."""
+    """``[B, H, k_len + block_size]`` uint8: entry ``p = d + block_size - 1`` is 1 iff some group has
+    ``lo - block_size < d <= hi``, i.e. ``lo <= p <= hi + block_size - 1``: a binary search of the
+    sorted, disjoint groups per entry (no scan over the row)."""
     size = k_len + block_size
-    valid = torch.arange(lo.shape[-1], device=lo.device) < count.long()[..., None]
-    delta = torch.zeros(*lo.shape[:-1], size + 1, dtype=torch.int32, device=lo.device)
-    ones = valid.int()
-    delta.scatter_add_(-1, torch.where(valid, lo.long(), size), ones)
-    delta.scatter_add_(-1, torch.where(valid, hi.long() + block_size, size), -ones)
-    return (delta.cumsum(-1, dtype=torch.int32)[..., :size] > 0).to(torch.uint8).contiguous()
+    entries = torch.arange(size, device=lo.device).expand(*lo.shape[:-1], size).contiguous()
+    group = torch.searchsorted(lo.contiguous(), entries.to(lo.dtype), right=True) - 1  # last entry with lo <= p
+    group = torch.minimum(group, count.long()[..., None] - 1)  # padding (lo = k_len) is never a group
+    inside = group >= 0
+    reach = hi.long().gather(-1, group.clamp(min=0)) + (block_size - 1)
+    return (inside & (entries <= reach)).to(torch.uint8)
+
 
 
 def build_block_sparse_index(block_index: torch.Tensor, k_len: int, block_size: int = 64) -> BlockSparseIndex:

@@ -178,6 +178,17 @@ def _diagonal_sum_kernel(SCRATCH, POS, DIAGONALS, num_queries, k_len, BLOCK_S: t
     tl.store(DIAGONALS + row * k_len + offsets, total, mask=in_range)
 
 
+# Pass 2 on the GPU in float16 / bfloat16: key tile and warps chosen by timing, once per head
+# dim, query block and mode (the session-6 profile of a 4K turn over 64K had it at 0.85 ms per
+# layer with 128-key tiles and 4 warps, far above its memory traffic). Atomics accumulate, so
+# each timing trial starts from a zeroed DIAGONALS.
+_masses_kernel_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in ((128, 4), (64, 4), (128, 8), (64, 8))],
+    key=["HEAD_DIM", "BLOCK_M", "SCRATCH"],
+    reset_to_zero=["DIAGONALS"],
+)(_masses_kernel)
+
+
 def _launch_options(dtype: torch.dtype, head_dim: int, num_queries: int) -> dict[str, int]:
     """Tile sizes and warps: small tiles in the interpreter, 64-query blocks on the GPU."""
     block_d = triton.next_power_of_2(head_dim)
@@ -274,9 +285,13 @@ def _masses_launch(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, positio
                    common: dict, scratch: bool) -> None:
     bsz, hq, _, _ = q.shape
     count, k_len = rows.numel(), k.shape[2]
-    _masses_kernel[(hq, triton.cdiv(k_len, common["BLOCK_N"]), bsz)](
-        q, k, rows, positions, lse, columns, diagonals, *q.stride(), *k.stride(),
-        count, k_len, hq // k.shape[1], sink, local, qk_scale_log2, 1.0 / count, SCRATCH=scratch, **common)
+    args = (q, k, rows, positions, lse, columns, diagonals, *q.stride(), *k.stride(),
+            count, k_len, hq // k.shape[1], sink, local, qk_scale_log2, 1.0 / count)
+    if interpreter_enabled() or q.dtype == torch.float32 or common["BLOCK_D"] > 128:
+        _masses_kernel[(hq, triton.cdiv(k_len, common["BLOCK_N"]), bsz)](*args, SCRATCH=scratch, **common)
+        return
+    fixed = {name: value for name, value in common.items() if name not in ("BLOCK_N", "num_warps")}
+    _masses_kernel_tuned[lambda meta: (hq, triton.cdiv(k_len, meta["BLOCK_N"]), bsz)](*args, SCRATCH=scratch, **fixed)
 
 
 def _masses_with_atomics(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,

@@ -492,19 +492,20 @@ class ChosenItems(NamedTuple):
 def _top_positions(score: torch.Tensor, count: int) -> torch.Tensor:
     """Positions ``[..., count]`` (ascending) of the ``count`` largest ``score [..., N]``, ``count <= N``.
 
-    Ties at the boundary go to the lower positions, as in a stable descending sort, but with one
-    ``topk`` (values only, unsorted) and two O(N) scans instead of a sort of all N.
+    ``score`` must be non-negative (``+inf`` allowed): masses and forced items. Ties at the
+    boundary go to the lower positions, as in a stable descending sort: one ``topk`` over unique
+    int64 keys (the float's bits, whose order is the value order for non-negative floats, above
+    the reversed position), then a sort of the ``count`` winners. No scan over ``N`` (a cumulative
+    sum over a long row runs on one GPU block per row: ~0.1 ms at 64K keys).
     """
     n = score.shape[-1]
     if count >= n:
         return torch.arange(n, device=score.device).expand(*score.shape[:-1], n)
     if count == 0:
         return torch.empty(*score.shape[:-1], 0, dtype=torch.long, device=score.device)
-    kth = score.topk(count, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # count-th largest
-    above = score > kth
-    tie = score == kth
-    needed = count - above.sum(-1, keepdim=True)
-    return mask_to_index(above | (tie & (tie.cumsum(-1) <= needed)), count)
+    bits = (score.float() + 0.0).contiguous().view(torch.int32).long()  # + 0.0 turns -0.0 into +0.0
+    key = (bits << 32) | (n - 1 - torch.arange(n, device=score.device))
+    return key.topk(count, dim=-1, sorted=False).indices.sort(-1).values
 
 
 def _pack_taken(items: torch.Tensor, taken: torch.Tensor, width: int) -> torch.Tensor:
