@@ -237,6 +237,7 @@ def test_vertical_slash_dense_from_errors():
     with pytest.raises(ValueError, match="tail_splits must be a positive int"):
         vertical_slash_attention(q, k, v, idx, idx, dense_from=64, tail_splits=0)
     assert default_tail_splits(69632) == 8 and default_tail_splits(131072) == 16 and default_tail_splits(2000) == 1
+    assert default_tail_splits(1 << 20) == 32  # capped
 
 
 def test_queries_after_a_cached_prefix():

@@ -153,7 +153,9 @@ def build_vertical_slash_index(
             one, as the estimators' ``-1``-padded selections are; skips the sorts. Wrong input
             then gives a wrong index.
 
-    Memory: ``O(B * H * (V + S + k_len / block_size))`` integers.
+    Memory: ``O(B * H * (V + S + k_len / block_size))`` integers, plus the ``covered`` table
+    (``B * H * (k_len + block_size)`` bytes) and while building it a few ``[B, H, k_len]`` int64
+    temporaries.
     """
     num_tiles = math.ceil(k_len / block_size)
     columns = _sorted_unique(vertical, (vertical >= 0) & (vertical < k_len), k_len, presorted)  # per-sequence ends below

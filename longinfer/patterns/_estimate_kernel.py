@@ -26,8 +26,12 @@ Two passes over the keys:
      of a ``[B, Hq, L, Nk]`` float32 scratch; :func:`_diagonal_sum_kernel` then sums each offset
      over the queries that reach it. Every cell is written at most once, so nothing needs zeroing.
    - *atomics* (when even one KV group's scratch does not fit): float32 atomic adds into the
-     ``[B, Hq, Nk]`` output. Measured on an H200 (session 5): 0.87 ms per layer of a 4K-over-64K
-     turn, about a fifth of the sparse attention time; the scratch writes and reads stream instead.
+     ``[B, Hq, Nk]`` output, in whatever order the programs run.
+
+   The scratch is the default because its sums do not depend on scheduling (the same input gives
+   the same index, bit for bit). It is not faster: on an H200 (session 6, a 4K turn over 64K on
+   Qwen2.5-1.5B, 28 layers) the masses took 32.6 ms with the scratch and 30.9 ms with atomics,
+   and the pass-2 kernel alone ~0.85 ms per layer either way, so atomics were not its bottleneck.
 
 Programs of the query heads of one KV group are adjacent in the grid (axis 0 = query head), so
 a key tile is read from DRAM about once per KV head and pass.
@@ -50,7 +54,8 @@ from longinfer.ops._checks import interpreter_enabled
 LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2
 KEYS_PER_SPLIT = 2048  # keys per pass-1 program: enough programs at 8K, few partials at 128K
 # Largest diagonal scratch (bytes) per pass-2 launch: 12 heads x 64 queries x 64K keys fit whole (a
-# 4K turn over 64K on Qwen2.5-1.5B: 210 MB); larger calls run in chunks of KV groups.
+# 4K turn over 64K on Qwen2.5-1.5B: 210 MB); larger calls run in chunks of KV groups, and calls
+# where one KV group does not fit use atomics.
 DIAGONAL_SCRATCH_BYTES = 256 * 2**20
 
 
