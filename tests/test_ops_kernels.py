@@ -137,6 +137,32 @@ def test_vertical_slash_empty_and_prebuilt_index():
     )
 
 
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+def test_vertical_slash_index_tables_match_their_definition(block_size):
+    """The kernel's slash chunks cover exactly each tile's group ranges, and ``covered`` says which keys they hold."""
+    gen = torch.Generator().manual_seed(block_size)
+    nk = 301
+    slash = torch.cat([torch.arange(3), torch.randint(0, nk + 20, (25,), generator=gen)]).expand(2, 2, 28)
+    index = build_vertical_slash_index(torch.zeros(2, 2, 1, dtype=torch.long), slash, nk, block_size)
+    lo, hi, count = index.group_lo.long(), index.group_hi.long(), index.group_count.long()
+    for b, h in ((0, 0), (1, 1)):
+        groups = [(int(lo[b, h, g]), int(hi[b, h, g])) for g in range(int(count[b, h]))]
+        for tile in range(math.ceil(nk / block_size)):
+            start, end = tile * block_size, min(tile * block_size + block_size, nk)
+            expected = set()
+            for g_lo, g_hi in groups:
+                expected |= set(range(max(start - g_hi, 0), min(start + block_size - g_lo, end)))
+            walked = []
+            for i in range(int(index.chunk_count[b, h, tile])):
+                first, stop = start + int(index.chunk_start[b, h, i]), start + int(index.chunk_end[b, h, i])
+                assert stop - first <= index.chunk
+                walked += [key for key in range(first, stop) if 0 <= key < end]
+            assert sorted(walked) == sorted(expected), (tile, groups)  # every key once
+            for key in range(end):
+                inside = any(start - g_hi <= key <= start + block_size - 1 - g_lo for g_lo, g_hi in groups)
+                assert bool(index.covered[b, h, start - key + block_size - 1]) == inside
+
+
 @pytest.mark.parametrize("b,hq,hkv,n,d,dtype", SHAPES, ids=SHAPE_IDS)
 def test_block_sparse_random_indices(b, hq, hkv, n, d, dtype):
     q, k, v = _qkv(b, hq, hkv, n, d, dtype, seed=n * 5 + d)

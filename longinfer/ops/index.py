@@ -218,16 +218,21 @@ def _slash_chunks(lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, k_len
 
 def _covered_offsets(lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, k_len: int, block_size: int) -> torch.Tensor:
     """``[B, H, k_len + block_size]`` uint8: entry ``p = d + block_size - 1`` is 1 iff some group has
-    ``lo - block_size < d <= hi``, i.e. ``lo <= p <= hi + block_size - 1``: a binary search of the
-    sorted, disjoint groups per entry (no scan over the row)."""
-    size = k_len + block_size
-    entries = torch.arange(size, device=lo.device).expand(*lo.shape[:-1], size).contiguous()
-    group = torch.searchsorted(lo.contiguous(), entries.to(lo.dtype), right=True) - 1  # last entry with lo <= p
-    group = torch.minimum(group, count.long()[..., None] - 1)  # padding (lo = k_len) is never a group
-    inside = group >= 0
-    reach = hi.long().gather(-1, group.clamp(min=0)) + (block_size - 1)
-    return (inside & (entries <= reach)).to(torch.uint8)
+    ``lo - block_size < d <= hi``, i.e. ``lo <= p <= hi + block_size - 1``.
 
+    The groups' intervals ``[lo, hi + block_size - 1]`` are sorted and disjoint, so ``p`` lies in
+    one iff more of them start at or before ``p`` than end before it: two binary searches per
+    entry, int32 throughout (no scan over the row; transients ``3 * B * H * (k_len + block_size)``
+    int32).
+    """
+    size = k_len + block_size
+    valid = torch.arange(lo.shape[-1], device=lo.device) < count[..., None]
+    starts = torch.where(valid, lo, size).int().contiguous()  # padding sorts last and contains nothing
+    ends = torch.where(valid, hi + (block_size - 1), size).int().contiguous()
+    entries = torch.arange(size, device=lo.device, dtype=torch.int32).expand(*lo.shape[:-1], size).contiguous()
+    started = torch.searchsorted(starts, entries, right=True, out_int32=True)
+    ended = torch.searchsorted(ends, entries, right=False, out_int32=True)
+    return (started > ended).to(torch.uint8)
 
 
 def build_block_sparse_index(block_index: torch.Tensor, k_len: int, block_size: int = 64) -> BlockSparseIndex:
