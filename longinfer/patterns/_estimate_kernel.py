@@ -15,9 +15,10 @@ Two passes over the keys:
 1. :func:`_row_stats_kernel`: one program per (query head, query block, key split) streams its
    split of the keys and writes the running max and sum of ``exp2`` (split-K); a few torch ops
    merge the splits into each query's log-sum-exp (base 2).
-2. :func:`_masses_kernel`: one program per (query head, key tile) loads its key tile once and
-   loops over the estimation queries: the column mass of its tile is summed in registers and
-   stored without atomics. The diagonal mass goes to offset ``p - key``, which differs per query
+2. :func:`_masses_kernel`: one program per (query head, key split) streams its keys tile by tile
+   (with at most ``BLOCK_M`` estimation queries, the usual case, the queries stay loaded): the
+   column mass of each tile is summed over the queries in registers and stored without atomics
+   (no other program touches those keys). The diagonal mass goes to offset ``p - key``, which differs per query
    (a strided sample spreads a tile's cells over ``L`` disjoint offset ranges), so no program can
    sum it alone. Two ways, the same sums up to float32 summation order:
 
@@ -45,6 +46,8 @@ one store and one load (scratch) or one atomic add per visible (query, key) cell
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -53,6 +56,7 @@ from longinfer.ops._checks import interpreter_enabled
 
 LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2
 KEYS_PER_SPLIT = 2048  # keys per pass-1 program: enough programs at 8K, few partials at 128K
+PASS_TWO_PROGRAMS = 512  # pass 2 splits its keys until a call has about this many programs (132 SMs)
 # Largest diagonal scratch (bytes) per pass-2 launch: 12 heads x 64 queries x 64K keys fit whole (a
 # 4K turn over 64K on Qwen2.5-1.5B: 210 MB); larger calls run in chunks of KV groups, and calls
 # where one KV group does not fit use atomics.
@@ -115,55 +119,90 @@ def _row_stats_kernel(
 
 
 @triton.jit
+def _tile_masses(q, k_base, keys, pos, lse, query_idx, q_valid, head_row, num_queries, k_len, sink, local,
+                 qk_scale_log2, inv_count, DIAGONALS, out_base, d_offs, d_mask, stride_kn, stride_kd,
+                 PRECISION: tl.constexpr, SCRATCH: tl.constexpr):
+    """One key tile against one block of estimation queries (``q [BLOCK_M, BLOCK_D]`` loaded):
+    stores (or adds) the diagonal mass and returns the tile's column mass ``[BLOCK_N]``."""
+    key_valid = keys < k_len
+    k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kn + d_offs[None, :] * stride_kd,
+                mask=key_valid[:, None] & d_mask[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
+    offsets = pos[:, None] - keys[None, :]  # [BLOCK_M, BLOCK_N] diagonal offset of each cell
+    visible = (offsets >= 0) & key_valid[None, :]
+    probs = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0) * inv_count
+    on_diagonal = visible & (keys[None, :] >= sink)
+    if SCRATCH:
+        cell = (head_row * num_queries + query_idx).to(tl.int64)[:, None] * k_len + offsets
+        tl.store(DIAGONALS + cell, tl.where(on_diagonal, probs, 0.0), mask=visible & q_valid[:, None])
+    else:
+        tl.atomic_add(DIAGONALS + out_base + offsets, probs, mask=on_diagonal, sem="relaxed")
+    return tl.sum(tl.where(offsets >= local, probs, 0.0), axis=0)
+
+
+@triton.jit
 def _masses_kernel(
     Q, K, ROWS, POS, LSE, COLUMNS, DIAGONALS,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    num_queries, k_len, group, sink, local, qk_scale_log2, inv_count,
+    num_queries, k_len, group, sink, local, qk_scale_log2, inv_count, keys_per_split,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, SCRATCH: tl.constexpr,
+    PRECISION: tl.constexpr, SCRATCH: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
-    """Pass 2: probabilities of every estimation query on one key tile -> column and diagonal mass.
+    """Pass 2: probabilities of every estimation query on a split of the keys -> column and diagonal mass.
 
-    Grid ``(Hq, ceil(Nk / BLOCK_N), B)``. ``LSE [B, Hq, L]`` base-2 log-sum-exp of each query;
-    ``COLUMNS`` ``[B, Hq, Nk]`` is written (every tile, zeros where no query sees it). With
-    ``SCRATCH``, ``DIAGONALS`` is the ``[B, Hq, L, Nk]`` scratch: cell ``(l, s)`` gets query ``l``'s
-    probability at key ``p_l - s`` (0 for a sink key) for every ``s <= p_l``, and cells ``s > p_l``
-    are left unwritten. Without it, ``DIAGONALS`` is ``[B, Hq, Nk]``, zero on entry, and
-    accumulates with atomics.
+    Grid ``(Hq, ceil(Nk / keys_per_split), B)`` (``keys_per_split`` a multiple of ``BLOCK_N``); each
+    program streams its split in ``BLOCK_N`` tiles, up to the last key an estimation query sees.
+    With ``ONE_BLOCK`` (``L <= BLOCK_M``) the queries, positions and log-sum-exps are loaded once
+    and only the key tiles stream, as in pass 1; otherwise every tile loops over the query blocks.
+    ``LSE [B, Hq, L]`` base-2 log-sum-exp of each query; ``COLUMNS [B, Hq, Nk]`` must be zero on
+    entry (tiles no query sees are not written). With ``SCRATCH``, ``DIAGONALS`` is the
+    ``[B, Hq, L, Nk]`` scratch: cell ``(l, s)`` gets query ``l``'s probability at key ``p_l - s``
+    (0 for a sink key) for every ``s <= p_l``, and cells ``s > p_l`` are left unwritten. Without
+    it, ``DIAGONALS`` is ``[B, Hq, Nk]``, zero on entry, and accumulates with atomics.
     """
     head = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
+    split_start = tl.program_id(1) * keys_per_split
     batch = tl.program_id(2).to(tl.int64)
-    keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_valid = keys < k_len
     d_offs = tl.arange(0, BLOCK_D)
     d_mask = d_offs < HEAD_DIM
     k_base = K + batch * stride_kb + (head // group) * stride_kh
     head_row = (batch * tl.num_programs(0) + head)
     out_base = head_row * k_len
-    column_mass = tl.zeros([BLOCK_N], tl.float32)
-    for block in range(0, tl.cdiv(num_queries, BLOCK_M)):
-        query_idx = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        q_valid = query_idx < num_queries
-        pos = tl.load(POS + query_idx, mask=q_valid, other=-1)
-        if tl.max(pos, axis=0) >= tile * BLOCK_N:  # some query of the block sees this tile
-            rows = tl.load(ROWS + query_idx, mask=q_valid, other=0).to(tl.int64)
-            lse = tl.load(LSE + head_row * num_queries + query_idx, mask=q_valid, other=0.0)
-            q_ptr = batch * stride_qb + head * stride_qh + rows * stride_qn
-            s = _scores_log2(Q, k_base, q_ptr, keys.to(tl.int64), d_offs, d_mask, key_valid, stride_qd, stride_kn,
-                             stride_kd, q_valid, qk_scale_log2, PRECISION)
-            offsets = pos[:, None] - keys[None, :]  # [BLOCK_M, BLOCK_N] diagonal offset of each cell
-            visible = (offsets >= 0) & key_valid[None, :]
-            probs = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0) * inv_count
-            column_mass += tl.sum(tl.where(offsets >= local, probs, 0.0), axis=0)
-            on_diagonal = visible & (keys[None, :] >= sink)
-            if SCRATCH:
-                cell = (head_row * num_queries + query_idx).to(tl.int64)[:, None] * k_len + offsets
-                tl.store(DIAGONALS + cell, tl.where(on_diagonal, probs, 0.0), mask=visible & q_valid[:, None])
-            else:
-                tl.atomic_add(DIAGONALS + out_base + offsets, probs, mask=on_diagonal, sem="relaxed")
-    tl.store(COLUMNS + out_base + keys, column_mass, mask=key_valid)
+    last_pos = tl.load(POS + num_queries - 1)  # positions ascend: the last query sees the most keys
+    split_stop = tl.minimum(tl.minimum(split_start + keys_per_split, k_len), last_pos + 1)
+    block_offs = tl.arange(0, BLOCK_M)
+    if ONE_BLOCK:
+        q_valid = block_offs < num_queries
+        pos = tl.load(POS + block_offs, mask=q_valid, other=-1)
+        rows = tl.load(ROWS + block_offs, mask=q_valid, other=0).to(tl.int64)
+        lse = tl.load(LSE + head_row * num_queries + block_offs, mask=q_valid, other=0.0)
+        q_ptr = Q + batch * stride_qb + head * stride_qh + rows * stride_qn
+        q = tl.load(q_ptr[:, None] + d_offs[None, :] * stride_qd, mask=q_valid[:, None] & d_mask[None, :], other=0.0)
+        for tile_start in range(split_start, split_stop, BLOCK_N):
+            keys = tile_start + tl.arange(0, BLOCK_N)
+            column_mass = _tile_masses(q, k_base, keys, pos, lse, block_offs, q_valid, head_row, num_queries, k_len,
+                                       sink, local, qk_scale_log2, inv_count, DIAGONALS, out_base, d_offs, d_mask,
+                                       stride_kn, stride_kd, PRECISION, SCRATCH)
+            tl.store(COLUMNS + out_base + keys, column_mass, mask=keys < k_len)
+    else:
+        for tile_start in range(split_start, split_stop, BLOCK_N):
+            keys = tile_start + tl.arange(0, BLOCK_N)
+            column_mass = tl.zeros([BLOCK_N], tl.float32)
+            for block in range(0, tl.cdiv(num_queries, BLOCK_M)):
+                query_idx = block * BLOCK_M + block_offs
+                q_valid = query_idx < num_queries
+                pos = tl.load(POS + query_idx, mask=q_valid, other=-1)
+                if tl.max(pos, axis=0) >= tile_start:  # some query of the block sees this tile
+                    rows = tl.load(ROWS + query_idx, mask=q_valid, other=0).to(tl.int64)
+                    lse = tl.load(LSE + head_row * num_queries + query_idx, mask=q_valid, other=0.0)
+                    q_ptr = Q + batch * stride_qb + head * stride_qh + rows * stride_qn
+                    q = tl.load(q_ptr[:, None] + d_offs[None, :] * stride_qd, mask=q_valid[:, None] & d_mask[None, :],
+                                other=0.0)
+                    column_mass += _tile_masses(q, k_base, keys, pos, lse, query_idx, q_valid, head_row, num_queries,
+                                                k_len, sink, local, qk_scale_log2, inv_count, DIAGONALS, out_base,
+                                                d_offs, d_mask, stride_kn, stride_kd, PRECISION, SCRATCH)
+            tl.store(COLUMNS + out_base + keys, column_mass, mask=keys < k_len)
 
 
 @triton.jit
@@ -183,14 +222,16 @@ def _diagonal_sum_kernel(SCRATCH, POS, DIAGONALS, num_queries, k_len, BLOCK_S: t
     tl.store(DIAGONALS + row * k_len + offsets, total, mask=in_range)
 
 
-# Pass 2 on the GPU in float16 / bfloat16: key tile and warps chosen by timing, once per head
-# dim, query block and mode (the session-6 profile of a 4K turn over 64K had it at 0.85 ms per
-# layer with 128-key tiles and 4 warps, far above its memory traffic). Atomics accumulate, so
-# each timing trial starts from a zeroed DIAGONALS.
+# Pass 2 on the GPU in float16 / bfloat16: key tile, warps and stages chosen by timing, once per
+# head dim, query block and mode. (Session 6 profiled the earlier one-program-per-key-tile form
+# at 0.85 ms per layer of a 4K turn over 64K, while pass 1, which streams 2,048 keys per program
+# over the same q k^T, took 0.06 ms; pass 2 now streams too.) Columns and atomics accumulate,
+# so each timing trial starts from zeroed outputs.
 _masses_kernel_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in ((128, 4), (64, 4), (128, 8), (64, 8))],
-    key=["HEAD_DIM", "BLOCK_M", "SCRATCH"],
-    reset_to_zero=["DIAGONALS"],
+    configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+             for bn, w, st in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (64, 4, 2))],
+    key=["HEAD_DIM", "BLOCK_M", "SCRATCH", "ONE_BLOCK"],
+    reset_to_zero=["COLUMNS", "DIAGONALS"],
 )(_masses_kernel)
 
 
@@ -290,20 +331,31 @@ def _masses_launch(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, positio
                    common: dict, scratch: bool) -> None:
     bsz, hq, _, _ = q.shape
     count, k_len = rows.numel(), k.shape[2]
+    keys_per_split = pass_two_split(bsz, hq, k_len)
+    grid = (hq, triton.cdiv(k_len, keys_per_split), bsz)
     args = (q, k, rows, positions, lse, columns, diagonals, *q.stride(), *k.stride(),
-            count, k_len, hq // k.shape[1], sink, local, qk_scale_log2, 1.0 / count)
+            count, k_len, hq // k.shape[1], sink, local, qk_scale_log2, 1.0 / count, keys_per_split)
+    flags = dict(SCRATCH=scratch, ONE_BLOCK=count <= common["BLOCK_M"])
     if interpreter_enabled() or q.dtype == torch.float32 or common["BLOCK_D"] > 128:
-        _masses_kernel[(hq, triton.cdiv(k_len, common["BLOCK_N"]), bsz)](*args, SCRATCH=scratch, **common)
+        _masses_kernel[grid](*args, **flags, **common)
         return
     fixed = {name: value for name, value in common.items() if name not in ("BLOCK_N", "num_warps")}
-    _masses_kernel_tuned[lambda meta: (hq, triton.cdiv(k_len, meta["BLOCK_N"]), bsz)](*args, SCRATCH=scratch, **fixed)
+    _masses_kernel_tuned[grid](*args, **flags, **fixed)
+
+
+def pass_two_split(bsz: int, hq: int, k_len: int) -> int:
+    """Keys per pass-2 program: whole 128-key tiles, at most :data:`KEYS_PER_SPLIT`, and few
+    enough that the call has about :data:`PASS_TWO_PROGRAMS` programs (a short call still fills
+    the GPU)."""
+    splits = math.ceil(PASS_TWO_PROGRAMS / (bsz * hq))
+    return min(KEYS_PER_SPLIT, max(128, math.ceil(k_len / splits / 128) * 128))
 
 
 def _masses_with_atomics(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                          lse: torch.Tensor, **pass_two) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 2 with the diagonal mass added by float32 atomics (no scratch)."""
     bsz, hq, k_len = q.shape[0], q.shape[1], k.shape[2]
-    columns = torch.empty(bsz, hq, k_len, device=q.device, dtype=torch.float32)
+    columns = torch.zeros(bsz, hq, k_len, device=q.device, dtype=torch.float32)
     diagonals = torch.zeros_like(columns)
     _masses_launch(q, k, rows, positions, lse, columns, diagonals, scratch=False, **pass_two)
     return columns, diagonals
@@ -314,7 +366,7 @@ def _masses_with_scratch(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, p
     """Pass 2 through a ``[B, Hq, L, Nk]`` float32 diagonal scratch, summed by :func:`_diagonal_sum_kernel`."""
     bsz, hq, k_len = q.shape[0], q.shape[1], k.shape[2]
     count = rows.numel()
-    columns = torch.empty(bsz, hq, k_len, device=q.device, dtype=torch.float32)
+    columns = torch.zeros(bsz, hq, k_len, device=q.device, dtype=torch.float32)
     scratch = torch.empty(bsz, hq, count, k_len, device=q.device, dtype=torch.float32)
     _masses_launch(q, k, rows, positions, lse, columns, scratch, scratch=True, **pass_two)
     diagonals = torch.empty_like(columns)
