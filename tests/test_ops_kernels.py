@@ -163,6 +163,34 @@ def test_vertical_slash_index_tables_match_their_definition(block_size):
                 assert bool(index.covered[b, h, start - key + block_size - 1]) == inside
 
 
+@pytest.mark.parametrize("block_size", [16, 64, 128])
+def test_index_tables_kernel_equals_the_torch_tables(block_size):
+    """The one-launch tables (Triton) and the torch ops give the same index, entry for entry."""
+    from longinfer.ops import index as index_module
+
+    gen = torch.Generator().manual_seed(7 + block_size)
+    nk = 1000
+    slash = torch.randint(-3, nk + 30, (2, 3, 40), generator=gen)
+    vertical = torch.randint(-3, nk + 30, (2, 3, 50), generator=gen)
+    slash[1, 2] = -1  # a head without slashes
+    lo, hi, count = index_module._slash_groups(slash.to(DEVICE), nk, block_size, nk)
+    columns = index_module._sorted_unique(vertical.to(DEVICE), (vertical >= 0).to(DEVICE) & (vertical < nk).to(DEVICE),
+                                          nk).int().contiguous()
+    chunk = index_module.chunk_size(block_size)
+    got = index_module._tables_triton(lo, hi, count, columns, nk, block_size, chunk)
+    want = (*index_module._slash_chunks(lo, hi, count, nk, block_size, chunk),
+            index_module._column_counts(columns, nk, block_size, None),
+            index_module._covered_offsets(lo, hi, count, nk, block_size))
+    for name, a, b in zip(("chunk_start", "chunk_end"), got[:2], want[:2]):
+        total = int(want[2][..., -1].max())  # entries past a head's last chunk are unspecified
+        for b_i in range(2):
+            for h in range(3):
+                used = int(want[2][b_i, h, -1])
+                assert torch.equal(a[b_i, h, :used].cpu(), b[b_i, h, :used].int().cpu()), (name, b_i, h, total)
+    for name, a, b in zip(("chunk_count", "column_count", "covered"), got[2:], want[2:]):
+        assert a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu()), name
+
+
 @pytest.mark.parametrize("b,hq,hkv,n,d,dtype", SHAPES, ids=SHAPE_IDS)
 def test_block_sparse_random_indices(b, hq, hkv, n, d, dtype):
     q, k, v = _qkv(b, hq, hkv, n, d, dtype, seed=n * 5 + d)

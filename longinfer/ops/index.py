@@ -19,10 +19,15 @@ group's range depends only on ``d = t - column``: ``covered`` holds that answer 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
+import triton
+
+from longinfer.ops._checks import interpreter_enabled
+from longinfer.ops._index_kernel import _tables_kernel
 
 
 @dataclass(frozen=True)
@@ -157,36 +162,76 @@ def build_vertical_slash_index(
     (``B * H * (k_len + block_size)`` bytes) and while building it a few ``[B, H, k_len]`` int64
     temporaries.
     """
-    num_tiles = math.ceil(k_len / block_size)
     columns = _sorted_unique(vertical, (vertical >= 0) & (vertical < k_len), k_len, presorted)  # per-sequence ends below
-    tile_end = torch.arange(1, num_tiles + 1, device=vertical.device) * block_size  # [T]
-    if seqlens_k is None:
-        tile_end = tile_end.clamp(max=k_len).expand(*vertical.shape[:2], num_tiles)
-    else:
-        tile_end = torch.minimum(tile_end[None, :], seqlens_k.to(vertical.device).long()[:, None])
-        tile_end = tile_end[:, None, :].expand(*vertical.shape[:2], num_tiles)
-    # Each sequence only lists columns before its own end, so a padded column never counts.
-    column_count = torch.searchsorted(columns.contiguous(), tile_end.contiguous(), right=False).int()
     limit = k_len if seqlens_k is None else seqlens_k.to(slash.device).long()[:, None, None]
     lo, hi, count = _slash_groups(slash, k_len, block_size, limit, presorted)
     if lo.shape[-1] == 0:  # no slash at all: one padding group (never counted) keeps the gathers valid
         lo = hi = torch.full((*lo.shape[:-1], 1), k_len, dtype=torch.int32, device=lo.device)
     chunk = chunk_size(block_size)
-    chunk_start, chunk_end, chunk_count = _slash_chunks(lo, hi, count, k_len, block_size, chunk)
+    columns = columns.int().contiguous()
+    lo, hi, count = lo.contiguous(), hi.contiguous(), count.contiguous()
+    if seqlens_k is None and columns.is_cuda:  # (the CPU interpreter would take seconds per index)
+        tables = _tables_triton(lo, hi, count, columns, k_len, block_size, chunk)
+    else:
+        tables = (*_slash_chunks(lo, hi, count, k_len, block_size, chunk), _column_counts(columns, k_len, block_size,
+                                                                                          seqlens_k),
+                  _covered_offsets(lo, hi, count, k_len, block_size))
+    chunk_start, chunk_end, chunk_count, column_count, covered = tables
     return VerticalSlashIndex(
-        columns=columns.int().contiguous(),
-        column_count=column_count.contiguous(),
-        group_lo=lo.contiguous(),
-        group_hi=hi.contiguous(),
-        group_count=count.contiguous(),
+        columns=columns,
+        column_count=column_count,
+        group_lo=lo,
+        group_hi=hi,
+        group_count=count,
         chunk_start=chunk_start,
         chunk_end=chunk_end,
         chunk_count=chunk_count,
-        covered=_covered_offsets(lo, hi, count, k_len, block_size),
+        covered=covered,
         k_len=k_len,
         block_size=block_size,
         chunk=chunk,
     )
+
+
+def _column_counts(columns: torch.Tensor, k_len: int, block_size: int, seqlens_k: torch.Tensor | None) -> torch.Tensor:
+    """``[B, H, T]`` int32: the sorted ``columns`` before each tile's end (its sequence's end when packed)."""
+    num_tiles = math.ceil(k_len / block_size)
+    tile_end = torch.arange(1, num_tiles + 1, device=columns.device) * block_size  # [T]
+    if seqlens_k is None:
+        tile_end = tile_end.clamp(max=k_len).expand(*columns.shape[:2], num_tiles)
+    else:
+        tile_end = torch.minimum(tile_end[None, :], seqlens_k.to(columns.device).long()[:, None])
+        tile_end = tile_end[:, None, :].expand(*columns.shape[:2], num_tiles)
+    # Each sequence only lists columns before its own end, so a padded column never counts.
+    return torch.searchsorted(columns, tile_end.int().contiguous(), right=False, out_int32=True)
+
+
+def _chunk_width(k_len: int, num_groups: int, block_size: int, chunk: int) -> int:
+    """Entries of the chunk table: enough for any groups (see :func:`_slash_chunks`)."""
+    return math.ceil(k_len / chunk) + num_groups * (block_size // chunk + 1)
+
+
+def _tables_triton(lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, columns: torch.Tensor, k_len: int,
+                   block_size: int, chunk: int) -> tuple[torch.Tensor, ...]:
+    """The tables of :func:`_slash_chunks`, :func:`_column_counts` and :func:`_covered_offsets` in one
+    launch (:mod:`longinfer.ops._index_kernel`); same layout and values."""
+    bsz, heads, num_groups = lo.shape
+    num_tiles = math.ceil(k_len / block_size)
+    width = _chunk_width(k_len, num_groups, block_size, chunk)
+    size = k_len + block_size
+    valid = torch.arange(num_groups, device=lo.device) < count[..., None]
+    ends = torch.where(valid, (hi - lo + (block_size + chunk - 1)) // chunk, 0).cumsum(-1, dtype=torch.int32)
+    new = functools.partial(torch.empty, device=lo.device, dtype=torch.int32)
+    chunk_start, chunk_end = new(bsz, heads, width), new(bsz, heads, width)
+    chunk_count, column_count = new(bsz, heads, num_tiles), new(bsz, heads, num_tiles)
+    covered = torch.empty(bsz, heads, size, device=lo.device, dtype=torch.uint8)
+    block = 256 if interpreter_enabled() else 1024
+    steps = max(num_groups, columns.shape[-1], 1).bit_length() + 1
+    _tables_kernel[(bsz * heads, triton.cdiv(max(size, width, num_tiles), block))](
+        lo, hi, count, ends, columns, covered, chunk_start, chunk_end, chunk_count, column_count,
+        k_len, num_groups, columns.shape[-1], width, num_tiles,
+        BLOCK_SIZE=block_size, CHUNK=chunk, STEPS=steps, BLOCK=block, num_warps=4)
+    return chunk_start, chunk_end, chunk_count, column_count, covered
 
 
 def _slash_chunks(lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, k_len: int, block_size: int,
@@ -203,7 +248,7 @@ def _slash_chunks(lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, k_len
     valid = torch.arange(num, device=lo.device) < count.long()[..., None]
     per_group = torch.where(valid, (hi - lo + block_size + chunk - 1) // chunk, 0)
     ends = per_group.cumsum(-1)  # [B, H, S]: chunks of groups 0..g
-    width = math.ceil(k_len / chunk) + num * (block_size // chunk + 1)
+    width = _chunk_width(k_len, num, block_size, chunk)
     chunk_ids = torch.arange(width, device=lo.device).expand(*lo.shape[:-1], width).contiguous()
     group = torch.searchsorted(ends, chunk_ids, right=True).clamp_(max=num - 1)
     first = (ends - per_group).gather(-1, group)

@@ -1,0 +1,76 @@
+"""One Triton launch for the per-tile tables of a vertical-slash index (see :mod:`longinfer.ops.index`).
+
+Given each head's slash groups (``lo``, ``hi``, ``count``), the prefix counts of their key chunks
+(``ends``) and the sorted columns, :func:`_tables_kernel` fills, by binary searches that every
+entry runs on its own:
+
+- ``covered[p]``: some group has ``lo <= p <= hi + block_size - 1`` (the groups' intervals are
+  sorted and disjoint, so: more of them start at or before ``p`` than end before it);
+- ``chunk_start[c], chunk_end[c]``: the group holding chunk ``c`` is the number of groups whose
+  chunks end at or before ``c``; its range ``[t - hi, t + block_size - lo)`` cut into chunks;
+- ``chunk_count[t]``: the chunks of the groups with ``lo < min(t + block_size, k_len)``;
+- ``column_count[t]``: the columns before ``min(t + block_size, k_len)``.
+
+The torch path (:func:`longinfer.ops.index._slash_chunks`, ``_covered_offsets``) computes the same
+tables in about 45 small ops; this is one launch (a patched model builds an index per layer and
+call, so small ops add up: ~2-3 us of GPU time each under a CUDA graph, ~10 us of host time each
+without). Grid ``(B * H, ceil(max(k_len + block_size, W, T) / BLOCK))``; every index tensor is
+contiguous ``[B, H, ...]``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _count_before(SEQ, n, values, STEPS: tl.constexpr, INCLUSIVE: tl.constexpr, BLOCK: tl.constexpr):
+    """How many of the ascending ``SEQ[0:n]`` are ``<= values [BLOCK]`` (``INCLUSIVE``) or ``< values``."""
+    lo = tl.zeros([BLOCK], dtype=tl.int32)
+    hi = lo + n
+    for _ in tl.static_range(STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        x = tl.load(SEQ + mid, mask=active, other=0)
+        if INCLUSIVE:
+            go_right = active & (x <= values)
+        else:
+            go_right = active & (x < values)
+        lo = tl.where(go_right, mid + 1, lo)
+        hi = tl.where(active & ~go_right, mid, hi)
+    return lo
+
+
+@triton.jit
+def _tables_kernel(
+    LO, HI, COUNT, ENDS, COLS, COVERED, CHUNK_START, CHUNK_END, CHUNK_COUNT, COLUMN_COUNT,
+    k_len, num_groups, num_cols, width, num_tiles,
+    BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    head = tl.program_id(0).to(tl.int64)
+    entries = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    lo_base, hi_base, ends_base = LO + head * num_groups, HI + head * num_groups, ENDS + head * num_groups
+    count = tl.load(COUNT + head)
+
+    size = k_len + BLOCK_SIZE
+    started = _count_before(lo_base, count, entries, STEPS, True, BLOCK)
+    ended = _count_before(hi_base, count, entries - (BLOCK_SIZE - 1), STEPS, False, BLOCK)
+    tl.store(COVERED + head * size + entries, (started > ended).to(tl.uint8), mask=entries < size)
+
+    in_table = entries < width
+    group = tl.minimum(_count_before(ends_base, count, entries, STEPS, True, BLOCK), tl.maximum(count - 1, 0))
+    g_lo = tl.load(lo_base + group, mask=in_table, other=0)
+    g_hi = tl.load(hi_base + group, mask=in_table, other=0)
+    first = tl.load(ends_base + group, mask=in_table, other=0) - (g_hi - g_lo + BLOCK_SIZE + CHUNK - 1) // CHUNK
+    start = (entries - first) * CHUNK - g_hi
+    tl.store(CHUNK_START + head * width + entries, start, mask=in_table)
+    tl.store(CHUNK_END + head * width + entries, tl.minimum(start + CHUNK, BLOCK_SIZE - g_lo), mask=in_table)
+
+    is_tile = entries < num_tiles
+    tile_end = tl.minimum((entries + 1) * BLOCK_SIZE, k_len)
+    reached = _count_before(lo_base, count, tile_end, STEPS, False, BLOCK)
+    walked = tl.load(ends_base + reached - 1, mask=is_tile & (reached > 0), other=0)
+    tl.store(CHUNK_COUNT + head * num_tiles + entries, walked, mask=is_tile)
+    columns = _count_before(COLS + head * num_cols, num_cols, tile_end, STEPS, False, BLOCK)
+    tl.store(COLUMN_COUNT + head * num_tiles + entries, columns, mask=is_tile)
