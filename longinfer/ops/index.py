@@ -159,8 +159,9 @@ def build_vertical_slash_index(
             then gives a wrong index.
 
     Memory: ``O(B * H * (V + S + k_len / block_size))`` integers, plus the ``covered`` table
-    (``B * H * (k_len + block_size)`` bytes) and while building it a few ``[B, H, k_len]`` int64
-    temporaries.
+    (``B * H * (k_len + block_size)`` bytes); on CUDA the tables are one Triton launch
+    (:mod:`longinfer.ops._index_kernel`), elsewhere torch ops with a few ``[B, H, k_len + block_size]``
+    int32 temporaries.
     """
     columns = _sorted_unique(vertical, (vertical >= 0) & (vertical < k_len), k_len, presorted)  # per-sequence ends below
     limit = k_len if seqlens_k is None else seqlens_k.to(slash.device).long()[:, None, None]
