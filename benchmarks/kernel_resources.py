@@ -1,0 +1,132 @@
+"""Registers, spills and shared memory of longinfer's Triton kernels, compiled for a GPU without one.
+
+Each kernel configuration is compiled ahead of time for ``--arch`` (default ``90``, H100/H200) with
+the installed Triton (``triton.compile`` on an ``ASTSource``: Triton IR -> PTX -> cubin with the
+wheel's ``ptxas``), and ``cuobjdump -res-usage`` reads the cubin's registers per thread, stack
+(register spills: bytes per thread in local memory) and static shared memory. No GPU and no
+driver are needed, so a CPU machine can check that a kernel compiles for the GPU and whether a
+launch option spills before a GPU session spends time on it. Triton versions differ (the GPU
+machine runs triton 3.6), so take the numbers as indicative.
+
+    python benchmarks/kernel_resources.py --out docs/results/kernel-resources
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from longinfer.ops._index_kernel import _tables_kernel
+from longinfer.ops._kernel import MODE_VERTICAL_SLASH, _sparse_attention_fwd
+from longinfer.patterns._estimate_kernel import _masses_kernel, _row_stats_kernel
+
+I32 = "i32"
+
+
+def _types(fn: Any, pointers: dict[str, str], floats: tuple[str, ...] = ()) -> dict[str, str]:
+    """Signature types: the named pointers, float scalars, and every other argument an int32."""
+    return {name: pointers.get(name, "fp32" if name in floats else I32) for name in fn.arg_names}
+
+
+def resources(fn: Any, types: dict[str, str], constexprs: dict[str, Any], arch: int, num_warps: int,
+              num_stages: int) -> dict[str, int]:
+    """Compile one configuration for ``sm_{arch}``; ``{"registers", "stack", "shared"}`` per the cubin."""
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        report = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(item.split(":") for line in report.splitlines() if "REG:" in line for item in line.split())
+    return {"registers": int(fields["REG"]), "stack": int(fields["STACK"]),
+            "shared": int(kernel.metadata.shared)}
+
+
+def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int, int]]:
+    """(name, kernel, types, constexprs, warps, stages): bf16, head_dim 128, the shapes the plans use."""
+    masses_types = _types(_masses_kernel, {"Q": "*bf16", "K": "*bf16", "ROWS": "*i32", "POS": "*i32",
+                                           "LSE": "*fp32", "COLUMNS": "*fp32", "DIAGONALS": "*fp32"},
+                          floats=("qk_scale_log2", "inv_count"))
+    stats_types = _types(_row_stats_kernel, {"Q": "*bf16", "K": "*bf16", "ROWS": "*i32", "POS": "*i32",
+                                             "M_OUT": "*fp32", "L_OUT": "*fp32"}, floats=("qk_scale_log2",))
+    sparse_types = _types(_sparse_attention_fwd, {
+        "Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "CuSeqQ": "*i32", "CuSeqK": "*i32",
+        "TailAcc": "*fp32", "TailMax": "*fp32", "TailSum": "*fp32", "BlockIdx": "*i32", "ChunkStart": "*i32",
+        "ChunkEnd": "*i32", "ChunkCount": "*i32", "Covered": "*u8", "Cols": "*i32", "ColCount": "*i32",
+        "BlockCount": "*i32"}, floats=("qk_scale",))
+    tables_types = _types(_tables_kernel, {name: "*i32" for name in (
+        "LO", "HI", "COUNT", "ENDS", "COLS", "CHUNK_START", "CHUNK_END", "CHUNK_COUNT", "COLUMN_COUNT")} | {
+        "COVERED": "*u8"})
+    head = dict(HEAD_DIM=128, BLOCK_D=128, PRECISION="tf32")
+    rows: list[tuple[str, Any, dict[str, str], dict[str, Any], int, int]] = []
+    rows.append(("estimate pass 1 (row stats)", _row_stats_kernel, stats_types, {**head, "BLOCK_M": 64, "BLOCK_N": 128},
+                 4, 3))
+    for one_block in (True, False):
+        for block_n, warps, stages in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (64, 4, 2)):
+            name = f"estimate pass 2, {'queries loaded once' if one_block else 'query blocks per tile'}"
+            rows.append((name, _masses_kernel, masses_types,
+                         {**head, "BLOCK_M": 64, "BLOCK_N": block_n, "SCRATCH": True, "ONE_BLOCK": one_block},
+                         warps, stages))
+    for block_m, warps, stages in ((64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 8, 3), (128, 4, 3)):
+        rows.append((f"vertical-slash kernel, {block_m}-row tiles", _sparse_attention_fwd, sparse_types,
+                     {**head, "HEADS_PER_TILE": 1, "GROUP": 6, "BLOCK_M": block_m, "BLOCK_N": 64,
+                      "MODE": MODE_VERTICAL_SLASH, "VARLEN": False}, warps, stages))
+    rows.append(("index tables", _tables_kernel, tables_types, {"BLOCK_SIZE": 64, "CHUNK": 64, "STEPS": 15,
+                                                                "BLOCK": 1024}, 4, 1))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
+    parser.add_argument("--only", default=None,
+                        help="compile only the configurations whose name contains one of these (;-separated)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    wanted = None if args.only is None else args.only.split(";")
+    results = []
+    for name, fn, types, constexprs, warps, stages in configurations():
+        if wanted is not None and not any(part in name for part in wanted):
+            continue
+        launch = {key: value for key, value in constexprs.items() if key in ("BLOCK_M", "BLOCK_N", "ONE_BLOCK")}
+        usage = resources(fn, types, constexprs, args.arch, warps, stages)
+        results.append({"kernel": name, **launch, "warps": warps, "stages": stages, **usage})
+        print(results[-1], flush=True)
+    header = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "arch": f"sm_{args.arch}",
+              "triton": triton.__version__, "command": "python benchmarks/kernel_resources.py " + " ".join(
+                  argv if argv is not None else sys.argv[1:])}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel_resources.json").write_text(json.dumps({**header, "kernels": results}, indent=1) + "\n")
+    lines = [f"# Registers and spills of the Triton kernels, compiled for {header['arch']} without a GPU", "",
+             f"- {header['date']}, triton {header['triton']} (the GPU machine runs 3.6: indicative); bf16, head_dim 128.",
+             f"- Command: `{header['command']}`",
+             "- registers per thread (255 = the cap), stack = bytes per thread spilled to local memory, "
+             "shared = static shared memory per program (bytes).", "",
+             "| kernel | BLOCK_M | BLOCK_N | warps | stages | registers | stack (spills) | shared |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['kernel']} | {r.get('BLOCK_M', '')} | {r.get('BLOCK_N', '')} | {r['warps']} | {r['stages']} | "
+              f"{r['registers']} | {r['stack']} | {r['shared']} |" for r in results]
+    (out / "kernel_resources.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The Triton kernels compile for an H100/H200 (sm_90) on a machine without a GPU.
+
+The CPU interpreter runs the kernels' semantics but never lowers them to PTX, so a kernel that only
+the GPU compiler rejects would pass every CPU test. This compiles one configuration of each
+kernel ahead of time (``benchmarks/kernel_resources.py``: Triton IR -> PTX -> cubin with the
+wheel's ptxas, in a subprocess without ``TRITON_INTERPRET``) and checks that each fits the
+hardware: at most 255 registers per thread and 228 KiB of shared memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+KERNELS = ["vertical-slash kernel, 64-row tiles", "estimate pass 1", "estimate pass 2, queries loaded once",
+           "index tables"]
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="needs the Triton wheel's ptxas")
+def test_kernels_compile_for_sm90(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    subprocess.run([sys.executable, str(SCRIPT), "--only", ";".join(KERNELS), "--out", str(tmp_path)],
+                   env=env, check=True, capture_output=True, timeout=900)
+    rows = json.loads((tmp_path / "kernel_resources.json").read_text())["kernels"]
+    assert {name for name in KERNELS if any(name in row["kernel"] for row in rows)} == set(KERNELS)
+    for row in rows:
+        assert 0 < row["registers"] <= 255, row
+        assert 0 <= row["shared"] <= 228 * 1024, row
