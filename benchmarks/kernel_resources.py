@@ -82,9 +82,10 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
             rows.append((name, _masses_kernel, masses_types,
                          {**head, "BLOCK_M": 64, "BLOCK_N": block_n, "SCRATCH": True, "ONE_BLOCK": one_block},
                          warps, stages))
-    for block_m, warps, stages in ((64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 8, 3), (128, 4, 3)):
+    for block_m, block_n, warps, stages in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (64, 32, 4, 3),
+                                            (64, 32, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3)):
         rows.append((f"vertical-slash kernel, {block_m}-row tiles", _sparse_attention_fwd, sparse_types,
-                     {**head, "HEADS_PER_TILE": 1, "GROUP": 6, "BLOCK_M": block_m, "BLOCK_N": 64,
+                     {**head, "HEADS_PER_TILE": 1, "GROUP": 6, "BLOCK_M": block_m, "BLOCK_N": block_n,
                       "MODE": MODE_VERTICAL_SLASH, "VARLEN": False}, warps, stages))
     rows.append(("index tables", _tables_kernel, tables_types, {"BLOCK_SIZE": 64, "CHUNK": 64, "STEPS": 15,
                                                                 "BLOCK": 1024}, 4, 1))

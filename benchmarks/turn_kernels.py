@@ -12,8 +12,8 @@ forward over PG essays, then times, per layer and in one process:
   a CUDA graph (the patched model's default; the graph time is the GPU time alone);
 - its parts: ``estimate`` (masses and selection) with the diagonal-mass scratch and with
   float32 atomics (``DIAGONAL_SCRATCH_BYTES = 0``), ``masses`` alone both ways, the ``index``
-  build, and the ``kernel`` with the dense tail split over keys (the default), unsplit (one
-  program per tail tile), without the tail, and at fixed launch options (warps, stages;
+  build, and the ``kernel`` with the dense tail split over keys (the default), with 32-key slash
+  chunks (the index's ``chunk``), unsplit (one program per tail tile), without the tail, and at fixed launch options (warps, stages;
   the autotuner's pick is the default row), and with 128-row query tiles (the estimate rerun with
   ``block_size=128``, its own index; the slashes then cover whole 128-row tiles, so it computes
   more pairs).
@@ -141,6 +141,11 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
                                                     sm_scale=scale, dense_from=from_row, tail_splits=tail_splits)
 
     times["kernel (tail split)"] = timed(kernel())
+    narrow = build_vertical_slash_index(selection.vertical, selection.slash, nk, selection.block_size, presorted=True,
+                                        chunk=32)
+    times["kernel, 32-key slash chunks"] = timed(
+        lambda: ops.vertical_slash_attention(q, k, v, index=narrow, block_size=selection.block_size, sm_scale=scale,
+                                             dense_from=dense_from))
     times["kernel (tail unsplit)"] = timed(kernel(1))
     times["kernel (no tail)"] = timed(kernel(from_row=None))
     shape = AttentionShape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], nk, q.shape[3])

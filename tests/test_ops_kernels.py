@@ -115,6 +115,18 @@ def test_vertical_slash_block_sizes_and_structured_index(block_size):
     assert_matches_reference(out, q, k, v, vertical_slash_mask(vertical, slash, n, block_size))
 
 
+def test_vertical_slash_with_32_key_chunks_matches_reference():
+    q, k, v = _qkv(2, 4, 2, 150, 64, torch.float32, seed=5, nk=300)
+    gen = torch.Generator().manual_seed(5)
+    vertical = torch.randint(0, 300, (2, 4, 12), generator=gen).to(DEVICE)
+    slash = torch.cat([torch.arange(4).expand(2, 4, 4), torch.randint(0, 300, (2, 4, 10), generator=gen)], -1).to(DEVICE)
+    index = build_vertical_slash_index(vertical, slash, 300, 64, chunk=32)
+    out = vertical_slash_attention(q, k, v, index=index, block_size=64)
+    assert_matches_reference(out, q, k, v, vertical_slash_mask(vertical, slash, 300, 64))
+    with pytest.raises(ValueError, match="chunk must be 32 or 64"):
+        build_vertical_slash_index(vertical, slash, 300, 64, chunk=48)
+
+
 def test_vertical_slash_empty_and_prebuilt_index():
     n = 150
     q, k, v = _qkv(2, 2, 1, n, 64, torch.float32, seed=5)
@@ -138,12 +150,13 @@ def test_vertical_slash_empty_and_prebuilt_index():
 
 
 @pytest.mark.parametrize("block_size", [16, 32, 64, 128])
-def test_vertical_slash_index_tables_match_their_definition(block_size):
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_vertical_slash_index_tables_match_their_definition(block_size, chunk):
     """The kernel's slash chunks cover exactly each tile's group ranges, and ``covered`` says which keys they hold."""
     gen = torch.Generator().manual_seed(block_size)
     nk = 301
     slash = torch.cat([torch.arange(3), torch.randint(0, nk + 20, (25,), generator=gen)]).expand(2, 2, 28)
-    index = build_vertical_slash_index(torch.zeros(2, 2, 1, dtype=torch.long), slash, nk, block_size)
+    index = build_vertical_slash_index(torch.zeros(2, 2, 1, dtype=torch.long), slash, nk, block_size, chunk=chunk)
     lo, hi, count = index.group_lo.long(), index.group_hi.long(), index.group_count.long()
     for b, h in ((0, 0), (1, 1)):
         groups = [(int(lo[b, h, g]), int(hi[b, h, g])) for g in range(int(count[b, h]))]

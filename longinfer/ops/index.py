@@ -144,6 +144,7 @@ def build_vertical_slash_index(
     seqlens_k: torch.Tensor | None = None,
     *,
     presorted: bool = False,
+    chunk: int | None = None,
 ) -> VerticalSlashIndex:
     """Convert raw ``vertical [B, H, V]`` / ``slash [B, H, S]`` into a :class:`VerticalSlashIndex`.
 
@@ -157,6 +158,9 @@ def build_vertical_slash_index(
             entries (in ``[0, k_len)``) are ascending and distinct and come before every invalid
             one, as the estimators' ``-1``-padded selections are; skips the sorts. Wrong input
             then gives a wrong index.
+        chunk: keys per slash chunk, the kernel's key tile (32 or 64); default :func:`chunk_size`.
+            32 with 64-row tiles spills fewer registers on sm_90 (``benchmarks/kernel_resources.py``),
+            at twice the iterations; ``benchmarks/turn_kernels.py`` times both.
 
     Memory: ``O(B * H * (V + S + k_len / block_size))`` integers, plus the ``covered`` table
     (``B * H * (k_len + block_size)`` bytes); on CUDA the tables are one Triton launch
@@ -168,7 +172,10 @@ def build_vertical_slash_index(
     lo, hi, count = _slash_groups(slash, k_len, block_size, limit, presorted)
     if lo.shape[-1] == 0:  # no slash at all: one padding group (never counted) keeps the gathers valid
         lo = hi = torch.full((*lo.shape[:-1], 1), k_len, dtype=torch.int32, device=lo.device)
-    chunk = chunk_size(block_size)
+    if chunk is None:
+        chunk = chunk_size(block_size)
+    elif chunk not in (32, 64):
+        raise ValueError(f"chunk must be 32 or 64 keys, got {chunk!r}")
     columns = columns.int().contiguous()
     lo, hi, count = lo.contiguous(), hi.contiguous(), count.contiguous()
     if seqlens_k is None and columns.is_cuda:  # (the CPU interpreter would take seconds per index)
