@@ -165,6 +165,7 @@ def test_vertical_slash_index_tables_match_their_definition(block_size, chunk):
             expected = set()
             for g_lo, g_hi in groups:
                 expected |= set(range(max(start - g_hi, 0), min(start + block_size - g_lo, end)))
+            assert int(index.chunk_count[b, h, tile]) <= index.chunk_start.shape[-1]  # the table holds them all
             walked = []
             for i in range(int(index.chunk_count[b, h, tile])):
                 first, stop = start + int(index.chunk_start[b, h, i]), start + int(index.chunk_end[b, h, i])

@@ -215,8 +215,10 @@ def _column_counts(columns: torch.Tensor, k_len: int, block_size: int, seqlens_k
 
 
 def _chunk_width(k_len: int, num_groups: int, block_size: int, chunk: int) -> int:
-    """Entries of the chunk table: enough for any groups (see :func:`_slash_chunks`)."""
-    return math.ceil(k_len / chunk) + num_groups * (block_size // chunk + 1)
+    """Entries of the chunk table, enough for any groups: group ``g`` has
+    ``ceil((w_g + block_size) / chunk) <= w_g / chunk + ceil(block_size / chunk) + 1`` chunks
+    (``w_g = hi_g - lo_g``), and the disjoint groups have ``sum(w_g) < k_len``."""
+    return math.ceil(k_len / chunk) + num_groups * (math.ceil(block_size / chunk) + 1)
 
 
 def _tables_triton(lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, columns: torch.Tensor, k_len: int,
@@ -247,9 +249,7 @@ def _slash_chunks(lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, k_len
     """The groups' key ranges cut into chunks: ``(chunk_start, chunk_end [B, H, W], chunk_count [B, H, T])``.
 
     Group ``g`` covers ``[t - hi_g, t + block_size - lo_g)``: ``ceil((hi_g - lo_g + block_size) / chunk)``
-    chunks. ``W`` bounds the total without a host sync: the groups are disjoint offset ranges in
-    ``[0, k_len)``, so ``sum(hi - lo) < k_len``, and each group adds at most
-    ``block_size / chunk + 1`` chunks more.
+    chunks; ``W`` (:func:`_chunk_width`) bounds the total without a host sync.
     """
     lo, hi = lo.long(), hi.long()
     num = lo.shape[-1]
