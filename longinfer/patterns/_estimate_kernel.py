@@ -64,12 +64,19 @@ DIAGONAL_SCRATCH_BYTES = 256 * 2**20
 
 
 @triton.jit
-def _scores_log2(Q, K, q_row_ptr, k_rows, d_offs, d_mask, key_mask, stride_qd, stride_kn, stride_kd,
-                 q_mask, qk_scale_log2, PRECISION: tl.constexpr):
-    """Scaled scores ``[BLOCK_M, BLOCK_N]`` (base 2) of a query block against a key tile."""
-    q = tl.load(Q + q_row_ptr[:, None] + d_offs[None, :] * stride_qd, mask=q_mask[:, None] & d_mask[None, :], other=0.0)
-    k = tl.load(K + k_rows[:, None] * stride_kn + d_offs[None, :] * stride_kd,
-                mask=key_mask[:, None] & d_mask[None, :], other=0.0)
+def _load_queries(Q_HEAD, ROWS, query_idx, q_valid, stride_qn, stride_qd, d_offs, d_mask):
+    """The estimation queries ``query_idx`` of one head (``Q_HEAD`` points at its batch and head):
+    ``[BLOCK_M, BLOCK_D]``, zeros for rows past ``L`` and dims past ``HEAD_DIM``."""
+    rows = tl.load(ROWS + query_idx, mask=q_valid, other=0).to(tl.int64)
+    return tl.load(Q_HEAD + rows[:, None] * stride_qn + d_offs[None, :] * stride_qd,
+                   mask=q_valid[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _tile_scores(q, k_base, keys, k_len, d_offs, d_mask, stride_kn, stride_kd, qk_scale_log2, PRECISION: tl.constexpr):
+    """Scaled scores ``[BLOCK_M, BLOCK_N]`` (base 2) of loaded queries against the key tile ``keys``."""
+    k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kn + d_offs[None, :] * stride_kd,
+                mask=(keys < k_len)[:, None] & d_mask[None, :], other=0.0)
     return tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
 
 
@@ -93,11 +100,11 @@ def _row_stats_kernel(
     batch = tl.program_id(2).to(tl.int64)
     query_idx = block * BLOCK_M + tl.arange(0, BLOCK_M)
     q_valid = query_idx < num_queries
-    rows = tl.load(ROWS + query_idx, mask=q_valid, other=0).to(tl.int64)
     pos = tl.load(POS + query_idx, mask=q_valid, other=-1)
     d_offs = tl.arange(0, BLOCK_D)
     d_mask = d_offs < HEAD_DIM
-    q_ptr = batch * stride_qb + head * stride_qh + rows * stride_qn
+    q = _load_queries(Q + batch * stride_qb + head * stride_qh, ROWS, query_idx, q_valid, stride_qn, stride_qd,
+                      d_offs, d_mask)
     k_base = K + batch * stride_kb + (head // group) * stride_kh
     last_pos = tl.max(pos, axis=0)  # queries are ascending; rows past the end hold -1
     start = split * keys_per_split
@@ -106,8 +113,7 @@ def _row_stats_kernel(
     l_run = tl.zeros([BLOCK_M], tl.float32)
     for tile in range(start, stop, BLOCK_N):
         keys = tile + tl.arange(0, BLOCK_N)
-        s = _scores_log2(Q, k_base, q_ptr, keys.to(tl.int64), d_offs, d_mask, keys < k_len, stride_qd, stride_kn,
-                         stride_kd, q_valid, qk_scale_log2, PRECISION)
+        s = _tile_scores(q, k_base, keys, k_len, d_offs, d_mask, stride_kn, stride_kd, qk_scale_log2, PRECISION)
         s = tl.where((keys[None, :] <= pos[:, None]) & (keys[None, :] < k_len), s, float("-inf"))
         m_new = tl.maximum(m_run, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -125,9 +131,7 @@ def _tile_masses(q, k_base, keys, pos, lse, query_idx, q_valid, head_row, num_qu
     """One key tile against one block of estimation queries (``q [BLOCK_M, BLOCK_D]`` loaded):
     stores (or adds) the diagonal mass and returns the tile's column mass ``[BLOCK_N]``."""
     key_valid = keys < k_len
-    k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kn + d_offs[None, :] * stride_kd,
-                mask=key_valid[:, None] & d_mask[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
+    s = _tile_scores(q, k_base, keys, k_len, d_offs, d_mask, stride_kn, stride_kd, qk_scale_log2, PRECISION)
     offsets = pos[:, None] - keys[None, :]  # [BLOCK_M, BLOCK_N] diagonal offset of each cell
     visible = (offsets >= 0) & key_valid[None, :]
     probs = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0) * inv_count
@@ -172,13 +176,12 @@ def _masses_kernel(
     last_pos = tl.load(POS + num_queries - 1)  # positions ascend: the last query sees the most keys
     split_stop = tl.minimum(tl.minimum(split_start + keys_per_split, k_len), last_pos + 1)
     block_offs = tl.arange(0, BLOCK_M)
+    q_head = Q + batch * stride_qb + head * stride_qh
     if ONE_BLOCK:
         q_valid = block_offs < num_queries
         pos = tl.load(POS + block_offs, mask=q_valid, other=-1)
-        rows = tl.load(ROWS + block_offs, mask=q_valid, other=0).to(tl.int64)
         lse = tl.load(LSE + head_row * num_queries + block_offs, mask=q_valid, other=0.0)
-        q_ptr = Q + batch * stride_qb + head * stride_qh + rows * stride_qn
-        q = tl.load(q_ptr[:, None] + d_offs[None, :] * stride_qd, mask=q_valid[:, None] & d_mask[None, :], other=0.0)
+        q = _load_queries(q_head, ROWS, block_offs, q_valid, stride_qn, stride_qd, d_offs, d_mask)
         for tile_start in range(split_start, split_stop, BLOCK_N):
             keys = tile_start + tl.arange(0, BLOCK_N)
             column_mass = _tile_masses(q, k_base, keys, pos, lse, block_offs, q_valid, head_row, num_queries, k_len,
@@ -194,11 +197,8 @@ def _masses_kernel(
                 q_valid = query_idx < num_queries
                 pos = tl.load(POS + query_idx, mask=q_valid, other=-1)
                 if tl.max(pos, axis=0) >= tile_start:  # some query of the block sees this tile
-                    rows = tl.load(ROWS + query_idx, mask=q_valid, other=0).to(tl.int64)
                     lse = tl.load(LSE + head_row * num_queries + query_idx, mask=q_valid, other=0.0)
-                    q_ptr = Q + batch * stride_qb + head * stride_qh + rows * stride_qn
-                    q = tl.load(q_ptr[:, None] + d_offs[None, :] * stride_qd, mask=q_valid[:, None] & d_mask[None, :],
-                                other=0.0)
+                    q = _load_queries(q_head, ROWS, query_idx, q_valid, stride_qn, stride_qd, d_offs, d_mask)
                     column_mass += _tile_masses(q, k_base, keys, pos, lse, query_idx, q_valid, head_row, num_queries,
                                                 k_len, sink, local, qk_scale_log2, inv_count, DIAGONALS, out_base,
                                                 d_offs, d_mask, stride_kn, stride_kd, PRECISION, SCRATCH)
