@@ -49,6 +49,9 @@ case "$step" in
     LONGINFER_AUTOTUNE=0 run python3 -m pytest -q -p no:cacheprovider tests/test_gpu_graphs.py tests/test_ops_kernels.py \
       tests/test_estimate_kernel.py > "$RES/$step/pytest.txt" 2>&1
     tail -5 "$RES/$step/pytest.txt" ;;
+  ttft-8b)  # no model: issue 4's TTFT of a Llama-3-8B shape (random weights, fixed vertical-slash plan) at 128K
+    run python3 benchmarks/memory_ttft.py --lengths 131072 --paths plain --naive-lengths '' --repeats 2 \
+      --out "$RES/$step" ;;
   q15-frontier)  # issue 6: recall, density and attention time of every tile size at 128K
     run python3 benchmarks/recall_frontier.py $Q15 --length 131072 --rows 128 --no-oracles --time-kernels \
       --methods peer-vs-1000-6096-lq64,bs-cov0.9 "${TILE_METHODS[@]}" --out "$RES/$step" ;;
