@@ -49,30 +49,13 @@ import torch
 
 import longinfer
 from longinfer.eval.cli import load_haystack
-from longinfer.eval.methods import DenseMethod, LonginferMethod
+from longinfer.eval.methods import DenseMethod, LonginferMethod, NoAttentionMethod
 from longinfer.eval.needle import Needle, build_needle_prompt, contains_exact_value, random_needle
 from longinfer.eval.report import markdown_table
 from longinfer.integrations import transformers as integration
 from longinfer.models import zoo
 
 logger = logging.getLogger("real_model_checks")
-
-NULL_ATTENTION = "longinfer_null_attention"
-
-
-def _null_attention(module: Any, query: torch.Tensor, key: Any, value: Any, attention_mask: Any, **kwargs: Any):
-    """An attention function that computes nothing: zeros shaped like the real output ``[B, N, H, D]``."""
-    batch, heads, length, dim = query.shape
-    return query.new_zeros(batch, length, heads, dim), None
-
-
-def _register_null_attention() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
-    AttentionInterface.register(NULL_ATTENTION, _null_attention)
-    AttentionMaskInterface.register(NULL_ATTENTION, sdpa_mask)
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -230,7 +213,7 @@ def second_turn_case(model: Any, tokenizer: Any, ids: torch.Tensor, needle: Need
     prefix = ids.shape[1] - turn
     prefix_ids, turn_ids = ids[:, :prefix], ids[:, prefix:]
     results: dict[str, Any] = {}
-    no_attention = DenseMethod(NULL_ATTENTION, name="no-attention")
+    no_attention = NoAttentionMethod()
     methods = (("dense", DenseMethod()), ("sparse", LonginferMethod(plan)),
                ("sparse_eager", LonginferMethod(plan, cuda_graphs=False)))
     for method, activation in methods:
@@ -297,7 +280,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["LONGINFER_CACHE"] = args.cache_dir
     device = torch.device(args.device or zoo.default_device())
     model, tokenizer = zoo.load(args.model, device=device, yarn_factor=args.yarn, cache_dir=args.cache_dir)
-    _register_null_attention()
     integration.register()
     plan = args.plan
     header = {

@@ -116,3 +116,9 @@ def test_bad_method_fails_before_loading(tmp_path, stub_zoo):
     with pytest.raises(ValueError, match="unknown attention method"):
         main(["eval", "needle", "--methods", "magic", "--out", str(tmp_path), "--haystack", str(tmp_path)])
     assert stub_zoo == []
+
+
+def test_no_attention_method_only_for_latency(tmp_path, stub_zoo):
+    with pytest.raises(ValueError, match="only fits the latency task"):
+        main(["eval", "needle", "--methods", "dense,none", "--out", str(tmp_path), "--haystack", str(tmp_path)])
+    assert stub_zoo == []

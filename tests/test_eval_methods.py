@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from longinfer.eval.methods import DenseMethod, LonginferMethod, method_from_spec, parse_methods
+from longinfer.eval.methods import DenseMethod, LonginferMethod, NoAttentionMethod, method_from_spec, parse_methods
 from tests.test_eval_fixtures import make_tiny_llama
 
 
@@ -35,8 +35,9 @@ def test_restores_after_an_error():
 
 
 def test_specs():
-    methods = parse_methods("dense, dense:eager,longinfer,longinfer:plans/qwen.json")
-    assert [m.name for m in methods] == ["dense", "dense:eager", "longinfer", "longinfer:qwen"]
+    methods = parse_methods("dense, dense:eager,longinfer,longinfer:plans/qwen.json,none")
+    assert [m.name for m in methods] == ["dense", "dense:eager", "longinfer", "longinfer:qwen", "no-attention"]
+    assert [m.timing_only for m in methods] == [False, False, False, False, True]
     assert methods[1].describe() == {"attn_implementation": "eager"}
     assert methods[3].describe() == {"plan": "plans/qwen.json"}
     with pytest.raises(ValueError, match="unknown attention method"):
@@ -45,6 +46,22 @@ def test_specs():
         parse_methods("dense,dense:sdpa")
     with pytest.raises(ValueError, match="no attention methods"):
         parse_methods(" , ")
+
+
+def test_no_attention_equals_a_model_whose_attention_adds_nothing():
+    """With every attention output zero, the logits equal those of the model with o_proj zeroed."""
+    model = make_tiny_llama(vocab_size=64, attn_implementation="eager")
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with NoAttentionMethod().activate(model):
+            floor_logits = model(input_ids=ids).logits
+        assert model.config._attn_implementation == "eager"
+        real_logits = model(input_ids=ids).logits
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+        zeroed_logits = model(input_ids=ids).logits
+    assert not torch.allclose(floor_logits, real_logits, atol=1e-3)
+    torch.testing.assert_close(floor_logits, zeroed_logits, rtol=1e-5, atol=1e-6)
 
 
 def test_longinfer_without_integration_is_a_clear_error(monkeypatch):

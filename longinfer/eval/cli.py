@@ -126,6 +126,12 @@ def _run(args: argparse.Namespace) -> int:
     from .runner import run_task
 
     methods = parse_methods(args.methods)
+    timing_only = [m.name for m in methods if m.timing_only]
+    if timing_only and args.task != "latency":
+        raise ValueError(
+            f"{', '.join(timing_only)} computes no attention (a timing floor) and only fits the latency task, "
+            f"not '{args.task}'; drop it from --methods"
+        )
     for method in methods:
         method.prepare()  # fail before the model load (the peer: PEER_SITE, CUDA)
     haystack = load_haystack(args.haystack)
@@ -168,8 +174,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         default="dense,longinfer",
-        help="comma list: dense, dense:<impl>, longinfer, longinfer:<plan.json>, peer, peer:<V>,<S> "
-        "(the peer: minference 0.1.6 built by benchmarks/gpu_session.sh into $PEER_SITE; GPU only)",
+        help="comma list: dense, dense:<impl>, longinfer, longinfer:<plan.json>, peer, peer:<V>,<S>, none "
+        "(none: no attention, the latency floor; the peer: minference 0.1.6 built by benchmarks/gpu_session.sh into $PEER_SITE; GPU only)",
     )
     parser.add_argument(
         "--lengths", type=parse_lengths, default=parse_lengths("4K"), help="prompt lengths, e.g. 8K,16K,32K"

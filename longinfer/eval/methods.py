@@ -8,7 +8,8 @@ Spec strings (CLI ``--methods``): ``dense`` (transformers ``sdpa``), ``dense:<im
 transformers implementation, e.g. ``dense:eager``), ``longinfer`` (the built-in plan for the
 model), ``longinfer:<plan.json>``, ``peer`` (the peer, PyPI ``minference`` 0.1.6, with its
 default budget of 1000 columns and 6096 diagonals; GPU only, see :mod:`longinfer.eval.peer`) and
-``peer:<V>,<S>`` (that budget). In a spec list a comma followed by a digit continues the spec, so
+``peer:<V>,<S>`` (that budget), and ``none`` (no attention at all: every attention output is
+zero; for ``latency`` only, where its time is the floor no attention method can go below). In a spec list a comma followed by a digit continues the spec, so
 ``dense,peer:500,1500`` is two methods.
 """
 
@@ -30,6 +31,7 @@ __all__ = [
     "AttentionMethod",
     "DenseMethod",
     "LonginferMethod",
+    "NoAttentionMethod",
     "PeerMethod",
     "method_from_spec",
     "parse_methods",
@@ -68,6 +70,8 @@ class AttentionMethod(abc.ABC):
 
     #: Short name used in result records and report columns.
     name: str
+    #: True for methods whose outputs are meaningless and whose only use is timing.
+    timing_only: bool = False
 
     @abc.abstractmethod
     def activate(self, model: Any) -> contextlib.AbstractContextManager[None]:
@@ -104,6 +108,38 @@ class DenseMethod(AttentionMethod):
 
     def describe(self) -> dict[str, Any]:
         return {"attn_implementation": self.implementation}
+
+
+NULL_ATTENTION = "longinfer_null_attention"
+
+
+def _null_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> tuple[Any, None]:
+    """An attention function that computes nothing: zeros shaped like the real output ``[B, N, H, D]``."""
+    batch, heads, length, dim = query.shape
+    return query.new_zeros(batch, length, heads, dim), None
+
+
+class NoAttentionMethod(DenseMethod):
+    """No attention at all: each attention layer returns zeros; everything else of the forward runs.
+
+    Its time is the floor under every attention method on the same model and input (so dense time /
+    its time bounds any attention method's speedup). Its outputs are meaningless: timing only.
+    """
+
+    timing_only = True
+
+    def __init__(self) -> None:
+        super().__init__(NULL_ATTENTION, name="no-attention")
+
+    @contextlib.contextmanager
+    def activate(self, model: Any) -> Iterator[None]:
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+
+        AttentionInterface.register(NULL_ATTENTION, _null_attention)
+        AttentionMaskInterface.register(NULL_ATTENTION, sdpa_mask)
+        with super().activate(model):
+            yield
 
 
 def _integration() -> ModuleType:
@@ -246,9 +282,11 @@ def method_from_spec(spec: str) -> AttentionMethod:
         return LonginferMethod(argument or None)
     if kind == "peer":
         return PeerMethod(*_peer_budget(argument))
+    if spec == "none":
+        return NoAttentionMethod()
     raise ValueError(
-        f"unknown attention method '{spec}'; use dense, dense:<impl>, longinfer, longinfer:<plan.json>, peer "
-        f"or peer:<V>,<S>"
+        f"unknown attention method '{spec}'; use dense, dense:<impl>, longinfer, longinfer:<plan.json>, peer, "
+        f"peer:<V>,<S> or none"
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .latency import crossover_length
+from .methods import NoAttentionMethod
 from .results import ResultStore
 from .ruler import difference_interval
 from .ruler import summarize as ruler_summary
@@ -251,7 +252,12 @@ def _latency_section(
     timers = _ordered(r.get("timer") for r in _ok(records))
     notes = [f"Median TTFT per length; timer: {', '.join(map(str, timers))}."]
     for method in methods:
-        if method != base:
+        if method == NoAttentionMethod().name:
+            notes.append(
+                f"- {method}: the same forward with every attention output zero, the floor under any "
+                f"attention method; its speedup vs {base} is the most an attention method can reach"
+            )
+        elif method != base:
             cross = crossover_length(ttft[base], ttft[method])
             notes.append(
                 f"- crossover {method} vs {base}: "
