@@ -19,6 +19,8 @@ the default initialization. Prompt: random token ids. Attention:
   1000 columns (the first 30 keys + 970 estimated from the last 64 queries) and the 6096 nearest
   diagonals (``local = num_slash``, so random weights cannot scatter the diagonals and turn the
   kernel dense), dense below 0 keys (every prefill call runs sparse).
+- ``none`` (``--attentions ...,none``): every attention output zero, everything else the same: the
+  floor no attention method can go below (dense / floor bounds any method's speedup).
 
 Paths (what produces the first token):
 
@@ -72,6 +74,7 @@ import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from longinfer import memory
+from longinfer.eval.methods import NoAttentionMethod
 from longinfer.plans import Plan, uniform_plan
 
 logger = logging.getLogger("memory_ttft")
@@ -148,9 +151,14 @@ def sparse_plan(config: LlamaConfig) -> Plan:
 
 @contextlib.contextmanager
 def attention(model: LlamaForCausalLM, kind: str, integration: Any, plan: Plan | None, backend: str) -> Iterator[None]:
-    """``dense``: the model as built (SDPA); ``sparse``: patched with ``plan`` for the block."""
+    """``dense``: the model as built (SDPA); ``sparse``: patched with ``plan`` for the block;
+    ``none``: every attention output zero (the floor under any attention method)."""
     if kind == "dense":
         yield
+        return
+    if kind == "none":
+        with NoAttentionMethod().activate(model):
+            yield
         return
     integration.patch(model, plan, backend=backend)
     try:
@@ -384,7 +392,8 @@ def parse_lengths(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="32768,65536,131072", help="prompt lengths of the dense/sparse grid")
-    parser.add_argument("--attentions", default="dense,sparse", help="subset of dense,sparse")
+    parser.add_argument("--attentions", default="dense,sparse",
+                        help="subset of dense,sparse,none (none: no attention, the floor of the forward)")
     parser.add_argument("--paths", default="plain,memory", help="subset of plain,memory for --lengths")
     parser.add_argument("--naive-lengths", default="32768", help="lengths that also run the full-logits path")
     parser.add_argument("--host-lengths", default="", help="lengths for the host-cache path (sparse attention)")
@@ -406,7 +415,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def planned_cases(args: argparse.Namespace) -> list[tuple[int, str, str]]:
     """``(length, attention, path)`` in run order: by length, dense first, the baseline first."""
-    attentions = [a for a in ("dense", "sparse") if a in args.attentions.split(",")]
+    attentions = [a for a in ("dense", "sparse", "none") if a in args.attentions.split(",")]
     paths = [p for p in ("plain", "memory") if p in args.paths.split(",")]
     naive = set(parse_lengths(args.naive_lengths))
     cases = []

@@ -50,8 +50,8 @@ case "$step" in
       tests/test_estimate_kernel.py > "$RES/$step/pytest.txt" 2>&1
     tail -5 "$RES/$step/pytest.txt" ;;
   ttft-8b)  # no model: issue 4's TTFT of a Llama-3-8B shape (random weights, fixed vertical-slash plan) at 128K
-    run python3 benchmarks/memory_ttft.py --lengths 131072 --paths plain --naive-lengths '' --repeats 2 \
-      --out "$RES/$step" ;;
+    run python3 benchmarks/memory_ttft.py --lengths 131072 --attentions dense,sparse,none --paths plain \
+      --naive-lengths '' --repeats 2 --out "$RES/$step" ;;
   q15-frontier)  # issue 6: recall, density and attention time of every tile size at 128K
     run python3 benchmarks/recall_frontier.py $Q15 --length 131072 --rows 128 --no-oracles --time-kernels \
       --methods peer-vs-1000-6096-lq64,bs-cov0.9 "${TILE_METHODS[@]}" --out "$RES/$step" ;;
