@@ -13,8 +13,9 @@ forward over PG essays, then times, per layer and in one process:
 - its parts: ``estimate`` (masses and selection) with the diagonal-mass scratch and with
   float32 atomics (``DIAGONAL_SCRATCH_BYTES = 0``), ``masses`` alone both ways, the ``index``
   build, and the ``kernel`` with the dense tail split over keys (the default), with 32-key slash
-  chunks (the index's ``chunk``), unsplit (one program per tail tile), without the tail, and at fixed launch options (warps, stages;
-  the autotuner's pick is the default row), and with 128-row query tiles (the estimate rerun with
+  chunks (the index's ``chunk``), unsplit (one program per tail tile), without the tail, and at
+  other launch options (warps, stages; the default rows use the launch's fixed choice), and with
+  128-row query tiles (the estimate rerun with
   ``block_size=128``, its own index; the slashes then cover whole 128-row tiles, so it computes
   more pairs).
 
@@ -57,7 +58,7 @@ from longinfer.patterns import vertical_slash as vs
 from longinfer.plans.schema import Plan, default_plan_for
 from longinfer.timing import median_cuda_ms
 
-# Fixed launch options to compare with the autotuner's pick: (num_warps, num_stages); the key tile
+# Launch options to compare with the default choice: (num_warps, num_stages); the key tile
 # of a vertical-slash launch is the index's chunk (64 keys for these tiles).
 KERNEL_OPTIONS = ((4, 3), (4, 4), (8, 3))
 TALL_KERNEL_OPTIONS = ((4, 3), (8, 3), (8, 2))
@@ -155,7 +156,7 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     tall_from = None if dense_from is None else dense_from // 128 * 128
     variants = [(f"kernel {selection.block_size}-row tiles", selection.block_size, built, dense_from, KERNEL_OPTIONS),
                 ("kernel 128-row tiles", 128, tall_index, tall_from, TALL_KERNEL_OPTIONS)]
-    times["kernel 128-row tiles (autotuned)"] = timed(
+    times["kernel 128-row tiles (default options)"] = timed(
         lambda: ops.vertical_slash_attention(q, k, v, index=tall_index, block_size=128, sm_scale=scale,
                                              dense_from=tall_from))
     for name, block_m, index_built, from_row, sweep in variants:

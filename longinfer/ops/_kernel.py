@@ -282,11 +282,6 @@ def _tuning_configs() -> list[triton.Config]:
 # tune_bucket = log2 of the key length, so each length scale gets its own choice.
 _TUNING_KEY = ["HEAD_DIM", "MODE", "BLOCK_M", "HEADS_PER_TILE", "VARLEN", "tune_bucket"]
 sparse_attention_fwd_tuned = triton.autotune(configs=_tuning_configs(), key=_TUNING_KEY)(_sparse_attention_fwd)
-# Vertical-slash: BLOCK_N is the index's chunk (passed by the caller), so only warps and stages are tuned.
-vertical_slash_fwd_tuned = triton.autotune(
-    configs=[triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 3), (4, 2), (4, 4), (8, 3))],
-    key=[*_TUNING_KEY, "BLOCK_N"],
-)(_sparse_attention_fwd)
 
 
 @triton.jit

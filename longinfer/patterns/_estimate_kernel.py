@@ -23,16 +23,18 @@ Two passes over the keys:
    sum it alone. Two ways, the same sums up to float32 summation order:
 
    - *scratch* (when ``B * Hq * L * Nk`` floats fit in :data:`DIAGONAL_SCRATCH_BYTES`, else per
-     chunk of whole KV groups): each probability is stored, without atomics, at ``(l, p_l - key)``
-     of a ``[B, Hq, L, Nk]`` float32 scratch; :func:`_diagonal_sum_kernel` then sums each offset
-     over the queries that reach it. Every cell is written at most once, so nothing needs zeroing.
+     chunk of whole KV groups): each probability is stored, without atomics, at
+     ``(l, Nk - 1 - (p_l - key))`` of a ``[B, Hq, L, Nk]`` float32 scratch (offsets reversed so
+     that a tile row is one contiguous, coalesced store); :func:`_diagonal_sum_kernel` then sums
+     each offset over the queries that reach it. Every cell is written at most once, so nothing
+     needs zeroing.
    - *atomics* (when even one KV group's scratch does not fit): float32 atomic adds into the
      ``[B, Hq, Nk]`` output, in whatever order the programs run.
 
    The scratch is the default because its sums do not depend on scheduling (the same input gives
-   the same index, bit for bit). It is not faster: on an H200 (session 6, a 4K turn over 64K on
-   Qwen2.5-1.5B, 28 layers) the masses took 32.6 ms with the scratch and 30.9 ms with atomics,
-   and the pass-2 kernel alone ~0.85 ms per layer either way, so atomics were not its bottleneck.
+   the same index, bit for bit). With offsets stored unreversed (decreasing along a tile row, so
+   one 4-byte transaction per cell), pass 2 took ~0.87 ms per layer of a 4K turn over 64K on
+   Qwen2.5-1.5B (H200, sessions 6 and 7) either way, 14x pass 1 over the same q k^T.
 
 Programs of the query heads of one KV group are adjacent in the grid (axis 0 = query head), so
 a key tile is read from DRAM about once per KV head and pass.
@@ -136,11 +138,15 @@ def _tile_masses(q, k_base, keys, pos, lse, query_idx, q_valid, head_row, num_qu
     visible = (offsets >= 0) & key_valid[None, :]
     probs = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0) * inv_count
     on_diagonal = visible & (keys[None, :] >= sink)
+    # Diagonal outputs are indexed by the reversed offset Nk - 1 - (p - key): it increases with the
+    # key, so a row of the tile is one contiguous run and the stores (or atomics) coalesce. (With
+    # the offset itself, decreasing along the keys, every cell was its own 4-byte transaction.)
+    reversed_offsets = (k_len - 1 - pos)[:, None] + keys[None, :]
     if SCRATCH:
-        cell = (head_row * num_queries + query_idx).to(tl.int64)[:, None] * k_len + offsets
+        cell = (head_row * num_queries + query_idx).to(tl.int64)[:, None] * k_len + reversed_offsets
         tl.store(DIAGONALS + cell, tl.where(on_diagonal, probs, 0.0), mask=visible & q_valid[:, None])
     else:
-        tl.atomic_add(DIAGONALS + out_base + offsets, probs, mask=on_diagonal, sem="relaxed")
+        tl.atomic_add(DIAGONALS + out_base + reversed_offsets, probs, mask=on_diagonal, sem="relaxed")
     return tl.sum(tl.where(offsets >= local, probs, 0.0), axis=0)
 
 
@@ -160,10 +166,11 @@ def _masses_kernel(
     With ``ONE_BLOCK`` (``L <= BLOCK_M``) the queries, positions and log-sum-exps are loaded once
     and only the key tiles stream, as in pass 1; otherwise every tile loops over the query blocks.
     ``LSE [B, Hq, L]`` base-2 log-sum-exp of each query; ``COLUMNS [B, Hq, Nk]`` must be zero on
-    entry (tiles no query sees are not written). With ``SCRATCH``, ``DIAGONALS`` is the
-    ``[B, Hq, L, Nk]`` scratch: cell ``(l, s)`` gets query ``l``'s probability at key ``p_l - s``
-    (0 for a sink key) for every ``s <= p_l``, and cells ``s > p_l`` are left unwritten. Without
-    it, ``DIAGONALS`` is ``[B, Hq, Nk]``, zero on entry, and accumulates with atomics.
+    entry (tiles no query sees are not written). Diagonal offsets ``s`` are stored reversed, at
+    ``Nk - 1 - s``. With ``SCRATCH``, ``DIAGONALS`` is the ``[B, Hq, L, Nk]`` scratch: cell
+    ``(l, Nk - 1 - s)`` gets query ``l``'s probability at key ``p_l - s`` (0 for a sink key) for
+    every ``s <= p_l``, and the other cells are left unwritten. Without it, ``DIAGONALS`` is
+    ``[B, Hq, Nk]`` (reversed offsets), zero on entry, and accumulates with atomics.
     """
     head = tl.program_id(0).to(tl.int64)
     split_start = tl.program_id(1) * keys_per_split
@@ -207,19 +214,20 @@ def _masses_kernel(
 
 @triton.jit
 def _diagonal_sum_kernel(SCRATCH, POS, DIAGONALS, num_queries, k_len, BLOCK_S: tl.constexpr):
-    """``DIAGONALS[r, s] = sum_l SCRATCH[r, l, s]`` over the queries with ``s <= p_l``.
+    """``DIAGONALS[r, s] = sum_l SCRATCH[r, l, Nk - 1 - s]`` over the queries with ``s <= p_l``.
 
-    Grid ``(B * Hq, ceil(Nk / BLOCK_S))``; ``SCRATCH [B * Hq, L, Nk]``, ``DIAGONALS [B * Hq, Nk]``.
+    Grid ``(B * Hq, ceil(Nk / BLOCK_S))``; ``SCRATCH [B * Hq, L, Nk]`` (offsets reversed, see
+    :func:`_masses_kernel`), ``DIAGONALS [B * Hq, Nk]``.
     """
     row = tl.program_id(0).to(tl.int64)
-    offsets = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    in_range = offsets < k_len
+    reversed_offsets = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    in_range = reversed_offsets < k_len
     total = tl.zeros([BLOCK_S], tl.float32)
     for query in range(0, num_queries):
         reach = tl.load(POS + query)
-        cells = SCRATCH + (row * num_queries + query) * k_len + offsets
-        total += tl.load(cells, mask=in_range & (offsets <= reach), other=0.0)
-    tl.store(DIAGONALS + row * k_len + offsets, total, mask=in_range)
+        cells = SCRATCH + (row * num_queries + query) * k_len + reversed_offsets
+        total += tl.load(cells, mask=in_range & (reversed_offsets >= k_len - 1 - reach), other=0.0)
+    tl.store(DIAGONALS + row * k_len + (k_len - 1 - reversed_offsets), total, mask=in_range)
 
 
 # Pass 2 on the GPU in float16 / bfloat16: key tile, warps and stages chosen by timing, once per
@@ -356,9 +364,9 @@ def _masses_with_atomics(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, p
     """Pass 2 with the diagonal mass added by float32 atomics (no scratch)."""
     bsz, hq, k_len = q.shape[0], q.shape[1], k.shape[2]
     columns = torch.zeros(bsz, hq, k_len, device=q.device, dtype=torch.float32)
-    diagonals = torch.zeros_like(columns)
-    _masses_launch(q, k, rows, positions, lse, columns, diagonals, scratch=False, **pass_two)
-    return columns, diagonals
+    reversed_diagonals = torch.zeros_like(columns)
+    _masses_launch(q, k, rows, positions, lse, columns, reversed_diagonals, scratch=False, **pass_two)
+    return columns, reversed_diagonals.flip(-1)
 
 
 def _masses_with_scratch(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
