@@ -224,20 +224,13 @@ def _sparse_attention_fwd(
         ch_base = b * stride_ch_b + idx_h * stride_ch_h
         n_chunks = tl.load(ChunkCount + b * stride_cn_b + idx_h * stride_cn_h + tile)
         for i in range(0, n_chunks):
-            chunk_lo = tile_start + tl.load(ChunkStart + ch_base + i)
+            cols = tile_start + tl.load(ChunkStart + ch_base + i) + offs_n
             col_end = tl.minimum(tile_start + tl.load(ChunkEnd + ch_base + i), tile_end)
-            cols = chunk_lo + offs_n
             col_ok = (cols >= 0) & (cols < col_end)
             k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            # Most chunks lie wholly inside their range and at or left of the tile's first row:
-            # every element is kept, and the element mask is skipped.
-            whole = (chunk_lo >= 0) & (chunk_lo + BLOCK_N <= col_end) & (chunk_lo + BLOCK_N <= tile_start + 1)
-            if whole:
-                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, col_ok[None, :], qk_scale, False, PRECISION)
-            else:
-                keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
-                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, True, PRECISION)
+            keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, True, PRECISION)
         # Columns: the sorted verticals before the tile's end, minus those a slash chunk covered
         # (a lookup by d = tile_start - column, see VerticalSlashIndex.covered).
         c_base = Cols + b * stride_c_b + idx_h * stride_c_h
