@@ -12,7 +12,10 @@ forward over PG essays, then times, per layer and in one process:
   a CUDA graph (the patched model's default; the graph time is the GPU time alone);
 - its parts: ``estimate`` (masses and selection) with the diagonal-mass scratch and with
   float32 atomics (``DIAGONAL_SCRATCH_BYTES = 0``), ``masses`` alone both ways, the ``index``
-  build, and the ``kernel`` with the dense tail split over keys (the default), with 32-key slash
+  build (eager, so host time shows where it exceeds the GPU's; each also replayed from a CUDA
+  graph, ``(graph)``: GPU time alone), the estimate's pass 2 at each fixed launch configuration
+  (``pass 2 BLOCK_N=.. warps=.. stages=..``: the masses with the scratch, graph-replayed), and
+  the ``kernel`` with the dense tail split over keys (the default), with 32-key slash
   chunks (the index's ``chunk``), unsplit (one program per tail tile), without the tail, and at
   other launch options (warps, stages; the default rows use the launch's fixed choice), and with
   128-row query tiles (the estimate rerun with
@@ -62,6 +65,9 @@ from longinfer.timing import median_cuda_ms
 # of a vertical-slash launch is the index's chunk (64 keys for these tiles).
 KERNEL_OPTIONS = ((4, 3), (4, 4), (8, 3))
 TALL_KERNEL_OPTIONS = ((4, 3), (8, 3), (8, 2))
+# The estimate's pass-2 configurations its autotuner chooses from: (BLOCK_N, num_warps, num_stages).
+PASS_TWO_OPTIONS = tuple((c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                         for c in _estimate_kernel._masses_kernel_tuned.configs)
 
 
 def sdpa_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -100,6 +106,25 @@ def with_scratch_bytes(limit: int, fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
+def with_pass_two_options(block_n: int, warps: int, stages: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with the estimate's pass 2 at one fixed launch configuration (no autotuner)."""
+    class Fixed:
+        def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., Any]:
+            def launch_fixed(*args: Any, **kwargs: Any) -> Any:
+                return _estimate_kernel._masses_kernel[grid](*args, **kwargs, BLOCK_N=block_n, num_warps=warps,
+                                                             num_stages=stages)
+            return launch_fixed
+
+    def run() -> Any:
+        saved = _estimate_kernel._masses_kernel_tuned
+        _estimate_kernel._masses_kernel_tuned = Fixed()
+        try:
+            return fn()
+        finally:
+            _estimate_kernel._masses_kernel_tuned = saved
+    return run
+
+
 def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   repeats: int) -> dict[str, float]:
     """Every timed variant of one layer, in milliseconds (see the module docstring)."""
@@ -124,9 +149,14 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
         return vs.estimate_masses(q, k, config, sm_scale=scale, backend="triton")
 
     times["estimate (scratch)"] = timed(estimate)
+    times["estimate (graph)"] = graph_time(estimate, repeats)
     times["estimate (atomics)"] = timed(with_scratch_bytes(0, estimate))
     times["masses (scratch)"] = timed(masses)
+    times["masses (graph)"] = graph_time(masses, repeats)
     times["masses (atomics)"] = timed(with_scratch_bytes(0, masses))
+    for block_n, warps, stages in PASS_TWO_OPTIONS:
+        times[f"pass 2 BLOCK_N={block_n} warps={warps} stages={stages}"] = graph_time(
+            with_pass_two_options(block_n, warps, stages, masses), repeats)
     selection = estimate()
     nk = k.shape[2]
 
@@ -134,6 +164,7 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
         return build_vertical_slash_index(selection.vertical, selection.slash, nk, selection.block_size, presorted=True)
 
     times["index"] = timed(index)
+    times["index (graph)"] = graph_time(index, repeats)
     built = index()
     dense_from = layer_plan.dense_from(nk)
 
