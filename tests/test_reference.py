@@ -89,3 +89,24 @@ def test_vertical_slash_kept_counts_the_reference_mask(n, block_size, num_vertic
         expected = vertical_slash_mask(vertical, slash, n, block_size, rows=rows).sum(-1)
         index = build_vertical_slash_index(vertical, slash, n, block_size)
         assert torch.equal(vertical_slash_kept(index, rows), expected)
+
+
+@pytest.mark.parametrize("n, block_size, num_vertical, num_slash", [
+    (1000, 64, 50, 40), (513, 16, 20, 150), (777, 32, 0, 5), (130, 64, 200, 200),
+])
+def test_kept_kernel_equals_the_torch_count(n, block_size, num_vertical, num_slash):
+    """The one-launch kept count (Triton, the CUDA path; here in the interpreter) equals the torch ops
+    row for row, with more slash groups than one block of the kernel's loop (513 keys, 16-row tiles)
+    and a head without any slash."""
+    from longinfer.ops import index as index_module
+
+    gen = torch.Generator().manual_seed(n * 3 + block_size)
+    vertical = torch.randint(-5, n + 5, (2, 3, num_vertical), generator=gen)
+    slash = torch.randint(-5, n + 5, (2, 3, num_slash), generator=gen)
+    slash[1, 2] = -1
+    rows = torch.sort(torch.randperm(n, generator=gen)[:9]).values
+    index = index_module.build_vertical_slash_index(vertical, slash, n, block_size)
+    want = index_module._kept_torch(index, rows)
+    got = index_module._kept_triton(index, rows)
+    assert got.dtype == want.dtype == torch.long
+    assert torch.equal(got, want)

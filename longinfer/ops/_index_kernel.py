@@ -16,6 +16,10 @@ tables in about 45 small ops; this is one launch (a patched model builds an inde
 call, so small ops add up: ~2-3 us of GPU time each under a CUDA graph, ~10 us of host time each
 without). Grid ``(B * H, ceil(max(k_len + block_size, W, T) / BLOCK))``; every index tensor is
 contiguous ``[B, H, ...]``.
+
+:func:`_kept_kernel` counts, for a few query rows, the keys the vertical-slash kernel computes
+(:func:`longinfer.ops.index.vertical_slash_kept`, the patched model's density statistic): one
+launch instead of ~28 torch ops over ``[B, H, R, S]`` temporaries.
 """
 
 from __future__ import annotations
@@ -74,3 +78,35 @@ def _tables_kernel(
     tl.store(CHUNK_COUNT + head * num_tiles + entries, walked, mask=is_tile)
     columns = _count_before(COLS + head * num_cols, num_cols, tile_end, STEPS, False, BLOCK)
     tl.store(COLUMN_COUNT + head * num_tiles + entries, columns, mask=is_tile)
+
+
+@triton.jit
+def _kept_kernel(
+    LO, HI, COUNT, COLS, ROWS, KEPT, num_groups, num_cols, num_rows,
+    BLOCK_SIZE: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Keys computed for query row ``ROWS[r]`` of head ``h``: grid ``(B * H, R)``, ``KEPT [B, H, R]`` int64.
+
+    Row ``i`` (tile start ``t``) gets the columns ``<= i`` and, per slash group ``[lo, hi]``, the
+    keys ``[max(t - hi, 0), min(t + BLOCK_SIZE - 1 - lo, i)]``; a column inside such a range is
+    counted once (the ranges are disjoint).
+    """
+    head = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1)
+    row = tl.load(ROWS + r).to(tl.int32)
+    tile_start = row - row % BLOCK_SIZE
+    count = tl.load(COUNT + head)
+    lo_base, hi_base, cols = LO + head * num_groups, HI + head * num_groups, COLS + head * num_cols
+    offs = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], dtype=tl.int32)
+    for g0 in range(0, count, BLOCK):
+        valid = g0 + offs < count
+        first = tl.maximum(tile_start - tl.load(hi_base + g0 + offs, mask=valid, other=0), 0)
+        last = tl.where(valid, tl.minimum(tile_start + BLOCK_SIZE - 1 - tl.load(lo_base + g0 + offs, mask=valid, other=0),
+                                          row), -1)
+        width = tl.maximum(last - first + 1, 0)
+        doubled = (_count_before(cols, num_cols, last + 1, STEPS, False, BLOCK)
+                   - _count_before(cols, num_cols, first, STEPS, False, BLOCK))
+        total += tl.where(width > 0, width - tl.maximum(doubled, 0), 0)
+    own = tl.max(_count_before(cols, num_cols, tl.zeros([BLOCK], dtype=tl.int32) + row + 1, STEPS, False, BLOCK), 0)
+    tl.store(KEPT + head * num_rows + r, (tl.sum(total, 0) + own).to(tl.int64))

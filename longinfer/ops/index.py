@@ -27,7 +27,7 @@ import torch
 import triton
 
 from longinfer.ops._checks import interpreter_enabled
-from longinfer.ops._index_kernel import _tables_kernel
+from longinfer.ops._index_kernel import _kept_kernel, _tables_kernel
 
 
 @dataclass(frozen=True)
@@ -310,8 +310,30 @@ def vertical_slash_kept(index: VerticalSlashIndex, rows: torch.Tensor) -> torch.
     are counted twice. Equals ``reference.vertical_slash_mask(...)[..., rows, :].sum(-1)`` for the
     raw index this one was built from (causal, one sequence).
 
-    Returns ``[B, H, R]`` int64. Memory: ``O(B * H * R * S)`` integers (``S`` slash groups).
+    Returns ``[B, H, R]`` int64. Memory: ``O(B * H * R * S)`` integers (``S`` slash groups) with
+    torch ops (CPU tensors); on CUDA one Triton launch (:func:`_kept_triton`), no temporaries.
     """
+    if index.columns.is_cuda:
+        return _kept_triton(index, rows)
+    return _kept_torch(index, rows)
+
+
+def _kept_triton(index: VerticalSlashIndex, rows: torch.Tensor) -> torch.Tensor:
+    """:func:`vertical_slash_kept` in one launch of :func:`longinfer.ops._index_kernel._kept_kernel`."""
+    bsz, heads, num_cols = index.columns.shape
+    num_groups = index.group_lo.shape[-1]
+    rows = rows.to(index.columns.device).contiguous()
+    kept = torch.empty(bsz, heads, rows.numel(), device=rows.device, dtype=torch.long)
+    block = 64 if interpreter_enabled() else 1024
+    steps = max(num_cols, 1).bit_length() + 1
+    _kept_kernel[(bsz * heads, rows.numel())](
+        index.group_lo, index.group_hi, index.group_count, index.columns, rows, kept, num_groups, num_cols,
+        rows.numel(), BLOCK_SIZE=index.block_size, STEPS=steps, BLOCK=block, num_warps=4)
+    return kept
+
+
+def _kept_torch(index: VerticalSlashIndex, rows: torch.Tensor) -> torch.Tensor:
+    """:func:`vertical_slash_kept` with torch ops over ``[B, H, R, S]`` temporaries."""
     bs = index.block_size
     i = rows.to(index.columns.device).long()[:, None]  # [R, 1]
     tile_start = i - i % bs
