@@ -29,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from longinfer.ops._index_kernel import _kept_kernel, _tables_kernel
+from longinfer.ops._index_kernel import _groups_kernel, _kept_kernel, _tables_kernel
 from longinfer.ops._kernel import MODE_VERTICAL_SLASH, _sparse_attention_fwd
 from longinfer.patterns._estimate_kernel import _masses_kernel, _row_stats_kernel
 
@@ -89,6 +89,8 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
                       "MODE": MODE_VERTICAL_SLASH, "VARLEN": False}, warps, stages))
     kept_types = _types(_kept_kernel, {"LO": "*i32", "HI": "*i32", "COUNT": "*i32", "COLS": "*i32", "ROWS": "*i64",
                                        "KEPT": "*i64"})
+    groups_types = _types(_groups_kernel, {"SLASH": "*i64", "LO": "*i32", "HI": "*i32", "COUNT": "*i32"})
+    rows.append(("slash groups", _groups_kernel, groups_types, {"BLOCK_SIZE": 64, "BLOCK": 1024}, 4, 1))
     rows.append(("density kept counts", _kept_kernel, kept_types, {"BLOCK_SIZE": 64, "STEPS": 14, "BLOCK": 1024}, 4, 1))
     rows.append(("index tables", _tables_kernel, tables_types, {"BLOCK_SIZE": 64, "CHUNK": 64, "STEPS": 15,
                                                                 "BLOCK": 1024}, 4, 1))

@@ -52,6 +52,8 @@ case "$step" in
   ttft-8b)  # no model: issue 4's TTFT of a Llama-3-8B shape (random weights, fixed vertical-slash plan) at 128K
     run python3 benchmarks/memory_ttft.py --lengths 131072 --attentions dense,sparse,none --paths plain \
       --naive-lengths '' --repeats 2 --out "$RES/$step" ;;
+  host-1m)  # no model: issue 4's longest input, 1M tokens of the 8B shape, KV cache partly in host memory
+    run python3 benchmarks/memory_ttft.py --lengths '' --host-lengths 1048576 --repeats 1 --out "$RES/$step" ;;
   q15-frontier)  # issue 6: recall, density and attention time of every tile size at 128K
     run python3 benchmarks/recall_frontier.py $Q15 --length 131072 --rows 128 --no-oracles --time-kernels \
       --methods peer-vs-1000-6096-lq64,bs-cov0.9 "${TILE_METHODS[@]}" --out "$RES/$step" ;;

@@ -205,6 +205,32 @@ def test_index_tables_kernel_equals_the_torch_tables(block_size):
         assert a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu()), name
 
 
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_slash_groups_kernel_equals_the_torch_groups(block_size):
+    """Presorted slash offsets (as the estimators give them) merge into the same groups in one launch
+    (Triton) as with the torch ops: groups across the kernel's block boundaries, offsets past
+    ``k_len`` and ``-1`` padding, a head without slashes."""
+    from longinfer.ops import index as index_module
+
+    gen = torch.Generator().manual_seed(11 + block_size)
+    nk, width = 3000, 300
+    rows = []
+    for count in (250, 120, 0, 299):
+        picked = torch.sort(torch.randperm(nk, generator=gen)[:count]).values
+        if count == 120:
+            picked = torch.sort(torch.randperm(200, generator=gen)[:count]).values  # dense: long groups
+        pad = torch.full((width - count,), -1, dtype=torch.long)
+        if count == 250:
+            pad[:3] = torch.tensor([nk, nk + 5, nk + 70])  # invalid entries after the valid ones
+        rows.append(torch.cat([picked, pad]))
+    slash = torch.stack(rows).view(2, 2, width)
+    want = index_module._slash_groups(slash, nk, block_size, nk, presorted=True)
+    got = index_module._slash_groups_triton(slash.to(DEVICE), nk, block_size)
+    for name, a, b in zip(("lo", "hi", "count"), got, want):
+        assert a.dtype == b.dtype == torch.int32 and torch.equal(a.cpu(), b), name
+    assert int(want[2].min()) == 0 and int(want[2].max()) > 1
+
+
 @pytest.mark.parametrize("b,hq,hkv,n,d,dtype", SHAPES, ids=SHAPE_IDS)
 def test_block_sparse_random_indices(b, hq, hkv, n, d, dtype):
     q, k, v = _qkv(b, hq, hkv, n, d, dtype, seed=n * 5 + d)

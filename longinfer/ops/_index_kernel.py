@@ -17,7 +17,8 @@ call, so small ops add up: ~2-3 us of GPU time each under a CUDA graph, ~10 us o
 without). Grid ``(B * H, ceil(max(k_len + block_size, W, T) / BLOCK))``; every index tensor is
 contiguous ``[B, H, ...]``.
 
-:func:`_kept_kernel` counts, for a few query rows, the keys the vertical-slash kernel computes
+:func:`_groups_kernel` merges each head's presorted slash offsets into groups (the torch path,
+:func:`longinfer.ops.index._slash_groups`, takes ~25 ops); :func:`_kept_kernel` counts, for a few query rows, the keys the vertical-slash kernel computes
 (:func:`longinfer.ops.index.vertical_slash_kept`, the patched model's density statistic): one
 launch instead of ~28 torch ops over ``[B, H, R, S]`` temporaries.
 """
@@ -110,3 +111,37 @@ def _kept_kernel(
         total += tl.where(width > 0, width - tl.maximum(doubled, 0), 0)
     own = tl.max(_count_before(cols, num_cols, tl.zeros([BLOCK], dtype=tl.int32) + row + 1, STEPS, False, BLOCK), 0)
     tl.store(KEPT + head * num_rows + r, (tl.sum(total, 0) + own).to(tl.int64))
+
+
+@triton.jit
+def _groups_kernel(SLASH, LO, HI, COUNT, k_len, num, BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """Slash groups of one head from presorted offsets: grid ``(B * H,)``.
+
+    ``SLASH [B, H, S]`` int64: the valid offsets (in ``[0, k_len)``) ascending and distinct, before
+    every invalid one. Offsets at most ``BLOCK_SIZE`` apart share a group. Writes ``LO, HI [B, H, S]``
+    int32 (each group's first and last offset, then ``k_len``) and ``COUNT [B, H]`` int32. The
+    offsets are read in blocks of ``BLOCK`` with the group count carried between them.
+    """
+    head = tl.program_id(0).to(tl.int64)
+    base = SLASH + head * num
+    offs = tl.arange(0, BLOCK)
+    groups = tl.zeros([], dtype=tl.int32)
+    for start in range(0, num, BLOCK):
+        idx = start + offs
+        s = tl.load(base + idx, mask=idx < num, other=-1)
+        valid = (s >= 0) & (s < k_len)
+        prev = tl.load(base + idx - 1, mask=(idx > 0) & (idx < num), other=-1)  # valid whenever s is
+        nxt = tl.load(base + idx + 1, mask=idx + 1 < num, other=-1)
+        next_valid = (nxt >= 0) & (nxt < k_len)
+        is_first = valid & ((idx == 0) | (s - prev > BLOCK_SIZE))
+        is_last = valid & (~next_valid | (nxt - s > BLOCK_SIZE))
+        group = groups + tl.cumsum(is_first.to(tl.int32), 0) - 1
+        tl.store(LO + head * num + group, s.to(tl.int32), mask=is_first)
+        tl.store(HI + head * num + group, s.to(tl.int32), mask=is_last)
+        groups += tl.sum(is_first.to(tl.int32), 0)
+    for start in range(0, num, BLOCK):  # padding after the groups (slots no group wrote)
+        idx = start + offs
+        pad = (idx >= groups) & (idx < num)
+        tl.store(LO + head * num + idx, tl.zeros([BLOCK], dtype=tl.int32) + k_len, mask=pad)
+        tl.store(HI + head * num + idx, tl.zeros([BLOCK], dtype=tl.int32) + k_len, mask=pad)
+    tl.store(COUNT + head, groups)

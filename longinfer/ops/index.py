@@ -27,7 +27,7 @@ import torch
 import triton
 
 from longinfer.ops._checks import interpreter_enabled
-from longinfer.ops._index_kernel import _kept_kernel, _tables_kernel
+from longinfer.ops._index_kernel import _groups_kernel, _kept_kernel, _tables_kernel
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,11 @@ def _slash_groups(
     Two slashes ``a < b`` give key ranges that touch or overlap iff ``b - a <= block_size``.
     Offsets ``>= limit`` (``k_len``, or ``[B, 1, 1]`` per-sequence lengths) are dropped.
     Returns ``(lo, hi, count)``: ``[B, H, S]`` int32 each padded with ``k_len``, and ``[B, H]``.
-    ``presorted``: see :func:`build_vertical_slash_index`.
+    ``presorted``: see :func:`build_vertical_slash_index`; presorted CUDA offsets of one sequence
+    (``limit == k_len``) are merged in one Triton launch (:func:`_slash_groups_triton`).
     """
+    if presorted and slash.is_cuda and isinstance(limit, int) and limit == k_len:
+        return _slash_groups_triton(slash, k_len, block_size)
     s = _sorted_unique(slash, (slash >= 0) & (slash < limit), k_len, presorted)  # [B, H, S]
     num = s.shape[-1]
     valid = s < k_len  # valid entries come first (the fill k_len sorts last)
@@ -134,6 +137,22 @@ def _slash_groups(
     lo.scatter_(-1, group_id.masked_fill(~is_first, num), s)  # non-boundary slashes go to the dump slot
     hi.scatter_(-1, group_id.masked_fill(~is_last, num), s)
     return lo[..., :num].int(), hi[..., :num].int(), is_first.sum(-1, dtype=torch.int32)
+
+
+def _slash_groups_triton(slash: torch.Tensor, k_len: int, block_size: int) -> tuple[torch.Tensor, ...]:
+    """:func:`_slash_groups` of presorted offsets in one launch of :func:`_groups_kernel`; same values."""
+    bsz, heads, num = slash.shape
+    slash = slash.long().contiguous()
+    lo = torch.empty(bsz, heads, num, device=slash.device, dtype=torch.int32)
+    hi = torch.empty_like(lo)
+    count = torch.empty(bsz, heads, device=slash.device, dtype=torch.int32)
+    if num:
+        block = 64 if interpreter_enabled() else 1024
+        _groups_kernel[(bsz * heads,)](slash, lo, hi, count, k_len, num, BLOCK_SIZE=block_size, BLOCK=block,
+                                       num_warps=4)
+    else:
+        count.zero_()
+    return lo, hi, count
 
 
 def build_vertical_slash_index(
