@@ -15,12 +15,11 @@ forward over PG essays, then times, per layer and in one process:
   build (eager, so host time shows where it exceeds the GPU's; each also replayed from a CUDA
   graph, ``(graph)``: GPU time alone), the estimate's pass 2 at each fixed launch configuration
   (``pass 2 BLOCK_N=.. warps=.. stages=..``: the masses with the scratch, graph-replayed), and
-  the ``kernel`` with the dense tail split over keys (the default), with 32-key slash
-  chunks (the index's ``chunk``), unsplit (one program per tail tile), without the tail, and at
-  other launch options (warps, stages; the default rows use the launch's fixed choice), and with
-  128-row query tiles (the estimate rerun with
-  ``block_size=128``, its own index; the slashes then cover whole 128-row tiles, so it computes
-  more pairs).
+  the ``kernel`` with the dense tail split over keys (the default), with 32-key slash chunks (the
+  index's ``chunk``), unsplit (one program per tail tile), without the tail, at other launch
+  options (warps, stages; the default rows use the launch's fixed choice), and with 128-row query
+  tiles (the estimate rerun with ``block_size=128``, its own index; the slashes then cover whole
+  128-row tiles, so it computes more pairs).
 
 V is random normal (a kernel's time does not depend on V's values); q/k and so every index are the
 model's. Timing: CUDA events, median of ``--repeats`` after 2 warm-ups

@@ -175,7 +175,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--methods",
         default="dense,longinfer",
         help="comma list: dense, dense:<impl>, longinfer, longinfer:<plan.json>, peer, peer:<V>,<S>, none "
-        "(none: no attention, the latency floor; the peer: minference 0.1.6 built by benchmarks/gpu_session.sh into $PEER_SITE; GPU only)",
+        "(none: no attention, the latency floor; the peer: minference 0.1.6 built by "
+        "benchmarks/gpu_session.sh into $PEER_SITE; GPU only)",
     )
     parser.add_argument(
         "--lengths", type=parse_lengths, default=parse_lengths("4K"), help="prompt lengths, e.g. 8K,16K,32K"

@@ -9,8 +9,8 @@ transformers implementation, e.g. ``dense:eager``), ``longinfer`` (the built-in 
 model), ``longinfer:<plan.json>``, ``peer`` (the peer, PyPI ``minference`` 0.1.6, with its
 default budget of 1000 columns and 6096 diagonals; GPU only, see :mod:`longinfer.eval.peer`) and
 ``peer:<V>,<S>`` (that budget), and ``none`` (no attention at all: every attention output is
-zero; for ``latency`` only, where its time is the floor no attention method can go below). In a spec list a comma followed by a digit continues the spec, so
-``dense,peer:500,1500`` is two methods.
+zero; for ``latency`` only, where its time is the floor no attention method can go below). In a
+spec list a comma followed by a digit continues the spec, so ``dense,peer:500,1500`` is two methods.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ class DenseMethod(AttentionMethod):
 NULL_ATTENTION = "longinfer_null_attention"
 
 
-def _null_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> tuple[Any, None]:
+def _null_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                    **kwargs: Any) -> tuple[Any, None]:
     """An attention function that computes nothing: zeros shaped like the real output ``[B, N, H, D]``."""
     batch, heads, length, dim = query.shape
     return query.new_zeros(batch, length, heads, dim), None
@@ -126,10 +127,11 @@ class NoAttentionMethod(DenseMethod):
     its time bounds any attention method's speedup). Its outputs are meaningless: timing only.
     """
 
+    name = "no-attention"
     timing_only = True
 
     def __init__(self) -> None:
-        super().__init__(NULL_ATTENTION, name="no-attention")
+        super().__init__(NULL_ATTENTION, name=NoAttentionMethod.name)
 
     @contextlib.contextmanager
     def activate(self, model: Any) -> Iterator[None]:

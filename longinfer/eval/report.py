@@ -252,7 +252,7 @@ def _latency_section(
     timers = _ordered(r.get("timer") for r in _ok(records))
     notes = [f"Median TTFT per length; timer: {', '.join(map(str, timers))}."]
     for method in methods:
-        if method == NoAttentionMethod().name:
+        if method == NoAttentionMethod.name:
             notes.append(
                 f"- {method}: the same forward with every attention output zero, the floor under any "
                 f"attention method; its speedup vs {base} is the most an attention method can reach"

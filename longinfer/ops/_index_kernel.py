@@ -18,9 +18,10 @@ without). Grid ``(B * H, ceil(max(k_len + block_size, W, T) / BLOCK))``; every i
 contiguous ``[B, H, ...]``.
 
 :func:`_groups_kernel` merges each head's presorted slash offsets into groups (the torch path,
-:func:`longinfer.ops.index._slash_groups`, takes ~25 ops); :func:`_kept_kernel` counts, for a few query rows, the keys the vertical-slash kernel computes
-(:func:`longinfer.ops.index.vertical_slash_kept`, the patched model's density statistic): one
-launch instead of ~28 torch ops over ``[B, H, R, S]`` temporaries.
+:func:`longinfer.ops.index._slash_groups`, takes ~25 ops). :func:`_kept_kernel` counts, for a few
+query rows, the keys the vertical-slash kernel computes (:func:`longinfer.ops.index.vertical_slash_kept`,
+the patched model's density statistic): one launch instead of ~28 torch ops over ``[B, H, R, S]``
+temporaries.
 """
 
 from __future__ import annotations
@@ -102,9 +103,10 @@ def _kept_kernel(
     total = tl.zeros([BLOCK], dtype=tl.int32)
     for g0 in range(0, count, BLOCK):
         valid = g0 + offs < count
-        first = tl.maximum(tile_start - tl.load(hi_base + g0 + offs, mask=valid, other=0), 0)
-        last = tl.where(valid, tl.minimum(tile_start + BLOCK_SIZE - 1 - tl.load(lo_base + g0 + offs, mask=valid, other=0),
-                                          row), -1)
+        group_lo = tl.load(lo_base + g0 + offs, mask=valid, other=0)
+        group_hi = tl.load(hi_base + g0 + offs, mask=valid, other=0)
+        first = tl.maximum(tile_start - group_hi, 0)
+        last = tl.where(valid, tl.minimum(tile_start + BLOCK_SIZE - 1 - group_lo, row), -1)
         width = tl.maximum(last - first + 1, 0)
         doubled = (_count_before(cols, num_cols, last + 1, STEPS, False, BLOCK)
                    - _count_before(cols, num_cols, first, STEPS, False, BLOCK))
