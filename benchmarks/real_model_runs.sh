@@ -84,6 +84,11 @@ case "$step" in
       tests/test_gpu_graphs.py tests/test_ops_kernels.py -k "split or dense_from or graph or gpu" > "$RES/$step/pytest.txt" 2>&1
     run python3 benchmarks/tail_bench.py --out "$RES/$step"
     tail -3 "$RES/$step/pytest.txt" ;;
+  q15-core)  # one call for the usual speed check: turn by part, turn, TTFT with its floor, turn profile
+    for sub in q15-turn-kernels q15-turn-default q15-ttft q15-turn-profile; do
+      LIMIT=$((limit / 2)) bash "$0" "$sub"
+    done
+    exit 0 ;;
   q15-turn-kernels)  # issue 4: the turn's attention per layer and part (estimate, index, kernel variants), real q/k
     run python3 benchmarks/turn_kernels.py $Q15 --out "$RES/$step" ;;
   q15-turn-profile)  # issue 4: the turn's GPU time by op (PG text, default plan)
