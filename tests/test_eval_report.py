@@ -130,6 +130,18 @@ def test_latency_report_and_crossover(tmp_path):
     _png(tmp_path / "latency.png")
 
 
+def test_latency_report_names_the_no_attention_floor(tmp_path):
+    """The no-attention method is reported as the ceiling on any method's speedup, not with a crossover."""
+    records = [
+        {"method": m, "task": "latency", "length": 32768, "ttft_s": t, "peak_memory_bytes": None, "timer": "cpu-wall"}
+        for m, t in (("dense", 1.6), ("longinfer", 0.4), ("no-attention", 0.2))
+    ]
+    text = render_report(_write(tmp_path / "latency.jsonl", records)).read_text()
+    assert "| 32768 | 1600.0 ms / n/a | 400.0 ms / n/a | 200.0 ms / n/a | 4.00x | 8.00x |" in text
+    assert "no-attention: the same forward with every attention output zero" in text
+    assert "crossover no-attention" not in text
+
+
 def test_baseline_falls_back_to_first_method(tmp_path):
     records = [
         {"method": m, "task": "ppl", "length": 10, "nll_sum": s, "n_scored": 1}
