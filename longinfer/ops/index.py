@@ -240,6 +240,14 @@ def _chunk_width(k_len: int, num_groups: int, block_size: int, chunk: int) -> in
     return math.ceil(k_len / chunk) + num_groups * (math.ceil(block_size / chunk) + 1)
 
 
+def _chunks_per_group(lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, block_size: int,
+                      chunk: int) -> torch.Tensor:
+    """``[B, H, S]``: group ``g`` covers ``hi_g - lo_g + block_size`` keys per tile, so
+    ``ceil((hi_g - lo_g + block_size) / chunk)`` chunks; 0 for padding groups (``g >= count``)."""
+    valid = torch.arange(lo.shape[-1], device=lo.device) < count[..., None]
+    return torch.where(valid, (hi - lo + (block_size + chunk - 1)) // chunk, 0)
+
+
 def _tables_triton(lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, columns: torch.Tensor, k_len: int,
                    block_size: int, chunk: int) -> tuple[torch.Tensor, ...]:
     """The tables of :func:`_slash_chunks`, :func:`_column_counts` and :func:`_covered_offsets` in one
@@ -248,8 +256,7 @@ def _tables_triton(lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, colu
     num_tiles = math.ceil(k_len / block_size)
     width = _chunk_width(k_len, num_groups, block_size, chunk)
     size = k_len + block_size
-    valid = torch.arange(num_groups, device=lo.device) < count[..., None]
-    ends = torch.where(valid, (hi - lo + (block_size + chunk - 1)) // chunk, 0).cumsum(-1, dtype=torch.int32)
+    ends = _chunks_per_group(lo, hi, count, block_size, chunk).cumsum(-1, dtype=torch.int32)
     new = functools.partial(torch.empty, device=lo.device, dtype=torch.int32)
     chunk_start, chunk_end = new(bsz, heads, width), new(bsz, heads, width)
     chunk_count, column_count = new(bsz, heads, num_tiles), new(bsz, heads, num_tiles)
@@ -272,8 +279,7 @@ def _slash_chunks(lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, k_len
     """
     lo, hi = lo.long(), hi.long()
     num = lo.shape[-1]
-    valid = torch.arange(num, device=lo.device) < count.long()[..., None]
-    per_group = torch.where(valid, (hi - lo + block_size + chunk - 1) // chunk, 0)
+    per_group = _chunks_per_group(lo, hi, count, block_size, chunk)
     ends = per_group.cumsum(-1)  # [B, H, S]: chunks of groups 0..g
     width = _chunk_width(k_len, num, block_size, chunk)
     chunk_ids = torch.arange(width, device=lo.device).expand(*lo.shape[:-1], width).contiguous()
