@@ -13,11 +13,12 @@ forward over PG essays, then times, per layer and in one process:
 - its parts: ``estimate`` (masses and selection) with the diagonal-mass scratch and with
   float32 atomics (``DIAGONAL_SCRATCH_BYTES = 0``), ``masses`` alone both ways, the ``index``
   build (eager, so host time shows where it exceeds the GPU's; each also replayed from a CUDA
-  graph, ``(graph)``: GPU time alone), the estimate's pass 2 at each fixed launch configuration
+  graph, ``(graph)``: GPU time alone), the ``selection`` (the budget applied to the layer's
+  masses) by the torch path and by the Triton kernel, graph-replayed (``selection backends agree``:
+  1.0 when both give the same index), the estimate's pass 2 at each fixed launch configuration
   (``pass 2 BLOCK_N=.. warps=.. stages=..``: the masses with the scratch, graph-replayed), and
-  the ``kernel`` with the dense tail split over keys (the default), with 32-key slash chunks (the
-  index's ``chunk``), unsplit (one program per tail tile), without the tail, at other launch
-  options (warps, stages; the default rows use the launch's fixed choice), and with 128-row query
+  the ``kernel`` with the dense tail split over keys (the default), unsplit (one program per tail
+  tile), without the tail, at other launch options (warps, stages; the default rows use the launch's fixed choice), and with 128-row query
   tiles (the estimate rerun with ``block_size=128``, its own index; the slashes then cover whole
   128-row tiles, so it computes more pairs).
 
@@ -65,6 +66,7 @@ from longinfer.timing import median_cuda_ms
 KERNEL_OPTIONS = ((4, 3), (4, 4), (8, 3))
 TALL_KERNEL_OPTIONS = ((4, 3), (8, 3), (8, 2))
 # The estimate's pass-2 configurations its autotuner chooses from: (BLOCK_N, num_warps, num_stages).
+AGREE = "selection backends agree"  # 1.0 / 0.0 per layer among the timings; not a time
 PASS_TWO_OPTIONS = tuple((c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                          for c in _estimate_kernel._masses_kernel_tuned.configs)
 
@@ -156,6 +158,13 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     for block_n, warps, stages in PASS_TWO_OPTIONS:
         times[f"pass 2 BLOCK_N={block_n} warps={warps} stages={stages}"] = graph_time(
             with_pass_two_options(block_n, warps, stages, masses), repeats)
+    estimated = masses()
+    for backend in ("torch", "triton"):  # the budget on this layer's masses: radix topk + sorts vs one launch
+        times[f"selection {backend} (graph)"] = graph_time(
+            lambda backend=backend: vs.select_packed(*estimated, config, backend=backend), repeats)
+    same = [torch.equal(a, b) for a, b in zip(vs.select_packed(*estimated, config, backend="torch"),
+                                              vs.select_packed(*estimated, config, backend="triton"))]
+    times[AGREE] = float(all(same))
     selection = estimate()
     nk = k.shape[2]
 
@@ -172,11 +181,6 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
                                                     sm_scale=scale, dense_from=from_row, tail_splits=tail_splits)
 
     times["kernel (tail split)"] = timed(kernel())
-    narrow = build_vertical_slash_index(selection.vertical, selection.slash, nk, selection.block_size, presorted=True,
-                                        chunk=32)
-    times["kernel, 32-key slash chunks"] = timed(
-        lambda: ops.vertical_slash_attention(q, k, v, index=narrow, block_size=selection.block_size, sm_scale=scale,
-                                             dense_from=dense_from))
     times["kernel (tail unsplit)"] = timed(kernel(1))
     times["kernel (no tail)"] = timed(kernel(from_row=None))
     shape = AttentionShape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], nk, q.shape[3])
@@ -201,7 +205,8 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
 def render_markdown(data: dict[str, Any]) -> str:
     """Totals over layers first (with the ratio to dense SDPA), then every layer."""
     layers = data["layers"]
-    names = list(dict.fromkeys(name for row in layers for name in row["ms"]))
+    agree = [row["ms"][AGREE] for row in layers if AGREE in row["ms"]]
+    names = list(dict.fromkeys(name for row in layers for name in row["ms"] if name != AGREE))
     total = {name: sum(row["ms"].get(name, 0.0) for row in layers) for name in names}
     dense = total["dense SDPA"]
     lines = [f"# Attention of a {data['length']}-token turn over a {data['prefix']}-token cache, by part", "",
@@ -212,6 +217,8 @@ def render_markdown(data: dict[str, Any]) -> str:
              "sums over the layers. V is random (time does not depend on it); q/k are the model's.", "",
              "| part | total ms | dense SDPA / this |", "|---|---|---|"]
     lines += [f"| {name} | {total[name]:.2f} | {dense / total[name]:.2f}x |" for name in names if total[name] > 0]
+    if agree:
+        lines += ["", f"The Triton and torch selections give the same index on {int(sum(agree))} of {len(agree)} layers."]
     short = [n for n in names if "warps=" not in n]
     lines += ["", "## Per layer (ms)", "", "| layer | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
     for row in layers:

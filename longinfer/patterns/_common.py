@@ -161,7 +161,7 @@ def coverage_selection(
     if valid is not None:
         rank_score = torch.where(valid, rank_score, torch.full_like(mass, -math.inf))
     order = rank_score.argsort(dim=-1, descending=True, stable=True)
-    sorted_mass = mass.gather(-1, order)
+    sorted_mass = mass.gather(-1, order).double()  # float64 running sums (as the vertical-slash kernel's)
     sorted_valid = torch.ones_like(sorted_mass, dtype=torch.bool) if valid is None else valid.gather(-1, order)
     if limits is None:
         kinds = [(torch.ones(mass.shape[-1], dtype=torch.bool, device=mass.device), min_count,

@@ -73,6 +73,7 @@ from longinfer.patterns._common import (
     union_over_groups,
 )
 from longinfer.patterns._estimate_kernel import estimate_masses_triton
+from longinfer.patterns._select_kernel import select_packed_triton
 
 KEY_CHUNK = 8192  # keys per streaming step of the estimate: memory O(last_q * KEY_CHUNK) per head
 QUERY_SAMPLINGS = ("last", "strided", "mixed")
@@ -550,7 +551,7 @@ def select_items(columns: torch.Tensor, diagonals: torch.Tensor, config: Vertica
     mass = torch.cat([columns.gather(-1, vertical), diagonals.gather(-1, slash)], -1)
     # Candidates in concatenation order on ties (stable); forced items rank +inf, so they come first.
     sorted_rank, order = rank.sort(dim=-1, descending=True, stable=True)
-    sorted_mass = mass.gather(-1, order)
+    sorted_mass = mass.gather(-1, order).double()  # float64 sums: the Triton path sums in another order
     take = (sorted_mass.cumsum(-1) - sorted_mass < config.tau) | (sorted_rank == math.inf)
     lows = (min(config.min_vertical, config.num_vertical), min(config.min_slash, config.num_slash))
     if any(lows):  # each kind's first min_vertical / min_slash regardless of mass
@@ -559,6 +560,38 @@ def select_items(columns: torch.Tensor, diagonals: torch.Tensor, config: Vertica
             take |= kind & (kind.long().cumsum(-1) <= low)
     taken = torch.zeros_like(take).scatter_(-1, order, take)
     return ChosenItems(vertical, taken[..., :count_v], slash, taken[..., count_v:])
+
+
+def _triton_selection_supported(config: VerticalSlashConfig) -> bool:
+    """The budgets the Triton selection implements: ``rank="mass"`` without per-kind minimums."""
+    return config.rank == "mass" and config.min_vertical == 0 and config.min_slash == 0
+
+
+def select_packed(columns: torch.Tensor, diagonals: torch.Tensor, config: VerticalSlashConfig, *,
+                  backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_items` packed as the kernels take it: ``(vertical [B, H, V], slash [B, H, S])``
+    int64, taken positions ascending, ``-1`` after (``V = num_vertical``, ``S = num_slash``).
+
+    ``backend``: ``"torch"`` (the default) or ``"triton"`` (one launch,
+    :mod:`longinfer.patterns._select_kernel`; on the CPU only in the interpreter). Same index; see
+    the kernel module for the two rounding-level differences. The kernel runs one program per row
+    (12 programs for a Qwen2.5-1.5B layer, on 12 of 132 SMs), so it becomes the default only where
+    the GPU shows it faster than the torch path (``benchmarks/turn_kernels.py``, rows
+    ``selection``). Memory: the outputs plus, on the torch path, a few ``[B, H, Nk]`` tensors.
+    No host synchronization.
+    """
+    require(backend in ("triton", "torch"), f"backend must be 'triton' or 'torch', got {backend!r}")
+    if backend == "torch":
+        items = select_items(columns, diagonals, config)
+        return (_pack_taken(items.vertical, items.vertical_taken, config.num_vertical),
+                _pack_taken(items.slash, items.slash_taken, config.num_slash))
+    require(_triton_selection_supported(config),
+            "the Triton budget implements rank='mass' without min_vertical / min_slash; use backend='torch'")
+    require(columns.is_cuda or interpreter_enabled(),
+            "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; use backend='torch' on the CPU")
+    return select_packed_triton(columns.float(), diagonals.float(), num_vertical=config.num_vertical,
+                                num_slash=config.num_slash, sink=config.sink, local=config.local,
+                                coverage=config.budget == "coverage", tau=config.tau)
 
 
 def tile_smoothed_mass(diagonals: torch.Tensor, block_size: int, local: int) -> torch.Tensor:
@@ -765,13 +798,8 @@ def estimate_vertical_slash(
     if config.segments > 1:
         return estimate_segmented(q, k, config, sm_scale=sm_scale, per_kv_group=per_kv_group)
     if config.rank == "mass" and not per_kv_group:  # straight from the candidate lists: no [B, H, Nk] masks
-        items = select_items(*estimate_masses(q, k, config, sm_scale=sm_scale), config)
-        return VerticalSlashSelection(
-            vertical=_pack_taken(items.vertical, items.vertical_taken, config.num_vertical),
-            slash=_pack_taken(items.slash, items.slash_taken, config.num_slash),
-            k_len=k.shape[2],
-            block_size=config.block_size,
-        )
+        vertical, slash = select_packed(*estimate_masses(q, k, config, sm_scale=sm_scale), config)
+        return VerticalSlashSelection(vertical=vertical, slash=slash, k_len=k.shape[2], block_size=config.block_size)
     chosen_cols, chosen_diags = _chosen_items(q, k, config, sm_scale)
     widths = (config.num_vertical, config.num_slash)
     if per_kv_group:

@@ -1,0 +1,120 @@
+"""The Triton vertical-slash budget kernel against the torch path (``select_items`` + packing).
+
+The two paths must give the same packed index, bit for bit: they rank the same float32 masses by
+the same order (rank descending, columns first, position ascending) and both sum the mass before
+an item in float64, so a difference needs a running sum within ~1e-15 of ``tau``, which these
+inputs do not have. The tie cases put every boundary (the caps, the coverage threshold) on a run
+of equal values. On the CPU the kernel runs in the Triton interpreter.
+"""
+
+import os
+
+import pytest
+import torch
+
+from longinfer.patterns import VerticalSlashConfig
+from longinfer.patterns import vertical_slash as vs
+from longinfer.patterns._select_kernel import select_packed_triton
+
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs the Triton kernel on CPU tensors: needs TRITON_INTERPRET=1 (the @gpu test covers CUDA)",
+)
+
+CONFIGS = [
+    dict(budget="coverage", tau=0.9, num_vertical=40, num_slash=60, sink=3, local=5),
+    dict(budget="coverage", tau=1.0, num_vertical=300, num_slash=300, sink=3, local=5),  # caps above Nk, take all
+    dict(budget="coverage", tau=0.95, num_vertical=10, num_slash=80, sink=10, local=2),  # caps bind, ties at the cap
+    dict(budget="coverage", tau=0.05, num_vertical=40, num_slash=60, sink=30, local=40),  # forced mass above tau
+    dict(budget="coverage", tau=0.7, num_vertical=40, num_slash=60, sink=0, local=0),
+    dict(budget="fixed", num_vertical=40, num_slash=60, sink=3, local=5),
+    dict(budget="fixed", num_vertical=0, num_slash=5, sink=0, local=5),
+]
+
+
+def _masses(bsz, heads, n, seed, ties):
+    """Non-negative masses like an estimate's: a few heavy items, each kind summing to 0.6."""
+    gen = torch.Generator().manual_seed(seed)
+    columns = torch.rand(bsz, heads, n, generator=gen) ** 4
+    diagonals = torch.rand(bsz, heads, n, generator=gen) ** 4
+    if ties:  # a few distinct values, many zeros: every boundary is a tie
+        columns, diagonals = (torch.floor(x * 4) / 40 for x in (columns, diagonals))
+    return (columns / columns.sum(-1, keepdim=True) * 0.6, diagonals / diagonals.sum(-1, keepdim=True) * 0.6)
+
+
+def _assert_same_index(columns, diagonals, config):
+    got = vs.select_packed(columns, diagonals, config, backend="triton")
+    expected = vs.select_packed(columns, diagonals, config, backend="torch")
+    assert got[0].dtype == torch.long and got[0].shape == expected[0].shape
+    assert torch.equal(got[0], expected[0]), "vertical indices differ"
+    assert torch.equal(got[1], expected[1]), "slash indices differ"
+    return expected
+
+
+@needs_interpreter
+@pytest.mark.parametrize("overrides", CONFIGS)
+@pytest.mark.parametrize("ties", [False, True])
+def test_kernel_packs_the_torch_index(overrides, ties):
+    columns, diagonals = _masses(2, 3, 200, seed=7, ties=ties)
+    expected = _assert_same_index(columns, diagonals, VerticalSlashConfig(last_q=8, **overrides))
+    assert (expected[0] >= 0).any() or overrides["num_vertical"] == 0  # the comparison is not vacuous
+
+
+@needs_interpreter
+@pytest.mark.parametrize("n", [1, 77, 513])  # one key; off the interpreter's 256-item chunk; past two chunks
+def test_awkward_lengths_and_a_negative_zero(n):
+    columns, diagonals = _masses(1, 2, n, seed=n, ties=False)
+    columns[..., n // 2] = -0.0  # an estimate can round a mass to -0.0: it ranks as +0.0
+    config = VerticalSlashConfig(num_vertical=64, num_slash=128, sink=4, local=8, budget="coverage", tau=0.8)
+    _assert_same_index(columns, diagonals, config)
+
+
+@needs_interpreter
+def test_coverage_takes_the_fewest_items_reaching_tau():
+    """A planted case checked by hand: forced mass 0.3, then 0.25 (slash 9), 0.2 (column 50), 0.1 ..."""
+    columns = torch.zeros(1, 1, 64)
+    diagonals = torch.zeros(1, 1, 64)
+    columns[..., 0] = 0.1
+    diagonals[..., 0:2] = 0.1  # forced: sink=1 column, local=2 diagonals
+    diagonals[..., 9] = 0.25
+    columns[..., 50] = 0.2
+    columns[..., 20] = 0.1
+    diagonals[..., 30] = 0.1  # ties with column 20: the column ranks first
+    config = VerticalSlashConfig(num_vertical=8, num_slash=8, sink=1, local=2, budget="coverage", tau=0.8)
+    vertical, slash = vs.select_packed(columns, diagonals, config, backend="triton")
+    # before column 20: 0.3 + 0.25 + 0.2 = 0.75 < 0.8 -> taken; before diagonal 30: 0.85 -> not taken
+    assert vertical[0, 0, :4].tolist() == [0, 20, 50, -1]
+    assert slash[0, 0, :4].tolist() == [0, 1, 9, -1]
+
+
+def test_errors_name_the_problem():
+    columns, diagonals = _masses(1, 2, 50, seed=0, ties=False)
+    plain = VerticalSlashConfig(num_vertical=8, num_slash=8, sink=2, local=2, budget="coverage")
+    with_min = VerticalSlashConfig(num_vertical=8, num_slash=8, sink=2, local=2, budget="coverage", min_slash=4)
+    with pytest.raises(ValueError, match="min_vertical / min_slash"):
+        vs.select_packed(columns, diagonals, with_min, backend="triton")
+    with pytest.raises(ValueError, match="backend must be"):
+        vs.select_packed(columns, diagonals, plain, backend="cuda")
+    with pytest.raises(ValueError, match=r"\[B, H, Nk\]"):
+        select_packed_triton(columns, diagonals[..., :10], num_vertical=8, num_slash=8, sink=2, local=2,
+                             coverage=True, tau=0.9)
+    with pytest.raises(TypeError, match="float32"):
+        select_packed_triton(columns.double(), diagonals.double(), num_vertical=8, num_slash=8, sink=2, local=2,
+                             coverage=True, tau=0.9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [5000, 69632])  # a short call; a 4K turn over 64K
+def test_gpu_kernel_packs_the_torch_index(n):
+    """Default-plan budgets (and a capped one) on CUDA; masses from an estimate of structured q/k."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 12, 1024, 128, generator=gen)
+    k = torch.randn(1, 2, n, 128, generator=gen)
+    k[:, :, ::97] += 2.0 * q[:, :1, :1].mean(2, keepdim=True)  # columns every 97 keys that every query likes
+    q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
+    for overrides in (dict(num_vertical=4096, num_slash=8192, budget="coverage", tau=0.9),
+                      dict(num_vertical=256, num_slash=512, budget="coverage", tau=0.95),
+                      dict(num_vertical=1000, num_slash=6096, budget="fixed")):
+        config = VerticalSlashConfig(last_q=64, query_sampling="strided", **overrides)
+        columns, diagonals = vs.estimate_masses(q, k, config)
+        _assert_same_index(columns, diagonals, config)
