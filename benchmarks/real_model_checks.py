@@ -54,6 +54,7 @@ from longinfer.eval.needle import Needle, build_needle_prompt, contains_exact_va
 from longinfer.eval.report import markdown_table
 from longinfer.integrations import transformers as integration
 from longinfer.models import zoo
+from longinfer.patterns import vertical_slash
 
 logger = logging.getLogger("real_model_checks")
 
@@ -258,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--cache-dir", default=None, help="longinfer cache root (zoo models, corpora)")
+    parser.add_argument("--selection", choices=("torch", "triton"), default="torch",
+                        help="backend of the vertical-slash budget (select_packed's default; triton: the one-launch "
+                             "kernel, opt-in until measured faster)")
     parser.add_argument("--out", required=True)
     return parser
 
@@ -278,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ["LONGINFER_CACHE"] = args.cache_dir
+    if args.selection != "torch":  # benchmark switch: the library's default backend, for this process only
+        vertical_slash.select_packed.__kwdefaults__["backend"] = args.selection
     device = torch.device(args.device or zoo.default_device())
     model, tokenizer = zoo.load(args.model, device=device, yarn_factor=args.yarn, cache_dir=args.cache_dir)
     integration.register()
@@ -287,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "longinfer": longinfer.__version__, "dtype": str(next(model.parameters()).dtype),
+        "longinfer": longinfer.__version__, "selection": args.selection, "dtype": str(next(model.parameters()).dtype),
         "command": "python3 benchmarks/real_model_checks.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
     }
     recorder = Recorder(Path(args.out), header)

@@ -98,6 +98,9 @@ case "$step" in
   q15-turn-default)  # issue 4: the second turn with the default plan only
     run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
       --out "$RES/$step/default" ;;
+  q15-turn-select)  # issue 4: the second turn with the default plan and the Triton selection kernel (opt-in)
+    run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
+      --selection triton --out "$RES/$step/triton-selection" ;;
   q15-ttft)  # issues 4/5: TTFT of the default (q15-latency without the profiles), and the no-attention floor
     run_cli eval latency $Q15 --lengths 16384,32768,65536,131072 --repeats 2 --warmup 1 --out "$RES/$step" \
       --methods dense,longinfer,none ;;
