@@ -33,7 +33,7 @@ from longinfer.ops._index_kernel import _groups_kernel, _kept_kernel, _tables_ke
 from longinfer.ops._kernel import MODE_VERTICAL_SLASH, _sparse_attention_fwd
 from longinfer.patterns._estimate_kernel import _masses_kernel, _row_stats_kernel
 from longinfer.patterns._select_kernel import CHUNK as SELECT_CHUNK
-from longinfer.patterns._select_kernel import _select_kernel
+from longinfer.patterns._select_kernel import MAX_SLICES, _count_kernel, _pack_kernel, _pass_kernel, _sequential_kernel
 
 I32 = "i32"
 
@@ -94,11 +94,18 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
     groups_types = _types(_groups_kernel, {"SLASH": "*i64", "LO": "*i32", "HI": "*i32", "COUNT": "*i32"})
     rows.append(("slash groups", _groups_kernel, groups_types, {"BLOCK_SIZE": 64, "BLOCK": 1024}, 4, 1))
     rows.append(("density kept counts", _kept_kernel, kept_types, {"BLOCK_SIZE": 64, "STEPS": 14, "BLOCK": 1024}, 4, 1))
-    select_types = _types(_select_kernel, {"COLUMNS": "*fp32", "DIAGONALS": "*fp32", "VERTICAL": "*i64",
-                                           "SLASH": "*i64"}, floats=("tau_high", "tau_low"))
-    for coverage in (True, False):
-        rows.append((f"selection, {'coverage' if coverage else 'fixed'} budget", _select_kernel, select_types,
-                     {"COVERAGE": coverage, "CHUNK": SELECT_CHUNK}, 8, 3))
+    masses = {"COLUMNS": "*fp32", "DIAGONALS": "*fp32", "HIST": "*fp64", "COUNTS": "*i32", "VERTICAL": "*i64",
+              "SLASH": "*i64"}
+    tau = ("tau_high", "tau_low")
+    chunk = {"CHUNK": SELECT_CHUNK}
+    rows.append(("selection radix pass", _pass_kernel, _types(_pass_kernel, masses, tau), {**chunk, "PASS": 3}, 4, 3))
+    rows.append(("selection counts", _count_kernel, _types(_count_kernel, masses, tau), chunk, 4, 3))
+    rows.append(("selection pack", _pack_kernel, _types(_pack_kernel, masses, tau),
+                 {**chunk, "MAX_SLICES": MAX_SLICES}, 4, 3))
+    for always in (False, True):
+        rows.append((f"selection, sequential{' (every row)' if always else ''}", _sequential_kernel,
+                     _types(_sequential_kernel, masses, tau),
+                     {**chunk, "MAX_SLICES": MAX_SLICES, "COVERAGE": True, "ALWAYS": always}, 8, 3))
     rows.append(("index tables", _tables_kernel, tables_types, {"BLOCK_SIZE": 64, "CHUNK": 64, "STEPS": 15,
                                                                 "BLOCK": 1024}, 4, 1))
     return rows

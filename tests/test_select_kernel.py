@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from longinfer.patterns import VerticalSlashConfig
+from longinfer.patterns import _select_kernel as kernel
 from longinfer.patterns import vertical_slash as vs
 from longinfer.patterns._select_kernel import select_packed_triton
 
@@ -51,18 +52,26 @@ def _assert_same_index(columns, diagonals, config):
     return expected
 
 
+PATHS = {"parallel": 64, "sequential": 10**9}  # MIN_SLICE: 200 items make 3 slices, or one program per row
+
+
 @needs_interpreter
 @pytest.mark.parametrize("overrides", CONFIGS)
 @pytest.mark.parametrize("ties", [False, True])
-def test_kernel_packs_the_torch_index(overrides, ties):
-    columns, diagonals = _masses(2, 3, 200, seed=7, ties=ties)
+@pytest.mark.parametrize("path", PATHS)
+def test_kernel_packs_the_torch_index(monkeypatch, overrides, ties, path):
+    """Both paths; the parallel one hands the rows with a binding cap or a partial tie run to the
+    sequential one (the capped and tie configurations), and the fixed budget always goes there."""
+    monkeypatch.setattr(kernel, "MIN_SLICE", PATHS[path])
+    columns, diagonals = _masses(1, 3, 200, seed=7, ties=ties)
     expected = _assert_same_index(columns, diagonals, VerticalSlashConfig(last_q=8, **overrides))
     assert (expected[0] >= 0).any() or overrides["num_vertical"] == 0  # the comparison is not vacuous
 
 
 @needs_interpreter
 @pytest.mark.parametrize("n", [1, 77, 513])  # one key; off the interpreter's 256-item chunk; past two chunks
-def test_awkward_lengths_and_a_negative_zero(n):
+def test_awkward_lengths_and_a_negative_zero(monkeypatch, n):
+    monkeypatch.setattr(kernel, "MIN_SLICE", max(30, n // 2))  # 77 and 513 keys: two uneven slices
     columns, diagonals = _masses(1, 2, n, seed=n, ties=False)
     columns[..., n // 2] = -0.0  # an estimate can round a mass to -0.0: it ranks as +0.0
     config = VerticalSlashConfig(num_vertical=64, num_slash=128, sink=4, local=8, budget="coverage", tau=0.8)
@@ -85,6 +94,12 @@ def test_coverage_takes_the_fewest_items_reaching_tau():
     # before column 20: 0.3 + 0.25 + 0.2 = 0.75 < 0.8 -> taken; before diagonal 30: 0.85 -> not taken
     assert vertical[0, 0, :4].tolist() == [0, 20, 50, -1]
     assert slash[0, 0, :4].tolist() == [0, 1, 9, -1]
+
+
+def test_slices_fill_the_gpu_within_bounds():
+    assert kernel.slice_count(12, 69632) == 43  # a Qwen2.5-1.5B layer at 64K: 516 programs
+    assert kernel.slice_count(1, 10**6) == kernel.MAX_SLICES
+    assert kernel.slice_count(12, 1500) == 1  # shorter than two slices: the sequential path
 
 
 def test_errors_name_the_problem():

@@ -44,6 +44,9 @@ from longinfer.ops._checks import interpreter_enabled
 INF_BITS = tl.constexpr(0x7F800000)  # int32 bits of +inf: the rank of forced items
 NONE_BITS = tl.constexpr(0x7FFFFFFF)  # above every non-NaN float's bits: a threshold that takes nothing
 CHUNK = 512  # items per step of a pass ([CHUNK, 16] float64 one-hot sums stay in registers)
+PARALLEL_PROGRAMS = 512  # the parallel path cuts rows into slices until a launch has about this many programs
+MAX_SLICES = 64  # slices per row at most (a program sums the counts of its row's slices)
+MIN_SLICE = 1024  # items per slice at least
 
 
 @triton.jit
@@ -199,20 +202,17 @@ def _pack(ptr, out_ptr, n, forced, width, cand_bits, cand_ties, take_bits, take_
 
 
 @triton.jit
-def _select_kernel(
-    COLUMNS, DIAGONALS, VERTICAL, SLASH,
-    n, sink, local, num_vertical, num_slash, tau_high, tau_low,
-    COVERAGE: tl.constexpr, CHUNK: tl.constexpr,
-):
-    """One program per row of ``COLUMNS, DIAGONALS [R, n]`` float32 -> ``VERTICAL [R, num_vertical]``
-    and ``SLASH [R, num_slash]`` int64 (see the module docstring)."""
-    row = tl.program_id(0).to(tl.int64)
-    col_ptr = COLUMNS + row * n
-    diag_ptr = DIAGONALS + row * n
-    vert_ptr = VERTICAL + row * num_vertical
-    slash_ptr = SLASH + row * num_slash
-    left = (tl.zeros([], tl.float64) + tau_high + tau_low
+def _left_after_forced(col_ptr, diag_ptr, n, sink, local, tau_high, tau_low, CHUNK: tl.constexpr):
+    """``tau`` (float64, from its two float32 parts) minus the mass of the forced items."""
+    return (tl.zeros([], tl.float64) + tau_high + tau_low
             - _forced_mass(col_ptr, n, sink, CHUNK) - _forced_mass(diag_ptr, n, local, CHUNK))
+
+
+@triton.jit
+def _select_row(col_ptr, diag_ptr, vert_ptr, slash_ptr, n, sink, local, num_vertical, num_slash, tau_high, tau_low,
+                COVERAGE: tl.constexpr, CHUNK: tl.constexpr):
+    """The whole budget of one row in one program (the sequential path, see the module docstring)."""
+    left = _left_after_forced(col_ptr, diag_ptr, n, sink, local, tau_high, tau_low, CHUNK)
     reached = left <= 0  # the forced items reach tau: nothing else is taken
     left = tl.maximum(left, 1e-300)  # keeps the search defined; its result is discarded when reached
     none = tl.full([], 0, tl.int32)
@@ -242,16 +242,196 @@ def _select_kernel(
               capped_seen, CHUNK)
 
 
+# ---- the parallel path: (row, slice) programs, one launch per radix pass ------------------------------------------
+
+@triton.jit
+def _replay(hist_row, left, UPTO: tl.constexpr):
+    """Coverage state after the first ``UPTO`` radix passes, from their per-digit ``(count, mass)``
+    sums in ``hist_row`` (``[8, 2, 16]`` float64): ``(prefix bits, left, count of the last pass's
+    chosen digit)``."""
+    digits = tl.arange(0, 16)
+    prefix = tl.full([], 0, tl.int32)
+    tie_count = tl.zeros([], tl.float64)
+    for p in tl.static_range(8):
+        if p < UPTO:
+            counts = tl.load(hist_row + p * 32 + digits)
+            masses = tl.load(hist_row + p * 32 + 16 + digits)
+            best, before = _lowest_digit_below(_above(masses), counts, left)
+            left -= before
+            prefix = prefix | (best << (28 - 4 * p))
+            tie_count = tl.sum(tl.where(digits == best, counts, 0.0), 0)
+    return prefix, left, tie_count
+
+
+@triton.jit
+def _slice_digits(ptr, lo, hi, forced, prefix, counts, masses, SHIFT: tl.constexpr, FIRST: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    """Adds the count and float64 mass per digit at ``SHIFT`` of the non-forced items ``lo .. hi - 1``
+    whose higher bits equal ``prefix``'s."""
+    for start in range(lo, hi, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        valid = offs < hi
+        mass = tl.load(ptr + offs, mask=valid, other=0.0) + 0.0
+        hits = _digit_hits(mass.to(tl.int32, bitcast=True), valid & (offs >= forced), prefix, SHIFT, FIRST)
+        counts += tl.sum(hits.to(tl.float64), 0)
+        masses += tl.sum(tl.where(hits, mass.to(tl.float64)[:, None], 0.0), 0)
+    return counts, masses
+
+
+@triton.jit
+def _threshold(col_ptr, diag_ptr, hist_row, n, sink, local, tau_high, tau_low, CHUNK: tl.constexpr):
+    """After all 8 passes: ``(take_bits, exact)``: the non-forced items with mass bits ``>= take_bits``
+    are the taken ones, unless ``exact`` is false (a run of equal masses at the boundary of which
+    only some are taken: ranks by position needed, left to the sequential path)."""
+    left = _left_after_forced(col_ptr, diag_ptr, n, sink, local, tau_high, tau_low, CHUNK)
+    reached = left <= 0
+    prefix, left, tie_count = _replay(hist_row, tl.maximum(left, 1e-300), 8)
+    tie_mass = prefix.to(tl.float32, bitcast=True).to(tl.float64)
+    partial = (tie_mass > 0) & (tl.ceil(left / tl.where(tie_mass > 0, tie_mass, 1.0)) < tie_count)
+    take_bits = tl.where(reached | (tie_count == 0), NONE_BITS, prefix)
+    return take_bits, reached | (tie_count == 0) | ~partial
+
+
+@triton.jit
+def _pass_kernel(COLUMNS, DIAGONALS, HIST, n, sink, local, slice_len, tau_high, tau_low,
+                 PASS: tl.constexpr, CHUNK: tl.constexpr):
+    """Radix pass ``PASS`` of the coverage threshold: grid ``(R, slices)``; each program replays the
+    earlier passes, sums its slice of both kinds per digit and adds the 32 sums to ``HIST``."""
+    row = tl.program_id(0).to(tl.int64)
+    lo = tl.program_id(1) * slice_len
+    hi = tl.minimum(lo + slice_len, n)
+    col_ptr = COLUMNS + row * n
+    diag_ptr = DIAGONALS + row * n
+    hist_row = HIST + row * 256
+    left = _left_after_forced(col_ptr, diag_ptr, n, sink, local, tau_high, tau_low, CHUNK)
+    prefix, _, _ = _replay(hist_row, tl.maximum(left, 1e-300), PASS)
+    counts = tl.zeros([16], tl.float64)
+    masses = tl.zeros([16], tl.float64)
+    counts, masses = _slice_digits(col_ptr, lo, hi, sink, prefix, counts, masses, 28 - 4 * PASS, PASS == 0, CHUNK)
+    counts, masses = _slice_digits(diag_ptr, lo, hi, local, prefix, counts, masses, 28 - 4 * PASS, PASS == 0, CHUNK)
+    if tl.sum(counts, 0) > 0:
+        digits = tl.arange(0, 16)
+        tl.atomic_add(hist_row + PASS * 32 + digits, counts)
+        tl.atomic_add(hist_row + PASS * 32 + 16 + digits, masses)
+
+
+@triton.jit
+def _taken(ptr, offs, valid, forced, take_bits):
+    """Taken items of a chunk under a threshold: forced, or non-forced with mass bits ``>= take_bits``."""
+    mass_bits = (tl.load(ptr + offs, mask=valid, other=0.0) + 0.0).to(tl.int32, bitcast=True)
+    return valid & ((offs < forced) | (mass_bits >= take_bits))
+
+
+@triton.jit
+def _count_slice(ptr, lo, hi, forced, take_bits, CHUNK: tl.constexpr):
+    total = tl.full([], 0, tl.int32)
+    for start in range(lo, hi, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        total += tl.sum(_taken(ptr, offs, offs < hi, forced, take_bits).to(tl.int32), 0)
+    return total
+
+
+@triton.jit
+def _count_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, n, sink, local, slice_len, tau_high, tau_low,
+                  CHUNK: tl.constexpr):
+    """Taken items per (row, kind, slice) into ``COUNTS [R, 2, slices]`` int32."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    slices = tl.num_programs(1)
+    lo = part * slice_len
+    hi = tl.minimum(lo + slice_len, n)
+    col_ptr = COLUMNS + row * n
+    diag_ptr = DIAGONALS + row * n
+    take_bits, _ = _threshold(col_ptr, diag_ptr, HIST + row * 256, n, sink, local, tau_high, tau_low, CHUNK)
+    tl.store(COUNTS + row * 2 * slices + part, _count_slice(col_ptr, lo, hi, sink, take_bits, CHUNK))
+    tl.store(COUNTS + row * 2 * slices + slices + part, _count_slice(diag_ptr, lo, hi, local, take_bits, CHUNK))
+
+
+@triton.jit
+def _row_totals(COUNTS, row, part, slices, MAX_SLICES: tl.constexpr):
+    """``(columns before this slice, all columns, diagonals before, all diagonals)`` taken in ``row``."""
+    index = tl.arange(0, MAX_SLICES)
+    cols = tl.load(COUNTS + row * 2 * slices + index, mask=index < slices, other=0)
+    diags = tl.load(COUNTS + row * 2 * slices + slices + index, mask=index < slices, other=0)
+    before = index < part
+    return (tl.sum(tl.where(before, cols, 0), 0), tl.sum(cols, 0), tl.sum(tl.where(before, diags, 0), 0),
+            tl.sum(diags, 0))
+
+
+@triton.jit
+def _sequential_needed(exact, cols, diags, num_vertical, num_slash):
+    """A row the parallel path cannot finish: a partial run of equal masses, or a cap that binds."""
+    return ~exact | (cols > num_vertical) | (diags > num_slash)
+
+
+@triton.jit
+def _store_slice(ptr, out_ptr, lo, hi, forced, take_bits, slot0, total, width, part, slices, CHUNK: tl.constexpr):
+    """Taken positions of one slice at slots ``slot0 ..``, and this slice's share of the ``-1`` fill."""
+    for start in range(lo, hi, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        taken = _taken(ptr, offs, offs < hi, forced, take_bits).to(tl.int32)
+        slot = slot0 + tl.cumsum(taken, 0) - taken
+        tl.store(out_ptr + slot, offs.to(tl.int64), mask=taken > 0)
+        slot0 += tl.sum(taken, 0)
+    share = tl.cdiv(width - total, slices)
+    fill_lo = total + part * share
+    for start in range(fill_lo, tl.minimum(fill_lo + share, width), CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        tl.store(out_ptr + offs, tl.full([CHUNK], -1, tl.int64), mask=(offs < width) & (offs < fill_lo + share))
+
+
+@triton.jit
+def _pack_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, VERTICAL, SLASH, n, sink, local, num_vertical, num_slash,
+                 slice_len, tau_high, tau_low, CHUNK: tl.constexpr, MAX_SLICES: tl.constexpr):
+    """Writes each slice's taken positions at its offset (the counts of the slices before it)."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    slices = tl.num_programs(1)
+    lo = part * slice_len
+    hi = tl.minimum(lo + slice_len, n)
+    col_ptr = COLUMNS + row * n
+    diag_ptr = DIAGONALS + row * n
+    take_bits, exact = _threshold(col_ptr, diag_ptr, HIST + row * 256, n, sink, local, tau_high, tau_low, CHUNK)
+    cols_before, cols, diags_before, diags = _row_totals(COUNTS, row, part, slices, MAX_SLICES)
+    parallel_done = ~_sequential_needed(exact, cols, diags, num_vertical, num_slash)
+    if parallel_done:
+        _store_slice(col_ptr, VERTICAL + row * num_vertical, lo, hi, sink, take_bits, cols_before, cols,
+                     num_vertical, part, slices, CHUNK)
+        _store_slice(diag_ptr, SLASH + row * num_slash, lo, hi, local, take_bits, diags_before, diags,
+                     num_slash, part, slices, CHUNK)
+
+
+@triton.jit
+def _sequential_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, VERTICAL, SLASH, n, sink, local, num_vertical, num_slash,
+                       tau_high, tau_low, slices, COVERAGE: tl.constexpr, ALWAYS: tl.constexpr,
+                       CHUNK: tl.constexpr, MAX_SLICES: tl.constexpr):
+    """One program per row: the whole budget for the rows the parallel path left (every row with
+    ``ALWAYS``, and then ``HIST`` / ``COUNTS`` are not read)."""
+    row = tl.program_id(0).to(tl.int64)
+    col_ptr = COLUMNS + row * n
+    diag_ptr = DIAGONALS + row * n
+    needed = ALWAYS
+    if not ALWAYS:
+        _, exact = _threshold(col_ptr, diag_ptr, HIST + row * 256, n, sink, local, tau_high, tau_low, CHUNK)
+        _, cols, _, diags = _row_totals(COUNTS, row, 0, slices, MAX_SLICES)
+        needed = _sequential_needed(exact, cols, diags, num_vertical, num_slash)
+    if needed:
+        _select_row(col_ptr, diag_ptr, VERTICAL + row * num_vertical, SLASH + row * num_slash, n, sink, local,
+                    num_vertical, num_slash, tau_high, tau_low, COVERAGE, CHUNK)
+
+
 def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_vertical: int, num_slash: int,
-                         sink: int, local: int, coverage: bool, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         sink: int, local: int, coverage: bool, tau: float,
+                         sequential: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The packed vertical-slash index of estimated masses, one launch (see the module docstring).
 
     Args:
         columns, diagonals: ``[B, H, Nk]`` float32 non-negative masses (from the estimate).
         num_vertical, num_slash: candidate caps and output widths ``V``, ``S``.
         sink, local: forced columns / diagonals (``sink <= num_vertical``, ``local <= num_slash``).
-        coverage: the coverage budget (else fixed: every candidate is taken).
+        coverage: the coverage budget (else fixed: every candidate is taken, sequential path).
         tau: coverage target.
+        sequential: one program per row for every row (the parallel path's fallback; for tests).
 
     Returns:
         ``(vertical [B, H, V], slash [B, H, S])`` int64, taken positions ascending then ``-1``.
@@ -267,8 +447,31 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
     if bsz * heads == 0:
         return vertical, slash
     tau_high = float(torch.tensor(tau, dtype=torch.float32))  # float32 kernel arguments: tau as two parts
-    _select_kernel[(bsz * heads,)](
-        columns.contiguous(), diagonals.contiguous(), vertical, slash,
-        n, sink, local, num_vertical, num_slash, tau_high, tau - tau_high,
-        COVERAGE=coverage, CHUNK=256 if interpreter_enabled() else CHUNK, num_warps=8)
+    rows = bsz * heads
+    columns, diagonals = columns.contiguous(), diagonals.contiguous()
+    chunk = 256 if interpreter_enabled() else CHUNK
+    scalars = dict(n=n, sink=sink, local=local, tau_high=tau_high, tau_low=tau - tau_high)
+    caps = dict(num_vertical=num_vertical, num_slash=num_slash)
+    slices = slice_count(rows, n) if coverage and not sequential else 1
+    hist = torch.zeros(rows, 8, 2, 16, dtype=torch.float64, device=columns.device)
+    counts = torch.zeros(rows, 2, slices, dtype=torch.int32, device=columns.device)
+    if slices > 1:
+        slice_len = triton.cdiv(n, slices)
+        grid = (rows, slices)
+        for radix_pass in range(8):
+            _pass_kernel[grid](columns, diagonals, hist, slice_len=slice_len, PASS=radix_pass, CHUNK=chunk,
+                               num_warps=4, **scalars)
+        _count_kernel[grid](columns, diagonals, hist, counts, slice_len=slice_len, CHUNK=chunk, num_warps=4,
+                            **scalars)
+        _pack_kernel[grid](columns, diagonals, hist, counts, vertical, slash, slice_len=slice_len, CHUNK=chunk,
+                           MAX_SLICES=MAX_SLICES, num_warps=4, **scalars, **caps)
+    _sequential_kernel[(rows,)](columns, diagonals, hist, counts, vertical, slash, slices=slices, COVERAGE=coverage,
+                                ALWAYS=slices == 1, CHUNK=chunk, MAX_SLICES=MAX_SLICES, num_warps=8, **scalars,
+                                **caps)
     return vertical, slash
+
+
+def slice_count(rows: int, n: int) -> int:
+    """Slices per row of the parallel path: about :data:`PARALLEL_PROGRAMS` programs in all, each
+    slice at least :data:`MIN_SLICE` items, at most :data:`MAX_SLICES`; 1 = the sequential path."""
+    return max(1, min(MAX_SLICES, triton.cdiv(PARALLEL_PROGRAMS, rows), n // MIN_SLICE))
