@@ -74,24 +74,15 @@ def _in_candidates(rank_bits, valid, thresh, ties, seen):
 
 
 @triton.jit
-def _digit_hits(bits, live, prefix, PASS: tl.constexpr):
-    """``[CHUNK, 16]`` one-hot of the digit of radix pass ``PASS`` of the live items whose higher
-    bits equal ``prefix``'s (all of them in pass 0: bit 31, the sign, is 0).
-
-    Digits (the 31 bits of a non-negative float, high to low): bits 27-30, 23-26, ..., 3-6 in
-    passes 0-6 and the 3 bits 0-2 in pass 7. Pass 0 splits the exponent at 2^-15; most masses of
-    a long row lie below it, so pass 1 already sees only the heavy minority."""
-    shift = 27 - 4 * PASS + (PASS == 7)
-    width = 4 - (PASS == 7)
-    match = live & ((bits >> (shift + width)) == (prefix >> (shift + width)))
+def _digit_hits(bits, live, prefix, SHIFT: tl.constexpr, FIRST: tl.constexpr):
+    """``[CHUNK, 16]`` one-hot of the 4-bit digit at ``SHIFT`` of the live items whose higher bits
+    equal ``prefix``'s."""
+    if FIRST:
+        match = live
+    else:
+        match = live & ((bits >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)))
     digits = tl.arange(0, 16)
-    return (((bits >> shift) & ((1 << width) - 1))[:, None] == digits[None, :]) & match[:, None]
-
-
-@triton.jit
-def _with_digit(prefix, digit, PASS: tl.constexpr):
-    """``prefix`` with the digit of radix pass ``PASS`` set (see :func:`_digit_hits`)."""
-    return prefix | (digit << (27 - 4 * PASS + (PASS == 7)))
+    return (((bits >> SHIFT) & 15)[:, None] == digits[None, :]) & match[:, None]
 
 
 @triton.jit
@@ -122,24 +113,24 @@ def _kth_largest(ptr, n, forced, needed, CHUNK: tl.constexpr):
         for start in range(0, n, CHUNK):
             offs = start + tl.arange(0, CHUNK)
             _, _, rank_bits, valid = _load_row(ptr, offs, n, forced)
-            counts += tl.sum(_digit_hits(rank_bits, valid, prefix, p).to(tl.int32), 0)
+            counts += tl.sum(_digit_hits(rank_bits, valid, prefix, 28 - 4 * p, p == 0).to(tl.int32), 0)
         best, before = _lowest_digit_below(_above(counts), counts, want)
         want -= before
-        prefix = _with_digit(prefix, best, p)
+        prefix = prefix | (best << (28 - 4 * p))
     return tl.where(needed > 0, prefix, NONE_BITS), tl.where(needed > 0, want, 0)
 
 
 @triton.jit
 def _mass_pass(ptr, n, forced, cand_bits, cand_ties, prefix, counts, masses,
-               PASS: tl.constexpr, CHUNK: tl.constexpr):
+               SHIFT: tl.constexpr, FIRST: tl.constexpr, CHUNK: tl.constexpr):
     """One radix pass of the coverage threshold over one kind: adds the count and float64 mass
-    of its live (non-forced candidate) items per digit of pass ``PASS`` under ``prefix``."""
+    of its live (non-forced candidate) items per digit at ``SHIFT`` under ``prefix``."""
     seen = tl.full([], 0, tl.int32)
     for start in range(0, n, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         mass, mass_bits, rank_bits, valid = _load_row(ptr, offs, n, forced)
         candidate, seen = _in_candidates(rank_bits, valid, cand_bits, cand_ties, seen)
-        hits = _digit_hits(mass_bits, candidate & (offs >= forced), prefix, PASS)
+        hits = _digit_hits(mass_bits, candidate & (offs >= forced), prefix, SHIFT, FIRST)
         counts += tl.sum(hits.to(tl.int32), 0)
         masses += tl.sum(tl.where(hits, mass.to(tl.float64)[:, None], 0.0), 0)
     return counts, masses
@@ -167,12 +158,12 @@ def _coverage_threshold(col_ptr, diag_ptr, n, sink, local, col_bits, col_ties, d
         counts = tl.zeros([16], tl.int32)
         masses = tl.zeros([16], tl.float64)
         counts, masses = _mass_pass(col_ptr, n, sink, col_bits, col_ties, prefix, counts, masses,
-                                    p, CHUNK)
+                                    28 - 4 * p, p == 0, CHUNK)
         counts, masses = _mass_pass(diag_ptr, n, local, diag_bits, diag_ties, prefix, counts, masses,
-                                    p, CHUNK)
+                                    28 - 4 * p, p == 0, CHUNK)
         best, before = _lowest_digit_below(_above(masses), counts, left)
         left -= before
-        prefix = _with_digit(prefix, best, p)
+        prefix = prefix | (best << (28 - 4 * p))
         tie_count = tl.sum(tl.where(tl.arange(0, 16) == best, counts, 0), 0)
     tie_mass = prefix.to(tl.float32, bitcast=True).to(tl.float64)
     safe_mass = tl.where(tie_mass > 0, tie_mass, 1.0)
@@ -267,24 +258,23 @@ def _replay(hist_row, left, UPTO: tl.constexpr):
             masses = tl.load(hist_row + p * 32 + 16 + digits)
             best, before = _lowest_digit_below(_above(masses), counts, left)
             left -= before
-            prefix = _with_digit(prefix, best, p)
+            prefix = prefix | (best << (28 - 4 * p))
             tie_count = tl.sum(tl.where(digits == best, counts, 0.0), 0)
     return prefix, left, tie_count
 
 
 @triton.jit
-def _slice_digits(ptr, lo, hi, forced, prefix, counts, masses, PASS: tl.constexpr, CHUNK: tl.constexpr):
-    """Adds the count and float64 mass per digit of pass ``PASS`` of the non-forced items
-    ``lo .. hi - 1`` whose higher bits equal ``prefix``'s. Chunks without such an item skip the
-    one-hot sums (after the first passes, nearly all)."""
+def _slice_digits(ptr, lo, hi, forced, prefix, counts, masses, SHIFT: tl.constexpr, FIRST: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    """Adds the count and float64 mass per digit at ``SHIFT`` of the non-forced items ``lo .. hi - 1``
+    whose higher bits equal ``prefix``'s."""
     for start in range(lo, hi, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         valid = offs < hi
         mass = tl.load(ptr + offs, mask=valid, other=0.0) + 0.0
-        hits = _digit_hits(mass.to(tl.int32, bitcast=True), valid & (offs >= forced), prefix, PASS)
-        if tl.max(tl.max(hits.to(tl.int32), 1), 0) > 0:
-            counts += tl.sum(hits.to(tl.float64), 0)
-            masses += tl.sum(tl.where(hits, mass.to(tl.float64)[:, None], 0.0), 0)
+        hits = _digit_hits(mass.to(tl.int32, bitcast=True), valid & (offs >= forced), prefix, SHIFT, FIRST)
+        counts += tl.sum(hits.to(tl.float64), 0)
+        masses += tl.sum(tl.where(hits, mass.to(tl.float64)[:, None], 0.0), 0)
     return counts, masses
 
 
@@ -317,8 +307,8 @@ def _pass_kernel(COLUMNS, DIAGONALS, HIST, n, sink, local, slice_len, tau_high, 
     prefix, _, _ = _replay(hist_row, tl.maximum(left, 1e-300), PASS)
     counts = tl.zeros([16], tl.float64)
     masses = tl.zeros([16], tl.float64)
-    counts, masses = _slice_digits(col_ptr, lo, hi, sink, prefix, counts, masses, PASS, CHUNK)
-    counts, masses = _slice_digits(diag_ptr, lo, hi, local, prefix, counts, masses, PASS, CHUNK)
+    counts, masses = _slice_digits(col_ptr, lo, hi, sink, prefix, counts, masses, 28 - 4 * PASS, PASS == 0, CHUNK)
+    counts, masses = _slice_digits(diag_ptr, lo, hi, local, prefix, counts, masses, 28 - 4 * PASS, PASS == 0, CHUNK)
     if tl.sum(counts, 0) > 0:
         digits = tl.arange(0, 16)
         tl.atomic_add(hist_row + PASS * 32 + digits, counts)
