@@ -1,4 +1,4 @@
-"""Triton kernel of the vertical-slash budget: estimated masses -> packed index, one launch.
+"""Triton kernels of the vertical-slash budget: estimated masses -> packed index.
 
 :func:`select_packed_triton` returns what :func:`longinfer.patterns.vertical_slash.select_items`
 followed by ``_pack_taken`` returns (the torch path, the reference), for ``rank="mass"`` with a
@@ -11,26 +11,39 @@ followed by ``_pack_taken`` returns (the torch path, the reference), for ``rank=
   ascending), taken while the mass taken before them is below ``tau``; forced items always;
 - *packing*: taken positions ascending, then ``-1``.
 
-The torch path needs two ``topk`` over ``Nk`` (radix select on int64 keys: 8 passes each), three
-sorts, two scans and a dozen gathers and scatters per call: ~0.35 ms per layer of a 4K turn over
-64K on Qwen2.5-1.5B (H200, session 7 profile). Here one program per (batch, head) row finds the
-same thresholds by radix select on the float bits, 4 bits per pass (non-negative floats order as
-their int32 bits): each pass streams the row and counts the candidates (and sums their mass, in
-float64) per 16 digit values of the bits below the prefix resolved so far. Eight passes resolve
-a 32-bit value; items equal to a threshold are ranked by position with a running count.
+The thresholds are found by radix select on the float bits (non-negative floats order as their
+int32 bits), 4 bits per pass, 8 passes: a pass counts the items (and sums their mass, in
+float64) per 16 digit values of the bits below the prefix the earlier passes resolved.
 
-Coverage first runs without the caps: when the prefix it takes holds at most ``num_vertical``
-columns and ``num_slash`` diagonals, the caps cannot change it (an item the caps remove ranks
-below every taken item of its kind, so after the last taken item). Only otherwise (and for the
-fixed budget) the candidate thresholds are searched and coverage runs again among candidates.
+Coverage without the caps decides the row whenever the prefix it takes holds at most
+``num_vertical`` columns and ``num_slash`` diagonals: the caps cannot change it then (an item the
+caps remove ranks below every taken item of its kind, so after the last taken item).
 
-Same sets as the torch path, with two documented differences at rounding level: the mass before
-an item is summed in a different order (both in float64), and among items of exactly equal mass
-at the coverage boundary the count taken is computed as ``ceil(left / mass)``, not by sequential
-sums.
+Two paths:
 
-Memory: the outputs only. Work: ``8`` (coverage within the caps) to ``34`` passes over the
-``2 * Nk`` float32 masses of a row, read from L2 after the first.
+- *parallel* (coverage budget, rows of at least ``2 * MIN_SLICE`` keys): each row is cut into
+  slices, one program per (row, slice); one launch per radix pass (each program replays the
+  earlier passes from the float64 digit sums in ``HIST``, sums its slice and adds 32 values
+  atomically), then one launch counting the taken items per slice and one packing them at the
+  offsets those counts give. It handles rows whose caps do not bind and whose boundary is not
+  inside a run of equal masses (then the threshold alone decides membership);
+- *sequential* (the rest, on device, without a host round trip): one program per row does it
+  all, including the candidate thresholds under binding caps and position ranks inside runs of
+  equal masses; rows the parallel path finished exit at once.
+
+Measured (H200, ``benchmarks/select_bench.py``, 12 rows, default-plan budget, session 8): the
+parallel path 0.39 ms vs the torch path's 0.61 ms at 69,632 keys, 0.55 vs 0.65 ms at 131,072;
+the sequential path alone ~6 ms per layer (``turn_kernels``: 12 programs on 132 SMs). So the
+torch path stays the default until a real turn shows how often rows need the sequential path.
+A variant that skipped the one-hot sums of chunks without a matching item (a branch in the chunk
+loop) was slower (0.52 ms) and was reverted.
+
+Same sets as the torch path, with differences at rounding level only: the mass before an item is
+summed in a different order (both in float64; the parallel path's atomic sums also vary by run at
+~1e-16), and among items of exactly equal mass at the coverage boundary the count taken is
+``ceil(left / mass)``, not sequential sums.
+
+Memory: the outputs plus ``R * 256`` float64 digit sums and ``R * 2 * slices`` int32 counts.
 """
 
 from __future__ import annotations
