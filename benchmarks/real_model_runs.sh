@@ -14,6 +14,7 @@ Q15="--model qwen2.5-coder-1.5b --yarn 4"
 Q05="--model qwen2.5-coder-0.5b"
 PLANS4=docs/results/gpu-session4/plans
 PLANS5=docs/results/gpu-session5/plans
+PLANS8=docs/results/gpu-session8/plans
 VS="vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,last_q=64,query_sampling=strided"
 COST="vertical_slash:budget=coverage,num_vertical=8192,num_slash=8192,last_q=64,query_sampling=strided,rank=cost,tau=1.0"
 # The default estimator at 64-, 32- and 16-row query tiles, coverage and cost-ranked budgets.
@@ -49,6 +50,8 @@ case "$step" in
     LONGINFER_AUTOTUNE=0 run python3 -m pytest -q -p no:cacheprovider tests/test_gpu_graphs.py tests/test_ops_kernels.py \
       tests/test_estimate_kernel.py > "$RES/$step/pytest.txt" 2>&1
     tail -5 "$RES/$step/pytest.txt" ;;
+  select-bench)  # no model: the vertical-slash budget alone, torch vs the Triton paths and their launch choices
+    run python3 benchmarks/select_bench.py --sweep --out "$RES/$step" ;;
   ttft-8b)  # no model: issue 4's TTFT of a Llama-3-8B shape (random weights, fixed vertical-slash plan) at 128K
     run python3 benchmarks/memory_ttft.py --lengths 131072 --attentions dense,sparse,none --paths plain \
       --naive-lengths '' --repeats 2 --out "$RES/$step" ;;
@@ -133,6 +136,15 @@ case "$step" in
   q15-ruler-32k)  # issue 5: rank plans where samples are cheap: 12 per task at 32K (rerun to finish)
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
       "dense,longinfer,longinfer:$PLANS5/q15-hybrid-kv6-tail.json,longinfer:$PLANS4/q15-default-kv-tail.json" ;;
+  q15-kv-frontier)  # issues 4/5: one index per KV group + tail at tau 0.8 / 0.85: turn speed, RULER at 32K (rerun to finish)
+    for tau in 0.8 0.85; do
+      run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
+        --plan "$PLANS8/q15-kv-tau$tau-tail.json" --out "$RES/$step/turn-kv-tau$tau"
+    done
+    [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl \
+      > "$RES/$step/ruler.jsonl"  # session 8's dense rows: same prompts
+    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
+      "dense,longinfer:$PLANS8/q15-kv-tau0.8-tail.json,longinfer:$PLANS8/q15-kv-tau0.85-tail.json" ;;
   q15-ppl)  # issue 5: perplexity, 4 windows at 32K and the one 128K window the corpus holds
     run_cli eval ppl $Q15 --lengths 32768 --samples 4 --methods "dense,longinfer" --out "$RES/$step"
     run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step" ;;

@@ -7,9 +7,10 @@ few planted distant diagonals; each kind sums to 1. The exponents make the defau
 about 2,000 columns and 2,000 diagonals per head at 64K (the default plan's turn density is 15%). Both backends must give the same index
 (checked); the time is what one layer's selection costs (`turn_kernels.py` times it on a real
 model's masses). Timing: each backend replayed from a CUDA graph, median of CUDA-event times
-(:func:`turn_kernels.graph_time`).
+(:func:`turn_kernels.graph_time`). ``--sweep`` adds the parallel path at other launch choices
+(:data:`SWEEP`), each checked against the torch index too.
 
-    python3 benchmarks/select_bench.py --out $OUT/select-bench
+    python3 benchmarks/select_bench.py --sweep --out $OUT/select-bench
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ import torch
 from turn_kernels import graph_time
 
 from longinfer.patterns import vertical_slash as vs
+from longinfer.patterns._select_kernel import ParallelOptions, select_packed_triton
 from longinfer.plans.schema import DEFAULT_PATTERN_CONFIG
+
+# --sweep: the parallel path's launch choices (chunk, warps, programs) timed besides the default
+SWEEP = tuple(ParallelOptions(chunk, warps, programs) for chunk in (256, 512) for warps in (4, 8)
+              for programs in (256, 512, 1024))
 
 
 def structured_masses(heads: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default="69632,131072", help="keys per row")
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true", help="also time the parallel path's other launch choices")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -68,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         for backend in ("torch", "triton"):
             row[f"{backend} ms"] = graph_time(
                 lambda backend=backend: vs.select_packed(columns, diagonals, config, backend=backend), args.repeats)
+        for options in SWEEP if args.sweep else ():
+            def run(options: ParallelOptions = options) -> tuple[torch.Tensor, torch.Tensor]:
+                return select_packed_triton(columns, diagonals, num_vertical=config.num_vertical,
+                                            num_slash=config.num_slash, sink=config.sink, local=config.local,
+                                            coverage=True, tau=config.tau, options=options)
+            name = f"chunk={options.chunk} warps={options.warps} programs={options.programs}"
+            row[f"{name} ms"] = graph_time(run, args.repeats)
+            row[f"{name} same index"] = all(torch.equal(a, b) for a, b in zip(expected, run()))
         rows.append(row)
         print(row, flush=True)
     out = Path(args.out)
@@ -78,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python3 benchmarks/select_bench.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "rows": rows}
     (out / "select_bench.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out / "select_bench.md").write_text(render_markdown(data))
+    return 0
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    """The report: torch vs the default parallel path per length, then the sweep if run."""
+    rows = data["rows"]
     lines = ["# Vertical-slash budget alone: torch path vs Triton kernels", "",
              f"- Date: {data['date']}. Device: {data['device']}. torch {data['torch']}, triton {data['triton']}.",
              f"- Command: `{data['command']}`",
@@ -89,8 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['keys']} | {r['heads']} | {r['torch ms']:.3f} | {r['triton ms']:.3f} | "
               f"{r['torch ms'] / r['triton ms']:.1f}x | {r['same index']} | {r['columns taken (mean)']:.0f} | "
               f"{r['diagonals taken (mean)']:.0f} |" for r in rows]
-    (out / "select_bench.md").write_text("\n".join(lines) + "\n")
-    return 0
+    sweep = [key[:-3] for key in rows[0] if key.startswith("chunk=") and key.endswith(" ms")]
+    if sweep:
+        lines += ["", "## Parallel path by launch choice (ms; `*` = index differs from the torch path's)", "",
+                  "| launch choice | " + " | ".join(str(r["keys"]) for r in rows) + " |",
+                  "|---" * (len(rows) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{r[name + ' ms']:.3f}{'' if r[name + ' same index'] else ' *'}"
+                                             for r in rows) + " |" for name in sweep]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ Memory: the outputs plus ``R * 256`` float64 digit sums and ``R * 2 * slices`` i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -58,7 +60,7 @@ INF_BITS = tl.constexpr(0x7F800000)  # int32 bits of +inf: the rank of forced it
 NONE_BITS = tl.constexpr(0x7FFFFFFF)  # above every non-NaN float's bits: a threshold that takes nothing
 CHUNK = 512  # items per step of a pass ([CHUNK, 16] float64 one-hot sums stay in registers)
 PARALLEL_PROGRAMS = 512  # the parallel path cuts rows into slices until a launch has about this many programs
-MAX_SLICES = 64  # slices per row at most (a program sums the counts of its row's slices)
+MAX_SLICES = 128  # slices per row at most (a program sums the counts of its row's slices)
 MIN_SLICE = 1024  # items per slice at least
 
 
@@ -433,10 +435,25 @@ def _sequential_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, VERTICAL, SLASH, n, sin
                     num_vertical, num_slash, tau_high, tau_low, COVERAGE, CHUNK)
 
 
+@dataclass(frozen=True)
+class ParallelOptions:
+    """Launch choices of the parallel path (``benchmarks/select_bench.py --sweep`` times others).
+
+    Attributes:
+        chunk: items per step of a program's loop (``[chunk, 16]`` float64 one-hot sums).
+        warps: warps per program of the pass, count and pack launches.
+        programs: about this many (row, slice) programs per launch.
+    """
+
+    chunk: int = CHUNK
+    warps: int = 4
+    programs: int = PARALLEL_PROGRAMS
+
+
 def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_vertical: int, num_slash: int,
-                         sink: int, local: int, coverage: bool, tau: float,
-                         sequential: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed vertical-slash index of estimated masses, one launch (see the module docstring).
+                         sink: int, local: int, coverage: bool, tau: float, sequential: bool = False,
+                         options: ParallelOptions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed vertical-slash index of estimated masses (see the module docstring).
 
     Args:
         columns, diagonals: ``[B, H, Nk]`` float32 non-negative masses (from the estimate).
@@ -445,6 +462,7 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
         coverage: the coverage budget (else fixed: every candidate is taken, sequential path).
         tau: coverage target.
         sequential: one program per row for every row (the parallel path's fallback; for tests).
+        options: launch choices of the parallel path (default :class:`ParallelOptions`).
 
     Returns:
         ``(vertical [B, H, V], slash [B, H, S])`` int64, taken positions ascending then ``-1``.
@@ -462,10 +480,11 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
     tau_high = float(torch.tensor(tau, dtype=torch.float32))  # float32 kernel arguments: tau as two parts
     rows = bsz * heads
     columns, diagonals = columns.contiguous(), diagonals.contiguous()
-    chunk = 256 if interpreter_enabled() else CHUNK
+    options = ParallelOptions() if options is None else options
+    chunk = 256 if interpreter_enabled() else options.chunk
     scalars = dict(n=n, sink=sink, local=local, tau_high=tau_high, tau_low=tau - tau_high)
     caps = dict(num_vertical=num_vertical, num_slash=num_slash)
-    slices = slice_count(rows, n) if coverage and not sequential else 1
+    slices = slice_count(rows, n, options.programs) if coverage and not sequential else 1
     hist = torch.zeros(rows, 8, 2, 16, dtype=torch.float64, device=columns.device)
     counts = torch.zeros(rows, 2, slices, dtype=torch.int32, device=columns.device)
     if slices > 1:
@@ -473,18 +492,18 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
         grid = (rows, slices)
         for radix_pass in range(8):
             _pass_kernel[grid](columns, diagonals, hist, slice_len=slice_len, PASS=radix_pass, CHUNK=chunk,
-                               num_warps=4, **scalars)
-        _count_kernel[grid](columns, diagonals, hist, counts, slice_len=slice_len, CHUNK=chunk, num_warps=4,
-                            **scalars)
+                               num_warps=options.warps, **scalars)
+        _count_kernel[grid](columns, diagonals, hist, counts, slice_len=slice_len, CHUNK=chunk,
+                            num_warps=options.warps, **scalars)
         _pack_kernel[grid](columns, diagonals, hist, counts, vertical, slash, slice_len=slice_len, CHUNK=chunk,
-                           MAX_SLICES=MAX_SLICES, num_warps=4, **scalars, **caps)
+                           MAX_SLICES=MAX_SLICES, num_warps=options.warps, **scalars, **caps)
     _sequential_kernel[(rows,)](columns, diagonals, hist, counts, vertical, slash, slices=slices, COVERAGE=coverage,
                                 ALWAYS=slices == 1, CHUNK=chunk, MAX_SLICES=MAX_SLICES, num_warps=8, **scalars,
                                 **caps)
     return vertical, slash
 
 
-def slice_count(rows: int, n: int) -> int:
-    """Slices per row of the parallel path: about :data:`PARALLEL_PROGRAMS` programs in all, each
-    slice at least :data:`MIN_SLICE` items, at most :data:`MAX_SLICES`; 1 = the sequential path."""
-    return max(1, min(MAX_SLICES, triton.cdiv(PARALLEL_PROGRAMS, rows), n // MIN_SLICE))
+def slice_count(rows: int, n: int, programs: int = PARALLEL_PROGRAMS) -> int:
+    """Slices per row of the parallel path: about ``programs`` programs in all, each slice at least
+    :data:`MIN_SLICE` items, at most :data:`MAX_SLICES`; 1 = the sequential path."""
+    return max(1, min(MAX_SLICES, triton.cdiv(programs, rows), n // MIN_SLICE))
