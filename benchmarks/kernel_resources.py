@@ -33,7 +33,15 @@ from longinfer.ops._index_kernel import _groups_kernel, _kept_kernel, _tables_ke
 from longinfer.ops._kernel import MODE_VERTICAL_SLASH, _sparse_attention_fwd
 from longinfer.patterns._estimate_kernel import _masses_kernel, _row_stats_kernel
 from longinfer.patterns._select_kernel import CHUNK as SELECT_CHUNK
-from longinfer.patterns._select_kernel import MAX_SLICES, _count_kernel, _pack_kernel, _pass_kernel, _sequential_kernel
+from longinfer.patterns._select_kernel import (
+    MAX_SLICES,
+    _buffer_pass_kernel,
+    _compact_kernel,
+    _count_kernel,
+    _pack_kernel,
+    _pass_kernel,
+    _sequential_kernel,
+)
 
 I32 = "i32"
 
@@ -95,10 +103,14 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
     rows.append(("slash groups", _groups_kernel, groups_types, {"BLOCK_SIZE": 64, "BLOCK": 1024}, 4, 1))
     rows.append(("density kept counts", _kept_kernel, kept_types, {"BLOCK_SIZE": 64, "STEPS": 14, "BLOCK": 1024}, 4, 1))
     masses = {"COLUMNS": "*fp32", "DIAGONALS": "*fp32", "HIST": "*fp64", "COUNTS": "*i32", "VERTICAL": "*i64",
-              "SLASH": "*i64"}
+              "SLASH": "*i64", "BUF": "*fp32", "BUF_COUNT": "*i32"}
     tau = ("tau_high", "tau_low")
     chunk = {"CHUNK": SELECT_CHUNK}
     rows.append(("selection radix pass", _pass_kernel, _types(_pass_kernel, masses, tau), {**chunk, "PASS": 3}, 4, 3))
+    rows.append(("selection compaction", _compact_kernel, _types(_compact_kernel, masses, tau),
+                 {**chunk, "DONE": 2}, 4, 3))
+    rows.append(("selection buffer pass", _buffer_pass_kernel, _types(_buffer_pass_kernel, masses, tau),
+                 {**chunk, "PASS": 3}, 4, 3))
     rows.append(("selection counts", _count_kernel, _types(_count_kernel, masses, tau), chunk, 4, 3))
     rows.append(("selection pack", _pack_kernel, _types(_pack_kernel, masses, tau),
                  {**chunk, "MAX_SLICES": MAX_SLICES}, 4, 3))

@@ -34,8 +34,10 @@ from longinfer.patterns._select_kernel import ParallelOptions, select_packed_tri
 from longinfer.plans.schema import DEFAULT_PATTERN_CONFIG
 
 # --sweep: the parallel path's launch choices (chunk, warps, programs) timed besides the default
-SWEEP = tuple(ParallelOptions(chunk, warps, programs) for chunk in (256, 512) for warps in (4, 8)
-              for programs in (256, 512, 1024))
+SWEEP = (*(ParallelOptions(chunk, warps, programs) for chunk in (256, 512) for warps in (4, 8)
+           for programs in (256, 512, 1024)),
+         *(ParallelOptions(compact_after=done) for done in (1, 2, 3)),
+         *(ParallelOptions(chunk=256, compact_after=done) for done in (1, 2)))
 
 
 def structured_masses(heads: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                 return select_packed_triton(columns, diagonals, num_vertical=config.num_vertical,
                                             num_slash=config.num_slash, sink=config.sink, local=config.local,
                                             coverage=True, tau=config.tau, options=options)
-            name = f"chunk={options.chunk} warps={options.warps} programs={options.programs}"
+            name = (f"chunk={options.chunk} warps={options.warps} programs={options.programs} "
+                    f"compact_after={options.compact_after}")
             row[f"{name} ms"] = graph_time(run, args.repeats)
             row[f"{name} same index"] = all(torch.equal(a, b) for a, b in zip(expected, run()))
         rows.append(row)

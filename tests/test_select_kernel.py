@@ -43,8 +43,13 @@ def _masses(bsz, heads, n, seed, ties):
     return (columns / columns.sum(-1, keepdim=True) * 0.6, diagonals / diagonals.sum(-1, keepdim=True) * 0.6)
 
 
-def _assert_same_index(columns, diagonals, config):
-    got = vs.select_packed(columns, diagonals, config, backend="triton")
+def _assert_same_index(columns, diagonals, config, options=None):
+    if options is None:
+        got = vs.select_packed(columns, diagonals, config, backend="triton")
+    else:  # the Triton path at given launch choices
+        got = select_packed_triton(columns, diagonals, num_vertical=config.num_vertical, num_slash=config.num_slash,
+                                   sink=config.sink, local=config.local, coverage=config.budget == "coverage",
+                                   tau=config.tau, options=options)
     expected = vs.select_packed(columns, diagonals, config, backend="torch")
     assert got[0].dtype == torch.long and got[0].shape == expected[0].shape
     assert torch.equal(got[0], expected[0]), "vertical indices differ"
@@ -102,6 +107,16 @@ def test_slices_fill_the_gpu_within_bounds():
     assert kernel.slice_count(12, 1500) == 1  # shorter than two slices: the sequential path
 
 
+@needs_interpreter
+@pytest.mark.parametrize("compact_after,ties", [(1, False), (4, True), (7, False)])
+def test_compaction_after_any_pass_gives_the_same_index(monkeypatch, compact_after, ties):
+    """The later passes read a buffer of the items still in play: the same digit sums, so the same index."""
+    monkeypatch.setattr(kernel, "MIN_SLICE", 100)
+    columns, diagonals = _masses(1, 2, 333, seed=compact_after, ties=ties)
+    config = VerticalSlashConfig(num_vertical=64, num_slash=128, sink=4, local=8, budget="coverage", tau=0.85)
+    _assert_same_index(columns, diagonals, config, kernel.ParallelOptions(compact_after=compact_after))
+
+
 def test_errors_name_the_problem():
     columns, diagonals = _masses(1, 2, 50, seed=0, ties=False)
     plain = VerticalSlashConfig(num_vertical=8, num_slash=8, sink=2, local=2, budget="coverage")
@@ -113,6 +128,8 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"\[B, H, Nk\]"):
         select_packed_triton(columns, diagonals[..., :10], num_vertical=8, num_slash=8, sink=2, local=2,
                              coverage=True, tau=0.9)
+    with pytest.raises(ValueError, match="compact_after"):
+        kernel.ParallelOptions(compact_after=8)
     with pytest.raises(TypeError, match="float32"):
         select_packed_triton(columns.double(), diagonals.double(), num_vertical=8, num_slash=8, sink=2, local=2,
                              coverage=True, tau=0.9)

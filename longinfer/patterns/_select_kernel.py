@@ -27,6 +27,10 @@ Two paths:
   atomically), then one launch counting the taken items per slice and one packing them at the
   offsets those counts give. It handles rows whose caps do not bind and whose boundary is not
   inside a run of equal masses (then the threshold alone decides membership);
+  With ``ParallelOptions(compact_after=k)``, after ``k`` passes one launch copies the items still
+  in play (higher bits equal to the prefix; after two passes a factor-4 band of masses) into a
+  buffer, and the remaining passes read that instead of the rows (not timed yet: the default is
+  0, every pass reads the rows);
 - *sequential* (the rest, on device, without a host round trip): one program per row does it
   all, including the candidate thresholds under binding caps and position ranks inside runs of
   equal masses; rows the parallel path finished exit at once.
@@ -43,7 +47,8 @@ summed in a different order (both in float64; the parallel path's atomic sums al
 ~1e-16), and among items of exactly equal mass at the coverage boundary the count taken is
 ``ceil(left / mass)``, not sequential sums.
 
-Memory: the outputs plus ``R * 256`` float64 digit sums and ``R * 2 * slices`` int32 counts.
+Memory: the outputs plus ``R * 256`` float64 digit sums and ``R * 2 * slices`` int32 counts (and
+with compaction a ``[R, 2 * Nk]`` float32 buffer).
 """
 
 from __future__ import annotations
@@ -308,6 +313,27 @@ def _threshold(col_ptr, diag_ptr, hist_row, n, sink, local, tau_high, tau_low, C
 
 
 @triton.jit
+def _add_digit_sums(hist_row, counts, masses, PASS: tl.constexpr):
+    """Adds a program's 32 digit sums of pass ``PASS`` to its row's ``HIST`` (if it saw any item)."""
+    if tl.sum(counts, 0) > 0:
+        digits = tl.arange(0, 16)
+        tl.atomic_add(hist_row + PASS * 32 + digits, counts)
+        tl.atomic_add(hist_row + PASS * 32 + 16 + digits, masses)
+
+
+@triton.jit
+def _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, DONE: tl.constexpr,
+                CHUNK: tl.constexpr):
+    """``(columns pointer, diagonals pointer, prefix)`` of a row: the bits its first ``DONE`` radix
+    passes resolved (replayed from ``HIST``)."""
+    col_ptr = COLUMNS + row * n
+    diag_ptr = DIAGONALS + row * n
+    left = _left_after_forced(col_ptr, diag_ptr, n, sink, local, tau_high, tau_low, CHUNK)
+    prefix, _, _ = _replay(HIST + row * 256, tl.maximum(left, 1e-300), DONE)
+    return col_ptr, diag_ptr, prefix
+
+
+@triton.jit
 def _pass_kernel(COLUMNS, DIAGONALS, HIST, n, sink, local, slice_len, tau_high, tau_low,
                  PASS: tl.constexpr, CHUNK: tl.constexpr):
     """Radix pass ``PASS`` of the coverage threshold: grid ``(R, slices)``; each program replays the
@@ -315,19 +341,60 @@ def _pass_kernel(COLUMNS, DIAGONALS, HIST, n, sink, local, slice_len, tau_high, 
     row = tl.program_id(0).to(tl.int64)
     lo = tl.program_id(1) * slice_len
     hi = tl.minimum(lo + slice_len, n)
-    col_ptr = COLUMNS + row * n
-    diag_ptr = DIAGONALS + row * n
-    hist_row = HIST + row * 256
-    left = _left_after_forced(col_ptr, diag_ptr, n, sink, local, tau_high, tau_low, CHUNK)
-    prefix, _, _ = _replay(hist_row, tl.maximum(left, 1e-300), PASS)
+    col_ptr, diag_ptr, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, PASS,
+                                            CHUNK)
     counts = tl.zeros([16], tl.float64)
     masses = tl.zeros([16], tl.float64)
     counts, masses = _slice_digits(col_ptr, lo, hi, sink, prefix, counts, masses, 28 - 4 * PASS, PASS == 0, CHUNK)
     counts, masses = _slice_digits(diag_ptr, lo, hi, local, prefix, counts, masses, 28 - 4 * PASS, PASS == 0, CHUNK)
-    if tl.sum(counts, 0) > 0:
-        digits = tl.arange(0, 16)
-        tl.atomic_add(hist_row + PASS * 32 + digits, counts)
-        tl.atomic_add(hist_row + PASS * 32 + 16 + digits, masses)
+    _add_digit_sums(HIST + row * 256, counts, masses, PASS)
+
+
+@triton.jit
+def _compact_slice(ptr, buf_row, count_ptr, lo, hi, forced, prefix, SHIFT: tl.constexpr, CHUNK: tl.constexpr):
+    """Appends the masses of the non-forced items ``lo .. hi - 1`` whose bits from ``SHIFT`` up equal
+    ``prefix``'s to the row's buffer (slots taken with one atomic add per chunk, in any order)."""
+    for start in range(lo, hi, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        valid = (offs < hi) & (offs >= forced)
+        mass = tl.load(ptr + offs, mask=valid, other=0.0) + 0.0
+        keep = (valid & ((mass.to(tl.int32, bitcast=True) >> SHIFT) == (prefix >> SHIFT))).to(tl.int32)
+        base = tl.atomic_add(count_ptr, tl.sum(keep, 0))
+        tl.store(buf_row + base + tl.cumsum(keep, 0) - keep, mass, mask=keep > 0)
+
+
+@triton.jit
+def _compact_kernel(COLUMNS, DIAGONALS, HIST, BUF, BUF_COUNT, n, sink, local, slice_len, tau_high, tau_low,
+                    DONE: tl.constexpr, CHUNK: tl.constexpr):
+    """After ``DONE`` passes: copies every item the later passes can still count (non-forced, bits
+    above pass ``DONE``'s digit equal to the prefix) into ``BUF [R, 2 * n]``, their number into
+    ``BUF_COUNT [R]``. Grid ``(R, slices)``."""
+    row = tl.program_id(0).to(tl.int64)
+    lo = tl.program_id(1) * slice_len
+    hi = tl.minimum(lo + slice_len, n)
+    col_ptr, diag_ptr, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, DONE,
+                                            CHUNK)
+    buf_row = BUF + row * 2 * n
+    _compact_slice(col_ptr, buf_row, BUF_COUNT + row, lo, hi, sink, prefix, 32 - 4 * DONE, CHUNK)
+    _compact_slice(diag_ptr, buf_row, BUF_COUNT + row, lo, hi, local, prefix, 32 - 4 * DONE, CHUNK)
+
+
+@triton.jit
+def _buffer_pass_kernel(COLUMNS, DIAGONALS, HIST, BUF, BUF_COUNT, n, sink, local, tau_high, tau_low,
+                        PASS: tl.constexpr, CHUNK: tl.constexpr):
+    """Radix pass ``PASS`` over the compacted items of :func:`_compact_kernel` instead of the rows;
+    program ``s`` of ``slices`` takes the ``s``-th share of its row's buffer."""
+    row = tl.program_id(0).to(tl.int64)
+    count = tl.load(BUF_COUNT + row)
+    share = tl.cdiv(count, tl.num_programs(1))
+    lo = tl.program_id(1) * share
+    hi = tl.minimum(lo + share, count)
+    _, _, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, PASS, CHUNK)
+    counts = tl.zeros([16], tl.float64)
+    masses = tl.zeros([16], tl.float64)
+    counts, masses = _slice_digits(BUF + row * 2 * n, lo, hi, 0, prefix, counts, masses, 28 - 4 * PASS, False,
+                                   CHUNK)
+    _add_digit_sums(HIST + row * 256, counts, masses, PASS)
 
 
 @triton.jit
@@ -443,11 +510,19 @@ class ParallelOptions:
         chunk: items per step of a program's loop (``[chunk, 16]`` float64 one-hot sums).
         warps: warps per program of the pass, count and pack launches.
         programs: about this many (row, slice) programs per launch.
+        compact_after: after this many radix passes (1-7), copy the items still in play (their
+            higher bits equal the prefix) into a buffer that the remaining passes read instead of
+            the rows; 0 = every pass reads the rows.
     """
 
     chunk: int = CHUNK
     warps: int = 4
     programs: int = PARALLEL_PROGRAMS
+    compact_after: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.compact_after <= 7:
+            raise ValueError(f"compact_after must lie in [0, 7] (0 = no compaction), got {self.compact_after}")
 
 
 def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_vertical: int, num_slash: int,
@@ -490,9 +565,18 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
     if slices > 1:
         slice_len = triton.cdiv(n, slices)
         grid = (rows, slices)
-        for radix_pass in range(8):
+        full_passes = 8 if options.compact_after == 0 else options.compact_after
+        for radix_pass in range(full_passes):
             _pass_kernel[grid](columns, diagonals, hist, slice_len=slice_len, PASS=radix_pass, CHUNK=chunk,
                                num_warps=options.warps, **scalars)
+        if full_passes < 8:  # the later passes read only the items still in play
+            buffer = torch.empty(rows, 2 * n, dtype=torch.float32, device=columns.device)
+            buffer_count = torch.zeros(rows, dtype=torch.int32, device=columns.device)
+            _compact_kernel[grid](columns, diagonals, hist, buffer, buffer_count, slice_len=slice_len,
+                                  DONE=full_passes, CHUNK=chunk, num_warps=options.warps, **scalars)
+            for radix_pass in range(full_passes, 8):
+                _buffer_pass_kernel[grid](columns, diagonals, hist, buffer, buffer_count, PASS=radix_pass,
+                                          CHUNK=chunk, num_warps=options.warps, **scalars)
         _count_kernel[grid](columns, diagonals, hist, counts, slice_len=slice_len, CHUNK=chunk,
                             num_warps=options.warps, **scalars)
         _pack_kernel[grid](columns, diagonals, hist, counts, vertical, slash, slice_len=slice_len, CHUNK=chunk,
