@@ -260,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None)
     parser.add_argument("--cache-dir", default=None, help="longinfer cache root (zoo models, corpora)")
     parser.add_argument("--selection", choices=("torch", "triton"), default="torch",
-                        help="backend of the vertical-slash budget (select_packed's default; triton: the one-launch "
-                             "kernel, opt-in until measured faster)")
+                        help="backend of the vertical-slash budget (select_packed's default; triton: the Triton "
+                             "kernels, opt-in until measured faster on a real turn)")
     parser.add_argument("--out", required=True)
     return parser
 

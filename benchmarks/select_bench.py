@@ -4,9 +4,9 @@ Masses shaped like an estimate's at a 4K turn over 64K (Qwen2.5-1.5B layer: 12 q
 column mass falls as a power of a random rank (a few heavy key columns, a long light tail), the
 first keys heavier (sinks), diagonal mass falls as a power of the offset (local attention) plus a
 few planted distant diagonals; each kind sums to 1. The exponents make the default budget take
-about 2,000 columns and 2,000 diagonals per head at 64K (the default plan's turn density is 15%). Both backends must give the same index
-(checked); the time is what one layer's selection costs (`turn_kernels.py` times it on a real
-model's masses). Timing: each backend replayed from a CUDA graph, median of CUDA-event times
+about 2,000 columns and 2,000 diagonals per head at 64K (the default plan's turn density is 15%).
+Both backends must give the same index (checked); the time is what one layer's selection costs
+(`turn_kernels.py` times it on a real model's masses). Timing: each backend replayed from a CUDA graph, median of CUDA-event times
 (:func:`turn_kernels.graph_time`). ``--sweep`` adds the parallel path at other launch choices
 (:data:`SWEEP`), each checked against the torch index too.
 

@@ -18,9 +18,10 @@ forward over PG essays, then times, per layer and in one process:
   1.0 when both give the same index), the estimate's pass 2 at each fixed launch configuration
   (``pass 2 BLOCK_N=.. warps=.. stages=..``: the masses with the scratch, graph-replayed), and
   the ``kernel`` with the dense tail split over keys (the default), unsplit (one program per tail
-  tile), without the tail, at other launch options (warps, stages; the default rows use the launch's fixed choice), and with 128-row query
-  tiles (the estimate rerun with ``block_size=128``, its own index; the slashes then cover whole
-  128-row tiles, so it computes more pairs).
+  tile), without the tail, at other launch options (warps, stages; the default rows use the
+  launch's fixed choice), and with 128-row query tiles (the estimate rerun with
+  ``block_size=128``, its own index; the slashes then cover whole 128-row tiles, so it computes
+  more pairs).
 
 V is random normal (a kernel's time does not depend on V's values); q/k and so every index are the
 model's. Timing: CUDA events, median of ``--repeats`` after 2 warm-ups
@@ -65,8 +66,8 @@ from longinfer.timing import median_cuda_ms
 # of a vertical-slash launch is the index's chunk (64 keys for these tiles).
 KERNEL_OPTIONS = ((4, 3), (4, 4), (8, 3))
 TALL_KERNEL_OPTIONS = ((4, 3), (8, 3), (8, 2))
-# The estimate's pass-2 configurations its autotuner chooses from: (BLOCK_N, num_warps, num_stages).
 AGREE = "selection backends agree"  # 1.0 / 0.0 per layer among the timings; not a time
+# The estimate's pass-2 configurations its autotuner chooses from: (BLOCK_N, num_warps, num_stages).
 PASS_TWO_OPTIONS = tuple((c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                          for c in _estimate_kernel._masses_kernel_tuned.configs)
 
