@@ -6,9 +6,9 @@ first keys heavier (sinks), diagonal mass falls as a power of the offset (local 
 few planted distant diagonals; each kind sums to 1. The exponents make the default budget take
 about 2,000 columns and 2,000 diagonals per head at 64K (the default plan's turn density is 15%).
 Both backends must give the same index (checked); the time is what one layer's selection costs
-(`turn_kernels.py` times it on a real model's masses). Timing: each backend replayed from a CUDA graph, median of CUDA-event times
-(:func:`turn_kernels.graph_time`). ``--sweep`` adds the parallel path at other launch choices
-(:data:`SWEEP`), each checked against the torch index too.
+(`turn_kernels.py` times it on a real model's masses). Timing: each backend replayed from a CUDA
+graph, median of CUDA-event times (:func:`turn_kernels.graph_time`). ``--sweep`` adds the
+parallel path at other launch choices (:data:`SWEEP`), each checked against the torch index too.
 
     python3 benchmarks/select_bench.py --sweep --out $OUT/select-bench
 """
