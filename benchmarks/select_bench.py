@@ -84,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
                                             coverage=True, tau=config.tau, options=options)
             name = (f"chunk={options.chunk} warps={options.warps} programs={options.programs} "
                     f"compact_after={options.compact_after}")
-            row[f"{name} ms"] = graph_time(run, args.repeats)
-            row[f"{name} same index"] = all(torch.equal(a, b) for a, b in zip(expected, run()))
+            try:  # one launch choice failing to compile or run must not lose the others
+                row[f"{name} same index"] = all(torch.equal(a, b) for a, b in zip(expected, run()))
+                row[f"{name} ms"] = graph_time(run, args.repeats)
+            except Exception as error:  # noqa: BLE001 - reported in the row, the sweep goes on
+                row[f"{name} error"] = f"{type(error).__name__}: {error}"[:300]
+                print(f"{name}: {row[f'{name} error']}", flush=True)
         rows.append(row)
         print(row, flush=True)
     out = Path(args.out)
@@ -98,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     (out / "select_bench.json").write_text(json.dumps(data, indent=1) + "\n")
     (out / "select_bench.md").write_text(render_markdown(data))
     return 0
+
+
+def _sweep_cell(row: dict[str, Any], name: str) -> str:
+    """One sweep cell: the time (``*`` when the index differs from the torch path's) or the error."""
+    if f"{name} ms" not in row:
+        return "error" if f"{name} error" in row else "—"
+    return f"{row[name + ' ms']:.3f}{'' if row[name + ' same index'] else ' *'}"
 
 
 def render_markdown(data: dict[str, Any]) -> str:
@@ -114,13 +125,13 @@ def render_markdown(data: dict[str, Any]) -> str:
     lines += [f"| {r['keys']} | {r['heads']} | {r['torch ms']:.3f} | {r['triton ms']:.3f} | "
               f"{r['torch ms'] / r['triton ms']:.1f}x | {r['same index']} | {r['columns taken (mean)']:.0f} | "
               f"{r['diagonals taken (mean)']:.0f} |" for r in rows]
-    sweep = [key[:-3] for key in rows[0] if key.startswith("chunk=") and key.endswith(" ms")]
+    sweep = list(dict.fromkeys(key.rsplit(" ", 1)[0] for r in rows for key in r if key.startswith("chunk=")
+                               and key.endswith((" ms", " error"))))
     if sweep:
         lines += ["", "## Parallel path by launch choice (ms; `*` = index differs from the torch path's)", "",
                   "| launch choice | " + " | ".join(str(r["keys"]) for r in rows) + " |",
                   "|---" * (len(rows) + 1) + "|"]
-        lines += [f"| {name} | " + " | ".join(f"{r[name + ' ms']:.3f}{'' if r[name + ' same index'] else ' *'}"
-                                             for r in rows) + " |" for name in sweep]
+        lines += [f"| {name} | " + " | ".join(_sweep_cell(r, name) for r in rows) + " |" for name in sweep]
     return "\n".join(lines) + "\n"
 
 

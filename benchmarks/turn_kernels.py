@@ -14,8 +14,9 @@ forward over PG essays, then times, per layer and in one process:
   float32 atomics (``DIAGONAL_SCRATCH_BYTES = 0``), ``masses`` alone both ways, the ``index``
   build (eager, so host time shows where it exceeds the GPU's; each also replayed from a CUDA
   graph, ``(graph)``: GPU time alone), the ``selection`` (the budget applied to the layer's
-  masses) by the torch path and by the Triton kernel, graph-replayed (``selection backends agree``:
-  1.0 when both give the same index), the estimate's pass 2 at each fixed launch configuration
+  masses) by the torch path and by the Triton kernels at their default launch choices and with
+  compaction after 2 passes, graph-replayed (``selection backends agree``: 1.0 when all give the
+  same index), the estimate's pass 2 at each fixed launch configuration
   (``pass 2 BLOCK_N=.. warps=.. stages=..``: the masses with the scratch, graph-replayed), and
   the ``kernel`` with the dense tail split over keys (the default), unsplit (one program per tail
   tile), without the tail, at other launch options (warps, stages; the default rows use the
@@ -58,6 +59,7 @@ from longinfer.ops._launch import launch
 from longinfer.ops.index import build_vertical_slash_index
 from longinfer.ops.sparse import default_tail_splits
 from longinfer.patterns import _estimate_kernel, get_pattern
+from longinfer.patterns._select_kernel import ParallelOptions, select_packed_triton
 from longinfer.patterns import vertical_slash as vs
 from longinfer.plans.schema import Plan, default_plan_for
 from longinfer.timing import median_cuda_ms
@@ -161,15 +163,7 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
             with_pass_two_options(block_n, warps, stages, masses), repeats)
     estimated = masses()
     times["selection torch (graph)"] = graph_time(lambda: vs.select_packed(*estimated, config), repeats)
-    try:  # the opt-in kernel: a failure here is reported, not fatal to the other rows
-        triton_index = vs.select_packed(*estimated, config, backend="triton")
-    except Exception as error:  # noqa: BLE001 - any compile or launch error of the new kernel
-        print(f"layer {layer}: Triton selection failed: {type(error).__name__}: {error}", flush=True)
-    else:
-        times["selection triton (graph)"] = graph_time(
-            lambda: vs.select_packed(*estimated, config, backend="triton"), repeats)
-        same = [torch.equal(a, b) for a, b in zip(vs.select_packed(*estimated, config), triton_index)]
-        times[AGREE] = float(all(same))
+    times.update(triton_selection_timings(estimated, config, repeats, layer))
     selection = estimate()
     nk = k.shape[2]
 
@@ -204,6 +198,30 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
             times[f"{name} warps={warps} stages={stages}"] = timed(
                 lambda: launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, block_m, vs=index_built,
                                dense_from=from_row, options=dict(options), tail_splits=default_tail_splits(nk)))
+    return times
+
+
+def triton_selection_timings(estimated: tuple[torch.Tensor, torch.Tensor], config: vs.VerticalSlashConfig,
+                             repeats: int, layer: int) -> dict[str, float]:
+    """The Triton selection of a layer's masses at its default and compacting launch choices
+    (graph-replayed ms) and whether all of them give the torch path's index (:data:`AGREE`).
+    A choice that fails to compile or run is reported and left out, not fatal to the other rows."""
+    expected = vs.select_packed(*estimated, config)
+    times: dict[str, float] = {}
+    agree = True
+    for name, options in (("selection triton (graph)", None),
+                          ("selection triton, compact after 2 passes (graph)", ParallelOptions(compact_after=2))):
+        def run(options: ParallelOptions | None = options) -> tuple[torch.Tensor, torch.Tensor]:
+            return select_packed_triton(*estimated, num_vertical=config.num_vertical, num_slash=config.num_slash,
+                                        sink=config.sink, local=config.local, coverage=config.budget == "coverage",
+                                        tau=config.tau, options=options)
+        try:
+            agree &= all(torch.equal(a, b) for a, b in zip(expected, run()))
+            times[name] = graph_time(run, repeats)
+        except Exception as error:  # noqa: BLE001 - any compile or launch error of the opt-in kernels
+            print(f"layer {layer}: {name} failed: {type(error).__name__}: {error}", flush=True)
+    if times:
+        times[AGREE] = float(agree)
     return times
 
 
