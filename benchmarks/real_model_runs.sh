@@ -101,6 +101,8 @@ case "$step" in
   q15-turn-default)  # issue 4: the second turn with the default plan only
     run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
       --out "$RES/$step/default" ;;
+  q15-caps)  # issue 4: would real rows of the 64K turn take the Triton selection's per-row fallback? (all layers)
+    run python3 benchmarks/selection_caps_check.py $Q15 --length 69632 --layers 28 --out "$RES/$step" ;;
   q15-turn-select)  # issue 4: the second turn with the default plan and the Triton selection kernel (opt-in)
     run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
       --selection triton --out "$RES/$step/triton-selection" ;;
