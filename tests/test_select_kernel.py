@@ -138,7 +138,8 @@ def test_errors_name_the_problem():
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [5000, 69632])  # a short call; a 4K turn over 64K
 def test_gpu_kernel_packs_the_torch_index(n):
-    """Default-plan budgets (and a capped one) on CUDA; masses from an estimate of structured q/k."""
+    """Default-plan budgets (and a capped one) on CUDA, the coverage ones also with compaction;
+    masses from an estimate of structured q/k."""
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 12, 1024, 128, generator=gen)
     k = torch.randn(1, 2, n, 128, generator=gen)
@@ -150,3 +151,5 @@ def test_gpu_kernel_packs_the_torch_index(n):
         config = VerticalSlashConfig(last_q=64, query_sampling="strided", **overrides)
         columns, diagonals = vs.estimate_masses(q, k, config)
         _assert_same_index(columns, diagonals, config)
+        if config.budget == "coverage":
+            _assert_same_index(columns, diagonals, config, kernel.ParallelOptions(compact_after=2))
