@@ -322,6 +322,15 @@ def _add_digit_sums(hist_row, counts, masses, PASS: tl.constexpr):
 
 
 @triton.jit
+def _program_slice(size, length):
+    """This (row, slice) program's ``(row, slice, slices, lo, hi)``: slice ``s`` of ``size`` items
+    covers ``s * size .. min((s + 1) * size, length) - 1`` of its row."""
+    part = tl.program_id(1)
+    lo = part * size
+    return tl.program_id(0).to(tl.int64), part, tl.num_programs(1), lo, tl.minimum(lo + size, length)
+
+
+@triton.jit
 def _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, DONE: tl.constexpr,
                 CHUNK: tl.constexpr):
     """``(columns pointer, diagonals pointer, prefix)`` of a row: the bits its first ``DONE`` radix
@@ -338,9 +347,7 @@ def _pass_kernel(COLUMNS, DIAGONALS, HIST, n, sink, local, slice_len, tau_high, 
                  PASS: tl.constexpr, CHUNK: tl.constexpr):
     """Radix pass ``PASS`` of the coverage threshold: grid ``(R, slices)``; each program replays the
     earlier passes, sums its slice of both kinds per digit and adds the 32 sums to ``HIST``."""
-    row = tl.program_id(0).to(tl.int64)
-    lo = tl.program_id(1) * slice_len
-    hi = tl.minimum(lo + slice_len, n)
+    row, _, _, lo, hi = _program_slice(slice_len, n)
     col_ptr, diag_ptr, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, PASS,
                                             CHUNK)
     counts = tl.zeros([16], tl.float64)
@@ -369,9 +376,7 @@ def _compact_kernel(COLUMNS, DIAGONALS, HIST, BUF, BUF_COUNT, n, sink, local, sl
     """After ``DONE`` passes: copies every item the later passes can still count (non-forced, bits
     above pass ``DONE``'s digit equal to the prefix) into ``BUF [R, 2 * n]``, their number into
     ``BUF_COUNT [R]``. Grid ``(R, slices)``."""
-    row = tl.program_id(0).to(tl.int64)
-    lo = tl.program_id(1) * slice_len
-    hi = tl.minimum(lo + slice_len, n)
+    row, _, _, lo, hi = _program_slice(slice_len, n)
     col_ptr, diag_ptr, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, DONE,
                                             CHUNK)
     buf_row = BUF + row * 2 * n
@@ -384,11 +389,8 @@ def _buffer_pass_kernel(COLUMNS, DIAGONALS, HIST, BUF, BUF_COUNT, n, sink, local
                         PASS: tl.constexpr, CHUNK: tl.constexpr):
     """Radix pass ``PASS`` over the compacted items of :func:`_compact_kernel` instead of the rows;
     program ``s`` of ``slices`` takes the ``s``-th share of its row's buffer."""
-    row = tl.program_id(0).to(tl.int64)
-    count = tl.load(BUF_COUNT + row)
-    share = tl.cdiv(count, tl.num_programs(1))
-    lo = tl.program_id(1) * share
-    hi = tl.minimum(lo + share, count)
+    count = tl.load(BUF_COUNT + tl.program_id(0))
+    row, _, _, lo, hi = _program_slice(tl.cdiv(count, tl.num_programs(1)), count)
     _, _, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, PASS, CHUNK)
     counts = tl.zeros([16], tl.float64)
     masses = tl.zeros([16], tl.float64)
@@ -417,11 +419,7 @@ def _count_slice(ptr, lo, hi, forced, take_bits, CHUNK: tl.constexpr):
 def _count_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, n, sink, local, slice_len, tau_high, tau_low,
                   CHUNK: tl.constexpr):
     """Taken items per (row, kind, slice) into ``COUNTS [R, 2, slices]`` int32."""
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1)
-    slices = tl.num_programs(1)
-    lo = part * slice_len
-    hi = tl.minimum(lo + slice_len, n)
+    row, part, slices, lo, hi = _program_slice(slice_len, n)
     col_ptr = COLUMNS + row * n
     diag_ptr = DIAGONALS + row * n
     take_bits, _ = _threshold(col_ptr, diag_ptr, HIST + row * 256, n, sink, local, tau_high, tau_low, CHUNK)
@@ -466,11 +464,7 @@ def _store_slice(ptr, out_ptr, lo, hi, forced, take_bits, slot0, total, width, p
 def _pack_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, VERTICAL, SLASH, n, sink, local, num_vertical, num_slash,
                  slice_len, tau_high, tau_low, CHUNK: tl.constexpr, MAX_SLICES: tl.constexpr):
     """Writes each slice's taken positions at its offset (the counts of the slices before it)."""
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1)
-    slices = tl.num_programs(1)
-    lo = part * slice_len
-    hi = tl.minimum(lo + slice_len, n)
+    row, part, slices, lo, hi = _program_slice(slice_len, n)
     col_ptr = COLUMNS + row * n
     diag_ptr = DIAGONALS + row * n
     take_bits, exact = _threshold(col_ptr, diag_ptr, HIST + row * 256, n, sink, local, tau_high, tau_low, CHUNK)
