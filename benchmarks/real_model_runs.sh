@@ -15,6 +15,7 @@ Q05="--model qwen2.5-coder-0.5b"
 PLANS4=docs/results/gpu-session4/plans
 PLANS5=docs/results/gpu-session5/plans
 PLANS8=docs/results/gpu-session8/plans
+PLANS9=docs/results/gpu-session9/plans
 VS="vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,last_q=64,query_sampling=strided"
 COST="vertical_slash:budget=coverage,num_vertical=8192,num_slash=8192,last_q=64,query_sampling=strided,rank=cost,tau=1.0"
 # The default estimator at 64-, 32- and 16-row query tiles, coverage and cost-ranked budgets.
@@ -103,6 +104,11 @@ case "$step" in
       --out "$RES/$step/default" ;;
   q15-caps)  # issue 4: would real rows of the 64K turn take the Triton selection's per-row fallback? (all layers)
     run python3 benchmarks/selection_caps_check.py $Q15 --length 69632 --layers 28 --out "$RES/$step" ;;
+  q15-select)  # issue 4, one call: caps at 64K, the turn by part (both selections), the turn with the Triton selection
+    for sub in q15-caps q15-turn-kernels q15-turn-select; do
+      LIMIT=$((limit / 3)) bash "$0" "$sub"
+    done
+    exit 0 ;;
   q15-turn-select)  # issue 4: the second turn with the default plan and the Triton selection kernel (opt-in)
     run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
       --selection triton --out "$RES/$step/triton-selection" ;;
@@ -147,6 +153,15 @@ case "$step" in
       > "$RES/$step/ruler.jsonl"  # session 8's dense rows: same prompts
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
       "dense,longinfer:$PLANS8/q15-kv-tau0.8-tail.json,longinfer:$PLANS8/q15-kv-tau0.85-tail.json" ;;
+  q15-plan-variants)  # issues 4/5: the default with 64 dense last rows, and with 256 estimation queries: turn, RULER 32K (rerun to finish)
+    for plan in q15-default-tail64 q15-lq256-tail; do
+      [ -d "$RES/$step/turn-$plan" ] || run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 \
+        --turn-length 4096 --plan "$PLANS9/$plan.json" --out "$RES/$step/turn-$plan"
+    done
+    [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl \
+      > "$RES/$step/ruler.jsonl"  # session 8's dense rows: same prompts
+    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
+      "dense,longinfer:$PLANS9/q15-default-tail64.json,longinfer:$PLANS9/q15-lq256-tail.json" ;;
   q15-ppl)  # issue 5: perplexity, 4 windows at 32K and the one 128K window the corpus holds
     run_cli eval ppl $Q15 --lengths 32768 --samples 4 --methods "dense,longinfer" --out "$RES/$step"
     run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step" ;;
