@@ -14,8 +14,8 @@ forward over PG essays, then times, per layer and in one process:
   float32 atomics (``DIAGONAL_SCRATCH_BYTES = 0``), ``masses`` alone both ways, the ``index``
   build (eager, so host time shows where it exceeds the GPU's; each also replayed from a CUDA
   graph, ``(graph)``: GPU time alone), the ``selection`` (the budget applied to the layer's
-  masses) by the torch path and by the Triton kernels at their default launch choices and with
-  compaction after 2 passes, graph-replayed (``selection backends agree``: 1.0 when all give the
+  masses) by the torch path and by the Triton kernels at their default launch choices and at the
+  first ones (chunk 512, no compaction), graph-replayed (``selection backends agree``: 1.0 when all give the
   same index), the estimate's pass 2 at each fixed launch configuration
   (``pass 2 BLOCK_N=.. warps=.. stages=..``: the masses with the scratch, graph-replayed), and
   the ``kernel`` with the dense tail split over keys (the default), unsplit (one program per tail
@@ -203,14 +203,15 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
 
 def triton_selection_timings(estimated: tuple[torch.Tensor, torch.Tensor], config: vs.VerticalSlashConfig,
                              repeats: int, layer: int) -> dict[str, float]:
-    """The Triton selection of a layer's masses at its default and compacting launch choices
+    """The Triton selection of a layer's masses at its default launch choices and the first ones (chunk 512, no compaction)
     (graph-replayed ms) and whether all of them give the torch path's index (:data:`AGREE`).
     A choice that fails to compile or run is reported and left out, not fatal to the other rows."""
     expected = vs.select_packed(*estimated, config)
     times: dict[str, float] = {}
     agree = True
     for name, options in (("selection triton (graph)", None),
-                          ("selection triton, compact after 2 passes (graph)", ParallelOptions(compact_after=2))):
+                          ("selection triton, chunk 512, no compaction (graph)",
+                           ParallelOptions(chunk=512, compact_after=0))):
         def run(options: ParallelOptions | None = options) -> tuple[torch.Tensor, torch.Tensor]:
             return select_packed_triton(*estimated, num_vertical=config.num_vertical, num_slash=config.num_slash,
                                         sink=config.sink, local=config.local, coverage=config.budget == "coverage",

@@ -509,10 +509,13 @@ class ParallelOptions:
             the rows; 0 = every pass reads the rows.
     """
 
-    chunk: int = CHUNK
+    # The fastest of select_bench's sweep on an H200 (docs/results/gpu-session9/select-bench/):
+    # 0.17 ms vs torch's 0.62 ms at 64K keys, 0.26 vs 0.66 ms at 128K; chunk 512 without
+    # compaction (the first default) took 0.43 / 0.61 ms.
+    chunk: int = 256
     warps: int = 4
     programs: int = PARALLEL_PROGRAMS
-    compact_after: int = 0
+    compact_after: int = 2
 
     def __post_init__(self) -> None:
         if not 0 <= self.compact_after <= 7:
