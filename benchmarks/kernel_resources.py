@@ -36,11 +36,14 @@ from longinfer.patterns._select_kernel import CHUNK as SELECT_CHUNK
 from longinfer.patterns._select_kernel import (
     MAX_SLICES,
     _buffer_pass_kernel,
+    _candidates_kernel,
+    _capped_kernel,
     _compact_kernel,
     _count_kernel,
     _pack_kernel,
     _pass_kernel,
     _sequential_kernel,
+    _top_pass_kernel,
 )
 
 I32 = "i32"
@@ -103,21 +106,28 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
     rows.append(("slash groups", _groups_kernel, groups_types, {"BLOCK_SIZE": 64, "BLOCK": 1024}, 4, 1))
     rows.append(("density kept counts", _kept_kernel, kept_types, {"BLOCK_SIZE": 64, "STEPS": 14, "BLOCK": 1024}, 4, 1))
     masses = {"COLUMNS": "*fp32", "DIAGONALS": "*fp32", "HIST": "*fp64", "COUNTS": "*i32", "VERTICAL": "*i64",
-              "SLASH": "*i64", "BUF": "*fp32", "BUF_COUNT": "*i32"}
+              "SLASH": "*i64", "BUF": "*fp32", "BUF_COUNT": "*i32", "STATE": "*i32"}
     tau = ("tau_high", "tau_low")
     chunk = {"CHUNK": SELECT_CHUNK}
-    rows.append(("selection radix pass", _pass_kernel, _types(_pass_kernel, masses, tau), {**chunk, "PASS": 3}, 4, 3))
+    rounds = {**chunk, "MAX_SLICES": MAX_SLICES}
+    for round_ in (0, 1):  # round 0: every row without caps; round 1: the rows whose caps bind
+        rows.append((f"selection radix pass, round {round_}", _pass_kernel, _types(_pass_kernel, masses, tau),
+                     {**chunk, "PASS": 3, "ROUND": round_}, 4, 3))
+        rows.append((f"selection counts, round {round_}", _count_kernel, _types(_count_kernel, masses, tau),
+                     {**chunk, "ROUND": round_}, 4, 3))
+        rows.append((f"selection pack, round {round_}", _pack_kernel, _types(_pack_kernel, masses, tau),
+                     {**rounds, "ROUND": round_}, 4, 3))
+    rows.append(("selection capped rows", _capped_kernel, _types(_capped_kernel, masses, tau), rounds, 4, 3))
+    rows.append(("selection top-k pass", _top_pass_kernel, _types(_top_pass_kernel, masses, tau),
+                 {**chunk, "PASS": 3}, 4, 3))
+    rows.append(("selection candidates", _candidates_kernel, _types(_candidates_kernel, masses, tau), {}, 4, 3))
     rows.append(("selection compaction", _compact_kernel, _types(_compact_kernel, masses, tau),
                  {**chunk, "DONE": 2}, 4, 3))
     rows.append(("selection buffer pass", _buffer_pass_kernel, _types(_buffer_pass_kernel, masses, tau),
                  {**chunk, "PASS": 3}, 4, 3))
-    rows.append(("selection counts", _count_kernel, _types(_count_kernel, masses, tau), chunk, 4, 3))
-    rows.append(("selection pack", _pack_kernel, _types(_pack_kernel, masses, tau),
-                 {**chunk, "MAX_SLICES": MAX_SLICES}, 4, 3))
     for always in (False, True):
         rows.append((f"selection, sequential{' (every row)' if always else ''}", _sequential_kernel,
-                     _types(_sequential_kernel, masses, tau),
-                     {**chunk, "MAX_SLICES": MAX_SLICES, "COVERAGE": True, "ALWAYS": always}, 8, 3))
+                     _types(_sequential_kernel, masses, tau), {**chunk, "COVERAGE": True, "ALWAYS": always}, 8, 3))
     rows.append(("index tables", _tables_kernel, tables_types, {"BLOCK_SIZE": 64, "CHUNK": 64, "STEPS": 15,
                                                                 "BLOCK": 1024}, 4, 1))
     return rows

@@ -259,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--cache-dir", default=None, help="longinfer cache root (zoo models, corpora)")
-    parser.add_argument("--selection", choices=("torch", "triton"), default="torch",
-                        help="backend of the vertical-slash budget (select_packed's default; triton: the Triton "
-                             "kernels, opt-in until measured faster on a real turn)")
+    parser.add_argument("--selection", choices=("auto", "torch", "triton"), default="auto",
+                        help="backend of the vertical-slash budget (select_packed's default, auto: Triton on CUDA "
+                             "for coverage budgets over long rows, else torch)")
     parser.add_argument("--out", required=True)
     return parser
 
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ["LONGINFER_CACHE"] = args.cache_dir
-    if args.selection != "torch":  # benchmark switch: the library's default backend, for this process only
+    if args.selection != "auto":  # benchmark switch: the library's default backend, for this process only
         vertical_slash.select_packed.__kwdefaults__["backend"] = args.selection
     device = torch.device(args.device or zoo.default_device())
     model, tokenizer = zoo.load(args.model, device=device, yarn_factor=args.yarn, cache_dir=args.cache_dir)

@@ -109,6 +109,15 @@ case "$step" in
       LIMIT=$((limit / 3)) bash "$0" "$sub"
     done
     exit 0 ;;
+  q15-turn-backends)  # issue 4: the second turn with the torch selection, then the default (auto: Triton on CUDA)
+    run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
+      --selection torch --out "$RES/$step/torch-selection"
+    run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
+      --out "$RES/$step/default" ;;
+  q15-select2)  # issue 4, one call: the turn with both selection backends, then the turn by part
+    LIMIT=$((limit / 3)) bash "$0" q15-turn-backends
+    LIMIT=$((limit * 2 / 3)) bash "$0" q15-turn-kernels
+    exit 0 ;;
   q15-turn-select)  # issue 4: the second turn with the default plan and the Triton selection kernel (opt-in)
     run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
       --selection triton --out "$RES/$step/triton-selection" ;;

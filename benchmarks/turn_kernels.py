@@ -162,7 +162,8 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
         times[f"pass 2 BLOCK_N={block_n} warps={warps} stages={stages}"] = graph_time(
             with_pass_two_options(block_n, warps, stages, masses), repeats)
     estimated = masses()
-    times["selection torch (graph)"] = graph_time(lambda: vs.select_packed(*estimated, config), repeats)
+    times["selection torch (graph)"] = graph_time(lambda: vs.select_packed(*estimated, config, backend="torch"),
+                                                 repeats)
     times.update(triton_selection_timings(estimated, config, repeats, layer))
     selection = estimate()
     nk = k.shape[2]
@@ -206,7 +207,7 @@ def triton_selection_timings(estimated: tuple[torch.Tensor, torch.Tensor], confi
     """The Triton selection of a layer's masses at its default launch choices and the first ones (chunk 512, no compaction)
     (graph-replayed ms) and whether all of them give the torch path's index (:data:`AGREE`).
     A choice that fails to compile or run is reported and left out, not fatal to the other rows."""
-    expected = vs.select_packed(*estimated, config)
+    expected = vs.select_packed(*estimated, config, backend="torch")
     times: dict[str, float] = {}
     agree = True
     for name, options in (("selection triton (graph)", None),

@@ -73,6 +73,51 @@ def test_kernel_packs_the_torch_index(monkeypatch, overrides, ties, path):
     assert (expected[0] >= 0).any() or overrides["num_vertical"] == 0  # the comparison is not vacuous
 
 
+def _triton_index(columns, diagonals, config, **kwargs):
+    return select_packed_triton(columns, diagonals, num_vertical=config.num_vertical, num_slash=config.num_slash,
+                                sink=config.sink, local=config.local, coverage=config.budget == "coverage",
+                                tau=config.tau, **kwargs)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", ["binding caps", "partial tie run"])
+def test_parallel_path_finishes_capped_rows_and_tie_runs(monkeypatch, case):
+    """Without the sequential fallback (rows it would take stay unset), the parallel path alone gives
+    the torch index for rows whose caps bind (round 1: top-k candidates, then coverage among them)
+    and for a coverage boundary inside a run of equal masses (tie ranks across slices)."""
+    monkeypatch.setattr(kernel, "MIN_SLICE", 64)
+    columns, diagonals = _masses(2, 3, 300, seed=11, ties=case == "partial tie run")
+    if case == "binding caps":
+        config = VerticalSlashConfig(last_q=8, budget="coverage", tau=0.95, num_vertical=12, num_slash=90, sink=4,
+                                     local=3)
+        uncapped = VerticalSlashConfig(last_q=8, budget="coverage", tau=0.95, num_vertical=300, num_slash=300,
+                                       sink=4, local=3)
+        wide = vs.select_packed(columns, diagonals, uncapped)
+        assert ((wide[0] >= 0).sum(-1) > 12).all(), "every row's column cap binds"
+    else:
+        config = VerticalSlashConfig(last_q=8, budget="coverage", tau=0.5, num_vertical=300, num_slash=300, sink=2,
+                                     local=2)
+    got = _triton_index(columns, diagonals, config, fallback=False, options=kernel.ParallelOptions(chunk=64))
+    expected = vs.select_packed(columns, diagonals, config)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    if case == "partial tie run":
+        assert _takes_part_of_a_run(columns[0, 0], diagonals[0, 0], expected[0][0, 0], expected[1][0, 0], config)
+
+
+def _takes_part_of_a_run(columns, diagonals, vertical, slash, config) -> bool:
+    """Whether the smallest taken non-forced mass of a row has equal items left out."""
+    taken = torch.zeros(2, columns.numel(), dtype=torch.bool)
+    taken[0, vertical[vertical >= 0]] = True
+    taken[1, slash[slash >= 0]] = True
+    mass = torch.stack([columns, diagonals])
+    free = torch.ones_like(taken)
+    free[0, :config.sink] = False
+    free[1, :config.local] = False
+    boundary = mass[taken & free].min()
+    run = free & (mass == boundary)
+    return bool((run & taken).any() and (run & ~taken).any())
+
+
 @needs_interpreter
 @pytest.mark.parametrize("n", [1, 77, 513])  # one key; off the interpreter's 256-item chunk; past two chunks
 def test_awkward_lengths_and_a_negative_zero(monkeypatch, n):
@@ -138,8 +183,8 @@ def test_errors_name_the_problem():
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [5000, 69632])  # a short call; a 4K turn over 64K
 def test_gpu_kernel_packs_the_torch_index(n):
-    """Default-plan budgets (and a capped one) on CUDA, the coverage ones also with compaction;
-    masses from an estimate of structured q/k."""
+    """Default-plan budgets (and a capped one) on CUDA, the coverage ones also without compaction and
+    without the sequential fallback; masses from an estimate of structured q/k."""
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 12, 1024, 128, generator=gen)
     k = torch.randn(1, 2, n, 128, generator=gen)
@@ -150,6 +195,11 @@ def test_gpu_kernel_packs_the_torch_index(n):
                       dict(num_vertical=1000, num_slash=6096, budget="fixed")):
         config = VerticalSlashConfig(last_q=64, query_sampling="strided", **overrides)
         columns, diagonals = vs.estimate_masses(q, k, config)
-        _assert_same_index(columns, diagonals, config)
+        expected = _assert_same_index(columns, diagonals, config)
+        parallel = config.budget == "coverage" and n >= 2 * kernel.MIN_SLICE
+        assert vs.auto_selection_backend(columns, config) == ("triton" if parallel else "torch")
+        assert vs.auto_selection_backend(columns.cpu(), config) == "torch"
         if config.budget == "coverage":
-            _assert_same_index(columns, diagonals, config, kernel.ParallelOptions(compact_after=2))
+            _assert_same_index(columns, diagonals, config, kernel.ParallelOptions(compact_after=0))
+            parallel_only = _triton_index(columns, diagonals, config, fallback=False)  # round 1 finishes capped rows
+            assert torch.equal(parallel_only[0], expected[0]) and torch.equal(parallel_only[1], expected[1])

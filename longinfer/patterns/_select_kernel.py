@@ -24,30 +24,32 @@ Two paths:
 - *parallel* (coverage budget, rows of at least ``2 * MIN_SLICE`` keys): each row is cut into
   slices, one program per (row, slice); one launch per radix pass (each program replays the
   earlier passes from the float64 digit sums in ``HIST``, sums its slice and adds 32 values
-  atomically), then one launch counting the taken items per slice and one packing them at the
-  offsets those counts give. It handles rows whose caps do not bind and whose boundary is not
-  inside a run of equal masses (then the threshold alone decides membership);
-  With ``ParallelOptions(compact_after=k)``, after ``k`` passes one launch copies the items still
-  in play (higher bits equal to the prefix; after two passes a factor-4 band of masses) into a
-  buffer, and the remaining passes read that instead of the rows (not timed yet: the default is
-  0, every pass reads the rows);
-- *sequential* (the rest, on device, without a host round trip): one program per row does it
-  all, including the candidate thresholds under binding caps and position ranks inside runs of
-  equal masses; rows the parallel path finished exit at once.
+  atomically), then one launch counting per slice the items above the threshold and equal to it,
+  and one packing them at the offsets those counts give (of a run of equal masses at the boundary,
+  the first ``ceil(left / mass)`` by tie rank). That is round 0, coverage without the caps. Rows
+  whose caps bind (known only after round 0, on device) go through round 1 in the same launches'
+  shape: 8 passes of a top-``cap`` radix search per kind (the candidates), 8 coverage passes over
+  the candidates, count and pack; the other rows' programs return at once. With
+  ``ParallelOptions(compact_after=k)`` (the default, k = 2), after ``k`` passes of round 0 one launch
+  copies the items still in play (higher bits equal to the prefix; after two passes a factor-4
+  band of masses) into a buffer, and the remaining passes read that instead of the rows;
+- *sequential* (the fixed budget, short rows, and capped rows whose cap falls inside a run of
+  equal masses: position ranks among the candidates), on device without a host round trip: one
+  program per row does it all; rows the parallel path finished exit at once.
 
-Measured (H200, ``benchmarks/select_bench.py``, 12 rows, default-plan budget, session 8): the
-parallel path 0.39 ms vs the torch path's 0.61 ms at 69,632 keys, 0.55 vs 0.65 ms at 131,072;
-the sequential path alone ~6 ms per layer (``turn_kernels``: 12 programs on 132 SMs). So the
-torch path stays the default until a real turn shows how often rows need the sequential path.
-A variant that skipped the one-hot sums of chunks without a matching item (a branch in the chunk
-loop) was slower (0.52 ms) and was reverted.
+Measured (H200): ``benchmarks/select_bench.py`` (12 rows, default-plan budget, structured masses,
+session 9) 0.17 ms vs the torch path's 0.62 ms at 69,632 keys, 0.26 vs 0.66 ms at 131,072; on a
+real turn's masses (``benchmarks/turn_kernels.py``, Qwen2.5-1.5B, 4K over 64K) 0.17 ms per layer
+where no cap binds, but 14 ms in the 11 of 28 layers where one head's cap binds when those rows
+took the sequential path (before round 1 existed). A variant that skipped the one-hot sums of
+chunks without a matching item (a branch in the chunk loop) was slower and was reverted.
 
 Same sets as the torch path, with differences at rounding level only: the mass before an item is
 summed in a different order (both in float64; the parallel path's atomic sums also vary by run at
 ~1e-16), and among items of exactly equal mass at the coverage boundary the count taken is
 ``ceil(left / mass)``, not sequential sums.
 
-Memory: the outputs plus ``R * 256`` float64 digit sums and ``R * 2 * slices`` int32 counts (and
+Memory: the outputs plus ``R * 768`` float64 digit sums and ``R * 8 * slices`` int32 counts (and
 with compaction a ``[R, 2 * Nk]`` float32 buffer).
 """
 
@@ -263,20 +265,36 @@ def _select_row(col_ptr, diag_ptr, vert_ptr, slash_ptr, n, sink, local, num_vert
 
 
 # ---- the parallel path: (row, slice) programs, one launch per radix pass ------------------------------------------
+#
+# HIST [R, 3, 8, 2, 16] float64, one section per search (each [8 passes, 2, 16 digits]):
+#   COVERAGE_HIST: the coverage threshold over every item (counts, masses per digit);
+#   KTH_HIST: rows whose caps bind, the top-``cap`` threshold of each kind (column counts, diagonal counts);
+#   CAPPED_HIST: those rows' coverage threshold over the candidates (counts, masses).
+# COUNTS [R, 2 rounds, 4, slices] int32: per slice the items above the threshold and equal to it, of
+# each kind (columns above, columns equal, diagonals above, diagonals equal); round 0 without caps,
+# round 1 for the capped rows.
+# STATE [R, 4] int32, written once per row between launches so that round 1's programs load it
+# instead of replaying it: (caps bind, column candidate bits, diagonal candidate bits, exact).
+HIST_ROW = tl.constexpr(768)
+COVERAGE_HIST = tl.constexpr(0)
+KTH_HIST = tl.constexpr(256)
+CAPPED_HIST = tl.constexpr(512)
+
 
 @triton.jit
-def _replay(hist_row, left, UPTO: tl.constexpr):
-    """Coverage state after the first ``UPTO`` radix passes, from their per-digit ``(count, mass)``
-    sums in ``hist_row`` (``[8, 2, 16]`` float64): ``(prefix bits, left, count of the last pass's
-    chosen digit)``."""
+def _replay(counts_ptr, amounts_ptr, left, UPTO: tl.constexpr):
+    """Search state after the first ``UPTO`` radix passes, from their per-digit sums (pass ``p``'s 16
+    counts at ``counts_ptr + 32 p``, its 16 amounts at ``amounts_ptr + 32 p``): ``(prefix bits, left,
+    count of the last pass's chosen digit)``. Coverage sums masses as amounts (``left``: the mass
+    still to take); the top-k search reads its counts as amounts (``left``: the items still to take)."""
     digits = tl.arange(0, 16)
     prefix = tl.full([], 0, tl.int32)
     tie_count = tl.zeros([], tl.float64)
     for p in tl.static_range(8):
         if p < UPTO:
-            counts = tl.load(hist_row + p * 32 + digits)
-            masses = tl.load(hist_row + p * 32 + 16 + digits)
-            best, before = _lowest_digit_below(_above(masses), counts, left)
+            counts = tl.load(counts_ptr + p * 32 + digits)
+            amounts = tl.load(amounts_ptr + p * 32 + digits)
+            best, before = _lowest_digit_below(_above(amounts), counts, left)
             left -= before
             prefix = prefix | (best << (28 - 4 * p))
             tie_count = tl.sum(tl.where(digits == best, counts, 0.0), 0)
@@ -284,41 +302,72 @@ def _replay(hist_row, left, UPTO: tl.constexpr):
 
 
 @triton.jit
-def _slice_digits(ptr, lo, hi, forced, prefix, counts, masses, SHIFT: tl.constexpr, FIRST: tl.constexpr,
-                  CHUNK: tl.constexpr):
+def _replay_coverage(hist, left, UPTO: tl.constexpr):
+    """Coverage search state after ``UPTO`` passes (pass ``p``: 16 counts, 16 masses at ``hist + 32 p``)."""
+    return _replay(hist, hist + 16, left, UPTO)
+
+
+@triton.jit
+def _replay_top(hist_kind, needed, UPTO: tl.constexpr):
+    """Top-``needed`` search of one kind after ``UPTO`` passes (its counts at ``hist_kind + 32 p``):
+    ``(prefix bits, items still to take, count of the last digit)``."""
+    return _replay(hist_kind, hist_kind, tl.maximum(needed, 1).to(tl.float64), UPTO)
+
+
+@triton.jit
+def _candidate_bits(hist_row, n, num_vertical, num_slash):
+    """A capped row's candidates after the 8 top-k passes: ``(column bits, diagonal bits, exact)``;
+    items ranked at or above their kind's bits are the candidates, unless ``exact`` is false (a run
+    of equal ranks straddles a cap: position ranks needed, left to the sequential path)."""
+    cols = tl.minimum(num_vertical, n)
+    diags = tl.minimum(num_slash, n)
+    col_bits, col_left, col_run = _replay_top(hist_row + KTH_HIST, cols, 8)
+    diag_bits, diag_left, diag_run = _replay_top(hist_row + KTH_HIST + 16, diags, 8)
+    exact = ((cols == 0) | (col_left == col_run)) & ((diags == 0) | (diag_left == diag_run))
+    return tl.where(cols > 0, col_bits, NONE_BITS), tl.where(diags > 0, diag_bits, NONE_BITS), exact
+
+
+@triton.jit
+def _slice_digits(ptr, lo, hi, forced, cand_bits, prefix, counts, masses, SHIFT: tl.constexpr,
+                  FIRST: tl.constexpr, CAPPED: tl.constexpr, CHUNK: tl.constexpr):
     """Adds the count and float64 mass per digit at ``SHIFT`` of the non-forced items ``lo .. hi - 1``
-    whose higher bits equal ``prefix``'s."""
+    whose higher bits equal ``prefix``'s (with ``CAPPED``: only candidates, mass bits ``>= cand_bits``)."""
     for start in range(lo, hi, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         valid = offs < hi
         mass = tl.load(ptr + offs, mask=valid, other=0.0) + 0.0
-        hits = _digit_hits(mass.to(tl.int32, bitcast=True), valid & (offs >= forced), prefix, SHIFT, FIRST)
+        bits = mass.to(tl.int32, bitcast=True)
+        live = valid & (offs >= forced)
+        if CAPPED:
+            live = live & (bits >= cand_bits)
+        hits = _digit_hits(bits, live, prefix, SHIFT, FIRST)
         counts += tl.sum(hits.to(tl.float64), 0)
         masses += tl.sum(tl.where(hits, mass.to(tl.float64)[:, None], 0.0), 0)
     return counts, masses
 
 
 @triton.jit
-def _threshold(col_ptr, diag_ptr, hist_row, n, sink, local, tau_high, tau_low, CHUNK: tl.constexpr):
-    """After all 8 passes: ``(take_bits, exact)``: the non-forced items with mass bits ``>= take_bits``
-    are the taken ones, unless ``exact`` is false (a run of equal masses at the boundary of which
-    only some are taken: ranks by position needed, left to the sequential path)."""
+def _threshold(col_ptr, diag_ptr, hist, n, sink, local, tau_high, tau_low, CHUNK: tl.constexpr):
+    """After all 8 coverage passes (``hist``: their sums): ``(take_bits, ties)``: the non-forced
+    (candidate) items with mass bits above ``take_bits`` are taken, and of those equal to it the
+    first ``ties`` in the order columns, diagonals, position (``ceil(left / mass)`` of the run)."""
     left = _left_after_forced(col_ptr, diag_ptr, n, sink, local, tau_high, tau_low, CHUNK)
     reached = left <= 0
-    prefix, left, tie_count = _replay(hist_row, tl.maximum(left, 1e-300), 8)
+    prefix, left, tie_count = _replay_coverage(hist, tl.maximum(left, 1e-300), 8)
     tie_mass = prefix.to(tl.float32, bitcast=True).to(tl.float64)
-    partial = (tie_mass > 0) & (tl.ceil(left / tl.where(tie_mass > 0, tie_mass, 1.0)) < tie_count)
-    take_bits = tl.where(reached | (tie_count == 0), NONE_BITS, prefix)
-    return take_bits, reached | (tie_count == 0) | ~partial
+    ties = tl.where(tie_mass > 0, tl.minimum(tl.ceil(left / tl.where(tie_mass > 0, tie_mass, 1.0)), tie_count),
+                    tie_count)
+    none = reached | (tie_count == 0)
+    return tl.where(none, NONE_BITS, prefix), tl.where(none, 0, ties.to(tl.int32))
 
 
 @triton.jit
-def _add_digit_sums(hist_row, counts, masses, PASS: tl.constexpr):
-    """Adds a program's 32 digit sums of pass ``PASS`` to its row's ``HIST`` (if it saw any item)."""
-    if tl.sum(counts, 0) > 0:
+def _add_digit_sums(hist, counts, amounts):
+    """Adds a program's 32 digit sums of one pass to ``hist`` (if it saw any item)."""
+    if (tl.sum(counts, 0) > 0) | (tl.sum(amounts, 0) > 0):
         digits = tl.arange(0, 16)
-        tl.atomic_add(hist_row + PASS * 32 + digits, counts)
-        tl.atomic_add(hist_row + PASS * 32 + 16 + digits, masses)
+        tl.atomic_add(hist + digits, counts)
+        tl.atomic_add(hist + 16 + digits, amounts)
 
 
 @triton.jit
@@ -333,28 +382,134 @@ def _program_slice(size, length):
 @triton.jit
 def _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, DONE: tl.constexpr,
                 CHUNK: tl.constexpr):
-    """``(columns pointer, diagonals pointer, prefix)`` of a row: the bits its first ``DONE`` radix
+    """``(columns pointer, diagonals pointer, prefix)`` of a row: the bits its first ``DONE`` coverage
     passes resolved (replayed from ``HIST``)."""
     col_ptr = COLUMNS + row * n
     diag_ptr = DIAGONALS + row * n
     left = _left_after_forced(col_ptr, diag_ptr, n, sink, local, tau_high, tau_low, CHUNK)
-    prefix, _, _ = _replay(HIST + row * 256, tl.maximum(left, 1e-300), DONE)
+    prefix, _, _ = _replay_coverage(HIST + row * HIST_ROW + COVERAGE_HIST, tl.maximum(left, 1e-300), DONE)
     return col_ptr, diag_ptr, prefix
 
 
 @triton.jit
-def _pass_kernel(COLUMNS, DIAGONALS, HIST, n, sink, local, slice_len, tau_high, tau_low,
-                 PASS: tl.constexpr, CHUNK: tl.constexpr):
-    """Radix pass ``PASS`` of the coverage threshold: grid ``(R, slices)``; each program replays the
+def _slice_offsets(counts_row, part, slices, ties, MAX_SLICES: tl.constexpr):
+    """From one round's ``[4, slices]`` counts of a row and the threshold's ``ties``: ``(columns
+    taken before slice part, all columns taken, diagonals before, all diagonals, the tie rank of
+    the slice's first equal column, of its first equal diagonal)``."""
+    index = tl.arange(0, MAX_SLICES)
+    mask = index < slices
+    col_above = tl.load(counts_row + index, mask=mask, other=0)
+    col_equal = tl.load(counts_row + slices + index, mask=mask, other=0)
+    diag_above = tl.load(counts_row + 2 * slices + index, mask=mask, other=0)
+    diag_equal = tl.load(counts_row + 3 * slices + index, mask=mask, other=0)
+    col_rank0 = tl.cumsum(col_equal, 0) - col_equal
+    diag_rank0 = tl.sum(col_equal, 0) + tl.cumsum(diag_equal, 0) - diag_equal
+    cols = col_above + tl.minimum(tl.maximum(ties - col_rank0, 0), col_equal)
+    diags = diag_above + tl.minimum(tl.maximum(ties - diag_rank0, 0), diag_equal)
+    before = index < part
+    here = index == part
+    return (tl.sum(tl.where(before, cols, 0), 0), tl.sum(cols, 0), tl.sum(tl.where(before, diags, 0), 0),
+            tl.sum(diags, 0), tl.sum(tl.where(here, col_rank0, 0), 0), tl.sum(tl.where(here, diag_rank0, 0), 0))
+
+
+@triton.jit
+def _is_capped(col_ptr, diag_ptr, HIST, COUNTS, row, n, sink, local, num_vertical, num_slash, tau_high, tau_low,
+               slices, CHUNK: tl.constexpr, MAX_SLICES: tl.constexpr):
+    """Whether coverage without the caps takes more than a cap allows in ``row`` (round 0's result)."""
+    _, ties = _threshold(col_ptr, diag_ptr, HIST + row * HIST_ROW + COVERAGE_HIST, n, sink, local, tau_high,
+                         tau_low, CHUNK)
+    _, cols, _, diags, _, _ = _slice_offsets(COUNTS + row * 8 * slices, 0, slices, ties, MAX_SLICES)
+    return (cols > num_vertical) | (diags > num_slash)
+
+
+@triton.jit
+def _capped_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, STATE, n, sink, local, num_vertical, num_slash, tau_high, tau_low,
+                   slices, CHUNK: tl.constexpr, MAX_SLICES: tl.constexpr):
+    """After round 0, grid ``(R,)``: whether each row's caps bind, into ``STATE[row, 0]``."""
+    row = tl.program_id(0).to(tl.int64)
+    capped = _is_capped(COLUMNS + row * n, DIAGONALS + row * n, HIST, COUNTS, row, n, sink, local, num_vertical,
+                        num_slash, tau_high, tau_low, slices, CHUNK, MAX_SLICES)
+    tl.store(STATE + row * 4, capped.to(tl.int32))
+
+
+@triton.jit
+def _candidates_kernel(HIST, STATE, n, num_vertical, num_slash):
+    """After the top-k passes, grid ``(R,)``: a capped row's candidate bits and exactness into
+    ``STATE[row, 1:4]``."""
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(STATE + row * 4) != 0:
+        col_bits, diag_bits, exact = _candidate_bits(HIST + row * HIST_ROW, n, num_vertical, num_slash)
+        tl.store(STATE + row * 4 + 1, col_bits)
+        tl.store(STATE + row * 4 + 2, diag_bits)
+        tl.store(STATE + row * 4 + 3, exact.to(tl.int32))
+
+
+@triton.jit
+def _round_state(STATE, row, ROUND: tl.constexpr):
+    """``(active, exact, column candidate bits, diagonal candidate bits)`` of a row in round
+    ``ROUND``: round 0 works on every row without caps (candidate bits -1: everything); round 1 on
+    the rows whose caps bind, with their top-k candidates (``exact`` false: sequential path)."""
+    if ROUND == 0:
+        active = row >= 0
+        exact = active
+        col_bits = tl.full([], -1, tl.int32)
+        diag_bits = col_bits
+    else:
+        active = tl.load(STATE + row * 4) != 0
+        col_bits = tl.load(STATE + row * 4 + 1)
+        diag_bits = tl.load(STATE + row * 4 + 2)
+        exact = tl.load(STATE + row * 4 + 3) != 0
+    return active, exact, col_bits, diag_bits
+
+
+@triton.jit
+def _pass_kernel(COLUMNS, DIAGONALS, HIST, STATE, n, sink, local, slice_len, tau_high, tau_low, PASS: tl.constexpr,
+                 ROUND: tl.constexpr, CHUNK: tl.constexpr):
+    """Coverage radix pass ``PASS`` of round ``ROUND``: grid ``(R, slices)``; each program replays the
     earlier passes, sums its slice of both kinds per digit and adds the 32 sums to ``HIST``."""
-    row, _, _, lo, hi = _program_slice(slice_len, n)
-    col_ptr, diag_ptr, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, PASS,
-                                            CHUNK)
+    row, part, slices, lo, hi = _program_slice(slice_len, n)
+    col_ptr = COLUMNS + row * n
+    diag_ptr = DIAGONALS + row * n
+    active, exact, col_bits, diag_bits = _round_state(STATE, row, ROUND)
+    if active:
+        hist = HIST + row * HIST_ROW + (COVERAGE_HIST if ROUND == 0 else CAPPED_HIST)
+        left = _left_after_forced(col_ptr, diag_ptr, n, sink, local, tau_high, tau_low, CHUNK)
+        prefix, left_after, run = _replay_coverage(hist, tl.maximum(left, 1e-300), PASS)
+        counts = tl.zeros([16], tl.float64)
+        masses = tl.zeros([16], tl.float64)
+        counts, masses = _slice_digits(col_ptr, lo, hi, sink, col_bits, prefix, counts, masses, 28 - 4 * PASS,
+                                       PASS == 0, ROUND == 1, CHUNK)
+        counts, masses = _slice_digits(diag_ptr, lo, hi, local, diag_bits, prefix, counts, masses, 28 - 4 * PASS,
+                                       PASS == 0, ROUND == 1, CHUNK)
+        _add_digit_sums(hist + PASS * 32, counts, masses)
+
+
+@triton.jit
+def _slice_rank_digits(ptr, lo, hi, forced, prefix, SHIFT: tl.constexpr, FIRST: tl.constexpr, CHUNK: tl.constexpr):
+    """Count per digit at ``SHIFT`` of the ranks (``+inf`` when forced) of items ``lo .. hi - 1`` whose
+    higher bits equal ``prefix``'s."""
     counts = tl.zeros([16], tl.float64)
-    masses = tl.zeros([16], tl.float64)
-    counts, masses = _slice_digits(col_ptr, lo, hi, sink, prefix, counts, masses, 28 - 4 * PASS, PASS == 0, CHUNK)
-    counts, masses = _slice_digits(diag_ptr, lo, hi, local, prefix, counts, masses, 28 - 4 * PASS, PASS == 0, CHUNK)
-    _add_digit_sums(HIST + row * 256, counts, masses, PASS)
+    for start in range(lo, hi, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        _, _, rank_bits, valid = _load_row(ptr, offs, hi, forced)
+        counts += tl.sum(_digit_hits(rank_bits, valid, prefix, SHIFT, FIRST).to(tl.float64), 0)
+    return counts
+
+
+@triton.jit
+def _top_pass_kernel(COLUMNS, DIAGONALS, HIST, STATE, n, sink, local, num_vertical, num_slash, slice_len,
+                     PASS: tl.constexpr, CHUNK: tl.constexpr):
+    """Radix pass ``PASS`` of the top-``cap`` search of both kinds, for the rows whose caps bind."""
+    row, part, slices, lo, hi = _program_slice(slice_len, n)
+    col_ptr = COLUMNS + row * n
+    diag_ptr = DIAGONALS + row * n
+    if tl.load(STATE + row * 4) != 0:
+        hist = HIST + row * HIST_ROW + KTH_HIST
+        col_prefix, col_left, col_run = _replay_top(hist, tl.minimum(num_vertical, n), PASS)
+        diag_prefix, diag_left, diag_run = _replay_top(hist + 16, tl.minimum(num_slash, n), PASS)
+        col_counts = _slice_rank_digits(col_ptr, lo, hi, sink, col_prefix, 28 - 4 * PASS, PASS == 0, CHUNK)
+        diag_counts = _slice_rank_digits(diag_ptr, lo, hi, local, diag_prefix, 28 - 4 * PASS, PASS == 0, CHUNK)
+        _add_digit_sums(hist + PASS * 32, col_counts, diag_counts)
 
 
 @triton.jit
@@ -387,69 +542,70 @@ def _compact_kernel(COLUMNS, DIAGONALS, HIST, BUF, BUF_COUNT, n, sink, local, sl
 @triton.jit
 def _buffer_pass_kernel(COLUMNS, DIAGONALS, HIST, BUF, BUF_COUNT, n, sink, local, tau_high, tau_low,
                         PASS: tl.constexpr, CHUNK: tl.constexpr):
-    """Radix pass ``PASS`` over the compacted items of :func:`_compact_kernel` instead of the rows;
-    program ``s`` of ``slices`` takes the ``s``-th share of its row's buffer."""
+    """Round 0's radix pass ``PASS`` over the compacted items of :func:`_compact_kernel` instead of
+    the rows; program ``s`` of ``slices`` takes the ``s``-th share of its row's buffer."""
     count = tl.load(BUF_COUNT + tl.program_id(0))
     row, _, _, lo, hi = _program_slice(tl.cdiv(count, tl.num_programs(1)), count)
     _, _, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, PASS, CHUNK)
     counts = tl.zeros([16], tl.float64)
     masses = tl.zeros([16], tl.float64)
-    counts, masses = _slice_digits(BUF + row * 2 * n, lo, hi, 0, prefix, counts, masses, 28 - 4 * PASS, False,
-                                   CHUNK)
-    _add_digit_sums(HIST + row * 256, counts, masses, PASS)
+    counts, masses = _slice_digits(BUF + row * 2 * n, lo, hi, 0, -1, prefix, counts, masses, 28 - 4 * PASS, False,
+                                   False, CHUNK)
+    _add_digit_sums(HIST + row * HIST_ROW + COVERAGE_HIST + PASS * 32, counts, masses)
 
 
 @triton.jit
-def _taken(ptr, offs, valid, forced, take_bits):
-    """Taken items of a chunk under a threshold: forced, or non-forced with mass bits ``>= take_bits``."""
+def _classify(ptr, offs, valid, forced, cand_bits, take_bits):
+    """Items of a chunk under a threshold: ``(above, equal)``: forced or candidates with mass bits
+    above ``take_bits`` (taken), and non-forced candidates equal to it (taken by tie rank)."""
     mass_bits = (tl.load(ptr + offs, mask=valid, other=0.0) + 0.0).to(tl.int32, bitcast=True)
-    return valid & ((offs < forced) | (mass_bits >= take_bits))
+    is_forced = valid & (offs < forced)
+    live = valid & ~is_forced & (mass_bits >= cand_bits)
+    return is_forced | (live & (mass_bits > take_bits)), live & (mass_bits == take_bits)
 
 
 @triton.jit
-def _count_slice(ptr, lo, hi, forced, take_bits, CHUNK: tl.constexpr):
-    total = tl.full([], 0, tl.int32)
+def _count_slice(ptr, counts_out, slices, lo, hi, forced, cand_bits, take_bits, CHUNK: tl.constexpr):
+    """Stores a slice's items above and equal to the threshold at ``counts_out`` and ``+ slices``."""
+    above = tl.full([], 0, tl.int32)
+    equal = tl.full([], 0, tl.int32)
     for start in range(lo, hi, CHUNK):
         offs = start + tl.arange(0, CHUNK)
-        total += tl.sum(_taken(ptr, offs, offs < hi, forced, take_bits).to(tl.int32), 0)
-    return total
+        is_above, is_equal = _classify(ptr, offs, offs < hi, forced, cand_bits, take_bits)
+        above += tl.sum(is_above.to(tl.int32), 0)
+        equal += tl.sum(is_equal.to(tl.int32), 0)
+    tl.store(counts_out, above)
+    tl.store(counts_out + slices, equal)
 
 
 @triton.jit
-def _count_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, n, sink, local, slice_len, tau_high, tau_low,
-                  CHUNK: tl.constexpr):
-    """Taken items per (row, kind, slice) into ``COUNTS [R, 2, slices]`` int32."""
+def _count_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, STATE, n, sink, local, slice_len, tau_high, tau_low,
+                  ROUND: tl.constexpr, CHUNK: tl.constexpr):
+    """Round ``ROUND``'s items above / equal to its threshold per (row, kind, slice) into ``COUNTS``."""
     row, part, slices, lo, hi = _program_slice(slice_len, n)
     col_ptr = COLUMNS + row * n
     diag_ptr = DIAGONALS + row * n
-    take_bits, _ = _threshold(col_ptr, diag_ptr, HIST + row * 256, n, sink, local, tau_high, tau_low, CHUNK)
-    tl.store(COUNTS + row * 2 * slices + part, _count_slice(col_ptr, lo, hi, sink, take_bits, CHUNK))
-    tl.store(COUNTS + row * 2 * slices + slices + part, _count_slice(diag_ptr, lo, hi, local, take_bits, CHUNK))
+    active, exact, col_bits, diag_bits = _round_state(STATE, row, ROUND)
+    if active:
+        hist = HIST + row * HIST_ROW + (COVERAGE_HIST if ROUND == 0 else CAPPED_HIST)
+        take_bits, ties = _threshold(col_ptr, diag_ptr, hist, n, sink, local, tau_high, tau_low, CHUNK)
+        counts_row = COUNTS + (row * 2 + ROUND) * 4 * slices + part
+        _count_slice(col_ptr, counts_row, slices, lo, hi, sink, col_bits, take_bits, CHUNK)
+        _count_slice(diag_ptr, counts_row + 2 * slices, slices, lo, hi, local, diag_bits, take_bits, CHUNK)
 
 
 @triton.jit
-def _row_totals(COUNTS, row, part, slices, MAX_SLICES: tl.constexpr):
-    """``(columns before this slice, all columns, diagonals before, all diagonals)`` taken in ``row``."""
-    index = tl.arange(0, MAX_SLICES)
-    cols = tl.load(COUNTS + row * 2 * slices + index, mask=index < slices, other=0)
-    diags = tl.load(COUNTS + row * 2 * slices + slices + index, mask=index < slices, other=0)
-    before = index < part
-    return (tl.sum(tl.where(before, cols, 0), 0), tl.sum(cols, 0), tl.sum(tl.where(before, diags, 0), 0),
-            tl.sum(diags, 0))
-
-
-@triton.jit
-def _sequential_needed(exact, cols, diags, num_vertical, num_slash):
-    """A row the parallel path cannot finish: a partial run of equal masses, or a cap that binds."""
-    return ~exact | (cols > num_vertical) | (diags > num_slash)
-
-
-@triton.jit
-def _store_slice(ptr, out_ptr, lo, hi, forced, take_bits, slot0, total, width, part, slices, CHUNK: tl.constexpr):
-    """Taken positions of one slice at slots ``slot0 ..``, and this slice's share of the ``-1`` fill."""
+def _store_slice(ptr, out_ptr, lo, hi, forced, cand_bits, take_bits, ties, rank0, slot0, total, width, part, slices,
+                 CHUNK: tl.constexpr):
+    """Taken positions of one slice at slots ``slot0 ..`` (of the items equal to the threshold those
+    whose tie rank, from ``rank0`` on, is below ``ties``), and this slice's share of the ``-1`` fill."""
     for start in range(lo, hi, CHUNK):
         offs = start + tl.arange(0, CHUNK)
-        taken = _taken(ptr, offs, offs < hi, forced, take_bits).to(tl.int32)
+        is_above, is_equal = _classify(ptr, offs, offs < hi, forced, cand_bits, take_bits)
+        equal = is_equal.to(tl.int32)
+        rank = rank0 + tl.cumsum(equal, 0) - equal
+        taken = (is_above | (is_equal & (rank < ties))).to(tl.int32)
+        rank0 += tl.sum(equal, 0)
         slot = slot0 + tl.cumsum(taken, 0) - taken
         tl.store(out_ptr + slot, offs.to(tl.int64), mask=taken > 0)
         slot0 += tl.sum(taken, 0)
@@ -461,36 +617,43 @@ def _store_slice(ptr, out_ptr, lo, hi, forced, take_bits, slot0, total, width, p
 
 
 @triton.jit
-def _pack_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, VERTICAL, SLASH, n, sink, local, num_vertical, num_slash,
-                 slice_len, tau_high, tau_low, CHUNK: tl.constexpr, MAX_SLICES: tl.constexpr):
-    """Writes each slice's taken positions at its offset (the counts of the slices before it)."""
+def _pack_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, STATE, VERTICAL, SLASH, n, sink, local, num_vertical, num_slash,
+                 slice_len, tau_high, tau_low, ROUND: tl.constexpr, CHUNK: tl.constexpr, MAX_SLICES: tl.constexpr):
+    """Writes each slice's taken positions at its offset (the counts of the slices before it), for
+    the rows round ``ROUND`` finishes: round 0 the rows within the caps, round 1 the capped rows
+    whose candidates are exact."""
     row, part, slices, lo, hi = _program_slice(slice_len, n)
     col_ptr = COLUMNS + row * n
     diag_ptr = DIAGONALS + row * n
-    take_bits, exact = _threshold(col_ptr, diag_ptr, HIST + row * 256, n, sink, local, tau_high, tau_low, CHUNK)
-    cols_before, cols, diags_before, diags = _row_totals(COUNTS, row, part, slices, MAX_SLICES)
-    parallel_done = ~_sequential_needed(exact, cols, diags, num_vertical, num_slash)
-    if parallel_done:
-        _store_slice(col_ptr, VERTICAL + row * num_vertical, lo, hi, sink, take_bits, cols_before, cols,
-                     num_vertical, part, slices, CHUNK)
-        _store_slice(diag_ptr, SLASH + row * num_slash, lo, hi, local, take_bits, diags_before, diags,
-                     num_slash, part, slices, CHUNK)
+    active, exact, col_bits, diag_bits = _round_state(STATE, row, ROUND)
+    hist = HIST + row * HIST_ROW + (COVERAGE_HIST if ROUND == 0 else CAPPED_HIST)
+    take_bits, ties = _threshold(col_ptr, diag_ptr, hist, n, sink, local, tau_high, tau_low, CHUNK)
+    cols_before, cols, diags_before, diags, col_rank0, diag_rank0 = _slice_offsets(
+        COUNTS + (row * 2 + ROUND) * 4 * slices, part, slices, ties, MAX_SLICES)
+    if ROUND == 0:
+        finished = (cols <= num_vertical) & (diags <= num_slash)
+    else:
+        finished = active & exact
+    if finished:
+        _store_slice(col_ptr, VERTICAL + row * num_vertical, lo, hi, sink, col_bits, take_bits, ties, col_rank0,
+                     cols_before, cols, num_vertical, part, slices, CHUNK)
+        _store_slice(diag_ptr, SLASH + row * num_slash, lo, hi, local, diag_bits, take_bits, ties, diag_rank0,
+                     diags_before, diags, num_slash, part, slices, CHUNK)
 
 
 @triton.jit
-def _sequential_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, VERTICAL, SLASH, n, sink, local, num_vertical, num_slash,
-                       tau_high, tau_low, slices, COVERAGE: tl.constexpr, ALWAYS: tl.constexpr,
-                       CHUNK: tl.constexpr, MAX_SLICES: tl.constexpr):
-    """One program per row: the whole budget for the rows the parallel path left (every row with
-    ``ALWAYS``, and then ``HIST`` / ``COUNTS`` are not read)."""
+def _sequential_kernel(COLUMNS, DIAGONALS, STATE, VERTICAL, SLASH, n, sink, local, num_vertical, num_slash, tau_high,
+                       tau_low, COVERAGE: tl.constexpr, ALWAYS: tl.constexpr, CHUNK: tl.constexpr):
+    """One program per row: the whole budget for the rows the parallel path left (capped rows whose
+    candidates end inside a run of equal ranks), or for every row with ``ALWAYS`` (and then
+    ``STATE`` is not read)."""
     row = tl.program_id(0).to(tl.int64)
     col_ptr = COLUMNS + row * n
     diag_ptr = DIAGONALS + row * n
     needed = ALWAYS
     if not ALWAYS:
-        _, exact = _threshold(col_ptr, diag_ptr, HIST + row * 256, n, sink, local, tau_high, tau_low, CHUNK)
-        _, cols, _, diags = _row_totals(COUNTS, row, 0, slices, MAX_SLICES)
-        needed = _sequential_needed(exact, cols, diags, num_vertical, num_slash)
+        capped, exact, _, _ = _round_state(STATE, row, 1)
+        needed = capped & ~exact
     if needed:
         _select_row(col_ptr, diag_ptr, VERTICAL + row * num_vertical, SLASH + row * num_slash, n, sink, local,
                     num_vertical, num_slash, tau_high, tau_low, COVERAGE, CHUNK)
@@ -524,7 +687,8 @@ class ParallelOptions:
 
 def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_vertical: int, num_slash: int,
                          sink: int, local: int, coverage: bool, tau: float, sequential: bool = False,
-                         options: ParallelOptions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         options: ParallelOptions | None = None, fallback: bool = True,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """The packed vertical-slash index of estimated masses (see the module docstring).
 
     Args:
@@ -535,6 +699,8 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
         tau: coverage target.
         sequential: one program per row for every row (the parallel path's fallback; for tests).
         options: launch choices of the parallel path (default :class:`ParallelOptions`).
+        fallback: run the sequential path for the rows the parallel one leaves (false only in
+            tests that check which rows the parallel path finishes; those rows are then unset).
 
     Returns:
         ``(vertical [B, H, V], slash [B, H, S])`` int64, taken positions ascending then ``-1``.
@@ -557,30 +723,42 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
     scalars = dict(n=n, sink=sink, local=local, tau_high=tau_high, tau_low=tau - tau_high)
     caps = dict(num_vertical=num_vertical, num_slash=num_slash)
     slices = slice_count(rows, n, options.programs) if coverage and not sequential else 1
-    hist = torch.zeros(rows, 8, 2, 16, dtype=torch.float64, device=columns.device)
-    counts = torch.zeros(rows, 2, slices, dtype=torch.int32, device=columns.device)
+    hist = torch.zeros(rows, 3, 8, 2, 16, dtype=torch.float64, device=columns.device)
+    counts = torch.zeros(rows, 2, 4, slices, dtype=torch.int32, device=columns.device)
+    state = torch.zeros(rows, 4, dtype=torch.int32, device=columns.device)
     if slices > 1:
-        slice_len = triton.cdiv(n, slices)
         grid = (rows, slices)
+        launch = dict(slice_len=triton.cdiv(n, slices), CHUNK=chunk, num_warps=options.warps, **scalars)
+        per_row = dict(CHUNK=chunk, MAX_SLICES=MAX_SLICES, **scalars, **caps)
         full_passes = 8 if options.compact_after == 0 else options.compact_after
         for radix_pass in range(full_passes):
-            _pass_kernel[grid](columns, diagonals, hist, slice_len=slice_len, PASS=radix_pass, CHUNK=chunk,
-                               num_warps=options.warps, **scalars)
+            _pass_kernel[grid](columns, diagonals, hist, state, PASS=radix_pass, ROUND=0, **launch)
         if full_passes < 8:  # the later passes read only the items still in play
             buffer = torch.empty(rows, 2 * n, dtype=torch.float32, device=columns.device)
             buffer_count = torch.zeros(rows, dtype=torch.int32, device=columns.device)
-            _compact_kernel[grid](columns, diagonals, hist, buffer, buffer_count, slice_len=slice_len,
-                                  DONE=full_passes, CHUNK=chunk, num_warps=options.warps, **scalars)
+            _compact_kernel[grid](columns, diagonals, hist, buffer, buffer_count, DONE=full_passes, **launch)
             for radix_pass in range(full_passes, 8):
                 _buffer_pass_kernel[grid](columns, diagonals, hist, buffer, buffer_count, PASS=radix_pass,
                                           CHUNK=chunk, num_warps=options.warps, **scalars)
-        _count_kernel[grid](columns, diagonals, hist, counts, slice_len=slice_len, CHUNK=chunk,
-                            num_warps=options.warps, **scalars)
-        _pack_kernel[grid](columns, diagonals, hist, counts, vertical, slash, slice_len=slice_len, CHUNK=chunk,
-                           MAX_SLICES=MAX_SLICES, num_warps=options.warps, **scalars, **caps)
-    _sequential_kernel[(rows,)](columns, diagonals, hist, counts, vertical, slash, slices=slices, COVERAGE=coverage,
-                                ALWAYS=slices == 1, CHUNK=chunk, MAX_SLICES=MAX_SLICES, num_warps=8, **scalars,
-                                **caps)
+        _count_kernel[grid](columns, diagonals, hist, counts, state, ROUND=0, **launch)
+        _pack_kernel[grid](columns, diagonals, hist, counts, state, vertical, slash, ROUND=0, MAX_SLICES=MAX_SLICES,
+                           **launch, **caps)
+        # round 1: the rows whose caps bind (their programs work, the others return at once)
+        _capped_kernel[(rows,)](columns, diagonals, hist, counts, state, slices=slices, **per_row)
+        for radix_pass in range(8):
+            _top_pass_kernel[grid](columns, diagonals, hist, state, n=n, sink=sink, local=local,
+                                   slice_len=launch["slice_len"], PASS=radix_pass, CHUNK=chunk,
+                                   num_warps=options.warps, **caps)
+        _candidates_kernel[(rows,)](hist, state, n=n, **caps)
+        for radix_pass in range(8):
+            _pass_kernel[grid](columns, diagonals, hist, state, PASS=radix_pass, ROUND=1, **launch)
+        _count_kernel[grid](columns, diagonals, hist, counts, state, ROUND=1, **launch)
+        _pack_kernel[grid](columns, diagonals, hist, counts, state, vertical, slash, ROUND=1, MAX_SLICES=MAX_SLICES,
+                           **launch, **caps)
+        if not fallback:
+            return vertical, slash
+    _sequential_kernel[(rows,)](columns, diagonals, state, vertical, slash, COVERAGE=coverage, ALWAYS=slices == 1,
+                                CHUNK=chunk, num_warps=8, **scalars, **caps)
     return vertical, slash
 
 

@@ -73,7 +73,7 @@ from longinfer.patterns._common import (
     union_over_groups,
 )
 from longinfer.patterns._estimate_kernel import estimate_masses_triton
-from longinfer.patterns._select_kernel import select_packed_triton
+from longinfer.patterns._select_kernel import MIN_SLICE, select_packed_triton
 
 KEY_CHUNK = 8192  # keys per streaming step of the estimate: memory O(last_q * KEY_CHUNK) per head
 QUERY_SAMPLINGS = ("last", "strided", "mixed")
@@ -567,20 +567,30 @@ def _triton_selection_supported(config: VerticalSlashConfig) -> bool:
     return config.rank == "mass" and config.min_vertical == 0 and config.min_slash == 0
 
 
+def auto_selection_backend(columns: torch.Tensor, config: VerticalSlashConfig) -> str:
+    """The backend ``select_packed(..., backend="auto")`` uses: ``"triton"`` for CUDA masses under a
+    coverage budget the Triton path implements, on rows long enough for its parallel path (at least
+    ``2 * MIN_SLICE`` keys); ``"torch"`` otherwise (the fixed budget and short rows would run one
+    Triton program per row, slower than torch)."""
+    parallel = config.budget == "coverage" and columns.shape[-1] >= 2 * MIN_SLICE
+    return "triton" if columns.is_cuda and parallel and _triton_selection_supported(config) else "torch"
+
+
 def select_packed(columns: torch.Tensor, diagonals: torch.Tensor, config: VerticalSlashConfig, *,
-                  backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`select_items` packed as the kernels take it: ``(vertical [B, H, V], slash [B, H, S])``
     int64, taken positions ascending, ``-1`` after (``V = num_vertical``, ``S = num_slash``).
 
-    ``backend``: ``"torch"`` (the default) or ``"triton"`` (:mod:`longinfer.patterns._select_kernel`;
-    on the CPU only in the interpreter). Same index; see the kernel module for the rounding-level
-    differences. The Triton path measured 1.6x faster than the torch path on structured masses at
-    64K keys (H200, 0.39 vs 0.61 ms per 12-head layer), but rows it cannot finish in parallel fall
-    back to one program per row (~6 ms per layer), and how often real rows do is not measured yet:
-    it becomes the default once a real turn shows it faster. Memory: the outputs plus, on the torch
-    path, a few ``[B, H, Nk]`` tensors. No host synchronization.
+    ``backend``: ``"torch"``, ``"triton"`` (:mod:`longinfer.patterns._select_kernel`; on the CPU only
+    in the interpreter) or ``"auto"`` (the default: :func:`auto_selection_backend`). Same index; see
+    the kernel module for the rounding-level differences. On an H200 at a 4K-query turn over 64K
+    keys the Triton path takes 0.17 ms per 12-head layer against torch's 0.62 ms
+    (``benchmarks/turn_kernels.py``). Memory: the outputs plus, on the torch path, a few
+    ``[B, H, Nk]`` tensors. No host synchronization.
     """
-    require(backend in ("triton", "torch"), f"backend must be 'triton' or 'torch', got {backend!r}")
+    require(backend in ("auto", "triton", "torch"), f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":
+        backend = auto_selection_backend(columns, config)
     if backend == "torch":
         items = select_items(columns, diagonals, config)
         return (_pack_taken(items.vertical, items.vertical_taken, config.num_vertical),
