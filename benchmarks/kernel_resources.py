@@ -38,6 +38,7 @@ from longinfer.patterns._select_kernel import (
     _buffer_pass_kernel,
     _candidates_kernel,
     _capped_kernel,
+    _compact_candidates_kernel,
     _compact_kernel,
     _count_kernel,
     _pack_kernel,
@@ -110,21 +111,22 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
     tau = ("tau_high", "tau_low")
     chunk = {"CHUNK": SELECT_CHUNK}
     rounds = {**chunk, "MAX_SLICES": MAX_SLICES}
+    rows.append(("selection radix pass", _pass_kernel, _types(_pass_kernel, masses, tau), {**chunk, "PASS": 3}, 4, 3))
     for round_ in (0, 1):  # round 0: every row without caps; round 1: the rows whose caps bind
-        rows.append((f"selection radix pass, round {round_}", _pass_kernel, _types(_pass_kernel, masses, tau),
-                     {**chunk, "PASS": 3, "ROUND": round_}, 4, 3))
         rows.append((f"selection counts, round {round_}", _count_kernel, _types(_count_kernel, masses, tau),
                      {**chunk, "ROUND": round_}, 4, 3))
         rows.append((f"selection pack, round {round_}", _pack_kernel, _types(_pack_kernel, masses, tau),
                      {**rounds, "ROUND": round_}, 4, 3))
+        rows.append((f"selection buffer pass, round {round_}", _buffer_pass_kernel,
+                     _types(_buffer_pass_kernel, masses, tau), {**chunk, "PASS": 3, "SECTION": 512 * round_}, 4, 3))
     rows.append(("selection capped rows", _capped_kernel, _types(_capped_kernel, masses, tau), rounds, 4, 3))
     rows.append(("selection top-k pass", _top_pass_kernel, _types(_top_pass_kernel, masses, tau),
                  {**chunk, "PASS": 3}, 4, 3))
     rows.append(("selection candidates", _candidates_kernel, _types(_candidates_kernel, masses, tau), {}, 4, 3))
     rows.append(("selection compaction", _compact_kernel, _types(_compact_kernel, masses, tau),
                  {**chunk, "DONE": 2}, 4, 3))
-    rows.append(("selection buffer pass", _buffer_pass_kernel, _types(_buffer_pass_kernel, masses, tau),
-                 {**chunk, "PASS": 3}, 4, 3))
+    rows.append(("selection candidate compaction", _compact_candidates_kernel,
+                 _types(_compact_candidates_kernel, masses, tau), chunk, 4, 3))
     for always in (False, True):
         rows.append((f"selection, sequential{' (every row)' if always else ''}", _sequential_kernel,
                      _types(_sequential_kernel, masses, tau), {**chunk, "COVERAGE": True, "ALWAYS": always}, 8, 3))

@@ -28,8 +28,9 @@ Two paths:
   and one packing them at the offsets those counts give (of a run of equal masses at the boundary,
   the first ``ceil(left / mass)`` by tie rank). That is round 0, coverage without the caps. Rows
   whose caps bind (known only after round 0, on device) go through round 1 in the same launches'
-  shape: 8 passes of a top-``cap`` radix search per kind (the candidates), 8 coverage passes over
-  the candidates, count and pack; the other rows' programs return at once. With
+  shape: 8 passes of a top-``cap`` radix search per kind (the candidates), one launch copying the
+  candidates' masses into a buffer (at most ``num_vertical + num_slash``), 8 coverage passes over
+  that buffer, count and pack; the other rows' programs return at once. With
   ``ParallelOptions(compact_after=k)`` (the default, k = 2), after ``k`` passes of round 0 one launch
   copies the items still in play (higher bits equal to the prefix; after two passes a factor-4
   band of masses) into a buffer, and the remaining passes read that instead of the rows;
@@ -269,7 +270,7 @@ def _select_row(col_ptr, diag_ptr, vert_ptr, slash_ptr, n, sink, local, num_vert
 # HIST [R, 3, 8, 2, 16] float64, one section per search (each [8 passes, 2, 16 digits]):
 #   COVERAGE_HIST: the coverage threshold over every item (counts, masses per digit);
 #   KTH_HIST: rows whose caps bind, the top-``cap`` threshold of each kind (column counts, diagonal counts);
-#   CAPPED_HIST: those rows' coverage threshold over the candidates (counts, masses).
+#   CAPPED_HIST: those rows' coverage threshold over their candidates (counts, masses).
 # COUNTS [R, 2 rounds, 4, slices] int32: per slice the items above the threshold and equal to it, of
 # each kind (columns above, columns equal, diagonals above, diagonals equal); round 0 without caps,
 # round 1 for the capped rows.
@@ -328,19 +329,15 @@ def _candidate_bits(hist_row, n, num_vertical, num_slash):
 
 
 @triton.jit
-def _slice_digits(ptr, lo, hi, forced, cand_bits, prefix, counts, masses, SHIFT: tl.constexpr,
-                  FIRST: tl.constexpr, CAPPED: tl.constexpr, CHUNK: tl.constexpr):
+def _slice_digits(ptr, lo, hi, forced, prefix, counts, masses, SHIFT: tl.constexpr, FIRST: tl.constexpr,
+                  CHUNK: tl.constexpr):
     """Adds the count and float64 mass per digit at ``SHIFT`` of the non-forced items ``lo .. hi - 1``
-    whose higher bits equal ``prefix``'s (with ``CAPPED``: only candidates, mass bits ``>= cand_bits``)."""
+    whose higher bits equal ``prefix``'s."""
     for start in range(lo, hi, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         valid = offs < hi
         mass = tl.load(ptr + offs, mask=valid, other=0.0) + 0.0
-        bits = mass.to(tl.int32, bitcast=True)
-        live = valid & (offs >= forced)
-        if CAPPED:
-            live = live & (bits >= cand_bits)
-        hits = _digit_hits(bits, live, prefix, SHIFT, FIRST)
+        hits = _digit_hits(mass.to(tl.int32, bitcast=True), valid & (offs >= forced), prefix, SHIFT, FIRST)
         counts += tl.sum(hits.to(tl.float64), 0)
         masses += tl.sum(tl.where(hits, mass.to(tl.float64)[:, None], 0.0), 0)
     return counts, masses
@@ -380,14 +377,14 @@ def _program_slice(size, length):
 
 
 @triton.jit
-def _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, DONE: tl.constexpr,
-                CHUNK: tl.constexpr):
+def _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, SECTION: tl.constexpr,
+                DONE: tl.constexpr, CHUNK: tl.constexpr):
     """``(columns pointer, diagonals pointer, prefix)`` of a row: the bits its first ``DONE`` coverage
-    passes resolved (replayed from ``HIST``)."""
+    passes resolved (replayed from its ``SECTION`` of ``HIST``)."""
     col_ptr = COLUMNS + row * n
     diag_ptr = DIAGONALS + row * n
     left = _left_after_forced(col_ptr, diag_ptr, n, sink, local, tau_high, tau_low, CHUNK)
-    prefix, _, _ = _replay_coverage(HIST + row * HIST_ROW + COVERAGE_HIST, tl.maximum(left, 1e-300), DONE)
+    prefix, _, _ = _replay_coverage(HIST + row * HIST_ROW + SECTION, tl.maximum(left, 1e-300), DONE)
     return col_ptr, diag_ptr, prefix
 
 
@@ -463,25 +460,18 @@ def _round_state(STATE, row, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _pass_kernel(COLUMNS, DIAGONALS, HIST, STATE, n, sink, local, slice_len, tau_high, tau_low, PASS: tl.constexpr,
-                 ROUND: tl.constexpr, CHUNK: tl.constexpr):
-    """Coverage radix pass ``PASS`` of round ``ROUND``: grid ``(R, slices)``; each program replays the
-    earlier passes, sums its slice of both kinds per digit and adds the 32 sums to ``HIST``."""
-    row, part, slices, lo, hi = _program_slice(slice_len, n)
-    col_ptr = COLUMNS + row * n
-    diag_ptr = DIAGONALS + row * n
-    active, exact, col_bits, diag_bits = _round_state(STATE, row, ROUND)
-    if active:
-        hist = HIST + row * HIST_ROW + (COVERAGE_HIST if ROUND == 0 else CAPPED_HIST)
-        left = _left_after_forced(col_ptr, diag_ptr, n, sink, local, tau_high, tau_low, CHUNK)
-        prefix, left_after, run = _replay_coverage(hist, tl.maximum(left, 1e-300), PASS)
-        counts = tl.zeros([16], tl.float64)
-        masses = tl.zeros([16], tl.float64)
-        counts, masses = _slice_digits(col_ptr, lo, hi, sink, col_bits, prefix, counts, masses, 28 - 4 * PASS,
-                                       PASS == 0, ROUND == 1, CHUNK)
-        counts, masses = _slice_digits(diag_ptr, lo, hi, local, diag_bits, prefix, counts, masses, 28 - 4 * PASS,
-                                       PASS == 0, ROUND == 1, CHUNK)
-        _add_digit_sums(hist + PASS * 32, counts, masses)
+def _pass_kernel(COLUMNS, DIAGONALS, HIST, n, sink, local, slice_len, tau_high, tau_low, PASS: tl.constexpr,
+                 CHUNK: tl.constexpr):
+    """Round 0's coverage radix pass ``PASS`` over the rows: grid ``(R, slices)``; each program replays
+    the earlier passes, sums its slice of both kinds per digit and adds the 32 sums to ``HIST``."""
+    row, _, _, lo, hi = _program_slice(slice_len, n)
+    col_ptr, diag_ptr, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low,
+                                            COVERAGE_HIST, PASS, CHUNK)
+    counts = tl.zeros([16], tl.float64)
+    masses = tl.zeros([16], tl.float64)
+    counts, masses = _slice_digits(col_ptr, lo, hi, sink, prefix, counts, masses, 28 - 4 * PASS, PASS == 0, CHUNK)
+    counts, masses = _slice_digits(diag_ptr, lo, hi, local, prefix, counts, masses, 28 - 4 * PASS, PASS == 0, CHUNK)
+    _add_digit_sums(HIST + row * HIST_ROW + COVERAGE_HIST + PASS * 32, counts, masses)
 
 
 @triton.jit
@@ -513,45 +503,67 @@ def _top_pass_kernel(COLUMNS, DIAGONALS, HIST, STATE, n, sink, local, num_vertic
 
 
 @triton.jit
-def _compact_slice(ptr, buf_row, count_ptr, lo, hi, forced, prefix, SHIFT: tl.constexpr, CHUNK: tl.constexpr):
-    """Appends the masses of the non-forced items ``lo .. hi - 1`` whose bits from ``SHIFT`` up equal
-    ``prefix``'s to the row's buffer (slots taken with one atomic add per chunk, in any order)."""
+def _compact_slice(ptr, buf_row, count_ptr, width, lo, hi, forced, prefix, lowest, SHIFT: tl.constexpr,
+                   CHUNK: tl.constexpr):
+    """Appends to the row's buffer (``width`` slots, taken with one atomic add per chunk, in any
+    order) the masses of the non-forced items ``lo .. hi - 1`` whose bits are ``>= lowest`` and,
+    with ``SHIFT < 32``, from ``SHIFT`` up equal ``prefix``'s."""
     for start in range(lo, hi, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         valid = (offs < hi) & (offs >= forced)
         mass = tl.load(ptr + offs, mask=valid, other=0.0) + 0.0
-        keep = (valid & ((mass.to(tl.int32, bitcast=True) >> SHIFT) == (prefix >> SHIFT))).to(tl.int32)
-        base = tl.atomic_add(count_ptr, tl.sum(keep, 0))
-        tl.store(buf_row + base + tl.cumsum(keep, 0) - keep, mass, mask=keep > 0)
+        bits = mass.to(tl.int32, bitcast=True)
+        keep = valid & (bits >= lowest)
+        if SHIFT < 32:
+            keep = keep & ((bits >> SHIFT) == (prefix >> SHIFT))
+        keep = keep.to(tl.int32)
+        slot = tl.atomic_add(count_ptr, tl.sum(keep, 0)) + tl.cumsum(keep, 0) - keep
+        tl.store(buf_row + slot, mass, mask=(keep > 0) & (slot < width))
 
 
 @triton.jit
 def _compact_kernel(COLUMNS, DIAGONALS, HIST, BUF, BUF_COUNT, n, sink, local, slice_len, tau_high, tau_low,
                     DONE: tl.constexpr, CHUNK: tl.constexpr):
-    """After ``DONE`` passes: copies every item the later passes can still count (non-forced, bits
-    above pass ``DONE``'s digit equal to the prefix) into ``BUF [R, 2 * n]``, their number into
+    """Round 0, after ``DONE`` passes: copies every item the later passes can still count (non-forced,
+    bits above pass ``DONE``'s digit equal to the prefix) into ``BUF [R, 2 * n]``, their number into
     ``BUF_COUNT [R]``. Grid ``(R, slices)``."""
     row, _, _, lo, hi = _program_slice(slice_len, n)
-    col_ptr, diag_ptr, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, DONE,
-                                            CHUNK)
+    col_ptr, diag_ptr, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low,
+                                            COVERAGE_HIST, DONE, CHUNK)
     buf_row = BUF + row * 2 * n
-    _compact_slice(col_ptr, buf_row, BUF_COUNT + row, lo, hi, sink, prefix, 32 - 4 * DONE, CHUNK)
-    _compact_slice(diag_ptr, buf_row, BUF_COUNT + row, lo, hi, local, prefix, 32 - 4 * DONE, CHUNK)
+    _compact_slice(col_ptr, buf_row, BUF_COUNT + row, 2 * n, lo, hi, sink, prefix, -1, 32 - 4 * DONE, CHUNK)
+    _compact_slice(diag_ptr, buf_row, BUF_COUNT + row, 2 * n, lo, hi, local, prefix, -1, 32 - 4 * DONE, CHUNK)
 
 
 @triton.jit
-def _buffer_pass_kernel(COLUMNS, DIAGONALS, HIST, BUF, BUF_COUNT, n, sink, local, tau_high, tau_low,
-                        PASS: tl.constexpr, CHUNK: tl.constexpr):
-    """Round 0's radix pass ``PASS`` over the compacted items of :func:`_compact_kernel` instead of
-    the rows; program ``s`` of ``slices`` takes the ``s``-th share of its row's buffer."""
+def _compact_candidates_kernel(COLUMNS, DIAGONALS, STATE, BUF, BUF_COUNT, n, sink, local, slice_len, width,
+                               CHUNK: tl.constexpr):
+    """Round 1, after the top-k search: copies the masses of a capped row's non-forced candidates
+    (at most ``width = num_vertical + num_slash`` when its candidates are exact; other rows copy
+    nothing) into ``BUF [R, width]``, their number into ``BUF_COUNT [R]``. Grid ``(R, slices)``."""
+    row, _, _, lo, hi = _program_slice(slice_len, n)
+    active, exact, col_bits, diag_bits = _round_state(STATE, row, 1)
+    if active & exact:
+        buf_row = BUF + row * width
+        _compact_slice(COLUMNS + row * n, buf_row, BUF_COUNT + row, width, lo, hi, sink, 0, col_bits, 32, CHUNK)
+        _compact_slice(DIAGONALS + row * n, buf_row, BUF_COUNT + row, width, lo, hi, local, 0, diag_bits, 32, CHUNK)
+
+
+@triton.jit
+def _buffer_pass_kernel(COLUMNS, DIAGONALS, HIST, BUF, BUF_COUNT, n, sink, local, tau_high, tau_low, buf_stride,
+                        PASS: tl.constexpr, SECTION: tl.constexpr, CHUNK: tl.constexpr):
+    """Coverage radix pass ``PASS`` over a row's compacted items (``BUF [R, buf_stride]``) instead of
+    the row, into its ``SECTION`` of ``HIST``: round 0 after :func:`_compact_kernel`, round 1 over
+    the candidates of :func:`_compact_candidates_kernel`; program ``s`` of ``slices`` takes the
+    ``s``-th share of its row's buffer."""
     count = tl.load(BUF_COUNT + tl.program_id(0))
     row, _, _, lo, hi = _program_slice(tl.cdiv(count, tl.num_programs(1)), count)
-    _, _, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, PASS, CHUNK)
+    _, _, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, SECTION, PASS, CHUNK)
     counts = tl.zeros([16], tl.float64)
     masses = tl.zeros([16], tl.float64)
-    counts, masses = _slice_digits(BUF + row * 2 * n, lo, hi, 0, -1, prefix, counts, masses, 28 - 4 * PASS, False,
-                                   False, CHUNK)
-    _add_digit_sums(HIST + row * HIST_ROW + COVERAGE_HIST + PASS * 32, counts, masses)
+    counts, masses = _slice_digits(BUF + row * buf_stride, lo, hi, 0, prefix, counts, masses, 28 - 4 * PASS,
+                                   PASS == 0, CHUNK)
+    _add_digit_sums(HIST + row * HIST_ROW + SECTION + PASS * 32, counts, masses)
 
 
 @triton.jit
@@ -732,14 +744,15 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
         per_row = dict(CHUNK=chunk, MAX_SLICES=MAX_SLICES, **scalars, **caps)
         full_passes = 8 if options.compact_after == 0 else options.compact_after
         for radix_pass in range(full_passes):
-            _pass_kernel[grid](columns, diagonals, hist, state, PASS=radix_pass, ROUND=0, **launch)
+            _pass_kernel[grid](columns, diagonals, hist, PASS=radix_pass, **launch)
         if full_passes < 8:  # the later passes read only the items still in play
             buffer = torch.empty(rows, 2 * n, dtype=torch.float32, device=columns.device)
             buffer_count = torch.zeros(rows, dtype=torch.int32, device=columns.device)
             _compact_kernel[grid](columns, diagonals, hist, buffer, buffer_count, DONE=full_passes, **launch)
             for radix_pass in range(full_passes, 8):
-                _buffer_pass_kernel[grid](columns, diagonals, hist, buffer, buffer_count, PASS=radix_pass,
-                                          CHUNK=chunk, num_warps=options.warps, **scalars)
+                _buffer_pass_kernel[grid](columns, diagonals, hist, buffer, buffer_count, buf_stride=2 * n,
+                                          PASS=radix_pass, SECTION=COVERAGE_HIST.value, CHUNK=chunk, num_warps=options.warps,
+                                          **scalars)
         _count_kernel[grid](columns, diagonals, hist, counts, state, ROUND=0, **launch)
         _pack_kernel[grid](columns, diagonals, hist, counts, state, vertical, slash, ROUND=0, MAX_SLICES=MAX_SLICES,
                            **launch, **caps)
@@ -750,8 +763,15 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
                                    slice_len=launch["slice_len"], PASS=radix_pass, CHUNK=chunk,
                                    num_warps=options.warps, **caps)
         _candidates_kernel[(rows,)](hist, state, n=n, **caps)
+        width = num_vertical + num_slash  # the candidates' coverage passes read only the candidates
+        candidates = torch.empty(rows, width, dtype=torch.float32, device=columns.device)
+        candidate_count = torch.zeros(rows, dtype=torch.int32, device=columns.device)
+        _compact_candidates_kernel[grid](columns, diagonals, state, candidates, candidate_count, n=n, sink=sink,
+                                         local=local, slice_len=launch["slice_len"], width=width, CHUNK=chunk,
+                                         num_warps=options.warps)
         for radix_pass in range(8):
-            _pass_kernel[grid](columns, diagonals, hist, state, PASS=radix_pass, ROUND=1, **launch)
+            _buffer_pass_kernel[grid](columns, diagonals, hist, candidates, candidate_count, buf_stride=width,
+                                      PASS=radix_pass, SECTION=CAPPED_HIST.value, CHUNK=chunk, num_warps=options.warps, **scalars)
         _count_kernel[grid](columns, diagonals, hist, counts, state, ROUND=1, **launch)
         _pack_kernel[grid](columns, diagonals, hist, counts, state, vertical, slash, ROUND=1, MAX_SLICES=MAX_SLICES,
                            **launch, **caps)
