@@ -53,6 +53,11 @@ case "$step" in
     tail -5 "$RES/$step/pytest.txt" ;;
   select-bench)  # no model: the vertical-slash budget alone, torch vs the Triton paths and their launch choices
     run python3 benchmarks/select_bench.py --sweep --out "$RES/$step" ;;
+  select-check)  # no model: the selection's GPU tests (every path, no fallback on capped rows), then its timing
+    run python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_select_kernel.py > "$RES/$step/pytest.txt" 2>&1
+    tail -3 "$RES/$step/pytest.txt"
+    run python3 benchmarks/select_bench.py --out "$RES/$step/default"
+    run python3 benchmarks/select_bench.py --caps 1024,2048 --lengths 69632 --sweep --out "$RES/$step/capped" ;;
   ttft-8b)  # no model: issue 4's TTFT of a Llama-3-8B shape (random weights, fixed vertical-slash plan) at 128K
     run python3 benchmarks/memory_ttft.py --lengths 131072 --attentions dense,sparse,none --paths plain \
       --naive-lengths '' --repeats 2 --out "$RES/$step" ;;
@@ -171,6 +176,15 @@ case "$step" in
       > "$RES/$step/ruler.jsonl"  # session 8's dense rows: same prompts
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
       "dense,longinfer:$PLANS9/q15-default-tail64.json,longinfer:$PLANS9/q15-lq256-tail.json" ;;
+  q15-tau-frontier)  # issues 4/5: per-head tau 0.95 / 0.98 and per-KV-group tau 0.7 (all + tail): turn, RULER 32K (rerun to finish)
+    for plan in q15-tau0.95-tail q15-tau0.98-tail q15-kv-tau0.7-tail; do
+      [ -d "$RES/$step/turn-$plan" ] || run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 \
+        --turn-length 4096 --plan "$PLANS9/$plan.json" --out "$RES/$step/turn-$plan"
+    done
+    [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl \
+      > "$RES/$step/ruler.jsonl"  # session 8's dense rows: same prompts
+    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer:$PLANS9/q15-tau0.95-tail.json,\
+longinfer:$PLANS9/q15-tau0.98-tail.json,longinfer:$PLANS9/q15-kv-tau0.7-tail.json" ;;
   q15-ppl)  # issue 5: perplexity, 4 windows at 32K and the one 128K window the corpus holds
     run_cli eval ppl $Q15 --lengths 32768 --samples 4 --methods "dense,longinfer" --out "$RES/$step"
     run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step" ;;

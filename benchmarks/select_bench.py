@@ -9,6 +9,7 @@ Both backends must give the same index (checked); the time is what one layer's s
 (`turn_kernels.py` times it on a real model's masses). Timing: each backend replayed from a CUDA
 graph, median of CUDA-event times (:func:`turn_kernels.graph_time`). ``--sweep`` adds the
 parallel path at other launch choices (:data:`SWEEP`), each checked against the torch index too.
+``--caps 1024,2048`` makes the caps bind on every row, so the capped rows' path (round 1) is timed.
 
     python3 benchmarks/select_bench.py --sweep --out $OUT/select-bench
 """
@@ -16,6 +17,7 @@ parallel path at other launch choices (:data:`SWEEP`), each checked against the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import shlex
@@ -37,7 +39,8 @@ from longinfer.plans.schema import DEFAULT_PATTERN_CONFIG
 SWEEP = (*(ParallelOptions(chunk, warps, programs) for chunk in (256, 512) for warps in (4, 8)
            for programs in (256, 512, 1024)),
          *(ParallelOptions(compact_after=done) for done in (1, 2, 3)),
-         *(ParallelOptions(chunk=256, compact_after=done) for done in (1, 2)))
+         *(ParallelOptions(chunk=256, compact_after=done) for done in (1, 2)),
+         *(ParallelOptions(capped_programs=programs) for programs in (128, 1024, 1536)))
 
 
 def structured_masses(heads: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,11 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="also time the parallel path's other launch choices")
+    parser.add_argument("--caps", default=None, metavar="V,S",
+                        help="column and diagonal caps instead of the default plan's (1024,2048 binds on every row: "
+                             "times round 1, the capped rows' path)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     config = DEFAULT_PATTERN_CONFIG
+    if args.caps:
+        num_vertical, num_slash = (int(x) for x in args.caps.split(","))
+        config = dataclasses.replace(config, num_vertical=num_vertical, num_slash=num_slash)
     rows: list[dict[str, Any]] = []
     for n in (int(x) for x in args.lengths.split(",")):
         columns, diagonals = structured_masses(args.heads, n, seed=n)
@@ -83,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                             num_slash=config.num_slash, sink=config.sink, local=config.local,
                                             coverage=True, tau=config.tau, options=options)
             name = (f"chunk={options.chunk} warps={options.warps} programs={options.programs} "
-                    f"compact_after={options.compact_after}")
+                    f"compact_after={options.compact_after} capped_programs={options.capped_programs}")
             try:  # one launch choice failing to compile or run must not lose the others
                 row[f"{name} same index"] = all(torch.equal(a, b) for a, b in zip(expected, run()))
                 row[f"{name} ms"] = graph_time(run, args.repeats)
@@ -98,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__,
             "command": "python3 benchmarks/select_bench.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-            "rows": rows}
+            "caps": f"{config.num_vertical} / {config.num_slash}", "rows": rows}
     (out / "select_bench.json").write_text(json.dumps(data, indent=1) + "\n")
     (out / "select_bench.md").write_text(render_markdown(data))
     return 0
@@ -117,8 +126,8 @@ def render_markdown(data: dict[str, Any]) -> str:
     lines = ["# Vertical-slash budget alone: torch path vs Triton kernels", "",
              f"- Date: {data['date']}. Device: {data['device']}. torch {data['torch']}, triton {data['triton']}.",
              f"- Command: `{data['command']}`",
-             "- Masses: structured (power-law columns with sinks, power-law diagonals with planted ones), default "
-             "plan budget (coverage 0.9, at most 4096 columns / 8192 diagonals).",
+             "- Masses: structured (power-law columns with sinks, power-law diagonals with planted ones), "
+             f"coverage budget 0.9 with at most {data['caps']} columns / diagonals.",
              "- Timing: one call replayed from a CUDA graph, median of CUDA-event times.", "",
              "| keys | heads | torch ms | triton ms | speedup | same index | columns taken | diagonals taken |",
              "|---|---|---|---|---|---|---|---|"]

@@ -22,8 +22,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 KERNELS = ["vertical-slash kernel, 64-row tiles", "estimate pass 1", "estimate pass 2, queries loaded once",
            "index tables", "density kept counts", "slash groups", "selection radix pass", "selection compaction",
-           "selection buffer pass", "selection counts", "selection pack", "selection capped rows", "selection top-k pass",
-           "selection candidates", "selection candidate compaction", "selection, sequential"]
+           "selection buffer pass", "selection counts", "selection pack", "selection capped rows",
+           "selection top-k pass", "selection candidates", "selection candidate compaction", "selection, sequential"]
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="needs the Triton wheel's ptxas")

@@ -50,8 +50,9 @@ summed in a different order (both in float64; the parallel path's atomic sums al
 ~1e-16), and among items of exactly equal mass at the coverage boundary the count taken is
 ``ceil(left / mass)``, not sequential sums.
 
-Memory: the outputs plus ``R * 768`` float64 digit sums and ``R * 8 * slices`` int32 counts (and
-with compaction a ``[R, 2 * Nk]`` float32 buffer).
+Memory: the outputs plus ``R * 768`` float64 digit sums, ``R * 4 * slices`` int32 counts per round
+and ``R * 4`` row states, a ``[R, num_vertical + num_slash]`` float32 candidate buffer, and with
+compaction a ``[R, 2 * Nk]`` float32 buffer.
 """
 
 from __future__ import annotations
@@ -271,9 +272,9 @@ def _select_row(col_ptr, diag_ptr, vert_ptr, slash_ptr, n, sink, local, num_vert
 #   COVERAGE_HIST: the coverage threshold over every item (counts, masses per digit);
 #   KTH_HIST: rows whose caps bind, the top-``cap`` threshold of each kind (column counts, diagonal counts);
 #   CAPPED_HIST: those rows' coverage threshold over their candidates (counts, masses).
-# COUNTS [R, 2 rounds, 4, slices] int32: per slice the items above the threshold and equal to it, of
-# each kind (columns above, columns equal, diagonals above, diagonals equal); round 0 without caps,
-# round 1 for the capped rows.
+# COUNTS [R, 4, slices] int32, one tensor per round (round 1's launches may use other slices): per
+# slice the items above the threshold and equal to it, of each kind (columns above, columns equal,
+# diagonals above, diagonals equal).
 # STATE [R, 4] int32, written once per row between launches so that round 1's programs load it
 # instead of replaying it: (caps bind, column candidate bits, diagonal candidate bits, exact).
 HIST_ROW = tl.constexpr(768)
@@ -415,7 +416,7 @@ def _is_capped(col_ptr, diag_ptr, HIST, COUNTS, row, n, sink, local, num_vertica
     """Whether coverage without the caps takes more than a cap allows in ``row`` (round 0's result)."""
     _, ties = _threshold(col_ptr, diag_ptr, HIST + row * HIST_ROW + COVERAGE_HIST, n, sink, local, tau_high,
                          tau_low, CHUNK)
-    _, cols, _, diags, _, _ = _slice_offsets(COUNTS + row * 8 * slices, 0, slices, ties, MAX_SLICES)
+    _, cols, _, diags, _, _ = _slice_offsets(COUNTS + row * 4 * slices, 0, slices, ties, MAX_SLICES)
     return (cols > num_vertical) | (diags > num_slash)
 
 
@@ -593,7 +594,7 @@ def _count_slice(ptr, counts_out, slices, lo, hi, forced, cand_bits, take_bits, 
 @triton.jit
 def _count_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, STATE, n, sink, local, slice_len, tau_high, tau_low,
                   ROUND: tl.constexpr, CHUNK: tl.constexpr):
-    """Round ``ROUND``'s items above / equal to its threshold per (row, kind, slice) into ``COUNTS``."""
+    """Round ``ROUND``'s items above / equal to its threshold per (row, kind, slice) into its ``COUNTS``."""
     row, part, slices, lo, hi = _program_slice(slice_len, n)
     col_ptr = COLUMNS + row * n
     diag_ptr = DIAGONALS + row * n
@@ -601,7 +602,7 @@ def _count_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, STATE, n, sink, local, slice
     if active:
         hist = HIST + row * HIST_ROW + (COVERAGE_HIST if ROUND == 0 else CAPPED_HIST)
         take_bits, ties = _threshold(col_ptr, diag_ptr, hist, n, sink, local, tau_high, tau_low, CHUNK)
-        counts_row = COUNTS + (row * 2 + ROUND) * 4 * slices + part
+        counts_row = COUNTS + row * 4 * slices + part
         _count_slice(col_ptr, counts_row, slices, lo, hi, sink, col_bits, take_bits, CHUNK)
         _count_slice(diag_ptr, counts_row + 2 * slices, slices, lo, hi, local, diag_bits, take_bits, CHUNK)
 
@@ -641,7 +642,7 @@ def _pack_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, STATE, VERTICAL, SLASH, n, si
     hist = HIST + row * HIST_ROW + (COVERAGE_HIST if ROUND == 0 else CAPPED_HIST)
     take_bits, ties = _threshold(col_ptr, diag_ptr, hist, n, sink, local, tau_high, tau_low, CHUNK)
     cols_before, cols, diags_before, diags, col_rank0, diag_rank0 = _slice_offsets(
-        COUNTS + (row * 2 + ROUND) * 4 * slices, part, slices, ties, MAX_SLICES)
+        COUNTS + row * 4 * slices, part, slices, ties, MAX_SLICES)
     if ROUND == 0:
         finished = (cols <= num_vertical) & (diags <= num_slash)
     else:
@@ -682,6 +683,8 @@ class ParallelOptions:
         compact_after: after this many radix passes (1-7), copy the items still in play (their
             higher bits equal the prefix) into a buffer that the remaining passes read instead of
             the rows; 0 = every pass reads the rows.
+        capped_programs: about this many programs per launch of round 1 (the rows whose caps
+            bind; the other rows' programs return at once).
     """
 
     # The fastest of select_bench's sweep on an H200 (docs/results/gpu-session9/select-bench/):
@@ -691,6 +694,7 @@ class ParallelOptions:
     warps: int = 4
     programs: int = PARALLEL_PROGRAMS
     compact_after: int = 2
+    capped_programs: int = PARALLEL_PROGRAMS
 
     def __post_init__(self) -> None:
         if not 0 <= self.compact_after <= 7:
@@ -736,7 +740,7 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
     caps = dict(num_vertical=num_vertical, num_slash=num_slash)
     slices = slice_count(rows, n, options.programs) if coverage and not sequential else 1
     hist = torch.zeros(rows, 3, 8, 2, 16, dtype=torch.float64, device=columns.device)
-    counts = torch.zeros(rows, 2, 4, slices, dtype=torch.int32, device=columns.device)
+    counts = torch.zeros(rows, 4, slices, dtype=torch.int32, device=columns.device)
     state = torch.zeros(rows, 4, dtype=torch.int32, device=columns.device)
     if slices > 1:
         grid = (rows, slices)
@@ -751,30 +755,35 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
             _compact_kernel[grid](columns, diagonals, hist, buffer, buffer_count, DONE=full_passes, **launch)
             for radix_pass in range(full_passes, 8):
                 _buffer_pass_kernel[grid](columns, diagonals, hist, buffer, buffer_count, buf_stride=2 * n,
-                                          PASS=radix_pass, SECTION=COVERAGE_HIST.value, CHUNK=chunk, num_warps=options.warps,
-                                          **scalars)
+                                          PASS=radix_pass, SECTION=COVERAGE_HIST.value, CHUNK=chunk,
+                                          num_warps=options.warps, **scalars)
         _count_kernel[grid](columns, diagonals, hist, counts, state, ROUND=0, **launch)
         _pack_kernel[grid](columns, diagonals, hist, counts, state, vertical, slash, ROUND=0, MAX_SLICES=MAX_SLICES,
                            **launch, **caps)
         # round 1: the rows whose caps bind (their programs work, the others return at once)
         _capped_kernel[(rows,)](columns, diagonals, hist, counts, state, slices=slices, **per_row)
+        capped_slices = slice_count(rows, n, options.capped_programs)
+        capped_grid = (rows, capped_slices)
+        capped_launch = dict(launch, slice_len=triton.cdiv(n, capped_slices))
         for radix_pass in range(8):
-            _top_pass_kernel[grid](columns, diagonals, hist, state, n=n, sink=sink, local=local,
-                                   slice_len=launch["slice_len"], PASS=radix_pass, CHUNK=chunk,
-                                   num_warps=options.warps, **caps)
+            _top_pass_kernel[capped_grid](columns, diagonals, hist, state, n=n, sink=sink, local=local,
+                                          slice_len=capped_launch["slice_len"], PASS=radix_pass, CHUNK=chunk,
+                                          num_warps=options.warps, **caps)
         _candidates_kernel[(rows,)](hist, state, n=n, **caps)
         width = num_vertical + num_slash  # the candidates' coverage passes read only the candidates
         candidates = torch.empty(rows, width, dtype=torch.float32, device=columns.device)
         candidate_count = torch.zeros(rows, dtype=torch.int32, device=columns.device)
-        _compact_candidates_kernel[grid](columns, diagonals, state, candidates, candidate_count, n=n, sink=sink,
-                                         local=local, slice_len=launch["slice_len"], width=width, CHUNK=chunk,
-                                         num_warps=options.warps)
+        _compact_candidates_kernel[capped_grid](columns, diagonals, state, candidates, candidate_count, n=n,
+                                                sink=sink, local=local, slice_len=capped_launch["slice_len"],
+                                                width=width, CHUNK=chunk, num_warps=options.warps)
         for radix_pass in range(8):
-            _buffer_pass_kernel[grid](columns, diagonals, hist, candidates, candidate_count, buf_stride=width,
-                                      PASS=radix_pass, SECTION=CAPPED_HIST.value, CHUNK=chunk, num_warps=options.warps, **scalars)
-        _count_kernel[grid](columns, diagonals, hist, counts, state, ROUND=1, **launch)
-        _pack_kernel[grid](columns, diagonals, hist, counts, state, vertical, slash, ROUND=1, MAX_SLICES=MAX_SLICES,
-                           **launch, **caps)
+            _buffer_pass_kernel[capped_grid](columns, diagonals, hist, candidates, candidate_count, buf_stride=width,
+                                             PASS=radix_pass, SECTION=CAPPED_HIST.value, CHUNK=chunk,
+                                             num_warps=options.warps, **scalars)
+        capped_counts = torch.zeros(rows, 4, capped_slices, dtype=torch.int32, device=columns.device)
+        _count_kernel[capped_grid](columns, diagonals, hist, capped_counts, state, ROUND=1, **capped_launch)
+        _pack_kernel[capped_grid](columns, diagonals, hist, capped_counts, state, vertical, slash, ROUND=1,
+                                  MAX_SLICES=MAX_SLICES, **capped_launch, **caps)
         if not fallback:
             return vertical, slash
     _sequential_kernel[(rows,)](columns, diagonals, state, vertical, slash, COVERAGE=coverage, ALWAYS=slices == 1,
