@@ -123,7 +123,7 @@ case "$step" in
     LIMIT=$((limit / 3)) bash "$0" q15-turn-backends
     LIMIT=$((limit * 2 / 3)) bash "$0" q15-turn-kernels
     exit 0 ;;
-  q15-turn-select)  # issue 4: the second turn with the default plan and the Triton selection kernel (opt-in)
+  q15-turn-select)  # issue 4: the second turn with the default plan and the Triton selection forced (--selection triton)
     run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
       --selection triton --out "$RES/$step/triton-selection" ;;
   q15-ttft)  # issues 4/5: TTFT of the default (q15-latency without the profiles), and the no-attention floor
