@@ -107,7 +107,7 @@ case "$step" in
   q15-turn-default)  # issue 4: the second turn with the default plan only
     run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
       --out "$RES/$step/default" ;;
-  q15-caps)  # issue 4: would real rows of the 64K turn take the Triton selection's per-row fallback? (all layers)
+  q15-caps)  # issue 4: how many real rows of the 64K turn bind the selection caps? (all layers)
     run python3 benchmarks/selection_caps_check.py $Q15 --length 69632 --layers 28 --out "$RES/$step" ;;
   q15-select)  # issue 4, one call: caps at 64K, the turn by part (both selections), the turn with the Triton selection
     for sub in q15-caps q15-turn-kernels q15-turn-select; do

@@ -1,9 +1,11 @@
-"""Would the parallel Triton selection hand real rows to its per-row fallback? Real masses, no timing.
+"""How often do real rows bind the selection's caps? Real masses, no timing.
 
-The parallel path (:mod:`longinfer.patterns._select_kernel`) finishes a row only when the coverage
-budget without caps takes at most ``num_vertical`` columns and ``num_slash`` diagonals and its
-boundary is not inside a run of equal masses; other rows take the per-row kernel (~6 ms per
-layer on an H200). This captures a model's post-RoPE q/k for a follow-up turn (``--turn`` queries
+The parallel Triton selection (:mod:`longinfer.patterns._select_kernel`) finishes a row in its
+first round when the coverage budget without caps takes at most ``num_vertical`` columns and
+``num_slash`` diagonals; rows over a cap take a second round (top-k candidates, then coverage
+among them: ~0.5 ms more per layer on an H200, session 9). Before session 9 those rows, and rows
+whose boundary falls inside a run of equal masses, took the per-row kernel (~6-14 ms per layer).
+This captures a model's post-RoPE q/k for a follow-up turn (``--turn`` queries
 over a ``--length - --turn`` prefix, PG essays; only the first ``--layers`` layers are run, which
 is what makes it affordable on a CPU), estimates the masses with the default plan's estimate (torch
 path) and reports per layer the largest uncapped column / diagonal counts against the caps, the
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.length - args.turn} cached keys", "",
              f"- Date: {data['date']}. Device: {data['device']}. Command: `{data['command']}`",
              f"- Default plan estimate (torch path); caps {config.num_vertical} columns / {config.num_slash} "
-             "diagonals. A head over a cap or with a partial tie run goes to the per-row fallback.", "",
+             "diagonals. A head over a cap takes the selection's second round.", "",
              "| layer | columns (max over heads) | diagonals (max) | heads over a cap | heads with a partial tie run |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['layer']} | {r['columns max']} | {r['diagonals max']} | {r['heads over a cap']}/{r['heads']} | "

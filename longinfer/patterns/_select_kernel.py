@@ -639,19 +639,17 @@ def _pack_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, STATE, VERTICAL, SLASH, n, si
     col_ptr = COLUMNS + row * n
     diag_ptr = DIAGONALS + row * n
     active, exact, col_bits, diag_bits = _round_state(STATE, row, ROUND)
-    hist = HIST + row * HIST_ROW + (COVERAGE_HIST if ROUND == 0 else CAPPED_HIST)
-    take_bits, ties = _threshold(col_ptr, diag_ptr, hist, n, sink, local, tau_high, tau_low, CHUNK)
-    cols_before, cols, diags_before, diags, col_rank0, diag_rank0 = _slice_offsets(
-        COUNTS + row * 4 * slices, part, slices, ties, MAX_SLICES)
-    if ROUND == 0:
-        finished = (cols <= num_vertical) & (diags <= num_slash)
-    else:
-        finished = active & exact
-    if finished:
-        _store_slice(col_ptr, VERTICAL + row * num_vertical, lo, hi, sink, col_bits, take_bits, ties, col_rank0,
-                     cols_before, cols, num_vertical, part, slices, CHUNK)
-        _store_slice(diag_ptr, SLASH + row * num_slash, lo, hi, local, diag_bits, take_bits, ties, diag_rank0,
-                     diags_before, diags, num_slash, part, slices, CHUNK)
+    if active & exact:  # round 1: only the capped rows with exact candidates do the work below
+        hist = HIST + row * HIST_ROW + (COVERAGE_HIST if ROUND == 0 else CAPPED_HIST)
+        take_bits, ties = _threshold(col_ptr, diag_ptr, hist, n, sink, local, tau_high, tau_low, CHUNK)
+        cols_before, cols, diags_before, diags, col_rank0, diag_rank0 = _slice_offsets(
+            COUNTS + row * 4 * slices, part, slices, ties, MAX_SLICES)
+        # round 0: rows over a cap are left to round 1; round 1: always true (taken items are candidates)
+        if (cols <= num_vertical) & (diags <= num_slash):
+            _store_slice(col_ptr, VERTICAL + row * num_vertical, lo, hi, sink, col_bits, take_bits, ties, col_rank0,
+                         cols_before, cols, num_vertical, part, slices, CHUNK)
+            _store_slice(diag_ptr, SLASH + row * num_slash, lo, hi, local, diag_bits, take_bits, ties, diag_rank0,
+                         diags_before, diags, num_slash, part, slices, CHUNK)
 
 
 @triton.jit
