@@ -185,6 +185,16 @@ case "$step" in
       > "$RES/$step/ruler.jsonl"  # session 8's dense rows: same prompts
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer:$PLANS9/q15-tau0.95-tail.json,\
 longinfer:$PLANS9/q15-tau0.98-tail.json,longinfer:$PLANS9/q15-kv-tau0.7-tail.json" ;;
+  q15-tail64)  # issues 4/5: 64 vs 128 dense last rows: the turn (both), RULER at 128K (dense and 128-row rows: session 8's)
+    for plan in default q15-default-tail64; do
+      opt=""; [ "$plan" = default ] || opt="--plan $PLANS9/$plan.json"
+      [ -d "$RES/$step/turn-$plan" ] || run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 \
+        --turn-length 4096 $opt --out "$RES/$step/turn-$plan"
+    done
+    [ -f "$RES/$step/ruler.jsonl" ] || grep -v '"method": "longinfer:' docs/results/gpu-session8/blockA/q15-ruler-tail/ruler.jsonl \
+      > "$RES/$step/ruler.jsonl"  # session 8's dense and default (128-row tail) rows: same prompts
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,longinfer,longinfer:$PLANS9/q15-default-tail64.json" ;;
   q15-ppl)  # issue 5: perplexity, 4 windows at 32K and the one 128K window the corpus holds
     run_cli eval ppl $Q15 --lengths 32768 --samples 4 --methods "dense,longinfer" --out "$RES/$step"
     run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step" ;;

@@ -299,6 +299,38 @@ def test_dense_default_splits_only_for_few_programs():
         dense_attention(q, k, v, splits=2, cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE))
 
 
+@pytest.mark.parametrize("split_dim", [0, 2])
+@pytest.mark.parametrize("head_dim, rows, row0", [(80, 70, 5), (64, 64, 0), (128, 130, 17)])
+def test_merge_splits_into_matches_the_torch_merge(split_dim, head_dim, rows, row0):
+    """The merge kernel against :func:`merge_key_splits` on partials with empty splits (max -inf),
+    rows not a multiple of its block, head_dim below the partials' width, and a strided output.
+    float32 both ways, in another order: 1e-6 relative; we allow 1e-5."""
+    from longinfer.ops._launch import merge_key_splits, merge_splits_into
+
+    g = torch.Generator().manual_seed(head_dim + rows)
+    b, hq, splits, padded, width = 2, 3, 5, 192, 128
+    stats = (splits, b, hq, padded) if split_dim == 0 else (b, hq, splits, padded)
+    row_max = torch.randn(stats, generator=g) * 4
+    row_sum = torch.rand(stats, generator=g) + 0.5
+    acc = torch.randn(*stats, width, generator=g) * row_sum[..., None]
+    empty = torch.rand(stats, generator=g) < 0.3  # splits that saw no key: (0, -inf, 0)
+    empty.select(split_dim, 1).zero_()  # every row keeps one split with keys
+    row_max[empty], row_sum[empty], acc[empty] = float("-inf"), 0.0, 0.0
+    acc, row_max, row_sum = (t.to(DEVICE) for t in (acc, row_max, row_sum))
+    base = torch.full((b, 200, hq, head_dim), 7.0, device=DEVICE)  # [B, N, H, D] viewed as [B, H, N, D]
+    out = base.transpose(1, 2)
+    merge_splits_into(out, acc, row_max, row_sum, split_dim=split_dim, out_row0=row0, rows=rows)
+    want = merge_key_splits(acc, row_max, row_sum, dim=split_dim)[:, :, :rows, :head_dim]
+    torch.testing.assert_close(out[:, :, row0:row0 + rows], want, atol=1e-5, rtol=1e-5)
+    untouched = torch.ones(200, dtype=torch.bool)
+    untouched[row0:row0 + rows] = False
+    assert torch.all(out[:, :, untouched] == 7.0)  # rows outside the range are not written
+    with pytest.raises(ValueError, match="split_dim must be 0 or 2"):
+        merge_splits_into(out, acc, row_max, row_sum, split_dim=1, out_row0=0, rows=rows)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        merge_splits_into(out, acc.double(), row_max, row_sum, split_dim=split_dim, out_row0=0, rows=rows)
+
+
 @pytest.mark.parametrize("block_size, nq, nk, dense_from", [
     (64, 200, 200, 128),  # one-shot, the last partial tile and the one before dense
     (32, 70, 333, 320),  # after a cached prefix: only the last (partial) tile

@@ -30,12 +30,12 @@ Dense tail (``VERTICAL_SLASH``): the query tiles from ``dense_from`` on attend e
 Run as whole tiles, each is one program over all ``Nk`` keys, several times longer than a sparse
 tile's program, and the launch waits for it; split (``tail_splits > 1``), each tail tile is
 ``tail_splits`` programs over consecutive key ranges that write float32 partials (unnormalized
-output, running max and sum), merged by the caller (:func:`longinfer.ops._launch.merge_key_splits`).
+output, running max and sum), merged by :func:`_merge_splits_fwd` into the output rows.
 
 :func:`_dense_split_fwd` (``dense_attention(splits=...)``) is the dense case for a few query
 tiles over many keys (a chunk after a long cached prefix): one program per (query tile, head, key
 split), merged by the caller, so the GPU gets enough programs when ``B * Hq * tiles`` alone would
-leave most of it idle.
+leave most of it idle; :func:`_merge_splits_fwd` merges its partials too.
 """
 
 from __future__ import annotations
@@ -330,3 +330,42 @@ def _dense_split_fwd(
     tl.store(Max + stat, m_i)
     tl.store(Sum + stat, l_i)
     tl.store(Acc + stat[:, None] * BLOCK_D + offs_d[None, :], acc)
+
+
+@triton.jit
+def _merge_splits_fwd(
+    Acc, Max, Sum, Out, splits, stride_split, stride_head, num_q_heads, rows, out_row0,
+    stride_ob, stride_oh, stride_on,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Merge split-K partials into ``BLOCK_R`` output rows of one (batch, query head).
+
+    Grid ``(B * Hq, cdiv(rows, BLOCK_R))``. Partials of row ``r`` of split ``s`` and head ``bh``
+    sit at ``bh * stride_head + s * stride_split + r`` (in rows: ``Max``/``Sum`` float32, the
+    log2-domain running max and sum; ``Acc`` the unnormalized output, ``BLOCK_D`` floats per row);
+    a split with no visible key holds ``(0, -inf, 0)``. Row ``r`` goes to ``Out`` row
+    ``out_row0 + r`` (``Out [B, Hq, Nq, D]``, strided), normalized, in ``Out``'s dtype.
+    """
+    bh = tl.program_id(0)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < rows
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row0 = bh.to(tl.int64) * stride_head + r
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for split in range(0, splits):
+        m = tl.maximum(m, tl.load(Max + row0 + split * stride_split, mask=r_ok, other=float("-inf")))
+    m_shift = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for split in range(0, splits):
+        at = row0 + split * stride_split
+        weight = tl.exp2(tl.load(Max + at, mask=r_ok, other=float("-inf")) - m_shift)
+        l_i += weight * tl.load(Sum + at, mask=r_ok, other=0.0)
+        part = tl.load(Acc + at[:, None] * BLOCK_D + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += weight[:, None] * part
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    b = (bh // num_q_heads).to(tl.int64)
+    h = (bh % num_q_heads).to(tl.int64)
+    out_ptr = Out + b * stride_ob + h * stride_oh + (out_row0 + r).to(tl.int64)[:, None] * stride_on + offs_d[None, :]
+    tl.store(out_ptr, out.to(Out.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])

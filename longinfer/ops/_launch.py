@@ -10,7 +10,7 @@ import torch
 import triton
 
 from longinfer.ops._checks import AttentionShape, interpreter_enabled
-from longinfer.ops._kernel import _sparse_attention_fwd, sparse_attention_fwd_tuned
+from longinfer.ops._kernel import _merge_splits_fwd, _sparse_attention_fwd, sparse_attention_fwd_tuned
 from longinfer.ops.index import BlockSparseIndex, VerticalSlashIndex
 
 LOG2_E = 1.4426950408889634  # the kernel works with exp2: exp(x) = exp2(x * log2(e))
@@ -159,9 +159,48 @@ def launch(
 def merge_key_splits(acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor, dim: int) -> torch.Tensor:
     """Attention output from split-K partials: ``acc [..., D]`` unnormalized (float32), ``row_max``
     (log2 domain) and ``row_sum`` ``[...]``, the splits along ``dim``. A split with no visible key
-    holds ``(0, -inf, 0)``; every row needs one split with a key (its max is then finite)."""
+    holds ``(0, -inf, 0)``; every row needs one split with a key (its max is then finite).
+
+    The reference of :func:`merge_splits_into` (which the launches use: one kernel instead of
+    about ten elementwise and reduction ops per call)."""
     weight = torch.exp2(row_max - row_max.amax(dim, keepdim=True))
     return (acc * weight[..., None]).sum(dim) / (row_sum * weight).sum(dim)[..., None]
+
+
+MERGE_BLOCK_R = 64  # output rows per program of the merge
+
+
+def merge_splits_into(out: torch.Tensor, acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor, *,
+                      split_dim: int, out_row0: int, rows: int) -> None:
+    """Write the merged split-K partials of rows ``[0, rows)`` into ``out[:, :, out_row0:out_row0 + rows]``.
+
+    Args:
+        out: ``[B, Hq, Nq, D]`` (any strides with unit last stride), written in place.
+        acc: contiguous float32 ``stats + [BLOCK_D]``, unnormalized outputs (``BLOCK_D >= D``).
+        row_max, row_sum: contiguous float32 ``stats``: ``[B, Hq, S, T]`` (``split_dim=2``) or
+            ``[S, B, Hq, T]`` (``split_dim=0``); the log2-domain running max and the sum.
+        split_dim: where the splits are, 0 or 2.
+        out_row0, rows: where the merged rows go, and how many (``rows <= T``).
+
+    Same result as :func:`merge_key_splits` up to float32 rounding; no memory beyond ``out``.
+    """
+    if split_dim not in (0, 2):
+        raise ValueError(f"split_dim must be 0 or 2, got {split_dim}")
+    for name, t in (("acc", acc), ("row_max", row_max), ("row_sum", row_sum)):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous float32, got {t.dtype}, strides {t.stride()}")
+    if acc.shape[:-1] != row_max.shape or row_sum.shape != row_max.shape or row_max.dim() != 4:
+        raise ValueError(f"partials disagree: acc {tuple(acc.shape)}, row_max {tuple(row_max.shape)}, "
+                         f"row_sum {tuple(row_sum.shape)}")
+    bsz, q_heads, _, head_dim = out.shape
+    splits = row_max.shape[split_dim]
+    heads_dim = 2 if split_dim == 0 else 1  # the query-head dim; batch * Hq rows of heads are evenly spaced
+    grid = (bsz * q_heads, triton.cdiv(rows, MERGE_BLOCK_R))
+    _merge_splits_fwd[grid](
+        acc, row_max, row_sum, out, splits, row_max.stride(split_dim), row_max.stride(heads_dim), q_heads,
+        rows, out_row0, out.stride(0), out.stride(1), out.stride(2),
+        HEAD_DIM=head_dim, BLOCK_D=acc.shape[-1], BLOCK_R=MERGE_BLOCK_R, num_warps=4,
+    )
 
 
 @dataclass(frozen=True)
@@ -197,6 +236,5 @@ class _TailSplit:
     def write_into(self, out: torch.Tensor, shape: AttentionShape, block_m: int) -> None:
         """Merge the partials into the tail rows of ``out [B, Hq, Nq, D]``."""
         start = self.first_tile * block_m
-        rows = shape.k_len - start
-        merged = merge_key_splits(self.acc, self.row_max, self.row_sum, dim=2)
-        out[:, :, start - (shape.k_len - shape.q_len):] = merged[:, :, :rows, :shape.head_dim].to(out.dtype)
+        merge_splits_into(out, self.acc, self.row_max, self.row_sum, split_dim=2,
+                          out_row0=start - (shape.k_len - shape.q_len), rows=shape.k_len - start)

@@ -9,7 +9,7 @@ import triton
 
 from longinfer.ops._checks import AttentionShape, check_qkv, check_scale, interpreter_enabled
 from longinfer.ops._kernel import MODE_DENSE, _dense_split_fwd
-from longinfer.ops._launch import LOG2_E, launch, merge_key_splits
+from longinfer.ops._launch import LOG2_E, launch, merge_splits_into
 
 DENSE_BLOCK_M = 128
 # Split-K: a call with fewer (query tile, head) programs than SPLIT_BELOW_PROGRAMS (about two per SM
@@ -102,5 +102,6 @@ def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: A
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=1 if interpreted else 2,
     )
-    out = merge_key_splits(acc, row_max, row_sum, dim=0)  # every row sees key 0, in split 0
-    return out[:, :, : shape.q_len, : shape.head_dim].to(q.dtype)
+    out = torch.empty_like(q)
+    merge_splits_into(out, acc, row_max, row_sum, split_dim=0, out_row0=0, rows=shape.q_len)
+    return out
