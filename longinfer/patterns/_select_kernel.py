@@ -38,12 +38,14 @@ Two paths:
   equal masses: position ranks among the candidates), on device without a host round trip: one
   program per row does it all; rows the parallel path finished exit at once.
 
-Measured (H200): ``benchmarks/select_bench.py`` (12 rows, default-plan budget, structured masses,
-session 9) 0.17 ms vs the torch path's 0.62 ms at 69,632 keys, 0.26 vs 0.66 ms at 131,072; on a
-real turn's masses (``benchmarks/turn_kernels.py``, Qwen2.5-1.5B, 4K over 64K) 0.17 ms per layer
-where no cap binds, but 14 ms in the 11 of 28 layers where one head's cap binds when those rows
-took the sequential path (before round 1 existed). A variant that skipped the one-hot sums of
-chunks without a matching item (a branch in the chunk loop) was slower and was reverted.
+Measured (H200, session 10, ``docs/results/gpu-session10/``): ``benchmarks/select_bench.py`` (12
+rows, default-plan budget, structured masses) 0.23 ms vs the torch path's 0.61 ms at 69,632 keys,
+0.32 vs 0.65 ms at 131,072 (round 1's launches, idle there, included); with every row capped
+0.47 vs 0.46 ms. On a real turn's masses (``benchmarks/turn_kernels.py``, Qwen2.5-1.5B, 4K over
+64K) 0.23 ms per layer where no cap binds and 0.49-0.54 ms in the 10 of 28 layers where one head's
+cap binds (14 ms when those rows took the sequential path, before round 1 existed). A variant
+that skipped the one-hot sums of chunks without a matching item (a branch in the chunk loop) was
+slower and was reverted.
 
 Same sets as the torch path, with differences at rounding level only: the mass before an item is
 summed in a different order (both in float64; the parallel path's atomic sums also vary by run at
@@ -57,6 +59,7 @@ compaction a ``[R, 2 * Nk]`` float32 buffer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -738,8 +741,10 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
     caps = dict(num_vertical=num_vertical, num_slash=num_slash)
     slices = slice_count(rows, n, options.programs) if coverage and not sequential else 1
     hist = torch.zeros(rows, 3, 8, 2, 16, dtype=torch.float64, device=columns.device)
-    counts = torch.zeros(rows, 4, slices, dtype=torch.int32, device=columns.device)
-    state = torch.zeros(rows, 4, dtype=torch.int32, device=columns.device)
+    capped_slices = slice_count(rows, n, options.capped_programs) if slices > 1 else 0
+    # Every int32 counter in one zero-filled buffer: one memset launch instead of five.
+    counts, state, buffer_count, candidate_count, capped_counts = _zeroed_int32(
+        columns.device, (rows, 4, slices), (rows, 4), (rows,), (rows,), (rows, 4, capped_slices))
     if slices > 1:
         grid = (rows, slices)
         launch = dict(slice_len=triton.cdiv(n, slices), CHUNK=chunk, num_warps=options.warps, **scalars)
@@ -749,7 +754,6 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
             _pass_kernel[grid](columns, diagonals, hist, PASS=radix_pass, **launch)
         if full_passes < 8:  # the later passes read only the items still in play
             buffer = torch.empty(rows, 2 * n, dtype=torch.float32, device=columns.device)
-            buffer_count = torch.zeros(rows, dtype=torch.int32, device=columns.device)
             _compact_kernel[grid](columns, diagonals, hist, buffer, buffer_count, DONE=full_passes, **launch)
             for radix_pass in range(full_passes, 8):
                 _buffer_pass_kernel[grid](columns, diagonals, hist, buffer, buffer_count, buf_stride=2 * n,
@@ -760,7 +764,6 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
                            **launch, **caps)
         # round 1: the rows whose caps bind (their programs work, the others return at once)
         _capped_kernel[(rows,)](columns, diagonals, hist, counts, state, slices=slices, **per_row)
-        capped_slices = slice_count(rows, n, options.capped_programs)
         capped_grid = (rows, capped_slices)
         capped_launch = dict(launch, slice_len=triton.cdiv(n, capped_slices))
         for radix_pass in range(8):
@@ -770,7 +773,6 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
         _candidates_kernel[(rows,)](hist, state, n=n, **caps)
         width = num_vertical + num_slash  # the candidates' coverage passes read only the candidates
         candidates = torch.empty(rows, width, dtype=torch.float32, device=columns.device)
-        candidate_count = torch.zeros(rows, dtype=torch.int32, device=columns.device)
         _compact_candidates_kernel[capped_grid](columns, diagonals, state, candidates, candidate_count, n=n,
                                                 sink=sink, local=local, slice_len=capped_launch["slice_len"],
                                                 width=width, CHUNK=chunk, num_warps=options.warps)
@@ -778,7 +780,6 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
             _buffer_pass_kernel[capped_grid](columns, diagonals, hist, candidates, candidate_count, buf_stride=width,
                                              PASS=radix_pass, SECTION=CAPPED_HIST.value, CHUNK=chunk,
                                              num_warps=options.warps, **scalars)
-        capped_counts = torch.zeros(rows, 4, capped_slices, dtype=torch.int32, device=columns.device)
         _count_kernel[capped_grid](columns, diagonals, hist, capped_counts, state, ROUND=1, **capped_launch)
         _pack_kernel[capped_grid](columns, diagonals, hist, capped_counts, state, vertical, slash, ROUND=1,
                                   MAX_SLICES=MAX_SLICES, **capped_launch, **caps)
@@ -787,6 +788,13 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
     _sequential_kernel[(rows,)](columns, diagonals, state, vertical, slash, COVERAGE=coverage, ALWAYS=slices == 1,
                                 CHUNK=chunk, num_warps=8, **scalars, **caps)
     return vertical, slash
+
+
+def _zeroed_int32(device: torch.device, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
+    """Contiguous zero int32 tensors of ``shapes``, views of one buffer (one fill)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    buffer = torch.zeros(sum(sizes), dtype=torch.int32, device=device)
+    return [part.view(shape) for part, shape in zip(buffer.split(sizes), shapes)]
 
 
 def slice_count(rows: int, n: int, programs: int = PARALLEL_PROGRAMS) -> int:
