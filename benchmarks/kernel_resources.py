@@ -30,7 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from longinfer.ops._index_kernel import _groups_kernel, _kept_kernel, _tables_kernel
-from longinfer.ops._kernel import MODE_VERTICAL_SLASH, _sparse_attention_fwd
+from longinfer.ops._kernel import MODE_VERTICAL_SLASH, _dense_split_fwd, _merge_splits_fwd, _sparse_attention_fwd
 from longinfer.patterns._estimate_kernel import _masses_kernel, _row_stats_kernel
 from longinfer.patterns._select_kernel import CHUNK as SELECT_CHUNK
 from longinfer.patterns._select_kernel import (
@@ -101,6 +101,14 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
         rows.append((f"vertical-slash kernel, {block_m}-row tiles", _sparse_attention_fwd, sparse_types,
                      {**head, "HEADS_PER_TILE": 1, "GROUP": 6, "BLOCK_M": block_m, "BLOCK_N": block_n,
                       "MODE": MODE_VERTICAL_SLASH, "VARLEN": False}, warps, stages))
+    split_types = _types(_dense_split_fwd, {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Acc": "*fp32", "Max": "*fp32",
+                                            "Sum": "*fp32"}, floats=("qk_scale",))
+    for heads, warps in ((1, 4), (2, 8)):  # the dense tail as a separate split-K launch, heads stacked
+        rows.append((f"dense split-K pass, {heads} head(s) per program", _dense_split_fwd, split_types,
+                     {**head, "GROUP": 6, "HEADS": heads, "BLOCK_M": 64, "BLOCK_N": 64}, warps, 2))
+    merge_types = _types(_merge_splits_fwd, {"Acc": "*fp32", "Max": "*fp32", "Sum": "*fp32", "Out": "*bf16"})
+    rows.append(("split-K merge", _merge_splits_fwd, merge_types, {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_R": 64},
+                 4, 1))
     kept_types = _types(_kept_kernel, {"LO": "*i32", "HI": "*i32", "COUNT": "*i32", "COLS": "*i32", "ROWS": "*i64",
                                        "KEPT": "*i64"})
     groups_types = _types(_groups_kernel, {"SLASH": "*i64", "LO": "*i32", "HI": "*i32", "COUNT": "*i32"})

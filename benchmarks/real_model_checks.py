@@ -54,6 +54,7 @@ from longinfer.eval.needle import Needle, build_needle_prompt, contains_exact_va
 from longinfer.eval.report import markdown_table
 from longinfer.integrations import transformers as integration
 from longinfer.models import zoo
+from longinfer.ops import sparse as ops_sparse
 from longinfer.patterns import vertical_slash
 
 logger = logging.getLogger("real_model_checks")
@@ -262,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--selection", choices=("auto", "torch", "triton"), default="auto",
                         help="backend of the vertical-slash budget (select_packed's default, auto: Triton on CUDA "
                              "for coverage budgets over long rows, else torch)")
+    parser.add_argument("--tail-launch", choices=("fused", "separate"), default=None,
+                        help="how the dense last rows run (longinfer.ops.sparse.TAIL_LAUNCH; default: the library's)")
     parser.add_argument("--out", required=True)
     return parser
 
@@ -284,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["LONGINFER_CACHE"] = args.cache_dir
     if args.selection != "auto":  # benchmark switch: the library's default backend, for this process only
         vertical_slash.select_packed.__kwdefaults__["backend"] = args.selection
+    if args.tail_launch is not None:  # the same, for the dense tail's launch
+        ops_sparse.TAIL_LAUNCH = args.tail_launch
     device = torch.device(args.device or zoo.default_device())
     model, tokenizer = zoo.load(args.model, device=device, yarn_factor=args.yarn, cache_dir=args.cache_dir)
     integration.register()
@@ -293,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "longinfer": longinfer.__version__, "selection": args.selection, "dtype": str(next(model.parameters()).dtype),
+        "longinfer": longinfer.__version__, "selection": args.selection,
+        "tail_launch": ops_sparse.TAIL_LAUNCH, "dtype": str(next(model.parameters()).dtype),
         "command": "python3 benchmarks/real_model_checks.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
     }
     recorder = Recorder(Path(args.out), header)

@@ -195,6 +195,12 @@ longinfer:$PLANS9/q15-tau0.98-tail.json,longinfer:$PLANS9/q15-kv-tau0.7-tail.jso
       > "$RES/$step/ruler.jsonl"  # session 8's dense and default (128-row tail) rows: same prompts
     run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
       --methods "dense,longinfer,longinfer:$PLANS9/q15-default-tail64.json" ;;
+  q15-tail-launch)  # issue 4: the dense tail as a separate split-K launch vs fused: turn by part, then the turn both ways
+    run python3 benchmarks/turn_kernels.py $Q15 --out "$RES/$step/turn-kernels"
+    for launch in fused separate; do
+      run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
+        --tail-launch $launch --out "$RES/$step/turn-$launch"
+    done ;;
   q15-ppl)  # issue 5: perplexity, 4 windows at 32K and the one 128K window the corpus holds
     run_cli eval ppl $Q15 --lengths 32768 --samples 4 --methods "dense,longinfer" --out "$RES/$step"
     run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step" ;;

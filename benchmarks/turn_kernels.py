@@ -18,8 +18,10 @@ forward over PG essays, then times, per layer and in one process:
   first ones (chunk 512, no compaction), graph-replayed (``selection backends agree``: 1.0 when all give the
   same index), the estimate's pass 2 at each fixed launch configuration
   (``pass 2 BLOCK_N=.. warps=.. stages=..``: the masses with the scratch, graph-replayed), and
-  the ``kernel`` with the dense tail split over keys (the default), unsplit (one program per tail
-  tile), without the tail, at other launch options (warps, stages; the default rows use the
+  the ``kernel`` with the dense tail split over keys (the default; also in 16 ranges and
+  graph-replayed), unsplit (one program per tail tile), without the tail, with the tail as a
+  separate split-K launch (``tail separate``, :data:`longinfer.ops.sparse.TAIL_LAUNCH`), at other
+  launch options (warps, stages; the default rows use the
   launch's fixed choice), and with 128-row query tiles (the estimate rerun with
   ``block_size=128``, its own index; the slashes then cover whole 128-row tiles, so it computes
   more pairs).
@@ -176,13 +178,21 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     built = index()
     dense_from = layer_plan.dense_from(nk)
 
-    def kernel(tail_splits: int | None = None, from_row: int | None = dense_from) -> Callable[[], Any]:
+    def kernel(tail_splits: int | None = None, from_row: int | None = dense_from,
+               tail_launch: str = "fused") -> Callable[[], Any]:
         return lambda: ops.vertical_slash_attention(q, k, v, index=built, block_size=selection.block_size,
-                                                    sm_scale=scale, dense_from=from_row, tail_splits=tail_splits)
+                                                    sm_scale=scale, dense_from=from_row, tail_splits=tail_splits,
+                                                    tail_launch=tail_launch)
 
     times["kernel (tail split)"] = timed(kernel())
+    times["kernel (tail split) (graph)"] = graph_time(kernel(), repeats)
+    times["kernel (tail split in 16)"] = timed(kernel(16))
     times["kernel (tail unsplit)"] = timed(kernel(1))
     times["kernel (no tail)"] = timed(kernel(from_row=None))
+    # The dense rows as a second, split-K launch (two query heads per program) after the sparse one.
+    times["kernel (tail separate)"] = timed(kernel(tail_launch="separate"))
+    times["kernel (tail separate) (graph)"] = graph_time(kernel(tail_launch="separate"), repeats)
+    times["kernel (tail separate in 16)"] = timed(kernel(16, tail_launch="separate"))
     shape = AttentionShape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], nk, q.shape[3])
     # 128-row query tiles: their own estimate (slashes widen to whole tiles) and index.
     tall = spec.estimate(q, k, dataclasses.replace(config, block_size=128), sm_scale=scale, per_kv_group=per_kv)

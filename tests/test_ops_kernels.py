@@ -276,6 +276,8 @@ def test_a_shape_edges(sink, window):
     (2, 4, 2, 65, 65, 80, 2),  # one-shot: the split holding the diagonal is masked
     (1, 3, 3, 1, 300, 96, 5),  # one query row
     (1, 4, 1, 130, 1000, 128, 40),  # more splits than key tiles of some rows: empty splits
+    (1, 6, 2, 70, 500, 64, 4),  # GQA 3: one head per program
+    (2, 12, 2, 40, 333, 128, 3),  # GQA 6: two stacked heads per program, three stacks per KV head
 ])
 def test_dense_split_k_matches_reference(b, hq, hkv, nq, nk, d, splits):
     q, k, v = _qkv(b, hq, hkv, nq, d, torch.float32, seed=nq + splits, nk=nk)
@@ -338,12 +340,14 @@ def test_merge_splits_into_matches_the_torch_merge(split_dim, head_dim, rows, ro
     (64, 100, 300, 192),  # the boundary inside the queries' first tile's range (never split)
 ])
 @pytest.mark.parametrize("tail_splits, index_heads", [(1, 4), (3, 4), (4, 2)])  # 2: heads stacked per tile
-def test_vertical_slash_dense_from_runs_the_last_tiles_dense(block_size, nq, nk, dense_from, tail_splits, index_heads):
+@pytest.mark.parametrize("tail_launch", ["fused", "separate"])
+def test_vertical_slash_dense_from_runs_the_last_tiles_dense(block_size, nq, nk, dense_from, tail_splits, index_heads,
+                                                             tail_launch):
     q, k, v = _qkv(2, 4, 2, nq, 64, torch.float32, seed=nq + dense_from, nk=nk)
     vertical = torch.tensor([0, 1, 2, 50, 121], device=DEVICE).expand(2, index_heads, 5)
     slash = torch.tensor([0, 1, 2, 3, 70], device=DEVICE).expand(2, index_heads, 5)
     out = vertical_slash_attention(q, k, v, vertical, slash, block_size=block_size, dense_from=dense_from,
-                                   tail_splits=tail_splits)
+                                   tail_splits=tail_splits, tail_launch=tail_launch)
     per_head = [x.repeat_interleave(4 // index_heads, dim=1) for x in (vertical, slash)]
     mask = vertical_slash_mask(*per_head, nk, block_size, dense_from=dense_from)
     assert_matches_reference(out, q, k, v, mask)
@@ -362,6 +366,8 @@ def test_vertical_slash_dense_from_errors():
         vertical_slash_attention(q, k, v, idx, idx, dense_from=100)
     with pytest.raises(ValueError, match="tail_splits must be a positive int"):
         vertical_slash_attention(q, k, v, idx, idx, dense_from=64, tail_splits=0)
+    with pytest.raises(ValueError, match="tail_launch must be one of"):
+        vertical_slash_attention(q, k, v, idx, idx, dense_from=64, tail_launch="later")
     assert default_tail_splits(69632) == 8 and default_tail_splits(131072) == 16 and default_tail_splits(2000) == 1
     assert default_tail_splits(1 << 20) == 32  # capped
 

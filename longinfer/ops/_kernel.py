@@ -284,30 +284,35 @@ def _dense_split_fwd(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     q_len, k_len, num_q_heads, num_tiles, keys_per_split, qk_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Dense causal attention of one query tile over one split of the keys (split-K).
 
-    Grid ``(splits, B * Hq * tiles)``; query tiles start at the first query (row ``r`` of tile ``t``
-    is query ``t * BLOCK_M + r``, at key position ``k_len - q_len + t * BLOCK_M + r``). Writes the
-    unnormalized output ``Acc [S, B, Hq, Nq_pad, D]`` (float32) and the running max ``Max`` (log2
-    domain) and sum ``Sum`` ``[S, B, Hq, Nq_pad]`` of its keys ``[s * keys_per_split, ...)``; a split
-    with no visible key writes ``0, -inf, 0``. The caller merges the splits.
+    Grid ``(splits, B * (Hq / HEADS) * tiles)``; each program stacks ``HEADS`` query heads of one
+    KV group (``HEADS`` divides ``GROUP``): row ``r`` is head ``h0 + r // BLOCK_M``, query
+    ``t * BLOCK_M + r % BLOCK_M`` of tile ``t``, at key position ``k_len - q_len`` + that query,
+    so each K/V tile loaded serves every stacked head. Writes the unnormalized output
+    ``Acc [S, B, Hq, Nq_pad, D]`` (float32) and the running max ``Max`` (log2 domain) and sum
+    ``Sum`` ``[S, B, Hq, Nq_pad]`` of its keys ``[s * keys_per_split, ...)``; a split with no
+    visible key writes ``0, -inf, 0``. The caller merges the splits (:func:`_merge_splits_fwd`).
     """
     split = tl.program_id(0)
     pid = tl.program_id(1)
     tile = pid % num_tiles
-    bh = pid // num_tiles
-    b = bh // num_q_heads
-    h = bh % num_q_heads
+    unit = pid // num_tiles  # (batch, stack of HEADS query heads)
+    stacks_per_batch = num_q_heads // HEADS
+    b = unit // stacks_per_batch
+    h0 = (unit % stacks_per_batch) * HEADS
     b64 = b.to(tl.int64)
-    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vb + (h // GROUP).to(tl.int64) * stride_vh
+    q_base = Q + b64 * stride_qb + h0.to(tl.int64) * stride_qh
+    k_base = K + b64 * stride_kb + (h0 // GROUP).to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + (h0 // GROUP).to(tl.int64) * stride_vh
 
     shift = k_len - q_len
-    query = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    stacked = tl.arange(0, BLOCK_M * HEADS)
+    head_offset = stacked // BLOCK_M
+    query = tile * BLOCK_M + stacked % BLOCK_M
     rows = shift + query  # absolute positions
     row_ok = query < q_len
     first_row = shift + tile * BLOCK_M
@@ -317,16 +322,18 @@ def _dense_split_fwd(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(q_base + query[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    q_rows = head_offset.to(tl.int64) * stride_qh + query.to(tl.int64) * stride_qn
+    q = tl.load(q_base + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    acc = tl.zeros([BLOCK_M * HEADS, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M * HEADS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M * HEADS], dtype=tl.float32)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_lo, k_hi,
                                   rows, offs_n, offs_d, d_ok, first_row, qk_scale, 0, 0,
                                   False, BLOCK_M, BLOCK_N, PRECISION)
     q_pad = num_tiles * BLOCK_M
-    stat = ((split * tl.num_programs(1) // num_tiles + bh).to(tl.int64) * q_pad) + query
+    batch_heads = tl.num_programs(1) // num_tiles * HEADS  # B * Hq
+    head = (b * num_q_heads + h0 + head_offset).to(tl.int64)
+    stat = (split * batch_heads + head) * q_pad + query
     tl.store(Max + stat, m_i)
     tl.store(Sum + stat, l_i)
     tl.store(Acc + stat[:, None] * BLOCK_D + offs_d[None, :], acc)

@@ -10,10 +10,12 @@ import torch
 import triton
 
 from longinfer.ops._checks import AttentionShape, interpreter_enabled
-from longinfer.ops._kernel import _merge_splits_fwd, _sparse_attention_fwd, sparse_attention_fwd_tuned
+from longinfer.ops._kernel import _dense_split_fwd, _merge_splits_fwd, _sparse_attention_fwd, sparse_attention_fwd_tuned
 from longinfer.ops.index import BlockSparseIndex, VerticalSlashIndex
 
 LOG2_E = 1.4426950408889634  # the kernel works with exp2: exp(x) = exp2(x * log2(e))
+SPLIT_BLOCK_M = 64  # query tile of the split-K dense pass (stacked heads make it taller)
+TAIL_LAUNCHES = ("fused", "separate")
 
 
 def _fixed_options(dtype: torch.dtype) -> dict[str, int] | None:
@@ -68,6 +70,7 @@ def launch(
     cu_seqlens_k: torch.Tensor | None = None,
     options: dict[str, int] | None = None,
     tail_splits: int = 1,
+    tail_launch: str = "fused",
 ) -> torch.Tensor:
     """Run :func:`_sparse_attention_fwd` over all (head, query tile) pairs; returns ``[B, Hq, Nq, D]``.
 
@@ -77,7 +80,9 @@ def launch(
     modes autotune once per (head dim, mode, tile, key-length scale) on the GPU. ``dense_from``
     (vertical-slash, a multiple of ``block_m``): query tiles starting at or after this key
     position run dense, each as ``tail_splits`` programs over key ranges when ``tail_splits > 1``
-    (float32 partials ``tail_splits * B * Hq * (Nk - dense_from) * D``, then merged).
+    (float32 partials ``tail_splits * B * Hq * (Nk - dense_from) * D``, then merged). With
+    ``tail_launch="separate"`` those rows are instead a second, split-K dense launch after the sparse
+    tiles (:func:`dense_splits_into`, ``tail_splits`` key ranges, two query heads per program).
 
     Without packed sequences the grid holds only the tiles that contain queries (a 4K chunk over
     a 64K cache launches 64 tiles per head, not 1,088).
@@ -119,15 +124,20 @@ def launch(
     if index_head_div % heads_per_tile or shape.group_size % heads_per_tile:
         raise ValueError(f"heads_per_tile={heads_per_tile} must divide the heads sharing an index ({index_head_div})")
     splits = 1 if cu_seqlens_q is not None else tail_splits
+    separate_from = _separate_tail_row(shape, dense_from, tail_launch, cu_seqlens_q is not None)
+    if separate_from is not None:  # the main programs stop before the tail's tiles; a second launch does them
+        all_tiles, dense_from, splits = dense_from // block_m, None, 1
     tail = _TailSplit.plan(shape, block_m, all_tiles, dense_from, splits, q.device)
     if tail is not None:
         dense_from = None  # the main programs stop before the tail's tiles
-    num_tiles = (all_tiles if tail is None else tail.first_tile) - first_tile
+    num_tiles = max(0, (all_tiles if tail is None else tail.first_tile) - first_tile)
     if vs is not None and "num_warps" not in opts:
         opts.update(num_warps=_vertical_slash_warps(block_m * heads_per_tile), num_stages=3)
     heads_tiles = shape.batch * shape.q_heads // heads_per_tile
     tail_programs = 0 if tail is None else heads_tiles * tail.num_tiles * tail.splits
     grid = (tail_programs + heads_tiles * num_tiles,)
+    if grid[0] == 0:  # every query row is in a separate tail
+        return _separate_tail(out, q, k, v, shape, sm_scale, separate_from, tail_splits)
     kernel = _sparse_attention_fwd if "BLOCK_N" in opts else sparse_attention_fwd_tuned
     tail_args = (dummy, dummy, dummy, 0, 1, 0, 0, 0) if tail is None else (
         tail.acc, tail.row_max, tail.row_sum, tail_programs, tail.splits, tail.first_tile, tail.num_tiles,
@@ -153,7 +163,25 @@ def launch(
     )
     if tail is not None:
         tail.write_into(out, shape, block_m)
+    return out if separate_from is None else _separate_tail(out, q, k, v, shape, sm_scale, separate_from, tail_splits)
+
+
+def _separate_tail(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape,
+                   sm_scale: float, first_row: int, splits: int) -> torch.Tensor:
+    """Query rows ``[first_row, Nq)`` of ``out`` by the split-K dense pass; returns ``out``."""
+    tail_shape = AttentionShape(shape.batch, shape.q_heads, shape.kv_heads, shape.q_len - first_row, shape.k_len,
+                                shape.head_dim)
+    dense_splits_into(out[:, :, first_row:], q[:, :, first_row:], k, v, tail_shape, sm_scale, splits)
     return out
+
+
+def _separate_tail_row(shape: AttentionShape, dense_from: int | None, tail_launch: str, packed: bool) -> int | None:
+    """First query row (of ``Nq``) of a dense tail run as its own launch, or None (fused, or none)."""
+    if tail_launch not in TAIL_LAUNCHES:
+        raise ValueError(f"tail_launch must be one of {TAIL_LAUNCHES}, got {tail_launch!r}")
+    if tail_launch == "fused" or dense_from is None or packed or dense_from >= shape.k_len:
+        return None
+    return max(0, dense_from - (shape.k_len - shape.q_len))
 
 
 def merge_key_splits(acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor, dim: int) -> torch.Tensor:
@@ -165,6 +193,45 @@ def merge_key_splits(acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Te
     about ten elementwise and reduction ops per call)."""
     weight = torch.exp2(row_max - row_max.amax(dim, keepdim=True))
     return (acc * weight[..., None]).sum(dim) / (row_sum * weight).sum(dim)[..., None]
+
+
+def _stacked_heads(shape: AttentionShape) -> int:
+    """Query heads per program of the split-K dense pass: two of one KV group when the group
+    has an even size (each K/V tile then serves 128 rows, as :func:`_heads_per_tile`), else one."""
+    return 2 if shape.group_size % 2 == 0 else 1
+
+
+def dense_splits_into(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape,
+                      sm_scale: float, splits: int) -> None:
+    """Split-K dense causal attention of ``q`` (the last ``Nq`` of ``Nk`` positions) into ``out``.
+
+    ``out``, ``q``: ``[B, Hq, Nq, D]`` (views with unit last stride are fine, e.g. the last rows of
+    a larger call); ``splits`` key ranges per query tile, each its own program
+    (:func:`longinfer.ops._kernel._dense_split_fwd`, ``_stacked_heads`` query heads each), then one
+    merge launch. Extra memory: float32 partials ``splits * B * Hq * ceil(Nq / 64) * 64 * D``.
+    """
+    interpreted = interpreter_enabled()
+    block_n = 32 if interpreted or q.dtype == torch.float32 else 64
+    block_d = triton.next_power_of_2(shape.head_dim)
+    keys_per_split = math.ceil(math.ceil(shape.k_len / splits) / block_n) * block_n  # whole key tiles
+    splits = math.ceil(shape.k_len / keys_per_split)
+    num_tiles = math.ceil(shape.q_len / SPLIT_BLOCK_M)
+    heads = _stacked_heads(shape)
+    stats_shape = (splits, shape.batch, shape.q_heads, num_tiles * SPLIT_BLOCK_M)
+    acc = torch.empty(*stats_shape, block_d, device=q.device, dtype=torch.float32)
+    row_max = torch.empty(stats_shape, device=q.device, dtype=torch.float32)
+    row_sum = torch.empty_like(row_max)
+    grid = (splits, shape.batch * shape.q_heads // heads * num_tiles)
+    _dense_split_fwd[grid](
+        q, k, v, acc, row_max, row_sum,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        shape.q_len, shape.k_len, shape.q_heads, num_tiles, keys_per_split, sm_scale * LOG2_E,
+        GROUP=shape.group_size, HEADS=heads, HEAD_DIM=shape.head_dim, BLOCK_D=block_d, BLOCK_M=SPLIT_BLOCK_M,
+        BLOCK_N=block_n, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=_vertical_slash_warps(SPLIT_BLOCK_M * heads), num_stages=1 if interpreted else 2,
+    )
+    merge_splits_into(out, acc, row_max, row_sum, split_dim=0, out_row0=0, rows=shape.q_len)  # every row sees key 0
 
 
 MERGE_BLOCK_R = 64  # output rows per program of the merge

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
-from longinfer.ops._checks import AttentionShape, check_qkv, check_scale, interpreter_enabled
-from longinfer.ops._kernel import MODE_DENSE, _dense_split_fwd
-from longinfer.ops._launch import LOG2_E, launch, merge_splits_into
+from longinfer.ops._checks import AttentionShape, check_qkv, check_scale
+from longinfer.ops._kernel import MODE_DENSE
+from longinfer.ops._launch import SPLIT_BLOCK_M, dense_splits_into, launch
 
 DENSE_BLOCK_M = 128
 # Split-K: a call with fewer (query tile, head) programs than SPLIT_BELOW_PROGRAMS (about two per SM
@@ -18,7 +17,6 @@ DENSE_BLOCK_M = 128
 SPLIT_BELOW_PROGRAMS = 256
 SPLIT_TARGET_PROGRAMS = 1024
 SPLIT_MIN_KEYS = 1024
-SPLIT_BLOCK_M = 64
 
 
 def dense_attention(
@@ -63,7 +61,9 @@ def dense_attention(
     if splits not in (None, 1):
         if cu_seqlens_q is not None:
             raise ValueError("splits is not supported with packed sequences (cu_seqlens_q)")
-        return _split_attention(q, k, v, shape, scale, splits)
+        out = torch.empty_like(q)
+        dense_splits_into(out, q, k, v, shape, scale, splits)
+        return out
     return launch(q, k, v, shape, scale, MODE_DENSE, DENSE_BLOCK_M,
                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
 
@@ -76,32 +76,3 @@ def default_splits(shape: AttentionShape) -> int:
     if programs >= SPLIT_BELOW_PROGRAMS:
         return 1
     return max(1, min(math.ceil(SPLIT_TARGET_PROGRAMS / programs), shape.k_len // SPLIT_MIN_KEYS))
-
-
-def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape,
-                     scale: float, splits: int) -> torch.Tensor:
-    """Split-K dense attention (:func:`longinfer.ops._kernel._dense_split_fwd`) and the merge."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    interpreted = interpreter_enabled()
-    block_n = 32 if interpreted or q.dtype == torch.float32 else 64
-    block_d = triton.next_power_of_2(shape.head_dim)
-    keys_per_split = math.ceil(math.ceil(shape.k_len / splits) / block_n) * block_n  # whole key tiles
-    splits = math.ceil(shape.k_len / keys_per_split)
-    num_tiles = math.ceil(shape.q_len / SPLIT_BLOCK_M)
-    stats_shape = (splits, shape.batch, shape.q_heads, num_tiles * SPLIT_BLOCK_M)
-    acc = torch.empty(*stats_shape, block_d, device=q.device, dtype=torch.float32)
-    row_max = torch.empty(stats_shape, device=q.device, dtype=torch.float32)
-    row_sum = torch.empty_like(row_max)
-    grid = (splits, shape.batch * shape.q_heads * num_tiles)
-    _dense_split_fwd[grid](
-        q, k, v, acc, row_max, row_sum,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        shape.q_len, shape.k_len, shape.q_heads, num_tiles, keys_per_split, scale * LOG2_E,
-        GROUP=shape.group_size, HEAD_DIM=shape.head_dim, BLOCK_D=block_d, BLOCK_M=SPLIT_BLOCK_M, BLOCK_N=block_n,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=1 if interpreted else 2,
-    )
-    out = torch.empty_like(q)
-    merge_splits_into(out, acc, row_max, row_sum, split_dim=0, out_row0=0, rows=shape.q_len)
-    return out

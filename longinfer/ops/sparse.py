@@ -13,9 +13,10 @@ import math
 
 import torch
 
-from longinfer.ops._checks import check_index, check_qkv, check_scale
+from longinfer.ops._checks import AttentionShape, check_index, check_qkv, check_scale
 from longinfer.ops._kernel import MODE_A_SHAPE, MODE_BLOCKS, MODE_VERTICAL_SLASH
 from longinfer.ops._launch import launch
+from longinfer.ops.dense import default_splits
 from longinfer.ops.index import (
     BlockSparseIndex,
     VerticalSlashIndex,
@@ -27,6 +28,11 @@ TAIL_SPLIT_KEYS = 8192  # keys per program of a split dense tail tile (default_t
 TAIL_MAX_SPLITS = 32  # float32 partials of 32 splits: 32 * Hq * 128 rows * D * 4 bytes (25 MB at Hq=12)
 A_SHAPE_BLOCK_M = 64  # with 2 query heads stacked per tile when Hq/Hkv is even (faster on H100)
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+# How the dense last rows of a vertical-slash call run (vertical_slash_attention's tail_launch):
+# "fused" was the faster of the in-kernel choices on real indices (H200, session 6); "separate"
+# (a split-K pass after the sparse launch, 0.15 ms per layer on a synthetic index there, against
+# 0.27 ms fused on real indices in session 10) is timed by benchmarks/turn_kernels.py.
+TAIL_LAUNCH = "fused"
 
 
 def _check_block_size(block_size: int) -> None:
@@ -52,6 +58,7 @@ def vertical_slash_attention(
     cu_seqlens_k: torch.Tensor | None = None,
     dense_from: int | None = None,
     tail_splits: int | None = None,
+    tail_launch: str | None = None,
 ) -> torch.Tensor:
     """Attention over vertical lines (key columns) and slash lines (diagonals).
 
@@ -70,6 +77,10 @@ def vertical_slash_attention(
         tail_splits: run each dense tile as this many programs over consecutive key ranges,
             merged afterwards (a whole-row tile over 64K keys otherwise outlasts every sparse
             tile of the launch); default :func:`default_tail_splits`. 1 = one program per tile.
+        tail_launch: ``"fused"`` (the dense rows' programs in the sparse launch, scheduled first)
+            or ``"separate"`` (a split-K dense launch after it, two query heads of a KV group per
+            program, ``tail_splits`` default :func:`longinfer.ops.dense.default_splits`); default
+            :data:`TAIL_LAUNCH`.
 
     Entries outside ``[0, Nk)`` and repeats are ignored; order does not matter; empty ``V`` or
     ``S`` are fine. Memory: the index plan, ``O(B * H * (V + S + Nk / block_size))``.
@@ -101,9 +112,22 @@ def vertical_slash_attention(
                 f"index was built for k_len={index.k_len}, block_size={index.block_size}; this call has "
                 f"k_len={shape.k_len}, block_size={block_size}: rebuild it"
             )
+    tail_launch = TAIL_LAUNCH if tail_launch is None else tail_launch
+    if tail_splits is None:
+        tail_splits = _default_tail_splits(shape, dense_from, tail_launch)
     return launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, block_size, vs=index, dense_from=dense_from,
-                  cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                  tail_splits=default_tail_splits(shape.k_len) if tail_splits is None else tail_splits)
+                  cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, tail_splits=tail_splits,
+                  tail_launch=tail_launch)
+
+
+def _default_tail_splits(shape: AttentionShape, dense_from: int | None, tail_launch: str) -> int:
+    """Key ranges of the dense tail: :func:`default_tail_splits` fused, :func:`default_splits` of
+    the tail's rows as a separate launch."""
+    if tail_launch != "separate" or dense_from is None:
+        return default_tail_splits(shape.k_len)
+    rows = min(shape.q_len, max(0, shape.k_len - dense_from))
+    return default_splits(AttentionShape(shape.batch, shape.q_heads, shape.kv_heads, max(rows, 1), shape.k_len,
+                                         shape.head_dim))
 
 
 def default_tail_splits(k_len: int) -> int:
