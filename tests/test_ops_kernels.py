@@ -286,6 +286,14 @@ def test_dense_split_k_matches_reference(b, hq, hkv, nq, nk, d, splits):
     torch.testing.assert_close(out, dense_attention(q, k, v, splits=1), atol=2e-5, rtol=1e-4)
 
 
+def test_dense_split_k_takes_strided_inputs():
+    """q/k/v whose last dim is not contiguous (a transposed copy) give the same output."""
+    q, k, v = _qkv(1, 4, 2, 70, 64, torch.float32, seed=5, nk=300)
+    strided = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v)]
+    assert strided[0].stride(-1) != 1
+    torch.testing.assert_close(dense_attention(*strided, splits=3), dense_attention(q, k, v, splits=3), rtol=0, atol=0)
+
+
 def test_dense_default_splits_only_for_few_programs():
     from longinfer.ops._checks import AttentionShape
     from longinfer.ops.dense import default_splits

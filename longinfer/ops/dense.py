@@ -61,6 +61,7 @@ def dense_attention(
     if splits not in (None, 1):
         if cu_seqlens_q is not None:
             raise ValueError("splits is not supported with packed sequences (cu_seqlens_q)")
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernels index D densely
         out = torch.empty_like(q)
         dense_splits_into(out, q, k, v, shape, scale, splits)
         return out
