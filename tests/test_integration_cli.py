@@ -133,6 +133,23 @@ def test_oom_message_with_chunks_suggests_smaller_chunks():
     assert "a smaller --chunk-size than 16384" in message and "--dtype" not in message
 
 
+def test_run_tau_patches_the_default_plan_with_that_target(capsys, monkeypatch, model_dir, prompt_file):
+    patched = []
+    real_patch = longinfer.patch
+    monkeypatch.setattr(longinfer, "patch", lambda model, plan, **kw: patched.append(plan) or real_patch(model, plan, **kw))
+    code, _, _ = run(capsys, "--model", model_dir, "--prompt-file", prompt_file, "--tau", "0.8",
+                     "--max-new-tokens", 2, "--device", "cpu")
+    assert code == 0
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    assert patched[0].layers == longinfer.default_plan_for(config, tau=0.8).layers
+    assert {head.params["tau"] for layer in patched[0].layers for head in layer.heads} == {0.8}
+    for args, message in ((("--tau", "0"), "--tau must lie in (0, 1], got 0.0"),
+                          (("--tau", "0.8", "--plan", prompt_file), "drop them or --plan"),
+                          (("--tau", "0.8", "--dense"), "drop --plan / --share-kv-groups / --tau or --dense")):
+        code, _, err = run(capsys, "--model", model_dir, "--prompt-file", prompt_file, *args, "--device", "cpu")
+        assert code == 2 and message in err
+
+
 def test_run_share_kv_groups_patches_the_default_plan_with_shared_indices(capsys, monkeypatch, model_dir, prompt_file):
     patched = []
     real_patch = longinfer.patch

@@ -218,6 +218,11 @@ def test_uniform_and_default_plan():
     assert all(layer.dense_last == DEFAULT_DENSE_LAST for layer in plan.layers)
     assert all(layer.dense_last == 0 for layer in default_plan_for(cfg, dense_last=0).layers)
     assert all(layer.share_kv_groups for layer in default_plan_for(cfg, share_kv_groups=True).layers)
+    accurate = default_plan_for(cfg, share_kv_groups=True, tau=0.8)
+    assert all(h.config == dataclasses.replace(DEFAULT_PATTERN_CONFIG, tau=0.8) for layer in accurate.layers
+               for h in layer.heads)
+    with pytest.raises(ValueError, match=r"tau must lie in \(0, 1\]"):
+        default_plan_for(cfg, tau=1.5)
     assert all(layer.share_kv_groups for layer in uniform_plan(cfg, "block_sparse", share_kv_groups=True).layers)
     plan.check_matches(cfg)
     with pytest.raises(ValueError, match="unknown pattern"):
