@@ -75,6 +75,25 @@ def test_masses_match_dense_causal_reference(sampling, monkeypatch):
     torch.testing.assert_close(diagonals.double(), ref_diagonals, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_group_mix_blends_each_head_with_its_kv_group_mean(backend):
+    """Masses with ``group_mix=w`` = the unmixed masses of the same estimate blended per KV group,
+    checked against an explicit per-head loop; both estimate backends."""
+    q, k = _qk(70, 90, hq=6, hkv=2, seed=3)
+    config = VerticalSlashConfig(num_vertical=20, num_slash=20, last_q=11, sink=3, local=5, query_sampling="strided")
+    own = vs.estimate_masses(q, k, config, backend=backend)
+    mixed = vs.estimate_masses(q, k, dataclasses.replace(config, group_mix=0.25), backend=backend)
+    for plain, blended in zip(own, mixed):
+        for h in range(6):
+            group = plain[:, (h // 3) * 3:(h // 3) * 3 + 3].mean(dim=1)
+            torch.testing.assert_close(blended[:, h], 0.75 * plain[:, h] + 0.25 * group, atol=1e-7, rtol=1e-6)
+        group_totals = [t.sum(-1).view(1, 2, 3).sum(-1) for t in (blended, plain)]
+        torch.testing.assert_close(*group_totals, atol=1e-6, rtol=1e-5)  # each group's total kept
+    full = vs.estimate_masses(q, k, dataclasses.replace(config, group_mix=1.0), backend=backend)[0]
+    assert torch.equal(full[:, 0], full[:, 2]) and not torch.equal(full[:, 0], full[:, 3])  # one group each
+    assert vs.mix_over_groups(*own, 2, 0.0)[0] is own[0]  # 0: unchanged
+
+
 def test_strided_queries_never_see_later_keys():
     # Both sampled queries (31 and 63) look for one direction, which keys 32.. carry strongly: query
     # 63 puts nearly all its probability there, query 31 must still spend all of its on keys 0..31.
@@ -297,6 +316,8 @@ def test_new_options_are_validated():
         VerticalSlashConfig(budget="coverage", rank="cost", min_gain=-1.0)
     with pytest.raises(ValueError, match="split_halves"):
         VerticalSlashConfig(budget="coverage", split_halves=True)
+    with pytest.raises(ValueError, match=r"group_mix must lie in \[0, 1\]"):
+        VerticalSlashConfig(group_mix=1.5)
     defaults = VerticalSlashConfig()
     assert (defaults.query_sampling, defaults.rank, defaults.max_density, defaults.min_gain,
             defaults.split_halves) == ("last", "mass", 1.0, 0.0, False)

@@ -111,6 +111,10 @@ class VerticalSlashConfig:
         split_halves: with ``rank="cost"``, score every item by the smaller of its masses in the
             two interleaved halves of the estimation queries, so an item only a query or two attend
             (which does not carry over to other queries) ranks low. Same estimation work.
+        group_mix: blend each head's estimated masses with the mean of its KV group's heads:
+            ``(1 - group_mix) * own + group_mix * group mean`` (0 = each head alone). The query
+            heads of a group read the same keys; what one head's estimation queries miss, another's
+            may see (see :func:`mix_over_groups`). Same estimation work, one index per head.
     """
 
     num_vertical: int = 1000
@@ -129,6 +133,7 @@ class VerticalSlashConfig:
     max_density: float = 1.0
     min_gain: float = 0.0
     split_halves: bool = False
+    group_mix: float = 0.0
 
     def __post_init__(self) -> None:
         check_config_fields(self)
@@ -160,6 +165,7 @@ class VerticalSlashConfig:
         require(self.min_gain == 0.0 or self.rank == "cost",
                 f"{name}.min_gain needs rank='cost' (the mass ranking has no cost model)")
         require(not self.split_halves or self.rank == "cost", f"{name}.split_halves needs rank='cost'")
+        require(0.0 <= self.group_mix <= 1.0, f"{name}.group_mix must lie in [0, 1], got {self.group_mix}")
 
 
 @dataclass(frozen=True)
@@ -408,19 +414,43 @@ def estimate_masses(
             "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; use backend='torch' on the CPU")
     if positions is None and backend == "triton":
         rows, query_pos = _kernel_positions(shape.q_len, nk, config.last_q, config.query_sampling, q.device)
-        return estimate_masses_triton(q, k, rows, query_pos, sink=config.sink, local=config.local, scale=scale)
+        masses = estimate_masses_triton(q, k, rows, query_pos, sink=config.sink, local=config.local, scale=scale)
+        return mix_over_groups(*masses, shape.kv_heads, config.group_mix)
     if positions is None:
         query_pos = estimation_positions(shape.q_len, nk, config.last_q, config.query_sampling, device=q.device)
     else:
         host_pos = _checked_positions(positions, shape.q_offset, nk)
         query_pos = positions.to(device=q.device, dtype=torch.long).flatten()
     if backend == "triton":
-        return estimate_masses_triton(q, k, query_pos - shape.q_offset, query_pos, sink=config.sink,
-                                      local=config.local, scale=scale)
+        masses = estimate_masses_triton(q, k, query_pos - shape.q_offset, query_pos, sink=config.sink,
+                                        local=config.local, scale=scale)
+        return mix_over_groups(*masses, shape.kv_heads, config.group_mix)
     if positions is None:  # the torch path also needs them on the host: rebuilt from the sizes, no copy back
         host_pos = query_pos if query_pos.device.type == "cpu" else estimation_positions(
             shape.q_len, nk, config.last_q, config.query_sampling)
-    return _estimate_masses_torch(q, k, config, scale, host_pos, query_pos)
+    masses = _estimate_masses_torch(q, k, config, scale, host_pos, query_pos)
+    return mix_over_groups(*masses, shape.kv_heads, config.group_mix)
+
+
+def mix_over_groups(columns: torch.Tensor, diagonals: torch.Tensor, kv_heads: int,
+                    weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend each query head's masses ``[B, Hq, Nk]`` with its KV group's mean: ``(1 - weight) *
+    own + weight * mean over the group`` (heads ``g * G .. g * G + G - 1`` form group ``g``).
+
+    ``weight = 0`` returns the inputs unchanged. The masses stay on the same scale (a convex
+    combination of the group's estimates; the group's total is kept), so a coverage target keeps
+    its meaning; an item that one head of the group estimates high gets ``weight / G`` of that
+    mass in the others. Memory: two ``[B, Hq, Nk]`` outputs.
+    """
+    if weight == 0.0:
+        return columns, diagonals
+
+    def mixed(masses: torch.Tensor) -> torch.Tensor:
+        bsz, q_heads, n = masses.shape
+        grouped = masses.reshape(bsz, kv_heads, q_heads // kv_heads, n)
+        return torch.lerp(grouped, grouped.mean(dim=2, keepdim=True), weight).reshape(bsz, q_heads, n)
+
+    return mixed(columns), mixed(diagonals)
 
 
 def _estimate_masses_torch(
