@@ -202,7 +202,7 @@ longinfer:$PLANS9/q15-tau0.98-tail.json,longinfer:$PLANS9/q15-kv-tau0.7-tail.jso
       run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
         --tail-launch $launch --out "$RES/$step/turn-$launch"
     done ;;
-  q15-cap-plans)  # issue 4/5: column caps above every 64K head's need (no round 1): turns (fused/separate tail), RULER 32K
+  q15-cap-plans)  # issues 4/5: column caps above every 64K head's need (no round 1): turns (fused/separate tail), RULER 32K (+ group_mix 0.5)
     for variant in cap8448:fused cap8448:separate cap12288:separate; do
       plan=${variant%%:*}; launch=${variant##*:}
       [ -d "$RES/$step/turn-$plan-$launch" ] || run python3 benchmarks/real_model_checks.py $Q15 --lengths "" \
@@ -212,7 +212,8 @@ longinfer:$PLANS9/q15-tau0.98-tail.json,longinfer:$PLANS9/q15-kv-tau0.7-tail.jso
     [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl \
       > "$RES/$step/ruler.jsonl"  # session 8's dense rows: same prompts
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
-      "dense,longinfer:$PLANS10/q15-cap8448-tail.json,longinfer:$PLANS10/q15-cap12288-tail.json" ;;
+      "dense,longinfer:$PLANS10/q15-cap8448-tail.json,longinfer:$PLANS10/q15-cap12288-tail.json,\
+longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
   q15-ppl)  # issue 5: perplexity, 4 windows at 32K and the one 128K window the corpus holds
     run_cli eval ppl $Q15 --lengths 32768 --samples 4 --methods "dense,longinfer" --out "$RES/$step"
     run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step" ;;
