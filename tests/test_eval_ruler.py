@@ -65,6 +65,17 @@ def test_niah_needles_and_answers(task, needles, answers, tokenizer, haystack):
         assert all(key not in question for key, v in facts if v not in prompt.expected)
 
 
+@pytest.mark.parametrize("task, count, chat", [("niah_multivalue", 4, False), ("vt", 5, True), ("cwe", 0, False)])
+def test_piece_spans_are_the_inserted_sentences(task, count, chat, haystack):
+    tokenizer = make_tokenizer(chat_template=chat)
+    prompt = generate(task, tokenizer, haystack, 2500, seed=0, sample=1, use_chat_template=chat)
+    assert len(prompt.pieces) == count
+    pattern = r"One of the special magic numbers for [A-Za-z ]+ is: \d{7}\." if task != "vt" else r"VAR [A-Z]{5} = (VAR [A-Z]{5}|\d{5})\."
+    for start, stop in prompt.pieces:
+        assert re.fullmatch(pattern, tokenizer.decode(prompt.input_ids[start:stop]).strip())
+    assert all(a[1] <= b[0] for a, b in zip(prompt.pieces, prompt.pieces[1:]))  # in order, disjoint
+
+
 def test_variable_tracking_chain_in_order(tokenizer, haystack):
     prompt = generate("vt", tokenizer, haystack, 2500, seed=0, sample=2)
     text = _context(tokenizer, prompt.input_ids)

@@ -53,11 +53,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class RulerPrompt:
-    """One generated RULER-style prompt and the strings a correct answer contains."""
+    """One generated RULER-style prompt and the strings a correct answer contains.
+
+    ``pieces``: token spans ``(start, stop)`` in ``input_ids`` of the inserted needle / assignment
+    sentences (empty for the word-extraction tasks), for analyses of the rows the task depends on.
+    """
 
     input_ids: list[int]
     expected: tuple[str, ...]
     max_new_tokens: int
+    pieces: tuple[tuple[int, int], ...] = ()
 
 
 Generator = Callable[[TokenizerLike, Haystack, int, random.Random, "bool | None"], RulerPrompt]
@@ -85,14 +90,17 @@ def _with_pieces(
     length: int,
     frame: PromptFrame,
     pieces: Sequence[tuple[float, str]],
-) -> list[int]:
-    """A prompt of ``length`` tokens: the haystack with ``(depth, sentence)`` pieces inserted."""
+) -> tuple[list[int], tuple[tuple[int, int], ...]]:
+    """A prompt of ``length`` tokens: the haystack with ``(depth, sentence)`` pieces inserted, and
+    each piece's token span in it."""
     piece_ids = [(depth, encode(tokenizer, " " + text)) for depth, text in pieces]
     hay_len = frame.context_budget(length) - sum(len(ids) for _, ids in piece_ids)
     if hay_len <= 0:
         raise ValueError(f"length {length} is too short for this task's needles; use a longer length")
-    context, _ = insert_pieces(tokenizer, haystack.token_ids(tokenizer, hay_len), piece_ids)
-    return frame.assemble(context)
+    context, starts = insert_pieces(tokenizer, haystack.token_ids(tokenizer, hay_len), piece_ids)
+    offset = len(frame.prefix_ids)
+    spans = tuple((offset + start, offset + start + len(ids)) for start, (_, ids) in zip(starts, piece_ids))
+    return frame.assemble(context), spans
 
 
 def _join_names(names: Sequence[str]) -> str:
@@ -133,8 +141,8 @@ def _niah(
     answer = f"The special magic {numbers} for {keys} mentioned in the provided text {verb}"
     frame = _frame(tokenizer, chat, NIAH_INSTRUCTION, question, answer)
     sentences = [f"One of the special magic numbers for {key} is: {value}." for key, value in needles]
-    ids = _with_pieces(tokenizer, haystack, length, frame, list(zip(depths, sentences)))
-    return RulerPrompt(ids, expected, 32 + 16 * len(expected))
+    ids, spans = _with_pieces(tokenizer, haystack, length, frame, list(zip(depths, sentences)))
+    return RulerPrompt(ids, expected, 32 + 16 * len(expected), spans)
 
 
 def _niah_single(
@@ -205,7 +213,8 @@ def _variable_tracking(
         f"Answer: According to the chain(s) of variable assignment in the text above, {len(expected)} "
         f"variables are assigned the value {values[0]}, they are:",
     )
-    return RulerPrompt(_with_pieces(tok, hay, length, frame, pieces), expected, 48)
+    ids, spans = _with_pieces(tok, hay, length, frame, pieces)
+    return RulerPrompt(ids, expected, 48, spans)
 
 
 def word_pool(
