@@ -62,12 +62,11 @@ def piece_rows(prompt: ruler.RulerPrompt) -> torch.Tensor:
 
 def per_head_recall(q: torch.Tensor, k: torch.Tensor, index: Any, rows: torch.Tensor,
                     sm_scale: float) -> tuple[list[float], float]:
-    """Each query head's mean recall over ``rows`` (``[Hq]`` values) and the mean density."""
+    """Each query head's mean recall over ``rows`` (``[Hq]`` values) and the density (kept keys /
+    causal keys summed over the rows, averaged over heads: the recall tool's definition)."""
     stats = attention_recall(q, k, index, rows.to(q.device), sm_scale=sm_scale,
                              lse=causal_logsumexp(q, k, rows.to(q.device), sm_scale=sm_scale))
-    recall = stats.recall.float().mean(dim=-1)[0]  # [Hq]
-    density = (stats.kept.float() / stats.causal.float()).mean().item()
-    return recall.tolist(), density
+    return stats.head_recall[0].tolist(), stats.mean_density()
 
 
 def measure_prompt(model: Any, prompt: ruler.RulerPrompt, methods: list[Any], num_rows: int,
