@@ -766,16 +766,14 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
         _capped_kernel[(rows,)](columns, diagonals, hist, counts, state, slices=slices, **per_row)
         capped_grid = (rows, capped_slices)
         capped_launch = dict(launch, slice_len=triton.cdiv(n, capped_slices))
+        no_tau = {key: value for key, value in capped_launch.items() if key not in ("tau_high", "tau_low")}
         for radix_pass in range(8):
-            _top_pass_kernel[capped_grid](columns, diagonals, hist, state, n=n, sink=sink, local=local,
-                                          slice_len=capped_launch["slice_len"], PASS=radix_pass, CHUNK=chunk,
-                                          num_warps=options.warps, **caps)
+            _top_pass_kernel[capped_grid](columns, diagonals, hist, state, PASS=radix_pass, **no_tau, **caps)
         _candidates_kernel[(rows,)](hist, state, n=n, **caps)
         width = num_vertical + num_slash  # the candidates' coverage passes read only the candidates
         candidates = torch.empty(rows, width, dtype=torch.float32, device=columns.device)
-        _compact_candidates_kernel[capped_grid](columns, diagonals, state, candidates, candidate_count, n=n,
-                                                sink=sink, local=local, slice_len=capped_launch["slice_len"],
-                                                width=width, CHUNK=chunk, num_warps=options.warps)
+        _compact_candidates_kernel[capped_grid](columns, diagonals, state, candidates, candidate_count, width=width,
+                                                **no_tau)
         for radix_pass in range(8):
             _buffer_pass_kernel[capped_grid](columns, diagonals, hist, candidates, candidate_count, buf_stride=width,
                                              PASS=radix_pass, SECTION=CAPPED_HIST.value, CHUNK=chunk,

@@ -64,6 +64,7 @@ from longinfer.ops import reference
 from longinfer.ops._checks import interpreter_enabled
 from longinfer.patterns._common import (
     KERNEL_BLOCK_SIZES,
+    QKShape,
     check_budget,
     check_config_fields,
     check_qk,
@@ -407,29 +408,33 @@ def estimate_masses(
     """
     shape = check_qk(q, k)
     scale = softmax_scale(sm_scale, shape.head_dim)
-    nk = shape.k_len
     backend = estimate_backend(q, k) if backend is None else backend
     require(backend in ("triton", "torch"), f"backend must be 'triton', 'torch' or None, got {backend!r}")
     require(backend == "torch" or q.is_cuda or interpreter_enabled(),
             "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; use backend='torch' on the CPU")
+    masses = _masses_by_backend(q, k, config, shape, scale, positions, backend)
+    return mix_over_groups(*masses, shape.kv_heads, config.group_mix)
+
+
+def _masses_by_backend(q: torch.Tensor, k: torch.Tensor, config: VerticalSlashConfig, shape: QKShape, scale: float,
+                       positions: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`estimate_masses` before ``group_mix``, on the chosen backend."""
+    nk = shape.k_len
     if positions is None and backend == "triton":
         rows, query_pos = _kernel_positions(shape.q_len, nk, config.last_q, config.query_sampling, q.device)
-        masses = estimate_masses_triton(q, k, rows, query_pos, sink=config.sink, local=config.local, scale=scale)
-        return mix_over_groups(*masses, shape.kv_heads, config.group_mix)
+        return estimate_masses_triton(q, k, rows, query_pos, sink=config.sink, local=config.local, scale=scale)
     if positions is None:
         query_pos = estimation_positions(shape.q_len, nk, config.last_q, config.query_sampling, device=q.device)
     else:
         host_pos = _checked_positions(positions, shape.q_offset, nk)
         query_pos = positions.to(device=q.device, dtype=torch.long).flatten()
     if backend == "triton":
-        masses = estimate_masses_triton(q, k, query_pos - shape.q_offset, query_pos, sink=config.sink,
-                                        local=config.local, scale=scale)
-        return mix_over_groups(*masses, shape.kv_heads, config.group_mix)
+        return estimate_masses_triton(q, k, query_pos - shape.q_offset, query_pos, sink=config.sink,
+                                      local=config.local, scale=scale)
     if positions is None:  # the torch path also needs them on the host: rebuilt from the sizes, no copy back
         host_pos = query_pos if query_pos.device.type == "cpu" else estimation_positions(
             shape.q_len, nk, config.last_q, config.query_sampling)
-    masses = _estimate_masses_torch(q, k, config, scale, host_pos, query_pos)
-    return mix_over_groups(*masses, shape.kv_heads, config.group_mix)
+    return _estimate_masses_torch(q, k, config, scale, host_pos, query_pos)
 
 
 def mix_over_groups(columns: torch.Tensor, diagonals: torch.Tensor, kv_heads: int,
@@ -614,8 +619,8 @@ def select_packed(columns: torch.Tensor, diagonals: torch.Tensor, config: Vertic
     ``backend``: ``"torch"``, ``"triton"`` (:mod:`longinfer.patterns._select_kernel`; on the CPU only
     in the interpreter) or ``"auto"`` (the default: :func:`auto_selection_backend`). Same index; see
     the kernel module for the rounding-level differences. On an H200 at a 4K-query turn over 64K
-    keys the Triton path takes 0.17 ms per 12-head layer against torch's 0.62 ms
-    (``benchmarks/turn_kernels.py``). Memory: the outputs plus, on the torch path, a few
+    keys the Triton path takes 0.23 ms per 12-head layer against torch's 0.61 ms where no cap binds,
+    ~0.5 ms where one does (``benchmarks/turn_kernels.py``, session 10). Memory: the outputs plus, on the torch path, a few
     ``[B, H, Nk]`` tensors. No host synchronization.
     """
     require(backend in ("auto", "triton", "torch"), f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
