@@ -17,6 +17,7 @@ PLANS5=docs/results/gpu-session5/plans
 PLANS8=docs/results/gpu-session8/plans
 PLANS9=docs/results/gpu-session9/plans
 PLANS10=docs/results/gpu-session10/plans
+PLANS11=docs/results/gpu-session11/plans
 VS="vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,last_q=64,query_sampling=strided"
 COST="vertical_slash:budget=coverage,num_vertical=8192,num_slash=8192,last_q=64,query_sampling=strided,rank=cost,tau=1.0"
 # The default estimator at 64-, 32- and 16-row query tiles, coverage and cost-ranked budgets.
@@ -214,6 +215,15 @@ longinfer:$PLANS9/q15-tau0.98-tail.json,longinfer:$PLANS9/q15-kv-tau0.7-tail.jso
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
       "dense,longinfer:$PLANS10/q15-cap8448-tail.json,longinfer:$PLANS10/q15-cap12288-tail.json,\
 longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
+  q15-vcap-low)  # issues 4/5: column caps below the default (more diagonals at the same tau): turns, RULER 32K
+    for plan in cap2048 cap1024; do
+      [ -d "$RES/$step/turn-$plan" ] || run python3 benchmarks/real_model_checks.py $Q15 --lengths "" \
+        --turn-prefix 65536 --turn-length 4096 --plan "$PLANS11/q15-$plan-tail.json" --out "$RES/$step/turn-$plan"
+    done
+    [ -f "$RES/$step/ruler.jsonl" ] || grep -E '"method": "(dense|longinfer)"' docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl \
+      > "$RES/$step/ruler.jsonl"  # session 8's dense and default rows: same prompts
+    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
+      "dense,longinfer,longinfer:$PLANS11/q15-cap2048-tail.json,longinfer:$PLANS11/q15-cap1024-tail.json" ;;
   q15-ppl)  # issue 5: perplexity, 4 windows at 32K and the one 128K window the corpus holds
     run_cli eval ppl $Q15 --lengths 32768 --samples 4 --methods "dense,longinfer" --out "$RES/$step"
     run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step" ;;
