@@ -1,4 +1,4 @@
-"""Attention recall at the rows a RULER-style task depends on, next to recall at spread rows.
+"""Attention recall and output error at the rows a RULER-style task depends on, next to spread rows.
 
 Mean recall over rows spread across a prompt ranked estimators in the opposite order to their
 RULER-style scores (``docs/results/recall-cpu-qwen0.5b-8k-groupmix/``): one index per KV group
@@ -12,7 +12,10 @@ method specs) at
 - ``spread``: ``--rows`` rows sampled across the prompt (what ``recall_frontier.py`` scores).
 
 Per method and row set: recall mean / p10 / min over every (layer, query head), each head's value
-the mean over the set's rows; density on the spread rows. Appends one JSON line per (prompt,
+the mean over the set's rows; the same for the attention output's relative error
+(:func:`longinfer.patterns.recall.attention_output_error`: what the dropped keys' values would
+have added, which recall does not weigh), as mean / p90 / max; density on the spread rows.
+Appends one JSON line per (prompt,
 method) to ``<out>/ruler_rows_recall.jsonl`` as each prompt finishes (rerun the same command to
 resume) and writes ``ruler_rows_recall.md``.
 
@@ -21,7 +24,7 @@ resume) and writes ``ruler_rows_recall.md``.
         --method default=vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,query_sampling=strided \\
         --method kv=vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,query_sampling=strided,per_kv_group=true
 
-Memory: one layer's q/k at a time plus the recall tool's streaming buffers (``O(R * KEY_CHUNK)``
+Memory: one layer's q/k/v at a time plus the recall tool's streaming buffers (``O(R * KEY_CHUNK)``
 per head); no N x N matrix.
 """
 
@@ -46,11 +49,12 @@ from longinfer.eval.capture import capture_qk
 from longinfer.eval.cli import load_haystack
 from longinfer.eval.report import markdown_table
 from longinfer.models import zoo
-from longinfer.patterns.recall import attention_recall, causal_logsumexp, sample_rows
+from longinfer.patterns.recall import attention_output_error, attention_recall, causal_logsumexp, sample_rows
 
 logger = logging.getLogger("ruler_rows_recall")
 RESULTS = "ruler_rows_recall.jsonl"
 ROW_SETS = ("pieces", "spread")
+ERROR_KEYS = {"pieces": "error_pieces", "spread": "error_spread"}  # record keys of the output errors
 
 
 def piece_rows(prompt: ruler.RulerPrompt) -> torch.Tensor:
@@ -71,30 +75,35 @@ def per_head_recall(q: torch.Tensor, k: torch.Tensor, index: Any, rows: torch.Te
 
 def measure_prompt(model: Any, prompt: ruler.RulerPrompt, methods: list[Any], num_rows: int,
                    seed: int) -> dict[str, dict[str, Any]]:
-    """Per method: per row set the per-(layer, head) recalls, and the spread rows' density."""
+    """Per method: per row set the per-(layer, head) recalls and output errors, and the spread rows' density."""
     ids = torch.tensor([prompt.input_ids], device=model.device)
     n = ids.shape[1]
     rows = {"pieces": piece_rows(prompt), "spread": sample_rows(n, n, num_rows, seed=seed)}
-    results: dict[str, dict[str, Any]] = {m.name: {"pieces": [], "spread": [], "density": []} for m in methods}
+    results: dict[str, dict[str, Any]] = {
+        m.name: {"pieces": [], "spread": [], "density": [], **{key: [] for key in ERROR_KEYS.values()}}
+        for m in methods}
 
     def on_layer(captured: Any) -> None:
-        q, k, scale = captured.q, captured.k, captured.sm_scale
+        q, k, v, scale = captured.q, captured.k, captured.v, captured.sm_scale
         for method in methods:
             index = method.index(q, k, layer=captured.layer, sm_scale=scale)
             for name, chosen in rows.items():
                 values, density = per_head_recall(q, k, index, chosen, scale)
                 results[method.name][name].extend(values)
+                error = attention_output_error(q, k, v, index, chosen.to(q.device), sm_scale=scale)
+                results[method.name][ERROR_KEYS[name]].extend(error[0].mean(-1).tolist())
                 if name == "spread":
                     results[method.name]["density"].append(density)
         logger.info("layer %d done", captured.layer)
 
-    capture_qk(model, ids, on_layer=on_layer)
+    capture_qk(model, ids, on_layer=on_layer, values=True)
     return results
 
 
 def summary(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
-    return {"mean": sum(values) / len(values), "p10": ordered[int(0.1 * (len(ordered) - 1))], "min": ordered[0]}
+    return {"mean": sum(values) / len(values), "p10": ordered[int(0.1 * (len(ordered) - 1))], "min": ordered[0],
+            "p90": ordered[int(0.9 * (len(ordered) - 1))], "max": ordered[-1]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,33 +129,42 @@ def _records(path: Path) -> list[dict[str, Any]]:
 
 
 def write_report(out: Path, records: list[dict[str, Any]], command: str) -> Path:
-    """Markdown: per method, recall mean / p10 / min at piece rows and at spread rows, over all prompts."""
+    """Markdown: per method, recall (mean / p10 / min) and output error (mean / p90 / max) at piece
+    rows and at spread rows, over all prompts (records without errors, from before they were
+    measured, show a dash)."""
+    keys = ("pieces", "spread", "density", *ERROR_KEYS.values())
     by_method: dict[str, dict[str, list[float]]] = {}
     for record in records:
-        entry = by_method.setdefault(record["method"], {"pieces": [], "spread": [], "density": []})
-        for key in entry:
-            entry[key].extend(record[key])
+        entry = by_method.setdefault(record["method"], {key: [] for key in keys})
+        for key in keys:
+            entry[key].extend(record.get(key, []))
     rows = []
     for name, entry in by_method.items():
         cells = [name]
         for row_set in ROW_SETS:
             s = summary(entry[row_set])
             cells.append(f"{s['mean']:.3f} / {s['p10']:.3f} / {s['min']:.2f}")
+        for row_set in ROW_SETS:
+            errors = entry[ERROR_KEYS[row_set]]
+            s = summary(errors) if errors else None
+            cells.append(f"{s['mean']:.3f} / {s['p90']:.3f} / {s['max']:.2f}" if s else "—")
         cells.append(f"{100 * sum(entry['density']) / len(entry['density']):.1f}%")
         rows.append(cells)
     prompts = sorted({record["prompt"] for record in records})
     header = records[0] if records else {}
     lines = [
-        "# Recall at the rows a RULER-style task depends on vs at spread rows",
+        "# Recall and output error at the rows a RULER-style task depends on vs at spread rows",
         "",
         f"- model: {header.get('model')}, length {header.get('length')}, device {header.get('device')}, "
         f"torch {header.get('torch')}; prompts: {', '.join(prompts)}",
         f"- command: `{command}`",
         "- pieces = rows inside the inserted needle / assignment sentences; spread = rows sampled across "
         "the prompt. Recall mean / p10 / min over every (layer, query head), each head's value the mean over "
-        "the set's rows; density on the spread rows.",
+        "the set's rows; output error = ||o_index - o|| / ||o|| of the attention output, mean / p90 / max the "
+        "same way; density on the spread rows.",
         "",
-        markdown_table(["method", "recall at pieces", "recall at spread rows", "density"], rows),
+        markdown_table(["method", "recall at pieces", "recall at spread rows", "output error at pieces",
+                        "output error at spread rows", "density"], rows),
     ]
     path = out / "ruler_rows_recall.md"
     path.write_text("\n".join(lines) + "\n")

@@ -22,8 +22,8 @@ def input_ids():
     return torch.randint(0, VOCAB, (2, 150), generator=torch.Generator().manual_seed(0))
 
 
-def _qk_by_hand(model, input_ids, layer):
-    """q/k of ``layer`` from the layer's input hidden states: norm, projections, RoPE."""
+def _qkv_by_hand(model, input_ids, layer):
+    """q/k/v of ``layer`` from the layer's input hidden states: norm, projections, RoPE on q/k."""
     with torch.no_grad():
         hidden = model(input_ids=input_ids, output_hidden_states=True, use_cache=False).hidden_states[layer]
         block = model.model.layers[layer]
@@ -33,21 +33,26 @@ def _qk_by_hand(model, input_ids, layer):
         d = attn.head_dim
         q = attn.q_proj(normed).view(bsz, n, -1, d).transpose(1, 2)
         k = attn.k_proj(normed).view(bsz, n, -1, d).transpose(1, 2)
+        v = attn.v_proj(normed).view(bsz, n, -1, d).transpose(1, 2)
         positions = torch.arange(n)[None].expand(bsz, -1)
         cos, sin = model.model.rotary_emb(normed, positions)
-        return apply_rotary_pos_emb(q, k, cos, sin)
+        return *apply_rotary_pos_emb(q, k, cos, sin), v
 
 
 def test_captured_qk_match_hand_computation(model, input_ids):
     captured = capture_qk(model, input_ids)
+    with_values = capture_qk(model, input_ids, layers=[1], values=True)
     assert sorted(captured) == [0, 1]
     for layer in (0, 1):
-        q, k = _qk_by_hand(model, input_ids, layer)
+        q, k, v = _qkv_by_hand(model, input_ids, layer)
         assert captured[layer].q.shape == (2, 4, 150, 8) and captured[layer].k.shape == (2, 2, 150, 8)
         torch.testing.assert_close(captured[layer].q, q, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(captured[layer].k, k, atol=1e-5, rtol=1e-5)
         assert captured[layer].sm_scale == pytest.approx(8**-0.5)
         assert captured[layer].masked is False and captured[layer].q_rows is None
+        assert captured[layer].v is None  # values only on request
+    torch.testing.assert_close(with_values[1].v, v, atol=1e-5, rtol=1e-5)
+    assert torch.equal(with_values[1].k, captured[1].k)
 
 
 def test_dense_output_unchanged_and_implementation_restored(model, input_ids):

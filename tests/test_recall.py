@@ -12,7 +12,7 @@ from longinfer.patterns import (
     estimate_dense,
     estimate_vertical_slash,
 )
-from longinfer.patterns.recall import attention_recall, causal_logsumexp, sample_rows
+from longinfer.patterns.recall import attention_output_error, attention_recall, causal_logsumexp, sample_rows
 
 
 def _brute_probs(q, k, scale):
@@ -124,3 +124,38 @@ def test_recall_uses_kernel_semantics_not_exact_diagonals():
     mask_fn = lambda r: vertical_slash_mask(torch.full((1, 1, 1), -1), torch.tensor([[[0]]]), 64, 32, rows=r)
     stats = attention_recall(q, k, mask_fn, rows)
     assert stats.kept.item() == 40 - 32 + 1  # keys 32..40 of the query's 32-block
+
+
+@pytest.mark.parametrize("nq, nk, key_chunk", [(150, 150, 4096), (70, 333, 64)])  # one chunk; many, after a prefix
+def test_output_error_matches_brute_force(nq, nk, key_chunk):
+    q, k = _qk(nq=nq, nk=nk, seed=nk)
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(1))
+    rows = sample_rows(nq, nk, 25, seed=2)
+    keep = torch.rand(2, 2, rows.numel(), nk, generator=torch.Generator().manual_seed(3)) < 0.3  # per KV group
+    keep[..., 0] = True  # every row keeps key 0, so no row is empty
+    scale = 16 ** -0.5
+    got = attention_output_error(q, k, v, lambda r: keep, rows, sm_scale=scale, key_chunk=key_chunk)
+
+    probs = _brute_probs(q, k, scale)[:, :, rows - (nk - nq)]  # [B, Hq, R, Nk] float64
+    sparse = probs * keep.repeat_interleave(2, dim=1)
+    sparse = sparse / sparse.sum(-1, keepdim=True)
+    values = v.double().repeat_interleave(2, dim=1)
+    exact, approx = probs @ values, sparse @ values
+    expected = (approx - exact).norm(dim=-1) / exact.norm(dim=-1)
+    assert got.shape == (2, 4, rows.numel())
+    # float32 streaming against a float64 brute force; errors here are O(0.1-1)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    assert float(expected.median()) > 0.05  # most rows lose something: the check is not vacuous
+
+
+def test_output_error_is_zero_when_everything_is_kept_and_one_when_nothing_is():
+    q, k = _qk(nq=100, nk=100)
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(1))
+    rows = torch.tensor([0, 5, 50, 99])
+    everything = attention_output_error(q, k, v, lambda r: torch.ones(1, 1, r.numel(), 100, dtype=torch.bool), rows,
+                                        key_chunk=32)
+    assert float(everything.abs().max()) < 1e-5
+    nothing = attention_output_error(q, k, v, lambda r: torch.zeros(1, 1, r.numel(), 100, dtype=torch.bool), rows)
+    assert torch.equal(nothing, torch.ones_like(nothing))
+    with pytest.raises(ValueError, match="v must have k's shape"):
+        attention_output_error(q, k, v[:, :, :50], lambda r: torch.ones(1, 1, r.numel(), 100, dtype=torch.bool), rows)

@@ -38,8 +38,7 @@ def test_piece_rows_recall_and_resume(setup, tmp_path, monkeypatch):
     prompt = ruler.generate("niah_multivalue", tokenizer, haystack, 600, seed=0, sample=0)
     rows = script.piece_rows(prompt)
     assert rows.numel() == sum(b - a for a, b in prompt.pieces) and bool((rows[1:] > rows[:-1]).all())
-    everything = parse_method_spec("all=vertical_slash:budget=coverage,tau=1.0,num_vertical=600,num_slash=600,"
-                                   "last_q=16,sink=4,local=4,block_size=16")
+    everything = parse_method_spec("all=dense")
     small = parse_method_spec(f"small={SMALL}")
     results = script.measure_prompt(model, prompt, [everything, small], num_rows=32, seed=0)
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
@@ -47,6 +46,9 @@ def test_piece_rows_recall_and_resume(setup, tmp_path, monkeypatch):
         assert len(results[name]["pieces"]) == len(results[name]["spread"]) == layers * heads
     assert results["all"]["pieces"] == pytest.approx([1.0] * layers * heads, abs=1e-5)  # every key kept
     assert min(results["small"]["pieces"]) < 0.999 and max(results["small"]["density"]) < 1.0
+    for key in ("error_pieces", "error_spread"):
+        assert results["all"][key] == pytest.approx([0.0] * layers * heads, abs=1e-5)  # nothing dropped
+        assert len(results["small"][key]) == layers * heads and max(results["small"][key]) > 1e-3
     with pytest.raises(ValueError, match="inserts no sentences"):
         script.piece_rows(ruler.generate("cwe", tokenizer, haystack, 600, seed=0, sample=0))
 
@@ -61,4 +63,5 @@ def test_piece_rows_recall_and_resume(setup, tmp_path, monkeypatch):
     torch.testing.assert_close(torch.tensor(records[0]["pieces"]), torch.tensor(results["small"]["pieces"]))
     assert script.main(argv) == 0  # resumed: nothing new
     assert len((tmp_path / "ruler_rows_recall.jsonl").read_text().splitlines()) == 1
-    assert "| small |" in (tmp_path / "ruler_rows_recall.md").read_text()
+    report = (tmp_path / "ruler_rows_recall.md").read_text()
+    assert "| small |" in report and "output error at pieces" in report

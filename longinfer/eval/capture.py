@@ -1,4 +1,4 @@
-"""Capture the post-RoPE queries and keys of every attention layer of a transformers model.
+"""Capture the post-RoPE queries and keys (values on request) of every attention layer of a transformers model.
 
 One forward pass runs with a temporary attention implementation registered through transformers'
 ``AttentionInterface`` (and the SDPA mask builder under the same name in
@@ -54,6 +54,7 @@ class LayerQK:
         q_rows: ``[R]`` int64 absolute positions of the stored query rows; ``None`` = all ``N``.
         masked: True when the layer got an explicit attention mask (padding, sliding window,
             packed sequences); False means plain causal attention over all keys.
+        v: ``[B, Hkv, N, D]`` every value, when the capture asked for values; else ``None``.
     """
 
     layer: int
@@ -62,6 +63,7 @@ class LayerQK:
     sm_scale: float
     q_rows: torch.Tensor | None = None
     masked: bool = False
+    v: torch.Tensor | None = None
 
 
 @dataclass
@@ -74,6 +76,7 @@ class _CaptureSession:
     store_dtype: torch.dtype | None
     query_rows: torch.Tensor | None
     stored: dict[int, LayerQK]
+    values: bool = False
 
     def wants(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
@@ -83,7 +86,8 @@ class _CaptureSession:
         dtype = self.store_dtype if self.store_dtype is not None else x.dtype
         return x.to(device=device, dtype=dtype).contiguous()
 
-    def handle(self, layer: int, query: torch.Tensor, key: torch.Tensor, sm_scale: float, masked: bool) -> None:
+    def handle(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sm_scale: float,
+               masked: bool) -> None:
         rows = None
         if self.query_rows is not None:
             if int(self.query_rows.max()) >= query.shape[2]:
@@ -92,7 +96,8 @@ class _CaptureSession:
             rows = self.query_rows.to(query.device)
             query = query[:, :, rows]
         captured = LayerQK(layer=layer, q=self._keep(query), k=self._keep(key), sm_scale=sm_scale,
-                           q_rows=None if rows is None else rows.cpu(), masked=masked)
+                           q_rows=None if rows is None else rows.cpu(), masked=masked,
+                           v=self._keep(value) if self.values else None)
         if self.on_layer is not None:
             self.on_layer(captured)
         else:
@@ -131,7 +136,7 @@ def _capture_attention(
     if session.wants(layer):
         scaling = kwargs.get("scaling")
         sm_scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-        session.handle(layer, query, key, sm_scale, masked=attention_mask is not None)
+        session.handle(layer, query, key, value, sm_scale, masked=attention_mask is not None)
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
@@ -179,6 +184,7 @@ def capturing(
     store_device: torch.device | str | None = None,
     store_dtype: torch.dtype | None = None,
     query_rows: torch.Tensor | None = None,
+    values: bool = False,
 ) -> Iterator[dict[int, LayerQK]]:
     """Within the block, every forward of ``model`` captures each layer's post-RoPE q and k.
 
@@ -196,6 +202,8 @@ def capturing(
             forward); default: where the layer computed them.
         store_dtype: dtype of the stored tensors; default: the model's compute dtype.
         query_rows: ``[R]`` absolute positions: keep only these query rows (every key is kept).
+        values: also capture each layer's values (:attr:`LayerQK.v`): ``B * Hkv * N * D`` more
+            elements per stored layer.
 
     Yields:
         ``{layer: LayerQK}``, filled by the forward (stays empty when ``on_layer`` is given).
@@ -213,6 +221,7 @@ def capturing(
         store_dtype=store_dtype,
         query_rows=_check_query_rows(query_rows),
         stored={},
+        values=values,
     )
     _register()
     previous = model.config._attn_implementation
@@ -239,6 +248,7 @@ def capture_qk(
     store_device: torch.device | str | None = None,
     store_dtype: torch.dtype | None = None,
     query_rows: torch.Tensor | None = None,
+    values: bool = False,
 ) -> dict[int, LayerQK]:
     """Run one prefill forward of ``input_ids`` and capture each layer's post-RoPE q and k.
 
@@ -246,7 +256,7 @@ def capture_qk(
         model: see :func:`capturing`.
         input_ids: ``[B, N]`` token ids on the model's device; no padding (every position is a
             real token, attention is plain causal).
-        layers, on_layer, store_device, store_dtype, query_rows: see :func:`capturing`.
+        layers, on_layer, store_device, store_dtype, query_rows, values: see :func:`capturing`.
 
     Returns:
         ``{layer: LayerQK}`` for the captured layers, by layer (empty when ``on_layer`` is given).
@@ -261,6 +271,6 @@ def capture_qk(
     if query_rows is not None and query_rows.numel() and int(query_rows.max()) >= input_ids.shape[1]:
         raise ValueError(f"query_rows must be positions in [0, {input_ids.shape[1]})")
     with capturing(model, layers=layers, on_layer=on_layer, store_device=store_device, store_dtype=store_dtype,
-                   query_rows=query_rows) as stored, torch.inference_mode():
+                   query_rows=query_rows, values=values) as stored, torch.inference_mode():
         model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
     return dict(sorted(stored.items()))

@@ -30,8 +30,8 @@ A_SHAPE_BLOCK_M = 64  # with 2 query heads stacked per tile when Hq/Hkv is even 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 # How the dense last rows of a vertical-slash call run (vertical_slash_attention's tail_launch):
 # "fused" was the faster of the in-kernel choices on real indices (H200, session 6); "separate"
-# (a split-K pass after the sparse launch, 0.15 ms per layer on a synthetic index there, against
-# 0.27 ms fused on real indices in session 10) is timed by benchmarks/turn_kernels.py.
+# (a split-K pass after the sparse launch) measured the same on the real 64K turn (H200, session 11:
+# 4.88 vs 4.86 ms over 4 layers, 60.9 vs 60.0 ms per turn; docs/results/gpu-session11/).
 TAIL_LAUNCH = "fused"
 
 

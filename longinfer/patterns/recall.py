@@ -215,3 +215,69 @@ def attention_recall(
             recall[..., r0: r0 + part.numel()] += (probs * mask[..., start:stop]).sum(-1)
     flat = (shape.batch, shape.q_heads, rows.numel())
     return RecallStats(rows=rows, recall=recall.reshape(flat), kept=kept.reshape(flat), causal=rows + 1)
+
+
+def _online_softmax_step(state: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scores: torch.Tensor,
+                         values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One key chunk of a streaming softmax-weighted sum: ``state = (max, sum, acc)`` over
+    ``scores [..., R, C]`` (``-inf`` = not attended) and ``values [..., C, D]``."""
+    row_max, row_sum, acc = state
+    new_max = torch.maximum(row_max, scores.amax(-1))
+    safe = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)  # rows with nothing yet
+    rescale = torch.exp(row_max - safe)
+    probs = torch.exp(scores - safe[..., None])
+    return new_max, row_sum * rescale + probs.sum(-1), acc * rescale[..., None] + probs @ values
+
+
+def attention_output_error(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: Any,
+    rows: torch.Tensor,
+    *,
+    sm_scale: float | None = None,
+    key_chunk: int = KEY_CHUNK,
+) -> torch.Tensor:
+    """Relative error of the attention output an index gives at sampled rows: ``[B, Hq, R]`` float32.
+
+    ``error = ||o_index - o|| / ||o||`` per row, where ``o`` is the causal softmax over all keys
+    ``j <= i`` times ``V`` and ``o_index`` the softmax over the keys the index keeps (what its
+    kernel computes). A row whose index keeps no key gets ``o_index = 0`` (error 1). Recall counts
+    the attention mass an index drops; this also weighs what the dropped keys' values would have
+    added, i.e. what the layer's output actually loses.
+
+    Args:
+        q: ``[B, Hq, Nq, D]`` (the last ``Nq`` of ``Nk`` positions); k, v: ``[B, Hkv, Nk, D]``.
+        index: as :func:`attention_recall` takes it.
+        rows: ``[R]`` absolute query positions in ``[Nk - Nq, Nk)``.
+
+    Memory: the index's mask for all rows (``[B, H, R, Nk]`` booleans) plus
+    ``O(B * Hq * R * (key_chunk + D))`` floats per step.
+    """
+    shape = check_qk(q, k)
+    require(tuple(v.shape) == tuple(k.shape), f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    rows = _check_rows(rows, shape.q_len, shape.k_len, q.device)
+    scale = softmax_scale(sm_scale, shape.head_dim)
+    require(key_chunk >= 1, "key_chunk must be >= 1")
+    mask = _grouped_mask(_mask_of(index, rows).to(q.device), shape.batch, shape.q_heads, shape.kv_heads,
+                         rows.numel(), shape.k_len)
+    q_rows = _grouped_rows(q, rows, shape.kv_heads, shape.q_offset)
+    grouped = (shape.batch, shape.kv_heads, shape.group_size, rows.numel())
+
+    def empty() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.full(grouped, -math.inf, device=q.device), torch.zeros(grouped, device=q.device),
+                torch.zeros(*grouped, shape.head_dim, device=q.device))
+
+    dense, sparse = empty(), empty()
+    for start in range(0, int(rows.max()) + 1, key_chunk):
+        stop = min(start + key_chunk, int(rows.max()) + 1)
+        scores = _row_scores(q_rows, k, rows, shape.group_size, start, stop, scale)
+        values = v[:, :, None, start:stop].float()  # [B, Hkv, 1, C, D]: shared by the group's heads
+        dense = _online_softmax_step(dense, scores, values)
+        sparse = _online_softmax_step(sparse, scores.masked_fill(~mask[..., start:stop], -math.inf), values)
+    exact = dense[2] / dense[1][..., None]
+    kept = sparse[1][..., None]
+    approx = torch.where(kept > 0, sparse[2] / kept.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    error = (approx - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    return error.reshape(shape.batch, shape.q_heads, rows.numel())
