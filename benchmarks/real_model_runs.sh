@@ -233,6 +233,24 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       > "$RES/$step/ruler.jsonl"  # session 8's dense and default rows: same prompts
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
       "dense,longinfer,longinfer:$PLANS11/q15-exact-tail.json,longinfer:$PLANS11/q15-exact0.8-tail.json" ;;
+  q15-peer)  # issue 5: the peer (minference 0.1.6: its estimate + kernel, VS(1000, 6096) every head) beside dense and
+    # the default on the 1.5B: TTFT at 32K / 128K, then RULER 32K (dense and default rows: session 8's; rerun to finish).
+    # Carry .device/minference-0.1.6.0.tar.gz (built here, ~80 s, once per warm machine).
+    peer
+    [ -d "$RES/$step/latency" ] || run_cli eval latency $Q15 --lengths 32768,131072 --repeats 2 --warmup 1 \
+      --out "$RES/$step/latency" --methods dense,longinfer,peer
+    [ -f "$RES/$step/ruler.jsonl" ] || grep -E '"method": "(dense|longinfer)"' docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl \
+      > "$RES/$step/ruler.jsonl"
+    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods dense,longinfer,peer ;;
+  q15-tau-high)  # issue 5: per-head tau 0.995 / 0.999 (denser, per-head index): does RULER 32K follow density alone? turns, RULER
+    for plan in tau0.995 tau0.999; do
+      [ -d "$RES/$step/turn-$plan" ] || run python3 benchmarks/real_model_checks.py $Q15 --lengths "" \
+        --turn-prefix 65536 --turn-length 4096 --plan "$PLANS11/q15-$plan-tail.json" --out "$RES/$step/turn-$plan"
+    done
+    [ -f "$RES/$step/ruler.jsonl" ] || grep -E '"method": "(dense|longinfer)"' docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl \
+      > "$RES/$step/ruler.jsonl"  # session 8's dense and default rows: same prompts
+    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
+      "dense,longinfer,longinfer:$PLANS11/q15-tau0.995-tail.json,longinfer:$PLANS11/q15-tau0.999-tail.json" ;;
   q15-ppl)  # issue 5: perplexity, 4 windows at 32K and the one 128K window the corpus holds
     run_cli eval ppl $Q15 --lengths 32768 --samples 4 --methods "dense,longinfer" --out "$RES/$step"
     run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step" ;;

@@ -122,3 +122,25 @@ def test_no_attention_method_only_for_latency(tmp_path, stub_zoo):
     with pytest.raises(ValueError, match="only fits the latency task"):
         main(["eval", "needle", "--methods", "dense,none", "--out", str(tmp_path), "--haystack", str(tmp_path)])
     assert stub_zoo == []
+
+
+def test_longinfer_records_carry_the_prefill_density(tmp_path, stub_zoo):
+    from longinfer.plans import default_plan_for
+
+    model, _ = zoo.load("tiny-test")
+    plan = tmp_path / "sparse.json"
+    default_plan_for(model.config, model_id="tiny-test", dense_below=0, dense_last=64).save(plan)
+    hay = tmp_path / "hay.txt"
+    hay.write_text(corpus_text())
+    out = tmp_path / "res"
+    argv = ["eval", "ruler", "--model", "tiny-test", "--methods", f"dense,longinfer:{plan}", "--lengths", "600",
+            "--ruler-tasks", "niah_single,vt", "--samples", "1", "--out", str(out), "--haystack", str(hay),
+            "--dtype", "float32"]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (out / "ruler.jsonl").read_text().splitlines()]
+    sparse = [r for r in records if r["method"] == "longinfer:sparse"]
+    assert len(sparse) == 2 and all("attention_density" not in r for r in records if r["method"] == "dense")
+    assert all(0.0 < r["attention_density"] < 1.0 for r in sparse)  # sparse rows before the 64 dense last ones
+    report = (out / "ruler.md").read_text()
+    mean = sum(r["attention_density"] for r in sparse) / 2
+    assert "Attention density of the prefill" in report and f"| 600 | {100 * mean:.1f}% |" in report

@@ -19,6 +19,7 @@ import abc
 import contextlib
 import importlib
 import logging
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,6 +84,13 @@ class AttentionMethod(abc.ABC):
 
     def prepare(self) -> None:
         """Load what the method needs before a model is loaded, so a missing dependency fails fast."""
+
+    def begin_case(self, model: Any) -> None:
+        """Called (inside :meth:`activate`) before each case runs: zero per-case counters."""
+
+    def case_measures(self, model: Any) -> dict[str, Any]:
+        """Fields measured over the case just run, added to its result record."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -181,6 +189,15 @@ class LonginferMethod(AttentionMethod):
             yield
         finally:
             integration.unpatch(model)
+
+    def begin_case(self, model: Any) -> None:
+        _integration().reset_stats(model)
+
+    def case_measures(self, model: Any) -> dict[str, Any]:
+        """``attention_density``: the share of attention pairs the case's prefill calls computed
+        (decode steps not counted; absent when no prefill call ran)."""
+        density = _integration().attention_stats(model).density
+        return {} if math.isnan(density) else {"attention_density": density}
 
     def describe(self) -> dict[str, Any]:
         described = {"plan": self.plan or "default"}

@@ -84,6 +84,21 @@ def _header(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
+def _density_table(records: Sequence[Record]) -> str:
+    """Mean prefill attention density per method and length, over the cases that recorded one
+    (longinfer methods); empty when none did."""
+    measured = [r for r in _ok(records) if r.get("attention_density") is not None]
+    if not measured:
+        return ""
+    methods = _ordered(r["method"] for r in measured)
+    by_cell = _group(measured, "method", "length")
+    rows = [[length, *[f"{100 * _mean(by_cell[(m, length)], 'attention_density'):.1f}%" if (m, length) in by_cell
+                       else "-" for m in methods]]
+            for length in sorted({r["length"] for r in measured})]
+    return ("Attention density of the prefill (share of the causal (query, key) pairs computed, all layers; "
+            "mean over the cases).\n\n" + markdown_table(["length", *methods], rows))
+
+
 def _needle_section(
     records: Sequence[Record], out_dir: Path, prefix: str, baseline: str
 ) -> tuple[str, list[Path]]:
@@ -135,7 +150,7 @@ def _needle_section(
         )
         for method in methods
     ]
-    parts = ["Pass count per cell (needles passed / needles).", text, "\n".join(regressions)]
+    parts = ["Pass count per cell (needles passed / needles).", text, "\n".join(regressions), _density_table(records)]
     return "\n\n".join(p for p in parts if p), figures
 
 
@@ -174,6 +189,8 @@ def _ruler_section(
         + "\n\nPer sub-task score (share of expected strings found, 0-100).\n\n"
         + markdown_table(["length", "task", *methods], detail)
     )
+    density = _density_table(records)
+    text += f"\n\n{density}" if density else ""
     figures = [
         _heatmap(
             {(t, n): score(m, n, t) / 100 for n in lengths for t in subtasks},

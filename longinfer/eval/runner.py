@@ -36,6 +36,7 @@ _RESERVED = {
     "device",
     "python",
     "error",
+    "attention_density",
 }
 
 
@@ -163,6 +164,7 @@ def run_task(
             with method.activate(model):
                 for case in todo:
                     record = _case_record(task, case, method, model_name, environment, extra)
+                    method.begin_case(model)
                     result = _run_one(task, model, tokenizer, case)
                     clashes = set(result) & (_RESERVED - {"error"})
                     if clashes:
@@ -170,6 +172,8 @@ def run_task(
                             f"task {task.name} returned reserved record fields {sorted(clashes)}"
                         )
                     record.update(result)
+                    if "error" not in record:
+                        record.update(method.case_measures(model))
                     record["date"] = now()
                     store.append(record)
                     done[record_key(record)] = record
