@@ -257,6 +257,9 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
   q05-ruler)  # issue 5: RULER-style at 16K and 32K with the peer, 6 samples per sub-task
     peer
     run_cli eval ruler $Q05 --lengths 16384,32768 --samples 6 --methods "dense,longinfer,peer" --out "$RES/$step" ;;
+  q05-peer-16k)  # issue 5: the 0.5B at 16K with the peer beside dense and longinfer, 6 samples per sub-task (carry the peer sdist)
+    peer
+    run_cli eval ruler $Q05 --lengths 16384 --samples 6 --methods "dense,longinfer,peer" --out "$RES/$step" ;;
   q05-needle)  # issue 5: needle with the peer beside dense and longinfer
     peer
     run_cli eval needle $Q05 --lengths 8192,16384,32768 --methods "dense,longinfer,peer" --out "$RES/$step" ;;
