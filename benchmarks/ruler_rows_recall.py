@@ -15,9 +15,8 @@ Per method and row set: recall mean / p10 / min over every (layer, query head), 
 the mean over the set's rows; the same for the attention output's relative error
 (:func:`longinfer.patterns.recall.attention_output_error`: what the dropped keys' values would
 have added, which recall does not weigh), as mean / p90 / max; density on the spread rows.
-Appends one JSON line per (prompt,
-method) to ``<out>/ruler_rows_recall.jsonl`` as each prompt finishes (rerun the same command to
-resume) and writes ``ruler_rows_recall.md``.
+Appends one JSON line per (prompt, method) to ``<out>/ruler_rows_recall.jsonl`` as each prompt
+finishes (rerun the same command to resume) and writes ``ruler_rows_recall.md``.
 
     python benchmarks/ruler_rows_recall.py --model qwen2.5-coder-0.5b --length 8192 \\
         --tasks niah_multivalue,vt --samples 1 --device cpu --out /tmp/rows \\
