@@ -224,10 +224,6 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       > "$RES/$step/ruler.jsonl"  # session 8's dense and default rows: same prompts
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
       "dense,longinfer,longinfer:$PLANS11/q15-cap2048-tail.json,longinfer:$PLANS11/q15-cap1024-tail.json" ;;
-  q15-vcap-ruler128)  # issue 5: RULER-style at 128K of the 2048-column cap (dense and default rows: session 8's; rerun to finish)
-    [ -f "$RES/$step/ruler.jsonl" ] || cp docs/results/gpu-session8/blockA/q15-ruler-tail/ruler.jsonl "$RES/$step/ruler.jsonl"
-    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
-      --methods "dense,longinfer,longinfer:$PLANS11/q15-cap2048-tail.json" ;;
   q15-exact-masses)  # issue 5: the default pattern and budget on exact masses (every row estimates): is the estimator or the budget short? RULER 32K
     [ -f "$RES/$step/ruler.jsonl" ] || grep -E '"method": "(dense|longinfer)"' docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl \
       > "$RES/$step/ruler.jsonl"  # session 8's dense and default rows: same prompts
