@@ -49,6 +49,15 @@ seed_dense_ruler() {
 }
 mkdir -p "$RES/$step"
 case "$step" in
+  cold-start)  # no model: the first sparse call of a fresh process, by part, on an empty Triton cache (then the same
+    # shape again in a new process with the filled cache: a restart on a warm machine). Run it first on a fresh machine.
+    for shape in "14 2 64 16384" "12 2 128 32768"; do
+      set -- $shape
+      for pass in cold warm; do
+        run python3 benchmarks/cold_start.py --heads $1 --kv-heads $2 --head-dim $3 --length $4 \
+          --cache-dir "/tmp/cold-cache-$3" --out "$RES/$step/h$1-d$3-n$4-$pass"
+      done
+    done ;;
   gpu-tests)  # the GPU-only tests of the CUDA graphs and the kernels (bf16 shapes, dense tail tiles)
     LONGINFER_AUTOTUNE=0 run python3 -m pytest -q -p no:cacheprovider tests/test_gpu_graphs.py tests/test_ops_kernels.py \
       tests/test_estimate_kernel.py > "$RES/$step/pytest.txt" 2>&1
