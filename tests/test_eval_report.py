@@ -52,6 +52,7 @@ def test_needle_report(tmp_path):
                         "depth": depth,
                         "passed": bool(ok),
                         "score": float(ok),
+                        **({"attention_density": 0.1 + 0.1 * ok} if method == "longinfer" else {}),
                     }
                 )
     records.append({"method": "longinfer", "task": "needle", "length": 2048, "depth": 0.0, "error": "oom"})
@@ -62,6 +63,7 @@ def test_needle_report(tmp_path):
     assert "| 1024 | 0.00 | 2/2 | 1/2 |" in text
     assert "| 1024 | 1.00 | 1/2 | 2/2 |" in text
     assert "| 2048 | 0.00 | - | - (1 oom) |" in text
+    assert "| length | longinfer |" in text and "| 1024 | 17.5% |" in text  # (0.2 + 0.1 + 0.2 + 0.2) / 4; oom rows skipped
     assert "| all |  | 75.0% | 75.0% |" in text
     assert "longinfer: fails 1 cell(s) that dense passes fully: 1024@0.00" in text
     assert "- devices: cpu (test)" in text and "(1 with errors)" in text
@@ -121,9 +123,13 @@ def test_latency_report_and_crossover(tmp_path):
         for m, points in ttft.items()
         for n, t in points.items()
     ]
+    for record in records:
+        if record["method"] == "longinfer":
+            record["attention_density"] = {8192: 0.5, 16384: 0.3, 32768: 0.2}[record["length"]]
     records.append({"method": "longinfer", "task": "latency", "length": 65536, "error": "oom"})
     text = render_report(_write(tmp_path / "latency.jsonl", records)).read_text()
     assert "timer: cuda-synchronized" in text
+    assert "Attention density of the prefill" in text and "| 32768 | 20.0% |" in text  # longinfer's column only
     assert "| 32768 | 1600.0 ms / 1.00 GiB | 400.0 ms / 1.00 GiB | 4.00x |" in text
     assert "| 65536 | - | oom | - |" in text
     assert "crossover longinfer vs dense: 16384 tokens" in text

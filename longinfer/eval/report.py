@@ -281,7 +281,9 @@ def _latency_section(
                 + (f"{cross} tokens" if cross else "none in the measured range")
             )
     figure = _line_plot(ttft, out_dir / f"{prefix}.png")
-    return notes[0] + "\n\n" + markdown_table(header, rows) + "\n\n" + "\n".join(notes[1:]), [figure]
+    density = _density_table(records)
+    text = notes[0] + "\n\n" + markdown_table(header, rows) + "\n\n" + "\n".join(notes[1:])
+    return text + (f"\n\n{density}" if density else ""), [figure]
 
 
 def _heatmap(
