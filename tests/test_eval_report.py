@@ -63,7 +63,8 @@ def test_needle_report(tmp_path):
     assert "| 1024 | 0.00 | 2/2 | 1/2 |" in text
     assert "| 1024 | 1.00 | 1/2 | 2/2 |" in text
     assert "| 2048 | 0.00 | - | - (1 oom) |" in text
-    assert "| length | longinfer |" in text and "| 1024 | 17.5% |" in text  # (0.2 + 0.1 + 0.2 + 0.2) / 4; oom rows skipped
+    # the density table: (0.2 + 0.1 + 0.2 + 0.2) / 4 at 1024; the oom case records none
+    assert "| length | longinfer |" in text and "| 1024 | 17.5% |" in text
     assert "| all |  | 75.0% | 75.0% |" in text
     assert "longinfer: fails 1 cell(s) that dense passes fully: 1024@0.00" in text
     assert "- devices: cpu (test)" in text and "(1 with errors)" in text
