@@ -47,6 +47,19 @@ seed_dense_ruler() {
   [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session4/q15-ruler/ruler.jsonl \
     | grep '"sample": [0-5],' > "$RES/$step/ruler.jsonl"
 }
+# RULER 32K, 12 samples: session 8's dense and default-plan rows are the same code and prompts
+seed_ruler_32k() {
+  [ -f "$RES/$step/ruler.jsonl" ] || grep -E '"method": "(dense|longinfer)"' \
+    docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl > "$RES/$step/ruler.jsonl"
+}
+# plan_turns PLAN_DIR NAME...: the second turn (4K over a cached 64K) with each plan $PLAN_DIR/q15-NAME-tail.json
+plan_turns() {
+  local dir=$1 plan; shift
+  for plan in "$@"; do
+    [ -d "$RES/$step/turn-$plan" ] || run python3 benchmarks/real_model_checks.py $Q15 --lengths "" \
+      --turn-prefix 65536 --turn-length 4096 --plan "$dir/q15-$plan-tail.json" --out "$RES/$step/turn-$plan"
+  done
+}
 mkdir -p "$RES/$step"
 case "$step" in
   cold-start)  # no model: the first sparse call of a fresh process, by part, on an empty Triton cache (then the same
@@ -225,17 +238,12 @@ longinfer:$PLANS9/q15-tau0.98-tail.json,longinfer:$PLANS9/q15-kv-tau0.7-tail.jso
       "dense,longinfer:$PLANS10/q15-cap8448-tail.json,longinfer:$PLANS10/q15-cap12288-tail.json,\
 longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
   q15-vcap-low)  # issues 4/5: column caps below the default (more diagonals at the same tau): turns, RULER 32K
-    for plan in cap2048 cap1024; do
-      [ -d "$RES/$step/turn-$plan" ] || run python3 benchmarks/real_model_checks.py $Q15 --lengths "" \
-        --turn-prefix 65536 --turn-length 4096 --plan "$PLANS11/q15-$plan-tail.json" --out "$RES/$step/turn-$plan"
-    done
-    [ -f "$RES/$step/ruler.jsonl" ] || grep -E '"method": "(dense|longinfer)"' docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl \
-      > "$RES/$step/ruler.jsonl"  # session 8's dense and default rows: same prompts
+    plan_turns "$PLANS11" cap2048 cap1024
+    seed_ruler_32k
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
       "dense,longinfer,longinfer:$PLANS11/q15-cap2048-tail.json,longinfer:$PLANS11/q15-cap1024-tail.json" ;;
   q15-exact-masses)  # issue 5: the default pattern and budget on exact masses (every row estimates): is the estimator or the budget short? RULER 32K
-    [ -f "$RES/$step/ruler.jsonl" ] || grep -E '"method": "(dense|longinfer)"' docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl \
-      > "$RES/$step/ruler.jsonl"  # session 8's dense and default rows: same prompts
+    seed_ruler_32k
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
       "dense,longinfer,longinfer:$PLANS11/q15-exact-tail.json,longinfer:$PLANS11/q15-exact0.8-tail.json" ;;
   q15-peer)  # issue 5: the peer (minference 0.1.6: its estimate + kernel, VS(1000, 6096) every head) beside dense and
@@ -244,16 +252,11 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     peer
     [ -d "$RES/$step/latency" ] || run_cli eval latency $Q15 --lengths 32768,131072 --repeats 2 --warmup 1 \
       --out "$RES/$step/latency" --methods dense,longinfer,peer
-    [ -f "$RES/$step/ruler.jsonl" ] || grep -E '"method": "(dense|longinfer)"' docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl \
-      > "$RES/$step/ruler.jsonl"
+    seed_ruler_32k
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods dense,longinfer,peer ;;
   q15-tau-high)  # issue 5: per-head tau 0.995 / 0.999 (denser, per-head index): does RULER 32K follow density alone? turns, RULER
-    for plan in tau0.995 tau0.999; do
-      [ -d "$RES/$step/turn-$plan" ] || run python3 benchmarks/real_model_checks.py $Q15 --lengths "" \
-        --turn-prefix 65536 --turn-length 4096 --plan "$PLANS11/q15-$plan-tail.json" --out "$RES/$step/turn-$plan"
-    done
-    [ -f "$RES/$step/ruler.jsonl" ] || grep -E '"method": "(dense|longinfer)"' docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl \
-      > "$RES/$step/ruler.jsonl"  # session 8's dense and default rows: same prompts
+    plan_turns "$PLANS11" tau0.995 tau0.999
+    seed_ruler_32k
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
       "dense,longinfer,longinfer:$PLANS11/q15-tau0.995-tail.json,longinfer:$PLANS11/q15-tau0.999-tail.json" ;;
   q15-rows-error)  # issue 5: recall and output error at the facts' rows of RULER 32K prompts on the 1.5B, for plans whose

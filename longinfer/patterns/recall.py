@@ -270,8 +270,9 @@ def attention_output_error(
                 torch.zeros(*grouped, shape.head_dim, device=q.device))
 
     dense, sparse = empty(), empty()
-    for start in range(0, int(rows.max()) + 1, key_chunk):
-        stop = min(start + key_chunk, int(rows.max()) + 1)
+    stop_all = int(rows.max()) + 1  # keys after the last row are never causal (one host sync)
+    for start in range(0, stop_all, key_chunk):
+        stop = min(start + key_chunk, stop_all)
         scores = _row_scores(q_rows, k, rows, shape.group_size, start, stop, scale)
         values = v[:, :, None, start:stop].float()  # [B, Hkv, 1, C, D]: shared by the group's heads
         dense = _online_softmax_step(dense, scores, values)
