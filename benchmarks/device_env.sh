@@ -1,7 +1,7 @@
 # Sourced at the start of a device call that works on a real zoo model (see benchmarks/README.md).
 #
 #   source benchmarks/device_env.sh
-#   assemble qwen2.5-coder-0.5b q05      # /tmp/m/q05.a? -> the zoo cache, sha256-checked
+#   assemble qwen2.5-coder-0.5b q05      # /tmp/m/q05.?? -> the zoo cache, sha256-checked
 #   li eval needle --model qwen2.5-coder-0.5b ... --out $RES/needle
 #   pack needle                           # $RES -> $OUT/needle.tgz (a call returns at most 8 files)
 #
@@ -16,18 +16,18 @@ mkdir -p "$RES" /tmp/m "$LONGINFER_CACHE/corpora"
 
 li() { python3 -m longinfer.cli "$@"; }
 
-# assemble NAME PREFIX: join /tmp/m/PREFIX.a? into the zoo cache of NAME, verify size and sha256.
+# assemble NAME PREFIX: join /tmp/m/PREFIX.?? into the zoo cache of NAME, verify size and sha256.
 assemble() {
   local name=$1 prefix=$2 file sha dir
   read -r file sha < <(python3 -c "from longinfer.models import zoo; f = zoo.get_model('$name').file; print(f.filename, f.sha256)")
   dir=$LONGINFER_CACHE/models/$name
   mkdir -p "$dir"
   if [ ! -f "$dir/$file" ]; then
-    for chunk in .device/recall/"$prefix".a?; do [ -f "$chunk" ] && mv "$chunk" /tmp/m/; done
-    cat /tmp/m/"$prefix".a? > "$dir/$file" || return 1
+    for chunk in .device/recall/"$prefix".??; do [ -f "$chunk" ] && mv "$chunk" /tmp/m/; done
+    cat /tmp/m/"$prefix".?? > "$dir/$file" || return 1
     echo "$sha  $dir/$file" | sha256sum -c --quiet || { rm -f "$dir/$file"; echo "checksum mismatch for $name"; return 1; }
     echo "$sha" > "$dir/$file.sha256"
-    rm -f /tmp/m/"$prefix".a?
+    rm -f /tmp/m/"$prefix".??
   fi
   for f in .device/recall/cache/corpora/*; do
     [ -f "$f" ] && [ ! -e "$LONGINFER_CACHE/corpora/${f##*/}" ] && cp "$f" "$LONGINFER_CACHE/corpora/"

@@ -205,3 +205,27 @@ def test_gpu_kernel_packs_the_torch_index(n):
             _assert_same_index(columns, diagonals, config, kernel.ParallelOptions(compact_after=0))
             parallel_only = _triton_index(columns, diagonals, config, fallback=False)  # round 1 finishes capped rows
             assert torch.equal(parallel_only[0], expected[0]) and torch.equal(parallel_only[1], expected[1])
+
+
+@pytest.mark.gpu
+def test_gpu_one_compiled_variant_per_kernel_whatever_the_pass_round_or_length():
+    """Cold start: each kernel compiles once for all radix passes, both rounds and prompt lengths of
+    any divisibility (session 12: 33 variants, 38-49 s on a fresh machine, more per new length)."""
+    names = ("_pass_kernel", "_compact_kernel", "_buffer_pass_kernel", "_count_kernel", "_pack_kernel",
+             "_capped_kernel", "_top_pass_kernel", "_candidates_kernel", "_compact_candidates_kernel",
+             "_sequential_kernel")
+    device = torch.cuda.current_device()
+
+    def compiled() -> dict[str, int]:  # variants compiled so far in this process (other tests add theirs)
+        return {name: len(getattr(kernel, name).device_caches[device][0]) for name in names}
+
+    gen = torch.Generator().manual_seed(5)
+    before = compiled()
+    for n in (16384, 16399, 20001):  # divisible by 16, odd, another odd length
+        columns = torch.rand(1, 12, n, generator=gen).square().cuda()
+        diagonals = torch.rand(1, 12, n, generator=gen).square().cuda()
+        for caps in ((4096, 8192), (256, 512)):  # the second binds: round 1 runs
+            select_packed_triton(columns, diagonals, num_vertical=caps[0], num_slash=caps[1], sink=30, local=100,
+                                 coverage=True, tau=0.9)
+    added = {name: count - before[name] for name, count in compiled().items()}
+    assert all(count <= 1 for count in added.values()), added

@@ -47,6 +47,14 @@ cap binds (14 ms when those rows took the sequential path, before round 1 existe
 that skipped the one-hot sums of chunks without a matching item (a branch in the chunk loop) was
 slower and was reverted.
 
+Compiling: the radix pass, round and histogram section are runtime arguments and the integers
+that follow the prompt length are not specialized (``do_not_specialize``), so a process compiles
+each of the 10 kernels once whatever the passes and lengths; the sequential kernel's four radix
+searches are loops, not unrolled. Before (session 12, H200, ``benchmarks/cold_start.py``) they
+were 33 constexpr variants, 38-49 s of a fresh machine's first call, more whenever a new length
+changed an argument's divisibility by 16; on a 2-core CPU (``benchmarks/compile_time.py``, sm_90)
+63.5 s then, 17.5 s now.
+
 Same sets as the torch path, with differences at rounding level only: the mass before an item is
 summed in a different order (both in float64; the parallel path's atomic sums also vary by run at
 ~1e-16), and among items of exactly equal mass at the coverage boundary the count taken is
@@ -101,15 +109,21 @@ def _in_candidates(rank_bits, valid, thresh, ties, seen):
 
 
 @triton.jit
-def _digit_hits(bits, live, prefix, SHIFT: tl.constexpr, FIRST: tl.constexpr):
-    """``[CHUNK, 16]`` one-hot of the 4-bit digit at ``SHIFT`` of the live items whose higher bits
-    equal ``prefix``'s."""
-    if FIRST:
-        match = live
-    else:
-        match = live & ((bits >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)))
+def _digit_hits(bits, live, prefix, shift):
+    """``[CHUNK, 16]`` one-hot of the 4-bit digit at ``shift`` of the live items whose higher bits
+    equal ``prefix``'s (every live item in the first pass, ``shift`` 28: nothing above it is resolved).
+    ``shift`` may be a runtime value: one compiled kernel then serves all 8 passes."""
+    higher = _below_32(shift + 4)
+    match = live & (((bits >> higher) == (prefix >> higher)) | (shift >= 28))
     digits = tl.arange(0, 16)
-    return (((bits >> SHIFT) & 15)[:, None] == digits[None, :]) & match[:, None]
+    return (((bits >> shift) & 15)[:, None] == digits[None, :]) & match[:, None]
+
+
+@triton.jit
+def _below_32(shift):
+    """``shift`` with 32 replaced by 31: an int32 shift by 32 is undefined, and the callers ignore its
+    result then."""
+    return shift - shift // 32
 
 
 @triton.jit
@@ -135,12 +149,12 @@ def _kth_largest(ptr, n, forced, needed, CHUNK: tl.constexpr):
     ``needed`` items. ``needed == 0`` gives ``(NONE_BITS, 0)``."""
     want = tl.maximum(needed, 1)
     prefix = tl.full([], 0, tl.int32)
-    for p in tl.static_range(8):
+    for p in range(8):  # a loop, not unrolled: the sequential kernel's compile time grows with each copy
         counts = tl.zeros([16], tl.int32)
         for start in range(0, n, CHUNK):
             offs = start + tl.arange(0, CHUNK)
             _, _, rank_bits, valid = _load_row(ptr, offs, n, forced)
-            counts += tl.sum(_digit_hits(rank_bits, valid, prefix, 28 - 4 * p, p == 0).to(tl.int32), 0)
+            counts += tl.sum(_digit_hits(rank_bits, valid, prefix, 28 - 4 * p).to(tl.int32), 0)
         best, before = _lowest_digit_below(_above(counts), counts, want)
         want -= before
         prefix = prefix | (best << (28 - 4 * p))
@@ -148,16 +162,15 @@ def _kth_largest(ptr, n, forced, needed, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _mass_pass(ptr, n, forced, cand_bits, cand_ties, prefix, counts, masses,
-               SHIFT: tl.constexpr, FIRST: tl.constexpr, CHUNK: tl.constexpr):
+def _mass_pass(ptr, n, forced, cand_bits, cand_ties, prefix, counts, masses, shift, CHUNK: tl.constexpr):
     """One radix pass of the coverage threshold over one kind: adds the count and float64 mass
-    of its live (non-forced candidate) items per digit at ``SHIFT`` under ``prefix``."""
+    of its live (non-forced candidate) items per digit at ``shift`` under ``prefix``."""
     seen = tl.full([], 0, tl.int32)
     for start in range(0, n, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         mass, mass_bits, rank_bits, valid = _load_row(ptr, offs, n, forced)
         candidate, seen = _in_candidates(rank_bits, valid, cand_bits, cand_ties, seen)
-        hits = _digit_hits(mass_bits, candidate & (offs >= forced), prefix, SHIFT, FIRST)
+        hits = _digit_hits(mass_bits, candidate & (offs >= forced), prefix, shift)
         counts += tl.sum(hits.to(tl.int32), 0)
         masses += tl.sum(tl.where(hits, mass.to(tl.float64)[:, None], 0.0), 0)
     return counts, masses
@@ -181,13 +194,13 @@ def _coverage_threshold(col_ptr, diag_ptr, n, sink, local, col_bits, col_ties, d
     first ``ties`` equal to it (columns first, then diagonals, in position order)."""
     prefix = tl.full([], 0, tl.int32)
     tie_count = tl.full([], 0, tl.int32)
-    for p in tl.static_range(8):
+    for p in range(8):  # not unrolled (see _kth_largest)
         counts = tl.zeros([16], tl.int32)
         masses = tl.zeros([16], tl.float64)
         counts, masses = _mass_pass(col_ptr, n, sink, col_bits, col_ties, prefix, counts, masses,
-                                    28 - 4 * p, p == 0, CHUNK)
+                                    28 - 4 * p, CHUNK)
         counts, masses = _mass_pass(diag_ptr, n, local, diag_bits, diag_ties, prefix, counts, masses,
-                                    28 - 4 * p, p == 0, CHUNK)
+                                    28 - 4 * p, CHUNK)
         best, before = _lowest_digit_below(_above(masses), counts, left)
         left -= before
         prefix = prefix | (best << (28 - 4 * p))
@@ -287,8 +300,8 @@ CAPPED_HIST = tl.constexpr(512)
 
 
 @triton.jit
-def _replay(counts_ptr, amounts_ptr, left, UPTO: tl.constexpr):
-    """Search state after the first ``UPTO`` radix passes, from their per-digit sums (pass ``p``'s 16
+def _replay(counts_ptr, amounts_ptr, left, upto):
+    """Search state after the first ``upto`` radix passes, from their per-digit sums (pass ``p``'s 16
     counts at ``counts_ptr + 32 p``, its 16 amounts at ``amounts_ptr + 32 p``): ``(prefix bits, left,
     count of the last pass's chosen digit)``. Coverage sums masses as amounts (``left``: the mass
     still to take); the top-k search reads its counts as amounts (``left``: the items still to take)."""
@@ -296,7 +309,7 @@ def _replay(counts_ptr, amounts_ptr, left, UPTO: tl.constexpr):
     prefix = tl.full([], 0, tl.int32)
     tie_count = tl.zeros([], tl.float64)
     for p in tl.static_range(8):
-        if p < UPTO:
+        if p < upto:
             counts = tl.load(counts_ptr + p * 32 + digits)
             amounts = tl.load(amounts_ptr + p * 32 + digits)
             best, before = _lowest_digit_below(_above(amounts), counts, left)
@@ -307,16 +320,16 @@ def _replay(counts_ptr, amounts_ptr, left, UPTO: tl.constexpr):
 
 
 @triton.jit
-def _replay_coverage(hist, left, UPTO: tl.constexpr):
-    """Coverage search state after ``UPTO`` passes (pass ``p``: 16 counts, 16 masses at ``hist + 32 p``)."""
-    return _replay(hist, hist + 16, left, UPTO)
+def _replay_coverage(hist, left, upto):
+    """Coverage search state after ``upto`` passes (pass ``p``: 16 counts, 16 masses at ``hist + 32 p``)."""
+    return _replay(hist, hist + 16, left, upto)
 
 
 @triton.jit
-def _replay_top(hist_kind, needed, UPTO: tl.constexpr):
-    """Top-``needed`` search of one kind after ``UPTO`` passes (its counts at ``hist_kind + 32 p``):
+def _replay_top(hist_kind, needed, upto):
+    """Top-``needed`` search of one kind after ``upto`` passes (its counts at ``hist_kind + 32 p``):
     ``(prefix bits, items still to take, count of the last digit)``."""
-    return _replay(hist_kind, hist_kind, tl.maximum(needed, 1).to(tl.float64), UPTO)
+    return _replay(hist_kind, hist_kind, tl.maximum(needed, 1).to(tl.float64), upto)
 
 
 @triton.jit
@@ -333,15 +346,14 @@ def _candidate_bits(hist_row, n, num_vertical, num_slash):
 
 
 @triton.jit
-def _slice_digits(ptr, lo, hi, forced, prefix, counts, masses, SHIFT: tl.constexpr, FIRST: tl.constexpr,
-                  CHUNK: tl.constexpr):
-    """Adds the count and float64 mass per digit at ``SHIFT`` of the non-forced items ``lo .. hi - 1``
+def _slice_digits(ptr, lo, hi, forced, prefix, counts, masses, shift, CHUNK: tl.constexpr):
+    """Adds the count and float64 mass per digit at ``shift`` of the non-forced items ``lo .. hi - 1``
     whose higher bits equal ``prefix``'s."""
     for start in range(lo, hi, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         valid = offs < hi
         mass = tl.load(ptr + offs, mask=valid, other=0.0) + 0.0
-        hits = _digit_hits(mass.to(tl.int32, bitcast=True), valid & (offs >= forced), prefix, SHIFT, FIRST)
+        hits = _digit_hits(mass.to(tl.int32, bitcast=True), valid & (offs >= forced), prefix, shift)
         counts += tl.sum(hits.to(tl.float64), 0)
         masses += tl.sum(tl.where(hits, mass.to(tl.float64)[:, None], 0.0), 0)
     return counts, masses
@@ -381,14 +393,14 @@ def _program_slice(size, length):
 
 
 @triton.jit
-def _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, SECTION: tl.constexpr,
-                DONE: tl.constexpr, CHUNK: tl.constexpr):
-    """``(columns pointer, diagonals pointer, prefix)`` of a row: the bits its first ``DONE`` coverage
-    passes resolved (replayed from its ``SECTION`` of ``HIST``)."""
+def _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, section, done,
+                CHUNK: tl.constexpr):
+    """``(columns pointer, diagonals pointer, prefix)`` of a row: the bits its first ``done`` coverage
+    passes resolved (replayed from its ``section`` of ``HIST``)."""
     col_ptr = COLUMNS + row * n
     diag_ptr = DIAGONALS + row * n
     left = _left_after_forced(col_ptr, diag_ptr, n, sink, local, tau_high, tau_low, CHUNK)
-    prefix, _, _ = _replay_coverage(HIST + row * HIST_ROW + SECTION, tl.maximum(left, 1e-300), DONE)
+    prefix, _, _ = _replay_coverage(HIST + row * HIST_ROW + section, tl.maximum(left, 1e-300), done)
     return col_ptr, diag_ptr, prefix
 
 
@@ -423,7 +435,7 @@ def _is_capped(col_ptr, diag_ptr, HIST, COUNTS, row, n, sink, local, num_vertica
     return (cols > num_vertical) | (diags > num_slash)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "slices"])
 def _capped_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, STATE, n, sink, local, num_vertical, num_slash, tau_high, tau_low,
                    slices, CHUNK: tl.constexpr, MAX_SLICES: tl.constexpr):
     """After round 0, grid ``(R,)``: whether each row's caps bind, into ``STATE[row, 0]``."""
@@ -433,7 +445,7 @@ def _capped_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, STATE, n, sink, local, num_
     tl.store(STATE + row * 4, capped.to(tl.int32))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _candidates_kernel(HIST, STATE, n, num_vertical, num_slash):
     """After the top-k passes, grid ``(R,)``: a capped row's candidate bits and exactness into
     ``STATE[row, 1:4]``."""
@@ -446,100 +458,103 @@ def _candidates_kernel(HIST, STATE, n, num_vertical, num_slash):
 
 
 @triton.jit
-def _round_state(STATE, row, ROUND: tl.constexpr):
+def _round_state(STATE, row, round_index):
     """``(active, exact, column candidate bits, diagonal candidate bits)`` of a row in round
-    ``ROUND``: round 0 works on every row without caps (candidate bits -1: everything); round 1 on
-    the rows whose caps bind, with their top-k candidates (``exact`` false: sequential path)."""
-    if ROUND == 0:
-        active = row >= 0
-        exact = active
-        col_bits = tl.full([], -1, tl.int32)
-        diag_bits = col_bits
-    else:
-        active = tl.load(STATE + row * 4) != 0
-        col_bits = tl.load(STATE + row * 4 + 1)
-        diag_bits = tl.load(STATE + row * 4 + 2)
-        exact = tl.load(STATE + row * 4 + 3) != 0
+    ``round_index``: round 0 works on every row without caps (candidate bits -1: everything); round
+    1 on the rows whose caps bind, with their top-k candidates (``exact`` false: sequential path).
+    Round 0 reads ``STATE`` too (zeros then) so that one compiled kernel serves both rounds."""
+    first = round_index == 0
+    state = STATE + row * 4
+    active = (tl.load(state) != 0) | first
+    exact = (tl.load(state + 3) != 0) | first
+    col_bits = tl.where(first, -1, tl.load(state + 1))
+    diag_bits = tl.where(first, -1, tl.load(state + 2))
     return active, exact, col_bits, diag_bits
 
 
 @triton.jit
-def _pass_kernel(COLUMNS, DIAGONALS, HIST, n, sink, local, slice_len, tau_high, tau_low, PASS: tl.constexpr,
+def _round_hist(HIST, row, round_index):
+    """A row's digit sums of the coverage search of round ``round_index`` (0: every item, 1: the candidates)."""
+    return HIST + row * HIST_ROW + tl.where(round_index == 0, COVERAGE_HIST, CAPPED_HIST)
+
+
+@triton.jit(do_not_specialize=["n", "slice_len", "radix_pass"])
+def _pass_kernel(COLUMNS, DIAGONALS, HIST, n, sink, local, slice_len, tau_high, tau_low, radix_pass,
                  CHUNK: tl.constexpr):
-    """Round 0's coverage radix pass ``PASS`` over the rows: grid ``(R, slices)``; each program replays
+    """Round 0's coverage radix pass ``radix_pass`` over the rows: grid ``(R, slices)``; each program replays
     the earlier passes, sums its slice of both kinds per digit and adds the 32 sums to ``HIST``."""
     row, _, _, lo, hi = _program_slice(slice_len, n)
     col_ptr, diag_ptr, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low,
-                                            COVERAGE_HIST, PASS, CHUNK)
+                                            COVERAGE_HIST, radix_pass, CHUNK)
     counts = tl.zeros([16], tl.float64)
     masses = tl.zeros([16], tl.float64)
-    counts, masses = _slice_digits(col_ptr, lo, hi, sink, prefix, counts, masses, 28 - 4 * PASS, PASS == 0, CHUNK)
-    counts, masses = _slice_digits(diag_ptr, lo, hi, local, prefix, counts, masses, 28 - 4 * PASS, PASS == 0, CHUNK)
-    _add_digit_sums(HIST + row * HIST_ROW + COVERAGE_HIST + PASS * 32, counts, masses)
+    shift = 28 - 4 * radix_pass
+    counts, masses = _slice_digits(col_ptr, lo, hi, sink, prefix, counts, masses, shift, CHUNK)
+    counts, masses = _slice_digits(diag_ptr, lo, hi, local, prefix, counts, masses, shift, CHUNK)
+    _add_digit_sums(HIST + row * HIST_ROW + COVERAGE_HIST + radix_pass * 32, counts, masses)
 
 
 @triton.jit
-def _slice_rank_digits(ptr, lo, hi, forced, prefix, SHIFT: tl.constexpr, FIRST: tl.constexpr, CHUNK: tl.constexpr):
-    """Count per digit at ``SHIFT`` of the ranks (``+inf`` when forced) of items ``lo .. hi - 1`` whose
+def _slice_rank_digits(ptr, lo, hi, forced, prefix, shift, CHUNK: tl.constexpr):
+    """Count per digit at ``shift`` of the ranks (``+inf`` when forced) of items ``lo .. hi - 1`` whose
     higher bits equal ``prefix``'s."""
     counts = tl.zeros([16], tl.float64)
     for start in range(lo, hi, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         _, _, rank_bits, valid = _load_row(ptr, offs, hi, forced)
-        counts += tl.sum(_digit_hits(rank_bits, valid, prefix, SHIFT, FIRST).to(tl.float64), 0)
+        counts += tl.sum(_digit_hits(rank_bits, valid, prefix, shift).to(tl.float64), 0)
     return counts
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "slice_len", "radix_pass"])
 def _top_pass_kernel(COLUMNS, DIAGONALS, HIST, STATE, n, sink, local, num_vertical, num_slash, slice_len,
-                     PASS: tl.constexpr, CHUNK: tl.constexpr):
-    """Radix pass ``PASS`` of the top-``cap`` search of both kinds, for the rows whose caps bind."""
+                     radix_pass, CHUNK: tl.constexpr):
+    """Radix pass ``radix_pass`` of the top-``cap`` search of both kinds, for the rows whose caps bind."""
     row, part, slices, lo, hi = _program_slice(slice_len, n)
     col_ptr = COLUMNS + row * n
     diag_ptr = DIAGONALS + row * n
     if tl.load(STATE + row * 4) != 0:
         hist = HIST + row * HIST_ROW + KTH_HIST
-        col_prefix, col_left, col_run = _replay_top(hist, tl.minimum(num_vertical, n), PASS)
-        diag_prefix, diag_left, diag_run = _replay_top(hist + 16, tl.minimum(num_slash, n), PASS)
-        col_counts = _slice_rank_digits(col_ptr, lo, hi, sink, col_prefix, 28 - 4 * PASS, PASS == 0, CHUNK)
-        diag_counts = _slice_rank_digits(diag_ptr, lo, hi, local, diag_prefix, 28 - 4 * PASS, PASS == 0, CHUNK)
-        _add_digit_sums(hist + PASS * 32, col_counts, diag_counts)
+        col_prefix, col_left, col_run = _replay_top(hist, tl.minimum(num_vertical, n), radix_pass)
+        diag_prefix, diag_left, diag_run = _replay_top(hist + 16, tl.minimum(num_slash, n), radix_pass)
+        shift = 28 - 4 * radix_pass
+        col_counts = _slice_rank_digits(col_ptr, lo, hi, sink, col_prefix, shift, CHUNK)
+        diag_counts = _slice_rank_digits(diag_ptr, lo, hi, local, diag_prefix, shift, CHUNK)
+        _add_digit_sums(hist + radix_pass * 32, col_counts, diag_counts)
 
 
 @triton.jit
-def _compact_slice(ptr, buf_row, count_ptr, width, lo, hi, forced, prefix, lowest, SHIFT: tl.constexpr,
-                   CHUNK: tl.constexpr):
+def _compact_slice(ptr, buf_row, count_ptr, width, lo, hi, forced, prefix, lowest, shift, CHUNK: tl.constexpr):
     """Appends to the row's buffer (``width`` slots, taken with one atomic add per chunk, in any
     order) the masses of the non-forced items ``lo .. hi - 1`` whose bits are ``>= lowest`` and,
-    with ``SHIFT < 32``, from ``SHIFT`` up equal ``prefix``'s."""
+    with ``shift < 32``, from ``shift`` up equal ``prefix``'s."""
+    same_from = _below_32(shift)
     for start in range(lo, hi, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         valid = (offs < hi) & (offs >= forced)
         mass = tl.load(ptr + offs, mask=valid, other=0.0) + 0.0
         bits = mass.to(tl.int32, bitcast=True)
-        keep = valid & (bits >= lowest)
-        if SHIFT < 32:
-            keep = keep & ((bits >> SHIFT) == (prefix >> SHIFT))
+        keep = valid & (bits >= lowest) & (((bits >> same_from) == (prefix >> same_from)) | (shift >= 32))
         keep = keep.to(tl.int32)
         slot = tl.atomic_add(count_ptr, tl.sum(keep, 0)) + tl.cumsum(keep, 0) - keep
         tl.store(buf_row + slot, mass, mask=(keep > 0) & (slot < width))
 
 
-@triton.jit
-def _compact_kernel(COLUMNS, DIAGONALS, HIST, BUF, BUF_COUNT, n, sink, local, slice_len, tau_high, tau_low,
-                    DONE: tl.constexpr, CHUNK: tl.constexpr):
-    """Round 0, after ``DONE`` passes: copies every item the later passes can still count (non-forced,
-    bits above pass ``DONE``'s digit equal to the prefix) into ``BUF [R, 2 * n]``, their number into
+@triton.jit(do_not_specialize=["n", "slice_len", "done"])
+def _compact_kernel(COLUMNS, DIAGONALS, HIST, BUF, BUF_COUNT, n, sink, local, slice_len, tau_high, tau_low, done,
+                    CHUNK: tl.constexpr):
+    """Round 0, after ``done`` passes: copies every item the later passes can still count (non-forced,
+    bits above pass ``done``'s digit equal to the prefix) into ``BUF [R, 2 * n]``, their number into
     ``BUF_COUNT [R]``. Grid ``(R, slices)``."""
     row, _, _, lo, hi = _program_slice(slice_len, n)
     col_ptr, diag_ptr, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low,
-                                            COVERAGE_HIST, DONE, CHUNK)
+                                            COVERAGE_HIST, done, CHUNK)
     buf_row = BUF + row * 2 * n
-    _compact_slice(col_ptr, buf_row, BUF_COUNT + row, 2 * n, lo, hi, sink, prefix, -1, 32 - 4 * DONE, CHUNK)
-    _compact_slice(diag_ptr, buf_row, BUF_COUNT + row, 2 * n, lo, hi, local, prefix, -1, 32 - 4 * DONE, CHUNK)
+    _compact_slice(col_ptr, buf_row, BUF_COUNT + row, 2 * n, lo, hi, sink, prefix, -1, 32 - 4 * done, CHUNK)
+    _compact_slice(diag_ptr, buf_row, BUF_COUNT + row, 2 * n, lo, hi, local, prefix, -1, 32 - 4 * done, CHUNK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "slice_len"])
 def _compact_candidates_kernel(COLUMNS, DIAGONALS, STATE, BUF, BUF_COUNT, n, sink, local, slice_len, width,
                                CHUNK: tl.constexpr):
     """Round 1, after the top-k search: copies the masses of a capped row's non-forced candidates
@@ -553,21 +568,22 @@ def _compact_candidates_kernel(COLUMNS, DIAGONALS, STATE, BUF, BUF_COUNT, n, sin
         _compact_slice(DIAGONALS + row * n, buf_row, BUF_COUNT + row, width, lo, hi, local, 0, diag_bits, 32, CHUNK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "buf_stride", "radix_pass", "section"])
 def _buffer_pass_kernel(COLUMNS, DIAGONALS, HIST, BUF, BUF_COUNT, n, sink, local, tau_high, tau_low, buf_stride,
-                        PASS: tl.constexpr, SECTION: tl.constexpr, CHUNK: tl.constexpr):
-    """Coverage radix pass ``PASS`` over a row's compacted items (``BUF [R, buf_stride]``) instead of
-    the row, into its ``SECTION`` of ``HIST``: round 0 after :func:`_compact_kernel`, round 1 over
+                        radix_pass, section, CHUNK: tl.constexpr):
+    """Coverage radix pass ``radix_pass`` over a row's compacted items (``BUF [R, buf_stride]``) instead
+    of the row, into its ``section`` of ``HIST``: round 0 after :func:`_compact_kernel`, round 1 over
     the candidates of :func:`_compact_candidates_kernel`; program ``s`` of ``slices`` takes the
     ``s``-th share of its row's buffer."""
     count = tl.load(BUF_COUNT + tl.program_id(0))
     row, _, _, lo, hi = _program_slice(tl.cdiv(count, tl.num_programs(1)), count)
-    _, _, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, SECTION, PASS, CHUNK)
+    _, _, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, section, radix_pass,
+                               CHUNK)
     counts = tl.zeros([16], tl.float64)
     masses = tl.zeros([16], tl.float64)
-    counts, masses = _slice_digits(BUF + row * buf_stride, lo, hi, 0, prefix, counts, masses, 28 - 4 * PASS,
-                                   PASS == 0, CHUNK)
-    _add_digit_sums(HIST + row * HIST_ROW + SECTION + PASS * 32, counts, masses)
+    counts, masses = _slice_digits(BUF + row * buf_stride, lo, hi, 0, prefix, counts, masses, 28 - 4 * radix_pass,
+                                   CHUNK)
+    _add_digit_sums(HIST + row * HIST_ROW + section + radix_pass * 32, counts, masses)
 
 
 @triton.jit
@@ -594,16 +610,16 @@ def _count_slice(ptr, counts_out, slices, lo, hi, forced, cand_bits, take_bits, 
     tl.store(counts_out + slices, equal)
 
 
-@triton.jit
-def _count_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, STATE, n, sink, local, slice_len, tau_high, tau_low,
-                  ROUND: tl.constexpr, CHUNK: tl.constexpr):
-    """Round ``ROUND``'s items above / equal to its threshold per (row, kind, slice) into its ``COUNTS``."""
+@triton.jit(do_not_specialize=["n", "slice_len", "round_index"])
+def _count_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, STATE, n, sink, local, slice_len, tau_high, tau_low, round_index,
+                  CHUNK: tl.constexpr):
+    """Round ``round_index``'s items above / equal to its threshold per (row, kind, slice) into its ``COUNTS``."""
     row, part, slices, lo, hi = _program_slice(slice_len, n)
     col_ptr = COLUMNS + row * n
     diag_ptr = DIAGONALS + row * n
-    active, exact, col_bits, diag_bits = _round_state(STATE, row, ROUND)
+    active, exact, col_bits, diag_bits = _round_state(STATE, row, round_index)
     if active:
-        hist = HIST + row * HIST_ROW + (COVERAGE_HIST if ROUND == 0 else CAPPED_HIST)
+        hist = _round_hist(HIST, row, round_index)
         take_bits, ties = _threshold(col_ptr, diag_ptr, hist, n, sink, local, tau_high, tau_low, CHUNK)
         counts_row = COUNTS + row * 4 * slices + part
         _count_slice(col_ptr, counts_row, slices, lo, hi, sink, col_bits, take_bits, CHUNK)
@@ -632,18 +648,18 @@ def _store_slice(ptr, out_ptr, lo, hi, forced, cand_bits, take_bits, ties, rank0
         tl.store(out_ptr + offs, tl.full([CHUNK], -1, tl.int64), mask=(offs < width) & (offs < fill_lo + share))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "slice_len", "round_index"])
 def _pack_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, STATE, VERTICAL, SLASH, n, sink, local, num_vertical, num_slash,
-                 slice_len, tau_high, tau_low, ROUND: tl.constexpr, CHUNK: tl.constexpr, MAX_SLICES: tl.constexpr):
+                 slice_len, tau_high, tau_low, round_index, CHUNK: tl.constexpr, MAX_SLICES: tl.constexpr):
     """Writes each slice's taken positions at its offset (the counts of the slices before it), for
-    the rows round ``ROUND`` finishes: round 0 the rows within the caps, round 1 the capped rows
+    the rows round ``round_index`` finishes: round 0 the rows within the caps, round 1 the capped rows
     whose candidates are exact."""
     row, part, slices, lo, hi = _program_slice(slice_len, n)
     col_ptr = COLUMNS + row * n
     diag_ptr = DIAGONALS + row * n
-    active, exact, col_bits, diag_bits = _round_state(STATE, row, ROUND)
+    active, exact, col_bits, diag_bits = _round_state(STATE, row, round_index)
     if active & exact:  # round 1: only the capped rows with exact candidates do the work below
-        hist = HIST + row * HIST_ROW + (COVERAGE_HIST if ROUND == 0 else CAPPED_HIST)
+        hist = _round_hist(HIST, row, round_index)
         take_bits, ties = _threshold(col_ptr, diag_ptr, hist, n, sink, local, tau_high, tau_low, CHUNK)
         cols_before, cols, diags_before, diags, col_rank0, diag_rank0 = _slice_offsets(
             COUNTS + row * 4 * slices, part, slices, ties, MAX_SLICES)
@@ -655,7 +671,7 @@ def _pack_kernel(COLUMNS, DIAGONALS, HIST, COUNTS, STATE, VERTICAL, SLASH, n, si
                          diags_before, diags, num_slash, part, slices, CHUNK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _sequential_kernel(COLUMNS, DIAGONALS, STATE, VERTICAL, SLASH, n, sink, local, num_vertical, num_slash, tau_high,
                        tau_low, COVERAGE: tl.constexpr, ALWAYS: tl.constexpr, CHUNK: tl.constexpr):
     """One program per row: the whole budget for the rows the parallel path left (capped rows whose
@@ -751,16 +767,17 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
         per_row = dict(CHUNK=chunk, MAX_SLICES=MAX_SLICES, **scalars, **caps)
         full_passes = 8 if options.compact_after == 0 else options.compact_after
         for radix_pass in range(full_passes):
-            _pass_kernel[grid](columns, diagonals, hist, PASS=radix_pass, **launch)
+            _pass_kernel[grid](columns, diagonals, hist, radix_pass=radix_pass, **launch)
         if full_passes < 8:  # the later passes read only the items still in play
             buffer = torch.empty(rows, 2 * n, dtype=torch.float32, device=columns.device)
-            _compact_kernel[grid](columns, diagonals, hist, buffer, buffer_count, DONE=full_passes, **launch)
+            _compact_kernel[grid](columns, diagonals, hist, buffer, buffer_count, done=full_passes, **launch)
             for radix_pass in range(full_passes, 8):
                 _buffer_pass_kernel[grid](columns, diagonals, hist, buffer, buffer_count, buf_stride=2 * n,
-                                          PASS=radix_pass, SECTION=COVERAGE_HIST.value, CHUNK=chunk,
+                                          radix_pass=radix_pass, section=COVERAGE_HIST.value, CHUNK=chunk,
                                           num_warps=options.warps, **scalars)
-        _count_kernel[grid](columns, diagonals, hist, counts, state, ROUND=0, **launch)
-        _pack_kernel[grid](columns, diagonals, hist, counts, state, vertical, slash, ROUND=0, MAX_SLICES=MAX_SLICES,
+        _count_kernel[grid](columns, diagonals, hist, counts, state, round_index=0, **launch)
+        _pack_kernel[grid](columns, diagonals, hist, counts, state, vertical, slash, round_index=0,
+                           MAX_SLICES=MAX_SLICES,
                            **launch, **caps)
         # round 1: the rows whose caps bind (their programs work, the others return at once)
         _capped_kernel[(rows,)](columns, diagonals, hist, counts, state, slices=slices, **per_row)
@@ -768,7 +785,7 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
         capped_launch = dict(launch, slice_len=triton.cdiv(n, capped_slices))
         no_tau = {key: value for key, value in capped_launch.items() if key not in ("tau_high", "tau_low")}
         for radix_pass in range(8):
-            _top_pass_kernel[capped_grid](columns, diagonals, hist, state, PASS=radix_pass, **no_tau, **caps)
+            _top_pass_kernel[capped_grid](columns, diagonals, hist, state, radix_pass=radix_pass, **no_tau, **caps)
         _candidates_kernel[(rows,)](hist, state, n=n, **caps)
         width = num_vertical + num_slash  # the candidates' coverage passes read only the candidates
         candidates = torch.empty(rows, width, dtype=torch.float32, device=columns.device)
@@ -776,10 +793,10 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
                                                 **no_tau)
         for radix_pass in range(8):
             _buffer_pass_kernel[capped_grid](columns, diagonals, hist, candidates, candidate_count, buf_stride=width,
-                                             PASS=radix_pass, SECTION=CAPPED_HIST.value, CHUNK=chunk,
+                                             radix_pass=radix_pass, section=CAPPED_HIST.value, CHUNK=chunk,
                                              num_warps=options.warps, **scalars)
-        _count_kernel[capped_grid](columns, diagonals, hist, capped_counts, state, ROUND=1, **capped_launch)
-        _pack_kernel[capped_grid](columns, diagonals, hist, capped_counts, state, vertical, slash, ROUND=1,
+        _count_kernel[capped_grid](columns, diagonals, hist, capped_counts, state, round_index=1, **capped_launch)
+        _pack_kernel[capped_grid](columns, diagonals, hist, capped_counts, state, vertical, slash, round_index=1,
                                   MAX_SLICES=MAX_SLICES, **capped_launch, **caps)
         if not fallback:
             return vertical, slash
