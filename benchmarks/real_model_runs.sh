@@ -18,6 +18,7 @@ PLANS8=docs/results/gpu-session8/plans
 PLANS9=docs/results/gpu-session9/plans
 PLANS10=docs/results/gpu-session10/plans
 PLANS11=docs/results/gpu-session11/plans
+PLANS12=docs/results/gpu-session12/plans
 VS="vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,last_q=64,query_sampling=strided"
 COST="vertical_slash:budget=coverage,num_vertical=8192,num_slash=8192,last_q=64,query_sampling=strided,rank=cost,tau=1.0"
 # The default estimator at 64-, 32- and 16-row query tiles, coverage and cost-ranked budgets.
@@ -73,7 +74,7 @@ case "$step" in
     done ;;
   gpu-tests)  # the GPU-only tests of the CUDA graphs and the kernels (bf16 shapes, dense tail tiles)
     LONGINFER_AUTOTUNE=0 run python3 -m pytest -q -p no:cacheprovider tests/test_gpu_graphs.py tests/test_ops_kernels.py \
-      tests/test_estimate_kernel.py > "$RES/$step/pytest.txt" 2>&1
+      tests/test_estimate_kernel.py tests/test_select_kernel.py > "$RES/$step/pytest.txt" 2>&1
     tail -5 "$RES/$step/pytest.txt" ;;
   select-bench)  # no model: the vertical-slash budget alone, torch vs the Triton paths and their launch choices
     run python3 benchmarks/select_bench.py --sweep --out "$RES/$step" ;;
@@ -254,6 +255,15 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --out "$RES/$step/latency" --methods dense,longinfer,peer
     seed_ruler_32k
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods dense,longinfer,peer ;;
+  q15-column-q)  # issue 5: the column mass from 1,024-16,384 estimation queries (column_q: no diagonal scatter), the
+    # diagonal mass from the default's 64, at tau 0.9 / 0.8; beside both masses from 4,096 at tau 0.8. RULER 32K (rerun to finish)
+    seed_ruler_32k
+    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer,$(
+      printf 'longinfer:%s,' $PLANS12/q15-{cq1024,cq4096,cq4096-tau0.8,lq4096-tau0.8}-tail.json | sed 's/,$//')" ;;
+  q15-column-q-speed)  # issues 4/5: what column_q costs: the second turn (4K over 64K) and TTFT at 128K
+    plan_turns "$PLANS12" cq1024 cq4096-tau0.8
+    run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" --methods "dense,longinfer,$(
+      printf 'longinfer:%s,' $PLANS12/q15-{cq4096-tau0.8,cq16384-tau0.8,lq4096-tau0.8}-tail.json | sed 's/,$//')" ;;
   q15-tau-high)  # issue 5: per-head tau 0.995 / 0.999 (denser, per-head index): does RULER 32K follow density alone? turns, RULER
     plan_turns "$PLANS11" tau0.995 tau0.999
     seed_ruler_32k

@@ -88,6 +88,49 @@ def test_kernel_matches_brute_force(b, hq, hkv, n_q, n_k, d, last_q, sampling):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("b,hq,hkv,n_q,n_k,d,last_q,column_q,sampling", [
+    (2, 4, 2, 50, 77, 64, 3, 20, "strided"),   # more column queries than diagonal ones, GQA 2, batch 2
+    (1, 7, 1, 40, 40, 128, 5, 64, "mixed"),    # column_q > Nq: every query estimates the columns
+    (1, 4, 4, 33, 129, 80, 9, 4, "last"),      # fewer column queries; cached prefix; head_dim 80
+])
+def test_column_q_takes_the_columns_from_their_own_queries(backend, b, hq, hkv, n_q, n_k, d, last_q, column_q,
+                                                           sampling):
+    """Columns are the brute-force means over the ``column_q`` queries, diagonals over the ``last_q``
+    ones, on both backends (the Triton column-only pass skips the diagonal scatter)."""
+    q, k = _qk(b, hq, hkv, n_q, n_k, d, seed=6)
+    config = VerticalSlashConfig(num_vertical=10, num_slash=12, last_q=last_q, column_q=column_q, sink=3, local=4,
+                                 query_sampling=sampling)
+    columns, diagonals = vs.estimate_masses(q, k, config, backend=backend)
+    scale = 1 / math.sqrt(d)
+    ref_columns, _ = _brute_force(q, k, vs.estimation_positions(n_q, n_k, column_q, sampling), 3, 4, scale)
+    _, ref_diagonals = _brute_force(q, k, vs.estimation_positions(n_q, n_k, last_q, sampling), 3, 4, scale)
+    torch.testing.assert_close(columns.double(), ref_columns, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(diagonals.double(), ref_diagonals, atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+def test_column_only_pass_leaves_out_the_diagonals():
+    q, k = _qk(1, 4, 2, 45, 99, 64, seed=7)
+    positions = vs.estimation_positions(45, 99, 12, "strided")
+    columns, diagonals = estimate_masses_triton(q, k, positions - 54, positions, sink=3, local=2, scale=0.3,
+                                                diagonals=False)
+    assert diagonals is None
+    ref_columns, _ = _brute_force(q, k, positions, sink=3, local=2, scale=0.3)
+    torch.testing.assert_close(columns.double(), ref_columns, atol=1e-5, rtol=1e-5)
+
+
+def test_column_q_errors_name_the_conflict():
+    with pytest.raises(ValueError, match="column_q must be >= 0"):
+        VerticalSlashConfig(column_q=-1)
+    with pytest.raises(ValueError, match="split_halves"):
+        VerticalSlashConfig(budget="coverage", rank="cost", split_halves=True, column_q=256)
+    q, k = _qk(1, 2, 1, 20, 20, 64)
+    with pytest.raises(ValueError, match="column_q"):
+        vs.estimate_masses(q, k, VerticalSlashConfig(column_q=8), positions=torch.tensor([5, 19]), backend="torch")
+
+
+@needs_interpreter
 @pytest.mark.parametrize("scratch_groups", [0, 1, 2])  # 0: atomics; 1: one KV group per launch; 2: all at once
 def test_diagonal_scratch_chunks_and_atomics_agree_with_brute_force(monkeypatch, scratch_groups):
     b, hq, hkv, n_q, n_k, d = 2, 4, 2, 45, 99, 64  # two KV groups of two query heads
@@ -157,8 +200,9 @@ def test_gpu_kernel_matches_the_torch_path(monkeypatch, dtype, scratch_bytes):
     monkeypatch.setattr(kernel, "DIAGONAL_SCRATCH_BYTES", scratch_bytes)
     q, k = _qk(1, 8, 2, 3000, 5000, 128, dtype)
     q, k = q.cuda(), k.cuda()
-    for sampling, last_q in (("strided", 64), ("last", 64), ("mixed", 256)):
-        config = VerticalSlashConfig(num_vertical=100, num_slash=100, last_q=last_q, query_sampling=sampling)
+    for sampling, last_q, column_q in (("strided", 64, 0), ("last", 64, 0), ("mixed", 256, 0), ("strided", 64, 1024)):
+        config = VerticalSlashConfig(num_vertical=100, num_slash=100, last_q=last_q, query_sampling=sampling,
+                                     column_q=column_q)
         got = vs.estimate_masses(q, k, config, backend="triton")
         ref = vs.estimate_masses(q.float(), k.float(), config, backend="torch")
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)

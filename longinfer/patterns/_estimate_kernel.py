@@ -43,7 +43,9 @@ Memory: the two ``[B, Hq, Nk]`` float32 outputs, ``2 * B * Hq * L * ceil(Nk / KE
 floats of split-K statistics, ``B * Hq * L`` log-sum-exps and at most
 :data:`DIAGONAL_SCRATCH_BYTES` of scratch.
 Work: ``4 * B * Hq * L * Nk * D`` FLOP (two passes, causal cells only for strided samples) plus
-one store and one load (scratch) or one atomic add per visible (query, key) cell.
+one store and one load (scratch) or one atomic add per visible (query, key) cell; without the
+diagonal mass (``diagonals=False``, the column-only estimate of ``column_q`` queries) no scratch
+and no atomics, only the FLOP.
 """
 
 from __future__ import annotations
@@ -129,9 +131,10 @@ def _row_stats_kernel(
 @triton.jit
 def _tile_masses(q, k_base, keys, pos, lse, query_idx, q_valid, head_row, num_queries, k_len, sink, local,
                  qk_scale_log2, inv_count, DIAGONALS, out_base, d_offs, d_mask, stride_kn, stride_kd,
-                 PRECISION: tl.constexpr, SCRATCH: tl.constexpr):
+                 PRECISION: tl.constexpr, SCRATCH: tl.constexpr, WITH_DIAGONALS: tl.constexpr):
     """One key tile against one block of estimation queries (``q [BLOCK_M, BLOCK_D]`` loaded):
-    stores (or adds) the diagonal mass and returns the tile's column mass ``[BLOCK_N]``."""
+    stores (or adds) the diagonal mass unless not ``WITH_DIAGONALS``, and returns the tile's column
+    mass ``[BLOCK_N]``."""
     key_valid = keys < k_len
     s = _tile_scores(q, k_base, keys, k_len, d_offs, d_mask, stride_kn, stride_kd, qk_scale_log2, PRECISION)
     offsets = pos[:, None] - keys[None, :]  # [BLOCK_M, BLOCK_N] diagonal offset of each cell
@@ -142,10 +145,10 @@ def _tile_masses(q, k_base, keys, pos, lse, query_idx, q_valid, head_row, num_qu
     # key, so a row of the tile is one contiguous run and the stores (or atomics) coalesce. (With
     # the offset itself, decreasing along the keys, every cell was its own 4-byte transaction.)
     reversed_offsets = (k_len - 1 - pos)[:, None] + keys[None, :]
-    if SCRATCH:
+    if WITH_DIAGONALS and SCRATCH:
         cell = (head_row * num_queries + query_idx).to(tl.int64)[:, None] * k_len + reversed_offsets
         tl.store(DIAGONALS + cell, tl.where(on_diagonal, probs, 0.0), mask=visible & q_valid[:, None])
-    else:
+    elif WITH_DIAGONALS:
         tl.atomic_add(DIAGONALS + out_base + reversed_offsets, probs, mask=on_diagonal, sem="relaxed")
     return tl.sum(tl.where(offsets >= local, probs, 0.0), axis=0)
 
@@ -157,7 +160,7 @@ def _masses_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     num_queries, k_len, group, sink, local, qk_scale_log2, inv_count, keys_per_split,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, SCRATCH: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr, SCRATCH: tl.constexpr, ONE_BLOCK: tl.constexpr, WITH_DIAGONALS: tl.constexpr,
 ):
     """Pass 2: probabilities of every estimation query on a split of the keys -> column and diagonal mass.
 
@@ -170,7 +173,8 @@ def _masses_kernel(
     ``Nk - 1 - s``. With ``SCRATCH``, ``DIAGONALS`` is the ``[B, Hq, L, Nk]`` scratch: cell
     ``(l, Nk - 1 - s)`` gets query ``l``'s probability at key ``p_l - s`` (0 for a sink key) for
     every ``s <= p_l``, and the other cells are left unwritten. Without it, ``DIAGONALS`` is
-    ``[B, Hq, Nk]`` (reversed offsets), zero on entry, and accumulates with atomics.
+    ``[B, Hq, Nk]`` (reversed offsets), zero on entry, and accumulates with atomics. Without
+    ``WITH_DIAGONALS`` only the column mass is computed (``DIAGONALS`` is not touched).
     """
     head = tl.program_id(0).to(tl.int64)
     split_start = tl.program_id(1) * keys_per_split
@@ -193,7 +197,7 @@ def _masses_kernel(
             keys = tile_start + tl.arange(0, BLOCK_N)
             column_mass = _tile_masses(q, k_base, keys, pos, lse, block_offs, q_valid, head_row, num_queries, k_len,
                                        sink, local, qk_scale_log2, inv_count, DIAGONALS, out_base, d_offs, d_mask,
-                                       stride_kn, stride_kd, PRECISION, SCRATCH)
+                                       stride_kn, stride_kd, PRECISION, SCRATCH, WITH_DIAGONALS)
             tl.store(COLUMNS + out_base + keys, column_mass, mask=keys < k_len)
     else:
         for tile_start in range(split_start, split_stop, BLOCK_N):
@@ -208,7 +212,8 @@ def _masses_kernel(
                     q = _load_queries(q_head, ROWS, query_idx, q_valid, stride_qn, stride_qd, d_offs, d_mask)
                     column_mass += _tile_masses(q, k_base, keys, pos, lse, query_idx, q_valid, head_row, num_queries,
                                                 k_len, sink, local, qk_scale_log2, inv_count, DIAGONALS, out_base,
-                                                d_offs, d_mask, stride_kn, stride_kd, PRECISION, SCRATCH)
+                                                d_offs, d_mask, stride_kn, stride_kd, PRECISION, SCRATCH,
+                                                WITH_DIAGONALS)
             tl.store(COLUMNS + out_base + keys, column_mass, mask=keys < k_len)
 
 
@@ -238,7 +243,7 @@ def _diagonal_sum_kernel(SCRATCH, POS, DIAGONALS, num_queries, k_len, BLOCK_S: t
 _masses_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
              for bn, w, st in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (64, 4, 2))],
-    key=["HEAD_DIM", "BLOCK_M", "SCRATCH", "ONE_BLOCK"],
+    key=["HEAD_DIM", "BLOCK_M", "SCRATCH", "ONE_BLOCK", "WITH_DIAGONALS"],
     reset_to_zero=["COLUMNS", "DIAGONALS"],
 )(_masses_kernel)
 
@@ -269,7 +274,8 @@ def estimate_masses_triton(
     sink: int,
     local: int,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    diagonals: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Column and diagonal mass of the estimation queries (see the module docstring).
 
     Args:
@@ -280,9 +286,11 @@ def estimate_masses_triton(
         sink: keys ``< sink`` are left out of the diagonal mass.
         local: offsets ``< local`` are left out of the column mass.
         scale: softmax scale.
+        diagonals: also the diagonal mass; without it pass 2 sums columns only (no scatter: the
+            diagonal mass is what makes many estimation queries expensive) and returns ``None``.
 
     Returns:
-        ``(columns [B, Hq, Nk], diagonals [B, Hq, Nk])`` float32, means over the ``L`` queries.
+        ``(columns [B, Hq, Nk], diagonals [B, Hq, Nk] or None)`` float32, means over the ``L`` queries.
         Shapes and dtypes are the caller's to validate (:func:`longinfer.patterns._common.check_qk`).
     """
     if q.dtype != k.dtype:
@@ -311,6 +319,8 @@ def estimate_masses_triton(
         count, k_len, hq // hkv, num_splits, keys_per_split, qk_scale_log2, **common)
     lse = _merge_splits(m_parts, l_parts).contiguous()
     pass_two = dict(sink=sink, local=local, qk_scale_log2=qk_scale_log2, common=common)
+    if not diagonals:
+        return _columns_only(q, k, rows, positions, lse, **pass_two), None
     chunk = scratch_heads(bsz, hq, hkv, count, k_len)
     if chunk == 0:
         return _masses_with_atomics(q, k, rows, positions, lse, **pass_two)
@@ -336,14 +346,14 @@ def scratch_heads(bsz: int, hq: int, hkv: int, count: int, k_len: int) -> int:
 
 def _masses_launch(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, lse: torch.Tensor,
                    columns: torch.Tensor, diagonals: torch.Tensor, *, sink: int, local: int, qk_scale_log2: float,
-                   common: dict, scratch: bool) -> None:
+                   common: dict, scratch: bool, with_diagonals: bool = True) -> None:
     bsz, hq, _, _ = q.shape
     count, k_len = rows.numel(), k.shape[2]
     keys_per_split = pass_two_split(bsz, hq, k_len)
     grid = (hq, triton.cdiv(k_len, keys_per_split), bsz)
     args = (q, k, rows, positions, lse, columns, diagonals, *q.stride(), *k.stride(),
             count, k_len, hq // k.shape[1], sink, local, qk_scale_log2, 1.0 / count, keys_per_split)
-    flags = dict(SCRATCH=scratch, ONE_BLOCK=count <= common["BLOCK_M"])
+    flags = dict(SCRATCH=scratch, ONE_BLOCK=count <= common["BLOCK_M"], WITH_DIAGONALS=with_diagonals)
     if interpreter_enabled() or q.dtype == torch.float32 or common["BLOCK_D"] > 128:
         _masses_kernel[grid](*args, **flags, **common)
         return
@@ -357,6 +367,14 @@ def pass_two_split(bsz: int, hq: int, k_len: int) -> int:
     the GPU)."""
     splits = math.ceil(PASS_TWO_PROGRAMS / (bsz * hq))
     return min(KEYS_PER_SPLIT, max(128, math.ceil(k_len / splits / 128) * 128))
+
+
+def _columns_only(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, lse: torch.Tensor,
+                  **pass_two) -> torch.Tensor:
+    """Pass 2 without the diagonal mass: the column mass ``[B, Hq, Nk]`` alone."""
+    columns = torch.zeros(q.shape[0], q.shape[1], k.shape[2], device=q.device, dtype=torch.float32)
+    _masses_launch(q, k, rows, positions, lse, columns, columns, scratch=False, with_diagonals=False, **pass_two)
+    return columns
 
 
 def _masses_with_atomics(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,

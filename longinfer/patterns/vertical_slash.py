@@ -116,6 +116,10 @@ class VerticalSlashConfig:
             ``(1 - group_mix) * own + group_mix * group mean`` (0 = each head alone). The query
             heads of a group read the same keys; what one head's estimation queries miss, another's
             may see (see :func:`mix_over_groups`). Same estimation work, one index per head.
+        column_q: estimation queries of the column mass alone (0 = the same ``last_q`` queries
+            as the diagonal mass); sampled by ``query_sampling`` like them. Column mass is where
+            retrieval happens (a fact is a key column) and estimating it from more queries is
+            cheap: no diagonal scatter, only ``2 * column_q * Nk * D`` FLOP per head more.
     """
 
     num_vertical: int = 1000
@@ -135,6 +139,7 @@ class VerticalSlashConfig:
     min_gain: float = 0.0
     split_halves: bool = False
     group_mix: float = 0.0
+    column_q: int = 0
 
     def __post_init__(self) -> None:
         check_config_fields(self)
@@ -167,6 +172,9 @@ class VerticalSlashConfig:
                 f"{name}.min_gain needs rank='cost' (the mass ranking has no cost model)")
         require(not self.split_halves or self.rank == "cost", f"{name}.split_halves needs rank='cost'")
         require(0.0 <= self.group_mix <= 1.0, f"{name}.group_mix must lie in [0, 1], got {self.group_mix}")
+        require(self.column_q >= 0, f"{name}.column_q must be >= 0 (0 = last_q), got {self.column_q}")
+        require(self.column_q == 0 or not self.split_halves,
+                f"{name}: split_halves splits the last_q queries of both masses; leave column_q at 0 with it")
 
 
 @dataclass(frozen=True)
@@ -389,10 +397,12 @@ def estimate_masses(
     Args:
         q: ``[B, Hq, Nq, D]``; ``min(last_q, Nq)`` rows are used, chosen by ``config.query_sampling``
             (:func:`estimation_positions`); each attends causally to the keys up to its position.
+            With ``config.column_q`` the column mass comes from ``min(column_q, Nq)`` rows instead.
         k: ``[B, Hkv, Nk, D]``, ``Nk >= Nq`` (queries are the last ``Nq`` positions).
-        config: supplies ``last_q``, ``query_sampling``, ``sink`` and ``local``.
+        config: supplies ``last_q``, ``column_q``, ``query_sampling``, ``sink`` and ``local``.
         positions: optional ``[L]`` ascending absolute query positions to use instead of the
-            config's sampling (validated on the host: one synchronization if on the GPU).
+            config's sampling (validated on the host: one synchronization if on the GPU); not with
+            ``column_q``.
         backend: ``"triton"``, ``"torch"`` or None (:func:`estimate_backend` chooses). Both compute
             the same masses; the torch path is the reference and the CPU path.
 
@@ -412,17 +422,26 @@ def estimate_masses(
     require(backend in ("triton", "torch"), f"backend must be 'triton', 'torch' or None, got {backend!r}")
     require(backend == "torch" or q.is_cuda or interpreter_enabled(),
             "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; use backend='torch' on the CPU")
-    masses = _masses_by_backend(q, k, config, shape, scale, positions, backend)
-    return mix_over_groups(*masses, shape.kv_heads, config.group_mix)
+    require(positions is None or config.column_q == 0,
+            "positions replace the config's estimation queries of both masses; leave column_q at 0 with them")
+    columns, diagonals = _masses_by_backend(q, k, config, shape, scale, positions, backend)
+    if config.column_q:
+        column_config = dataclasses.replace(config, last_q=config.column_q, column_q=0)
+        columns, _ = _masses_by_backend(q, k, column_config, shape, scale, None, backend, diagonals=False)
+    return mix_over_groups(columns, diagonals, shape.kv_heads, config.group_mix)
 
 
 def _masses_by_backend(q: torch.Tensor, k: torch.Tensor, config: VerticalSlashConfig, shape: QKShape, scale: float,
-                       positions: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`estimate_masses` before ``group_mix``, on the chosen backend."""
+                       positions: torch.Tensor | None, backend: str,
+                       diagonals: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`estimate_masses` of ``config.last_q`` queries before ``group_mix``, on the chosen backend.
+    Without ``diagonals`` the Triton path skips the diagonal mass (``None``); the torch path computes
+    it anyway (it is the reference, not the fast path)."""
     nk = shape.k_len
     if positions is None and backend == "triton":
         rows, query_pos = _kernel_positions(shape.q_len, nk, config.last_q, config.query_sampling, q.device)
-        return estimate_masses_triton(q, k, rows, query_pos, sink=config.sink, local=config.local, scale=scale)
+        return estimate_masses_triton(q, k, rows, query_pos, sink=config.sink, local=config.local, scale=scale,
+                                      diagonals=diagonals)
     if positions is None:
         query_pos = estimation_positions(shape.q_len, nk, config.last_q, config.query_sampling, device=q.device)
     else:
