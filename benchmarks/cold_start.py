@@ -120,6 +120,11 @@ def measure(heads: int, kv_heads: int, head_dim: int, length: int, device: str, 
     parts["layer (attend_layer)"] = timed_twice(
         lambda: state.update(layer_out=attend_layer(plan, 0, q, k, v, scale=scale)), synchronize)
     mismatch = float((state["layer_out"].float() - state["out"].float()).abs().max())
+    for shorter in (1, 37):  # new lengths whose divisibility by 16 differs: recompiles, if any, show here
+        n = length - shorter
+        q_n, k_n, v_n = (x[:, :, :n].contiguous() for x in (q, k, v))
+        parts[f"layer at {n} tokens"] = timed_twice(lambda: attend_layer(plan, 0, q_n, k_n, v_n, scale=scale),
+                                                    synchronize)
     return {"parts": parts, "layer_vs_parts_max_abs_diff": mismatch, "dense_from": dense_from, "tau": config.tau}
 
 
@@ -138,7 +143,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"{compiled} afterwards.",
         "- Timing: host wall time of each call, CUDA-synchronized; the first call includes compiling and "
         "autotuning, the second does not. The layer runs after its parts, so its first call compiles only "
-        "what the parts did not.",
+        "what the parts did not; the layer at two shorter lengths then shows what a new prompt length "
+        "compiles.",
         "",
         "| part | first call (s) | second call (ms) |",
         "|---|---|---|",

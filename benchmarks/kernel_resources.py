@@ -1,4 +1,4 @@
-"""Registers, spills and shared memory of longinfer's Triton kernels, compiled for a GPU without one.
+"""Registers, spills, shared memory and compile time of longinfer's Triton kernels, compiled for a GPU without one.
 
 Each kernel configuration is compiled ahead of time for ``--arch`` (default ``90``, H100/H200) with
 the installed Triton (``triton.compile`` on an ``ASTSource``: Triton IR -> PTX -> cubin with the
@@ -7,6 +7,11 @@ wheel's ``ptxas``), and ``cuobjdump -res-usage`` reads the cubin's registers per
 driver are needed, so a CPU machine can check that a kernel compiles for the GPU and whether a
 launch option spills before a GPU session spends time on it. Triton versions differ (the GPU
 machine runs triton 3.6), so take the numbers as indicative.
+
+Compile time (wall time of ``triton.compile``, into an empty cache unless ``TRITON_CACHE_DIR`` is
+set) and the size of the Triton GPU IR show what a fresh machine's first call pays per compiled
+variant (``benchmarks/cold_start.py`` measures that on the GPU); host time depends on the CPU, so
+compare kernels, not machines.
 
     python benchmarks/kernel_resources.py --out docs/results/kernel-resources
 """
@@ -20,10 +25,13 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# before Triton is imported: with a filled cache triton.compile loads kernels instead of compiling them
+os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="kernel-resources-"))
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -56,19 +64,22 @@ def _types(fn: Any, pointers: dict[str, str], floats: tuple[str, ...] = ()) -> d
 
 
 def resources(fn: Any, types: dict[str, str], constexprs: dict[str, Any], arch: int, num_warps: int,
-              num_stages: int) -> dict[str, int]:
-    """Compile one configuration for ``sm_{arch}``; ``{"registers", "stack", "shared"}`` per the cubin."""
+              num_stages: int) -> dict[str, Any]:
+    """Compile one configuration for ``sm_{arch}``: ``{"registers", "stack", "shared"}`` per the cubin,
+    ``compile_s`` (wall time) and ``ttgir_lines`` (size of the Triton GPU IR)."""
     signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
+    start = time.perf_counter()
     kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
+    compile_s = time.perf_counter() - start
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
         cubin.flush()
         report = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
     fields = dict(item.split(":") for line in report.splitlines() if "REG:" in line for item in line.split())
-    return {"registers": int(fields["REG"]), "stack": int(fields["STACK"]),
-            "shared": int(kernel.metadata.shared)}
+    return {"registers": int(fields["REG"]), "stack": int(fields["STACK"]), "shared": int(kernel.metadata.shared),
+            "compile_s": round(compile_s, 2), "ttgir_lines": kernel.asm["ttgir"].count("\n")}
 
 
 def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int, int]]:
@@ -94,8 +105,11 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
         for block_n, warps, stages in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (64, 4, 2)):
             name = f"estimate pass 2, {'queries loaded once' if one_block else 'query blocks per tile'}"
             rows.append((name, _masses_kernel, masses_types,
-                         {**head, "BLOCK_M": 64, "BLOCK_N": block_n, "SCRATCH": True, "ONE_BLOCK": one_block},
-                         warps, stages))
+                         {**head, "BLOCK_M": 64, "BLOCK_N": block_n, "SCRATCH": True, "ONE_BLOCK": one_block,
+                          "WITH_DIAGONALS": True}, warps, stages))
+    rows.append(("estimate pass 2, columns only (column_q)", _masses_kernel, masses_types,
+                 {**head, "BLOCK_M": 64, "BLOCK_N": 128, "SCRATCH": False, "ONE_BLOCK": False, "WITH_DIAGONALS": False},
+                 4, 3))
     for block_m, block_n, warps, stages in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (64, 32, 4, 3),
                                             (64, 32, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3)):
         rows.append((f"vertical-slash kernel, {block_m}-row tiles", _sparse_attention_fwd, sparse_types,
@@ -119,20 +133,15 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
     tau = ("tau_high", "tau_low")
     chunk = {"CHUNK": SELECT_CHUNK}
     rounds = {**chunk, "MAX_SLICES": MAX_SLICES}
-    rows.append(("selection radix pass", _pass_kernel, _types(_pass_kernel, masses, tau), {**chunk, "PASS": 3}, 4, 3))
-    for round_ in (0, 1):  # round 0: every row without caps; round 1: the rows whose caps bind
-        rows.append((f"selection counts, round {round_}", _count_kernel, _types(_count_kernel, masses, tau),
-                     {**chunk, "ROUND": round_}, 4, 3))
-        rows.append((f"selection pack, round {round_}", _pack_kernel, _types(_pack_kernel, masses, tau),
-                     {**rounds, "ROUND": round_}, 4, 3))
-        rows.append((f"selection buffer pass, round {round_}", _buffer_pass_kernel,
-                     _types(_buffer_pass_kernel, masses, tau), {**chunk, "PASS": 3, "SECTION": 512 * round_}, 4, 3))
+    # one compiled variant each for every radix pass, round and histogram section (runtime arguments)
+    rows.append(("selection radix pass", _pass_kernel, _types(_pass_kernel, masses, tau), chunk, 4, 3))
+    rows.append(("selection counts", _count_kernel, _types(_count_kernel, masses, tau), chunk, 4, 3))
+    rows.append(("selection pack", _pack_kernel, _types(_pack_kernel, masses, tau), rounds, 4, 3))
+    rows.append(("selection buffer pass", _buffer_pass_kernel, _types(_buffer_pass_kernel, masses, tau), chunk, 4, 3))
     rows.append(("selection capped rows", _capped_kernel, _types(_capped_kernel, masses, tau), rounds, 4, 3))
-    rows.append(("selection top-k pass", _top_pass_kernel, _types(_top_pass_kernel, masses, tau),
-                 {**chunk, "PASS": 3}, 4, 3))
+    rows.append(("selection top-k pass", _top_pass_kernel, _types(_top_pass_kernel, masses, tau), chunk, 4, 3))
     rows.append(("selection candidates", _candidates_kernel, _types(_candidates_kernel, masses, tau), {}, 4, 3))
-    rows.append(("selection compaction", _compact_kernel, _types(_compact_kernel, masses, tau),
-                 {**chunk, "DONE": 2}, 4, 3))
+    rows.append(("selection compaction", _compact_kernel, _types(_compact_kernel, masses, tau), chunk, 4, 3))
     rows.append(("selection candidate compaction", _compact_candidates_kernel,
                  _types(_compact_candidates_kernel, masses, tau), chunk, 4, 3))
     for always in (False, True):
@@ -171,11 +180,14 @@ def main(argv: list[str] | None = None) -> int:
              f"- {header['date']}, triton {header['triton']} (the GPU machine runs 3.6: indicative); bf16, head_dim 128.",
              f"- Command: `{header['command']}`",
              "- registers per thread (255 = the cap), stack = bytes per thread spilled to local memory, "
-             "shared = static shared memory per program (bytes).", "",
-             "| kernel | BLOCK_M | BLOCK_N | warps | stages | registers | stack (spills) | shared |",
-             "|---|---|---|---|---|---|---|---|"]
+             "shared = static shared memory per program (bytes); compile = wall time of `triton.compile` on "
+             "this host (compare kernels, not machines), TTGIR = lines of Triton GPU IR.", "",
+             "| kernel | BLOCK_M | BLOCK_N | warps | stages | registers | stack (spills) | shared | compile (s) "
+             "| TTGIR lines |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['kernel']} | {r.get('BLOCK_M', '')} | {r.get('BLOCK_N', '')} | {r['warps']} | {r['stages']} | "
-              f"{r['registers']} | {r['stack']} | {r['shared']} |" for r in results]
+              f"{r['registers']} | {r['stack']} | {r['shared']} | {r['compile_s']:.1f} | {r['ttgir_lines']} |"
+              for r in results]
     (out / "kernel_resources.md").write_text("\n".join(lines) + "\n")
     return 0
 

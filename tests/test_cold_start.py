@@ -18,7 +18,8 @@ def test_cold_start_runs_every_part_and_the_layer_matches_them(tmp_path):
             "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path)]
     subprocess.run(argv, check=True, env=env, capture_output=True, timeout=600)
     data = json.loads((tmp_path / "cold_start.json").read_text())
-    assert list(data["parts"]) == ["estimate (masses)", "selection", "index", "kernel", "layer (attend_layer)"]
+    assert list(data["parts"]) == ["estimate (masses)", "selection", "index", "kernel", "layer (attend_layer)",
+                                   "layer at 699 tokens", "layer at 663 tokens"]
     assert all(t["first_s"] > 0 and t["second_s"] > 0 for t in data["parts"].values())
     assert data["dense_from"] == 512  # the last 128 rows (from 572) dense, back to their tile's start
     # the integration's layer computes what the parts compute (same plan, same index)

@@ -22,6 +22,9 @@ contiguous ``[B, H, ...]``.
 query rows, the keys the vertical-slash kernel computes (:func:`longinfer.ops.index.vertical_slash_kept`,
 the patched model's density statistic): one launch instead of ~28 torch ops over ``[B, H, R, S]``
 temporaries.
+
+Arguments that follow the prompt length are not specialized (``do_not_specialize``): one compiled
+variant serves every length, instead of a new compile whenever a length's divisibility by 16 changes.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def _count_before(SEQ, n, values, STEPS: tl.constexpr, INCLUSIVE: tl.constexpr, 
     return lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k_len", "width", "num_tiles"])
 def _tables_kernel(
     LO, HI, COUNT, ENDS, COLS, COVERED, CHUNK_START, CHUNK_END, CHUNK_COUNT, COLUMN_COUNT,
     k_len, num_groups, num_cols, width, num_tiles,
@@ -115,7 +118,7 @@ def _kept_kernel(
     tl.store(KEPT + head * num_rows + r, (tl.sum(total, 0) + own).to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k_len"])
 def _groups_kernel(SLASH, LO, HI, COUNT, k_len, num, BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr):
     """Slash groups of one head from presorted offsets: grid ``(B * H,)``.
 

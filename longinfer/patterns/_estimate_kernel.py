@@ -36,6 +36,9 @@ Two passes over the keys:
    one 4-byte transaction per cell), pass 2 took ~0.87 ms per layer of a 4K turn over 64K on
    Qwen2.5-1.5B (H200, sessions 6 and 7) either way, 14x pass 1 over the same q k^T.
 
+Arguments that follow the prompt length (``k_len``, the query count, the key splits) are not
+specialized (``do_not_specialize``): one compiled variant per launch configuration serves every length.
+
 Programs of the query heads of one KV group are adjacent in the grid (axis 0 = query head), so
 a key tile is read from DRAM about once per KV head and pass.
 
@@ -84,7 +87,7 @@ def _tile_scores(q, k_base, keys, k_len, d_offs, d_mask, stride_kn, stride_kd, q
     return tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_queries", "k_len", "num_splits", "keys_per_split"])
 def _row_stats_kernel(
     Q, K, ROWS, POS, M_OUT, L_OUT,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -153,7 +156,7 @@ def _tile_masses(q, k_base, keys, pos, lse, query_idx, q_valid, head_row, num_qu
     return tl.sum(tl.where(offsets >= local, probs, 0.0), axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_queries", "k_len", "keys_per_split"])
 def _masses_kernel(
     Q, K, ROWS, POS, LSE, COLUMNS, DIAGONALS,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -217,7 +220,7 @@ def _masses_kernel(
             tl.store(COLUMNS + out_base + keys, column_mass, mask=keys < k_len)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_queries", "k_len"])
 def _diagonal_sum_kernel(SCRATCH, POS, DIAGONALS, num_queries, k_len, BLOCK_S: tl.constexpr):
     """``DIAGONALS[r, s] = sum_l SCRATCH[r, l, Nk - 1 - s]`` over the queries with ``s <= p_l``.
 

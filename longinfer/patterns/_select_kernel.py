@@ -52,7 +52,7 @@ that follow the prompt length are not specialized (``do_not_specialize``), so a 
 each of the 10 kernels once whatever the passes and lengths; the sequential kernel's four radix
 searches are loops, not unrolled. Before (session 12, H200, ``benchmarks/cold_start.py``) they
 were 33 constexpr variants, 38-49 s of a fresh machine's first call, more whenever a new length
-changed an argument's divisibility by 16; on a 2-core CPU (``benchmarks/compile_time.py``, sm_90)
+changed an argument's divisibility by 16; on a 2-core CPU (``benchmarks/kernel_resources.py``, sm_90)
 63.5 s then, 17.5 s now.
 
 Same sets as the torch path, with differences at rounding level only: the mass before an item is
