@@ -39,7 +39,7 @@ from triton.compiler import ASTSource
 
 from longinfer.ops._index_kernel import _groups_kernel, _kept_kernel, _tables_kernel
 from longinfer.ops._kernel import MODE_VERTICAL_SLASH, _dense_split_fwd, _merge_splits_fwd, _sparse_attention_fwd
-from longinfer.patterns._estimate_kernel import _masses_kernel, _row_stats_kernel
+from longinfer.patterns._estimate_kernel import PASS_TWO_MULTI_BLOCK_M, _masses_kernel, _row_stats_kernel
 from longinfer.patterns._select_kernel import CHUNK as SELECT_CHUNK
 from longinfer.patterns._select_kernel import (
     MAX_SLICES,
@@ -104,12 +104,14 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
     for one_block in (True, False):
         for block_n, warps, stages in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (64, 4, 2)):
             name = f"estimate pass 2, {'queries loaded once' if one_block else 'query blocks per tile'}"
+            block_m = 64 if one_block else PASS_TWO_MULTI_BLOCK_M
             rows.append((name, _masses_kernel, masses_types,
-                         {**head, "BLOCK_M": 64, "BLOCK_N": block_n, "SCRATCH": True, "ONE_BLOCK": one_block,
+                         {**head, "BLOCK_M": block_m, "BLOCK_N": block_n, "SCRATCH": True, "ONE_BLOCK": one_block,
                           "WITH_DIAGONALS": True}, warps, stages))
-    rows.append(("estimate pass 2, columns only (column_q)", _masses_kernel, masses_types,
-                 {**head, "BLOCK_M": 64, "BLOCK_N": 128, "SCRATCH": False, "ONE_BLOCK": False, "WITH_DIAGONALS": False},
-                 4, 3))
+    for warps in (4, 8):
+        rows.append(("estimate pass 2, columns only (column_q)", _masses_kernel, masses_types,
+                     {**head, "BLOCK_M": PASS_TWO_MULTI_BLOCK_M, "BLOCK_N": 128, "SCRATCH": False, "ONE_BLOCK": False,
+                      "WITH_DIAGONALS": False}, warps, 3))
     for block_m, block_n, warps, stages in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (64, 32, 4, 3),
                                             (64, 32, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3)):
         rows.append((f"vertical-slash kernel, {block_m}-row tiles", _sparse_attention_fwd, sparse_types,

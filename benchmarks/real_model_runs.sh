@@ -260,8 +260,10 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     seed_ruler_32k
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer,$(
       printf 'longinfer:%s,' $PLANS12/q15-{cq1024,cq4096,cq4096-tau0.8,lq4096-tau0.8}-tail.json | sed 's/,$//')" ;;
-  q15-column-q-speed)  # issues 4/5: what column_q costs: the second turn (4K over 64K) and TTFT at 128K
+  q15-column-q-speed)  # issues 4/5: what column_q costs: the second turn (4K over 64K) and TTFT at 128K; the turn with
+    # 1,024 estimation queries again (session 12: 182.7 ms with 64-query blocks in pass 2, now 32)
     plan_turns "$PLANS12" cq1024 cq4096-tau0.8
+    plan_turns docs/results/gpu-session12/q15-lastq lq1024
     run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" --methods "dense,longinfer,$(
       printf 'longinfer:%s,' $PLANS12/q15-{cq4096-tau0.8,cq16384-tau0.8,lq4096-tau0.8}-tail.json | sed 's/,$//')" ;;
   q15-tau-high)  # issue 5: per-head tau 0.995 / 0.999 (denser, per-head index): does RULER 32K follow density alone? turns, RULER
