@@ -28,3 +28,20 @@ def test_cold_start_runs_every_part_and_the_layer_matches_them(tmp_path):
     assert data["cached_at_start"] == 0 and data["compiled_kernels"] == 0
     report = (tmp_path / "cold_start.md").read_text()
     assert "| selection |" in report and "--length 700" in report
+
+
+def test_autotuned_kernels_keep_their_timings_on_disk():
+    """Both autotuned kernels cache their tuning results where Triton can (3.4+: the GPU machine's
+    3.6 and this machine's 3.9), so a restart on a warm machine does not re-time them; the
+    environment switch turns it off. Checked in processes without the interpreter (which never caches)."""
+    probe = ("import inspect, json, triton\n"
+             "from longinfer.ops._kernel import sparse_attention_fwd_tuned as a\n"
+             "from longinfer.patterns._estimate_kernel import _masses_kernel_tuned as b\n"
+             "print(json.dumps(['cache_results' in inspect.signature(triton.autotune).parameters,"
+             " a.cache_results, b.cache_results]))")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    for switch, expect_cache in (("1", True), ("0", False)):
+        out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, timeout=300,
+                             env={**env, "LONGINFER_AUTOTUNE_CACHE": switch}).stdout
+        supported, sparse, estimate = json.loads(out.splitlines()[-1])
+        assert sparse == estimate == (supported and expect_cache)

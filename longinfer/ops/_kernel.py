@@ -43,6 +43,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from longinfer.ops._checks import autotune_disk_cache
+
 MODE_DENSE = 0
 MODE_A_SHAPE = 1
 MODE_BLOCKS = 2
@@ -274,7 +276,8 @@ def _tuning_configs() -> list[triton.Config]:
 
 # tune_bucket = log2 of the key length, so each length scale gets its own choice.
 _TUNING_KEY = ["HEAD_DIM", "MODE", "BLOCK_M", "HEADS_PER_TILE", "VARLEN", "tune_bucket"]
-sparse_attention_fwd_tuned = triton.autotune(configs=_tuning_configs(), key=_TUNING_KEY)(_sparse_attention_fwd)
+sparse_attention_fwd_tuned = triton.autotune(configs=_tuning_configs(), key=_TUNING_KEY,
+                                             **autotune_disk_cache())(_sparse_attention_fwd)
 
 
 @triton.jit

@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longinfer.ops._checks import interpreter_enabled
+from longinfer.ops._checks import autotune_disk_cache, interpreter_enabled
 
 LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2
 KEYS_PER_SPLIT = 2048  # keys per pass-1 program: enough programs at 8K, few partials at 128K
@@ -253,6 +253,7 @@ _masses_kernel_tuned = triton.autotune(
              for bn, w, st in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (64, 4, 2))],
     key=["HEAD_DIM", "BLOCK_M", "SCRATCH", "ONE_BLOCK", "WITH_DIAGONALS"],
     reset_to_zero=["COLUMNS", "DIAGONALS"],
+    **autotune_disk_cache(),
 )(_masses_kernel)
 
 
