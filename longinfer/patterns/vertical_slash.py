@@ -118,8 +118,8 @@ class VerticalSlashConfig:
             may see (see :func:`mix_over_groups`). Same estimation work, one index per head.
         column_q: estimation queries of the column mass alone (0 = the same ``last_q`` queries
             as the diagonal mass); sampled by ``query_sampling`` like them. Column mass is where
-            retrieval happens (a fact is a key column) and estimating it from more queries is
-            cheap: no diagonal scatter, only ``2 * column_q * Nk * D`` FLOP per head more.
+            retrieval happens (a fact is a key column) and estimating it from more queries costs
+            no diagonal scatter, only ``4 * column_q * Nk * D`` FLOP per head more (two passes).
     """
 
     num_vertical: int = 1000
@@ -411,8 +411,8 @@ def estimate_masses(
         queries of their causal softmax probability per column (local band left out) and per
         diagonal offset (sink columns left out).
 
-    Memory: torch path ``O(B * Hq * L * KEY_CHUNK)`` floats plus the ``[B, Hq, Nk]`` outputs; never
-    N x N. Two passes over the keys (log-sum-exp, then probabilities). Spread samplings add one
+    Memory (``L``: the larger of the two query counts): torch path ``O(B * Hq * L * KEY_CHUNK)``
+    floats plus the ``[B, Hq, Nk]`` outputs; never N x N. Two passes over the keys (log-sum-exp, then probabilities). Spread samplings add one
     ``[L, KEY_CHUNK]`` int64 index for the diagonal scatter. Triton path: the outputs plus
     ``O(B * Hq * L * Nk / 2048)`` floats (see :mod:`longinfer.patterns._estimate_kernel`).
     """
