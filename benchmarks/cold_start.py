@@ -11,8 +11,8 @@ folder measures a restart on a warm machine (kernels loaded from disk, autotunin
 
     python benchmarks/cold_start.py --heads 14 --kv-heads 2 --head-dim 64 --length 16384 --out /tmp/cold
 
-Inputs are structured, not random: every query attends strongly to the first keys (sinks) and to
-its neighbours (a shared rotary direction), as real heads do, so the selection takes real paths.
+Inputs are structured, not random (:func:`longinfer.warmup.structured_qkv`: a local band every
+row attends to, as real heads do), so the selection takes real paths.
 Timing: ``time.perf_counter`` around each call, CUDA-synchronized (host wall time: compile time is
 host time). On the CPU (Triton interpreter) the parts run but nothing compiles; the timings then
 mean nothing and the script is only checked for running end to end.
@@ -35,33 +35,6 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-
-def structured_qkv(heads: int, kv_heads: int, head_dim: int, length: int, dtype: Any, device: Any,
-                   seed: int = 0) -> tuple[Any, Any, Any]:
-    """``q [1, Hq, N, D]``, ``k, v [1, Hkv, N, D]`` with attention sinks (the first 4 keys share a
-    direction every query has) and locality (a shared vector rotated by position, so that
-    ``q_i . k_j`` peaks near ``i = j``), plus noise."""
-    import torch
-
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    half = head_dim // 2
-    positions = torch.arange(length, dtype=torch.float32)[:, None]
-    angles = positions * (10000.0 ** (-torch.arange(half, dtype=torch.float32) / half))[None, :] * 0.02
-    local = torch.cat([angles.cos(), angles.sin()], dim=-1)  # [N, D]: rows i, j close -> high dot product
-    sink = torch.randn(head_dim, generator=gen)
-    sink = sink / sink.norm()
-
-    def heads_of(count: int, sink_weight: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(count, length, head_dim, generator=gen)
-        return 2.0 * local[None] + sink_weight[None, :, None] * sink + 0.7 * noise
-
-    q = heads_of(heads, torch.full((length,), 3.0))
-    k_sink = torch.zeros(length)
-    k_sink[:4] = 3.0
-    k = heads_of(kv_heads, k_sink)
-    v = torch.randn(kv_heads, length, head_dim, generator=gen)
-    return tuple(x[None].to(device=device, dtype=dtype) for x in (q, k, v))
 
 
 def timed_twice(fn: Callable[[], Any], synchronize: Callable[[], None]) -> dict[str, float]:
@@ -91,6 +64,7 @@ def measure(heads: int, kv_heads: int, head_dim: int, length: int, device: str, 
     from longinfer.ops.index import build_vertical_slash_index
     from longinfer.patterns import vertical_slash as vs
     from longinfer.plans import default_plan_for
+    from longinfer.warmup import structured_qkv
 
     dtype = getattr(torch, dtype_name)
     q, k, v = structured_qkv(heads, kv_heads, head_dim, length, dtype, device)

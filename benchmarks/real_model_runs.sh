@@ -72,6 +72,10 @@ case "$step" in
           --cache-dir "/tmp/cold-cache-$3" --out "$RES/$step/h$1-d$3-n$4-$pass"
       done
     done ;;
+  warmup-q15)  # no weights: `longinfer warmup` of the 1.5B's default plan (lengths 32K / 128K, the 4K-over-64K turn); on a
+    # fresh machine the first call per shape shows the cold start a service pays once; run after cold-start
+    run_cli warmup --model qwen2.5-coder-1.5b --lengths 32768,131072 --turn 65536+4096 > "$RES/$step/warmup.md" 2>&1
+    tail -12 "$RES/$step/warmup.md" ;;
   gpu-tests)  # the GPU-only tests of the CUDA graphs and the kernels (bf16 shapes, dense tail tiles)
     LONGINFER_AUTOTUNE=0 run python3 -m pytest -q -p no:cacheprovider tests/test_gpu_graphs.py tests/test_ops_kernels.py \
       tests/test_estimate_kernel.py tests/test_select_kernel.py > "$RES/$step/pytest.txt" 2>&1

@@ -21,6 +21,7 @@ COMMAND_MODULES: dict[str, str] = {
     "search": "longinfer.plans.cli",
     "info": "longinfer.plans.cli_info",
     "eval": "longinfer.eval.cli",
+    "warmup": "longinfer.warmup",
 }
 
 
