@@ -132,22 +132,20 @@ def _turn(text: str) -> tuple[int, int]:
 
 
 def _plan_for(args: argparse.Namespace) -> Plan:
-    """The plan of ``--plan``, or the default plan of ``--model``'s shape (zoo name, local path or
-    Hugging Face id; only the config is read, no weights)."""
+    """The plan of ``--plan``, or the default plan of ``--model``'s shape (zoo name, ``.gguf`` file,
+    folder or Hugging Face id; only the config is read, no weights)."""
     from longinfer.plans import default_plan_for
 
     if args.plan:
         return Plan.load(args.plan)
     from longinfer.models import zoo
 
-    if args.model in zoo.MODELS:
+    if args.model in zoo.MODELS:  # the zoo knows the shape: nothing to fetch
         entry = zoo.get_model(args.model)
         shape = {"num_layers": entry.num_layers, "num_q_heads": entry.num_q_heads,
                  "num_kv_heads": entry.num_kv_heads, "head_dim": entry.head_dim}
         return default_plan_for(shape, model_id=entry.name)
-    from transformers import AutoConfig
-
-    return default_plan_for(AutoConfig.from_pretrained(args.model), model_id=args.model)
+    return default_plan_for(zoo.model_config(args.model), model_id=str(args.model))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -164,7 +162,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("warmup", help="compile and autotune the sparse kernels before the first request",
                                    description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="zoo name, local path or Hugging Face id (its default plan)")
+    source.add_argument("--model", help="zoo name, .gguf file, folder or Hugging Face id (its default plan)")
     source.add_argument("--plan", help="a plan JSON file")
     parser.add_argument("--lengths", type=parse_lengths, default=[], help="prompt lengths, e.g. 32768,131072 or 32K,128K")
     parser.add_argument("--turn", type=_turn, action="append", default=[],

@@ -77,3 +77,12 @@ def test_a_zoo_name_gives_the_default_plan_of_its_shape_without_weights():
     plan = warmup._plan_for(argparse.Namespace(plan=None, model="qwen2.5-coder-1.5b"))
     assert (plan.shape.num_layers, plan.shape.num_q_heads, plan.shape.num_kv_heads, plan.shape.head_dim) == (
         28, 12, 2, 128)
+
+
+def test_a_model_folder_gives_the_default_plan_of_its_config(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, hidden_size=256).save_pretrained(
+        tmp_path)
+    plan = warmup._plan_for(argparse.Namespace(plan=None, model=str(tmp_path)))
+    assert (plan.shape.num_layers, plan.shape.num_q_heads, plan.shape.num_kv_heads, plan.shape.head_dim) == (3, 8, 2, 32)

@@ -218,6 +218,18 @@ def _resolve_source(
     return _Source(text, None)  # a Hugging Face id, read by transformers (may use the network)
 
 
+def model_config(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Any:
+    """The transformers config of a zoo name, ``.gguf`` file, folder or Hugging Face id, without
+    loading weights (a zoo name is fetched first: its config lives in the GGUF file)."""
+    from transformers import AutoConfig
+
+    source = _resolve_source(name_or_path, cache_dir)
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if source.gguf_file is not None:
+        kwargs["gguf_file"] = source.gguf_file
+    return AutoConfig.from_pretrained(source.location, **kwargs)
+
+
 def default_device() -> str:
     """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
     import torch
