@@ -3,6 +3,7 @@ calibration prompt, a whole search on a tiny Llama with kill-and-resume, crossov
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -165,6 +166,8 @@ def test_cost_covers_the_mask_and_dense_costs_one():
     vs = heads[3]
     est = search.estimation_pairs("vertical_slash", vs.config, n, n)
     assert est == 2 * 64 * n
+    with_columns = dataclasses.replace(vs.config, column_q=n + 5)  # more column queries than rows: all n rows
+    assert search.estimation_pairs("vertical_slash", with_columns, n, n) == 2 * (64 + n) * n
 
 
 def test_kernel_pairs_rejects_unknown_selections():

@@ -166,11 +166,11 @@ def estimation_pairs(pattern: str, config: Any, q_len: int, k_len: int) -> int:
     """(query, key) pairs one query head's online estimate scores.
 
     Vertical-slash: the last ``last_q`` queries against every key, twice (log-sum-exp, then the
-    probabilities). Block-sparse: pooled query blocks against the causal pooled key blocks. Static
-    patterns: none.
+    probabilities), and as many for the ``column_q`` queries of the column mass, if any.
+    Block-sparse: pooled query blocks against the causal pooled key blocks. Static patterns: none.
     """
     if pattern == "vertical_slash":
-        return 2 * min(config.last_q, q_len) * k_len
+        return 2 * (min(config.last_q, q_len) + min(config.column_q, q_len)) * k_len
     if pattern == "block_sparse":
         blocks_q = math.ceil(q_len / config.block_size)
         blocks_k = math.ceil(k_len / config.block_size)
