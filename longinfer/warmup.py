@@ -11,8 +11,8 @@ has ``cache_results`` (3.4+), the autotuner's timings: later processes on the sa
     longinfer warmup --model qwen2.5-coder-1.5b --lengths 32768,131072 --turn 65536+4096
 
 The attention kernel autotunes once per power-of-two bucket of the key length, so give one length
-per bucket the service will see. Memory: one layer's ``q, k, v`` at the longest length, plus what
-one sparse layer call needs.
+per bucket the service will see. Memory: one layer's ``q, k, v`` at the longest length (built in
+float32 on the host, then moved), plus what one sparse layer call needs.
 """
 
 from __future__ import annotations
