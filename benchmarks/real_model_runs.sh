@@ -276,12 +276,14 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
       "dense,longinfer,longinfer:$PLANS11/q15-tau0.995-tail.json,longinfer:$PLANS11/q15-tau0.999-tail.json" ;;
   q15-rows-error)  # issue 5: recall and output error at the facts' rows of RULER 32K prompts on the 1.5B, for plans whose
-    # RULER scores are known (default 65.1, cap 8,448 61.7, tau 0.98 67.4, union tau 0.7 / 0.8 70.9 / 74.5): does either
+    # RULER scores are known (default 65.1, cap 8,448 61.7, tau 0.98 67.4, union tau 0.7 / 0.8 70.9 / 74.5, 1,024 queries
+    # 72.5; column_q 1,024 after q15-column-q): does either
     # proxy rank them as RULER does in this regime? (CPU 0.5B 8K: docs/results/ruler-rows-error-cpu-qwen0.5b-8k/)
     run python3 benchmarks/ruler_rows_recall.py $Q15 --length 32768 --tasks niah_multivalue,vt,niah_multikey \
       --samples 2 --out "$RES/$step" --method "default=$VS,tau=0.9" --method "cap8448=$VS,tau=0.9,num_vertical=8448" \
       --method "tau0.98=$VS,tau=0.98" --method "kv0.7=$VS,tau=0.7,per_kv_group=true" \
-      --method "kv0.8=$VS,tau=0.8,per_kv_group=true" ;;
+      --method "kv0.8=$VS,tau=0.8,per_kv_group=true" --method "lq1024=$VS,tau=0.9,last_q=1024" \
+      --method "cq1024=$VS,tau=0.9,column_q=1024" ;;
   q15-ppl)  # issue 5: perplexity, 4 windows at 32K and the one 128K window the corpus holds
     run_cli eval ppl $Q15 --lengths 32768 --samples 4 --methods "dense,longinfer" --out "$RES/$step"
     run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step" ;;
