@@ -104,10 +104,11 @@ def warmup(plan: Plan, lengths: list[int], *, turns: list[tuple[int, int]] = (),
         raise ValueError("nothing to warm up: give at least one prompt length or turn")
     if any(queries <= 0 or keys < queries for keys, queries in shapes):
         raise ValueError(f"lengths and turn sizes must be positive, got lengths {lengths} and turns {turns}")
-    if torch.device(device).type != "cuda":
+    on_cuda = torch.device(device).type == "cuda"
+    if not on_cuda:
         logger.warning("warming up on %s: Triton compiles and autotunes only for CUDA tensors", device)
     shape = plan.shape
-    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    synchronize = torch.cuda.synchronize if on_cuda else (lambda: None)
     calls = []
     for keys, queries in shapes:
         q, k, v = structured_qkv(shape.num_q_heads, shape.num_kv_heads, shape.head_dim, keys, dtype, device)

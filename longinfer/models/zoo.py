@@ -194,6 +194,13 @@ class _Source:
     location: str
     gguf_file: str | None
 
+    def pretrained_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of every ``from_pretrained`` call on this source (never remote code)."""
+        kwargs: dict[str, Any] = {"trust_remote_code": False}
+        if self.gguf_file is not None:
+            kwargs["gguf_file"] = self.gguf_file
+        return kwargs
+
 
 def _resolve_source(
     name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None
@@ -224,10 +231,7 @@ def model_config(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathL
     from transformers import AutoConfig
 
     source = _resolve_source(name_or_path, cache_dir)
-    kwargs: dict[str, Any] = {"trust_remote_code": False}
-    if source.gguf_file is not None:
-        kwargs["gguf_file"] = source.gguf_file
-    return AutoConfig.from_pretrained(source.location, **kwargs)
+    return AutoConfig.from_pretrained(source.location, **source.pretrained_kwargs())
 
 
 def default_device() -> str:
@@ -314,16 +318,15 @@ def load(
     device = device if device is not None else default_device()
     dtype = dtype if dtype is not None else default_dtype(device)
     started = time.perf_counter()
-    kwargs: dict[str, Any] = {"trust_remote_code": False}
-    if source.gguf_file is not None:
-        kwargs["gguf_file"] = source.gguf_file
+    kwargs = source.pretrained_kwargs()
     if dequantized_cache is None:
         dequantized_cache = os.environ.get(DEQUANTIZED_CACHE_ENV, "") == "1"
     copy = None
     if dequantized_cache and source.gguf_file is not None and not config_overrides:
         copy = _DequantizedCopy(Path(source.location) / source.gguf_file, dtype)
         if copy.is_valid():
-            source, kwargs = _Source(str(copy.folder), None), {"trust_remote_code": False}
+            source = _Source(str(copy.folder), None)
+            kwargs = source.pretrained_kwargs()
             copy = None  # loading from it: nothing to write
     tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     config = AutoConfig.from_pretrained(source.location, **kwargs)
