@@ -19,6 +19,7 @@ PLANS9=docs/results/gpu-session9/plans
 PLANS10=docs/results/gpu-session10/plans
 PLANS11=docs/results/gpu-session11/plans
 PLANS12=docs/results/gpu-session12/plans
+PLANS13=docs/results/gpu-session13/plans
 VS="vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,last_q=64,query_sampling=strided"
 COST="vertical_slash:budget=coverage,num_vertical=8192,num_slash=8192,last_q=64,query_sampling=strided,rank=cost,tau=1.0"
 # The default estimator at 64-, 32- and 16-row query tiles, coverage and cost-ranked budgets.
@@ -76,9 +77,11 @@ case "$step" in
     # fresh machine the first call per shape shows the cold start a service pays once; run after cold-start
     run_cli warmup --model qwen2.5-coder-1.5b --lengths 32768,131072 --turn 65536+4096 > "$RES/$step/warmup.md" 2>&1
     tail -12 "$RES/$step/warmup.md" ;;
-  gpu-tests)  # the GPU-only tests of the CUDA graphs and the kernels (bf16 shapes, dense tail tiles)
-    LONGINFER_AUTOTUNE=0 run python3 -m pytest -q -p no:cacheprovider tests/test_gpu_graphs.py tests/test_ops_kernels.py \
-      tests/test_estimate_kernel.py tests/test_select_kernel.py > "$RES/$step/pytest.txt" 2>&1
+  gpu-tests)  # the GPU-only tests: those marked `gpu` (CUDA graphs, estimate, selection) and the kernels' bf16 shapes.
+    # (The whole files, CPU cases included, ran past 400 s in sessions 5 and 13: every case compiles its own variants.)
+    LONGINFER_AUTOTUNE=0 run python3 -m pytest -q -p no:cacheprovider --durations=5 \
+      tests/test_gpu_graphs.py tests/test_estimate_kernel.py tests/test_select_kernel.py tests/test_ops_kernels.py \
+      -k "gpu or bfloat16" > "$RES/$step/pytest.txt" 2>&1
     tail -5 "$RES/$step/pytest.txt" ;;
   select-bench)  # no model: the vertical-slash budget alone, torch vs the Triton paths and their launch choices
     run python3 benchmarks/select_bench.py --sweep --out "$RES/$step" ;;
@@ -275,6 +278,22 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     seed_ruler_32k
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
       "dense,longinfer,longinfer:$PLANS11/q15-tau0.995-tail.json,longinfer:$PLANS11/q15-tau0.999-tail.json" ;;
+  q15-segments)  # issue 5: one index per query segment (4 / 8 / 16 segments, each from 64 strided queries of its own), and
+    # 8 segments at tau 0.8, on RULER 32K (rerun to finish); then the second turn of the 8-segment plan.
+    seed_ruler_32k
+    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer,$(
+      printf 'longinfer:%s,' $PLANS13/q15-{seg4,seg8,seg16,seg8-tau0.8}-tail.json | sed 's/,$//')"
+    plan_turns $PLANS13 seg8 ;;
+  q15-floors)  # issue 5: the default with a floor of columns / diagonals per head (256 / 1,024 and 1,000 / 3,000; the
+    # selection then runs on torch) on RULER 32K (rerun to finish)
+    seed_ruler_32k
+    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer,$(
+      printf 'longinfer:%s,' $PLANS13/q15-floor-{v256-s1024,v1000-s3000}-tail.json | sed 's/,$//')" ;;
+  q15-peer-128k)  # issue 5: the peer on RULER 128K beside dense (session 4's rows) and the default (rerun to finish).
+    # Carry .device/minference-0.1.6.0.tar.gz.
+    peer
+    seed_dense_ruler
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" --methods dense,longinfer,peer ;;
   q15-rows-error)  # issue 5: recall and output error at the facts' rows of RULER 32K prompts on the 1.5B, for plans whose
     # RULER scores are known (default 65.1, cap 8,448 61.7, tau 0.98 67.4, union tau 0.7 / 0.8 70.9 / 74.5, 1,024 queries
     # 72.5; column_q 1,024 after q15-column-q): does either
