@@ -284,6 +284,11 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer,$(
       printf 'longinfer:%s,' $PLANS13/q15-{seg4,seg8,seg16,seg8-tau0.8}-tail.json | sed 's/,$//')"
     plan_turns $PLANS13 seg8 ;;
+  q15-sampling)  # issue 5: the default's 64 estimation queries half from the prompt's end (mixed), all from it (last),
+    # and 128 mixed, on RULER 32K (rerun to finish); same estimate cost as the default
+    seed_ruler_32k
+    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer,$(
+      printf 'longinfer:%s,' $PLANS13/q15-{mixed,last,mixed128}-tail.json | sed 's/,$//')" ;;
   q15-floors)  # issue 5: the default with a floor of columns / diagonals per head (256 / 1,024 and 1,000 / 3,000; the
     # selection then runs on torch) on RULER 32K (rerun to finish)
     seed_ruler_32k

@@ -64,11 +64,12 @@ from longinfer.ops._checks import autotune_disk_cache, interpreter_enabled
 LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2
 KEYS_PER_SPLIT = 2048  # keys per pass-1 program: enough programs at 8K, few partials at 128K
 PASS_TWO_PROGRAMS = 512  # pass 2 splits its keys until a call has about this many programs (132 SMs)
-# Query block of pass 2 when the queries do not fit one block (each key tile loops over the blocks):
-# compiled for sm_90, 64-query blocks run at the 255-register cap and spill 0.4-2.9 KB per thread in
-# every tuning config; 32-query blocks spill 0.3-1.6 KB, and 16 bytes in the column-only pass at 8
-# warps (docs/results/compile-time-cpu/README.md). Not yet timed on the GPU.
-PASS_TWO_MULTI_BLOCK_M = 32
+# Query block of pass 2 when the queries do not fit one block (each key tile loops over the blocks).
+# Compiled for sm_90, 64-query blocks spill 0.4-2.9 KB per thread and 32-query blocks 0.3-1.6 KB
+# (docs/results/compile-time-cpu/README.md), but on an H200 the 32-query blocks made a 4K turn over
+# 64K with 1,024 estimation queries slower (attention 0.96x -> 0.70x of dense, sessions 12 and 13):
+# every block reloads the key tile, so halving the block doubles those loads. 64 it stays.
+PASS_TWO_MULTI_BLOCK_M = 64
 # Largest diagonal scratch (bytes) per pass-2 launch: 12 heads x 64 queries x 64K keys fit whole (a
 # 4K turn over 64K on Qwen2.5-1.5B: 210 MB); larger calls run in chunks of KV groups, and calls
 # where one KV group does not fit use atomics.

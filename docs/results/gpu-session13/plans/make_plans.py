@@ -2,23 +2,30 @@
 at 64) with one index per query segment (each estimated from 64 strided queries of its own segment
 against the keys up to its end), and that at a lower coverage target; and the default with a floor of
 columns and diagonals (coverage tau 0.9 but at least min_vertical / min_slash of each, the peer's
-fixed budget being 1,000 / 6,096: the peer scored dense's RULER 32K at ~40% density)."""
+fixed budget being 1,000 / 6,096: the peer scored dense's RULER 32K at ~40% density); and the default
+with its 64 queries taken half from the prompt's end ("mixed") or all from the end ("last")."""
 import json
 import sys
 
 SOURCE = "docs/results/gpu-session11/plans/q15-exact-tail.json"
 OUT = "docs/results/gpu-session13/plans"
-# name: (segments, tau, min_vertical, min_slash)
-VARIANTS = {"seg4": (4, 0.9, 0, 0), "seg8": (8, 0.9, 0, 0), "seg16": (16, 0.9, 0, 0), "seg8-tau0.8": (8, 0.8, 0, 0),
-            "floor-v256-s1024": (1, 0.9, 256, 1024), "floor-v1000-s3000": (1, 0.9, 1000, 3000)}
-for name, (segments, tau, min_vertical, min_slash) in VARIANTS.items():
+# name: (segments, tau, min_vertical, min_slash, query_sampling, last_q)
+VARIANTS = {
+    "seg4": (4, 0.9, 0, 0, "strided", 64), "seg8": (8, 0.9, 0, 0, "strided", 64),
+    "seg16": (16, 0.9, 0, 0, "strided", 64), "seg8-tau0.8": (8, 0.8, 0, 0, "strided", 64),
+    "floor-v256-s1024": (1, 0.9, 256, 1024, "strided", 64), "floor-v1000-s3000": (1, 0.9, 1000, 3000, "strided", 64),
+    # The last queries (the question of a retrieval prompt) see what its answer needs; the peer estimates from them.
+    "mixed": (1, 0.9, 0, 0, "mixed", 64), "mixed128": (1, 0.9, 0, 0, "mixed", 128), "last": (1, 0.9, 0, 0, "last", 64),
+}
+for name, (segments, tau, min_vertical, min_slash, sampling, last_q) in VARIANTS.items():
     plan = json.load(open(SOURCE))
     for layer in plan["layers"]:
         for head in layer["heads"]:
-            head["params"].update(last_q=64, segments=segments, tau=tau, min_vertical=min_vertical, min_slash=min_slash)
+            head["params"].update(last_q=last_q, segments=segments, tau=tau, min_vertical=min_vertical,
+                                  min_slash=min_slash, query_sampling=sampling)
     plan["search"]["note"] = (
-        f"the default plan (coverage tau={tau}, last 128 rows dense, 64 strided estimation queries) with "
-        f"{segments} query segment(s) (each estimated from its own 64 queries) and at least {min_vertical} columns / "
+        f"the default plan (coverage tau={tau}, last 128 rows dense) with {last_q} {sampling} estimation queries, "
+        f"{segments} query segment(s) (each estimated from its own queries) and at least {min_vertical} columns / "
         f"{min_slash} diagonals per head; written by `{' '.join(sys.argv)}` from {SOURCE}")
     json.dump(plan, open(f"{OUT}/q15-{name}-tail.json", "w"), indent=1)
     print(name)
