@@ -432,3 +432,31 @@ def test_sm_scale_is_used():
     out = dense_attention(q, k, v, sm_scale=0.3)
     ref = masked_attention(q, k, v, dense_causal_mask(100, device=DEVICE), sm_scale=0.3)
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_one_compiled_variant_per_kernel_whatever_the_length():
+    """Cold start: a new prompt length does not recompile the attention kernels (session 13: the
+    layer at one token shorter took 1.5-2.3 s on a fresh H200, only to recompile). Lengths divisible
+    by 16 and not, one-shot and a chunk after a prefix, with a split dense tail and split-K dense."""
+    from longinfer.ops import _kernel
+
+    names = ("_sparse_attention_fwd", "_dense_split_fwd", "_merge_splits_fwd")
+    device = torch.cuda.current_device()
+
+    def compiled() -> dict[str, int]:  # variants compiled so far in this process (other tests add theirs)
+        return {name: len(getattr(_kernel, name).device_caches[device][0]) for name in names}
+
+    def run(nq: int, nk: int) -> None:
+        q, k, v = _qkv(1, 4, 2, nq, nk=nk, d=128, dtype=torch.bfloat16, seed=nk)
+        vertical = torch.arange(0, nk, 97, device=DEVICE)[None, None].expand(1, 4, -1)
+        slash = torch.tensor([0, 1, 64, 500, 1000], device=DEVICE)[None, None].expand(1, 4, -1)
+        vertical_slash_attention(q, k, v, vertical, slash, dense_from=(nk - 128) // 64 * 64, tail_splits=4)
+        dense_attention(q, k, v, splits=4)
+
+    run(2048, 4096)  # compiles whatever this process has not yet compiled for these options
+    before = compiled()
+    for nq, nk in ((2047, 4095), (2001, 5001), (512, 4111), (512, 6144)):
+        run(nq, nk)
+    added = {name: count - before[name] for name, count in compiled().items()}
+    assert all(count == 0 for count in added.values()), added

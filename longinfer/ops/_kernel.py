@@ -93,7 +93,19 @@ def _attend_range(
     return acc, m_i, l_i
 
 
-@triton.jit
+# Arguments that follow the prompt length are not specialized (Triton would otherwise compile one
+# variant per divisibility of each by 16: a new prompt length could cost a recompile, 1.5-2.3 s on a
+# fresh H200 in session 13): the lengths and the strides of the index tensors, whose widths follow
+# the length. The q/k/v/out strides and head counts keep their specialization (load alignment).
+_LENGTH_ARGUMENTS = [
+    "q_len", "k_len", "num_tiles", "first_tile", "sink", "window", "dense_from", "tail_programs", "tail_splits",
+    "tail_first_tile", "num_tail_tiles", "keys_per_tail_split", "tune_bucket",
+    "stride_bi_b", "stride_bi_h", "stride_bi_m", "stride_ch_b", "stride_ch_h", "stride_cn_b", "stride_cn_h",
+    "stride_cv_b", "stride_cv_h", "stride_c_b", "stride_c_h", "stride_cc_b", "stride_cc_h", "stride_bc_b", "stride_bc_h",
+]
+
+
+@triton.jit(do_not_specialize=_LENGTH_ARGUMENTS)
 def _sparse_attention_fwd(
     Q, K, V, Out,
     stride_qb, stride_qh, stride_qn,
@@ -280,7 +292,7 @@ sparse_attention_fwd_tuned = triton.autotune(configs=_tuning_configs(), key=_TUN
                                              **autotune_disk_cache())(_sparse_attention_fwd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_len", "k_len", "num_tiles", "keys_per_split"])
 def _dense_split_fwd(
     Q, K, V, Acc, Max, Sum,
     stride_qb, stride_qh, stride_qn,
@@ -342,7 +354,7 @@ def _dense_split_fwd(
     tl.store(Acc + stat[:, None] * BLOCK_D + offs_d[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits", "stride_split", "stride_head", "rows", "out_row0"])
 def _merge_splits_fwd(
     Acc, Max, Sum, Out, splits, stride_split, stride_head, num_q_heads, rows, out_row0,
     stride_ob, stride_oh, stride_on,
