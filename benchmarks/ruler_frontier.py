@@ -1,0 +1,137 @@
+"""Every measured RULER-style run of one model and length in one table and one plot: score vs density.
+
+Reads the committed ``ruler.jsonl`` files (append-only eval records), keeps each method's first run
+(the default plan and dense recur in many files as seeded rows), and reports per method: the
+average score, its paired difference to dense with the 95% bootstrap interval
+(:func:`longinfer.eval.ruler.difference_interval`), how many prompts scored better / worse than
+under dense (a sharper signal than the average at 12 prompts per sub-task), and the mean
+prefill attention density where the records carry it (sessions 12 on).
+
+    python benchmarks/ruler_frontier.py --model qwen2.5-coder-1.5b --length 32768 \\
+        --out docs/results/ruler-frontier-q15-32k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from longinfer.eval.report import markdown_table
+from longinfer.eval.ruler import difference_interval, summarize
+
+log = logging.getLogger("ruler_frontier")
+Record = dict[str, Any]
+
+
+def method_label(method: str) -> str:
+    """``longinfer:docs/.../q15-kv-tau0.8-tail.json`` -> ``q15-kv-tau0.8-tail``; others unchanged."""
+    if not method.startswith("longinfer:"):
+        return method
+    name = method.split(":", 1)[1].rsplit("/", 1)[-1]  # not Path.stem: "tau0.8-tail" has no suffix
+    return name.removesuffix(".json")
+
+
+def read_runs(files: Iterable[Path], model: str, length: int) -> dict[str, tuple[Path, list[Record]]]:
+    """Per method label, the file of its first run and that file's records of it and of dense."""
+    runs: dict[str, tuple[Path, list[Record]]] = {}
+    for path in sorted(files):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = [r for r in records if r.get("task") == "ruler" and r.get("model") == model
+                   and int(r.get("length", -1)) == length and not r.get("error")]
+        dense = [r for r in records if r["method"] == "dense"]
+        for method in dict.fromkeys(r["method"] for r in records):
+            label = method_label(method)
+            if label == "dense" or label in runs or not dense:
+                continue
+            runs[label] = (path, dense + [dict(r, method=label) for r in records if r["method"] == method])
+    return runs
+
+
+def frontier_rows(runs: dict[str, tuple[Path, list[Record]]], root: Path) -> list[dict[str, Any]]:
+    """One row per method: score, difference to dense with interval, changed prompts, density, source."""
+    rows = []
+    for label, (path, records) in runs.items():
+        summary = summarize(records)
+        length = records[0]["length"]
+        score, dense = summary[label][length]["average"], summary["dense"][length]["average"]
+        interval = difference_interval(records, label, "dense", length)
+        by_case = {r["case_id"]: r["score"] for r in records if r["method"] == "dense"}
+        ours = [(r["score"], by_case[r["case_id"]]) for r in records if r["method"] == label and r["case_id"] in by_case]
+        densities = [r["attention_density"] for r in records if r["method"] == label and "attention_density" in r]
+        rows.append({
+            "method": label, "score": score, "dense": dense, "difference": score - dense, "interval": interval,
+            "prompts": len(ours), "better": sum(a > b for a, b in ours), "worse": sum(a < b for a, b in ours),
+            "density": statistics.fmean(densities) if densities else None,
+            "source": str(path.relative_to(root)) if path.is_relative_to(root) else str(path),
+        })
+    return sorted(rows, key=lambda row: -row["difference"])
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    def interval(row: dict[str, Any]) -> str:
+        low_high = row["interval"]
+        return f"{row['difference']:+.1f}" + ("" if low_high is None else f" [{low_high[0]:+.1f}, {low_high[1]:+.1f}]")
+
+    return markdown_table(
+        ["method", "score", "− dense [95%]", "prompts better / worse / of", "density", "first run"],
+        [[row["method"], f"{row['score']:.1f}", interval(row), f"{row['better']} / {row['worse']} / {row['prompts']}",
+          "—" if row["density"] is None else f"{100 * row['density']:.1f}%", f"`{row['source']}`"] for row in rows])
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Difference to dense (with its interval) against density; methods without density are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [row for row in rows if row["density"] is not None]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in shown:
+        low, high = row["interval"] or (row["difference"], row["difference"])
+        x = 100 * row["density"]
+        ax.errorbar(x, row["difference"], yerr=[[row["difference"] - low], [high - row["difference"]]], fmt="o",
+                    capsize=3)
+        ax.annotate(row["method"], (x, row["difference"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    for row in rows:
+        if row["density"] is None and row["method"] == "peer":
+            ax.axhline(row["difference"], linestyle="--", color="gray")
+            ax.text(0.01, row["difference"], " peer (density not recorded)", fontsize=7, color="gray",
+                    va="bottom", transform=ax.get_yaxis_transform())
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("prefill attention density (%)")
+    ax.set_ylabel("RULER-style average − dense (points)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", type=Path, default=Path("docs/results"), help="folder searched for ruler.jsonl")
+    parser.add_argument("--model", default="qwen2.5-coder-1.5b")
+    parser.add_argument("--length", type=int, default=32768)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    runs = read_runs(args.results.rglob("ruler.jsonl"), args.model, args.length)
+    if not runs:
+        parser.error(f"no RULER records of {args.model} at {args.length} tokens under {args.results}")
+    rows = frontier_rows(runs, args.results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(rows, args.out / "frontier.png", f"{args.model}, RULER-style at {args.length} tokens")
+    (args.out / "frontier.json").write_text(json.dumps(rows, indent=1) + "\n")
+    text = render_table(rows)
+    (args.out / "frontier_table.md").write_text(text + "\n")
+    log.info("%d methods -> %s", len(rows), args.out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""benchmarks/ruler_frontier.py on hand-made eval records: labels, first-run dedupe, paired counts, density."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "ruler_frontier.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("ruler_frontier_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _records(method: str, scores: list[float], density: float | None = None, model: str = "m") -> list[dict]:
+    """RULER records of two sub-tasks, ``len(scores) // 2`` prompts each, in the eval's format."""
+    half = len(scores) // 2
+    out = []
+    for i, score in enumerate(scores):
+        subtask = "niah_single" if i < half else "vt"
+        record = {"task": "ruler", "model": model, "length": 1024, "method": method, "subtask": subtask,
+                  "case_id": f"{subtask}/L1024/i{i % half}/s0", "score": score}
+        if density is not None:
+            record["attention_density"] = density
+        out.append(record)
+    return out
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    dense = [1.0, 1.0, 0.0, 1.0]
+    _write(tmp_path / "a" / "ruler.jsonl", _records("dense", dense)
+           + _records("longinfer:docs/plans/q15-kv-tau0.8-tail.json", [1.0, 0.0, 1.0, 1.0], density=0.25)
+           + _records("longinfer", [0.0, 0.0, 0.0, 1.0]) + _records("other-model", [1.0] * 4, model="x"))
+    # A later file repeats the default's rows (seeded) with other scores: the first run is kept.
+    _write(tmp_path / "b" / "ruler.jsonl", _records("dense", dense) + _records("longinfer", [1.0] * 4))
+    return tmp_path
+
+
+def test_rows_count_paired_prompts_and_keep_each_methods_first_run(results: Path):
+    frontier = _load_script()
+    runs = frontier.read_runs(results.rglob("ruler.jsonl"), "m", 1024)
+    rows = {row["method"]: row for row in frontier.frontier_rows(runs, results)}
+    assert set(rows) == {"q15-kv-tau0.8-tail", "longinfer"}  # plan file names keep their "0.8"; dense is the baseline
+    kv = rows["q15-kv-tau0.8-tail"]
+    # dense averages (100 + 50) / 2 = 75; kv (50 + 100) / 2 = 75: one prompt better, one worse
+    assert (kv["score"], kv["difference"], kv["better"], kv["worse"], kv["prompts"]) == (75.0, 0.0, 1, 1, 4)
+    assert kv["density"] == pytest.approx(0.25) and kv["source"] == "a/ruler.jsonl"
+    default = rows["longinfer"]
+    assert (default["score"], default["difference"], default["worse"], default["source"]) == (25.0, -50.0, 2, "a/ruler.jsonl")
+    assert default["density"] is None
+
+
+def test_script_writes_table_plot_and_json(results: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--results", str(results), "--model", "m", "--length", "1024",
+                           "--out", str(out)], capture_output=True, text=True, check=True)
+    assert "| q15-kv-tau0.8-tail | 75.0 |" in done.stdout
+    assert (out / "frontier.png").stat().st_size > 0
+    assert [row["method"] for row in json.loads((out / "frontier.json").read_text())] == ["q15-kv-tau0.8-tail", "longinfer"]
+    missing = subprocess.run([sys.executable, str(SCRIPT), "--results", str(results), "--model", "none", "--out",
+                              str(out)], capture_output=True, text=True)
+    assert missing.returncode != 0 and "no RULER records of none" in missing.stderr
