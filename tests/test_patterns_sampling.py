@@ -94,6 +94,41 @@ def test_group_mix_blends_each_head_with_its_kv_group_mean(backend):
     assert vs.mix_over_groups(*own, 2, 0.0)[0] is own[0]  # 0: unchanged
 
 
+@pytest.mark.parametrize("rank", ["mass", "cost"])  # the packed fast path and the mask path
+def test_group_columns_gives_each_head_its_groups_columns_and_keeps_its_diagonals(rank):
+    """``group_columns``: vertical = the sorted union of the KV group's per-head columns (checked by
+    a Python set per head), slash = the head's own; per KV group the same as ``per_kv_group``'s columns."""
+    q, k = _qk(120, 150, hq=6, hkv=2, seed=4)
+    config = dataclasses.replace(COST, rank=rank, num_vertical=12, num_slash=10)
+    own = estimate_vertical_slash(q, k, config)
+    grouped = estimate_vertical_slash(q, k, dataclasses.replace(config, group_columns=True))
+    assert grouped.vertical.shape == (1, 6, 3 * 12) and torch.equal(grouped.slash, own.slash)
+    for h in range(6):
+        members = range((h // 3) * 3, (h // 3) * 3 + 3)
+        expected = sorted({int(c) for m in members for c in own.vertical[0, m] if c >= 0})
+        row = grouped.vertical[0, h].tolist()
+        assert row == expected + [-1] * (36 - len(expected))
+    assert len(expected) > int((own.vertical[0, 5] >= 0).sum())  # the union did add columns here
+    union = estimate_vertical_slash(q, k, config, per_kv_group=True)
+    assert torch.equal(grouped.vertical[:, ::3], union.vertical)
+    both = estimate_vertical_slash(q, k, dataclasses.replace(config, group_columns=True), per_kv_group=True)
+    assert torch.equal(both.vertical, union.vertical) and torch.equal(both.slash, union.slash)
+
+
+def test_group_columns_runs_in_the_kernel_as_its_mask():
+    """The wider per-head column lists go through the kernel (interpreter, float32) as the selection's mask."""
+    q, k = _qk(200, 200, hq=4, hkv=2, d=32, seed=5)
+    v = torch.randn_like(k)
+    config = VerticalSlashConfig(num_vertical=16, num_slash=8, last_q=16, sink=2, local=3, block_size=16,
+                                 budget="coverage", tau=0.8, query_sampling="strided", group_columns=True)
+    selection = estimate_vertical_slash(q, k, config)
+    from longinfer.ops import vertical_slash_attention
+
+    out = vertical_slash_attention(q, k, v, selection.vertical, selection.slash, block_size=16)
+    expected = reference.masked_attention(q, k, v, selection.mask())
+    torch.testing.assert_close(out, expected.to(out.dtype), atol=2e-5, rtol=0)
+
+
 def test_strided_queries_never_see_later_keys():
     # Both sampled queries (31 and 63) look for one direction, which keys 32.. carry strongly: query
     # 63 puts nearly all its probability there, query 31 must still spend all of its on keys 0..31.
@@ -321,3 +356,33 @@ def test_new_options_are_validated():
     defaults = VerticalSlashConfig()
     assert (defaults.query_sampling, defaults.rank, defaults.max_density, defaults.min_gain,
             defaults.split_halves) == ("last", "mass", 1.0, 0.0, False)
+
+
+def test_group_columns_plan_runs_in_transformers_on_both_backends():
+    """A tiny Llama with a ``group_columns`` plan (coverage budget, dense tail): the Triton and torch
+    paths agree, and the wider column lists change the output against the per-head plan."""
+    transformers = pytest.importorskip("transformers")
+    from longinfer.integrations import transformers as lt
+    from longinfer.plans import uniform_plan
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                      max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(3, 128, (1, 256), generator=torch.Generator().manual_seed(0))
+    params = {"num_vertical": 16, "num_slash": 16, "sink": 4, "local": 8, "last_q": 16, "budget": "coverage",
+              "tau": 0.5, "query_sampling": "strided"}
+    outputs = {}
+    for name, grouped, backend in (("own", False, "triton"), ("grouped", True, "triton"), ("grouped-torch", True, "torch")):
+        plan = uniform_plan(model.config, "vertical_slash", {**params, "group_columns": grouped}, dense_last=64)
+        lt.patch(model, plan, backend=backend)
+        try:
+            with torch.no_grad():
+                outputs[name] = model(ids).logits
+        finally:
+            lt.unpatch(model)
+    torch.testing.assert_close(outputs["grouped"], outputs["grouped-torch"], atol=2e-5, rtol=1e-4)
+    assert (outputs["grouped"][:, :192] - outputs["own"][:, :192]).abs().max() > 1e-3
+    torch.testing.assert_close(outputs["grouped"][:, 192:], outputs["own"][:, 192:], atol=2e-5, rtol=1e-4)  # dense tail

@@ -9,23 +9,28 @@ import sys
 
 SOURCE = "docs/results/gpu-session11/plans/q15-exact-tail.json"
 OUT = "docs/results/gpu-session13/plans"
-# name: (segments, tau, min_vertical, min_slash, query_sampling, last_q)
+# name: (segments, tau, min_vertical, min_slash, query_sampling, last_q, group_columns)
 VARIANTS = {
-    "seg4": (4, 0.9, 0, 0, "strided", 64), "seg8": (8, 0.9, 0, 0, "strided", 64),
-    "seg16": (16, 0.9, 0, 0, "strided", 64), "seg8-tau0.8": (8, 0.8, 0, 0, "strided", 64),
-    "floor-v256-s1024": (1, 0.9, 256, 1024, "strided", 64), "floor-v1000-s3000": (1, 0.9, 1000, 3000, "strided", 64),
+    "seg4": (4, 0.9, 0, 0, "strided", 64, False), "seg8": (8, 0.9, 0, 0, "strided", 64, False),
+    "seg16": (16, 0.9, 0, 0, "strided", 64, False), "seg8-tau0.8": (8, 0.8, 0, 0, "strided", 64, False),
+    "floor-v256-s1024": (1, 0.9, 256, 1024, "strided", 64, False),
+    "floor-v1000-s3000": (1, 0.9, 1000, 3000, "strided", 64, False),
     # The last queries (the question of a retrieval prompt) see what its answer needs; the peer estimates from them.
-    "mixed": (1, 0.9, 0, 0, "mixed", 64), "mixed128": (1, 0.9, 0, 0, "mixed", 128), "last": (1, 0.9, 0, 0, "last", 64),
+    "mixed": (1, 0.9, 0, 0, "mixed", 64, False), "mixed128": (1, 0.9, 0, 0, "mixed", 128, False),
+    "last": (1, 0.9, 0, 0, "last", 64, False),
+    # Every head takes its KV group's columns (the per-KV-group union of columns, its own diagonals).
+    "gcols": (1, 0.9, 0, 0, "strided", 64, True), "gcols-tau0.8": (1, 0.8, 0, 0, "strided", 64, True),
 }
-for name, (segments, tau, min_vertical, min_slash, sampling, last_q) in VARIANTS.items():
+for name, (segments, tau, min_vertical, min_slash, sampling, last_q, group_columns) in VARIANTS.items():
     plan = json.load(open(SOURCE))
     for layer in plan["layers"]:
         for head in layer["heads"]:
             head["params"].update(last_q=last_q, segments=segments, tau=tau, min_vertical=min_vertical,
-                                  min_slash=min_slash, query_sampling=sampling)
+                                  min_slash=min_slash, query_sampling=sampling, group_columns=group_columns)
     plan["search"]["note"] = (
         f"the default plan (coverage tau={tau}, last 128 rows dense) with {last_q} {sampling} estimation queries, "
-        f"{segments} query segment(s) (each estimated from its own queries) and at least {min_vertical} columns / "
-        f"{min_slash} diagonals per head; written by `{' '.join(sys.argv)}` from {SOURCE}")
+        f"{segments} query segment(s) (each estimated from its own queries), at least {min_vertical} columns / "
+        f"{min_slash} diagonals per head{', each head with its KV group' + chr(39) + 's columns' if group_columns else ''}; "
+        f"written by `{' '.join(sys.argv)}` from {SOURCE}")
     json.dump(plan, open(f"{OUT}/q15-{name}-tail.json", "w"), indent=1)
     print(name)
