@@ -109,8 +109,11 @@ def test_group_columns_gives_each_head_its_groups_columns_and_keeps_its_diagonal
         row = grouped.vertical[0, h].tolist()
         assert row == expected + [-1] * (36 - len(expected))
     assert len(expected) > int((own.vertical[0, 5] >= 0).sum())  # the union did add columns here
-    union = estimate_vertical_slash(q, k, config, per_kv_group=True)
+    union = estimate_vertical_slash(q, k, config, per_kv_group=True)  # columns and diagonals of each group
     assert torch.equal(grouped.vertical[:, ::3], union.vertical)
+    for g in range(2):
+        slashes = sorted({int(s) for m in range(3 * g, 3 * g + 3) for s in own.slash[0, m] if s >= 0})
+        assert union.slash[0, g].tolist() == slashes + [-1] * (30 - len(slashes))
     both = estimate_vertical_slash(q, k, dataclasses.replace(config, group_columns=True), per_kv_group=True)
     assert torch.equal(both.vertical, union.vertical) and torch.equal(both.slash, union.slash)
 

@@ -119,20 +119,19 @@ def mask_to_index(chosen: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def union_packed_over_groups(index: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Give every query head the union of its KV group's packed positions.
+    """Union of each KV group's packed positions: ``[B, Hq, W]`` -> ``[B, Hkv, G * W]``.
 
-    ``index [B, Hq, W]`` int64 (ascending positions, then ``-1``) -> ``[B, Hq, G * W]`` in the same
-    format, equal for the ``G = Hq // Hkv`` heads of a group. Two sorts of ``[B, Hkv, G * W]``; no
-    host synchronization.
+    ``index`` int64 holds ascending positions, then ``-1`` (the estimators' packed format); so does
+    the result, for the ``G = Hq // Hkv`` query heads of each group together. Two sorts of
+    ``[B, Hkv, G * W]``; no host synchronization.
     """
     bsz, hq, width = index.shape
-    group = hq // kv_heads
     fill = torch.iinfo(torch.long).max
-    merged = index.reshape(bsz, kv_heads, group * width)
+    merged = index.reshape(bsz, kv_heads, hq // kv_heads * width)
     merged = merged.masked_fill(merged < 0, fill).sort(-1).values
     repeat = torch.nn.functional.pad(merged[..., 1:] == merged[..., :-1], (1, 0), value=False)
     merged = merged.masked_fill(repeat, fill).sort(-1).values
-    return merged.masked_fill(merged == fill, -1).repeat_interleave(group, dim=1)
+    return merged.masked_fill(merged == fill, -1)
 
 
 def union_over_groups(chosen: torch.Tensor, kv_heads: int) -> torch.Tensor:

@@ -869,13 +869,15 @@ def estimate_vertical_slash(
         raise TypeError(f"config must be a VerticalSlashConfig, got {type(config).__name__}")
     if config.segments > 1:
         return estimate_segmented(q, k, config, sm_scale=sm_scale, per_kv_group=per_kv_group)
-    if config.rank == "mass" and not per_kv_group:  # straight from the candidate lists: no [B, H, Nk] masks
+    group = q.shape[1] // k.shape[1]
+    if config.rank == "mass":  # straight from the candidate lists: no [B, H, Nk] masks
         vertical, slash = select_packed(*estimate_masses(q, k, config, sm_scale=sm_scale), config)
-        if config.group_columns:
-            vertical = union_packed_over_groups(vertical, k.shape[1])
+        if per_kv_group:
+            vertical, slash = union_packed_over_groups(vertical, k.shape[1]), union_packed_over_groups(slash, k.shape[1])
+        elif config.group_columns:
+            vertical = union_packed_over_groups(vertical, k.shape[1]).repeat_interleave(group, dim=1)
         return VerticalSlashSelection(vertical=vertical, slash=slash, k_len=k.shape[2], block_size=config.block_size)
     chosen_cols, chosen_diags = _chosen_items(q, k, config, sm_scale)
-    group = q.shape[1] // k.shape[1]
     widths = (config.num_vertical, config.num_slash)
     if per_kv_group:
         chosen_cols = union_over_groups(chosen_cols, k.shape[1])
