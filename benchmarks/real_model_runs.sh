@@ -279,11 +279,12 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
       "dense,longinfer,longinfer:$PLANS11/q15-tau0.995-tail.json,longinfer:$PLANS11/q15-tau0.999-tail.json" ;;
   q15-group-columns)  # issue 5: every head with its KV group's columns (group_columns), its own diagonals, at tau 0.9 /
-    # 0.8, on RULER 32K (rerun to finish), then both turns (4K over 64K)
+    # 0.8, on RULER 32K (rerun to finish), then both turns (4K over 64K) and the per-KV-group tau-0.8 plan's turn
     seed_ruler_32k
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer,$(
       printf 'longinfer:%s,' $PLANS13/q15-{gcols,gcols-tau0.8}-tail.json | sed 's/,$//')"
-    plan_turns $PLANS13 gcols gcols-tau0.8 ;;
+    plan_turns $PLANS13 gcols gcols-tau0.8
+    plan_turns $PLANS8 kv-tau0.8 ;;  # one index per KV group: now on the Triton selection (session 9: 1.54x on torch's)
   q15-segments)  # issue 5: one index per query segment (4 / 8 / 16 segments, each from 64 strided queries of its own), and
     # 8 segments at tau 0.8, on RULER 32K (rerun to finish); then the second turn of the 8-segment plan.
     seed_ruler_32k
