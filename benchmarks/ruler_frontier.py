@@ -1,6 +1,6 @@
 """Every measured RULER-style run of one model and length in one table and one plot: score vs density.
 
-Reads the committed ``ruler.jsonl`` files (append-only eval records), keeps each method's first run
+Reads the committed ``ruler.jsonl`` files (append-only eval records), keeps each method's latest run
 (the default plan and dense recur in many files as seeded rows), and reports per method: the
 average score, its paired difference to dense with the 95% bootstrap interval
 (:func:`longinfer.eval.ruler.difference_interval`), how many prompts scored better / worse than
@@ -37,8 +37,13 @@ def method_label(method: str) -> str:
 
 
 def read_runs(files: Iterable[Path], model: str, length: int) -> dict[str, tuple[Path, list[Record]]]:
-    """Per method label, the file of its first run and that file's records of it and of dense."""
-    runs: dict[str, tuple[Path, list[Record]]] = {}
+    """Per method label, the file of its latest run and that file's records of it and of dense.
+
+    Runs are dated by their newest record (seeded copies of earlier rows keep their dates, so a
+    file that repeats the default plan's rows does not count as a new run of it); on equal dates
+    the first file in path order wins.
+    """
+    runs: dict[str, tuple[str, Path, list[Record]]] = {}
     for path in sorted(files):
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         records = [r for r in records if r.get("task") == "ruler" and r.get("model") == model
@@ -46,10 +51,13 @@ def read_runs(files: Iterable[Path], model: str, length: int) -> dict[str, tuple
         dense = [r for r in records if r["method"] == "dense"]
         for method in dict.fromkeys(r["method"] for r in records):
             label = method_label(method)
-            if label == "dense" or label in runs or not dense:
+            if label == "dense" or not dense:
                 continue
-            runs[label] = (path, dense + [dict(r, method=label) for r in records if r["method"] == method])
-    return runs
+            ours = [dict(r, method=label) for r in records if r["method"] == method]
+            date = max(str(r.get("date", "")) for r in ours)
+            if label not in runs or date > runs[label][0]:
+                runs[label] = (date, path, dense + ours)
+    return {label: (path, records) for label, (_, path, records) in runs.items()}
 
 
 def frontier_rows(runs: dict[str, tuple[Path, list[Record]]], root: Path) -> list[dict[str, Any]]:
@@ -78,7 +86,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         return f"{row['difference']:+.1f}" + ("" if low_high is None else f" [{low_high[0]:+.1f}, {low_high[1]:+.1f}]")
 
     return markdown_table(
-        ["method", "score", "− dense [95%]", "prompts better / worse / of", "density", "first run"],
+        ["method", "score", "− dense [95%]", "prompts better / worse / of", "density", "run"],
         [[row["method"], f"{row['score']:.1f}", interval(row), f"{row['better']} / {row['worse']} / {row['prompts']}",
           "—" if row["density"] is None else f"{100 * row['density']:.1f}%", f"`{row['source']}`"] for row in rows])
 
@@ -125,7 +133,10 @@ def main() -> None:
         parser.error(f"no RULER records of {args.model} at {args.length} tokens under {args.results}")
     rows = frontier_rows(runs, args.results)
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(rows, args.out / "frontier.png", f"{args.model}, RULER-style at {args.length} tokens")
+    if any(row["density"] is not None for row in rows):
+        plot(rows, args.out / "frontier.png", f"{args.model}, RULER-style at {args.length} tokens")
+    else:
+        log.info("no run records its density: no plot")
     (args.out / "frontier.json").write_text(json.dumps(rows, indent=1) + "\n")
     text = render_table(rows)
     (args.out / "frontier_table.md").write_text(text + "\n")

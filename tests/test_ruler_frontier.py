@@ -1,4 +1,4 @@
-"""benchmarks/ruler_frontier.py on hand-made eval records: labels, first-run dedupe, paired counts, density."""
+"""benchmarks/ruler_frontier.py on hand-made eval records: labels, latest-run choice, paired counts, density."""
 
 from __future__ import annotations
 
@@ -20,14 +20,15 @@ def _load_script():
     return module
 
 
-def _records(method: str, scores: list[float], density: float | None = None, model: str = "m") -> list[dict]:
+def _records(method: str, scores: list[float], density: float | None = None, model: str = "m",
+             date: str = "2026-11-01T00:00:00+00:00") -> list[dict]:
     """RULER records of two sub-tasks, ``len(scores) // 2`` prompts each, in the eval's format."""
     half = len(scores) // 2
     out = []
     for i, score in enumerate(scores):
         subtask = "niah_single" if i < half else "vt"
         record = {"task": "ruler", "model": model, "length": 1024, "method": method, "subtask": subtask,
-                  "case_id": f"{subtask}/L1024/i{i % half}/s0", "score": score}
+                  "case_id": f"{subtask}/L1024/i{i % half}/s0", "score": score, "date": date}
         if density is not None:
             record["attention_density"] = density
         out.append(record)
@@ -46,12 +47,15 @@ def results(tmp_path: Path) -> Path:
     _write(tmp_path / "a" / "ruler.jsonl", _records("dense", dense)
            + _records("longinfer:docs/plans/q15-kv-tau0.8-tail.json", [1.0, 0.0, 1.0, 1.0], density=0.25)
            + _records("longinfer", [0.0, 0.0, 0.0, 1.0]) + _records("other-model", [1.0] * 4, model="x"))
-    # A later file repeats the default's rows (seeded) with other scores: the first run is kept.
+    # A later file repeats the default's rows (seeded: same date) with other scores: the first file's are kept.
     _write(tmp_path / "b" / "ruler.jsonl", _records("dense", dense) + _records("longinfer", [1.0] * 4))
+    # An older run of the kv plan in a file that sorts first: the newer run (file a) is kept.
+    _write(tmp_path / "0" / "ruler.jsonl", _records("dense", dense) + _records(
+        "longinfer:q15-kv-tau0.8-tail", [0.0] * 4, date="2026-10-01T00:00:00+00:00"))
     return tmp_path
 
 
-def test_rows_count_paired_prompts_and_keep_each_methods_first_run(results: Path):
+def test_rows_count_paired_prompts_and_keep_each_methods_latest_run(results: Path):
     frontier = _load_script()
     runs = frontier.read_runs(results.rglob("ruler.jsonl"), "m", 1024)
     rows = {row["method"]: row for row in frontier.frontier_rows(runs, results)}
