@@ -389,3 +389,27 @@ def test_group_columns_plan_runs_in_transformers_on_both_backends():
     torch.testing.assert_close(outputs["grouped"], outputs["grouped-torch"], atol=2e-5, rtol=1e-4)
     assert (outputs["grouped"][:, :192] - outputs["own"][:, :192]).abs().max() > 1e-3
     torch.testing.assert_close(outputs["grouped"][:, 192:], outputs["own"][:, 192:], atol=2e-5, rtol=1e-4)  # dense tail
+
+
+@pytest.mark.gpu
+def test_gpu_group_unions_are_the_set_unions_of_the_per_head_index():
+    """On CUDA (Triton estimate and selection, bf16): one index per KV group and ``group_columns``
+    hold exactly the set unions of the per-head index's columns / diagonals (one host copy at the end)."""
+    gen = torch.Generator().manual_seed(11)
+    q = (torch.randn(1, 12, 4096, 128, generator=gen) * 2).to("cuda", torch.bfloat16)
+    k = torch.randn(1, 2, 20000, 128, generator=gen).to("cuda", torch.bfloat16)
+    config = VerticalSlashConfig(num_vertical=512, num_slash=1024, budget="coverage", tau=0.9,
+                                 query_sampling="strided")
+    own = estimate_vertical_slash(q, k, config)
+    union = estimate_vertical_slash(q, k, config, per_kv_group=True)
+    grouped = estimate_vertical_slash(q, k, dataclasses.replace(config, group_columns=True))
+    own_v, own_s = own.vertical.cpu(), own.slash.cpu()
+    for g in range(2):
+        heads = range(6 * g, 6 * g + 6)
+        columns = sorted({int(c) for h in heads for c in own_v[0, h] if c >= 0})
+        diagonals = sorted({int(s) for h in heads for s in own_s[0, h] if s >= 0})
+        assert union.vertical[0, g].cpu().tolist() == columns + [-1] * (6 * 512 - len(columns))
+        assert union.slash[0, g].cpu().tolist() == diagonals + [-1] * (6 * 1024 - len(diagonals))
+        for h in heads:
+            assert grouped.vertical[0, h].cpu().tolist() == union.vertical[0, g].cpu().tolist()
+    assert torch.equal(grouped.slash, own.slash)
