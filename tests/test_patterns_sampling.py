@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from longinfer.ops import reference
+from longinfer.ops import reference, vertical_slash_attention
 from longinfer.patterns import VerticalSlashConfig, estimate_vertical_slash
 from longinfer.patterns import vertical_slash as vs
 
@@ -125,8 +125,6 @@ def test_group_columns_runs_in_the_kernel_as_its_mask():
     config = VerticalSlashConfig(num_vertical=16, num_slash=8, last_q=16, sink=2, local=3, block_size=16,
                                  budget="coverage", tau=0.8, query_sampling="strided", group_columns=True)
     selection = estimate_vertical_slash(q, k, config)
-    from longinfer.ops import vertical_slash_attention
-
     out = vertical_slash_attention(q, k, v, selection.vertical, selection.slash, block_size=16)
     expected = reference.masked_attention(q, k, v, selection.mask())
     torch.testing.assert_close(out, expected.to(out.dtype), atol=2e-5, rtol=0)
