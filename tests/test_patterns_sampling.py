@@ -359,31 +359,14 @@ def test_new_options_are_validated():
             defaults.split_halves) == ("last", "mass", 1.0, 0.0, False)
 
 
-def test_group_columns_plan_runs_in_transformers_on_both_backends():
+def test_group_columns_plan_runs_in_transformers_on_both_backends(tiny_llama_logits):
     """A tiny Llama with a ``group_columns`` plan (coverage budget, dense tail): the Triton and torch
     paths agree, and the wider column lists change the output against the per-head plan."""
-    transformers = pytest.importorskip("transformers")
-    from longinfer.integrations import transformers as lt
-    from longinfer.plans import uniform_plan
-
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                      max_position_embeddings=1024)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.set_attn_implementation("sdpa")
-    ids = torch.randint(3, 128, (1, 256), generator=torch.Generator().manual_seed(0))
     params = {"num_vertical": 16, "num_slash": 16, "sink": 4, "local": 8, "last_q": 16, "budget": "coverage",
               "tau": 0.5, "query_sampling": "strided"}
-    outputs = {}
-    for name, grouped, backend in (("own", False, "triton"), ("grouped", True, "triton"), ("grouped-torch", True, "torch")):
-        plan = uniform_plan(model.config, "vertical_slash", {**params, "group_columns": grouped}, dense_last=64)
-        lt.patch(model, plan, backend=backend)
-        try:
-            with torch.no_grad():
-                outputs[name] = model(ids).logits
-        finally:
-            lt.unpatch(model)
+    outputs = {name: tiny_llama_logits({**params, "group_columns": grouped}, backend, dense_last=64)
+               for name, grouped, backend in (("own", False, "triton"), ("grouped", True, "triton"),
+                                              ("grouped-torch", True, "torch"))}
     torch.testing.assert_close(outputs["grouped"], outputs["grouped-torch"], atol=2e-5, rtol=1e-4)
     assert (outputs["grouped"][:, :192] - outputs["own"][:, :192]).abs().max() > 1e-3
     torch.testing.assert_close(outputs["grouped"][:, 192:], outputs["own"][:, 192:], atol=2e-5, rtol=1e-4)  # dense tail

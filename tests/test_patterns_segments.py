@@ -123,30 +123,12 @@ def test_planted_pattern_changing_halfway_is_found_per_segment():
     assert segmented_recall > 0.9
 
 
-def test_segmented_plan_runs_in_transformers_on_both_backends():
+def test_segmented_plan_runs_in_transformers_on_both_backends(tiny_llama_logits):
     """A tiny Llama with a segmented vertical-slash plan: Triton and torch paths agree, and the
     segmented index changes the outputs of the first segment's rows only."""
-    transformers = pytest.importorskip("transformers")
-    from longinfer.integrations import transformers as lt
-    from longinfer.plans import uniform_plan
-
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                      max_position_embeddings=1024)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.set_attn_implementation("sdpa")
-    ids = torch.randint(3, 128, (1, 256), generator=torch.Generator().manual_seed(0))
     params = {"num_vertical": 8, "num_slash": 8, "sink": 4, "local": 8, "last_q": 32}
-    outputs = {}
-    for name, segments, backend in (("plain", 1, "triton"), ("seg", 2, "triton"), ("seg-torch", 2, "torch")):
-        lt.patch(model, uniform_plan(model.config, "vertical_slash", {**params, "segments": segments}),
-                 backend=backend)
-        try:
-            with torch.no_grad():
-                outputs[name] = model(ids).logits
-        finally:
-            lt.unpatch(model)
+    outputs = {name: tiny_llama_logits({**params, "segments": segments}, backend)
+               for name, segments, backend in (("plain", 1, "triton"), ("seg", 2, "triton"), ("seg-torch", 2, "torch"))}
     torch.testing.assert_close(outputs["seg"], outputs["seg-torch"], atol=2e-5, rtol=1e-4)
     # the last segment (rows 128..255) uses the unsegmented index; the first one its own
     torch.testing.assert_close(outputs["seg"][:, 128:], outputs["plain"][:, 128:], atol=2e-5, rtol=1e-4)
