@@ -62,6 +62,17 @@ plan_turns() {
       --turn-prefix 65536 --turn-length 4096 --plan "$dir/q15-$plan-tail.json" --out "$RES/$step/turn-$plan"
   done
 }
+# plan_methods PLAN_DIR NAME...: the --methods entries of the plans $PLAN_DIR/q15-NAME-tail.json, comma-separated
+plan_methods() {
+  local dir=$1; shift
+  printf "longinfer:$dir/q15-%s-tail.json," "$@" | sed 's/,$//'
+}
+# plan_ruler_32k PLAN_DIR NAME...: RULER 32K, 12 prompts per sub-task, of those plans beside dense and the default
+# (session 8's rows seeded; rerun to finish)
+plan_ruler_32k() {
+  seed_ruler_32k
+  run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer,$(plan_methods "$@")"
+}
 mkdir -p "$RES/$step"
 case "$step" in
   cold-start)  # no model: the first sparse call of a fresh process, by part, on an empty Triton cache (then the same
@@ -265,15 +276,13 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods dense,longinfer,peer ;;
   q15-column-q)  # issue 5: the column mass from 1,024-16,384 estimation queries (column_q: no diagonal scatter), the
     # diagonal mass from the default's 64, at tau 0.9 / 0.8; beside both masses from 4,096 at tau 0.8. RULER 32K (rerun to finish)
-    seed_ruler_32k
-    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer,$(
-      printf 'longinfer:%s,' $PLANS12/q15-{cq1024,cq4096,cq4096-tau0.8,lq4096-tau0.8}-tail.json | sed 's/,$//')" ;;
+    plan_ruler_32k "$PLANS12" cq1024 cq4096 cq4096-tau0.8 lq4096-tau0.8 ;;
   q15-column-q-speed)  # issues 4/5: what column_q costs: the second turn (4K over 64K) and TTFT at 128K; the turn with
-    # 1,024 estimation queries again (session 12: 182.7 ms with 64-query blocks in pass 2, now 32)
+    # 1,024 estimation queries again (session 12: 182.7 ms with 64-query blocks in pass 2; session 13 with 32: slower)
     plan_turns "$PLANS12" cq1024 cq4096-tau0.8
     plan_turns docs/results/gpu-session12/q15-lastq lq1024
-    run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" --methods "dense,longinfer,$(
-      printf 'longinfer:%s,' $PLANS12/q15-{cq4096-tau0.8,cq16384-tau0.8,lq4096-tau0.8}-tail.json | sed 's/,$//')" ;;
+    run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS12" cq4096-tau0.8 cq16384-tau0.8 lq4096-tau0.8)" ;;
   q15-tau-high)  # issue 5: per-head tau 0.995 / 0.999 (denser, per-head index): does RULER 32K follow density alone? turns, RULER
     plan_turns "$PLANS11" tau0.995 tau0.999
     seed_ruler_32k
@@ -281,27 +290,19 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       "dense,longinfer,longinfer:$PLANS11/q15-tau0.995-tail.json,longinfer:$PLANS11/q15-tau0.999-tail.json" ;;
   q15-group-columns)  # issue 5: every head with its KV group's columns (group_columns), its own diagonals, at tau 0.9 /
     # 0.8, on RULER 32K (rerun to finish), then both turns (4K over 64K) and the per-KV-group tau-0.8 plan's turn
-    seed_ruler_32k
-    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer,$(
-      printf 'longinfer:%s,' $PLANS13/q15-{gcols,gcols-tau0.8}-tail.json | sed 's/,$//')"
+    plan_ruler_32k "$PLANS13" gcols gcols-tau0.8
     plan_turns $PLANS13 gcols gcols-tau0.8
     plan_turns $PLANS8 kv-tau0.8 ;;  # one index per KV group: now on the Triton selection (session 9: 1.54x on torch's)
   q15-segments)  # issue 5: one index per query segment (4 / 8 / 16 segments, each from 64 strided queries of its own), and
     # 8 segments at tau 0.8, on RULER 32K (rerun to finish); then the second turn of the 8-segment plan.
-    seed_ruler_32k
-    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer,$(
-      printf 'longinfer:%s,' $PLANS13/q15-{seg4,seg8,seg16,seg8-tau0.8}-tail.json | sed 's/,$//')"
+    plan_ruler_32k "$PLANS13" seg4 seg8 seg16 seg8-tau0.8
     plan_turns $PLANS13 seg8 ;;
   q15-sampling)  # issue 5: the default's 64 estimation queries half from the prompt's end (mixed), all from it (last),
     # and 128 mixed, on RULER 32K (rerun to finish); same estimate cost as the default
-    seed_ruler_32k
-    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer,$(
-      printf 'longinfer:%s,' $PLANS13/q15-{mixed,last,mixed128}-tail.json | sed 's/,$//')" ;;
+    plan_ruler_32k "$PLANS13" mixed last mixed128 ;;
   q15-floors)  # issue 5: the default with a floor of columns / diagonals per head (256 / 1,024 and 1,000 / 3,000; the
     # selection then runs on torch) on RULER 32K (rerun to finish)
-    seed_ruler_32k
-    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer,$(
-      printf 'longinfer:%s,' $PLANS13/q15-floor-{v256-s1024,v1000-s3000}-tail.json | sed 's/,$//')" ;;
+    plan_ruler_32k "$PLANS13" floor-v256-s1024 floor-v1000-s3000 ;;
   q15-peer-128k)  # issue 5: the peer on RULER 128K beside dense (session 4's rows) and the default (rerun to finish).
     # Carry .device/minference-0.1.6.0.tar.gz.
     peer
