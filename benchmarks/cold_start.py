@@ -82,7 +82,8 @@ def measure(heads: int, kv_heads: int, head_dim: int, length: int, device: str, 
     parts["estimate (masses)"] = timed_twice(
         lambda: state.update(masses=vs.estimate_masses(q, k, config, sm_scale=scale, backend=backend)), synchronize)
     parts["selection"] = timed_twice(
-        lambda: state.update(selection=vs.select_packed(*state["masses"], config, backend=backend)), synchronize)
+        lambda: state.update(selection=vs.select_packed_over_groups(*state["masses"], config, kv_heads,
+                                                                    backend=backend)), synchronize)
     parts["index"] = timed_twice(
         lambda: state.update(index=build_vertical_slash_index(*state["selection"], length, config.block_size,
                                                               presorted=True)), synchronize)
@@ -99,7 +100,8 @@ def measure(heads: int, kv_heads: int, head_dim: int, length: int, device: str, 
         q_n, k_n, v_n = (x[:, :, :n].contiguous() for x in (q, k, v))
         parts[f"layer at {n} tokens"] = timed_twice(lambda: attend_layer(plan, 0, q_n, k_n, v_n, scale=scale),
                                                     synchronize)
-    return {"parts": parts, "layer_vs_parts_max_abs_diff": mismatch, "dense_from": dense_from, "tau": config.tau}
+    return {"parts": parts, "layer_vs_parts_max_abs_diff": mismatch, "dense_from": dense_from, "tau": config.tau,
+            "group_columns": config.group_columns}
 
 
 def render_markdown(data: dict[str, Any]) -> str:
@@ -111,7 +113,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
         f"- Date: {data['date']}. Device: {data['device']}. torch {data['torch']}, triton {data['triton']}.",
         f"- Shape: {data['heads']} query / {data['kv_heads']} KV heads, head_dim {data['head_dim']}, "
-        f"{data['length']} tokens, {data['dtype']}; default plan (vertical-slash, coverage tau {data['tau']}).",
+        f"{data['length']} tokens, {data['dtype']}; default plan (vertical-slash, coverage tau {data['tau']}"
+        f"{', columns shared within each KV group' if data.get('group_columns') else ''}).",
         f"- Command: `{data['command']}`",
         f"- Triton cache: `{data['cache_dir']}`, {data['cached_at_start']} compiled kernels at start, "
         f"{compiled} afterwards.",

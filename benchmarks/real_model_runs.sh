@@ -20,6 +20,7 @@ PLANS10=docs/results/gpu-session10/plans
 PLANS11=docs/results/gpu-session11/plans
 PLANS12=docs/results/gpu-session12/plans
 PLANS13=docs/results/gpu-session13/plans
+PLANS14=docs/results/gpu-session14/plans
 VS="vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,last_q=64,query_sampling=strided"
 COST="vertical_slash:budget=coverage,num_vertical=8192,num_slash=8192,last_q=64,query_sampling=strided,rank=cost,tau=1.0"
 # The default estimator at 64-, 32- and 16-row query tiles, coverage and cost-ranked budgets.
@@ -49,9 +50,10 @@ seed_dense_ruler() {
   [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session4/q15-ruler/ruler.jsonl \
     | grep '"sample": [0-5],' > "$RES/$step/ruler.jsonl"
 }
-# RULER 32K, 12 samples: session 8's dense and default-plan rows are the same code and prompts
+# RULER 32K, 12 samples: session 8's dense rows are the same code and prompts (its "longinfer" rows are
+# the default of that time, per-head columns: now longinfer:$PLANS14/q15-perhead-tail.json)
 seed_ruler_32k() {
-  [ -f "$RES/$step/ruler.jsonl" ] || grep -E '"method": "(dense|longinfer)"' \
+  [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' \
     docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl > "$RES/$step/ruler.jsonl"
 }
 # plan_turns PLAN_DIR NAME...: the second turn (4K over a cached 64K) with each plan $PLAN_DIR/q15-NAME-tail.json
@@ -67,11 +69,11 @@ plan_methods() {
   local dir=$1; shift
   printf "longinfer:$dir/q15-%s-tail.json," "$@" | sed 's/,$//'
 }
-# plan_ruler_32k PLAN_DIR NAME...: RULER 32K, 12 prompts per sub-task, of those plans beside dense and the default
+# plan_ruler_32k PLAN_DIR NAME...: RULER 32K, 12 prompts per sub-task, of those plans beside dense
 # (session 8's rows seeded; rerun to finish)
 plan_ruler_32k() {
   seed_ruler_32k
-  run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer,$(plan_methods "$@")"
+  run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,$(plan_methods "$@")"
 }
 mkdir -p "$RES/$step"
 case "$step" in
@@ -267,7 +269,7 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
       "dense,longinfer,longinfer:$PLANS11/q15-exact-tail.json,longinfer:$PLANS11/q15-exact0.8-tail.json" ;;
   q15-peer)  # issue 5: the peer (minference 0.1.6: its estimate + kernel, VS(1000, 6096) every head) beside dense and
-    # the default on the 1.5B: TTFT at 32K / 128K, then RULER 32K (dense and default rows: session 8's; rerun to finish).
+    # the default on the 1.5B: TTFT at 32K / 128K, then RULER 32K (dense rows: session 8's; rerun to finish).
     # Carry .device/minference-0.1.6.0.tar.gz (built here, ~80 s, once per warm machine).
     peer
     [ -d "$RES/$step/latency" ] || run_cli eval latency $Q15 --lengths 32768,131072 --repeats 2 --warmup 1 \
@@ -308,6 +310,17 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     peer
     seed_dense_ruler
     run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" --methods dense,longinfer,peer ;;
+  q15-new-default)  # issues 4/5, session 14's default (each head its KV group's columns): the turn by part (is the
+    # kernel back at ~40 ms with q_len / k_len specialized?), the turn, TTFT with the per-head plan beside it
+    LIMIT=$((limit / 3)) bash "$0" q15-turn-kernels
+    LIMIT=$((limit / 6)) bash "$0" q15-turn-default
+    run_cli eval latency $Q15 --lengths 16384,32768,65536,131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS14" perhead),none" ;;
+  q15-ruler-128k-default)  # issue 5: RULER-style at 128K of session 14's default and the per-head plan, beside dense
+    # (session 4's rows seeded; rerun to finish)
+    seed_dense_ruler
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS14" perhead)" ;;
   q15-rows-error)  # issue 5: recall and output error at the facts' rows of RULER 32K prompts on the 1.5B, for plans whose
     # RULER scores are known (default 65.1, cap 8,448 61.7, tau 0.98 67.4, union tau 0.7 / 0.8 70.9 / 74.5, 1,024 queries
     # 72.5; column_q 1,024 after q15-column-q): does either

@@ -36,6 +36,17 @@ def method_label(method: str) -> str:
     return name.removesuffix(".json")
 
 
+def record_label(record: Record) -> str:
+    """:func:`method_label` of a record's method; the built-in default also names its rule, since the
+    default changed: records from before plan digests (session 14) ran the per-head-column default
+    of sessions 10–13, later ones carry the digest of theirs."""
+    label = method_label(record["method"])
+    if label != "longinfer":
+        return label
+    digest = record.get("plan_digest")
+    return f"longinfer (default {digest})" if digest else "longinfer (default until session 13)"
+
+
 def read_runs(files: Iterable[Path], model: str, length: int) -> dict[str, tuple[Path, list[Record]]]:
     """Per method label, the file of its latest run and that file's records of it and of dense.
 
@@ -49,19 +60,40 @@ def read_runs(files: Iterable[Path], model: str, length: int) -> dict[str, tuple
         records = [r for r in records if r.get("task") == "ruler" and r.get("model") == model
                    and int(r.get("length", -1)) == length and not r.get("error")]
         dense = [r for r in records if r["method"] == "dense"]
-        for method in dict.fromkeys(r["method"] for r in records):
-            label = method_label(method)
+        for label in dict.fromkeys(record_label(r) for r in records):
             if label == "dense" or not dense:
                 continue
-            ours = [dict(r, method=label) for r in records if r["method"] == method]
+            ours = [dict(r, method=label) for r in records if record_label(r) == label]
             date = max(str(r.get("date", "")) for r in ours)
             if label not in runs or date > runs[label][0]:
                 runs[label] = (date, path, dense + ours)
     return {label: (path, records) for label, (_, path, records) in runs.items()}
 
 
+def _source(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def split_complete(runs: dict[str, tuple[Path, list[Record]]],
+                   root: Path) -> tuple[dict[str, tuple[Path, list[Record]]], list[dict[str, Any]]]:
+    """The runs that scored every prompt dense scored, and one row per run cut short (a device call
+    that ran out of time): ``method``, ``prompts`` scored, ``of`` dense's, ``source``. A partial
+    run has no comparable average (some sub-tasks are missing), so it is listed, not scored."""
+    complete, partial = {}, []
+    for label, (path, records) in runs.items():
+        dense = {r["case_id"] for r in records if r["method"] == "dense"}
+        ours = {r["case_id"] for r in records if r["method"] == label}
+        if dense <= ours:
+            complete[label] = (path, records)
+        else:
+            partial.append({"method": label, "prompts": len(ours & dense), "of": len(dense),
+                            "source": _source(path, root)})
+    return complete, partial
+
+
 def frontier_rows(runs: dict[str, tuple[Path, list[Record]]], root: Path) -> list[dict[str, Any]]:
-    """One row per method: score, difference to dense with interval, changed prompts, density, source."""
+    """One row per method: score, difference to dense with interval, changed prompts, density, source.
+    The runs must be complete (:func:`split_complete`)."""
     rows = []
     for label, (path, records) in runs.items():
         summary = summarize(records)
@@ -75,7 +107,7 @@ def frontier_rows(runs: dict[str, tuple[Path, list[Record]]], root: Path) -> lis
             "method": label, "score": score, "dense": dense, "difference": score - dense, "interval": interval,
             "prompts": len(ours), "better": sum(a > b for a, b in ours), "worse": sum(a < b for a, b in ours),
             "density": statistics.fmean(densities) if densities else None,
-            "source": str(path.relative_to(root)) if path.is_relative_to(root) else str(path),
+            "source": _source(path, root),
         })
     return sorted(rows, key=lambda row: -row["difference"])
 
@@ -89,6 +121,14 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         ["method", "score", "− dense [95%]", "prompts better / worse / of", "density", "run"],
         [[row["method"], f"{row['score']:.1f}", interval(row), f"{row['better']} / {row['worse']} / {row['prompts']}",
           "—" if row["density"] is None else f"{100 * row['density']:.1f}%", f"`{row['source']}`"] for row in rows])
+
+
+def render_partial(partial: list[dict[str, Any]]) -> str:
+    """The runs cut short, as a sentence (empty when there are none)."""
+    if not partial:
+        return ""
+    runs = "; ".join(f"{row['method']} ({row['prompts']} of {row['of']} prompts, `{row['source']}`)" for row in partial)
+    return f"Runs cut short, not scored: {runs}."
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -131,14 +171,15 @@ def main() -> None:
     runs = read_runs(args.results.rglob("ruler.jsonl"), args.model, args.length)
     if not runs:
         parser.error(f"no RULER records of {args.model} at {args.length} tokens under {args.results}")
-    rows = frontier_rows(runs, args.results)
+    complete, partial = split_complete(runs, args.results)
+    rows = frontier_rows(complete, args.results)
     args.out.mkdir(parents=True, exist_ok=True)
     if any(row["density"] is not None for row in rows):
         plot(rows, args.out / "frontier.png", f"{args.model}, RULER-style at {args.length} tokens")
     else:
         log.info("no run records its density: no plot")
     (args.out / "frontier.json").write_text(json.dumps(rows, indent=1) + "\n")
-    text = render_table(rows)
+    text = "\n\n".join(part for part in (render_table(rows), render_partial(partial)) if part)
     (args.out / "frontier_table.md").write_text(text + "\n")
     log.info("%d methods -> %s", len(rows), args.out)
     print(text)

@@ -11,7 +11,9 @@ has ``cache_results`` (3.4+), the autotuner's timings: later processes on the sa
     longinfer warmup --model qwen2.5-coder-1.5b --lengths 32768,131072 --turn 65536+4096
 
 The attention kernel autotunes once per power-of-two bucket of the key length, so give one length
-per bucket the service will see. Memory: one layer's ``q, k, v`` at the longest length (built in
+per bucket the service will see. It also compiles one variant per divisibility by 16 of the query
+and the key length (:data:`longinfer.ops._kernel._LENGTH_ARGUMENTS`), so each shape also runs at
+lengths a few tokens shorter that cover the other classes (:func:`length_classes`). Memory: one layer's ``q, k, v`` at the longest length (built in
 float32 on the host, then moved), plus what one sparse layer call needs.
 """
 
@@ -83,9 +85,28 @@ def distinct_layers(plan: Plan) -> list[int]:
     return firsts
 
 
+def _other_class(length: int) -> int:
+    """The nearest length below ``length`` whose divisibility by 16 differs (0 if none)."""
+    return length - 1 if length % 16 == 0 else length - length % 16
+
+
+def length_classes(keys: int, queries: int) -> list[tuple[int, int]]:
+    """``(keys, queries)`` and the nearest shorter shapes that cover the other divisibility classes.
+
+    A prompt (``queries == keys``) has two classes, a follow-up turn four (query and key lengths
+    each divisible by 16 or not); shapes with no query left are skipped.
+    """
+    if queries == keys:
+        candidates = [(keys, keys), (_other_class(keys),) * 2]
+    else:
+        candidates = [(k, q) for k in (keys, _other_class(keys)) for q in (queries, _other_class(queries))]
+    return [(k, q) for k, q in candidates if 1 <= q <= k]
+
+
 def warmup(plan: Plan, lengths: list[int], *, turns: list[tuple[int, int]] = (), device: str = "cuda",
            dtype: torch.dtype = torch.bfloat16) -> list[WarmupCall]:
-    """Run every distinct layer of ``plan`` once per prompt length and per turn shape.
+    """Run every distinct layer of ``plan`` once per prompt length and per turn shape, each in every
+    length class (:func:`length_classes`).
 
     Args:
         plan: the plan the service will use (its model shape gives the heads and head_dim).
@@ -107,6 +128,7 @@ def warmup(plan: Plan, lengths: list[int], *, turns: list[tuple[int, int]] = (),
     on_cuda = torch.device(device).type == "cuda"
     if not on_cuda:
         logger.warning("warming up on %s: Triton compiles and autotunes only for CUDA tensors", device)
+    shapes = list(dict.fromkeys(variant for keys, queries in shapes for variant in length_classes(keys, queries)))
     shape = plan.shape
     synchronize = torch.cuda.synchronize if on_cuda else (lambda: None)
     calls = []

@@ -39,7 +39,9 @@ def test_specs():
     assert [m.name for m in methods] == ["dense", "dense:eager", "longinfer", "longinfer:qwen", "no-attention"]
     assert [m.timing_only for m in methods] == [False, False, False, False, True]
     assert methods[1].describe() == {"attn_implementation": "eager"}
-    assert methods[3].describe() == {"plan": "plans/qwen.json"}
+    assert methods[3].plan == "plans/qwen.json"  # describe(): test_plan_digest_follows_the_plan_rules_not_the_file
+    with pytest.raises(FileNotFoundError, match="plans/qwen.json"):
+        methods[3].prepare()  # the digest reads the plan: a missing file is an error before the model loads
     with pytest.raises(ValueError, match="unknown attention method"):
         method_from_spec("flash")
     with pytest.raises(ValueError, match="unique"):
@@ -87,3 +89,23 @@ def test_longinfer_calls_patch_and_unpatch(monkeypatch):
     with LonginferMethod(cuda_graphs=False).activate(model):
         pass
     assert calls == [("patch", "my_plan.json", True), ("inside",), ("unpatch",), ("patch", None, False), ("unpatch",)]
+
+
+def test_plan_digest_follows_the_plan_rules_not_the_file(monkeypatch, tmp_path):
+    import dataclasses
+
+    from longinfer.plans import default_plan_for, schema
+
+    default = LonginferMethod()
+    assert default.describe() == {"plan": "default", "plan_digest": schema.default_rule_digest()}
+    # a new default (session 14: shared KV-group columns) is a different method for resumed runs
+    monkeypatch.setattr(schema, "DEFAULT_PATTERN_CONFIG",
+                        dataclasses.replace(schema.DEFAULT_PATTERN_CONFIG, group_columns=False))
+    assert LonginferMethod().plan_digest() != default.plan_digest()
+    shape = {"num_layers": 2, "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 64}
+    plan = default_plan_for(shape, model_id="one")
+    plan.save(tmp_path / "a.json")
+    dataclasses.replace(plan, model_id="other").save(tmp_path / "b.json")  # provenance only
+    default_plan_for(shape, tau=0.8).save(tmp_path / "c.json")
+    digests = [LonginferMethod(tmp_path / name).describe()["plan_digest"] for name in ("a.json", "b.json", "c.json")]
+    assert digests[0] == digests[1] == schema.layers_digest(plan) != digests[2]

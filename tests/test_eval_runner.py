@@ -159,6 +159,33 @@ def test_changed_prompts_are_not_mixed(setup, tmp_path):
         run_task(other_text, model, tokenizer, [DenseMethod()], [256], out_jsonl=out, model_name="tiny")
 
 
+class PlanDigestMethod(CountingMethod):
+    """SDPA recorded under one plan digest (``None``: a record from before digests existed)."""
+
+    def __init__(self, digest: str | None) -> None:
+        super().__init__()
+        self.digest = digest
+
+    def describe(self):
+        return {} if self.digest is None else {"plan_digest": self.digest}
+
+
+def test_cases_of_another_plan_are_not_mixed(setup, tmp_path):
+    tokenizer, model, task = setup
+    out = tmp_path / "needle.jsonl"
+    small = NeedleTask(Haystack.from_text(corpus_text()), depths=[0.5], needles_per_cell=1, max_new_tokens=2)
+    run_task(small, model, tokenizer, [PlanDigestMethod("aaaa")], [256], out_jsonl=out, model_name="tiny")
+    assert ResultStore(out).records()[0]["plan_digest"] == "aaaa"
+    same = run_task(small, model, tokenizer, [PlanDigestMethod("aaaa")], [256], out_jsonl=out, model_name="tiny")
+    assert same.skipped == 1 and same.ran == 0
+    with pytest.raises(ValueError, match="of method counting run with another plan .digest aaaa vs bbbb."):
+        run_task(small, model, tokenizer, [PlanDigestMethod("bbbb")], [256], out_jsonl=out, model_name="tiny")
+    old = tmp_path / "old.jsonl"  # records without a digest cannot be checked: taken as they are
+    run_task(small, model, tokenizer, [PlanDigestMethod(None)], [256], out_jsonl=old, model_name="tiny")
+    resumed = run_task(small, model, tokenizer, [PlanDigestMethod("bbbb")], [256], out_jsonl=old, model_name="tiny")
+    assert resumed.skipped == 1
+
+
 def test_oom_is_recorded_and_the_run_goes_on(setup, tmp_path):
     tokenizer, model, task = setup
 

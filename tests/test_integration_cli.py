@@ -93,8 +93,10 @@ def test_run_dense_and_chunked(capsys, caplog, model_dir, prompt_file, plan_file
         (["--plan", "missing-plan.json"], "plan file missing-plan.json does not exist"),
         (["--dense", "--plan", "PLAN"], "--dense runs without a plan"),
         (["--dense", "--share-kv-groups"], "--dense runs without a plan"),
-        (["--share-kv-groups", "--plan", "PLAN"], "--share-kv-groups and --tau set up the default plan"),
-        (["--tau", "0.8", "--plan", "PLAN"], "--share-kv-groups and --tau set up the default plan"),
+        (["--share-kv-groups", "--plan", "PLAN"], "--per-head-columns and --tau set up the default plan"),
+        (["--tau", "0.8", "--plan", "PLAN"], "--per-head-columns and --tau set up the default plan"),
+        (["--per-head-columns", "--plan", "PLAN"], "--per-head-columns and --tau set up the default plan"),
+        (["--per-head-columns", "--dense"], "--dense runs without a plan"),
         (["--tau", "0.8", "--dense"], "--dense runs without a plan"),
         (["--tau", "0"], "--tau must lie in (0, 1], got 0.0"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
@@ -136,16 +138,25 @@ def test_oom_message_with_chunks_suggests_smaller_chunks():
     assert "a smaller --chunk-size than 16384" in message and "--dtype" not in message
 
 
-def test_run_tau_patches_the_default_plan_with_that_target(capsys, monkeypatch, model_dir, prompt_file):
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--tau", "0.8"], {"tau": 0.8}),
+        (["--per-head-columns"], {"group_columns": False}),
+    ],
+)
+def test_run_default_plan_options_patch_the_default_plan_with_them(capsys, monkeypatch, model_dir, prompt_file,
+                                                                   flags, expected):
     patched = []
     real_patch = longinfer.patch
     monkeypatch.setattr(longinfer, "patch", lambda model, plan, **kw: patched.append(plan) or real_patch(model, plan, **kw))
-    code, _, _ = run(capsys, "--model", model_dir, "--prompt-file", prompt_file, "--tau", "0.8",
+    code, _, _ = run(capsys, "--model", model_dir, "--prompt-file", prompt_file, *flags,
                      "--max-new-tokens", 2, "--device", "cpu")
     assert code == 0
     config = transformers.AutoConfig.from_pretrained(model_dir)
-    assert patched[0].layers == longinfer.default_plan_for(config, tau=0.8).layers
-    assert {head.params["tau"] for layer in patched[0].layers for head in layer.heads} == {0.8}
+    assert patched[0].layers == longinfer.default_plan_for(config, **expected).layers
+    for name, value in expected.items():
+        assert {head.params[name] for layer in patched[0].layers for head in layer.heads} == {value}
 
 
 def test_run_share_kv_groups_patches_the_default_plan_with_shared_indices(capsys, monkeypatch, model_dir, prompt_file):

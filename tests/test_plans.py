@@ -221,6 +221,10 @@ def test_uniform_and_default_plan():
     accurate = default_plan_for(cfg, share_kv_groups=True, tau=0.8)
     assert all(h.config == dataclasses.replace(DEFAULT_PATTERN_CONFIG, tau=0.8) for layer in accurate.layers
                for h in layer.heads)
+    assert DEFAULT_PATTERN_CONFIG.group_columns
+    per_head = default_plan_for(cfg, group_columns=False, tau=0.95)
+    assert all(h.config == dataclasses.replace(DEFAULT_PATTERN_CONFIG, group_columns=False, tau=0.95)
+               for layer in per_head.layers for h in layer.heads)
     with pytest.raises(ValueError, match=r"tau must lie in \(0, 1\]"):
         default_plan_for(cfg, tau=1.5)
     assert all(layer.share_kv_groups for layer in uniform_plan(cfg, "block_sparse", share_kv_groups=True).layers)

@@ -49,6 +49,11 @@ def results(tmp_path: Path) -> Path:
            + _records("longinfer", [0.0, 0.0, 0.0, 1.0]) + _records("other-model", [1.0] * 4, model="x"))
     # A later file repeats the default's rows (seeded: same date) with other scores: the first file's are kept.
     _write(tmp_path / "b" / "ruler.jsonl", _records("dense", dense) + _records("longinfer", [1.0] * 4))
+    # The default since plan digests: its own row, named by its digest.
+    _write(tmp_path / "d" / "ruler.jsonl", _records("dense", dense) + [
+        dict(r, plan_digest="abcd") for r in _records("longinfer", [1.0, 1.0, 0.0, 1.0])])
+    # A run cut short (one of four prompts): listed apart, not scored.
+    _write(tmp_path / "c" / "ruler.jsonl", _records("dense", dense) + _records("longinfer:seg16", [1.0, 1.0])[:1])
     # An older run of the kv plan in a file that sorts first: the newer run (file a) is kept.
     _write(tmp_path / "0" / "ruler.jsonl", _records("dense", dense) + _records(
         "longinfer:q15-kv-tau0.8-tail", [0.0] * 4, date="2026-10-01T00:00:00+00:00"))
@@ -58,13 +63,17 @@ def results(tmp_path: Path) -> Path:
 def test_rows_count_paired_prompts_and_keep_each_methods_latest_run(results: Path):
     frontier = _load_script()
     runs = frontier.read_runs(results.rglob("ruler.jsonl"), "m", 1024)
-    rows = {row["method"]: row for row in frontier.frontier_rows(runs, results)}
-    assert set(rows) == {"q15-kv-tau0.8-tail", "longinfer"}  # plan file names keep their "0.8"; dense is the baseline
+    complete, partial = frontier.split_complete(runs, results)
+    assert partial == [{"method": "seg16", "prompts": 1, "of": 4, "source": "c/ruler.jsonl"}]
+    rows = {row["method"]: row for row in frontier.frontier_rows(complete, results)}
+    # plan file names keep their "0.8"; dense is the baseline; the default is named by its rule
+    assert set(rows) == {"q15-kv-tau0.8-tail", "longinfer (default until session 13)", "longinfer (default abcd)"}
+    assert rows["longinfer (default abcd)"]["difference"] == 0.0
     kv = rows["q15-kv-tau0.8-tail"]
     # dense averages (100 + 50) / 2 = 75; kv (50 + 100) / 2 = 75: one prompt better, one worse
     assert (kv["score"], kv["difference"], kv["better"], kv["worse"], kv["prompts"]) == (75.0, 0.0, 1, 1, 4)
     assert kv["density"] == pytest.approx(0.25) and kv["source"] == "a/ruler.jsonl"
-    default = rows["longinfer"]
+    default = rows["longinfer (default until session 13)"]
     assert (default["score"], default["difference"], default["worse"], default["source"]) == (25.0, -50.0, 2, "a/ruler.jsonl")
     assert default["density"] is None
 
@@ -74,8 +83,10 @@ def test_script_writes_table_plot_and_json(results: Path, tmp_path: Path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--results", str(results), "--model", "m", "--length", "1024",
                            "--out", str(out)], capture_output=True, text=True, check=True)
     assert "| q15-kv-tau0.8-tail | 75.0 |" in done.stdout
+    assert "Runs cut short, not scored: seg16 (1 of 4 prompts, `c/ruler.jsonl`)." in done.stdout
     assert (out / "frontier.png").stat().st_size > 0
-    assert [row["method"] for row in json.loads((out / "frontier.json").read_text())] == ["q15-kv-tau0.8-tail", "longinfer"]
+    assert [row["method"] for row in json.loads((out / "frontier.json").read_text())] == [
+        "q15-kv-tau0.8-tail", "longinfer (default abcd)", "longinfer (default until session 13)"]
     missing = subprocess.run([sys.executable, str(SCRIPT), "--results", str(results), "--model", "none", "--out",
                               str(out)], capture_output=True, text=True)
     assert missing.returncode != 0 and "no RULER records of none" in missing.stderr

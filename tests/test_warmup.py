@@ -51,9 +51,27 @@ def test_warmup_runs_each_distinct_layer_per_shape(monkeypatch):
 
     monkeypatch.setattr(warmup, "attend_layer", spy)
     calls = warmup.warmup(_plan(), [300], turns=[(200, 77)], device="cpu", dtype=torch.float32)
-    assert [(c.keys, c.queries, c.layer) for c in calls] == [(300, 300, 0), (300, 300, 1), (277, 77, 0), (277, 77, 1)]
+    shapes = [(300, 300), (288, 288), (277, 77), (277, 64), (272, 77), (272, 64)]  # each length class
+    assert [(c.keys, c.queries, c.layer) for c in calls] == [(*shape, layer) for shape in shapes for layer in (0, 1)]
     assert all(c.seconds > 0 for c in calls)
-    assert seen[2] == (0, (1, 4, 77, 64), (1, 2, 277, 64))  # the turn: the last 77 queries over 277 keys
+    assert seen[4] == (0, (1, 4, 77, 64), (1, 2, 277, 64))  # the turn: the last 77 queries over 277 keys
+
+
+@pytest.mark.parametrize(
+    "keys, queries, expected",
+    [
+        (4096, 4096, [(4096, 4096), (4095, 4095)]),
+        (4100, 4100, [(4100, 4100), (4096, 4096)]),
+        (69632, 4096, [(69632, 4096), (69632, 4095), (69631, 4096), (69631, 4095)]),
+        (20, 3, [(20, 3), (16, 3)]),  # 3 has no shorter length of the other class: no query left
+        (16, 16, [(16, 16), (15, 15)]),
+    ],
+)
+def test_length_classes_cover_each_divisibility_by_16(keys, queries, expected):
+    shapes = warmup.length_classes(keys, queries)
+    assert shapes == expected
+    if queries == keys:
+        assert {k % 16 == 0 for k, _ in shapes} == {True, False}
 
 
 def test_warmup_errors_name_the_problem():
@@ -70,7 +88,7 @@ def test_cli_warms_a_plan_file_and_prints_each_call(tmp_path, capsys):
     _plan().save(path)
     assert cli.main(["warmup", "--plan", str(path), "--lengths", "150", "--device", "cpu", "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
-    assert "| 150 | 150 | 0 |" in out and "| 150 | 150 | 1 |" in out and "2 calls" in out
+    assert "| 150 | 150 | 0 |" in out and "| 150 | 150 | 1 |" in out and "| 144 | 144 | 1 |" in out and "4 calls" in out
 
 
 def test_a_zoo_name_gives_the_default_plan_of_its_shape_without_weights():

@@ -177,6 +177,22 @@ class LonginferMethod(AttentionMethod):
         self.plan = None if plan in (None, "", "default") else str(plan)
         self.name = name or ("longinfer" if self.plan is None else f"longinfer:{Path(self.plan).stem}")
         self.cuda_graphs = cuda_graphs
+        self._digest: str | None = None
+
+    def plan_digest(self) -> str:
+        """What the records call ``plan_digest``: the plan file's rules
+        (:func:`~longinfer.plans.schema.layers_digest`) or, for the built-in default, the default's
+        rule (:func:`~longinfer.plans.schema.default_rule_digest`), so records of an earlier default
+        or an edited plan file are told apart from this one's."""
+        if self._digest is None:
+            from longinfer.plans.schema import Plan, default_rule_digest, layers_digest
+
+            self._digest = default_rule_digest() if self.plan is None else layers_digest(Plan.load(self.plan))
+        return self._digest
+
+    def prepare(self) -> None:
+        """Read the plan file now (its digest), so a missing or invalid plan fails before the model loads."""
+        self.plan_digest()
 
     @contextlib.contextmanager
     def activate(self, model: Any) -> Iterator[None]:
@@ -200,7 +216,7 @@ class LonginferMethod(AttentionMethod):
         return {} if math.isnan(density) else {"attention_density": density}
 
     def describe(self) -> dict[str, Any]:
-        described = {"plan": self.plan or "default"}
+        described = {"plan": self.plan or "default", "plan_digest": self.plan_digest()}
         return described if self.cuda_graphs else {**described, "cuda_graphs": False}  # old records: no key
 
 

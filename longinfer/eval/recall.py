@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -155,8 +154,9 @@ class PlanMethod:
 
     def describe(self) -> dict[str, Any]:
         """The plan's source and a digest of its layers (a changed file is a different method)."""
-        layers = None if self.plan is None else [layer.to_dict() for layer in self.plan.layers]
-        digest = hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
+        from longinfer.plans.schema import layers_digest, rule_digest
+
+        digest = rule_digest(None) if self.plan is None else layers_digest(self.plan)
         return {"kind": "plan", "plan": self.source, "plan_digest": digest}
 
     def index(self, q: torch.Tensor, k: torch.Tensor, *, layer: int, sm_scale: float) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -86,6 +86,19 @@ def _check_same_prompt(stored: Mapping[str, Any], case: Case, path: Path) -> Non
         )
 
 
+def _check_same_plan(stored: Mapping[str, Any], case: Case, method: AttentionMethod, path: Path) -> None:
+    """A recorded case counts as done only if it ran the same plan: records with another
+    ``plan_digest`` (an edited plan file, an earlier default) are an error; records from before the
+    digest existed cannot be checked and are taken as they are."""
+    recorded, current = stored.get("plan_digest"), method.describe().get("plan_digest")
+    if recorded is not None and current is not None and recorded != current:
+        raise ValueError(
+            f"{path} already holds case {case.case_id} of method {method.name} run with another plan "
+            f"(digest {recorded} vs {current}): the plan file or the default plan changed. Write to a new "
+            f"output file, or delete that method's records to rerun it"
+        )
+
+
 def _run_one(task: Task, model: Any, tokenizer: TokenizerLike, case: Case) -> dict[str, Any]:
     """The result fields of one case, or ``{"error": "oom"}`` when the device ran out of memory."""
     try:
@@ -141,6 +154,7 @@ def run_task(
                 key = (model_name, method.name, task.name, case.case_id)
                 if key in done:
                     _check_same_prompt(done[key], case, store.path)
+                    _check_same_plan(done[key], case, method, store.path)
                     summary.skipped += 1
                 else:
                     todo.append(case)

@@ -388,9 +388,10 @@ def _resolve_plan(plan: Plan | str | os.PathLike[str] | None, model: Any) -> Pla
         resolved = default_plan_for(config, model_id=model_id)
         logger.info(
             "no plan given for %s: using the default plan (vertical-slash, coverage tau=%s from %d %s "
-            "queries, every head; layers dense below %d keys; the last %d query rows dense)",
+            "queries, every head%s; layers dense below %d keys; the last %d query rows dense)",
             model_id or type(model).__name__, DEFAULT_PATTERN_CONFIG.tau, DEFAULT_PATTERN_CONFIG.last_q,
             DEFAULT_PATTERN_CONFIG.query_sampling,
+            ", columns shared within each KV group" if DEFAULT_PATTERN_CONFIG.group_columns else "",
             resolved.layers[0].dense_below, resolved.layers[0].dense_last,
         )
         return resolved

@@ -95,11 +95,15 @@ def _attend_range(
 
 # Arguments that follow the prompt length are not specialized (Triton would otherwise compile one
 # variant per divisibility of each by 16: a new prompt length could cost a recompile, 1.5-2.3 s on a
-# fresh H200 in session 13): the lengths and the strides of the index tensors, whose widths follow
-# the length. The q/k/v/out strides and head counts keep their specialization (load alignment).
+# fresh H200 in session 13), except those whose divisibility changes the compiled code. Compiled
+# for sm_90 with triton 3.6 (the GPU machine's), only q_len, k_len and keys_per_tail_split do (the
+# masks at the key length); leaving all of them unspecialized made the kernel 4-11% slower per layer
+# on the H200 (session 14, docs/results/gpu-session14/). keys_per_tail_split is a multiple of 128
+# whatever the length, so only the divisibility of q_len and k_len by 16 selects a variant: at most
+# four per configuration, which `longinfer warmup` compiles.
 _LENGTH_ARGUMENTS = [
-    "q_len", "k_len", "num_tiles", "first_tile", "sink", "window", "dense_from", "tail_programs", "tail_splits",
-    "tail_first_tile", "num_tail_tiles", "keys_per_tail_split", "tune_bucket",
+    "num_tiles", "first_tile", "sink", "window", "dense_from", "tail_programs", "tail_splits",
+    "tail_first_tile", "num_tail_tiles", "tune_bucket",
     "stride_bi_b", "stride_bi_h", "stride_bi_m", "stride_ch_b", "stride_ch_h", "stride_cn_b", "stride_cn_h",
     "stride_cv_b", "stride_cv_h", "stride_c_b", "stride_c_h", "stride_cc_b", "stride_cc_h", "stride_bc_b", "stride_bc_h",
 ]
@@ -292,7 +296,7 @@ sparse_attention_fwd_tuned = triton.autotune(configs=_tuning_configs(), key=_TUN
                                              **autotune_disk_cache())(_sparse_attention_fwd)
 
 
-@triton.jit(do_not_specialize=["q_len", "k_len", "num_tiles", "keys_per_split"])
+@triton.jit(do_not_specialize=["q_len", "k_len", "num_tiles"])  # keys_per_split: whole key tiles, always
 def _dense_split_fwd(
     Q, K, V, Acc, Max, Sum,
     stride_qb, stride_qh, stride_qn,

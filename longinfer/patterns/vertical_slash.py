@@ -666,6 +666,25 @@ def select_packed(columns: torch.Tensor, diagonals: torch.Tensor, config: Vertic
                                 coverage=config.budget == "coverage", tau=config.tau)
 
 
+def select_packed_over_groups(columns: torch.Tensor, diagonals: torch.Tensor, config: VerticalSlashConfig,
+                              kv_heads: int, *, per_kv_group: bool = False,
+                              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_packed` per query head, then the KV-group unions the config asks for.
+
+    ``columns`` / ``diagonals`` ``[B, Hq, Nk]``. With ``per_kv_group`` both lists become their
+    group's union (``[B, Hkv, G * V]``, ``[B, Hkv, G * S]``); with ``config.group_columns`` each head
+    gets its group's union of columns (``[B, Hq, G * V]``) and keeps its own diagonals. Memory and
+    synchronization as :func:`select_packed` plus two sorts of ``[B, Hkv, G * V]``.
+    """
+    vertical, slash = select_packed(columns, diagonals, config, backend=backend)
+    group = columns.shape[1] // kv_heads
+    if per_kv_group:
+        return union_packed_over_groups(vertical, kv_heads), union_packed_over_groups(slash, kv_heads)
+    if config.group_columns and group > 1:
+        vertical = union_packed_over_groups(vertical, kv_heads).repeat_interleave(group, dim=1)
+    return vertical, slash
+
+
 def tile_smoothed_mass(diagonals: torch.Tensor, block_size: int, local: int) -> torch.Tensor:
     """Expected mass one slash keeps under the kernel's tile coverage: ``[..., Nk] -> [..., Nk]`` float32.
 
@@ -871,11 +890,8 @@ def estimate_vertical_slash(
         return estimate_segmented(q, k, config, sm_scale=sm_scale, per_kv_group=per_kv_group)
     group = q.shape[1] // k.shape[1]
     if config.rank == "mass":  # straight from the candidate lists: no [B, H, Nk] masks
-        vertical, slash = select_packed(*estimate_masses(q, k, config, sm_scale=sm_scale), config)
-        if per_kv_group:
-            vertical, slash = union_packed_over_groups(vertical, k.shape[1]), union_packed_over_groups(slash, k.shape[1])
-        elif config.group_columns:
-            vertical = union_packed_over_groups(vertical, k.shape[1]).repeat_interleave(group, dim=1)
+        vertical, slash = select_packed_over_groups(*estimate_masses(q, k, config, sm_scale=sm_scale), config,
+                                                    k.shape[1], per_kv_group=per_kv_group)
         return VerticalSlashSelection(vertical=vertical, slash=slash, k_len=k.shape[2], block_size=config.block_size)
     chosen_cols, chosen_diags = _chosen_items(q, k, config, sm_scale)
     widths = (config.num_vertical, config.num_slash)
@@ -883,7 +899,7 @@ def estimate_vertical_slash(
         chosen_cols = union_over_groups(chosen_cols, k.shape[1])
         chosen_diags = union_over_groups(chosen_diags, k.shape[1])
         widths = (group * config.num_vertical, group * config.num_slash)
-    elif config.group_columns:
+    elif config.group_columns and group > 1:
         chosen_cols = union_over_groups(chosen_cols, k.shape[1]).repeat_interleave(group, dim=1)
         widths = (group * config.num_vertical, config.num_slash)
     return VerticalSlashSelection(

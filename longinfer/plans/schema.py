@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import tempfile
@@ -79,10 +80,14 @@ DENSE_LAST_TILE = 64
 # prompt. Chosen on the GPU recall frontier (docs/results/gpu-qwen0.5b-32k/, Qwen2.5-Coder-0.5B at
 # 32K): mean / p10 head recall 0.911 / 0.856 at 12% density, where the previous default (the last
 # 256 queries, tau 0.95) kept 0.848 / 0.672 at 9%, at about the same estimation cost. Caps bound
-# the index width.
+# the index width. Each head attends the columns chosen for any head of its KV group
+# (group_columns), its diagonals stay its own: on Qwen2.5-Coder-1.5B at 32K (H200, RULER-style, 84
+# prompts; docs/results/gpu-session14/) that scores 74.9 against dense 76.0 and changes 16 prompts'
+# answers, where per-head columns score 65.1 and change 32, for a 4K turn over a 64K cache at 2.21x
+# dense attention speed instead of 2.71x.
 DEFAULT_PATTERN_CONFIG = VerticalSlashConfig(
     num_vertical=4096, num_slash=8192, last_q=64, sink=30, local=100, budget="coverage", tau=0.9,
-    query_sampling="strided",
+    query_sampling="strided", group_columns=True,
 )
 
 
@@ -512,13 +517,14 @@ def uniform_plan(
 
 def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: int = DEFAULT_DENSE_BELOW,
                      share_kv_groups: bool = False, dense_last: int = DEFAULT_DENSE_LAST,
-                     tau: float | None = None) -> Plan:
+                     tau: float | None = None, group_columns: bool = True) -> Plan:
     """The plan used when the user gives none.
 
     Every head of every layer uses :data:`DEFAULT_PATTERN_CONFIG`: vertical-slash from 64 queries
     spread evenly over the prompt, with a coverage budget (keep the fewest columns and diagonals,
     ranked together, whose estimated attention mass reaches 0.9; at most 4096 columns and 8192 diagonals; the first
-    30 keys and 100 nearest diagonals always kept). Layers run dense below ``dense_below`` key
+    30 keys and 100 nearest diagonals always kept), every head attending the columns chosen for any
+    head of its KV group. Layers run dense below ``dense_below`` key
     positions (default :data:`DEFAULT_DENSE_BELOW`), and the last ``dense_last`` query rows of every
     sparse call attend densely (default :data:`DEFAULT_DENSE_LAST`). Recorded as
     ``search={"method": "default"}``.
@@ -532,8 +538,13 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
             Qwen2.5-Coder-1.5B (RULER-style at 32K, dense 76.0; README's speed-or-accuracy table):
             per head, 0.98 scores 67.4 against the default's 65.1; with ``share_kv_groups``,
             0.8 scores 74.5 at 1.54x dense attention speed on a 4K turn, 0.9 74.4 at 1.35x.
+        group_columns: each head attends its KV group's columns (the default, 74.9 at 2.21x on that
+            turn); ``False`` gives each head only its own columns: faster (2.71x), less accurate
+            (65.1; ``docs/results/ruler-frontier-q15-32k/``).
     """
-    pattern = DEFAULT_PATTERN_CONFIG if tau is None else dataclasses.replace(DEFAULT_PATTERN_CONFIG, tau=tau)
+    pattern = dataclasses.replace(DEFAULT_PATTERN_CONFIG, group_columns=group_columns)
+    if tau is not None:
+        pattern = dataclasses.replace(pattern, tau=tau)
     return uniform_plan(
         config,
         "vertical_slash",
@@ -544,6 +555,24 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
         share_kv_groups=share_kv_groups,
         dense_last=dense_last,
     )
+
+
+def rule_digest(rule: Any) -> str:
+    """16 hex digits identifying a JSON-ready description of attention rules (sorted keys)."""
+    return hashlib.sha256(json.dumps(rule, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def layers_digest(plan: Plan) -> str:
+    """:func:`rule_digest` of a plan's per-layer rules: its provenance (model id, date) aside, two
+    plans with the same digest attend alike."""
+    return rule_digest([layer.to_dict() for layer in plan.layers])
+
+
+def default_rule_digest() -> str:
+    """:func:`rule_digest` of the default plan's rule (pattern parameters, ``dense_below``,
+    ``dense_last``): it changes when the default does, whatever the model."""
+    return rule_digest({"pattern": "vertical_slash", "params": config_to_params(DEFAULT_PATTERN_CONFIG),
+                        "dense_below": DEFAULT_DENSE_BELOW, "dense_last": DEFAULT_DENSE_LAST})
 
 
 def _current_umask() -> int:
