@@ -316,11 +316,13 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     LIMIT=$((limit / 6)) bash "$0" q15-turn-default
     run_cli eval latency $Q15 --lengths 16384,32768,65536,131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
       --methods "dense,longinfer,$(plan_methods "$PLANS14" perhead),none" ;;
-  q15-ruler-128k-default)  # issue 5: RULER-style at 128K of session 14's default and the per-head plan, beside dense
-    # (session 4's rows seeded; rerun to finish)
+  q15-ruler-128k-default)  # issue 5: RULER-style at 128K of session 14's default beside dense (session 4's rows
+    # seeded; the per-head default's: session 10, 58.3 vs 71.0); rerun to finish
     seed_dense_ruler
-    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
-      --methods "dense,longinfer,$(plan_methods "$PLANS14" perhead)" ;;
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" --methods dense,longinfer ;;
+  q15-gcols-tau)  # issues 4/5: shared KV-group columns at tau 0.85 (0.9: 74.9 / 2.21x, 0.8: 71.9 / 2.56x): RULER 32K, turn
+    plan_ruler_32k "$PLANS14" gcols-tau0.85
+    plan_turns "$PLANS14" gcols-tau0.85 ;;
   q15-rows-error)  # issue 5: recall and output error at the facts' rows of RULER 32K prompts on the 1.5B, for plans whose
     # RULER scores are known (default 65.1, cap 8,448 61.7, tau 0.98 67.4, union tau 0.7 / 0.8 70.9 / 74.5, 1,024 queries
     # 72.5; column_q 1,024 after q15-column-q): does either
