@@ -13,8 +13,9 @@ has ``cache_results`` (3.4+), the autotuner's timings: later processes on the sa
 The attention kernel autotunes once per power-of-two bucket of the key length, so give one length
 per bucket the service will see. It also compiles one variant per divisibility by 16 of the query
 and the key length (:data:`longinfer.ops._kernel._LENGTH_ARGUMENTS`), so each shape also runs at
-lengths a few tokens shorter that cover the other classes (:func:`length_classes`). Memory: one layer's ``q, k, v`` at the longest length (built in
-float32 on the host, then moved), plus what one sparse layer call needs.
+lengths a few tokens shorter that cover the other classes (:func:`length_classes`). Memory: one
+layer's ``q, k, v`` at the longest length (built in float32 on the host, then moved), plus what one
+sparse layer call needs.
 """
 
 from __future__ import annotations
