@@ -320,10 +320,11 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     # seeded; the per-head default's: session 10, 58.3 vs 71.0); rerun to finish
     seed_dense_ruler
     run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" --methods dense,longinfer ;;
-  q15-gcols-cheaper)  # issues 4/5: shared KV-group columns at tau 0.85 (0.9: 74.9 / 2.21x, 0.8: 71.9 / 2.56x) and with
-    # 1,024 columns per head before the union (4,096 in the default): RULER 32K, turns (rerun to finish)
-    plan_ruler_32k "$PLANS14" gcols-tau0.85 gcols-cap1024
-    plan_turns "$PLANS14" gcols-tau0.85 gcols-cap1024 ;;
+  q15-gcols-cheaper)  # issues 4/5: shared KV-group columns at tau 0.85 (0.9: 74.9 / 2.21x, 0.8: 71.9 / 2.56x): RULER
+    # 32K (rerun to finish); the turns of it and of 1,024 columns per head before the union (4,096 in the default; at
+    # 32K that cap almost never binds, CPU probe: docs/results/ruler-rows-error-cpu-qwen0.5b-32k-options/)
+    plan_turns "$PLANS14" gcols-tau0.85 gcols-cap1024
+    plan_ruler_32k "$PLANS14" gcols-tau0.85 ;;
   q15-rows-error)  # issue 5: recall and output error at the facts' rows of RULER 32K prompts on the 1.5B, for plans whose
     # RULER scores are known (default 65.1, cap 8,448 61.7, tau 0.98 67.4, union tau 0.7 / 0.8 70.9 / 74.5, 1,024 queries
     # 72.5; column_q 1,024 after q15-column-q): does either
