@@ -59,11 +59,14 @@ def read_runs(files: Iterable[Path], model: str, length: int) -> dict[str, tuple
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         records = [r for r in records if r.get("task") == "ruler" and r.get("model") == model
                    and int(r.get("length", -1)) == length and not r.get("error")]
-        dense = [r for r in records if r["method"] == "dense"]
-        for label in dict.fromkeys(record_label(r) for r in records):
-            if label == "dense" or not dense:
-                continue
-            ours = [dict(r, method=label) for r in records if record_label(r) == label]
+        by_label: dict[str, list[Record]] = {}
+        for r in records:
+            label = record_label(r)
+            by_label.setdefault(label, []).append(dict(r, method=label))
+        dense = by_label.pop("dense", [])
+        if not dense:
+            continue
+        for label, ours in by_label.items():
             date = max(str(r.get("date", "")) for r in ours)
             if label not in runs or date > runs[label][0]:
                 runs[label] = (date, path, dense + ours)
