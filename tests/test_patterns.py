@@ -21,6 +21,7 @@ from longinfer.patterns import (
 )
 from longinfer.patterns import block_sparse as block_sparse_module
 from longinfer.patterns import vertical_slash as vertical_slash_module
+from longinfer.patterns._common import union_packed_over_groups
 from longinfer.patterns.vertical_slash import choose, estimate_masses
 
 SMALL_CONFIGS = {
@@ -245,6 +246,26 @@ def test_vertical_slash_kv_group_union():
                 heads = getattr(per_head, field)[0, 3 * kv: 3 * kv + 3]
                 union = set(heads.flatten().tolist()) - {-1}
                 assert set(getattr(shared, field)[0, kv].tolist()) - {-1} == union
+
+
+@pytest.mark.parametrize("bsz,hq,hkv,width,length", [(1, 6, 2, 7, 50), (2, 12, 2, 33, 257), (3, 4, 4, 5, 9)])
+def test_union_packed_over_groups_is_the_sorted_set_union(bsz, hq, hkv, width, length):
+    """Each KV group's row holds its heads' positions as an ascending set, then -1, at width G * W;
+    rows with no position (all -1) and heads sharing positions included."""
+    g = torch.Generator().manual_seed(width)
+    index = torch.full((bsz, hq, width), -1, dtype=torch.long)
+    for b in range(bsz):
+        for h in range(hq):
+            count = int(torch.randint(0, width + 1, (1,), generator=g))
+            if (b, h) != (0, 0):  # head (0, 0) keeps no position at all
+                index[b, h, :count] = torch.randperm(length, generator=g)[:count].sort().values
+    union = union_packed_over_groups(index, hkv, length)
+    group = hq // hkv
+    assert union.shape == (bsz, hkv, group * width) and union.dtype == torch.long
+    for b in range(bsz):
+        for kv in range(hkv):
+            expected = sorted(set(index[b, kv * group:(kv + 1) * group].flatten().tolist()) - {-1})
+            assert union[b, kv].tolist() == expected + [-1] * (group * width - len(expected))
 
 
 def _planted_block_qk(n=256, d=32, block=5, bs=16, seed=0):

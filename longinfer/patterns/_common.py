@@ -118,20 +118,21 @@ def mask_to_index(chosen: torch.Tensor, width: int) -> torch.Tensor:
     return out[..., :width]
 
 
-def union_packed_over_groups(index: torch.Tensor, kv_heads: int) -> torch.Tensor:
+def union_packed_over_groups(index: torch.Tensor, kv_heads: int, length: int) -> torch.Tensor:
     """Union of each KV group's packed positions: ``[B, Hq, W]`` -> ``[B, Hkv, G * W]``.
 
-    ``index`` int64 holds ascending positions, then ``-1`` (the estimators' packed format); so does
-    the result, for the ``G = Hq // Hkv`` query heads of each group together. Two sorts of
-    ``[B, Hkv, G * W]``; no host synchronization.
+    ``index`` int64 holds ascending positions in ``[0, length)``, then ``-1`` (the estimators'
+    packed format); so does the result, for the ``G = Hq // Hkv`` query heads of each group
+    together. The positions are marked in a ``[B, Hkv, length]`` bitmap and packed back
+    (:func:`mask_to_index`): O(``length`` + ``G * W``) per group, no sort (two sorts of ``G * W``
+    positions took ~0.19 ms per layer of a 4K turn over 64K on an H200, session 15) and no host
+    synchronization. Memory: the bitmap and one int64 ``[B, Hkv, length]`` prefix sum.
     """
     bsz, hq, width = index.shape
-    fill = torch.iinfo(torch.long).max
     merged = index.reshape(bsz, kv_heads, hq // kv_heads * width)
-    merged = merged.masked_fill(merged < 0, fill).sort(-1).values
-    repeat = torch.nn.functional.pad(merged[..., 1:] == merged[..., :-1], (1, 0), value=False)
-    merged = merged.masked_fill(repeat, fill).sort(-1).values
-    return merged.masked_fill(merged == fill, -1)
+    chosen = torch.zeros(bsz, kv_heads, length + 1, dtype=torch.bool, device=index.device)
+    chosen.scatter_(-1, merged.masked_fill(merged < 0, length), True)  # -1 marks the extra slot
+    return mask_to_index(chosen[..., :length], merged.shape[-1])
 
 
 def union_over_groups(chosen: torch.Tensor, kv_heads: int) -> torch.Tensor:

@@ -674,14 +674,16 @@ def select_packed_over_groups(columns: torch.Tensor, diagonals: torch.Tensor, co
     ``columns`` / ``diagonals`` ``[B, Hq, Nk]``. With ``per_kv_group`` both lists become their
     group's union (``[B, Hkv, G * V]``, ``[B, Hkv, G * S]``); with ``config.group_columns`` each head
     gets its group's union of columns (``[B, Hq, G * V]``) and keeps its own diagonals. Memory and
-    synchronization as :func:`select_packed` plus two sorts of ``[B, Hkv, G * V]``.
+    synchronization as :func:`select_packed` plus the unions' ``[B, Hkv, Nk]`` bitmaps
+    (:func:`longinfer.patterns._common.union_packed_over_groups`).
     """
     vertical, slash = select_packed(columns, diagonals, config, backend=backend)
-    group = columns.shape[1] // kv_heads
+    group, length = columns.shape[1] // kv_heads, columns.shape[-1]
     if per_kv_group:
-        return union_packed_over_groups(vertical, kv_heads), union_packed_over_groups(slash, kv_heads)
+        return (union_packed_over_groups(vertical, kv_heads, length),
+                union_packed_over_groups(slash, kv_heads, length))
     if config.group_columns and group > 1:
-        vertical = union_packed_over_groups(vertical, kv_heads).repeat_interleave(group, dim=1)
+        vertical = union_packed_over_groups(vertical, kv_heads, length).repeat_interleave(group, dim=1)
     return vertical, slash
 
 
