@@ -21,6 +21,7 @@ PLANS11=docs/results/gpu-session11/plans
 PLANS12=docs/results/gpu-session12/plans
 PLANS13=docs/results/gpu-session13/plans
 PLANS14=docs/results/gpu-session14/plans
+PLANS15=docs/results/gpu-session15/plans
 VS="vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,last_q=64,query_sampling=strided"
 COST="vertical_slash:budget=coverage,num_vertical=8192,num_slash=8192,last_q=64,query_sampling=strided,rank=cost,tau=1.0"
 # The default estimator at 64-, 32- and 16-row query tiles, coverage and cost-ranked budgets.
@@ -320,6 +321,30 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     # seeded; the per-head default's: session 10, 58.3 vs 71.0); rerun to finish
     seed_dense_ruler
     run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" --methods dense,longinfer ;;
+  q15-needle-default)  # issue 6's end check: needle at 64K / 128K (5 depths x 2 needles) with session 14's default
+    # beside dense (session 1's default passed 20 / 20 on an H100: docs/results/gpu-qwen1.5b-128k/eval/needle.md)
+    run_cli eval needle $Q15 --lengths 65536,131072 --depths 0.0,0.25,0.5,0.75,1.0 --needles-per-cell 2 \
+      --methods dense,longinfer --out "$RES/$step" ;;
+  q15-floors-128k)  # issue 5: the default with at least 1,000 columns / 3,000 diagonals per head (RULER 32K +1.8 at
+    # 61.9% density, session 14) at 128K, where the default lost 9.3 and the peer 1.2 (session 15). Resumes from
+    # session 15's records (dense + 15 of 42 prompts); rerun to finish
+    [ -f "$RES/$step/ruler.jsonl" ] || cp docs/results/gpu-session15/q15-floors-128k/ruler.jsonl "$RES/$step/"
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,$(plan_methods "$PLANS13" floor-v1000-s3000)" ;;
+  q15-floors-128k-ttft)  # its TTFT at 128K beside dense
+    run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step" \
+      --methods "dense,$(plan_methods "$PLANS13" floor-v1000-s3000)" ;;
+  q15-floors-cheaper)  # issues 4/5: floors of 500 columns / 1,500 diagonals per head, own or KV-group columns
+    # ($PLANS15): RULER 128K (dense seeded; rerun to finish), then TTFT 32K / 128K with the 1,000 / 3,000 floor beside
+    seed_dense_ruler
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,$(plan_methods "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500)"
+    run_cli eval latency $Q15 --lengths 32768,131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" --methods \
+      "dense,longinfer,$(plan_methods "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500),$(plan_methods "$PLANS13" floor-v1000-s3000)" ;;
+  q15-floors-32k)  # issue 5: the cheaper floors at 32K (12 prompts per sub-task, session 8's dense rows; rerun to
+    # finish) and their turns (4K over 64K)
+    plan_turns "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500
+    plan_ruler_32k "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500 ;;
   q15-gcols-cheaper)  # issues 4/5: shared KV-group columns at tau 0.85 (0.9: 74.9 / 2.21x, 0.8: 71.9 / 2.56x): RULER
     # 32K (rerun to finish); the turns of it and of 1,024 columns per head before the union (4,096 in the default; at
     # 32K that cap almost never binds, CPU probe: docs/results/ruler-rows-error-cpu-qwen0.5b-32k-options/)
