@@ -111,7 +111,7 @@ def mask_to_index(chosen: torch.Tensor, width: int) -> torch.Tensor:
     choose at most ``width`` positions (the estimators guarantee it). O(N) per row, no sort.
     """
     n = chosen.shape[-1]
-    slot = chosen.long().cumsum(-1) - 1  # [..., N] slot of each chosen position
+    slot = chosen.cumsum(-1) - 1  # [..., N] int64 slot of each chosen position
     out = torch.full((*chosen.shape[:-1], width + 1), -1, dtype=torch.long, device=chosen.device)
     positions = torch.arange(n, device=chosen.device).expand_as(slot)
     out.scatter_(-1, torch.where(chosen, slot.clamp(max=width), width), positions)
@@ -131,7 +131,7 @@ def union_packed_over_groups(index: torch.Tensor, kv_heads: int, length: int) ->
     bsz, hq, width = index.shape
     merged = index.reshape(bsz, kv_heads, hq // kv_heads * width)
     chosen = torch.zeros(bsz, kv_heads, length + 1, dtype=torch.bool, device=index.device)
-    chosen.scatter_(-1, merged.masked_fill(merged < 0, length), True)  # -1 marks the extra slot
+    chosen.scatter_(-1, merged.remainder(length + 1), True)  # -1 marks the extra slot `length`
     return mask_to_index(chosen[..., :length], merged.shape[-1])
 
 

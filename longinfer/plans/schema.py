@@ -60,9 +60,11 @@ from longinfer.patterns.vertical_slash import VerticalSlashConfig
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 
-# Key length below which the default plan runs every layer dense. A placeholder until the
-# measured dense/sparse crossover of the kernels replaces it (issue 3: "a measured crossover").
-DEFAULT_DENSE_BELOW = 16384
+# Key length below which the default plan runs every layer dense: the measured TTFT crossover of
+# the default rule (H200, Qwen2.5-Coder-1.5B, docs/results/gpu-session15/): 0.97x dense at 16K,
+# 1.17x at 32K, so 1.0x near 18K (log-linear), rounded up to a multiple of 4,096. (The per-head
+# rule before session 14 crossed at 16K: 1.05-1.06x there.) `longinfer search` measures a plan's own.
+DEFAULT_DENSE_BELOW = 20480
 
 # Query rows at the end of every sparse call that the default plan runs dense. The default index
 # is estimated from queries spread over the prompt, which serves the prompt's end worst: on
