@@ -16,8 +16,9 @@ forward over PG essays, then times, per layer and in one process:
   graph, ``(graph)``: GPU time alone), the ``selection`` (the budget applied to the layer's
   masses) by the torch path and by the Triton kernels at their default launch choices and at the
   first ones (chunk 512, no compaction), graph-replayed (``selection backends agree``: 1.0 when all give the
-  same index), the estimate's pass 2 at each fixed launch configuration
-  (``pass 2 BLOCK_N=.. warps=.. stages=..``: the masses with the scratch, graph-replayed), and
+  same index), the estimate's pass 1 at other key splits and launch options (``masses, pass 1 ..
+  keys warps=.. stages=..``) and its pass 2 at each fixed launch configuration
+  (``pass 2 BLOCK_N=.. warps=.. stages=..``: both the masses with the scratch, graph-replayed), and
   the ``kernel`` with the dense tail split over keys (the default; also in 16 ranges and
   graph-replayed), unsplit (one program per tail tile), without the tail, with the tail as a
   separate split-K launch (``tail separate``, :data:`longinfer.ops.sparse.TAIL_LAUNCH`), at other
@@ -74,6 +75,9 @@ AGREE = "selection backends agree"  # 1.0 / 0.0 per layer among the timings; not
 # The estimate's pass-2 configurations its autotuner chooses from: (BLOCK_N, num_warps, num_stages).
 PASS_TWO_OPTIONS = tuple((c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                          for c in _estimate_kernel._masses_kernel_tuned.configs)
+# Pass 1 (row statistics) alternatives: (keys per program, num_warps, num_stages); the first is the
+# default launch (2,048 keys, 4 warps, triton's default 3 stages). Each row times the whole masses.
+PASS_ONE_OPTIONS = ((2048, 4, 3), (1024, 4, 3), (512, 4, 3), (1024, 8, 3), (1024, 4, 4))
 
 
 def sdpa_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -109,6 +113,19 @@ def with_scratch_bytes(limit: int, fn: Callable[[], Any]) -> Callable[[], Any]:
             return fn()
         finally:
             _estimate_kernel.DIAGONAL_SCRATCH_BYTES = saved
+    return run
+
+
+def with_pass_one_options(keys_per_split: int, warps: int, stages: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with the estimate's pass 1 at ``keys_per_split`` keys per program, ``warps`` and ``stages``."""
+    def run() -> Any:
+        saved = _estimate_kernel.KEYS_PER_SPLIT, _estimate_kernel.PASS_ONE_OPTIONS
+        _estimate_kernel.KEYS_PER_SPLIT = keys_per_split
+        _estimate_kernel.PASS_ONE_OPTIONS = {"num_warps": warps, "num_stages": stages}
+        try:
+            return fn()
+        finally:
+            _estimate_kernel.KEYS_PER_SPLIT, _estimate_kernel.PASS_ONE_OPTIONS = saved
     return run
 
 
@@ -160,6 +177,9 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     times["masses (scratch)"] = timed(masses)
     times["masses (graph)"] = graph_time(masses, repeats)
     times["masses (atomics)"] = timed(with_scratch_bytes(0, masses))
+    for keys_per_split, warps, stages in PASS_ONE_OPTIONS:
+        times[f"masses, pass 1 {keys_per_split} keys warps={warps} stages={stages}"] = graph_time(
+            with_pass_one_options(keys_per_split, warps, stages, masses), repeats)
     for block_n, warps, stages in PASS_TWO_OPTIONS:
         times[f"pass 2 BLOCK_N={block_n} warps={warps} stages={stages}"] = graph_time(
             with_pass_two_options(block_n, warps, stages, masses), repeats)

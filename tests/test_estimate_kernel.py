@@ -146,6 +146,22 @@ def test_diagonal_scratch_chunks_and_atomics_agree_with_brute_force(monkeypatch,
 
 
 @needs_interpreter
+@pytest.mark.parametrize("keys_per_split", [32, 64])  # 4 and 2 pass-1 splits of 99 keys (the default: 1)
+def test_pass_one_key_splits_merge_to_the_brute_force(monkeypatch, keys_per_split):
+    """Pass 1's split-K statistics (several key ranges per query, merged by log-sum-exp) give the
+    same masses as one range; the launch options `turn_kernels.py` tries pass through."""
+    b, hq, hkv, n_q, n_k, d = 1, 4, 2, 60, 99, 64
+    q, k = _qk(b, hq, hkv, n_q, n_k, d, seed=5)
+    positions = vs.estimation_positions(n_q, n_k, 9, "strided")
+    monkeypatch.setattr(kernel, "KEYS_PER_SPLIT", keys_per_split)
+    monkeypatch.setattr(kernel, "PASS_ONE_OPTIONS", {"num_warps": 8, "num_stages": 2})
+    columns, diagonals = estimate_masses_triton(q, k, positions - (n_k - n_q), positions, sink=3, local=2, scale=0.3)
+    ref_columns, ref_diagonals = _brute_force(q, k, positions, sink=3, local=2, scale=0.3)
+    torch.testing.assert_close(columns.double(), ref_columns, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(diagonals.double(), ref_diagonals, atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
 def test_masses_sum_to_one_without_forced_parts_and_respect_causality():
     q, k = _qk(1, 4, 2, 64, 100, 64)
     config = VerticalSlashConfig(num_vertical=10, num_slash=10, last_q=8, sink=0, local=0, query_sampling="strided")

@@ -63,6 +63,11 @@ from longinfer.ops._checks import autotune_disk_cache, interpreter_enabled
 
 LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2
 KEYS_PER_SPLIT = 2048  # keys per pass-1 program: enough programs at 8K, few partials at 128K
+# Launch options of pass 1 beyond the defaults (``num_warps``, ``num_stages``): empty here;
+# ``benchmarks/turn_kernels.py`` sets them to time alternatives. (Session 14's profile of a 4K turn over
+# 64K on an H200: pass 1 ~86 us per layer for 12 heads x 64 queries x 68K keys, far above its
+# memory and FLOP floors, i.e. latency-bound: 408 programs of 16 serial key tiles each.)
+PASS_ONE_OPTIONS: dict[str, int] = {}
 PASS_TWO_PROGRAMS = 512  # pass 2 splits its keys until a call has about this many programs (132 SMs)
 # Query block of pass 2 when the queries do not fit one block (each key tile loops over the blocks).
 # Compiled for sm_90, 64-query blocks spill 0.4-2.9 KB per thread and 32-query blocks 0.3-1.6 KB
@@ -326,7 +331,7 @@ def estimate_masses_triton(
                   PRECISION=precision, num_warps=opts["num_warps"])
     _row_stats_kernel[(hq, query_blocks * num_splits, bsz)](
         q, k, rows, positions, m_parts, l_parts, *strides,
-        count, k_len, hq // hkv, num_splits, keys_per_split, qk_scale_log2, **common)
+        count, k_len, hq // hkv, num_splits, keys_per_split, qk_scale_log2, **dict(common, **PASS_ONE_OPTIONS))
     lse = _merge_splits(m_parts, l_parts).contiguous()
     if count > block_m and not interpreter_enabled():
         common = dict(common, BLOCK_M=PASS_TWO_MULTI_BLOCK_M)
