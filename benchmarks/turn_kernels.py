@@ -18,7 +18,9 @@ forward over PG essays, then times, per layer and in one process:
   first ones (chunk 512, no compaction), graph-replayed (``selection backends agree``: 1.0 when all give the
   same index), the estimate's pass 1 at other key splits and launch options (``masses, pass 1 ..
   keys warps=.. stages=..``) and its pass 2 at each fixed launch configuration
-  (``pass 2 BLOCK_N=.. warps=.. stages=..``: both the masses with the scratch, graph-replayed), and
+  (``pass 2 BLOCK_N=.. warps=.. stages=..``: both the masses with the scratch, graph-replayed), the
+  kernel on the index's columns alone, its diagonals alone and in its dense mode (where the kernel's
+  time per computed pair goes, against SDPA's), and
   the ``kernel`` with the dense tail split over keys (the default; also in 16 ranges and
   graph-replayed), unsplit (one program per tail tile), without the tail, with the tail as a
   separate split-K launch (``tail separate``, :data:`longinfer.ops.sparse.TAIL_LAUNCH`), at other
@@ -216,6 +218,7 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     times["kernel (tail separate)"] = timed(kernel(tail_launch="separate"))
     times["kernel (tail separate) (graph)"] = graph_time(kernel(tail_launch="separate"), repeats)
     times["kernel (tail separate in 16)"] = timed(kernel(16, tail_launch="separate"))
+    times.update(kernel_part_timings(q, k, v, selection, config, scale, repeats))
     shape = AttentionShape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], nk, q.shape[3])
     # 128-row query tiles: their own estimate (slashes widen to whole tiles) and index.
     tall = spec.estimate(q, k, dataclasses.replace(config, block_size=128), sm_scale=scale, per_kv_group=per_kv)
@@ -232,6 +235,25 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
             times[f"{name} warps={warps} stages={stages}"] = timed(
                 lambda: launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, block_m, vs=index_built,
                                dense_from=from_row, options=dict(options), tail_splits=default_tail_splits(nk)))
+    return times
+
+
+def kernel_part_timings(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Any,
+                        config: vs.VerticalSlashConfig, scale: float, repeats: int) -> dict[str, float]:
+    """Where the sparse kernel's time goes (graph-replayed, no dense tail): the index's columns alone
+    (diagonals cut to the forced local band), its diagonals alone (columns cut to the forced sinks),
+    and our kernel's dense mode over every causal key (its per-pair cost, to compare with SDPA's)."""
+    nk = k.shape[2]
+    local_only = torch.where(selection.slash < config.local, selection.slash, -1)  # ascending, so still packed
+    sinks_only = torch.where(selection.vertical < config.sink, selection.vertical, -1)
+    times = {}
+    for name, vertical, slash in (("columns only", selection.vertical, local_only),
+                                  ("diagonals only", sinks_only, selection.slash)):
+        part = build_vertical_slash_index(vertical, slash, nk, selection.block_size, presorted=True)
+        times[f"kernel, {name} (graph)"] = graph_time(
+            lambda part=part: ops.vertical_slash_attention(q, k, v, index=part, block_size=selection.block_size,
+                                                           sm_scale=scale), repeats)
+    times["kernel, dense mode (graph)"] = graph_time(lambda: ops.dense_attention(q, k, v, sm_scale=scale), repeats)
     return times
 
 
