@@ -28,6 +28,9 @@ CONFIGS = [
     dict(budget="coverage", tau=0.95, num_vertical=10, num_slash=80, sink=10, local=2),  # caps bind, ties at the cap
     dict(budget="coverage", tau=0.05, num_vertical=40, num_slash=60, sink=30, local=40),  # forced mass above tau
     dict(budget="coverage", tau=0.7, num_vertical=40, num_slash=60, sink=0, local=0),
+    dict(budget="coverage", tau=0.5, num_vertical=40, num_slash=60, sink=3, local=5, min_vertical=30, min_slash=25),
+    dict(budget="coverage", tau=0.95, num_vertical=10, num_slash=80, sink=10, local=2, min_vertical=10,
+         min_slash=30),  # floors at the cap, caps bind
     dict(budget="fixed", num_vertical=40, num_slash=60, sink=3, local=5),
     dict(budget="fixed", num_vertical=0, num_slash=5, sink=0, local=5),
 ]
@@ -167,9 +170,10 @@ def test_compaction_after_any_pass_gives_the_same_index(monkeypatch, compact_aft
 def test_errors_name_the_problem():
     columns, diagonals = _masses(1, 2, 50, seed=0, ties=False)
     plain = VerticalSlashConfig(num_vertical=8, num_slash=8, sink=2, local=2, budget="coverage")
-    with_min = VerticalSlashConfig(num_vertical=8, num_slash=8, sink=2, local=2, budget="coverage", min_slash=4)
-    with pytest.raises(ValueError, match="min_vertical / min_slash"):
-        vs.select_packed(columns, diagonals, with_min, backend="triton")
+    cost_ranked = VerticalSlashConfig(num_vertical=8, num_slash=8, sink=2, local=2, budget="coverage", rank="cost",
+                                      tau=1.0)
+    with pytest.raises(ValueError, match="rank='cost'"):
+        vs.select_packed(columns, diagonals, cost_ranked, backend="triton")
     with pytest.raises(ValueError, match="backend must be"):
         vs.select_packed(columns, diagonals, plain, backend="cuda")
     with pytest.raises(ValueError, match=r"\[B, H, Nk\]"):
@@ -194,6 +198,8 @@ def test_gpu_kernel_packs_the_torch_index(n):
     q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
     for overrides in (dict(num_vertical=4096, num_slash=8192, budget="coverage", tau=0.9),
                       dict(num_vertical=256, num_slash=512, budget="coverage", tau=0.95),
+                      dict(num_vertical=4096, num_slash=8192, budget="coverage", tau=0.9, min_vertical=1000,
+                           min_slash=3000),  # floors: added to the Triton index by select_packed
                       dict(num_vertical=1000, num_slash=6096, budget="fixed")):
         config = VerticalSlashConfig(last_q=64, query_sampling="strided", **overrides)
         columns, diagonals = vs.estimate_masses(q, k, config)
@@ -201,7 +207,7 @@ def test_gpu_kernel_packs_the_torch_index(n):
         parallel = config.budget == "coverage" and n >= 2 * kernel.MIN_SLICE
         assert vs.auto_selection_backend(columns, config) == ("triton" if parallel else "torch")
         assert vs.auto_selection_backend(columns.cpu(), config) == "torch"
-        if config.budget == "coverage":
+        if config.budget == "coverage" and not config.min_vertical:  # select_packed_triton alone: no floors
             _assert_same_index(columns, diagonals, config, kernel.ParallelOptions(compact_after=0))
             parallel_only = _triton_index(columns, diagonals, config, fallback=False)  # round 1 finishes capped rows
             assert torch.equal(parallel_only[0], expected[0]) and torch.equal(parallel_only[1], expected[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -118,21 +119,33 @@ def mask_to_index(chosen: torch.Tensor, width: int) -> torch.Tensor:
     return out[..., :width]
 
 
+def union_of_packed(parts: Sequence[torch.Tensor], length: int, width: int) -> torch.Tensor:
+    """Positions in any of ``parts`` as one packed index ``[..., width]`` int64.
+
+    Each part is ``[..., W_i]`` int64 (same leading shape) of positions in ``[0, length)`` and
+    ``-1`` fillers, in any order; the result holds the distinct positions ascending, then ``-1``
+    (the estimators' packed format). ``width`` must be at least the union's size in every row. The
+    positions are marked in a ``[..., length]`` bitmap and packed back (:func:`mask_to_index`):
+    O(``length`` + ``sum W_i``) per row, no sort, no host synchronization. Memory: the bitmap and
+    one int64 ``[..., length]`` prefix sum.
+    """
+    chosen = torch.zeros(*parts[0].shape[:-1], length + 1, dtype=torch.bool, device=parts[0].device)
+    for part in parts:
+        chosen.scatter_(-1, part.remainder(length + 1), True)  # -1 marks the extra slot `length`
+    return mask_to_index(chosen[..., :length], width)
+
+
 def union_packed_over_groups(index: torch.Tensor, kv_heads: int, length: int) -> torch.Tensor:
     """Union of each KV group's packed positions: ``[B, Hq, W]`` -> ``[B, Hkv, G * W]``.
 
     ``index`` int64 holds ascending positions in ``[0, length)``, then ``-1`` (the estimators'
     packed format); so does the result, for the ``G = Hq // Hkv`` query heads of each group
-    together. The positions are marked in a ``[B, Hkv, length]`` bitmap and packed back
-    (:func:`mask_to_index`): O(``length`` + ``G * W``) per group, no sort (two sorts of ``G * W``
-    positions took ~0.19 ms per layer of a 4K turn over 64K on an H200, session 15) and no host
-    synchronization. Memory: the bitmap and one int64 ``[B, Hkv, length]`` prefix sum.
+    together (:func:`union_of_packed`: a key bitmap; two sorts of the ``G * W`` positions took
+    ~0.19 ms per layer of a 4K turn over 64K on an H200, session 15).
     """
     bsz, hq, width = index.shape
     merged = index.reshape(bsz, kv_heads, hq // kv_heads * width)
-    chosen = torch.zeros(bsz, kv_heads, length + 1, dtype=torch.bool, device=index.device)
-    chosen.scatter_(-1, merged.remainder(length + 1), True)  # -1 marks the extra slot `length`
-    return mask_to_index(chosen[..., :length], merged.shape[-1])
+    return union_of_packed([merged], length, merged.shape[-1])
 
 
 def union_over_groups(chosen: torch.Tensor, kv_heads: int) -> torch.Tensor:

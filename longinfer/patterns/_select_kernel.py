@@ -2,7 +2,8 @@
 
 :func:`select_packed_triton` returns what :func:`longinfer.patterns.vertical_slash.select_items`
 followed by ``_pack_taken`` returns (the torch path, the reference), for ``rank="mass"`` with a
-``"fixed"`` or ``"coverage"`` budget and no ``min_vertical`` / ``min_slash``:
+``"fixed"`` or ``"coverage"`` budget and no ``min_vertical`` / ``min_slash`` (``select_packed`` adds those
+minimums to this kernel's index afterwards: ``vertical_slash._add_floors``):
 
 - *candidates*: the top ``num_vertical`` columns and top ``num_slash`` diagonals, forced items
   (the first ``sink`` columns, the first ``local`` diagonals) ranked ``+inf``, ties to the lower

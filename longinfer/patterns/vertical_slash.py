@@ -71,6 +71,7 @@ from longinfer.patterns._common import (
     mask_to_index,
     require,
     softmax_scale,
+    union_of_packed,
     union_over_groups,
     union_packed_over_groups,
 )
@@ -625,8 +626,36 @@ def select_items(columns: torch.Tensor, diagonals: torch.Tensor, config: Vertica
 
 
 def _triton_selection_supported(config: VerticalSlashConfig) -> bool:
-    """The budgets the Triton selection implements: ``rank="mass"`` without per-kind minimums."""
-    return config.rank == "mass" and config.min_vertical == 0 and config.min_slash == 0
+    """The budgets the Triton selection implements: ``rank="mass"`` (per-kind minimums added after it)."""
+    return config.rank == "mass"
+
+
+def _add_floors(columns: torch.Tensor, diagonals: torch.Tensor, vertical: torch.Tensor, slash: torch.Tensor,
+                config: VerticalSlashConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coverage index without minimums -> with each kind's first ``min_vertical`` / ``min_slash``.
+
+    In :func:`select_items` an item is taken when the mass before it is below ``tau`` or it is among
+    its kind's first ``min_*`` in the ranking (rank descending, position ascending on ties: forced
+    ones first); neither rule changes the other's items (the mass before counts every candidate,
+    taken or not), and both lie within the kind's top ``num_*`` candidates. So the index with
+    minimums is the union of the index without them and each kind's top ``min_*`` positions
+    (:func:`_top_positions`, the same ties), which stays within the caps. Two ``topk`` and two
+    key bitmaps; no host synchronization.
+    """
+    nk = columns.shape[-1]
+    pos = torch.arange(nk, device=columns.device)
+    for kind in ("vertical", "slash"):
+        floor = min(getattr(config, f"min_{kind}"), nk)
+        if floor == 0:
+            continue
+        masses, forced = (columns, config.sink) if kind == "vertical" else (diagonals, config.local)
+        top = _top_positions(torch.where(pos < forced, math.inf, masses), floor)
+        width = getattr(config, f"num_{kind}")
+        if kind == "vertical":
+            vertical = union_of_packed([vertical, top], nk, width)
+        else:
+            slash = union_of_packed([slash, top], nk, width)
+    return vertical, slash
 
 
 def auto_selection_backend(columns: torch.Tensor, config: VerticalSlashConfig) -> str:
@@ -645,7 +674,8 @@ def select_packed(columns: torch.Tensor, diagonals: torch.Tensor, config: Vertic
 
     ``backend``: ``"torch"``, ``"triton"`` (:mod:`longinfer.patterns._select_kernel`; on the CPU only
     in the interpreter) or ``"auto"`` (the default: :func:`auto_selection_backend`). Same index; see
-    the kernel module for the rounding-level differences. On an H200 at a 4K-query turn over 64K
+    the kernel module for the rounding-level differences. On the Triton path per-kind minimums
+    (``min_vertical`` / ``min_slash``) are added to the kernel's index afterwards (:func:`_add_floors`). On an H200 at a 4K-query turn over 64K
     keys the Triton path takes 0.23 ms per 12-head layer against torch's 0.61 ms where no cap binds,
     ~0.5 ms where one does (``benchmarks/turn_kernels.py``, session 10). Memory: the outputs plus, on the torch path, a few
     ``[B, H, Nk]`` tensors. No host synchronization.
@@ -658,12 +688,16 @@ def select_packed(columns: torch.Tensor, diagonals: torch.Tensor, config: Vertic
         return (_pack_taken(items.vertical, items.vertical_taken, config.num_vertical),
                 _pack_taken(items.slash, items.slash_taken, config.num_slash))
     require(_triton_selection_supported(config),
-            "the Triton budget implements rank='mass' without min_vertical / min_slash; use backend='torch'")
+            "the Triton budget implements rank='mass' (not rank='cost'); use backend='torch'")
     require(columns.is_cuda or interpreter_enabled(),
             "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; use backend='torch' on the CPU")
-    return select_packed_triton(columns.float(), diagonals.float(), num_vertical=config.num_vertical,
-                                num_slash=config.num_slash, sink=config.sink, local=config.local,
-                                coverage=config.budget == "coverage", tau=config.tau)
+    coverage = config.budget == "coverage"
+    vertical, slash = select_packed_triton(columns.float(), diagonals.float(), num_vertical=config.num_vertical,
+                                           num_slash=config.num_slash, sink=config.sink, local=config.local,
+                                           coverage=coverage, tau=config.tau)
+    if coverage and (config.min_vertical or config.min_slash):
+        vertical, slash = _add_floors(columns.float(), diagonals.float(), vertical, slash, config)
+    return vertical, slash
 
 
 def select_packed_over_groups(columns: torch.Tensor, diagonals: torch.Tensor, config: VerticalSlashConfig,
