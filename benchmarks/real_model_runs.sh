@@ -342,8 +342,9 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     run_cli eval latency $Q15 --lengths 32768,131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" --methods \
       "dense,longinfer,$(plan_methods "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500),$(plan_methods "$PLANS13" floor-v1000-s3000)" ;;
   q15-floors-32k)  # issue 5: the cheaper floors at 32K (12 prompts per sub-task, session 8's dense rows; rerun to
-    # finish) and their turns (4K over 64K)
+    # finish) and the turns (4K over 64K) of every floor plan (floors now on the Triton selection)
     plan_turns "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500
+    plan_turns "$PLANS13" floor-v1000-s3000
     plan_ruler_32k "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500 ;;
   q15-gcols-cheaper)  # issues 4/5: shared KV-group columns at tau 0.85 (0.9: 74.9 / 2.21x, 0.8: 71.9 / 2.56x): RULER
     # 32K (rerun to finish); the turns of it and of 1,024 columns per head before the union (4,096 in the default; at
