@@ -20,6 +20,7 @@ from longinfer.plans import (
     model_shape,
     uniform_plan,
 )
+from longinfer.plans.schema import layers_digest
 
 SHAPE = {"num_layers": 3, "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 16}
 
@@ -46,8 +47,8 @@ def test_round_trip_through_file(tmp_path):
     assert loaded.layers[1].heads[2].config == BlockSparseConfig(num_blocks=8)
     data = json.loads(path.read_text())
     assert data["schema_version"] == SCHEMA_VERSION
-    # Every parameter is written out, defaults included.
-    assert set(data["layers"][0]["heads"][0]["params"]) == set(VerticalSlashConfig.__dataclass_fields__)
+    # Every parameter is written out, defaults included (but those added after plan digests, when unset).
+    assert set(data["layers"][0]["heads"][0]["params"]) == set(VerticalSlashConfig.__dataclass_fields__) - {"floor_from"}
     assert data["model"] == {"id": "tiny/model", "revision": "abc123", **SHAPE}
 
 
@@ -73,6 +74,20 @@ def test_share_kv_groups_round_trips_and_old_files_read_as_false(tmp_path):
     assert all(not layer.share_kv_groups for layer in Plan.from_dict(old).layers)
     with pytest.raises(TypeError, match="share_kv_groups must be true or false"):
         LayerPlan(plan.layers[0].heads, share_kv_groups="yes")
+
+
+def test_floor_from_is_written_only_when_set_and_old_digests_hold(tmp_path):
+    """`floor_from` (added after eval records began to carry plan digests) round-trips when set and
+    is left out of the JSON and the digest when not: the plan file of a committed GPU run still has
+    the digest its records carry (a resumed run finds them)."""
+    floored = HeadPlan.from_params("vertical_slash", {"budget": "coverage", "min_slash": 8, "floor_from": 4096})
+    assert floored.params["floor_from"] == 4096 and "floor_from" not in HeadPlan.from_params("vertical_slash").params
+    assert HeadPlan.from_dict(floored.to_dict()) == floored
+    plan_file = "docs/results/gpu-session13/plans/q15-floor-v1000-s3000-tail.json"
+    records = "docs/results/gpu-session15/q15-floors-128k/ruler.jsonl"
+    with open(records) as lines:
+        recorded = {json.loads(line).get("plan_digest") for line in lines if "floor-v1000" in line}
+    assert recorded == {layers_digest(Plan.load(plan_file))}
 
 
 def test_dense_last_round_trips_and_is_validated(tmp_path):

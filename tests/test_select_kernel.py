@@ -31,6 +31,8 @@ CONFIGS = [
     dict(budget="coverage", tau=0.5, num_vertical=40, num_slash=60, sink=3, local=5, min_vertical=30, min_slash=25),
     dict(budget="coverage", tau=0.95, num_vertical=10, num_slash=80, sink=10, local=2, min_vertical=10,
          min_slash=30),  # floors at the cap, caps bind
+    dict(budget="coverage", tau=0.5, num_vertical=40, num_slash=60, sink=3, local=5, min_vertical=30, min_slash=25,
+         floor_from=201),  # 200 keys: below floor_from, no floors
     dict(budget="fixed", num_vertical=40, num_slash=60, sink=3, local=5),
     dict(budget="fixed", num_vertical=0, num_slash=5, sink=0, local=5),
 ]
@@ -74,6 +76,22 @@ def test_kernel_packs_the_torch_index(monkeypatch, overrides, ties, path):
     columns, diagonals = _masses(1, 3, 200, seed=7, ties=ties)
     expected = _assert_same_index(columns, diagonals, VerticalSlashConfig(last_q=8, **overrides))
     assert (expected[0] >= 0).any() or overrides["num_vertical"] == 0  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interpreter)])
+def test_floors_apply_from_floor_from_keys(backend):
+    """Calls over fewer than `floor_from` keys get the index without minimums, longer ones with them."""
+    columns, diagonals = _masses(1, 3, 200, seed=7, ties=False)
+    base = dict(budget="coverage", tau=0.5, num_vertical=40, num_slash=60, sink=3, local=5, last_q=8)
+    floored = dict(base, min_vertical=30, min_slash=25)
+
+    def index(**overrides):
+        return vs.select_packed(columns, diagonals, VerticalSlashConfig(**overrides), backend=backend)
+
+    without, always = index(**base), index(**floored)
+    assert not torch.equal(without[0], always[0])  # the floors bind on these masses
+    for got, expected in ((index(**floored, floor_from=201), without), (index(**floored, floor_from=200), always)):
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 def _triton_index(columns, diagonals, config, **kwargs):

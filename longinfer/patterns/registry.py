@@ -156,10 +156,21 @@ def config_from_params(name: str, params: Mapping[str, Any]) -> Any:
     return spec.config_cls(**params)
 
 
+# Fields added after eval records began to carry plan digests (session 14): written only when they
+# differ from their default, so the JSON and the digests of plans that leave them unset stay as they
+# were (a resumed evaluation of such a plan still finds its earlier records).
+WRITTEN_ONLY_WHEN_SET = frozenset({"floor_from"})
+
+
 def config_to_params(config: object) -> dict[str, Any]:
-    """All fields of a registered config as a JSON-ready dict (inverse of :func:`config_from_params`)."""
+    """The fields of a registered config as a JSON-ready dict (inverse of :func:`config_from_params`):
+    all of them, except those of :data:`WRITTEN_ONLY_WHEN_SET` left at their default."""
     pattern_of_config(config)
-    return dataclasses.asdict(config)
+    params = dataclasses.asdict(config)
+    for field in dataclasses.fields(config):
+        if field.name in WRITTEN_ONLY_WHEN_SET and params[field.name] == field.default:
+            del params[field.name]
+    return params
 
 
 for _spec in (

@@ -96,6 +96,9 @@ class VerticalSlashConfig:
         budget: ``"fixed"`` or ``"coverage"`` (see the module docstring).
         tau: coverage target: estimated attention mass to keep (``budget="coverage"`` only).
         min_vertical, min_slash: minimum columns / diagonals in coverage mode (forced ones count).
+        floor_from: the minimums apply only to calls over at least this many keys (0 = always): at
+            32K a floor of 1,000 / 3,000 made the index 62% dense for no RULER-style gain over
+            shared columns, while at 128K it is what recovered dense's score (sessions 14-15).
         block_size: the kernel's query tile; slashes are covered for whole tiles (see
             :func:`longinfer.ops.reference.vertical_slash_mask`).
         segments: number of query segments with their own index (1 = one index for all queries);
@@ -139,6 +142,7 @@ class VerticalSlashConfig:
     tau: float = 0.9
     min_vertical: int = 0
     min_slash: int = 0
+    floor_from: int = 0
     block_size: int = 64
     segments: int = 1
     query_sampling: str = "last"
@@ -165,6 +169,7 @@ class VerticalSlashConfig:
                 f"{name}.min_vertical must lie in [0, num_vertical={self.num_vertical}], got {self.min_vertical}")
         require(0 <= self.min_slash <= self.num_slash,
                 f"{name}.min_slash must lie in [0, num_slash={self.num_slash}], got {self.min_slash}")
+        require(self.floor_from >= 0, f"{name}.floor_from must be >= 0, got {self.floor_from}")
         require(self.block_size in KERNEL_BLOCK_SIZES,
                 f"{name}.block_size must be one of {KERNEL_BLOCK_SIZES}, got {self.block_size}")
         require(self.segments >= 1, f"{name}.segments must be >= 1, got {self.segments}")
@@ -184,6 +189,10 @@ class VerticalSlashConfig:
         require(self.column_q >= 0, f"{name}.column_q must be >= 0 (0 = last_q), got {self.column_q}")
         require(self.column_q == 0 or not self.split_halves,
                 f"{name}: split_halves splits the last_q queries of both masses; leave column_q at 0 with it")
+
+    def floors(self, k_len: int) -> tuple[int, int]:
+        """``(min_vertical, min_slash)`` of a call over ``k_len`` keys: ``(0, 0)`` below ``floor_from``."""
+        return (0, 0) if k_len < self.floor_from else (self.min_vertical, self.min_slash)
 
 
 @dataclass(frozen=True)
@@ -616,7 +625,8 @@ def select_items(columns: torch.Tensor, diagonals: torch.Tensor, config: Vertica
     sorted_rank, order = rank.sort(dim=-1, descending=True, stable=True)
     sorted_mass = mass.gather(-1, order).double()  # float64 sums: the Triton path sums in another order
     take = (sorted_mass.cumsum(-1) - sorted_mass < config.tau) | (sorted_rank == math.inf)
-    lows = (min(config.min_vertical, config.num_vertical), min(config.min_slash, config.num_slash))
+    floors = config.floors(nk)
+    lows = (min(floors[0], config.num_vertical), min(floors[1], config.num_slash))
     if any(lows):  # each kind's first min_vertical / min_slash regardless of mass
         sorted_is_col = (torch.arange(rank.shape[-1], device=rank.device) < count_v)[order]
         for kind, low in ((sorted_is_col, lows[0]), (~sorted_is_col, lows[1])):
@@ -644,8 +654,8 @@ def _add_floors(columns: torch.Tensor, diagonals: torch.Tensor, vertical: torch.
     """
     nk = columns.shape[-1]
     pos = torch.arange(nk, device=columns.device)
-    for kind in ("vertical", "slash"):
-        floor = min(getattr(config, f"min_{kind}"), nk)
+    for kind, floor in zip(("vertical", "slash"), config.floors(nk)):
+        floor = min(floor, nk)
         if floor == 0:
             continue
         masses, forced = (columns, config.sink) if kind == "vertical" else (diagonals, config.local)
@@ -695,7 +705,7 @@ def select_packed(columns: torch.Tensor, diagonals: torch.Tensor, config: Vertic
     vertical, slash = select_packed_triton(columns.float(), diagonals.float(), num_vertical=config.num_vertical,
                                            num_slash=config.num_slash, sink=config.sink, local=config.local,
                                            coverage=coverage, tau=config.tau)
-    if coverage and (config.min_vertical or config.min_slash):
+    if coverage and any(config.floors(columns.shape[-1])):
         vertical, slash = _add_floors(columns.float(), diagonals.float(), vertical, slash, config)
     return vertical, slash
 
@@ -836,8 +846,9 @@ def _cost_ranked_choice(
     is_col[nk:] = False
     allowed = torch.zeros_like(sorted_valid)
     at_least = torch.zeros_like(sorted_valid)
-    kinds = ((is_col, config.sink, config.min_vertical, config.num_vertical),
-             (~is_col, config.local, config.min_slash, config.num_slash))
+    floors = config.floors(nk)
+    kinds = ((is_col, config.sink, floors[0], config.num_vertical),
+             (~is_col, config.local, floors[1], config.num_slash))
     for kind, forced_count, low, high in kinds:  # two item kinds, not heads
         forced_count = min(forced_count, nk)
         kind_sorted = kind.expand_as(mass).gather(-1, order) & sorted_valid
