@@ -341,6 +341,14 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --methods "dense,$(plan_methods "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500)"
     run_cli eval latency $Q15 --lengths 32768,131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" --methods \
       "dense,longinfer,$(plan_methods "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500),$(plan_methods "$PLANS13" floor-v1000-s3000)" ;;
+  q15-floors-from64k)  # issues 4/5: the default's rule plus a 1,000 / 3,000 floor on calls over >= 65,536 keys only
+    # (at 32K it is the default: 74.9 vs 76.0): RULER 128K (dense seeded; rerun to finish), the turn, TTFT at 128K
+    seed_dense_ruler
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,$(plan_methods "$PLANS15" gcols-floor-v1000-s3000-from64k)"
+    plan_turns "$PLANS15" gcols-floor-v1000-s3000-from64k
+    run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS15" gcols-floor-v1000-s3000-from64k)" ;;
   q15-floors-32k)  # issue 5: the cheaper floors at 32K (12 prompts per sub-task, session 8's dense rows; rerun to
     # finish) and the turns (4K over 64K) of every floor plan (floors now on the Triton selection)
     plan_turns "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500

@@ -3,10 +3,14 @@
 
 At 128K the default (each head its KV group's columns) loses 9.3 RULER-style points and the peer 1.2,
 while a floor of 1,000 columns / 3,000 diagonals per head matched dense on the 15 prompts it finished
-(TTFT 1.43x; the peer 1.27x, the default 1.86x). Cheaper floors, with and without shared columns:
+(TTFT 1.43x; the peer 1.27x, the default 1.86x). At 32K that floor made the index 62% dense, where
+shared columns alone were within noise of dense at 25%. So:
 
 - `q15-floor-v500-s1500-tail.json`: each head its own columns, at least 500 columns / 1,500 diagonals;
-- `q15-gcols-floor-v500-s1500-tail.json`: the same floors, each head with its KV group's columns.
+- `q15-gcols-floor-v500-s1500-tail.json`: the same floors, each head with its KV group's columns;
+- `q15-gcols-floor-v1000-s3000-from64k-tail.json`: each head with its KV group's columns (the default's
+  rule) and, on calls over at least 65,536 keys only (`floor_from`), at least 1,000 / 3,000: the
+  default at 32K, a floor plan at 128K.
 
     python docs/results/gpu-session15/plans/make_plans.py
 """
@@ -15,16 +19,24 @@ import sys
 
 SOURCE = "docs/results/gpu-session14/plans/q15-perhead-tail.json"
 OUT = "docs/results/gpu-session15/plans"
-# name: (group_columns, min_vertical, min_slash)
-VARIANTS = {"floor-v500-s1500": (False, 500, 1500), "gcols-floor-v500-s1500": (True, 500, 1500)}
-for name, (group_columns, min_vertical, min_slash) in VARIANTS.items():
+# name: (group_columns, min_vertical, min_slash, floor_from)
+VARIANTS = {
+    "floor-v500-s1500": (False, 500, 1500, 0),
+    "gcols-floor-v500-s1500": (True, 500, 1500, 0),
+    "gcols-floor-v1000-s3000-from64k": (True, 1000, 3000, 65536),
+}
+for name, (group_columns, min_vertical, min_slash, floor_from) in VARIANTS.items():
     plan = json.load(open(SOURCE))
     for layer in plan["layers"]:
         for head in layer["heads"]:
             head["params"].update(group_columns=group_columns, min_vertical=min_vertical, min_slash=min_slash)
+            if floor_from:
+                head["params"]["floor_from"] = floor_from
     columns = "its KV group's columns" if group_columns else "its own columns"
+    scope = f" on calls over at least {floor_from} keys" if floor_from else ""
     plan["search"]["note"] = (
         f"coverage tau 0.9 from 64 strided queries, last 128 rows dense, each head {columns}, at least "
-        f"{min_vertical} columns / {min_slash} diagonals per head; written by `{' '.join(sys.argv)}` from {SOURCE}")
+        f"{min_vertical} columns / {min_slash} diagonals per head{scope}; written by `{' '.join(sys.argv)}` "
+        f"from {SOURCE}")
     json.dump(plan, open(f"{OUT}/q15-{name}-tail.json", "w"), indent=1)
     print(name)
