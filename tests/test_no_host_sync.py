@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import os
 import traceback
 import types
@@ -170,6 +171,24 @@ def test_default_plan_prefill_makes_no_host_sync(chunked):
         lt.unpatch(model)
     assert stats.sparse_calls == 2 and 0 < stats.density <= 1
     assert not rec.syncs, dict(rec.syncs)
+
+
+def test_floors_on_the_triton_index_make_no_host_sync():
+    """The per-kind minimums added to the Triton selection's index (top-k and key bitmaps) stay on device."""
+    from longinfer.patterns import VerticalSlashConfig
+    from longinfer.patterns import vertical_slash as vs
+
+    gen = torch.Generator().manual_seed(0)
+    columns, diagonals = torch.rand(1, 2, 300, generator=gen), torch.rand(1, 2, 300, generator=gen)
+    config = VerticalSlashConfig(num_vertical=40, num_slash=60, sink=3, local=5, budget="coverage", tau=0.3,
+                                 min_vertical=20, min_slash=30)
+    plain = vs.select_packed(columns, diagonals, dataclasses.replace(config, min_vertical=0, min_slash=0),
+                             backend="torch")
+    with recording() as rec:
+        floored = vs._add_floors(columns, diagonals, *plain, config)
+    assert not rec.syncs, dict(rec.syncs)
+    expected = vs.select_packed(columns, diagonals, config, backend="torch")
+    assert torch.equal(floored[0], expected[0]) and torch.equal(floored[1], expected[1])
 
 
 def test_packed_positions_still_refused_without_sync():
