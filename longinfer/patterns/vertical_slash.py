@@ -97,8 +97,9 @@ class VerticalSlashConfig:
         tau: coverage target: estimated attention mass to keep (``budget="coverage"`` only).
         min_vertical, min_slash: minimum columns / diagonals in coverage mode (forced ones count).
         floor_from: the minimums apply only to calls over at least this many keys (0 = always): at
-            32K a floor of 1,000 / 3,000 made the index 62% dense for no RULER-style gain over
-            shared columns, while at 128K it is what recovered dense's score (sessions 14-15).
+            32K a floor of 1,000 / 3,000 made the index 62% dense for little RULER-style gain over
+            shared columns, while at 128K it matched dense on the prompts measured so far (15 of 42,
+            session 15) where the default lost 9.3 points.
         block_size: the kernel's query tile; slashes are covered for whole tiles (see
             :func:`longinfer.ops.reference.vertical_slash_mask`).
         segments: number of query segments with their own index (1 = one index for all queries);
@@ -654,18 +655,16 @@ def _add_floors(columns: torch.Tensor, diagonals: torch.Tensor, vertical: torch.
     """
     nk = columns.shape[-1]
     pos = torch.arange(nk, device=columns.device)
-    for kind, floor in zip(("vertical", "slash"), config.floors(nk)):
-        floor = min(floor, nk)
+
+    def with_floor(index: torch.Tensor, masses: torch.Tensor, forced: int, floor: int, width: int) -> torch.Tensor:
         if floor == 0:
-            continue
-        masses, forced = (columns, config.sink) if kind == "vertical" else (diagonals, config.local)
-        top = _top_positions(torch.where(pos < forced, math.inf, masses), floor)
-        width = getattr(config, f"num_{kind}")
-        if kind == "vertical":
-            vertical = union_of_packed([vertical, top], nk, width)
-        else:
-            slash = union_of_packed([slash, top], nk, width)
-    return vertical, slash
+            return index
+        top = _top_positions(torch.where(pos < forced, math.inf, masses), min(floor, nk))
+        return union_of_packed([index, top], nk, width)
+
+    min_vertical, min_slash = config.floors(nk)
+    return (with_floor(vertical, columns, config.sink, min_vertical, config.num_vertical),
+            with_floor(slash, diagonals, config.local, min_slash, config.num_slash))
 
 
 def auto_selection_backend(columns: torch.Tensor, config: VerticalSlashConfig) -> str:
@@ -685,10 +684,11 @@ def select_packed(columns: torch.Tensor, diagonals: torch.Tensor, config: Vertic
     ``backend``: ``"torch"``, ``"triton"`` (:mod:`longinfer.patterns._select_kernel`; on the CPU only
     in the interpreter) or ``"auto"`` (the default: :func:`auto_selection_backend`). Same index; see
     the kernel module for the rounding-level differences. On the Triton path per-kind minimums
-    (``min_vertical`` / ``min_slash``) are added to the kernel's index afterwards (:func:`_add_floors`). On an H200 at a 4K-query turn over 64K
-    keys the Triton path takes 0.23 ms per 12-head layer against torch's 0.61 ms where no cap binds,
-    ~0.5 ms where one does (``benchmarks/turn_kernels.py``, session 10). Memory: the outputs plus, on the torch path, a few
-    ``[B, H, Nk]`` tensors. No host synchronization.
+    (``min_vertical`` / ``min_slash``) are added to the kernel's index afterwards (:func:`_add_floors`).
+    On an H200 at a 4K-query turn over 64K keys the Triton path takes 0.23 ms per 12-head layer
+    against torch's 0.61 ms where no cap binds, ~0.5 ms where one does (``benchmarks/turn_kernels.py``,
+    session 10). Memory: the outputs plus, on the torch path, a few ``[B, H, Nk]`` tensors. No host
+    synchronization.
     """
     require(backend in ("auto", "triton", "torch"), f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "auto":
