@@ -4,8 +4,10 @@ Reads the committed ``ruler.jsonl`` files (append-only eval records), keeps each
 (the default plan and dense recur in many files as seeded rows), and reports per method: the
 average score, its paired difference to dense with the 95% bootstrap interval
 (:func:`longinfer.eval.ruler.difference_interval`), how many prompts scored better / worse than
-under dense (a sharper signal than the average at 12 prompts per sub-task), and the mean
-prefill attention density where the records carry it (sessions 12 on).
+under dense (a sharper signal than the average at 12 prompts per sub-task), the mean
+prefill attention density where the records carry it (sessions 12 on), and the time to first token
+against dense at the same length where a ``latency.jsonl`` holds both (the method's latest
+measurement, dense from the same process).
 
     python benchmarks/ruler_frontier.py --model qwen2.5-coder-1.5b --length 32768 \\
         --out docs/results/ruler-frontier-q15-32k
@@ -73,6 +75,25 @@ def read_runs(files: Iterable[Path], model: str, length: int) -> dict[str, tuple
     return {label: (path, records) for label, (_, path, records) in runs.items()}
 
 
+def read_ttft(files: Iterable[Path], model: str, length: int) -> dict[str, float]:
+    """Per method label (:func:`record_label`), the TTFT speedup over dense (dense's TTFT / the method's)
+    from the latest ``latency`` record of that label whose file also timed dense at this length."""
+    latest: dict[str, tuple[str, float]] = {}
+    for path in sorted(files):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = [r for r in records if r.get("task") == "latency" and r.get("model") == model
+                   and int(r.get("length", -1)) == length and "ttft_s" in r and not r.get("error")]
+        dense = [r["ttft_s"] for r in records if r["method"] == "dense"]
+        if not dense:
+            continue
+        for r in records:
+            label = record_label(r)
+            date = str(r.get("date", ""))
+            if label != "dense" and (label not in latest or date > latest[label][0]):
+                latest[label] = (date, dense[-1] / r["ttft_s"])
+    return {label: speedup for label, (_, speedup) in latest.items()}
+
+
 def _source(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
@@ -121,9 +142,11 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         return f"{row['difference']:+.1f}" + ("" if low_high is None else f" [{low_high[0]:+.1f}, {low_high[1]:+.1f}]")
 
     return markdown_table(
-        ["method", "score", "− dense [95%]", "prompts better / worse / of", "density", "run"],
+        ["method", "score", "− dense [95%]", "prompts better / worse / of", "density", "TTFT vs dense", "run"],
         [[row["method"], f"{row['score']:.1f}", interval(row), f"{row['better']} / {row['worse']} / {row['prompts']}",
-          "—" if row["density"] is None else f"{100 * row['density']:.1f}%", f"`{row['source']}`"] for row in rows])
+          "—" if row["density"] is None else f"{100 * row['density']:.1f}%",
+          "—" if row.get("ttft_speedup") is None else f"{row['ttft_speedup']:.2f}x", f"`{row['source']}`"]
+         for row in rows])
 
 
 def render_partial(partial: list[dict[str, Any]]) -> str:
@@ -175,7 +198,8 @@ def main() -> None:
     if not runs:
         parser.error(f"no RULER records of {args.model} at {args.length} tokens under {args.results}")
     complete, partial = split_complete(runs, args.results)
-    rows = frontier_rows(complete, args.results)
+    speedups = read_ttft(args.results.rglob("latency.jsonl"), args.model, args.length)
+    rows = [dict(row, ttft_speedup=speedups.get(row["method"])) for row in frontier_rows(complete, args.results)]
     args.out.mkdir(parents=True, exist_ok=True)
     if any(row["density"] is not None for row in rows):
         plot(rows, args.out / "frontier.png", f"{args.model}, RULER-style at {args.length} tokens")

@@ -78,11 +78,28 @@ def test_rows_count_paired_prompts_and_keep_each_methods_latest_run(results: Pat
     assert default["density"] is None
 
 
+def _latency(method: str, ttft: float, date: str, **extra) -> dict:
+    return {"task": "latency", "model": "m", "length": 1024, "method": method, "ttft_s": ttft, "date": date, **extra}
+
+
+def test_ttft_speedups_are_the_latest_against_dense_of_the_same_file(results: Path):
+    frontier = _load_script()
+    early, late = "2026-11-01T00:00:00+00:00", "2026-11-02T00:00:00+00:00"
+    _write(results / "t1" / "latency.jsonl", [
+        _latency("dense", 2.0, early), _latency("longinfer:docs/plans/q15-kv-tau0.8-tail.json", 1.0, early),
+        _latency("longinfer", 0.5, early, plan_digest="abcd"), _latency("peer", 1.0, early, length=2048)])
+    _write(results / "t2" / "latency.jsonl", [  # later: replaces the kv plan's speedup
+        _latency("dense", 3.0, late), _latency("longinfer:q15-kv-tau0.8-tail", 1.0, late)])
+    _write(results / "t3" / "latency.jsonl", [_latency("longinfer:other", 1.0, late)])  # no dense here: unused
+    speedups = frontier.read_ttft(results.rglob("latency.jsonl"), "m", 1024)
+    assert speedups == {"q15-kv-tau0.8-tail": 3.0, "longinfer (default abcd)": 4.0}
+
+
 def test_script_writes_table_plot_and_json(results: Path, tmp_path: Path):
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, str(SCRIPT), "--results", str(results), "--model", "m", "--length", "1024",
                            "--out", str(out)], capture_output=True, text=True, check=True)
-    assert "| q15-kv-tau0.8-tail | 75.0 |" in done.stdout
+    assert "| q15-kv-tau0.8-tail | 75.0 |" in done.stdout and "TTFT vs dense" in done.stdout
     assert "Runs cut short, not scored: seg16 (1 of 4 prompts, `c/ruler.jsonl`)." in done.stdout
     assert (out / "frontier.png").stat().st_size > 0
     assert [row["method"] for row in json.loads((out / "frontier.json").read_text())] == [
