@@ -99,8 +99,9 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
         "COVERED": "*u8"})
     head = dict(HEAD_DIM=128, BLOCK_D=128, PRECISION="tf32")
     rows: list[tuple[str, Any, dict[str, str], dict[str, Any], int, int]] = []
-    rows.append(("estimate pass 1 (row stats)", _row_stats_kernel, stats_types, {**head, "BLOCK_M": 64, "BLOCK_N": 128},
-                 4, 3))
+    for block_n, warps in ((128, 4), (64, 4), (128, 8), (64, 8)):  # the default first (turn_kernels.py times them)
+        rows.append(("estimate pass 1 (row stats)", _row_stats_kernel, stats_types,
+                     {**head, "BLOCK_M": 64, "BLOCK_N": block_n}, warps, 3))
     for one_block in (True, False):
         for block_n, warps, stages in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (64, 4, 2)):
             name = f"estimate pass 2, {'queries loaded once' if one_block else 'query blocks per tile'}"

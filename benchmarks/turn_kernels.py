@@ -77,9 +77,12 @@ AGREE = "selection backends agree"  # 1.0 / 0.0 per layer among the timings; not
 # The estimate's pass-2 configurations its autotuner chooses from: (BLOCK_N, num_warps, num_stages).
 PASS_TWO_OPTIONS = tuple((c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                          for c in _estimate_kernel._masses_kernel_tuned.configs)
-# Pass 1 (row statistics) alternatives: (keys per program, num_warps, num_stages); the first is the
-# default launch (2,048 keys, 4 warps, triton's default 3 stages). Each row times the whole masses.
-PASS_ONE_OPTIONS = ((2048, 4, 3), (1024, 4, 3), (512, 4, 3), (1024, 8, 3), (1024, 4, 4))
+# Pass 1 (row statistics) alternatives: (keys per program, BLOCK_N, num_warps, num_stages); the first is
+# the default launch (2,048 keys, 128-key tiles, 4 warps, triton's default 3 stages), which spills 128
+# bytes per thread compiled for sm_90 (64-key tiles: 188 registers, none; benchmarks/kernel_resources.py,
+# triton 3.6). Each row times the whole masses.
+PASS_ONE_OPTIONS = ((2048, 128, 4, 3), (2048, 64, 4, 3), (1024, 64, 4, 3), (512, 64, 4, 3), (1024, 64, 8, 3),
+                    (1024, 128, 8, 3))
 
 
 def sdpa_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -118,12 +121,14 @@ def with_scratch_bytes(limit: int, fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
-def with_pass_one_options(keys_per_split: int, warps: int, stages: int, fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn`` run with the estimate's pass 1 at ``keys_per_split`` keys per program, ``warps`` and ``stages``."""
+def with_pass_one_options(keys_per_split: int, block_n: int, warps: int, stages: int,
+                          fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with the estimate's pass 1 at ``keys_per_split`` keys per program in ``block_n``-key
+    tiles, ``warps`` and ``stages``."""
     def run() -> Any:
         saved = _estimate_kernel.KEYS_PER_SPLIT, _estimate_kernel.PASS_ONE_OPTIONS
         _estimate_kernel.KEYS_PER_SPLIT = keys_per_split
-        _estimate_kernel.PASS_ONE_OPTIONS = {"num_warps": warps, "num_stages": stages}
+        _estimate_kernel.PASS_ONE_OPTIONS = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
         try:
             return fn()
         finally:
@@ -179,9 +184,9 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     times["masses (scratch)"] = timed(masses)
     times["masses (graph)"] = graph_time(masses, repeats)
     times["masses (atomics)"] = timed(with_scratch_bytes(0, masses))
-    for keys_per_split, warps, stages in PASS_ONE_OPTIONS:
-        times[f"masses, pass 1 {keys_per_split} keys warps={warps} stages={stages}"] = graph_time(
-            with_pass_one_options(keys_per_split, warps, stages, masses), repeats)
+    for keys_per_split, block_n, warps, stages in PASS_ONE_OPTIONS:
+        times[f"masses, pass 1 {keys_per_split} keys BLOCK_N={block_n} warps={warps} stages={stages}"] = graph_time(
+            with_pass_one_options(keys_per_split, block_n, warps, stages, masses), repeats)
     for block_n, warps, stages in PASS_TWO_OPTIONS:
         times[f"pass 2 BLOCK_N={block_n} warps={warps} stages={stages}"] = graph_time(
             with_pass_two_options(block_n, warps, stages, masses), repeats)

@@ -154,7 +154,7 @@ def test_pass_one_key_splits_merge_to_the_brute_force(monkeypatch, keys_per_spli
     q, k = _qk(b, hq, hkv, n_q, n_k, d, seed=5)
     positions = vs.estimation_positions(n_q, n_k, 9, "strided")
     monkeypatch.setattr(kernel, "KEYS_PER_SPLIT", keys_per_split)
-    monkeypatch.setattr(kernel, "PASS_ONE_OPTIONS", {"num_warps": 8, "num_stages": 2})
+    monkeypatch.setattr(kernel, "PASS_ONE_OPTIONS", {"BLOCK_N": 16, "num_warps": 8, "num_stages": 2})
     columns, diagonals = estimate_masses_triton(q, k, positions - (n_k - n_q), positions, sink=3, local=2, scale=0.3)
     ref_columns, ref_diagonals = _brute_force(q, k, positions, sink=3, local=2, scale=0.3)
     torch.testing.assert_close(columns.double(), ref_columns, atol=1e-5, rtol=1e-5)

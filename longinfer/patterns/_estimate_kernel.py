@@ -63,10 +63,11 @@ from longinfer.ops._checks import autotune_disk_cache, interpreter_enabled
 
 LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2
 KEYS_PER_SPLIT = 2048  # keys per pass-1 program: enough programs at 8K, few partials at 128K
-# Launch options of pass 1 beyond the defaults (``num_warps``, ``num_stages``): empty here;
+# Launch options of pass 1 beyond the defaults (``BLOCK_N``, ``num_warps``, ``num_stages``): empty here;
 # ``benchmarks/turn_kernels.py`` sets them to time alternatives. (Session 14's profile of a 4K turn over
 # 64K on an H200: pass 1 ~86 us per layer for 12 heads x 64 queries x 68K keys, far above its
-# memory and FLOP floors, i.e. latency-bound: 408 programs of 16 serial key tiles each.)
+# memory and FLOP floors: 408 programs of 16 serial key tiles each, and compiled for sm_90 the
+# default 128-key tiles spill 128 bytes per thread, 64-key tiles none; benchmarks/kernel_resources.py.)
 PASS_ONE_OPTIONS: dict[str, int] = {}
 PASS_TWO_PROGRAMS = 512  # pass 2 splits its keys until a call has about this many programs (132 SMs)
 # Query block of pass 2 when the queries do not fit one block (each key tile loops over the blocks).
