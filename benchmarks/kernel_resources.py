@@ -117,7 +117,10 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
                                             (64, 32, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3)):
         rows.append((f"vertical-slash kernel, {block_m}-row tiles", _sparse_attention_fwd, sparse_types,
                      {**head, "HEADS_PER_TILE": 1, "GROUP": 6, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                      "MODE": MODE_VERTICAL_SLASH, "VARLEN": False}, warps, stages))
+                      "MODE": MODE_VERTICAL_SLASH, "VARLEN": False, "COVERED_IN_LOADS": True}, warps, stages))
+    rows.append(("vertical-slash kernel, 64-row tiles, covered columns loaded", _sparse_attention_fwd, sparse_types,
+                 {**head, "HEADS_PER_TILE": 1, "GROUP": 6, "BLOCK_M": 64, "BLOCK_N": 64, "MODE": MODE_VERTICAL_SLASH,
+                  "VARLEN": False, "COVERED_IN_LOADS": False}, 4, 3))
     split_types = _types(_dense_split_fwd, {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Acc": "*fp32", "Max": "*fp32",
                                             "Sum": "*fp32"}, floats=("qk_scale",))
     for heads, warps in ((1, 4), (2, 8)):  # the dense tail as a separate split-K launch, heads stacked

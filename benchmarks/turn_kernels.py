@@ -20,7 +20,8 @@ forward over PG essays, then times, per layer and in one process:
   keys warps=.. stages=..``) and its pass 2 at each fixed launch configuration
   (``pass 2 BLOCK_N=.. warps=.. stages=..``: both the masses with the scratch, graph-replayed), the
   kernel on the index's columns alone, its diagonals alone and in its dense mode (where the kernel's
-  time per computed pair goes, against SDPA's), and
+  time per computed pair goes, against SDPA's), with the K/V of covered columns loaded
+  or skipped (``covered_in_loads``, the same launch otherwise), and
   the ``kernel`` with the dense tail split over keys (the default; also in 16 ranges and
   graph-replayed), unsplit (one program per tail tile), without the tail, with the tail as a
   separate split-K launch (``tail separate``, :data:`longinfer.ops.sparse.TAIL_LAUNCH`), at other
@@ -240,6 +241,14 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
             times[f"{name} warps={warps} stages={stages}"] = timed(
                 lambda: launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, block_m, vs=index_built,
                                dense_from=from_row, options=dict(options), tail_splits=default_tail_splits(nk)))
+    # The default launch with and without the K/V of covered columns loaded (loaded, those loads wait
+    # only for the column ids, not for the coverage lookup too).
+    for loaded in (False, True):
+        options = {"num_warps": 4, "num_stages": 3, "covered_in_loads": not loaded}
+        times[f"kernel, covered columns {'loaded' if loaded else 'skipped'} (graph)"] = graph_time(
+            lambda options=options: launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, selection.block_size, vs=built,
+                                           dense_from=dense_from, options=dict(options),
+                                           tail_splits=default_tail_splits(nk)), repeats)
     return times
 
 

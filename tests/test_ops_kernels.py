@@ -115,6 +115,27 @@ def test_vertical_slash_block_sizes_and_structured_index(block_size):
     assert_matches_reference(out, q, k, v, vertical_slash_mask(vertical, slash, n, block_size))
 
 
+def test_loading_covered_columns_changes_nothing():
+    """`covered_in_loads=False` (K/V of columns a slash chunk covers loaded, masked only in the scores)
+    gives the same output, bit for bit, as masking them in the loads; both match the reference."""
+    from longinfer.ops._checks import AttentionShape
+    from longinfer.ops._kernel import MODE_VERTICAL_SLASH
+    from longinfer.ops._launch import launch
+
+    n, d = 300, 64
+    q, k, v = _qkv(1, 4, 2, n, d, torch.float32, seed=7)
+    # columns next to the diagonal (inside the local slashes' chunks) and far from it
+    vertical = torch.tensor([[[0, 1, 2, 3, 50, 51, 60, 61, 62, 120, 190, 299]] * 4], device=DEVICE)
+    slash = torch.tensor([[[0, 1, 2, 3, 40, 41, 42, 200]] * 4], device=DEVICE)
+    index = build_vertical_slash_index(vertical, slash, n, 64)
+    shape = AttentionShape(1, 4, 2, n, n, d)
+    outs = [launch(q, k, v, shape, 1 / math.sqrt(d), MODE_VERTICAL_SLASH, 64, vs=index,
+                   options={"BLOCK_N": index.chunk, "num_warps": 4, "num_stages": 1, "covered_in_loads": flag})
+            for flag in (True, False)]
+    assert torch.equal(outs[0], outs[1])
+    assert_matches_reference(outs[1], q, k, v, vertical_slash_mask(vertical, slash, n, 64))
+
+
 def test_vertical_slash_with_32_key_chunks_matches_reference():
     q, k, v = _qkv(2, 4, 2, 150, 64, torch.float32, seed=5, nk=300)
     gen = torch.Generator().manual_seed(5)

@@ -127,7 +127,7 @@ def _sparse_attention_fwd(
     INDEX_HEAD_DIV, BlockCount, stride_bc_b, stride_bc_h, tune_bucket,
     HEADS_PER_TILE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, COVERED_IN_LOADS: tl.constexpr,
 ):
     # One flat grid, ordered (batch, KV head, query tile from the last, query heads of the group).
     # Programs running at the same time then work on one KV head and neighbouring tiles, so its
@@ -258,9 +258,14 @@ def _sparse_attention_fwd(
             c_ok = (c0 + offs_n) < n_cols
             cols = tl.load(c_base + c0 + offs_n, mask=c_ok, other=0)
             covered = tl.load(cv_base - cols, mask=c_ok, other=0) != 0
+            # Without COVERED_IN_LOADS the K/V loads wait only for `cols`, not for the `covered`
+            # lookup too (a shorter chain of dependent loads); covered columns are loaded and masked.
+            load_ok = c_ok & ~covered if COVERED_IN_LOADS else c_ok
             c_ok = c_ok & ~covered
-            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=load_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=load_ok[:, None] & d_ok[None, :],
+                        other=0.0)
             keep = (cols[None, :] <= rows[:, None]) & c_ok[None, :]
             acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, True, PRECISION)
 
