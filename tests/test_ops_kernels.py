@@ -115,7 +115,11 @@ def test_vertical_slash_block_sizes_and_structured_index(block_size):
     assert_matches_reference(out, q, k, v, vertical_slash_mask(vertical, slash, n, block_size))
 
 
-def test_loading_covered_columns_changes_nothing():
+COVERED_DTYPES = [torch.float32] + ([torch.bfloat16] if torch.cuda.is_available() else [])  # bf16: GPU only
+
+
+@pytest.mark.parametrize("dtype", COVERED_DTYPES, ids=[str(d)[6:] for d in COVERED_DTYPES])
+def test_loading_covered_columns_changes_nothing(dtype):
     """`covered_in_loads=False` (K/V of columns a slash chunk covers loaded, masked only in the scores)
     gives the same output, bit for bit, as masking them in the loads; both match the reference."""
     from longinfer.ops._checks import AttentionShape
@@ -123,7 +127,7 @@ def test_loading_covered_columns_changes_nothing():
     from longinfer.ops._launch import launch
 
     n, d = 300, 64
-    q, k, v = _qkv(1, 4, 2, n, d, torch.float32, seed=7)
+    q, k, v = _qkv(1, 4, 2, n, d, dtype, seed=7)
     # columns next to the diagonal (inside the local slashes' chunks) and far from it
     vertical = torch.tensor([[[0, 1, 2, 3, 50, 51, 60, 61, 62, 120, 190, 299]] * 4], device=DEVICE)
     slash = torch.tensor([[[0, 1, 2, 3, 40, 41, 42, 200]] * 4], device=DEVICE)
