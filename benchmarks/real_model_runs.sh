@@ -150,9 +150,11 @@ case "$step" in
   q15-ttft-kernels)  # issues 4/5: the one-shot 128K prefill by part, 4 layers (where the sparse kernel's cost per
     # computed pair, ~2.2x dense SDPA's at 128K, goes: columns alone, diagonals alone, dense mode, covered loads),
     # then 16K (the crossover: estimate, selection and index are fixed costs per layer; pass 1 runs 96 programs there)
+    # with the default's rule as a plan file whose layers go sparse from 16,384 keys (the default: from 20,480)
     run python3 benchmarks/turn_kernels.py $Q15 --prefix 0 --length 131072 --layers 0,9,18,27 --repeats 5 \
       --out "$RES/$step/128k"
-    run python3 benchmarks/turn_kernels.py $Q15 --prefix 0 --length 16384 --layers 0,9,18,27 --out "$RES/$step/16k" ;;
+    run python3 benchmarks/turn_kernels.py $Q15 --prefix 0 --length 16384 --layers 0,9,18,27 \
+      --plan "$PLANS13/q15-gcols-tail.json" --out "$RES/$step/16k" ;;
   q15-turn-profile)  # issue 4: the turn's GPU time by op (PG text, default plan)
     run python3 benchmarks/profile_prefill.py $Q15 --prefix 65536 --length 4096 --sort cuda --rows 45 \
       > "$RES/$step/profile-turn-cuda.txt" 2>&1
