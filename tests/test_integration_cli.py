@@ -50,7 +50,11 @@ def expected_answer(model_dir, prompt_file, plan=None, chunk_size=None, backend=
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
-    code = cli.main(["run", *map(str, args)])
+    """Exit code, stdout, stderr of ``longinfer run ARGS`` (argparse's own errors exit with 2 too)."""
+    try:
+        code = cli.main(["run", *map(str, args)])
+    except SystemExit as exit_:
+        code = exit_.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -93,12 +97,17 @@ def test_run_dense_and_chunked(capsys, caplog, model_dir, prompt_file, plan_file
         (["--plan", "missing-plan.json"], "plan file missing-plan.json does not exist"),
         (["--dense", "--plan", "PLAN"], "--dense runs without a plan"),
         (["--dense", "--share-kv-groups"], "--dense runs without a plan"),
-        (["--share-kv-groups", "--plan", "PLAN"], "--per-head-columns and --tau set up the default plan"),
-        (["--tau", "0.8", "--plan", "PLAN"], "--per-head-columns and --tau set up the default plan"),
-        (["--per-head-columns", "--plan", "PLAN"], "--per-head-columns and --tau set up the default plan"),
+        (["--share-kv-groups", "--plan", "PLAN"], "--tau and --floor set up the default plan"),
+        (["--tau", "0.8", "--plan", "PLAN"], "--tau and --floor set up the default plan"),
+        (["--per-head-columns", "--plan", "PLAN"], "--tau and --floor set up the default plan"),
         (["--per-head-columns", "--dense"], "--dense runs without a plan"),
         (["--tau", "0.8", "--dense"], "--dense runs without a plan"),
         (["--tau", "0"], "--tau must lie in (0, 1], got 0.0"),
+        (["--floor", "1000", "--plan", "PLAN"], "--floor takes COLUMNS,DIAGONALS"),
+        (["--floor", "10,20", "--plan", "PLAN"], "--tau and --floor set up the default plan"),
+        (["--floor", "10,20", "--dense"], "--dense runs without a plan"),
+        (["--floor-from", "4096"], "--floor-from applies a --floor"),
+        (["--floor", "5000,20"], "min_vertical must lie in [0, num_vertical=4096], got 5000 (--floor)"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--chat"], "this tokenizer has no chat template"),
     ],
@@ -143,6 +152,7 @@ def test_oom_message_with_chunks_suggests_smaller_chunks():
     [
         (["--tau", "0.8"], {"tau": 0.8}),
         (["--per-head-columns"], {"group_columns": False}),
+        (["--floor", "100,300", "--floor-from", "64"], {"min_vertical": 100, "min_slash": 300, "floor_from": 64}),
     ],
 )
 def test_run_default_plan_options_patch_the_default_plan_with_them(capsys, monkeypatch, model_dir, prompt_file,

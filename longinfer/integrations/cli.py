@@ -1,6 +1,7 @@
 """``longinfer run``: answer one prompt with a model and a plan; print the text, prefill time and density.
 
-    longinfer run --model smollm2-135m --prompt-file prompt.txt [--plan plan.json | --share-kv-groups | --per-head-columns] [--tau T]
+    longinfer run --model smollm2-135m --prompt-file prompt.txt [--plan plan.json | --share-kv-groups | --per-head-columns]
+                  [--tau T] [--floor COLUMNS,DIAGONALS [--floor-from KEYS]]
                   [--max-new-tokens 64] [--dense] [--chunk-size 8192] [--chat] [--backend auto]
                   [--device cuda] [--dtype bfloat16]
 
@@ -22,6 +23,15 @@ logger = logging.getLogger(__name__)
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def _floor(text: str) -> tuple[int, int]:
+    """``--floor COLUMNS,DIAGONALS`` -> two non-negative ints."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"--floor takes COLUMNS,DIAGONALS (two non-negative integers, e.g. "
+                                         f"1000,3000), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``run`` command to the top-level CLI."""
     parser = subparsers.add_parser(
@@ -39,6 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--per-head-columns", action="store_true",
                         help="the default plan with each head attending only its own columns, not its KV group's: "
                              "faster, further from dense answers")
+    parser.add_argument("--floor", type=_floor, default=None, metavar="COLUMNS,DIAGONALS",
+                        help="the default plan with at least this many columns and diagonals per head (e.g. "
+                             "1000,3000: closer to dense answers at 128K, slower)")
+    parser.add_argument("--floor-from", type=int, default=0, metavar="KEYS",
+                        help="with --floor: apply it only to prompts of at least this many tokens (default 0: all)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="decoding budget (default 64)")
     parser.add_argument("--dense", action="store_true", help="run the stock dense attention (sdpa) instead")
     parser.add_argument("--chunk-size", type=int, default=0,
@@ -121,14 +136,20 @@ def run(args: argparse.Namespace) -> int:
             raise RunError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if args.chunk_size < 0:
             raise RunError(f"--chunk-size must be >= 0, got {args.chunk_size}")
-        default_options = args.share_kv_groups or args.per_head_columns or args.tau is not None
+        default_options = (args.share_kv_groups or args.per_head_columns or args.tau is not None
+                           or args.floor is not None)
         if args.dense and (args.plan is not None or default_options):
             raise RunError("--dense runs without a plan; drop --plan / --share-kv-groups / --per-head-columns / "
-                           "--tau or --dense")
+                           "--tau / --floor or --dense")
         if default_options and args.plan is not None:
-            raise RunError("--share-kv-groups, --per-head-columns and --tau set up the default plan; drop them or --plan")
+            raise RunError("--share-kv-groups, --per-head-columns, --tau and --floor set up the default plan; "
+                           "drop them or --plan")
         if args.tau is not None and not 0.0 < args.tau <= 1.0:
             raise RunError(f"--tau must lie in (0, 1], got {args.tau}")
+        if args.floor_from and args.floor is None:
+            raise RunError("--floor-from applies a --floor; add --floor COLUMNS,DIAGONALS or drop --floor-from")
+        if args.floor_from < 0:
+            raise RunError(f"--floor-from must be >= 0, got {args.floor_from}")
         text = _read_prompt(args.prompt_file)
         plan = None
         if args.plan is not None:
@@ -141,8 +162,13 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, args.device, args.dtype)
         ids = _prompt_ids(tokenizer, text, args.chat)
         if default_options:
-            plan = longinfer.default_plan_for(model.config, share_kv_groups=args.share_kv_groups, tau=args.tau,
-                                              group_columns=not args.per_head_columns)
+            floor = (0, 0) if args.floor is None else args.floor
+            try:
+                plan = longinfer.default_plan_for(model.config, share_kv_groups=args.share_kv_groups, tau=args.tau,
+                                                  group_columns=not args.per_head_columns, min_vertical=floor[0],
+                                                  min_slash=floor[1], floor_from=args.floor_from)
+            except ValueError as error:
+                raise RunError(f"{error} (--floor)") from error
         if not args.dense:
             try:
                 plan = longinfer.patch(model, plan, backend=args.backend)

@@ -519,7 +519,8 @@ def uniform_plan(
 
 def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: int = DEFAULT_DENSE_BELOW,
                      share_kv_groups: bool = False, dense_last: int = DEFAULT_DENSE_LAST,
-                     tau: float | None = None, group_columns: bool = True) -> Plan:
+                     tau: float | None = None, group_columns: bool = True, min_vertical: int = 0,
+                     min_slash: int = 0, floor_from: int = 0) -> Plan:
     """The plan used when the user gives none.
 
     Every head of every layer uses :data:`DEFAULT_PATTERN_CONFIG`: vertical-slash from 64 queries
@@ -543,8 +544,14 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
         group_columns: each head attends its KV group's columns (the default, 74.9 at 2.21x on that
             turn); ``False`` gives each head only its own columns: faster (2.71x), less accurate
             (65.1; ``docs/results/ruler-frontier-q15-32k/``).
+        min_vertical, min_slash, floor_from: a floor of columns / diagonals per head, on calls over at
+            least ``floor_from`` keys (see :class:`~longinfer.patterns.VerticalSlashConfig`). At 128K
+            the default loses 9.3 RULER-style points, and a 1,000 / 3,000 floor (per-head columns)
+            matched dense on the 15 of 42 prompts measured so far at 1.43x TTFT
+            (``docs/results/gpu-session15/``).
     """
-    pattern = dataclasses.replace(DEFAULT_PATTERN_CONFIG, group_columns=group_columns)
+    pattern = dataclasses.replace(DEFAULT_PATTERN_CONFIG, group_columns=group_columns, min_vertical=min_vertical,
+                                  min_slash=min_slash, floor_from=floor_from)
     if tau is not None:
         pattern = dataclasses.replace(pattern, tau=tau)
     return uniform_plan(
