@@ -1,0 +1,53 @@
+"""benchmarks/turn_kernels.py's kernel-part rows on the CPU: what each timed launch computes.
+
+The script times on CUDA only; here its timer is replaced by one call, and each launch's output is
+compared with the float32 reference of the index it was given (the Triton kernels run in the
+interpreter, as in ``tests/test_ops_kernels.py``; tolerance 2e-5 as there).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from longinfer.ops.reference import dense_causal_mask, masked_attention, vertical_slash_mask
+from longinfer.patterns import VerticalSlashConfig, estimate_vertical_slash
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "turn_kernels_script", Path(__file__).parents[1] / "benchmarks" / "turn_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_parts_compute_the_columns_alone_the_diagonals_alone_and_dense(monkeypatch):
+    script = _script()
+    outputs = []
+    monkeypatch.setattr(script, "graph_time", lambda fn, repeats: outputs.append(fn()) or 0.0)
+    gen = torch.Generator().manual_seed(0)
+    n, d = 200, 64
+    q, k, v = (torch.randn(1, h, n, d, generator=gen) for h in (4, 2, 2))
+    config = VerticalSlashConfig(num_vertical=24, num_slash=24, sink=4, local=8, last_q=16, block_size=16,
+                                 budget="coverage", tau=0.8, query_sampling="strided")
+    selection = estimate_vertical_slash(q, k, config)
+    times = script.kernel_part_timings(q, k, v, selection, config, d ** -0.5, repeats=1)
+    assert list(times) == ["kernel, columns only (graph)", "kernel, diagonals only (graph)",
+                           "kernel, dense mode (graph)"]
+    local_only = torch.where(selection.slash < config.local, selection.slash, -1)
+    sinks_only = torch.where(selection.vertical < config.sink, selection.vertical, -1)
+    assert (local_only >= 0).sum() < (selection.slash >= 0).sum()  # the parts differ from the whole index
+    assert (sinks_only >= 0).sum() < (selection.vertical >= 0).sum()
+    masks = [vertical_slash_mask(selection.vertical, local_only, n, 16),
+             vertical_slash_mask(sinks_only, selection.slash, n, 16), dense_causal_mask(n)]
+    for out, mask in zip(outputs, masks):
+        reference = masked_attention(q, k, v, mask)
+        assert (out - reference).abs().max().item() <= 2e-5
