@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from longinfer.plans import Plan, uniform_plan
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("hybrid_plan_script",
-                                                  Path(__file__).parents[1] / "benchmarks" / "hybrid_plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("hybrid_plan")
 
 
 def write_table(path: Path) -> None:

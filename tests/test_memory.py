@@ -14,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from longinfer import memory
+from tests.benchmark_scripts import load_benchmark
 
 VOCAB = 96
 COMMON = {
@@ -361,16 +362,8 @@ def test_kv_cache_bytes_matches_a_real_cache(family):
 # the GPU benchmark script, on a tiny model on CPU
 
 
-def test_memory_ttft_script_runs_writes_and_resumes(tmp_path, monkeypatch):
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_ttft.py"
-    spec = importlib.util.spec_from_file_location("memory_ttft_script", script)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
+def test_memory_ttft_script_runs_writes_and_resumes(tmp_path):
+    bench = load_benchmark("memory_ttft")
     argv = ["--shape", "tiny", "--device", "cpu", "--lengths", "96", "--naive-lengths", "96", "--prefill-chunk", "64",
             "--mlp-chunk", "32", "--repeats", "1", "--backend", "torch", "--out", str(tmp_path)]
     assert bench.main(argv) == 0

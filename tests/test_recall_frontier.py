@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -30,6 +29,7 @@ from longinfer.eval.results import ResultStore
 from longinfer.models import zoo
 from longinfer.patterns import AShapeConfig, BlockSparseConfig, VerticalSlashConfig, attention_recall, sample_rows
 from longinfer.plans.schema import HeadPlan, LayerPlan, Plan
+from tests.benchmark_scripts import load_benchmark
 from tests.test_eval_fixtures import corpus_text, make_tiny_llama, make_tokenizer
 
 VOCAB = 211
@@ -393,10 +393,7 @@ def test_cli_and_benchmark_script(tmp_path, stub_zoo, capsys):
                      "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "recall.md").read_text() == (tmp_path / "cli" / "recall.md").read_text()
 
-    spec = importlib.util.spec_from_file_location("recall_frontier_script",
-                                                  Path(__file__).parents[1] / "benchmarks" / "recall_frontier.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("recall_frontier")
     assert script.main(["--model", "tiny-gguf", "--gguf", "weights.gguf", "--out", str(tmp_path / "bench"), *common]) == 0
     assert stub_zoo == ["tiny", "weights.gguf"]  # --gguf is what is loaded, --model the label
     printed = capsys.readouterr().out

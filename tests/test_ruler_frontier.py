@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,14 +9,9 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "ruler_frontier.py"
+from tests.benchmark_scripts import BENCHMARKS, load_benchmark
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("ruler_frontier_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = BENCHMARKS / "ruler_frontier.py"
 
 
 def _records(method: str, scores: list[float], density: float | None = None, model: str = "m",
@@ -61,7 +55,7 @@ def results(tmp_path: Path) -> Path:
 
 
 def test_rows_count_paired_prompts_and_keep_each_methods_latest_run(results: Path):
-    frontier = _load_script()
+    frontier = load_benchmark("ruler_frontier")
     runs = frontier.read_runs(results.rglob("ruler.jsonl"), "m", 1024)
     complete, partial = frontier.split_complete(runs, results)
     assert partial == [{"method": "seg16", "prompts": 1, "of": 4, "source": "c/ruler.jsonl"}]
@@ -83,7 +77,7 @@ def _latency(method: str, ttft: float, date: str, **extra) -> dict:
 
 
 def test_ttft_speedups_are_the_latest_against_dense_of_the_same_file(results: Path):
-    frontier = _load_script()
+    frontier = load_benchmark("ruler_frontier")
     early, late = "2026-11-01T00:00:00+00:00", "2026-11-02T00:00:00+00:00"
     _write(results / "t1" / "latency.jsonl", [
         _latency("dense", 2.0, early), _latency("longinfer:docs/plans/q15-kv-tau0.8-tail.json", 1.0, early),

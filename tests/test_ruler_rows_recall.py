@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,17 +10,10 @@ import torch
 from longinfer.eval import ruler
 from longinfer.eval.prompts import Haystack
 from longinfer.eval.recall import parse_method_spec
+from tests.benchmark_scripts import load_benchmark
 from tests.test_eval_fixtures import corpus_text, make_tiny_llama, make_tokenizer
 
 SMALL = "vertical_slash:budget=coverage,num_vertical=16,num_slash=8,last_q=16,sink=4,local=4,block_size=16"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location(
-        "ruler_rows_recall", Path(__file__).parents[1] / "benchmarks" / "ruler_rows_recall.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +24,7 @@ def setup():
 
 
 def test_piece_rows_recall_and_resume(setup, tmp_path, monkeypatch):
-    script = _script()
+    script = load_benchmark("ruler_rows_recall")
     tokenizer, haystack, model = setup
     prompt = ruler.generate("niah_multivalue", tokenizer, haystack, 600, seed=0, sample=0)
     rows = script.piece_rows(prompt)

@@ -7,30 +7,21 @@ interpreter, as in ``tests/test_ops_kernels.py``; tolerance 2e-5 as there).
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from longinfer.ops.reference import dense_causal_mask, masked_attention, vertical_slash_mask
 from longinfer.patterns import VerticalSlashConfig, estimate_vertical_slash
+from tests.benchmark_scripts import load_benchmark
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location(
-        "turn_kernels_script", Path(__file__).parents[1] / "benchmarks" / "turn_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_kernel_parts_compute_the_columns_alone_the_diagonals_alone_and_dense(monkeypatch):
-    script = _script()
+    script = load_benchmark("turn_kernels")
     outputs = []
     monkeypatch.setattr(script, "graph_time", lambda fn, repeats: outputs.append(fn()) or 0.0)
     gen = torch.Generator().manual_seed(0)
