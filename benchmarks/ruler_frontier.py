@@ -49,6 +49,13 @@ def record_label(record: Record) -> str:
     return f"longinfer (default {digest})" if digest else "longinfer (default until session 13)"
 
 
+def _records(path: Path, task: str, model: str, length: int) -> list[Record]:
+    """The error-free eval records of ``task`` for ``model`` at ``length`` tokens in one JSONL file."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("task") == task and r.get("model") == model
+            and int(r.get("length", -1)) == length and not r.get("error")]
+
+
 def read_runs(files: Iterable[Path], model: str, length: int) -> dict[str, tuple[Path, list[Record]]]:
     """Per method label, the file of its latest run and that file's records of it and of dense.
 
@@ -58,9 +65,7 @@ def read_runs(files: Iterable[Path], model: str, length: int) -> dict[str, tuple
     """
     runs: dict[str, tuple[str, Path, list[Record]]] = {}
     for path in sorted(files):
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        records = [r for r in records if r.get("task") == "ruler" and r.get("model") == model
-                   and int(r.get("length", -1)) == length and not r.get("error")]
+        records = _records(path, "ruler", model, length)
         by_label: dict[str, list[Record]] = {}
         for r in records:
             label = record_label(r)
@@ -80,9 +85,7 @@ def read_ttft(files: Iterable[Path], model: str, length: int) -> dict[str, float
     from the latest ``latency`` record of that label whose file also timed dense at this length."""
     latest: dict[str, tuple[str, float]] = {}
     for path in sorted(files):
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        records = [r for r in records if r.get("task") == "latency" and r.get("model") == model
-                   and int(r.get("length", -1)) == length and "ttft_s" in r and not r.get("error")]
+        records = [r for r in _records(path, "latency", model, length) if "ttft_s" in r]
         dense = [r["ttft_s"] for r in records if r["method"] == "dense"]
         if not dense:
             continue
