@@ -597,6 +597,14 @@ def _items_to_masks(items: ChosenItems, k_len: int) -> tuple[torch.Tensor, torch
     return scatter(items.vertical, items.vertical_taken), scatter(items.slash, items.slash_taken)
 
 
+def _rank_scores(columns: torch.Tensor, diagonals: torch.Tensor,
+                 config: VerticalSlashConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masses ``[B, H, Nk]`` as the mass ranking orders them: the forced items (the first
+    ``sink`` columns, the ``local`` nearest diagonals) at ``+inf``, so they come first."""
+    pos = torch.arange(columns.shape[-1], device=columns.device)
+    return (torch.where(pos < config.sink, math.inf, columns), torch.where(pos < config.local, math.inf, diagonals))
+
+
 def select_items(columns: torch.Tensor, diagonals: torch.Tensor, config: VerticalSlashConfig) -> ChosenItems:
     """Apply a fixed or mass-ranked coverage budget to estimated masses ``[B, H, Nk]``.
 
@@ -611,9 +619,7 @@ def select_items(columns: torch.Tensor, diagonals: torch.Tensor, config: Vertica
     """
     require(config.rank == "mass", "select_items applies the mass ranking; rank='cost' goes through choose()")
     nk = columns.shape[-1]
-    pos = torch.arange(nk, device=columns.device)
-    rank_cols = torch.where(pos < config.sink, math.inf, columns)
-    rank_diags = torch.where(pos < config.local, math.inf, diagonals)
+    rank_cols, rank_diags = _rank_scores(columns, diagonals, config)
     vertical = _top_positions(rank_cols, min(config.num_vertical, nk))
     slash = _top_positions(rank_diags, min(config.num_slash, nk))
     if config.budget == "fixed":
@@ -654,17 +660,16 @@ def _add_floors(columns: torch.Tensor, diagonals: torch.Tensor, vertical: torch.
     key bitmaps; no host synchronization.
     """
     nk = columns.shape[-1]
-    pos = torch.arange(nk, device=columns.device)
+    rank_cols, rank_diags = _rank_scores(columns, diagonals, config)
 
-    def with_floor(index: torch.Tensor, masses: torch.Tensor, forced: int, floor: int, width: int) -> torch.Tensor:
+    def with_floor(index: torch.Tensor, rank: torch.Tensor, floor: int, width: int) -> torch.Tensor:
         if floor == 0:
             return index
-        top = _top_positions(torch.where(pos < forced, math.inf, masses), min(floor, nk))
-        return union_of_packed([index, top], nk, width)
+        return union_of_packed([index, _top_positions(rank, min(floor, nk))], nk, width)
 
     min_vertical, min_slash = config.floors(nk)
-    return (with_floor(vertical, columns, config.sink, min_vertical, config.num_vertical),
-            with_floor(slash, diagonals, config.local, min_slash, config.num_slash))
+    return (with_floor(vertical, rank_cols, min_vertical, config.num_vertical),
+            with_floor(slash, rank_diags, min_slash, config.num_slash))
 
 
 def auto_selection_backend(columns: torch.Tensor, config: VerticalSlashConfig) -> str:
