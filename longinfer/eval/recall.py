@@ -46,7 +46,12 @@ from longinfer.patterns.a_shape import AShapeConfig
 from longinfer.patterns.block_sparse import BlockSparseConfig
 from longinfer.patterns.oracle import oracle_recall
 from longinfer.patterns.recall import RecallStats, attention_recall, causal_logsumexp, sample_rows
-from longinfer.patterns.registry import WRITTEN_ONLY_WHEN_SET, config_to_params, get_pattern, pattern_of_config
+from longinfer.patterns.registry import (
+    config_to_params,
+    get_pattern,
+    pattern_of_config,
+    without_unset_added_fields,
+)
 from longinfer.patterns.vertical_slash import VerticalSlashConfig
 from longinfer.timing import median_cuda_ms
 
@@ -512,11 +517,8 @@ def _stored_definition(record: Mapping[str, Any], method: Method, wanted: Mappin
     """
     stored = {key: record.get(key, _ADDED_FIELD_DEFAULTS.get(key)) for key in wanted}
     if isinstance(method, EstimatorMethod) and isinstance(stored.get("params"), Mapping):
-        defaults = _config_defaults(method.config)
-        params = {**defaults, **stored["params"]}
-        # in config_to_params' form: fields written only when set are left out at their default
-        stored["params"] = {key: value for key, value in params.items()
-                            if not (key in WRITTEN_ONLY_WHEN_SET and value == defaults.get(key))}
+        stored["params"] = without_unset_added_fields(type(method.config),
+                                                      {**_config_defaults(method.config), **stored["params"]})
     return stored
 
 

@@ -162,15 +162,19 @@ def config_from_params(name: str, params: Mapping[str, Any]) -> Any:
 WRITTEN_ONLY_WHEN_SET = frozenset({"floor_from"})
 
 
+def without_unset_added_fields(config_cls: type, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` without the fields of :data:`WRITTEN_ONLY_WHEN_SET` that hold ``config_cls``'s default:
+    the form :func:`config_to_params` writes (other keys, unknown ones included, stay)."""
+    defaults = {field.name: field.default for field in dataclasses.fields(config_cls)}
+    return {key: value for key, value in params.items()
+            if not (key in WRITTEN_ONLY_WHEN_SET and value == defaults.get(key))}
+
+
 def config_to_params(config: object) -> dict[str, Any]:
     """The fields of a registered config as a JSON-ready dict (inverse of :func:`config_from_params`):
     all of them, except those of :data:`WRITTEN_ONLY_WHEN_SET` left at their default."""
     pattern_of_config(config)
-    params = dataclasses.asdict(config)
-    for field in dataclasses.fields(config):
-        if field.name in WRITTEN_ONLY_WHEN_SET and params[field.name] == field.default:
-            del params[field.name]
-    return params
+    return without_unset_added_fields(type(config), dataclasses.asdict(config))
 
 
 for _spec in (
