@@ -110,31 +110,32 @@ def graph_time(fn: Callable[[], Any], repeats: int) -> float:
     return median_cuda_ms(graph.replay, repeats=repeats, warmup=2)
 
 
-def with_scratch_bytes(limit: int, fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn`` run with the estimate's diagonal scratch limited to ``limit`` bytes (0 = atomics)."""
+def with_estimate_settings(fn: Callable[[], Any], **settings: Any) -> Callable[[], Any]:
+    """``fn`` run with attributes of :mod:`longinfer.patterns._estimate_kernel` set to ``settings``
+    (restored afterwards)."""
     def run() -> Any:
-        saved = _estimate_kernel.DIAGONAL_SCRATCH_BYTES
-        _estimate_kernel.DIAGONAL_SCRATCH_BYTES = limit
+        saved = {name: getattr(_estimate_kernel, name) for name in settings}
+        for name, value in settings.items():
+            setattr(_estimate_kernel, name, value)
         try:
             return fn()
         finally:
-            _estimate_kernel.DIAGONAL_SCRATCH_BYTES = saved
+            for name, value in saved.items():
+                setattr(_estimate_kernel, name, value)
     return run
+
+
+def with_scratch_bytes(limit: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with the estimate's diagonal scratch limited to ``limit`` bytes (0 = atomics)."""
+    return with_estimate_settings(fn, DIAGONAL_SCRATCH_BYTES=limit)
 
 
 def with_pass_one_options(keys_per_split: int, block_n: int, warps: int, stages: int,
                           fn: Callable[[], Any]) -> Callable[[], Any]:
     """``fn`` run with the estimate's pass 1 at ``keys_per_split`` keys per program in ``block_n``-key
     tiles, ``warps`` and ``stages``."""
-    def run() -> Any:
-        saved = _estimate_kernel.KEYS_PER_SPLIT, _estimate_kernel.PASS_ONE_OPTIONS
-        _estimate_kernel.KEYS_PER_SPLIT = keys_per_split
-        _estimate_kernel.PASS_ONE_OPTIONS = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
-        try:
-            return fn()
-        finally:
-            _estimate_kernel.KEYS_PER_SPLIT, _estimate_kernel.PASS_ONE_OPTIONS = saved
-    return run
+    return with_estimate_settings(fn, KEYS_PER_SPLIT=keys_per_split,
+                                  PASS_ONE_OPTIONS={"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages})
 
 
 def with_pass_two_options(block_n: int, warps: int, stages: int, fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -146,14 +147,7 @@ def with_pass_two_options(block_n: int, warps: int, stages: int, fn: Callable[[]
                                                              num_stages=stages)
             return launch_fixed
 
-    def run() -> Any:
-        saved = _estimate_kernel._masses_kernel_tuned
-        _estimate_kernel._masses_kernel_tuned = Fixed()
-        try:
-            return fn()
-        finally:
-            _estimate_kernel._masses_kernel_tuned = saved
-    return run
+    return with_estimate_settings(fn, _masses_kernel_tuned=Fixed())
 
 
 def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
