@@ -357,6 +357,10 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     plan_turns "$PLANS15" gcols-floor-v1000-s3000-from64k
     run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
       --methods "dense,longinfer,$(plan_methods "$PLANS15" gcols-floor-v1000-s3000-from64k)" ;;
+  q16-ruler-64k)  # issue 5: where should the default's long rule (per-head columns + a 1,000 / 3,000 floor from
+    # 65,536 keys; session 16) start? RULER-style at 64K, 6 prompts per sub-task: dense, the default (the long rule
+    # applies: the prompts are 65,536 tokens) and the shared columns alone (session 15's default rule); rerun to finish
+    run_cli eval ruler $Q15 --lengths 65536 --samples 6 --out "$RES/$step" --methods "dense,longinfer,$(plan_methods "$PLANS13" gcols)" ;;
   q15-floors-32k)  # issue 5: the cheaper floors at 32K (12 prompts per sub-task, session 8's dense rows; rerun to
     # finish) and the turns (4K over 64K) of every floor plan (floors now on the Triton selection)
     plan_turns "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500

@@ -189,7 +189,7 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     times["selection torch (graph)"] = graph_time(lambda: vs.select_packed(*estimated, config, backend="torch"),
                                                  repeats)
     times.update(triton_selection_timings(estimated, config, repeats, layer))
-    if config.group_columns or per_kv:  # the selection as the estimate runs it: per head, then the group unions
+    if config.shares_group_columns(k.shape[2]) or per_kv:  # the selection as the estimate runs it: per head, then the unions
         times["selection + KV-group unions (graph)"] = graph_time(
             lambda: vs.select_packed_over_groups(*estimated, config, k.shape[1], per_kv_group=per_kv), repeats)
     selection = estimate()

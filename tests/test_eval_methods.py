@@ -100,7 +100,7 @@ def test_plan_digest_follows_the_plan_rules_not_the_file(monkeypatch, tmp_path):
     assert default.describe() == {"plan": "default", "plan_digest": schema.default_rule_digest()}
     # a new default (session 14: shared KV-group columns) is a different method for resumed runs
     monkeypatch.setattr(schema, "DEFAULT_PATTERN_CONFIG",
-                        dataclasses.replace(schema.DEFAULT_PATTERN_CONFIG, group_columns=False))
+                        dataclasses.replace(schema.DEFAULT_PATTERN_CONFIG, group_columns=False, group_columns_below=0))
     assert LonginferMethod().plan_digest() != default.plan_digest()
     shape = {"num_layers": 2, "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 64}
     plan = default_plan_for(shape, model_id="one")

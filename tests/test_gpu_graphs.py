@@ -19,7 +19,9 @@ from longinfer.plans.schema import DEFAULT_PATTERN_CONFIG, config_to_params
 pytestmark = pytest.mark.gpu
 
 SPARSE = HeadPlan.from_params("vertical_slash", config_to_params(DEFAULT_PATTERN_CONFIG))
-SMALL = HeadPlan.from_params("vertical_slash", {**config_to_params(DEFAULT_PATTERN_CONFIG), "num_slash": 512})
+# a second bucket: a smaller diagonal cap (and so no diagonal floor, which must fit under it)
+SMALL = HeadPlan.from_params("vertical_slash", {**config_to_params(DEFAULT_PATTERN_CONFIG), "num_slash": 512,
+                                                "min_slash": 0})
 
 
 def _inputs(seed: int, bsz: int, hq: int, hkv: int, nq: int, nk: int, d: int) -> tuple[torch.Tensor, ...]:

@@ -118,6 +118,23 @@ def test_group_columns_gives_each_head_its_groups_columns_and_keeps_its_diagonal
     assert torch.equal(both.vertical, union.vertical) and torch.equal(both.slash, union.slash)
 
 
+@pytest.mark.parametrize("rank", ["mass", "cost"])
+def test_group_columns_below_shares_columns_only_on_shorter_calls(rank):
+    """``group_columns_below``: calls over fewer keys get the group's columns, calls over at least that
+    many each head's own (the same index as ``group_columns=False``)."""
+    q, k = _qk(120, 150, hq=6, hkv=2, seed=4)
+    config = dataclasses.replace(COST, rank=rank, num_vertical=12, num_slash=10)
+    own = estimate_vertical_slash(q, k, config)
+    grouped = estimate_vertical_slash(q, k, dataclasses.replace(config, group_columns=True))
+    for below, expected in ((151, grouped), (150, own), (0, grouped)):
+        got = estimate_vertical_slash(q, k, dataclasses.replace(config, group_columns=True, group_columns_below=below))
+        assert torch.equal(got.vertical, expected.vertical) and torch.equal(got.slash, expected.slash), below
+    with pytest.raises(ValueError, match="group_columns_below limits group_columns"):
+        dataclasses.replace(config, group_columns_below=64)
+    with pytest.raises(ValueError, match="group_columns_below must be >= 0"):
+        dataclasses.replace(config, group_columns=True, group_columns_below=-1)
+
+
 def test_group_columns_runs_in_the_kernel_as_its_mask():
     """The wider per-head column lists go through the kernel (interpreter, float32) as the selection's mask."""
     q, k = _qk(200, 200, hq=4, hkv=2, d=32, seed=5)

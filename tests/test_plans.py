@@ -10,6 +10,7 @@ import transformers
 from longinfer.patterns import BlockSparseConfig, VerticalSlashConfig
 from longinfer.plans import (
     DEFAULT_DENSE_LAST,
+    DEFAULT_LONG_FROM,
     DEFAULT_PATTERN_CONFIG,
     SCHEMA_VERSION,
     HeadPlan,
@@ -48,7 +49,8 @@ def test_round_trip_through_file(tmp_path):
     data = json.loads(path.read_text())
     assert data["schema_version"] == SCHEMA_VERSION
     # Every parameter is written out, defaults included (but those added after plan digests, when unset).
-    assert set(data["layers"][0]["heads"][0]["params"]) == set(VerticalSlashConfig.__dataclass_fields__) - {"floor_from"}
+    assert set(data["layers"][0]["heads"][0]["params"]) == set(VerticalSlashConfig.__dataclass_fields__) - {
+        "floor_from", "group_columns_below"}
     assert data["model"] == {"id": "tiny/model", "revision": "abc123", **SHAPE}
 
 
@@ -76,13 +78,14 @@ def test_share_kv_groups_round_trips_and_old_files_read_as_false(tmp_path):
         LayerPlan(plan.layers[0].heads, share_kv_groups="yes")
 
 
-def test_floor_from_is_written_only_when_set_and_old_digests_hold(tmp_path):
-    """`floor_from` (added after eval records began to carry plan digests) round-trips when set and
-    is left out of the JSON and the digest when not: the plan file of a committed GPU run still has
-    the digest its records carry (a resumed run finds them)."""
-    floored = HeadPlan.from_params("vertical_slash", {"budget": "coverage", "min_slash": 8, "floor_from": 4096})
-    assert floored.params["floor_from"] == 4096 and "floor_from" not in HeadPlan.from_params("vertical_slash").params
-    assert HeadPlan.from_dict(floored.to_dict()) == floored
+def test_added_fields_are_written_only_when_set_and_old_digests_hold(tmp_path):
+    """`floor_from` and `group_columns_below` (added after eval records began to carry plan digests)
+    round-trip when set and are left out of the JSON and the digest when not: the plan file of a
+    committed GPU run still has the digest its records carry (a resumed run finds them)."""
+    for name, extra in (("floor_from", {"min_slash": 8}), ("group_columns_below", {"group_columns": True})):
+        set_here = HeadPlan.from_params("vertical_slash", {"budget": "coverage", **extra, name: 4096})
+        assert set_here.params[name] == 4096 and name not in HeadPlan.from_params("vertical_slash").params
+        assert HeadPlan.from_dict(set_here.to_dict()) == set_here
     plan_file = "docs/results/gpu-session13/plans/q15-floor-v1000-s3000-tail.json"
     records = "docs/results/gpu-session15/q15-floors-128k/ruler.jsonl"
     with open(records) as lines:
@@ -237,9 +240,19 @@ def test_uniform_and_default_plan():
     assert all(h.config == dataclasses.replace(DEFAULT_PATTERN_CONFIG, tau=0.8) for layer in accurate.layers
                for h in layer.heads)
     assert DEFAULT_PATTERN_CONFIG.group_columns
-    per_head = default_plan_for(cfg, group_columns=False, tau=0.95)
-    assert all(h.config == dataclasses.replace(DEFAULT_PATTERN_CONFIG, group_columns=False, tau=0.95)
+    per_head = default_plan_for(cfg, group_columns=False, tau=0.95)  # group_columns_below follows: 0
+    assert all(h.config == dataclasses.replace(DEFAULT_PATTERN_CONFIG, group_columns=False, group_columns_below=0,
+                                               tau=0.95)
                for layer in per_head.layers for h in layer.heads)
+    # the long-context rule: from DEFAULT_LONG_FROM keys per-head columns and the 1,000 / 3,000 floor
+    long_rule = DEFAULT_PATTERN_CONFIG
+    assert long_rule.floors(DEFAULT_LONG_FROM - 1) == (0, 0) and long_rule.floors(DEFAULT_LONG_FROM) == (1000, 3000)
+    assert long_rule.shares_group_columns(DEFAULT_LONG_FROM - 1) and not long_rule.shares_group_columns(DEFAULT_LONG_FROM)
+    session_15 = default_plan_for(cfg, min_vertical=0, min_slash=0, group_columns_below=0)
+    assert all(h.config.shares_group_columns(10**6) and h.config.floors(10**6) == (0, 0)
+               for layer in session_15.layers for h in layer.heads)
+    with pytest.raises(ValueError, match="group_columns_below limits group_columns"):
+        default_plan_for(cfg, group_columns=False, group_columns_below=4096)
     with pytest.raises(ValueError, match=r"tau must lie in \(0, 1\]"):
         default_plan_for(cfg, tau=1.5)
     assert all(layer.share_kv_groups for layer in uniform_plan(cfg, "block_sparse", share_kv_groups=True).layers)

@@ -1,7 +1,7 @@
 """``longinfer run``: answer one prompt with a model and a plan; print the text, prefill time and density.
 
     longinfer run --model smollm2-135m --prompt-file prompt.txt [--plan plan.json | --share-kv-groups | --per-head-columns]
-                  [--tau T] [--floor COLUMNS,DIAGONALS [--floor-from KEYS]]
+                  [--tau T] [--floor COLUMNS,DIAGONALS] [--floor-from KEYS] [--group-columns-below KEYS]
                   [--max-new-tokens 64] [--dense] [--chunk-size 8192] [--chat] [--backend auto]
                   [--device cuda] [--dtype bfloat16]
 
@@ -50,10 +50,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the default plan with each head attending only its own columns, not its KV group's: "
                              "faster, further from dense answers")
     parser.add_argument("--floor", type=_floor, default=None, metavar="COLUMNS,DIAGONALS",
-                        help="the default plan with at least this many columns and diagonals per head (e.g. "
-                             "1000,3000: closer to dense answers at 128K, slower)")
-    parser.add_argument("--floor-from", type=int, default=0, metavar="KEYS",
-                        help="with --floor: apply it only to prompts of at least this many tokens (default 0: all)")
+                        help="the default plan with at least this many columns and diagonals per head on long "
+                             "prompts (default 1000,3000: at 128K closer to dense answers, slower; 0,0: none)")
+    parser.add_argument("--floor-from", type=int, default=None, metavar="KEYS",
+                        help="the default plan with its floor from prompts of this many tokens on (default 65536; "
+                             "0: every prompt)")
+    parser.add_argument("--group-columns-below", type=int, default=None, metavar="KEYS",
+                        help="the default plan sharing KV-group columns only below this many tokens (default 65536; "
+                             "0: every prompt); longer prompts give each head its own columns")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="decoding budget (default 64)")
     parser.add_argument("--dense", action="store_true", help="run the stock dense attention (sdpa) instead")
     parser.add_argument("--chunk-size", type=int, default=0,
@@ -130,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
     import longinfer
     from longinfer.integrations.transformers import SPARSE_MIN_QUERIES
+    from longinfer.plans.schema import DEFAULT_PATTERN_CONFIG
 
     try:
         if args.max_new_tokens < 1:
@@ -137,19 +142,22 @@ def run(args: argparse.Namespace) -> int:
         if args.chunk_size < 0:
             raise RunError(f"--chunk-size must be >= 0, got {args.chunk_size}")
         default_options = (args.share_kv_groups or args.per_head_columns or args.tau is not None
-                           or args.floor is not None)
+                           or args.floor is not None or args.floor_from is not None
+                           or args.group_columns_below is not None)
         if args.dense and (args.plan is not None or default_options):
             raise RunError("--dense runs without a plan; drop --plan / --share-kv-groups / --per-head-columns / "
-                           "--tau / --floor or --dense")
+                           "--tau / --floor / --floor-from / --group-columns-below or --dense")
         if default_options and args.plan is not None:
-            raise RunError("--share-kv-groups, --per-head-columns, --tau and --floor set up the default plan; "
-                           "drop them or --plan")
+            raise RunError("--share-kv-groups, --per-head-columns, --tau, --floor, --floor-from and "
+                           "--group-columns-below set up the default plan; drop them or --plan")
         if args.tau is not None and not 0.0 < args.tau <= 1.0:
             raise RunError(f"--tau must lie in (0, 1], got {args.tau}")
-        if args.floor_from and args.floor is None:
-            raise RunError("--floor-from applies a --floor; add --floor COLUMNS,DIAGONALS or drop --floor-from")
-        if args.floor_from < 0:
-            raise RunError(f"--floor-from must be >= 0, got {args.floor_from}")
+        for flag, value in (("--floor-from", args.floor_from), ("--group-columns-below", args.group_columns_below)):
+            if value is not None and value < 0:
+                raise RunError(f"{flag} must be >= 0, got {value}")
+        if args.per_head_columns and args.group_columns_below:
+            raise RunError("--group-columns-below limits the shared KV-group columns that --per-head-columns turns "
+                           "off; drop one of them")
         text = _read_prompt(args.prompt_file)
         plan = None
         if args.plan is not None:
@@ -162,11 +170,14 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, args.device, args.dtype)
         ids = _prompt_ids(tokenizer, text, args.chat)
         if default_options:
-            floor = (0, 0) if args.floor is None else args.floor
+            pattern = DEFAULT_PATTERN_CONFIG
+            floor = (pattern.min_vertical, pattern.min_slash) if args.floor is None else args.floor
             try:
-                plan = longinfer.default_plan_for(model.config, share_kv_groups=args.share_kv_groups, tau=args.tau,
-                                                  group_columns=not args.per_head_columns, min_vertical=floor[0],
-                                                  min_slash=floor[1], floor_from=args.floor_from)
+                plan = longinfer.default_plan_for(
+                    model.config, share_kv_groups=args.share_kv_groups, tau=args.tau,
+                    group_columns=not args.per_head_columns, group_columns_below=args.group_columns_below,
+                    min_vertical=floor[0], min_slash=floor[1],
+                    floor_from=pattern.floor_from if args.floor_from is None else args.floor_from)
             except ValueError as error:
                 raise RunError(f"{error} (--floor)") from error
         if not args.dense:

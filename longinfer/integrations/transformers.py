@@ -81,6 +81,7 @@ import torch
 from longinfer._device_cache import device_cached
 from longinfer.integrations.graphs import CallGraphs
 from longinfer.patterns.registry import PatternSpec, get_pattern
+from longinfer.patterns.vertical_slash import VerticalSlashConfig
 from longinfer.plans.schema import DEFAULT_PATTERN_CONFIG, HeadPlan, LayerPlan, Plan, default_plan_for
 
 logger = logging.getLogger(__name__)
@@ -381,6 +382,17 @@ def _model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
+def _long_rule_words(config: VerticalSlashConfig) -> str:
+    """How the default's columns and floors depend on the key length, for the log."""
+    shared = "columns shared within each KV group" if config.group_columns else "each head its own columns"
+    if config.group_columns and config.group_columns_below:
+        shared += f" below {config.group_columns_below} keys, each head its own from there"
+    if config.min_vertical or config.min_slash:
+        shared += (f"; at least {config.min_vertical} columns / {config.min_slash} diagonals per head"
+                   + (f" from {config.floor_from} keys" if config.floor_from else ""))
+    return shared
+
+
 def _resolve_plan(plan: Plan | str | os.PathLike[str] | None, model: Any) -> Plan:
     config = model.config
     if plan is None:
@@ -388,10 +400,9 @@ def _resolve_plan(plan: Plan | str | os.PathLike[str] | None, model: Any) -> Pla
         resolved = default_plan_for(config, model_id=model_id)
         logger.info(
             "no plan given for %s: using the default plan (vertical-slash, coverage tau=%s from %d %s "
-            "queries, every head%s; layers dense below %d keys; the last %d query rows dense)",
+            "queries, every head; %s; layers dense below %d keys; the last %d query rows dense)",
             model_id or type(model).__name__, DEFAULT_PATTERN_CONFIG.tau, DEFAULT_PATTERN_CONFIG.last_q,
-            DEFAULT_PATTERN_CONFIG.query_sampling,
-            ", columns shared within each KV group" if DEFAULT_PATTERN_CONFIG.group_columns else "",
+            DEFAULT_PATTERN_CONFIG.query_sampling, _long_rule_words(DEFAULT_PATTERN_CONFIG),
             resolved.layers[0].dense_below, resolved.layers[0].dense_last,
         )
         return resolved

@@ -68,28 +68,65 @@ def _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, MASKED: tl.constexpr
 
 
 @triton.jit
-def _attend_range(
+def _attend_tiles(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
-    r_start, r_end, rows, offs_n, offs_d, d_ok, tile_start, qk_scale, sink, window,
-    A_SHAPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    t_start, t_end, r_end, rows, offs_n, offs_d, d_ok, qk_scale, sink, window,
+    MASKED: tl.constexpr, A_SHAPE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Attend keys ``[r_start, r_end)`` (already clipped to ``<= last row``) in BLOCK_N tiles."""
-    for start in range(r_start, r_end, BLOCK_N):
+    """Attend the ``BLOCK_N``-key tiles starting at ``t_start, t_start + BLOCK_N, ... < t_end`` (keys
+    ``< r_end``), with element masks (``MASKED``) or without (every key of every tile visible to every row)."""
+    for start in range(t_start, t_end, BLOCK_N):
         cols = start + offs_n
-        col_ok = cols < r_end
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        # Masks are needed where the tile crosses the diagonal, the range end or the window edge.
-        needs_mask = (start + BLOCK_N > tile_start + 1) | (start + BLOCK_N > r_end)
-        if A_SHAPE:
-            needs_mask = needs_mask | (start < tile_start + BLOCK_M - window)
-        if needs_mask:
+        if MASKED:
+            col_ok = cols < r_end
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                        other=0.0)
             keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
             if A_SHAPE:
                 keep = keep & ((cols[None, :] < sink) | (rows[:, None] - cols[None, :] < window))
             acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, True, PRECISION)
         else:
-            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, col_ok[None, :], qk_scale, False, PRECISION)
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n[None, :] >= 0, qk_scale, False, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_range(
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
+    r_start, r_end, rows, offs_n, offs_d, d_ok, tile_start, qk_scale, sink, window,
+    A_SHAPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Attend keys ``[r_start, r_end)`` (already clipped to ``<= last row``) in BLOCK_N tiles.
+
+    Masks are needed on the tiles that cross the diagonal or the range end (a suffix of the tiles)
+    and, for A-shape, on those before the window's full width (a prefix); each group runs in its
+    own loop, in the tiles' order. One loop with a per-tile branch between the masked and the
+    unmasked step compiled (triton 3.6, sm_90) to synchronous loads and dots: no software
+    pipelining; separate loops are pipelined like the vertical-slash loops.
+    """
+    # Tile j (start r_start + j * BLOCK_N) needs no mask iff its last key is visible to the tile's
+    # first row and lies in the range (j < full_tiles) and, for A-shape, it starts at or after
+    # `edge` (j >= edge_tiles).
+    full_tiles = tl.maximum(tl.minimum(tile_start + 1, r_end) - r_start, 0) // BLOCK_N
+    prefix_end = r_start
+    if A_SHAPE:
+        edge = tile_start + BLOCK_M - window
+        edge_tiles = (tl.maximum(edge - r_start, 0) + BLOCK_N - 1) // BLOCK_N
+        prefix_end = tl.minimum(r_start + edge_tiles * BLOCK_N, r_end)
+        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, r_start, prefix_end,
+                                      r_end, rows, offs_n, offs_d, d_ok, qk_scale, sink, window,
+                                      True, True, BLOCK_N, PRECISION)
+    masked_from = tl.maximum(prefix_end, r_start + full_tiles * BLOCK_N)
+    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, prefix_end, masked_from,
+                                  r_end, rows, offs_n, offs_d, d_ok, qk_scale, sink, window,
+                                  False, A_SHAPE, BLOCK_N, PRECISION)
+    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, masked_from, r_end,
+                                  r_end, rows, offs_n, offs_d, d_ok, qk_scale, sink, window,
+                                  True, A_SHAPE, BLOCK_N, PRECISION)
     return acc, m_i, l_i
 
 

@@ -66,8 +66,11 @@ KEYS_PER_SPLIT = 2048  # keys per pass-1 program: enough programs at 8K, few par
 # Launch options of pass 1 beyond the defaults (``BLOCK_N``, ``num_warps``, ``num_stages``): empty here;
 # ``benchmarks/turn_kernels.py`` sets them to time alternatives. (Session 14's profile of a 4K turn over
 # 64K on an H200: pass 1 ~86 us per layer for 12 heads x 64 queries x 68K keys, far above its
-# memory and FLOP floors: 408 programs of 16 serial key tiles each, and compiled for sm_90 the
-# default 128-key tiles spill 128 bytes per thread, 64-key tiles none; benchmarks/kernel_resources.py.)
+# memory and FLOP floors: 408 programs of 16 serial key tiles each. Compiled for sm_90, 128-key
+# tiles spill 128 bytes per thread, 64-key tiles none (benchmarks/kernel_resources.py), and on an
+# H200 64-key tiles were faster at every length timed: 8.26 vs 8.80 ms over 28 layers of that turn,
+# 1.95 vs 2.08 ms over 4 layers of a 128K prefill, 0.46 vs 0.48 at 16K; 512-2,048 keys per program
+# changed less; docs/results/gpu-session16/.)
 PASS_ONE_OPTIONS: dict[str, int] = {}
 PASS_TWO_PROGRAMS = 512  # pass 2 splits its keys until a call has about this many programs (132 SMs)
 # Query block of pass 2 when the queries do not fit one block (each key tile loops over the blocks).
@@ -264,14 +267,13 @@ _masses_kernel_tuned = triton.autotune(
 )(_masses_kernel)
 
 
-def _launch_options(dtype: torch.dtype, head_dim: int, num_queries: int) -> dict[str, int]:
-    """Tile sizes and warps: small tiles in the interpreter, 64-query blocks on the GPU."""
+def _launch_options(head_dim: int, num_queries: int) -> dict[str, int]:
+    """Tile sizes and warps: small tiles in the interpreter, 64-query and 64-key tiles on the GPU."""
     block_d = triton.next_power_of_2(head_dim)
     if interpreter_enabled():
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_D": max(block_d, 16), "num_warps": 4}
     block_m = 64 if num_queries > 32 else max(16, triton.next_power_of_2(num_queries))
-    block_n = 64 if dtype == torch.float32 or block_d > 128 else 128
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": max(block_d, 16), "num_warps": 4}
+    return {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": max(block_d, 16), "num_warps": 4}
 
 
 def _merge_splits(m_parts: torch.Tensor, l_parts: torch.Tensor) -> torch.Tensor:
@@ -318,7 +320,7 @@ def estimate_masses_triton(
     count = rows.numel()
     rows = rows.to(device=q.device, dtype=torch.int32).contiguous()
     positions = positions.to(device=q.device, dtype=torch.int32).contiguous()
-    opts = _launch_options(q.dtype, head_dim, count)
+    opts = _launch_options(head_dim, count)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     block_m, block_n = opts["BLOCK_M"], opts["BLOCK_N"]
     query_blocks = triton.cdiv(count, block_m)

@@ -98,8 +98,8 @@ class VerticalSlashConfig:
         min_vertical, min_slash: minimum columns / diagonals in coverage mode (forced ones count).
         floor_from: the minimums apply only to calls over at least this many keys (0 = always): at
             32K a floor of 1,000 / 3,000 made the index 62% dense for little RULER-style gain over
-            shared columns, while at 128K it matched dense on the prompts measured so far (15 of 42,
-            session 15) where the default lost 9.3 points.
+            shared columns, while at 128K it scored 68.7 (dense 71.0) where no floor scored 61.6
+            (session 16).
         block_size: the kernel's query tile; slashes are covered for whole tiles (see
             :func:`longinfer.ops.reference.vertical_slash_mask`).
         segments: number of query segments with their own index (1 = one index for all queries);
@@ -132,6 +132,11 @@ class VerticalSlashConfig:
             dense on RULER-style tasks where per-head indices lost 6-11 points at any tau, at
             33-40% density; a fact is a key column, and what one head's 64 estimation queries miss
             another's may have found. Same estimation work, more columns per head.
+        group_columns_below: with ``group_columns``, share the group's columns only on calls over
+            fewer than this many keys (0 = on every call); longer calls give each head its own
+            columns. On Qwen2.5-Coder-1.5B at 128K shared columns recovered little (RULER-style
+            61.6 against per-head 58.3, dense 71.0), while per-head columns with a floor scored 68.7
+            at a lower density than shared ones with the same floor (29.6% against 33.8%, session 16).
     """
 
     num_vertical: int = 1000
@@ -154,6 +159,7 @@ class VerticalSlashConfig:
     group_mix: float = 0.0
     column_q: int = 0
     group_columns: bool = False
+    group_columns_below: int = 0
 
     def __post_init__(self) -> None:
         check_config_fields(self)
@@ -171,6 +177,10 @@ class VerticalSlashConfig:
         require(0 <= self.min_slash <= self.num_slash,
                 f"{name}.min_slash must lie in [0, num_slash={self.num_slash}], got {self.min_slash}")
         require(self.floor_from >= 0, f"{name}.floor_from must be >= 0, got {self.floor_from}")
+        require(self.group_columns_below >= 0,
+                f"{name}.group_columns_below must be >= 0 (0 = every call), got {self.group_columns_below}")
+        require(self.group_columns or not self.group_columns_below,
+                f"{name}.group_columns_below limits group_columns; set group_columns=True or leave it at 0")
         require(self.block_size in KERNEL_BLOCK_SIZES,
                 f"{name}.block_size must be one of {KERNEL_BLOCK_SIZES}, got {self.block_size}")
         require(self.segments >= 1, f"{name}.segments must be >= 1, got {self.segments}")
@@ -194,6 +204,11 @@ class VerticalSlashConfig:
     def floors(self, k_len: int) -> tuple[int, int]:
         """``(min_vertical, min_slash)`` of a call over ``k_len`` keys: ``(0, 0)`` below ``floor_from``."""
         return (0, 0) if k_len < self.floor_from else (self.min_vertical, self.min_slash)
+
+    def shares_group_columns(self, k_len: int) -> bool:
+        """Whether a call over ``k_len`` keys gives each head its KV group's columns (``group_columns``
+        below ``group_columns_below`` keys, or on every call when that is 0)."""
+        return self.group_columns and (self.group_columns_below == 0 or k_len < self.group_columns_below)
 
 
 @dataclass(frozen=True)
@@ -721,8 +736,8 @@ def select_packed_over_groups(columns: torch.Tensor, diagonals: torch.Tensor, co
     """:func:`select_packed` per query head, then the KV-group unions the config asks for.
 
     ``columns`` / ``diagonals`` ``[B, Hq, Nk]``. With ``per_kv_group`` both lists become their
-    group's union (``[B, Hkv, G * V]``, ``[B, Hkv, G * S]``); with ``config.group_columns`` each head
-    gets its group's union of columns (``[B, Hq, G * V]``) and keeps its own diagonals. Memory and
+    group's union (``[B, Hkv, G * V]``, ``[B, Hkv, G * S]``); where ``config.shares_group_columns``
+    each head gets its group's union of columns (``[B, Hq, G * V]``) and keeps its own diagonals. Memory and
     synchronization as :func:`select_packed` plus the unions' ``[B, Hkv, Nk]`` bitmaps
     (:func:`longinfer.patterns._common.union_packed_over_groups`).
     """
@@ -731,7 +746,7 @@ def select_packed_over_groups(columns: torch.Tensor, diagonals: torch.Tensor, co
     if per_kv_group:
         return (union_packed_over_groups(vertical, kv_heads, length),
                 union_packed_over_groups(slash, kv_heads, length))
-    if config.group_columns and group > 1:
+    if config.shares_group_columns(length) and group > 1:
         vertical = union_packed_over_groups(vertical, kv_heads, length).repeat_interleave(group, dim=1)
     return vertical, slash
 
@@ -951,7 +966,7 @@ def estimate_vertical_slash(
         chosen_cols = union_over_groups(chosen_cols, k.shape[1])
         chosen_diags = union_over_groups(chosen_diags, k.shape[1])
         widths = (group * config.num_vertical, group * config.num_slash)
-    elif config.group_columns and group > 1:
+    elif config.shares_group_columns(k.shape[2]) and group > 1:
         chosen_cols = union_over_groups(chosen_cols, k.shape[1]).repeat_interleave(group, dim=1)
         widths = (group * config.num_vertical, config.num_slash)
     return VerticalSlashSelection(

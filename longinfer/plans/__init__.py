@@ -3,6 +3,7 @@
 from longinfer.plans.schema import (
     DEFAULT_DENSE_BELOW,
     DEFAULT_DENSE_LAST,
+    DEFAULT_LONG_FROM,
     DEFAULT_PATTERN_CONFIG,
     SCHEMA_VERSION,
     HeadPlan,
@@ -17,6 +18,7 @@ from longinfer.plans.schema import (
 __all__ = [
     "DEFAULT_DENSE_BELOW",
     "DEFAULT_DENSE_LAST",
+    "DEFAULT_LONG_FROM",
     "DEFAULT_PATTERN_CONFIG",
     "SCHEMA_VERSION",
     "HeadPlan",

@@ -87,9 +87,20 @@ DENSE_LAST_TILE = 64
 # prompts; docs/results/gpu-session14/) that scores 74.9 against dense 76.0 and changes 16 prompts'
 # answers, where per-head columns score 65.1 and change 32, for a 4K turn over a 64K cache at 2.21x
 # dense attention speed instead of 2.71x.
+#
+# Calls over at least DEFAULT_LONG_FROM keys switch to the long-context rule: each head its own
+# columns and at least 1,000 columns and 3,000 diagonals per head. At 128K (H200, same model, 42
+# prompts; docs/results/gpu-session16/) the shared columns alone scored 61.6 against dense 71.0 at
+# 1.85x TTFT; the long-context rule 68.7 (-2.2 [-6.7, +3.2]) at 1.42x, where the peer (MInference
+# 0.1.6) scored 69.7 at 1.27x. At 32K the floors cost more than they buy (45-62% dense for -1.2 to
+# +1.8 points), so the switch lies between 32K (fine without it) and 128K (measured to need it);
+# RULER-style at 64K is not measured yet. A 4K turn over a cached 64K (69,632 keys) takes the long
+# rule: 1.46x dense attention speed instead of 2.27x.
+DEFAULT_LONG_FROM = 65536
 DEFAULT_PATTERN_CONFIG = VerticalSlashConfig(
     num_vertical=4096, num_slash=8192, last_q=64, sink=30, local=100, budget="coverage", tau=0.9,
-    query_sampling="strided", group_columns=True,
+    query_sampling="strided", group_columns=True, group_columns_below=DEFAULT_LONG_FROM,
+    min_vertical=1000, min_slash=3000, floor_from=DEFAULT_LONG_FROM,
 )
 
 
@@ -519,15 +530,18 @@ def uniform_plan(
 
 def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: int = DEFAULT_DENSE_BELOW,
                      share_kv_groups: bool = False, dense_last: int = DEFAULT_DENSE_LAST,
-                     tau: float | None = None, group_columns: bool = True, min_vertical: int = 0,
-                     min_slash: int = 0, floor_from: int = 0) -> Plan:
+                     tau: float | None = None, group_columns: bool = True, group_columns_below: int | None = None,
+                     min_vertical: int = DEFAULT_PATTERN_CONFIG.min_vertical,
+                     min_slash: int = DEFAULT_PATTERN_CONFIG.min_slash,
+                     floor_from: int = DEFAULT_PATTERN_CONFIG.floor_from) -> Plan:
     """The plan used when the user gives none.
 
     Every head of every layer uses :data:`DEFAULT_PATTERN_CONFIG`: vertical-slash from 64 queries
     spread evenly over the prompt, with a coverage budget (keep the fewest columns and diagonals,
     ranked together, whose estimated attention mass reaches 0.9; at most 4096 columns and 8192 diagonals; the first
     30 keys and 100 nearest diagonals always kept), every head attending the columns chosen for any
-    head of its KV group. Layers run dense below ``dense_below`` key
+    head of its KV group; calls over at least :data:`DEFAULT_LONG_FROM` keys give each head its own
+    columns and at least 1,000 columns and 3,000 diagonals. Layers run dense below ``dense_below`` key
     positions (default :data:`DEFAULT_DENSE_BELOW`), and the last ``dense_last`` query rows of every
     sparse call attend densely (default :data:`DEFAULT_DENSE_LAST`). Recorded as
     ``search={"method": "default"}``.
@@ -544,13 +558,18 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
         group_columns: each head attends its KV group's columns (the default, 74.9 at 2.21x on that
             turn); ``False`` gives each head only its own columns: faster (2.71x), less accurate
             (65.1; ``docs/results/ruler-frontier-q15-32k/``).
+        group_columns_below: share the group's columns only on calls over fewer keys than this (0 =
+            on every call; ``None``: the default's :data:`DEFAULT_LONG_FROM` with ``group_columns``,
+            0 without).
         min_vertical, min_slash, floor_from: a floor of columns / diagonals per head, on calls over at
-            least ``floor_from`` keys (see :class:`~longinfer.patterns.VerticalSlashConfig`). At 128K
-            the default loses 9.3 RULER-style points, and a 1,000 / 3,000 floor (per-head columns)
-            matched dense on the 15 of 42 prompts measured so far at 1.43x TTFT
-            (``docs/results/gpu-session15/``).
+            least ``floor_from`` keys (see :class:`~longinfer.patterns.VerticalSlashConfig`); ``0, 0``
+            for none. The default's 1,000 / 3,000 from 65,536 keys: at 128K, 68.7 RULER-style against
+            61.6 without (dense 71.0) at 1.42x TTFT instead of 1.85x (``docs/results/gpu-session16/``).
     """
-    pattern = dataclasses.replace(DEFAULT_PATTERN_CONFIG, group_columns=group_columns, min_vertical=min_vertical,
+    if group_columns_below is None:
+        group_columns_below = DEFAULT_PATTERN_CONFIG.group_columns_below if group_columns else 0
+    pattern = dataclasses.replace(DEFAULT_PATTERN_CONFIG, group_columns=group_columns,
+                                  group_columns_below=group_columns_below, min_vertical=min_vertical,
                                   min_slash=min_slash, floor_from=floor_from)
     if tau is not None:
         pattern = dataclasses.replace(pattern, tau=tau)
