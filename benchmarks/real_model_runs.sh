@@ -22,6 +22,7 @@ PLANS12=docs/results/gpu-session12/plans
 PLANS13=docs/results/gpu-session13/plans
 PLANS14=docs/results/gpu-session14/plans
 PLANS15=docs/results/gpu-session15/plans
+PLANS16=docs/results/gpu-session16/plans
 VS="vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,last_q=64,query_sampling=strided"
 COST="vertical_slash:budget=coverage,num_vertical=8192,num_slash=8192,last_q=64,query_sampling=strided,rank=cost,tau=1.0"
 # The default estimator at 64-, 32- and 16-row query tiles, coverage and cost-ranked budgets.
@@ -361,6 +362,13 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     # 65,536 keys; session 16) start? RULER-style at 64K, 6 prompts per sub-task: dense, the default (the long rule
     # applies: the prompts are 65,536 tokens) and the shared columns alone (session 15's default rule); rerun to finish
     run_cli eval ruler $Q15 --lengths 65536 --samples 6 --out "$RES/$step" --methods "dense,longinfer,$(plan_methods "$PLANS13" gcols)" ;;
+  q16-floor-parts-128k)  # issues 4/5: which half of the default's long rule (1,000 columns / 3,000 diagonals per
+    # head) buys its 7 RULER-style points at 128K? Each half alone ($PLANS16), dense seeded; rerun to finish; then TTFT
+    seed_dense_ruler
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,$(plan_methods "$PLANS16" floor-v1000-s0 floor-v0-s3000)"
+    run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS16" floor-v1000-s0 floor-v0-s3000)" ;;
   q15-floors-32k)  # issue 5: the cheaper floors at 32K (12 prompts per sub-task, session 8's dense rows; rerun to
     # finish) and the turns (4K over 64K) of every floor plan (floors now on the Triton selection)
     plan_turns "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500
