@@ -71,7 +71,7 @@ def measure(heads: int, kv_heads: int, head_dim: int, length: int, device: str, 
     shape = {"num_layers": 1, "num_q_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim}
     plan = default_plan_for(shape, dense_below=0)
     layer = plan.layers[0]
-    config = layer.heads[0].config
+    config = layer.heads[0].config.for_call(length, length)  # the rule of this prefill, as the estimate resolves it
     scale = head_dim ** -0.5
     on_cuda = q.device.type == "cuda"
     synchronize = torch.cuda.synchronize if on_cuda else (lambda: None)

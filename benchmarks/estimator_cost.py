@@ -115,6 +115,7 @@ def measure(n: int, name: str, config: VerticalSlashConfig, tensors, device: tor
             with_torch_path: bool) -> dict:
     """Every timing of one (length, config) case."""
     q, k, v = tensors
+    config = config.for_call(n, n)  # a prefill of n tokens: the floors and column sharing it runs
     row: dict = {"n": n, "config": name, "params": dataclasses.asdict(config)}
     positions = vs.estimation_positions(n, n, config.last_q, config.query_sampling, device=device)
     row["estimate_ms"] = time_ms(lambda: vs.estimate_vertical_slash(q, k, config), device)

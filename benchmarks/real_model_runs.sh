@@ -359,8 +359,8 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
       --methods "dense,longinfer,$(plan_methods "$PLANS15" gcols-floor-v1000-s3000-from64k)" ;;
   q16-ruler-64k)  # issue 5: where should the default's long rule (per-head columns + a 1,000 / 3,000 floor from
-    # 65,536 keys; session 16) start? RULER-style at 64K, 6 prompts per sub-task: dense, the default (the long rule
-    # applies: the prompts are 65,536 tokens) and the shared columns alone (session 15's default rule); rerun to finish
+    # 65,536 query rows; session 16) start? RULER-style at 64K, 6 prompts per sub-task: dense, the default (the long
+    # rule applies: the prompts are 65,536 tokens) and the shared columns alone (session 15's default rule); rerun to finish
     run_cli eval ruler $Q15 --lengths 65536 --samples 6 --out "$RES/$step" --methods "dense,longinfer,$(plan_methods "$PLANS13" gcols)" ;;
   q16-floor-parts-128k)  # issues 4/5: which half of the default's long rule (1,000 columns / 3,000 diagonals per
     # head) buys its 7 RULER-style points at 128K? Each half alone ($PLANS16), dense seeded; rerun to finish; then TTFT

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
-    config = DEFAULT_PATTERN_CONFIG
+    config = DEFAULT_PATTERN_CONFIG.for_call(4096, 4096)  # the selection of a turn (no floor; the masses are synthetic)
     if args.caps:
         num_vertical, num_slash = (int(x) for x in args.caps.split(","))
         config = dataclasses.replace(config, num_vertical=num_vertical, num_slash=num_slash,  # floors within the caps

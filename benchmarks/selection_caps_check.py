@@ -52,7 +52,7 @@ def partial_tie_heads(columns: torch.Tensor, diagonals: torch.Tensor, items: vs.
 
 def layer_row(layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> dict[str, Any]:
     """The uncapped budget's counts of one layer against the default caps."""
-    config = DEFAULT_PATTERN_CONFIG
+    config = DEFAULT_PATTERN_CONFIG.for_call(q.shape[2], k.shape[2])  # the rule this call runs
     columns, diagonals = vs.estimate_masses(q, k, config, sm_scale=scale, backend="torch")
     uncapped = dataclasses.replace(config, num_vertical=k.shape[2], num_slash=k.shape[2])
     items = vs.select_items(columns, diagonals, uncapped)

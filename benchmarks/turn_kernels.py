@@ -165,7 +165,8 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     if len(groups) != 1 or head.pattern != "vertical_slash" or layer_plan.runs_dense(k.shape[2]):
         return times  # the parts below assume one vertical-slash bucket of every head
     spec = get_pattern(head.pattern)
-    config, per_kv = head.config, layer_plan.share_kv_groups
+    config = head.config.for_call(q.shape[2], k.shape[2])  # the rule of this call, as the estimate resolves it
+    per_kv = layer_plan.share_kv_groups
 
     def estimate() -> Any:
         return spec.estimate(q, k, config, sm_scale=scale, per_kv_group=per_kv)
@@ -189,7 +190,7 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     times["selection torch (graph)"] = graph_time(lambda: vs.select_packed(*estimated, config, backend="torch"),
                                                  repeats)
     times.update(triton_selection_timings(estimated, config, repeats, layer))
-    if config.shares_group_columns(k.shape[2]) or per_kv:  # the selection as the estimate runs it: per head, then the unions
+    if config.shares_group_columns(k.shape[2]) or per_kv:  # the selection as the estimate runs it, unions included
         times["selection + KV-group unions (graph)"] = graph_time(
             lambda: vs.select_packed_over_groups(*estimated, config, k.shape[1], per_kv_group=per_kv), repeats)
     selection = estimate()

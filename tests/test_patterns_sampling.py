@@ -131,8 +131,32 @@ def test_group_columns_below_shares_columns_only_on_shorter_calls(rank):
         assert torch.equal(got.vertical, expected.vertical) and torch.equal(got.slash, expected.slash), below
     with pytest.raises(ValueError, match="group_columns_below limits group_columns"):
         dataclasses.replace(config, group_columns_below=64)
+    with pytest.raises(ValueError, match="thresholds_on must be one of"):
+        dataclasses.replace(config, thresholds_on="rows")
     with pytest.raises(ValueError, match="group_columns_below must be >= 0"):
         dataclasses.replace(config, group_columns=True, group_columns_below=-1)
+
+
+@pytest.mark.parametrize("rank", ["mass", "cost"])
+def test_query_thresholds_give_long_prefills_the_long_rule_and_turns_the_short_one(rank):
+    """``thresholds_on="queries"``: ``floor_from`` / ``group_columns_below`` count the call's query rows.
+    A 120-row prefill at thresholds of 100 gets per-head columns and the floors; 60 rows over the same
+    150 keys (a turn) the shared columns and no floor: each the index of the config it resolves to."""
+    q, k = _qk(120, 150, hq=6, hkv=2, seed=4)
+    base = dataclasses.replace(COST, rank=rank, num_vertical=12, num_slash=10, budget="coverage", tau=0.5)
+    rule = dataclasses.replace(base, group_columns=True, group_columns_below=100, min_vertical=6, min_slash=5,
+                               floor_from=100, thresholds_on="queries")
+    long = dataclasses.replace(base, min_vertical=6, min_slash=5)
+    short = dataclasses.replace(base, group_columns=True)
+    for rows, expected in ((120, long), (60, short)):
+        got = estimate_vertical_slash(q[:, :, -rows:], k, rule)
+        want = estimate_vertical_slash(q[:, :, -rows:], k, expected)
+        assert rule.for_call(rows, 150) == expected
+        assert torch.equal(got.vertical, want.vertical) and torch.equal(got.slash, want.slash), rows
+        assert got.vertical.shape[-1] == (12 if rows == 120 else 3 * 12)  # own columns / the group's union
+    floored, plain = estimate_vertical_slash(q, k, long), estimate_vertical_slash(q, k, base)
+    floors_bind = not (torch.equal(floored.vertical, plain.vertical) and torch.equal(floored.slash, plain.slash))
+    assert floors_bind
 
 
 def test_group_columns_runs_in_the_kernel_as_its_mask():

@@ -50,7 +50,7 @@ def test_round_trip_through_file(tmp_path):
     assert data["schema_version"] == SCHEMA_VERSION
     # Every parameter is written out, defaults included (but those added after plan digests, when unset).
     assert set(data["layers"][0]["heads"][0]["params"]) == set(VerticalSlashConfig.__dataclass_fields__) - {
-        "floor_from", "group_columns_below"}
+        "floor_from", "group_columns_below", "thresholds_on"}
     assert data["model"] == {"id": "tiny/model", "revision": "abc123", **SHAPE}
 
 
@@ -82,9 +82,11 @@ def test_added_fields_are_written_only_when_set_and_old_digests_hold(tmp_path):
     """`floor_from` and `group_columns_below` (added after eval records began to carry plan digests)
     round-trip when set and are left out of the JSON and the digest when not: the plan file of a
     committed GPU run still has the digest its records carry (a resumed run finds them)."""
-    for name, extra in (("floor_from", {"min_slash": 8}), ("group_columns_below", {"group_columns": True})):
-        set_here = HeadPlan.from_params("vertical_slash", {"budget": "coverage", **extra, name: 4096})
-        assert set_here.params[name] == 4096 and name not in HeadPlan.from_params("vertical_slash").params
+    for name, extra, value in (("floor_from", {"min_slash": 8}, 4096),
+                               ("group_columns_below", {"group_columns": True}, 4096),
+                               ("thresholds_on", {}, "queries")):
+        set_here = HeadPlan.from_params("vertical_slash", {"budget": "coverage", **extra, name: value})
+        assert set_here.params[name] == value and name not in HeadPlan.from_params("vertical_slash").params
         assert HeadPlan.from_dict(set_here.to_dict()) == set_here
     plan_file = "docs/results/gpu-session13/plans/q15-floor-v1000-s3000-tail.json"
     records = "docs/results/gpu-session15/q15-floors-128k/ruler.jsonl"
@@ -244,12 +246,19 @@ def test_uniform_and_default_plan():
     assert all(h.config == dataclasses.replace(DEFAULT_PATTERN_CONFIG, group_columns=False, group_columns_below=0,
                                                tau=0.95)
                for layer in per_head.layers for h in layer.heads)
-    # the long-context rule: from DEFAULT_LONG_FROM keys per-head columns and the 1,000 / 3,000 floor
-    long_rule = DEFAULT_PATTERN_CONFIG
-    assert long_rule.floors(DEFAULT_LONG_FROM - 1) == (0, 0) and long_rule.floors(DEFAULT_LONG_FROM) == (1000, 3000)
-    assert long_rule.shares_group_columns(DEFAULT_LONG_FROM - 1) and not long_rule.shares_group_columns(DEFAULT_LONG_FROM)
+    # the long-context rule: prefill calls of DEFAULT_LONG_FROM query rows or more get per-head columns
+    # and the 1,000 / 3,000 floor; a turn of 4K rows over a longer cache keeps the shared columns
+    rule = DEFAULT_PATTERN_CONFIG
+    short = rule.for_call(DEFAULT_LONG_FROM - 1, DEFAULT_LONG_FROM - 1)
+    long = rule.for_call(DEFAULT_LONG_FROM, DEFAULT_LONG_FROM)
+    assert short.floors(10**6) == (0, 0) and short.shares_group_columns(10**6)
+    assert long.floors(0) == (1000, 3000) and not long.shares_group_columns(0)
+    assert rule.for_call(4096, 4 * DEFAULT_LONG_FROM) == short
+    with pytest.raises(ValueError, match=r"resolve it for the call first with config.for_call\(q_len, k_len\)"):
+        rule.floors(DEFAULT_LONG_FROM)
     session_15 = default_plan_for(cfg, min_vertical=0, min_slash=0, group_columns_below=0)
-    assert all(h.config.shares_group_columns(10**6) and h.config.floors(10**6) == (0, 0)
+    assert all(h.config.for_call(10**6, 10**6).shares_group_columns(10**6)
+               and h.config.for_call(10**6, 10**6).floors(10**6) == (0, 0)
                for layer in session_15.layers for h in layer.heads)
     with pytest.raises(ValueError, match="group_columns_below limits group_columns"):
         default_plan_for(cfg, group_columns=False, group_columns_below=4096)

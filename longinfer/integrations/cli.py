@@ -53,11 +53,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the default plan with at least this many columns and diagonals per head on long "
                              "prompts (default 1000,3000: at 128K closer to dense answers, slower; 0,0: none)")
     parser.add_argument("--floor-from", type=int, default=None, metavar="KEYS",
-                        help="the default plan with its floor from prompts of this many tokens on (default 65536; "
-                             "0: every prompt)")
+                        help="the default plan with its floor on prefill calls of at least this many new tokens "
+                             "(default 65536; 0: every call)")
     parser.add_argument("--group-columns-below", type=int, default=None, metavar="KEYS",
-                        help="the default plan sharing KV-group columns only below this many tokens (default 65536; "
-                             "0: every prompt); longer prompts give each head its own columns")
+                        help="the default plan sharing KV-group columns only on prefill calls of fewer new tokens "
+                             "(default 65536; 0: every call); longer calls give each head its own columns")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="decoding budget (default 64)")
     parser.add_argument("--dense", action="store_true", help="run the stock dense attention (sdpa) instead")
     parser.add_argument("--chunk-size", type=int, default=0,

@@ -384,12 +384,13 @@ def _model_device(model: Any) -> torch.device:
 
 def _long_rule_words(config: VerticalSlashConfig) -> str:
     """How the default's columns and floors depend on the key length, for the log."""
+    counted = "query rows" if config.thresholds_on == "queries" else "keys"
     shared = "columns shared within each KV group" if config.group_columns else "each head its own columns"
     if config.group_columns and config.group_columns_below:
-        shared += f" below {config.group_columns_below} keys, each head its own from there"
+        shared += f" below {config.group_columns_below} {counted}, each head its own from there"
     if config.min_vertical or config.min_slash:
         shared += (f"; at least {config.min_vertical} columns / {config.min_slash} diagonals per head"
-                   + (f" from {config.floor_from} keys" if config.floor_from else ""))
+                   + (f" from {config.floor_from} {counted}" if config.floor_from else ""))
     return shared
 
 

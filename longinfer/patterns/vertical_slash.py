@@ -80,6 +80,7 @@ from longinfer.patterns._select_kernel import MIN_SLICE, select_packed_triton
 
 KEY_CHUNK = 8192  # keys per streaming step of the estimate: memory O(last_q * KEY_CHUNK) per head
 QUERY_SAMPLINGS = ("last", "strided", "mixed")
+THRESHOLD_COUNTS = ("keys", "queries")
 RANKINGS = ("mass", "cost")
 
 
@@ -137,6 +138,11 @@ class VerticalSlashConfig:
             columns. On Qwen2.5-Coder-1.5B at 128K shared columns recovered little (RULER-style
             61.6 against per-head 58.3, dense 71.0), while per-head columns with a floor scored 68.7
             at a lower density than shared ones with the same floor (29.6% against 33.8%, session 16).
+        thresholds_on: what ``floor_from`` and ``group_columns_below`` count: the call's ``"keys"``
+            or its ``"queries"`` (rows). A long prefill (queries = keys) estimates each of its
+            64 strided queries for thousands of rows, a 4K turn over a long cache for 64: the
+            estimate's sampling, and so the need for floors, follows the query count. With
+            ``"queries"``, :meth:`for_call` resolves the config for a call (the estimator does).
     """
 
     num_vertical: int = 1000
@@ -160,6 +166,7 @@ class VerticalSlashConfig:
     column_q: int = 0
     group_columns: bool = False
     group_columns_below: int = 0
+    thresholds_on: str = "keys"
 
     def __post_init__(self) -> None:
         check_config_fields(self)
@@ -181,6 +188,8 @@ class VerticalSlashConfig:
                 f"{name}.group_columns_below must be >= 0 (0 = every call), got {self.group_columns_below}")
         require(self.group_columns or not self.group_columns_below,
                 f"{name}.group_columns_below limits group_columns; set group_columns=True or leave it at 0")
+        require(self.thresholds_on in THRESHOLD_COUNTS,
+                f"{name}.thresholds_on must be one of {THRESHOLD_COUNTS}, got {self.thresholds_on!r}")
         require(self.block_size in KERNEL_BLOCK_SIZES,
                 f"{name}.block_size must be one of {KERNEL_BLOCK_SIZES}, got {self.block_size}")
         require(self.segments >= 1, f"{name}.segments must be >= 1, got {self.segments}")
@@ -203,12 +212,31 @@ class VerticalSlashConfig:
 
     def floors(self, k_len: int) -> tuple[int, int]:
         """``(min_vertical, min_slash)`` of a call over ``k_len`` keys: ``(0, 0)`` below ``floor_from``."""
+        self._require_key_thresholds()
         return (0, 0) if k_len < self.floor_from else (self.min_vertical, self.min_slash)
 
     def shares_group_columns(self, k_len: int) -> bool:
         """Whether a call over ``k_len`` keys gives each head its KV group's columns (``group_columns``
         below ``group_columns_below`` keys, or on every call when that is 0)."""
+        self._require_key_thresholds()
         return self.group_columns and (self.group_columns_below == 0 or k_len < self.group_columns_below)
+
+    def for_call(self, q_len: int, k_len: int) -> VerticalSlashConfig:
+        """The config one call of ``q_len`` queries over ``k_len`` keys runs: with ``thresholds_on="keys"``
+        this one; with ``"queries"`` the floors and column sharing that apply to ``q_len``, fixed
+        (``floor_from`` and ``group_columns_below`` 0, counting keys again)."""
+        if self.thresholds_on == "keys":
+            return self
+        long_floor = q_len >= self.floor_from
+        shared = self.group_columns and (self.group_columns_below == 0 or q_len < self.group_columns_below)
+        return dataclasses.replace(self, min_vertical=self.min_vertical if long_floor else 0,
+                                   min_slash=self.min_slash if long_floor else 0, floor_from=0,
+                                   group_columns=shared, group_columns_below=0, thresholds_on="keys")
+
+    def _require_key_thresholds(self) -> None:
+        require(self.thresholds_on == "keys",
+                "this config's thresholds count query rows (thresholds_on='queries'): resolve it for the call "
+                "first with config.for_call(q_len, k_len)")
 
 
 @dataclass(frozen=True)
@@ -955,6 +983,7 @@ def estimate_vertical_slash(
         raise TypeError(f"config must be a VerticalSlashConfig, got {type(config).__name__}")
     if config.segments > 1:
         return estimate_segmented(q, k, config, sm_scale=sm_scale, per_kv_group=per_kv_group)
+    config = config.for_call(q.shape[2], k.shape[2])
     group = q.shape[1] // k.shape[1]
     if config.rank == "mass":  # straight from the candidate lists: no [B, H, Nk] masks
         vertical, slash = select_packed_over_groups(*estimate_masses(q, k, config, sm_scale=sm_scale), config,
