@@ -118,7 +118,7 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
         rows.append(("estimate pass 1 (row stats)", _row_stats_kernel, stats_types,
                      {**head, "BLOCK_M": 64, "BLOCK_N": block_n}, warps, 3))
     for one_block in (True, False):
-        for block_n, warps, stages in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (64, 4, 2)):
+        for block_n, warps, stages in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (64, 4, 2), (64, 8, 3), (32, 4, 3)):
             name = f"estimate pass 2, {'queries loaded once' if one_block else 'query blocks per tile'}"
             block_m = 64 if one_block else PASS_TWO_MULTI_BLOCK_M
             rows.append((name, _masses_kernel, masses_types,

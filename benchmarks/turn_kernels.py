@@ -79,9 +79,9 @@ AGREE = "selection backends agree"  # 1.0 / 0.0 per layer among the timings; not
 PASS_TWO_OPTIONS = tuple((c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                          for c in _estimate_kernel._masses_kernel_tuned.configs)
 # Pass 1 (row statistics) alternatives: (keys per program, BLOCK_N, num_warps, num_stages); the first is
-# the default launch (2,048 keys, 128-key tiles, 4 warps, triton's default 3 stages), which spills 128
-# bytes per thread compiled for sm_90 (64-key tiles: 188 registers, none; benchmarks/kernel_resources.py,
-# triton 3.6). Each row times the whole masses.
+# session 15's default launch (2,048 keys, 128-key tiles, 4 warps, triton's default 3 stages: spills 128
+# bytes per thread compiled for sm_90), the second the default since session 16 (64-key tiles, no
+# spill, faster on the H200 at every length timed). Each row times the whole masses.
 PASS_ONE_OPTIONS = ((2048, 128, 4, 3), (2048, 64, 4, 3), (1024, 64, 4, 3), (512, 64, 4, 3), (1024, 64, 8, 3),
                     (1024, 128, 8, 3))
 

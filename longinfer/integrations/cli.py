@@ -1,7 +1,7 @@
 """``longinfer run``: answer one prompt with a model and a plan; print the text, prefill time and density.
 
     longinfer run --model smollm2-135m --prompt-file prompt.txt [--plan plan.json | --share-kv-groups | --per-head-columns]
-                  [--tau T] [--floor COLUMNS,DIAGONALS] [--floor-from KEYS] [--group-columns-below KEYS]
+                  [--tau T] [--floor COLUMNS,DIAGONALS] [--floor-from TOKENS] [--group-columns-below TOKENS]
                   [--max-new-tokens 64] [--dense] [--chunk-size 8192] [--chat] [--backend auto]
                   [--device cuda] [--dtype bfloat16]
 
@@ -52,10 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--floor", type=_floor, default=None, metavar="COLUMNS,DIAGONALS",
                         help="the default plan with at least this many columns and diagonals per head on long "
                              "prompts (default 1000,3000: at 128K closer to dense answers, slower; 0,0: none)")
-    parser.add_argument("--floor-from", type=int, default=None, metavar="KEYS",
+    parser.add_argument("--floor-from", type=int, default=None, metavar="TOKENS",
                         help="the default plan with its floor on prefill calls of at least this many new tokens "
                              "(default 65536; 0: every call)")
-    parser.add_argument("--group-columns-below", type=int, default=None, metavar="KEYS",
+    parser.add_argument("--group-columns-below", type=int, default=None, metavar="TOKENS",
                         help="the default plan sharing KV-group columns only on prefill calls of fewer new tokens "
                              "(default 65536; 0: every call); longer calls give each head its own columns")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="decoding budget (default 64)")

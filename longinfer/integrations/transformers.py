@@ -383,7 +383,7 @@ def _model_device(model: Any) -> torch.device:
 
 
 def _long_rule_words(config: VerticalSlashConfig) -> str:
-    """How the default's columns and floors depend on the key length, for the log."""
+    """How the default's columns and floors depend on a call's length (its keys or query rows), for the log."""
     counted = "query rows" if config.thresholds_on == "queries" else "keys"
     shared = "columns shared within each KV group" if config.group_columns else "each head its own columns"
     if config.group_columns and config.group_columns_below:

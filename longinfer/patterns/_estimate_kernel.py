@@ -257,10 +257,12 @@ def _diagonal_sum_kernel(SCRATCH, POS, DIAGONALS, num_queries, k_len, BLOCK_S: t
 # head dim, query block and mode. (Session 6 profiled the earlier one-program-per-key-tile form
 # at 0.85 ms per layer of a 4K turn over 64K, while pass 1, which streams 2,048 keys per program
 # over the same q k^T, took 0.06 ms; pass 2 now streams too.) Columns and atomics accumulate,
-# so each timing trial starts from zeroed outputs.
+# so each timing trial starts from zeroed outputs. Compiled for sm_90 with a launch's divisibility
+# hints (docs/results/kernel-resources-cpu-triton3.6/), the first four spill 144-1,704 bytes per
+# thread; 64-key tiles with 8 warps spill 0-32 (added in session 16, not yet timed on the GPU).
 _masses_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-             for bn, w, st in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (64, 4, 2))],
+             for bn, w, st in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (64, 4, 2), (64, 8, 3))],
     key=["HEAD_DIM", "BLOCK_M", "SCRATCH", "ONE_BLOCK", "WITH_DIAGONALS"],
     reset_to_zero=["COLUMNS", "DIAGONALS"],
     **autotune_disk_cache(),
