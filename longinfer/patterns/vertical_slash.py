@@ -97,10 +97,10 @@ class VerticalSlashConfig:
         budget: ``"fixed"`` or ``"coverage"`` (see the module docstring).
         tau: coverage target: estimated attention mass to keep (``budget="coverage"`` only).
         min_vertical, min_slash: minimum columns / diagonals in coverage mode (forced ones count).
-        floor_from: the minimums apply only to calls over at least this many keys (0 = always): at
-            32K a floor of 1,000 / 3,000 made the index 62% dense for little RULER-style gain over
-            shared columns, while at 128K it scored 68.7 (dense 71.0) where no floor scored 61.6
-            (session 16).
+        floor_from: the minimums apply only to calls over at least this many keys (or query rows,
+            see ``thresholds_on``; 0 = always): at 32K a floor of 1,000 / 3,000 made the index 62%
+            dense for little RULER-style gain over shared columns, while at 128K it scored 68.7
+            (dense 71.0) where no floor scored 61.6 (session 16).
         block_size: the kernel's query tile; slashes are covered for whole tiles (see
             :func:`longinfer.ops.reference.vertical_slash_mask`).
         segments: number of query segments with their own index (1 = one index for all queries);
@@ -134,10 +134,11 @@ class VerticalSlashConfig:
             33-40% density; a fact is a key column, and what one head's 64 estimation queries miss
             another's may have found. Same estimation work, more columns per head.
         group_columns_below: with ``group_columns``, share the group's columns only on calls over
-            fewer than this many keys (0 = on every call); longer calls give each head its own
-            columns. On Qwen2.5-Coder-1.5B at 128K shared columns recovered little (RULER-style
-            61.6 against per-head 58.3, dense 71.0), while per-head columns with a floor scored 68.7
-            at a lower density than shared ones with the same floor (29.6% against 33.8%, session 16).
+            fewer than this many keys (or query rows, see ``thresholds_on``; 0 = on every call);
+            longer calls give each head its own columns. On Qwen2.5-Coder-1.5B at 128K shared
+            columns recovered little (RULER-style 61.6 against per-head 58.3, dense 71.0), while
+            per-head columns with a floor scored 68.7 at a lower density than shared ones with the
+            same floor (29.6% against 33.8%, session 16).
         thresholds_on: what ``floor_from`` and ``group_columns_below`` count: the call's ``"keys"``
             or its ``"queries"`` (rows). A long prefill (queries = keys) estimates each of its
             64 strided queries for thousands of rows, a 4K turn over a long cache for 64: the
@@ -213,13 +214,13 @@ class VerticalSlashConfig:
     def floors(self, k_len: int) -> tuple[int, int]:
         """``(min_vertical, min_slash)`` of a call over ``k_len`` keys: ``(0, 0)`` below ``floor_from``."""
         self._require_key_thresholds()
-        return (0, 0) if k_len < self.floor_from else (self.min_vertical, self.min_slash)
+        return self._floors_at(k_len)
 
     def shares_group_columns(self, k_len: int) -> bool:
         """Whether a call over ``k_len`` keys gives each head its KV group's columns (``group_columns``
         below ``group_columns_below`` keys, or on every call when that is 0)."""
         self._require_key_thresholds()
-        return self.group_columns and (self.group_columns_below == 0 or k_len < self.group_columns_below)
+        return self._shares_at(k_len)
 
     def for_call(self, q_len: int, k_len: int) -> VerticalSlashConfig:
         """The config one call of ``q_len`` queries over ``k_len`` keys runs: with ``thresholds_on="keys"``
@@ -227,11 +228,17 @@ class VerticalSlashConfig:
         (``floor_from`` and ``group_columns_below`` 0, counting keys again)."""
         if self.thresholds_on == "keys":
             return self
-        long_floor = q_len >= self.floor_from
-        shared = self.group_columns and (self.group_columns_below == 0 or q_len < self.group_columns_below)
-        return dataclasses.replace(self, min_vertical=self.min_vertical if long_floor else 0,
-                                   min_slash=self.min_slash if long_floor else 0, floor_from=0,
-                                   group_columns=shared, group_columns_below=0, thresholds_on="keys")
+        min_vertical, min_slash = self._floors_at(q_len)
+        return dataclasses.replace(self, min_vertical=min_vertical, min_slash=min_slash, floor_from=0,
+                                   group_columns=self._shares_at(q_len), group_columns_below=0, thresholds_on="keys")
+
+    def _floors_at(self, size: int) -> tuple[int, int]:
+        """The minimums of a call whose counted length (``thresholds_on``) is ``size``."""
+        return (0, 0) if size < self.floor_from else (self.min_vertical, self.min_slash)
+
+    def _shares_at(self, size: int) -> bool:
+        """The column sharing of a call whose counted length (``thresholds_on``) is ``size``."""
+        return self.group_columns and (self.group_columns_below == 0 or size < self.group_columns_below)
 
     def _require_key_thresholds(self) -> None:
         require(self.thresholds_on == "keys",
