@@ -77,20 +77,14 @@ def _attend_tiles(
     ``< r_end``), with element masks (``MASKED``) or without (every key of every tile visible to every row)."""
     for start in range(t_start, t_end, BLOCK_N):
         cols = start + offs_n
-        if MASKED:
-            col_ok = cols < r_end
-            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
-            if A_SHAPE:
-                keep = keep & ((cols[None, :] < sink) | (rows[:, None] - cols[None, :] < window))
-            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, True, PRECISION)
-        else:
-            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n[None, :] >= 0, qk_scale, False, PRECISION)
+        col_ok = cols < r_end
+        load_ok = (col_ok[:, None] & d_ok[None, :]) if MASKED else d_ok[None, :]  # unmasked tiles: all in range
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=load_ok, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=load_ok, other=0.0)
+        keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
+        if A_SHAPE:
+            keep = keep & ((cols[None, :] < sink) | (rows[:, None] - cols[None, :] < window))
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, MASKED, PRECISION)
     return acc, m_i, l_i
 
 
