@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     config = DEFAULT_PATTERN_CONFIG.for_call(4096, 4096)  # the selection of a turn (no floor; the masses are synthetic)
     if args.caps:
         num_vertical, num_slash = (int(x) for x in args.caps.split(","))
-        config = dataclasses.replace(config, num_vertical=num_vertical, num_slash=num_slash,  # floors within the caps
-                                     min_vertical=min(config.min_vertical, num_vertical),
-                                     min_slash=min(config.min_slash, num_slash))
+        config = dataclasses.replace(config, num_vertical=num_vertical, num_slash=num_slash)
     rows: list[dict[str, Any]] = []
     for n in (int(x) for x in args.lengths.split(",")):
         columns, diagonals = structured_masses(args.heads, n, seed=n)
