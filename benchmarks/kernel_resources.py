@@ -38,7 +38,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from longinfer.ops._index_kernel import _groups_kernel, _kept_kernel, _tables_kernel
-from longinfer.ops._kernel import MODE_VERTICAL_SLASH, _dense_split_fwd, _merge_splits_fwd, _sparse_attention_fwd
+from longinfer.ops._kernel import MODE_DENSE, MODE_VERTICAL_SLASH, _dense_split_fwd, _merge_splits_fwd, _sparse_attention_fwd
 from longinfer.patterns._estimate_kernel import PASS_TWO_MULTI_BLOCK_M, _masses_kernel, _row_stats_kernel
 from longinfer.patterns._select_kernel import CHUNK as SELECT_CHUNK
 from longinfer.patterns._select_kernel import (
@@ -80,7 +80,8 @@ def launch_divisibility(fn: Any, signature: dict[str, str]) -> dict[tuple[int], 
 def resources(fn: Any, types: dict[str, str], constexprs: dict[str, Any], arch: int, num_warps: int,
               num_stages: int) -> dict[str, Any]:
     """Compile one configuration for ``sm_{arch}``: ``{"registers", "stack", "shared"}`` per the cubin,
-    ``compile_s`` (wall time) and ``ttgir_lines`` (size of the Triton GPU IR)."""
+    ``compile_s`` (wall time), ``ttgir_lines`` (size of the Triton GPU IR) and ``async_copies`` (its
+    asynchronous global-to-shared copies: 0 means no loop of the kernel is software-pipelined)."""
     signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
     start = time.perf_counter()
     kernel = triton.compile(ASTSource(fn, signature, constexprs, launch_divisibility(fn, signature)),
@@ -94,7 +95,8 @@ def resources(fn: Any, types: dict[str, str], constexprs: dict[str, Any], arch: 
         report = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
     fields = dict(item.split(":") for line in report.splitlines() if "REG:" in line for item in line.split())
     return {"registers": int(fields["REG"]), "stack": int(fields["STACK"]), "shared": int(kernel.metadata.shared),
-            "compile_s": round(compile_s, 2), "ttgir_lines": kernel.asm["ttgir"].count("\n")}
+            "compile_s": round(compile_s, 2), "ttgir_lines": kernel.asm["ttgir"].count("\n"),
+            "async_copies": kernel.asm["ttgir"].count("async_copy_global_to_local")}
 
 
 def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int, int]]:
@@ -132,10 +134,16 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
                                             (64, 32, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3)):
         rows.append((f"vertical-slash kernel, {block_m}-row tiles", _sparse_attention_fwd, sparse_types,
                      {**head, "HEADS_PER_TILE": 1, "GROUP": 6, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                      "MODE": MODE_VERTICAL_SLASH, "VARLEN": False, "COVERED_IN_LOADS": True}, warps, stages))
+                      "MODE": MODE_VERTICAL_SLASH, "VARLEN": False, "COVERED_IN_LOADS": True,
+                      "SPLIT_RANGES": True}, warps, stages))
+    one_tile = {**head, "HEADS_PER_TILE": 1, "GROUP": 6, "BLOCK_M": 64, "BLOCK_N": 64, "VARLEN": False}
     rows.append(("vertical-slash kernel, 64-row tiles, covered columns loaded", _sparse_attention_fwd, sparse_types,
-                 {**head, "HEADS_PER_TILE": 1, "GROUP": 6, "BLOCK_M": 64, "BLOCK_N": 64, "MODE": MODE_VERTICAL_SLASH,
-                  "VARLEN": False, "COVERED_IN_LOADS": False}, 4, 3))
+                 {**one_tile, "MODE": MODE_VERTICAL_SLASH, "COVERED_IN_LOADS": False, "SPLIT_RANGES": True}, 4, 3))
+    for mode_name, mode in (("vertical-slash", MODE_VERTICAL_SLASH), ("dense-mode", MODE_DENSE)):
+        for split in (True, False):  # the key ranges as separate loops (the default) or one branching loop
+            rows.append((f"{mode_name} kernel, 64-row tiles, {'split' if split else 'one-loop'} key ranges",
+                         _sparse_attention_fwd, sparse_types,
+                         {**one_tile, "MODE": mode, "COVERED_IN_LOADS": True, "SPLIT_RANGES": split}, 4, 3))
     split_types = _types(_dense_split_fwd, {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Acc": "*fp32", "Max": "*fp32",
                                             "Sum": "*fp32"}, floats=("qk_scale",))
     for heads, warps in ((1, 4), (2, 8)):  # the dense tail as a separate split-K launch, heads stacked
@@ -202,13 +210,14 @@ def main(argv: list[str] | None = None) -> int:
              f"- Command: `{header['command']}`",
              "- registers per thread (255 = the cap), stack = bytes per thread spilled to local memory, "
              "shared = static shared memory per program (bytes); compile = wall time of `triton.compile` on "
-             "this host (compare kernels, not machines), TTGIR = lines of Triton GPU IR.", "",
+             "this host (compare kernels, not machines), TTGIR = lines of Triton GPU IR, async copies = "
+             "asynchronous global-to-shared copies in it (0: no loop is software-pipelined).", "",
              "| kernel | BLOCK_M | BLOCK_N | warps | stages | registers | stack (spills) | shared | compile (s) "
-             "| TTGIR lines |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| TTGIR lines | async copies |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['kernel']} | {r.get('BLOCK_M', '')} | {r.get('BLOCK_N', '')} | {r['warps']} | {r['stages']} | "
-              f"{r['registers']} | {r['stack']} | {r['shared']} | {r['compile_s']:.1f} | {r['ttgir_lines']} |"
-              for r in results]
+              f"{r['registers']} | {r['stack']} | {r['shared']} | {r['compile_s']:.1f} | {r['ttgir_lines']} | "
+              f"{r['async_copies']} |" for r in results]
     (out / "kernel_resources.md").write_text("\n".join(lines) + "\n")
     return 0
 

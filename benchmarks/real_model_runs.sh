@@ -369,6 +369,10 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --methods "dense,$(plan_methods "$PLANS16" floor-v1000-s0 floor-v0-s3000)"
     run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
       --methods "dense,longinfer,$(plan_methods "$PLANS16" floor-v1000-s0 floor-v0-s3000)" ;;
+  q17-crossover)  # issue 5: TTFT where the sparse path starts to pay: 16K-24K, dense, the default (dense below
+    # 20,480 keys) and session 13's shared-columns rule as a plan sparse from 16,384 keys, and the no-attention floor
+    run_cli eval latency $Q15 --lengths 16384,20480,24576 --repeats 3 --warmup 1 --out "$RES/$step" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS13" gcols),none" ;;
   q15-floors-32k)  # issue 5: the cheaper floors at 32K (12 prompts per sub-task, session 8's dense rows; rerun to
     # finish) and the turns (4K over 64K) of every floor plan (floors now on the Triton selection)
     plan_turns "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500

@@ -21,7 +21,8 @@ forward over PG essays, then times, per layer and in one process:
   (``pass 2 BLOCK_N=.. warps=.. stages=..``: both the masses with the scratch, graph-replayed), the
   kernel on the index's columns alone, its diagonals alone and in its dense mode (where the kernel's
   time per computed pair goes, against SDPA's), with the K/V of covered columns loaded
-  or skipped (``covered_in_loads``, the same launch otherwise), and
+  or skipped (``covered_in_loads``, the same launch otherwise), with the key ranges (dense mode,
+  dense tail) as separate pipelined loops or one branching loop (``split_ranges``), and
   the ``kernel`` with the dense tail split over keys (the default; also in 16 ranges and
   graph-replayed), unsplit (one program per tail tile), without the tail, with the tail as a
   separate split-K launch (``tail separate``, :data:`longinfer.ops.sparse.TAIL_LAUNCH`), at other
@@ -60,7 +61,7 @@ from longinfer.eval.capture import capture_qk
 from longinfer.integrations.transformers import attend_layer
 from longinfer.models import zoo
 from longinfer.ops._checks import AttentionShape
-from longinfer.ops._kernel import MODE_VERTICAL_SLASH
+from longinfer.ops._kernel import MODE_DENSE, MODE_VERTICAL_SLASH
 from longinfer.ops._launch import launch
 from longinfer.ops.index import build_vertical_slash_index
 from longinfer.ops.sparse import default_tail_splits
@@ -237,10 +238,12 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
                 lambda: launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, block_m, vs=index_built,
                                dense_from=from_row, options=dict(options), tail_splits=default_tail_splits(nk)))
     # The default launch with and without the K/V of covered columns loaded (loaded, those loads wait
-    # only for the column ids, not for the coverage lookup too).
-    for loaded in (False, True):
-        options = {"num_warps": 4, "num_stages": 3, "covered_in_loads": not loaded}
-        times[f"kernel, covered columns {'loaded' if loaded else 'skipped'} (graph)"] = graph_time(
+    # only for the column ids, not for the coverage lookup too), and with the key ranges (the dense
+    # tail's) in one branching loop, the unpipelined form before session 16.
+    for name, changed in (("covered columns skipped", {}), ("covered columns loaded", {"covered_in_loads": False}),
+                          ("one-loop key ranges", {"split_ranges": False})):
+        options = {"num_warps": 4, "num_stages": 3, **changed}
+        times[f"kernel, {name} (graph)"] = graph_time(
             lambda options=options: launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, selection.block_size, vs=built,
                                            dense_from=dense_from, options=dict(options),
                                            tail_splits=default_tail_splits(nk)), repeats)
@@ -263,6 +266,13 @@ def kernel_part_timings(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selec
             lambda part=part: ops.vertical_slash_attention(q, k, v, index=part, block_size=selection.block_size,
                                                            sm_scale=scale), repeats)
     times["kernel, dense mode (graph)"] = graph_time(lambda: ops.dense_attention(q, k, v, sm_scale=scale), repeats)
+    # The dense mode at one fixed launch with its key range as separate loops (pipelined, the default
+    # since session 16) and as one branching loop (not pipelined): what the split buys.
+    shape = AttentionShape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], nk, q.shape[3])
+    for split in (True, False):
+        options = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "split_ranges": split}
+        times[f"kernel, dense mode, {'split' if split else 'one-loop'} key ranges, 64x64 tiles (graph)"] = graph_time(
+            lambda options=options: launch(q, k, v, shape, scale, MODE_DENSE, 64, options=dict(options)), repeats)
     return times
 
 

@@ -68,23 +68,35 @@ def _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, MASKED: tl.constexpr
 
 
 @triton.jit
+def _tile_step(
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
+    start, r_end, rows, offs_n, offs_d, d_ok, qk_scale, sink, window,
+    MASKED: tl.constexpr, A_SHAPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Attend the key tile ``[start, start + BLOCK_N)`` (keys ``< r_end``), with element masks
+    (``MASKED``) or without (every key of the tile visible to every row)."""
+    cols = start + offs_n
+    col_ok = cols < r_end
+    load_ok = (col_ok[:, None] & d_ok[None, :]) if MASKED else d_ok[None, :]  # unmasked tiles: all in range
+    k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=load_ok, other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=load_ok, other=0.0)
+    keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
+    if A_SHAPE:
+        keep = keep & ((cols[None, :] < sink) | (rows[:, None] - cols[None, :] < window))
+    return _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, MASKED, PRECISION)
+
+
+@triton.jit
 def _attend_tiles(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
     t_start, t_end, r_end, rows, offs_n, offs_d, d_ok, qk_scale, sink, window,
     MASKED: tl.constexpr, A_SHAPE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Attend the ``BLOCK_N``-key tiles starting at ``t_start, t_start + BLOCK_N, ... < t_end`` (keys
-    ``< r_end``), with element masks (``MASKED``) or without (every key of every tile visible to every row)."""
+    ``< r_end``), each by :func:`_tile_step`."""
     for start in range(t_start, t_end, BLOCK_N):
-        cols = start + offs_n
-        col_ok = cols < r_end
-        load_ok = (col_ok[:, None] & d_ok[None, :]) if MASKED else d_ok[None, :]  # unmasked tiles: all in range
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=load_ok, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=load_ok, other=0.0)
-        keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
-        if A_SHAPE:
-            keep = keep & ((cols[None, :] < sink) | (rows[:, None] - cols[None, :] < window))
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, MASKED, PRECISION)
+        acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start, r_end, rows,
+                                   offs_n, offs_d, d_ok, qk_scale, sink, window, MASKED, A_SHAPE, PRECISION)
     return acc, m_i, l_i
 
 
@@ -93,34 +105,48 @@ def _attend_range(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
     r_start, r_end, rows, offs_n, offs_d, d_ok, tile_start, qk_scale, sink, window,
     A_SHAPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """Attend keys ``[r_start, r_end)`` (already clipped to ``<= last row``) in BLOCK_N tiles.
 
     Masks are needed on the tiles that cross the diagonal or the range end (a suffix of the tiles)
-    and, for A-shape, on those before the window's full width (a prefix); each group runs in its
-    own loop, in the tiles' order. One loop with a per-tile branch between the masked and the
-    unmasked step compiled (triton 3.6, sm_90) to synchronous loads and dots: no software
-    pipelining; separate loops are pipelined like the vertical-slash loops.
+    and, for A-shape, on those before the window's full width (a prefix); with ``SPLIT`` each group
+    runs in its own loop, in the tiles' order. Without, one loop branches per tile between the masked
+    and the unmasked step (the same output): compiled with triton 3.6 for sm_90 its loads and dots
+    are synchronous (no software pipelining), while separate loops are pipelined like the
+    vertical-slash loops. The one-loop form is kept as a launch option to time against.
     """
-    # Tile j (start r_start + j * BLOCK_N) needs no mask iff its last key is visible to the tile's
-    # first row and lies in the range (j < full_tiles) and, for A-shape, it starts at or after
-    # `edge` (j >= edge_tiles).
-    full_tiles = tl.maximum(tl.minimum(tile_start + 1, r_end) - r_start, 0) // BLOCK_N
-    prefix_end = r_start
-    if A_SHAPE:
-        edge = tile_start + BLOCK_M - window
-        edge_tiles = (tl.maximum(edge - r_start, 0) + BLOCK_N - 1) // BLOCK_N
-        prefix_end = tl.minimum(r_start + edge_tiles * BLOCK_N, r_end)
-        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, r_start, prefix_end,
+    if not SPLIT:
+        for start in range(r_start, r_end, BLOCK_N):
+            needs_mask = (start + BLOCK_N > tile_start + 1) | (start + BLOCK_N > r_end)
+            if A_SHAPE:
+                needs_mask = needs_mask | (start < tile_start + BLOCK_M - window)
+            if needs_mask:
+                acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start, r_end,
+                                           rows, offs_n, offs_d, d_ok, qk_scale, sink, window, True, A_SHAPE, PRECISION)
+            else:
+                acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start, r_end,
+                                           rows, offs_n, offs_d, d_ok, qk_scale, sink, window, False, A_SHAPE, PRECISION)
+    else:
+        # Tile j (start r_start + j * BLOCK_N) needs no mask iff its last key is visible to the tile's
+        # first row and lies in the range (j < full_tiles) and, for A-shape, it starts at or after
+        # `edge` (j >= edge_tiles).
+        full_tiles = tl.maximum(tl.minimum(tile_start + 1, r_end) - r_start, 0) // BLOCK_N
+        prefix_end = r_start
+        if A_SHAPE:
+            edge = tile_start + BLOCK_M - window
+            edge_tiles = (tl.maximum(edge - r_start, 0) + BLOCK_N - 1) // BLOCK_N
+            prefix_end = tl.minimum(r_start + edge_tiles * BLOCK_N, r_end)
+            acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, r_start, prefix_end,
+                                          r_end, rows, offs_n, offs_d, d_ok, qk_scale, sink, window,
+                                          True, True, BLOCK_N, PRECISION)
+        masked_from = tl.maximum(prefix_end, r_start + full_tiles * BLOCK_N)
+        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, prefix_end, masked_from,
                                       r_end, rows, offs_n, offs_d, d_ok, qk_scale, sink, window,
-                                      True, True, BLOCK_N, PRECISION)
-    masked_from = tl.maximum(prefix_end, r_start + full_tiles * BLOCK_N)
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, prefix_end, masked_from,
-                                  r_end, rows, offs_n, offs_d, d_ok, qk_scale, sink, window,
-                                  False, A_SHAPE, BLOCK_N, PRECISION)
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, masked_from, r_end,
-                                  r_end, rows, offs_n, offs_d, d_ok, qk_scale, sink, window,
-                                  True, A_SHAPE, BLOCK_N, PRECISION)
+                                      False, A_SHAPE, BLOCK_N, PRECISION)
+        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, masked_from, r_end,
+                                      r_end, rows, offs_n, offs_d, d_ok, qk_scale, sink, window,
+                                      True, A_SHAPE, BLOCK_N, PRECISION)
     return acc, m_i, l_i
 
 
@@ -158,7 +184,7 @@ def _sparse_attention_fwd(
     INDEX_HEAD_DIV, BlockCount, stride_bc_b, stride_bc_h, tune_bucket,
     HEADS_PER_TILE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr, COVERED_IN_LOADS: tl.constexpr,
+    PRECISION: tl.constexpr, COVERED_IN_LOADS: tl.constexpr, SPLIT_RANGES: tl.constexpr,
 ):
     # One flat grid, ordered (batch, KV head, query tile from the last, query heads of the group).
     # Programs running at the same time then work on one KV head and neighbouring tiles, so its
@@ -233,20 +259,20 @@ def _sparse_attention_fwd(
         k_hi = tl.minimum(k_lo + keys_per_tail_split, tile_end)
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_lo, k_hi,
                                       rows, offs_n, offs_d, d_ok, tile_start, qk_scale, 0, 0,
-                                      False, BLOCK_M, BLOCK_N, PRECISION)
+                                      False, BLOCK_M, BLOCK_N, PRECISION, SPLIT_RANGES)
     elif MODE == 0:  # dense
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, 0, tile_end,
                                       rows, offs_n, offs_d, d_ok, tile_start, qk_scale, 0, 0,
-                                      False, BLOCK_M, BLOCK_N, PRECISION)
+                                      False, BLOCK_M, BLOCK_N, PRECISION, SPLIT_RANGES)
     elif MODE == 1:  # A-shape: sinks, then the window (the two never overlap)
         sink_end = tl.minimum(sink, tile_end)
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, 0, sink_end,
                                       rows, offs_n, offs_d, d_ok, tile_start, qk_scale, sink, window,
-                                      True, BLOCK_M, BLOCK_N, PRECISION)
+                                      True, BLOCK_M, BLOCK_N, PRECISION, SPLIT_RANGES)
         win_start = tl.maximum(tile_start - window + 1, sink_end)
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, win_start, tile_end,
                                       rows, offs_n, offs_d, d_ok, tile_start, qk_scale, sink, window,
-                                      True, BLOCK_M, BLOCK_N, PRECISION)
+                                      True, BLOCK_M, BLOCK_N, PRECISION, SPLIT_RANGES)
     elif MODE == 2:  # block-sparse: ids sorted ascending; the first `count` are the blocks <= tile
         slot_base = BlockIdx + b * stride_bi_b + idx_h * stride_bi_h + tile * stride_bi_m
         count = tl.load(BlockCount + b * stride_bc_b + idx_h * stride_bc_h + tile)
@@ -262,11 +288,11 @@ def _sparse_attention_fwd(
         if has_diagonal:
             acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
                                           tile_start, tile_end, rows, offs_n, offs_d, d_ok, tile_start,
-                                          qk_scale, 0, 0, False, BLOCK_M, BLOCK_N, PRECISION)
+                                          qk_scale, 0, 0, False, BLOCK_M, BLOCK_N, PRECISION, SPLIT_RANGES)
     elif tile_start >= dense_from:  # vertical-slash, a dense tile at the end
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, 0, tile_end,
                                       rows, offs_n, offs_d, d_ok, tile_start, qk_scale, 0, 0,
-                                      False, BLOCK_M, BLOCK_N, PRECISION)
+                                      False, BLOCK_M, BLOCK_N, PRECISION, SPLIT_RANGES)
     else:  # vertical-slash
         # Slash keys: one flat loop over the index's chunks (offsets from the tile start, the same
         # for every tile), so the loads of the next chunks are in flight while one is computed.
@@ -384,7 +410,7 @@ def _dense_split_fwd(
     l_i = tl.zeros([BLOCK_M * HEADS], dtype=tl.float32)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_lo, k_hi,
                                   rows, offs_n, offs_d, d_ok, first_row, qk_scale, 0, 0,
-                                  False, BLOCK_M, BLOCK_N, PRECISION)
+                                  False, BLOCK_M, BLOCK_N, PRECISION, True)
     q_pad = num_tiles * BLOCK_M
     batch_heads = tl.num_programs(1) // num_tiles * HEADS  # B * Hq
     head = (b * num_q_heads + h0 + head_offset).to(tl.int64)

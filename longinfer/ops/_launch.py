@@ -75,9 +75,11 @@ def launch(
     """Run :func:`_sparse_attention_fwd` over all (head, query tile) pairs; returns ``[B, Hq, Nq, D]``.
 
     ``options`` fixes the tile/warp/stage choice (``BLOCK_N``, ``num_warps``, ``num_stages``, and
-    optionally ``heads_per_tile`` and ``covered_in_loads``: False loads the K/V of vertical columns a
+    optionally ``heads_per_tile``, ``covered_in_loads`` (False loads the K/V of vertical columns a
     slash chunk already covered, masking them only in the scores, so those loads do not wait for the
-    coverage lookup; the output is the same); the benchmarks use it to sweep configurations. Otherwise
+    coverage lookup) and ``split_ranges`` (False walks each key range in one loop that branches per
+    tile between the masked and unmasked step, the unpipelined form before session 16); the output is
+    the same); the benchmarks use it to sweep configurations. Otherwise
     vertical-slash launches take fixed options (:func:`_vertical_slash_warps`) and the other
     modes autotune once per (head dim, mode, tile, key-length scale) on the GPU. ``dense_from``
     (vertical-slash, a multiple of ``block_m``): query tiles starting at or after this key
@@ -124,6 +126,7 @@ def launch(
     index_head_div = shape.q_heads // index_heads
     heads_per_tile = opts.pop("heads_per_tile", None) or _heads_per_tile(shape, block_m, index_head_div)
     covered_in_loads = opts.pop("covered_in_loads", True)
+    split_ranges = opts.pop("split_ranges", True)
     if index_head_div % heads_per_tile or shape.group_size % heads_per_tile:
         raise ValueError(f"heads_per_tile={heads_per_tile} must divide the heads sharing an index ({index_head_div})")
     splits = 1 if cu_seqlens_q is not None else tail_splits
@@ -162,6 +165,7 @@ def launch(
         HEADS_PER_TILE=heads_per_tile, GROUP=shape.group_size, HEAD_DIM=shape.head_dim, BLOCK_D=triton.next_power_of_2(shape.head_dim),
         BLOCK_M=block_m, MODE=mode, VARLEN=cu_seqlens_q is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", COVERED_IN_LOADS=covered_in_loads,
+        SPLIT_RANGES=split_ranges,
         **opts,
     )
     if tail is not None:
