@@ -23,6 +23,7 @@ PLANS13=docs/results/gpu-session13/plans
 PLANS14=docs/results/gpu-session14/plans
 PLANS15=docs/results/gpu-session15/plans
 PLANS16=docs/results/gpu-session16/plans
+PLANS17=docs/results/gpu-session17/plans
 VS="vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,last_q=64,query_sampling=strided"
 COST="vertical_slash:budget=coverage,num_vertical=8192,num_slash=8192,last_q=64,query_sampling=strided,rank=cost,tau=1.0"
 # The default estimator at 64-, 32- and 16-row query tiles, coverage and cost-ranked budgets.
@@ -373,6 +374,25 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     # 20,480 keys) and session 13's shared-columns rule as a plan sparse from 16,384 keys, and the no-attention floor
     run_cli eval latency $Q15 --lengths 16384,20480,24576 --repeats 3 --warmup 1 --out "$RES/$step" \
       --methods "dense,longinfer,$(plan_methods "$PLANS13" gcols),none" ;;
+  q18-queries-128k)  # issues 5/6: is the long rule's 3,000-diagonal floor (68.6 at 1.45x TTFT, diagonals 201 of 215
+    # kernel ms) a stand-in for a better estimate? 1,024 estimation queries, no floor / with 1,500 diagonals ($PLANS17):
+    # RULER-style 128K (dense seeded; rerun to finish), TTFT beside the default, then what the estimate costs there
+    seed_dense_ruler
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,$(plan_methods "$PLANS17" lq1024 lq1024-s1500)"
+    run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS17" lq1024 lq1024-s1500)"
+    run python3 benchmarks/turn_kernels.py $Q15 --prefix 0 --length 131072 --layers 0,27 --repeats 3 \
+      --plan "$PLANS17/q15-lq1024-tail.json" --out "$RES/$step/kernels-lq1024" ;;
+  q18-ruler-64k)  # issue 5: at 64K the long rule scored -4.8 at 1.02x TTFT (44% dense), the shared columns -11.5:
+    # a floor scaled to the length (1,500 diagonals: 2.3% of the offsets, as 3,000 at 128K) and 1,024 estimation
+    # queries ($PLANS17); RULER-style 64K (session 17's dense rows seeded; rerun to finish), then TTFT
+    [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' \
+      docs/results/gpu-session17/q16-ruler-64k/ruler.jsonl > "$RES/$step/ruler.jsonl"
+    run_cli eval ruler $Q15 --lengths 65536 --samples 6 --out "$RES/$step" \
+      --methods "dense,$(plan_methods "$PLANS17" s1500 lq1024)"
+    run_cli eval latency $Q15 --lengths 65536 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS17" s1500 lq1024)" ;;
   q15-floors-32k)  # issue 5: the cheaper floors at 32K (12 prompts per sub-task, session 8's dense rows; rerun to
     # finish) and the turns (4K over 64K) of every floor plan (floors now on the Triton selection)
     plan_turns "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500

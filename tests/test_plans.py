@@ -247,12 +247,12 @@ def test_uniform_and_default_plan():
                                                tau=0.95)
                for layer in per_head.layers for h in layer.heads)
     # the long-context rule: prefill calls of DEFAULT_LONG_FROM query rows or more get per-head columns
-    # and the 1,000 / 3,000 floor; a turn of 4K rows over a longer cache keeps the shared columns
+    # and the floor of 3,000 diagonals (no column floor); a turn of 4K rows over a longer cache keeps the shared columns
     rule = DEFAULT_PATTERN_CONFIG
     short = rule.for_call(DEFAULT_LONG_FROM - 1, DEFAULT_LONG_FROM - 1)
     long = rule.for_call(DEFAULT_LONG_FROM, DEFAULT_LONG_FROM)
     assert short.floors(10**6) == (0, 0) and short.shares_group_columns(10**6)
-    assert long.floors(0) == (1000, 3000) and not long.shares_group_columns(0)
+    assert long.floors(0) == (0, 3000) and not long.shares_group_columns(0)
     assert rule.for_call(4096, 4 * DEFAULT_LONG_FROM) == short
     with pytest.raises(ValueError, match=r"resolve it for the call first with config.for_call\(q_len, k_len\)"):
         rule.floors(DEFAULT_LONG_FROM)

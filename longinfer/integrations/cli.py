@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "faster, further from dense answers")
     parser.add_argument("--floor", type=_floor, default=None, metavar="COLUMNS,DIAGONALS",
                         help="the default plan with at least this many columns and diagonals per head on long "
-                             "prompts (default 1000,3000: at 128K closer to dense answers, slower; 0,0: none)")
+                             "prompts (default 0,3000: at 128K closer to dense answers, slower; 0,0: none)")
     parser.add_argument("--floor-from", type=int, default=None, metavar="TOKENS",
                         help="the default plan with its floor on prefill calls of at least this many new tokens "
                              "(default 65536; 0: every call)")

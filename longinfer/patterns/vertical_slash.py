@@ -100,7 +100,8 @@ class VerticalSlashConfig:
         floor_from: the minimums apply only to calls over at least this many keys (or query rows,
             see ``thresholds_on``; 0 = always): at 32K a floor of 1,000 / 3,000 made the index 62%
             dense for little RULER-style gain over shared columns, while at 128K it scored 68.7
-            (dense 71.0) where no floor scored 61.6 (session 16).
+            (dense 71.0) where no floor scored 61.6 (session 16), 3,000 diagonals alone 68.6 and
+            1,000 columns alone 57.5 (session 17).
         block_size: the kernel's query tile; slashes are covered for whole tiles (see
             :func:`longinfer.ops.reference.vertical_slash_mask`).
         segments: number of query segments with their own index (1 = one index for all queries);

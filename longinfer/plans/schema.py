@@ -89,20 +89,22 @@ DENSE_LAST_TILE = 64
 # dense attention speed instead of 2.71x.
 #
 # Calls of at least DEFAULT_LONG_FROM query rows switch to the long-context rule: each head its own
-# columns and at least 1,000 columns and 3,000 diagonals per head. At 128K (H200, same model, 42
-# prompts; docs/results/gpu-session16/) the shared columns alone scored 61.6 against dense 71.0 at
-# 1.85x TTFT; the long-context rule 68.7 (-2.2 [-6.7, +3.2]) at 1.42x, where the peer (MInference
-# 0.1.6) scored 69.7 at 1.27x. At 32K the floors cost more than they buy (45-62% dense for -1.2 to
-# +1.8 points), so the switch lies between 32K (fine without it) and 128K (measured to need it);
-# RULER-style at 64K is not measured yet. The threshold counts query rows, not keys
-# (thresholds_on="queries"): the 64 estimation queries stand for 2,048 rows each in a 128K prefill,
-# 512 at 32K, but for 64 in a 4K turn over a long cache, so a turn keeps the shared columns
-# without floor (2.27x dense attention speed over a 64K cache; with the long rule: 1.46x).
+# columns and at least 3,000 diagonals per head. At 128K (H200, same model, 42 prompts;
+# docs/results/gpu-session16/, gpu-session17/) the shared columns alone scored 61.6 against dense 71.0
+# at 1.85x TTFT; the long-context rule 68.6 (-2.3 [-7.6, +3.3]) at 1.45x, where the peer (MInference
+# 0.1.6) scored 69.7 at 1.27x. The diagonals carry it: a floor of 1,000 columns alone scored 57.5, the
+# 3,000 diagonals with the 1,000 columns 68.7 at 1.42x (the session-16 rule). At 32K the floors cost
+# more than they buy (45-62% dense for -1.2 to +1.8 points). At 64K (session 17) neither rule holds
+# dense's accuracy: the long rule (then with the 1,000 columns) 67.1 against dense 71.9 (-4.8 [-10.1,
+# -0.6]) at 44% density and 1.02x TTFT, the shared columns 60.3 (-11.5). The threshold counts query
+# rows, not keys (thresholds_on="queries"): the 64 estimation queries stand for 2,048 rows each in a
+# 128K prefill, 512 at 32K, but for 64 in a 4K turn over a long cache, so a turn keeps the shared
+# columns without floor (2.54x dense attention speed over a 64K cache; with the long rule: 1.46x).
 DEFAULT_LONG_FROM = 65536
 DEFAULT_PATTERN_CONFIG = VerticalSlashConfig(
     num_vertical=4096, num_slash=8192, last_q=64, sink=30, local=100, budget="coverage", tau=0.9,
     query_sampling="strided", group_columns=True, group_columns_below=DEFAULT_LONG_FROM,
-    min_vertical=1000, min_slash=3000, floor_from=DEFAULT_LONG_FROM, thresholds_on="queries",
+    min_vertical=0, min_slash=3000, floor_from=DEFAULT_LONG_FROM, thresholds_on="queries",
 )
 
 
@@ -543,8 +545,7 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
     ranked together, whose estimated attention mass reaches 0.9; at most 4096 columns and 8192 diagonals; the first
     30 keys and 100 nearest diagonals always kept), every head attending the columns chosen for any
     head of its KV group; calls of at least :data:`DEFAULT_LONG_FROM` query rows (a long prefill, not
-    a turn over a long cache) give each head its own columns and at least 1,000 columns and 3,000
-    diagonals. Layers run dense below ``dense_below`` key
+    a turn over a long cache) give each head its own columns and at least 3,000 diagonals. Layers run dense below ``dense_below`` key
     positions (default :data:`DEFAULT_DENSE_BELOW`), and the last ``dense_last`` query rows of every
     sparse call attend densely (default :data:`DEFAULT_DENSE_LAST`). Recorded as
     ``search={"method": "default"}``.
@@ -566,9 +567,9 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
             ``group_columns``, 0 without).
         min_vertical, min_slash, floor_from: a floor of columns / diagonals per head, on calls of at
             least ``floor_from`` query rows (see :class:`~longinfer.patterns.VerticalSlashConfig`,
-            ``thresholds_on``); ``0, 0`` for none. The default's 1,000 / 3,000 from 65,536 query
-            rows: at 128K, 68.7 RULER-style against 61.6 without (dense 71.0) at 1.42x TTFT instead
-            of 1.85x (``docs/results/gpu-session16/``).
+            ``thresholds_on``); ``0, 0`` for none. The default's 0 / 3,000 from 65,536 query rows: at
+            128K, 68.6 RULER-style against 61.6 without (dense 71.0) at 1.45x TTFT instead of 1.85x;
+            1,000 / 3,000 68.7 at 1.42x, 1,000 / 0 57.5 (``docs/results/gpu-session17/``).
     """
     if group_columns_below is None:
         group_columns_below = DEFAULT_PATTERN_CONFIG.group_columns_below if group_columns else 0

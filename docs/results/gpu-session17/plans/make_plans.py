@@ -1,0 +1,38 @@
+"""Session 17's plan files for the next GPU session, written from session 14's `perhead` plan
+(28 layers of Qwen2.5-Coder-1.5B; coverage tau 0.9 from strided estimation queries, each head its
+own columns, last 128 rows dense, layers dense below 16,384 keys).
+
+Session 17 measured that the 3,000-diagonal floor carries the long rule's accuracy at 128K (68.6,
+-2.3; 1,000 columns alone: 57.5) but costs most of its kernel time (diagonals alone 201 of 215 ms
+over 4 layers), and that at 64K neither rule holds dense's accuracy (long rule -4.8 at 1.02x TTFT).
+Two questions:
+
+- Is the floor a stand-in for a better estimate? In a long prefill the estimate is cheap (1.96 ms of
+  223 over 4 layers at 128K), and at 32K 4,096 estimation queries instead of 64 recovered 8 of 11
+  points (session 12). `q15-lq1024-tail.json`: 1,024 estimation queries, no floor;
+  `q15-lq1024-s1500-tail.json`: the same with a floor of 1,500 diagonals.
+- Does the floor scale with length? 3,000 diagonals are 2.3% of a 128K prompt's offsets, 4.6% of a
+  64K one's (44% dense there). `q15-s1500-tail.json`: a floor of 1,500 diagonals (2.3% at 64K).
+
+    python docs/results/gpu-session17/plans/make_plans.py
+"""
+import json
+import sys
+
+SOURCE = "docs/results/gpu-session14/plans/q15-perhead-tail.json"
+OUT = "docs/results/gpu-session17/plans"
+VARIANTS = {  # name: (estimation queries, min_slash)
+    "lq1024": (1024, 0),
+    "lq1024-s1500": (1024, 1500),
+    "s1500": (64, 1500),
+}
+for name, (last_q, min_slash) in VARIANTS.items():
+    plan = json.load(open(SOURCE))
+    for layer in plan["layers"]:
+        for head in layer["heads"]:
+            head["params"].update(group_columns=False, last_q=last_q, min_vertical=0, min_slash=min_slash)
+    plan["search"]["note"] = (
+        f"coverage tau 0.9 from {last_q} strided queries, last 128 rows dense, each head its own columns, at least "
+        f"{min_slash} diagonals per head; written by `{' '.join(sys.argv)}` from {SOURCE}")
+    json.dump(plan, open(f"{OUT}/q15-{name}-tail.json", "w"), indent=1)
+    print(name)
