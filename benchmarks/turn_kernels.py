@@ -24,10 +24,10 @@ forward over PG essays, then times, per layer and in one process:
   or skipped (``covered_in_loads``, the same launch otherwise), with the key ranges (dense mode,
   dense tail) as separate pipelined loops or one branching loop (``split_ranges``), and
   the ``kernel`` with the dense tail split over keys (the default; also in 16 ranges and
-  graph-replayed), unsplit (one program per tail tile), without the tail, with the tail as a
-  separate split-K launch (``tail separate``, :data:`longinfer.ops.sparse.TAIL_LAUNCH`), at other
-  launch options (warps, stages; the default rows use the
-  launch's fixed choice), and with 128-row query tiles (the estimate rerun with
+  graph-replayed, and over the index rebuilt with 32-key chunks: less padding at range ends),
+  unsplit (one program per tail tile), without the tail, with the tail as a separate split-K launch
+  (``tail separate``, :data:`longinfer.ops.sparse.TAIL_LAUNCH`), at other launch options (warps,
+  stages; the default rows use the launch's fixed choice), and with 128-row query tiles (the estimate rerun with
   ``block_size=128``, its own index; the slashes then cover whole 128-row tiles, so it computes
   more pairs).
 
@@ -213,6 +213,12 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
 
     times["kernel (tail split)"] = timed(kernel())
     times["kernel (tail split) (graph)"] = graph_time(kernel(), repeats)
+    # The same index walked in 32-key chunks (a range of 70 keys: 96 keys computed instead of 128).
+    narrow = build_vertical_slash_index(selection.vertical, selection.slash, nk, selection.block_size,
+                                        presorted=True, chunk=32)
+    times["kernel, 32-key chunks (graph)"] = graph_time(
+        lambda: ops.vertical_slash_attention(q, k, v, index=narrow, block_size=selection.block_size, sm_scale=scale,
+                                             dense_from=dense_from), repeats)
     times["kernel (tail split in 16)"] = timed(kernel(16))
     times["kernel (tail unsplit)"] = timed(kernel(1))
     times["kernel (no tail)"] = timed(kernel(from_row=None))

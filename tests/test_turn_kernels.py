@@ -32,13 +32,16 @@ def test_kernel_parts_compute_the_columns_alone_the_diagonals_alone_and_dense(mo
     selection = estimate_vertical_slash(q, k, config)
     times = script.kernel_part_timings(q, k, v, selection, config, d ** -0.5, repeats=1)
     assert list(times) == ["kernel, columns only (graph)", "kernel, diagonals only (graph)",
-                           "kernel, dense mode (graph)"]
+                           "kernel, dense mode (graph)",
+                           "kernel, dense mode, split key ranges, 64x64 tiles (graph)",
+                           "kernel, dense mode, one-loop key ranges, 64x64 tiles (graph)"]
     local_only = torch.where(selection.slash < config.local, selection.slash, -1)
     sinks_only = torch.where(selection.vertical < config.sink, selection.vertical, -1)
     assert (local_only >= 0).sum() < (selection.slash >= 0).sum()  # the parts differ from the whole index
     assert (sinks_only >= 0).sum() < (selection.vertical >= 0).sum()
     masks = [vertical_slash_mask(selection.vertical, local_only, n, 16),
-             vertical_slash_mask(sinks_only, selection.slash, n, 16), dense_causal_mask(n)]
+             vertical_slash_mask(sinks_only, selection.slash, n, 16)] + [dense_causal_mask(n)] * 3
+    assert len(outputs) == len(masks)
     for out, mask in zip(outputs, masks):
         reference = masked_attention(q, k, v, mask)
         assert (out - reference).abs().max().item() <= 2e-5
