@@ -375,15 +375,23 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     run_cli eval latency $Q15 --lengths 16384,20480,24576 --repeats 3 --warmup 1 --out "$RES/$step" \
       --methods "dense,longinfer,$(plan_methods "$PLANS13" gcols),none" ;;
   q18-queries-128k)  # issues 5/6: is the long rule's 3,000-diagonal floor (68.6 at 1.45x TTFT, diagonals 201 of 215
-    # kernel ms) a stand-in for a better estimate? 1,024 estimation queries, no floor / with 1,500 diagonals ($PLANS17):
-    # RULER-style 128K (dense seeded; rerun to finish), TTFT beside the default, then what the estimate costs there
+    # kernel ms) a stand-in for a better estimate? 1,024 and 256 estimation queries, no floor ($PLANS17): RULER-style
+    # 128K (dense seeded; rerun to finish), TTFT beside the default, then what the 1,024-query estimate costs there
     seed_dense_ruler
     run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
-      --methods "dense,$(plan_methods "$PLANS17" lq1024 lq1024-s1500)"
+      --methods "dense,$(plan_methods "$PLANS17" lq1024 lq256)"
     run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
-      --methods "dense,longinfer,$(plan_methods "$PLANS17" lq1024 lq1024-s1500)"
+      --methods "dense,longinfer,$(plan_methods "$PLANS17" lq1024 lq256)"
     run python3 benchmarks/turn_kernels.py $Q15 --prefix 0 --length 131072 --layers 0,27 --repeats 3 \
       --plan "$PLANS17/q15-lq1024-tail.json" --out "$RES/$step/kernels-lq1024" ;;
+  q18-more-128k)  # issues 5/6: 1,024 estimation queries with a 1,500-diagonal floor, and block-sparse everywhere
+    # (coverage 0.9 of pooled blocks: content-based long-range pairs) ($PLANS17): RULER-style 128K (dense seeded;
+    # rerun to finish), then TTFT
+    seed_dense_ruler
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,$(plan_methods "$PLANS17" lq1024-s1500 bs-cov0.9)"
+    run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
+      --methods "dense,$(plan_methods "$PLANS17" lq1024-s1500 bs-cov0.9)" ;;
   q18-ruler-64k)  # issue 5: at 64K the long rule scored -4.8 at 1.02x TTFT (44% dense), the shared columns -11.5:
     # a floor scaled to the length (1,500 diagonals: 2.3% of the offsets, as 3,000 at 128K) and 1,024 estimation
     # queries ($PLANS17); RULER-style 64K (session 17's dense rows seeded; rerun to finish), then TTFT
