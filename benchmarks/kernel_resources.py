@@ -38,7 +38,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from longinfer.ops._index_kernel import _groups_kernel, _kept_kernel, _tables_kernel
-from longinfer.ops._kernel import MODE_DENSE, MODE_VERTICAL_SLASH, _dense_split_fwd, _merge_splits_fwd, _sparse_attention_fwd
+from longinfer.ops._kernel import (
+    MODE_DENSE,
+    MODE_VERTICAL_SLASH,
+    _dense_split_fwd,
+    _merge_splits_fwd,
+    _sparse_attention_fwd,
+)
 from longinfer.patterns._estimate_kernel import PASS_TWO_MULTI_BLOCK_M, _masses_kernel, _row_stats_kernel
 from longinfer.patterns._select_kernel import CHUNK as SELECT_CHUNK
 from longinfer.patterns._select_kernel import (

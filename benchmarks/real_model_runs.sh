@@ -386,21 +386,23 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --plan "$PLANS17/q15-lq1024-tail.json" --out "$RES/$step/kernels-lq1024" ;;
   q18-more-128k)  # issues 5/6: 1,024 estimation queries with a 1,500-diagonal floor, and block-sparse everywhere
     # (coverage 0.9 of pooled blocks: content-based long-range pairs) ($PLANS17): RULER-style 128K (dense seeded;
-    # rerun to finish), then TTFT
+    # rerun to finish), then TTFT, with one index per KV group (68.5 at 128K in session 8, within noise like the long
+    # rule; its kernel stacks the group's heads on each K/V load; TTFT at 128K never measured)
     seed_dense_ruler
     run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
       --methods "dense,$(plan_methods "$PLANS17" lq1024-s1500 bs-cov0.9)"
     run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
-      --methods "dense,$(plan_methods "$PLANS17" lq1024-s1500 bs-cov0.9)" ;;
+      --methods "dense,longinfer,$(plan_methods "$PLANS17" lq1024-s1500 bs-cov0.9),$(plan_methods "$PLANS4" default-kv)" ;;
   q18-ruler-64k)  # issue 5: at 64K the long rule scored -4.8 at 1.02x TTFT (44% dense), the shared columns -11.5:
-    # a floor scaled to the length (1,500 diagonals: 2.3% of the offsets, as 3,000 at 128K) and 1,024 estimation
-    # queries ($PLANS17); RULER-style 64K (session 17's dense rows seeded; rerun to finish), then TTFT
+    # a floor scaled to the length (1,500 diagonals: 2.3% of the offsets, as 3,000 at 128K), 1,024 estimation
+    # queries ($PLANS17) and one index per KV group ($PLANS4); RULER-style 64K (session 17's dense rows seeded;
+    # rerun to finish), then TTFT
     [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' \
       docs/results/gpu-session17/q16-ruler-64k/ruler.jsonl > "$RES/$step/ruler.jsonl"
     run_cli eval ruler $Q15 --lengths 65536 --samples 6 --out "$RES/$step" \
-      --methods "dense,$(plan_methods "$PLANS17" s1500 lq1024)"
+      --methods "dense,$(plan_methods "$PLANS17" s1500 lq1024),$(plan_methods "$PLANS4" default-kv)"
     run_cli eval latency $Q15 --lengths 65536 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
-      --methods "dense,longinfer,$(plan_methods "$PLANS17" s1500 lq1024)" ;;
+      --methods "dense,longinfer,$(plan_methods "$PLANS17" s1500 lq1024),$(plan_methods "$PLANS4" default-kv)" ;;
   q15-floors-32k)  # issue 5: the cheaper floors at 32K (12 prompts per sub-task, session 8's dense rows; rerun to
     # finish) and the turns (4K over 64K) of every floor plan (floors now on the Triton selection)
     plan_turns "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500

@@ -545,10 +545,10 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
     ranked together, whose estimated attention mass reaches 0.9; at most 4096 columns and 8192 diagonals; the first
     30 keys and 100 nearest diagonals always kept), every head attending the columns chosen for any
     head of its KV group; calls of at least :data:`DEFAULT_LONG_FROM` query rows (a long prefill, not
-    a turn over a long cache) give each head its own columns and at least 3,000 diagonals. Layers run dense below ``dense_below`` key
-    positions (default :data:`DEFAULT_DENSE_BELOW`), and the last ``dense_last`` query rows of every
-    sparse call attend densely (default :data:`DEFAULT_DENSE_LAST`). Recorded as
-    ``search={"method": "default"}``.
+    a turn over a long cache) give each head its own columns and at least 3,000 diagonals. Layers
+    run dense below ``dense_below`` key positions (default :data:`DEFAULT_DENSE_BELOW`), and the
+    last ``dense_last`` query rows of every sparse call attend densely (default
+    :data:`DEFAULT_DENSE_LAST`). Recorded as ``search={"method": "default"}``.
 
     Args:
         config: anything :func:`model_shape` accepts.
