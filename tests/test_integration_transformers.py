@@ -332,6 +332,9 @@ def test_default_plan_is_logged(caplog):
         plan = lt.patch(model)
     lt.unpatch(model)
     assert plan.search["method"] == "default" and "default plan" in caplog.text
+    # the long rule as it is: a floor of diagonals only, no "0 columns"
+    assert "at least 3000 diagonals per head from 65536 query rows" in caplog.text
+    assert "0 columns" not in caplog.text
 
 
 def test_packed_position_ids_are_refused():

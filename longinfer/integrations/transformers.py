@@ -388,8 +388,10 @@ def _long_rule_words(config: VerticalSlashConfig) -> str:
     shared = "columns shared within each KV group" if config.group_columns else "each head its own columns"
     if config.group_columns and config.group_columns_below:
         shared += f" below {config.group_columns_below} {counted}, each head its own from there"
-    if config.min_vertical or config.min_slash:
-        shared += (f"; at least {config.min_vertical} columns / {config.min_slash} diagonals per head"
+    floors = [f"{count} {kind}" for count, kind in ((config.min_vertical, "columns"), (config.min_slash, "diagonals"))
+              if count]
+    if floors:
+        shared += (f"; at least {' and '.join(floors)} per head"
                    + (f" from {config.floor_from} {counted}" if config.floor_from else ""))
     return shared
 
