@@ -34,21 +34,25 @@ VARIANTS = {  # name: (estimation queries, min_slash)
     "lq256": (256, 0),
     "s1500": (64, 1500),
 }
-for name, (last_q, min_slash) in VARIANTS.items():
+BLOCK_SPARSE = {"pattern": "block_sparse", "params": {"num_blocks": 1024, "block_size": 64, "budget": "coverage",
+                                                      "tau": 0.9}}
+
+
+def write_plan(name: str, head_of, note: str) -> None:
+    """``OUT/q15-NAME-tail.json``: SOURCE with every head replaced by ``head_of(head)``, provenance in its note."""
     plan = json.load(open(SOURCE))
     for layer in plan["layers"]:
-        for head in layer["heads"]:
-            head["params"].update(group_columns=False, last_q=last_q, min_vertical=0, min_slash=min_slash)
-    plan["search"]["note"] = (
-        f"coverage tau 0.9 from {last_q} strided queries, last 128 rows dense, each head its own columns, at least "
-        f"{min_slash} diagonals per head; written by `{' '.join(sys.argv)}` from {SOURCE}")
+        layer["heads"] = [head_of(head) for head in layer["heads"]]
+    plan["search"]["note"] = f"{note}; written by `{' '.join(sys.argv)}` from {SOURCE}"
     json.dump(plan, open(f"{OUT}/q15-{name}-tail.json", "w"), indent=1)
     print(name)
-plan = json.load(open(SOURCE))
-for layer in plan["layers"]:
-    layer["heads"] = [{"pattern": "block_sparse", "params": {"num_blocks": 1024, "block_size": 64,
-                                                             "budget": "coverage", "tau": 0.9}}] * len(layer["heads"])
-plan["search"]["note"] = (f"block-sparse, coverage tau 0.9 of mean-pooled 64-token blocks, at most 1,024 key blocks, "
-                          f"last 128 rows dense; written by `{' '.join(sys.argv)}` from {SOURCE}")
-json.dump(plan, open(f"{OUT}/q15-bs-cov0.9-tail.json", "w"), indent=1)
-print("bs-cov0.9")
+
+
+for name, (last_q, min_slash) in VARIANTS.items():
+    changes = {"group_columns": False, "last_q": last_q, "min_vertical": 0, "min_slash": min_slash}
+    write_plan(name, lambda head, changes=changes: {**head, "params": {**head["params"], **changes}},
+               f"coverage tau 0.9 from {last_q} strided queries, last 128 rows dense, each head its own columns, "
+               f"at least {min_slash} diagonals per head")
+write_plan("bs-cov0.9", lambda head: BLOCK_SPARSE,
+           "block-sparse, coverage tau 0.9 of mean-pooled 64-token blocks, at most 1,024 key blocks, last 128 rows "
+           "dense")
