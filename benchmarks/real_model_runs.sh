@@ -24,6 +24,7 @@ PLANS14=docs/results/gpu-session14/plans
 PLANS15=docs/results/gpu-session15/plans
 PLANS16=docs/results/gpu-session16/plans
 PLANS17=docs/results/gpu-session17/plans
+PLANS18=docs/results/gpu-session18/plans
 VS="vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,last_q=64,query_sampling=strided"
 COST="vertical_slash:budget=coverage,num_vertical=8192,num_slash=8192,last_q=64,query_sampling=strided,rank=cost,tau=1.0"
 # The default estimator at 64-, 32- and 16-row query tiles, coverage and cost-ranked budgets.
@@ -403,6 +404,22 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --methods "dense,$(plan_methods "$PLANS17" s1500 lq1024),$(plan_methods "$PLANS4" default-kv)"
     run_cli eval latency $Q15 --lengths 65536 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
       --methods "dense,longinfer,$(plan_methods "$PLANS17" s1500 lq1024),$(plan_methods "$PLANS4" default-kv)" ;;
+  q18-turn-plans)  # issue 4: the turn (4K over a cached 64K, 2.54x with the default: 3x is the target) with
+    # block-sparse everywhere ($PLANS17: a pooled estimate, no per-layer radix selection, whole 64-key blocks)
+    # and one index per KV group ($PLANS4), then the default in the same call
+    plan_turns "$PLANS17" bs-cov0.9
+    plan_turns "$PLANS4" default-kv
+    [ -d "$RES/$step/turn-default" ] || run python3 benchmarks/real_model_checks.py $Q15 --lengths "" \
+      --turn-prefix 65536 --turn-length 4096 --out "$RES/$step/turn-default" ;;
+  q19-control-64k)  # issue 5: at 64K five sparse indexes (17.5-45% dense) lose the same prompts (niah_multikey i3:
+    # 7106080 for 7106049): is it the index, or our kernel's bf16 numerics? Exact attention through our A-shape
+    # kernel ($PLANS18 exact-kernel) beside dense and the default, dense rerun (no seeding) so that every record
+    # carries the reference answer's log-probability (paired per prompt, continuous); rerun to finish
+    run_cli eval ruler $Q15 --lengths 65536 --samples 6 --out "$RES/$step" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS18" exact-kernel)" ;;
+  q19-control-128k)  # issue 5: the same control at 128K (the default 68.6 vs dense 71.0 there, session 17)
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS18" exact-kernel)" ;;
   q15-floors-32k)  # issue 5: the cheaper floors at 32K (12 prompts per sub-task, session 8's dense rows; rerun to
     # finish) and the turns (4K over 64K) of every floor plan (floors now on the Triton selection)
     plan_turns "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500

@@ -144,3 +144,6 @@ def test_longinfer_records_carry_the_prefill_density(tmp_path, stub_zoo):
     report = (out / "ruler.md").read_text()
     mean = sum(r["attention_density"] for r in sparse) / 2
     assert "Attention density of the prefill" in report and f"| 600 | {100 * mean:.1f}% |" in report
+    # every record scores the expected strings as one answer; the report pairs them per prompt
+    assert all(r["reference"] == " " + ", ".join(r["expected"]) and r["reference_logprob"] < 0 for r in records)
+    assert "Log-probability of the reference answer" in report and "| 600 | " in report

@@ -186,3 +186,21 @@ def test_difference_interval_is_a_paired_bootstrap_over_cases():
     # a sub-task without a paired case, or another length: no interval
     assert difference_interval(records + [record("dense", "fwe", 0, 1.0)], "sparse", "dense", 4096) is None
     assert difference_interval(records, "sparse", "dense", 8192) is None
+
+
+def test_reference_logprob_differences_are_paired_and_skip_missing_values():
+    from longinfer.eval.ruler import difference_interval, mean_difference, paired_differences
+
+    def record(method, subtask, case, logprob):
+        return {"task": "ruler", "method": method, "length": 4096, "subtask": subtask, "case_id": f"{subtask}/{case}",
+                "score": 1.0, "reference_logprob": logprob}
+
+    records = [record("dense", "vt", i, -1.0) for i in range(4)] + [record("sparse", "vt", i, -1.5) for i in range(4)]
+    records += [record("dense", "cwe", i, -2.0) for i in range(4)] + [record("sparse", "cwe", i, -2.0) for i in range(4)]
+    records.append(record("sparse", "cwe", 9, -9.0))  # no dense partner: left out
+    records[0] = {**records[0], "reference_logprob": None}  # seeded rows of older runs carry none: left out
+    paired = paired_differences(records, "sparse", "dense", 4096, field="reference_logprob")
+    assert paired == [[-0.5, -0.5, -0.5], [0.0, 0.0, 0.0, 0.0]]
+    assert mean_difference(paired) == -0.25
+    assert difference_interval(records, "sparse", "dense", 4096, field="reference_logprob", scale=1.0) == (-0.25, -0.25)
+    assert paired_differences(records, "sparse", "dense", 4096, field="missing") is None

@@ -224,3 +224,23 @@ def test_reserved_fields_are_protected(setup, tmp_path):
         )
     with pytest.raises(ValueError, match="at least one"):
         run_task(task, model, tokenizer, [], [256], out_jsonl=tmp_path / "r.jsonl", model_name="tiny")
+
+
+def test_reference_logprob_matches_a_full_forward(setup):
+    """The reference answer scored on the generation's cache equals log-softmax of one forward over
+    prompt + reference (float32 on the CPU: the same sums in another order, well below 1e-4 nats)."""
+    tokenizer, model, task = setup
+    case = task.cases(tokenizer, 256)[0]
+    reference = tokenizer.encode(" 12345 and more", add_special_tokens=False)
+    assert len(reference) > 2
+    answer = greedy_generate(model, tokenizer, case.input_ids, 4, reference_ids=reference)
+    plain = greedy_generate(model, tokenizer, case.input_ids, 4)
+    assert answer.text == plain.text and plain.reference_logprob is None
+    ids = torch.tensor([case.input_ids + reference])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    prompt = len(case.input_ids)
+    expected = sum(logprobs[prompt - 1 + i, token].item() for i, token in enumerate(reference))
+    assert answer.reference_logprob == pytest.approx(expected, abs=1e-4)
+    single = greedy_generate(model, tokenizer, case.input_ids, 4, reference_ids=reference[:1])
+    assert single.reference_logprob == pytest.approx(logprobs[prompt - 1, reference[0]].item(), abs=1e-4)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .prompts import TokenizerLike
+from .prompts import TokenizerLike, encode
 
 __all__ = [
     "Case",
@@ -25,6 +25,7 @@ __all__ = [
     "GenerationTask",
     "Generation",
     "greedy_generate",
+    "reference_logprob",
     "Stopwatch",
     "stopwatch",
     "prompt_digest",
@@ -106,21 +107,34 @@ def stopwatch(device: torch.device) -> Iterator[Stopwatch]:
 
 @dataclass(frozen=True)
 class Generation:
-    """A greedy answer: its text, new token ids and generation time."""
+    """A greedy answer: its text, new token ids and generation time; with a reference answer, the
+    log-probability (nats, summed over its tokens) the model gives it after the prompt."""
 
     text: str
     new_ids: list[int]
     seconds: float
     timer: str
+    reference_logprob: float | None = None
 
 
 def greedy_generate(
-    model: Any, tokenizer: TokenizerLike, input_ids: Sequence[int], max_new_tokens: int
+    model: Any,
+    tokenizer: TokenizerLike,
+    input_ids: Sequence[int],
+    max_new_tokens: int,
+    *,
+    reference_ids: Sequence[int] = (),
 ) -> Generation:
     """Greedy decoding of at most ``max_new_tokens`` after the prompt ``input_ids`` (batch 1).
 
+    With ``reference_ids`` (a reference answer's tokens), also their log-probability after the
+    prompt (:func:`reference_logprob`), teacher-forced on the KV cache of the same prefill: a
+    continuous measure of how much a method changes the answer, where the generated text only
+    says right or wrong.
+
     Memory: what ``model.generate`` needs for the prompt (the KV cache of ``len(input_ids)``
-    tokens plus the attention method's prefill workspace).
+    tokens plus the attention method's prefill workspace); with a reference, the first step's
+    logits and one forward of ``len(reference_ids) - 1`` tokens over the cache.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -135,11 +149,51 @@ def greedy_generate(
     config = GenerationConfig(
         do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad
     )
+    scored = len(reference_ids) > 0
     with torch.inference_mode(), stopwatch(device) as watch:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    new_ids = out[0, ids.shape[1] :].tolist()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                             return_dict_in_generate=True, output_logits=scored)
+    new_ids = out.sequences[0, ids.shape[1] :].tolist()
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    return Generation(text=text, new_ids=new_ids, seconds=watch.seconds, timer=watch.timer)
+    logprob = None
+    if scored:
+        with torch.inference_mode():
+            logprob = reference_logprob(model, out.past_key_values, out.logits[0], ids.shape[1], reference_ids)
+    return Generation(text=text, new_ids=new_ids, seconds=watch.seconds, timer=watch.timer,
+                      reference_logprob=logprob)
+
+
+def reference_logprob(
+    model: Any, cache: Any, first_logits: torch.Tensor, prompt_len: int, reference_ids: Sequence[int]
+) -> float:
+    """``log p(reference_ids | prompt)`` in nats, teacher-forced on a generation's KV cache.
+
+    Args:
+        model: the causal LM that generated (its attention method still active).
+        cache: the generation's KV cache (``past_key_values``); cropped here to the prompt.
+        first_logits: ``[1, V]`` logits at the prompt's last position (the first generation step).
+        prompt_len: prompt tokens in ``cache`` before the generated ones.
+        reference_ids: the reference answer's token ids (at least one).
+
+    The reference tokens after the first run as one chunk of ``len(reference_ids) - 1`` queries over
+    the cached prompt, with the attention method active (a chunk that short runs dense).
+    """
+    if not hasattr(cache, "crop"):
+        raise TypeError(f"{type(cache).__name__} cannot be cropped back to the prompt, so the reference "
+                        "answer cannot be scored on it; run without the reference log-probability")
+    device = first_logits.device
+    target = torch.tensor(list(reference_ids), dtype=torch.long, device=device)
+    total = torch.log_softmax(first_logits.float(), dim=-1)[0, target[0]]
+    if len(target) > 1:
+        generated = cache.get_seq_length() - prompt_len
+        if generated:
+            cache.crop(-generated)  # a count to remove: what every transformers version since 4.36 accepts
+        chunk = target[None, :-1]
+        mask = torch.ones((1, prompt_len + chunk.shape[1]), dtype=torch.long, device=device)
+        logits = model(chunk, past_key_values=cache, attention_mask=mask, use_cache=True).logits
+        steps = torch.log_softmax(logits[0].float(), dim=-1)
+        total = total + steps.gather(1, target[1:, None]).sum()
+    return float(total)
 
 
 class GenerationTask(abc.ABC):
@@ -154,8 +208,15 @@ class GenerationTask(abc.ABC):
     def score(self, case: Case, text: str) -> dict[str, Any]:
         """Score fields for the answer ``text``; must include ``score`` in [0, 1]."""
 
+    def reference_answer(self, case: Case) -> str | None:
+        """A reference answer whose log-probability each record carries (``None``: none)."""
+        return None
+
     def run_case(self, model: Any, tokenizer: TokenizerLike, case: Case) -> dict[str, Any]:
-        answer = greedy_generate(model, tokenizer, case.input_ids, case.max_new_tokens)
+        reference = self.reference_answer(case)
+        reference_ids = encode(tokenizer, reference) if reference else []
+        answer = greedy_generate(model, tokenizer, case.input_ids, case.max_new_tokens, reference_ids=reference_ids)
+        fields = {} if reference is None else {"reference": reference, "reference_logprob": answer.reference_logprob}
         return {
             **self.score(case, answer.text),
             "generated": answer.text,
@@ -163,4 +224,5 @@ class GenerationTask(abc.ABC):
             "n_generated": len(answer.new_ids),
             "generate_s": answer.seconds,
             "timer": answer.timer,
+            **fields,
         }

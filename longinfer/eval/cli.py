@@ -84,7 +84,8 @@ def build_task(args: argparse.Namespace, haystack: Haystack) -> Task:
     if args.task == "ruler":
         tasks = [t.strip() for t in args.ruler_tasks.split(",")] if args.ruler_tasks else None
         kwargs: dict[str, Any] = {"tasks": tasks} if tasks else {}
-        return RulerTask(haystack, samples=args.samples, seed=args.seed, use_chat_template=chat, **kwargs)
+        return RulerTask(haystack, samples=args.samples, seed=args.seed, use_chat_template=chat,
+                         reference_logprob=not args.no_reference_logprob, **kwargs)
     if args.task == "ppl":
         return PerplexityTask(
             haystack, eval_tokens=args.eval_tokens, samples=args.samples, chunk_size=args.chunk_size
@@ -223,6 +224,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ruler = tasks.add_parser("ruler", help="RULER-style synthetic suite")
     ruler.add_argument("--ruler-tasks", default=None, help="comma list (default: all seven)")
     ruler.add_argument("--samples", type=int, default=5, help="cases per sub-task and length")
+    ruler.add_argument("--no-reference-logprob", action="store_true",
+                       help="do not score the expected answer's log-probability after each prompt (one short "
+                            "forward over the prefill's KV cache; needs a croppable cache)")
 
     ppl = tasks.add_parser("ppl", help="perplexity of the last tokens of long text")
     ppl.add_argument("--eval-tokens", type=int, default=1024)

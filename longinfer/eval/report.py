@@ -21,7 +21,7 @@ from typing import Any
 from .latency import crossover_length
 from .methods import NoAttentionMethod
 from .results import ResultStore
-from .ruler import difference_interval
+from .ruler import difference_interval, mean_difference, paired_differences
 from .ruler import summarize as ruler_summary
 
 logger = logging.getLogger(__name__)
@@ -191,6 +191,8 @@ def _ruler_section(
     )
     density = _density_table(records)
     text += f"\n\n{density}" if density else ""
+    reference = _reference_logprob_table(records, methods, base, lengths)
+    text += f"\n\n{reference}" if reference else ""
     figures = [
         _heatmap(
             {(t, n): score(m, n, t) / 100 for n in lengths for t in subtasks},
@@ -205,6 +207,37 @@ def _ruler_section(
         for m in methods
     ]
     return text, figures
+
+
+def _reference_logprob_table(records: Sequence[Record], methods: Sequence[str], base: str,
+                             lengths: Sequence[int]) -> str:
+    """Each method's log-probability of the reference answers against the baseline's, paired per prompt
+    (empty when no two methods scored the same prompts)."""
+    others = [m for m in methods if m != base]
+    rows = []
+    for length in lengths:
+        cells = []
+        for method in others:
+            paired = paired_differences(records, method, base, length, field="reference_logprob")
+            if paired is None:
+                cells.append("—")
+                continue
+            interval = difference_interval(records, method, base, length, field="reference_logprob", scale=1.0)
+            worse = sum(d < -math.log(2) for per_subtask in paired for d in per_subtask)
+            cases = sum(len(per_subtask) for per_subtask in paired)
+            cells.append(f"{mean_difference(paired):+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]; "
+                         f"{worse} of {cases} halved" if interval else f"{mean_difference(paired):+.3f}")
+        if any(cell != "—" for cell in cells):
+            rows.append([length, *cells])
+    if not rows:
+        return ""
+    return (
+        "Log-probability of the reference answer (the expected strings, `\" a, b\"`) after the prompt, teacher-forced "
+        f"on the prefill's KV cache: each method minus {base} on the same prompt, in nats (mean over the sub-tasks "
+        "of the mean per prompt, 95% paired bootstrap interval; \"halved\": prompts where the method gives the "
+        "reference less than half the baseline's probability). Continuous where the score is right or wrong.\n\n"
+        + markdown_table(["length", *[f"{m} - {base}" for m in others]], rows)
+    )
 
 
 def _ppl_section(

@@ -44,7 +44,10 @@ __all__ = [
     "RULER_TASKS",
     "RulerPrompt",
     "RulerTask",
+    "difference_interval",
     "generate",
+    "mean_difference",
+    "paired_differences",
     "string_match_all",
     "summarize",
     "word_pool",
@@ -391,7 +394,11 @@ def generate(
 
 
 class RulerTask(GenerationTask):
-    """The RULER-style suite: ``samples`` cases per sub-task and length."""
+    """The RULER-style suite: ``samples`` cases per sub-task and length.
+
+    With ``reference_logprob`` (the default) each record also carries ``reference_logprob``, the
+    log-probability of :meth:`reference_answer` after the prompt under the method being evaluated.
+    """
 
     name = "ruler"
 
@@ -403,6 +410,7 @@ class RulerTask(GenerationTask):
         samples: int = 5,
         seed: int = 0,
         use_chat_template: bool | None = None,
+        reference_logprob: bool = True,
     ) -> None:
         unknown = sorted(set(tasks) - set(RULER_TASKS))
         if unknown:
@@ -414,6 +422,7 @@ class RulerTask(GenerationTask):
         self.samples = samples
         self.seed = seed
         self.use_chat_template = use_chat_template
+        self.reference_logprob = reference_logprob
 
     def cases(self, tokenizer: TokenizerLike, length: int) -> list[Case]:
         cases = []
@@ -448,6 +457,11 @@ class RulerTask(GenerationTask):
     def score(self, case: Case, text: str) -> dict[str, Any]:
         return {"score": string_match_all(text, case.expected)}
 
+    def reference_answer(self, case: Case) -> str | None:
+        """The expected strings as one answer, ``" a, b, c"``: the same text under every method, so the
+        difference of its log-probability between two methods is paired per prompt."""
+        return " " + ", ".join(case.expected) if self.reference_logprob else None
+
 
 def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
     """Scores (0-100) per method, length and sub-task, plus ``"average"`` over the sub-tasks.
@@ -475,41 +489,63 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[int, dict[
     return summary
 
 
-def difference_interval(
-    records: Iterable[Mapping[str, Any]],
-    method: str,
-    baseline: str,
-    length: int,
-    *,
-    resamples: int = 2000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float] | None:
-    """Paired bootstrap interval of ``average(method) - average(baseline)`` at ``length`` (0-100).
+def paired_differences(
+    records: Iterable[Mapping[str, Any]], method: str, baseline: str, length: int, field: str = "score"
+) -> list[list[float]] | None:
+    """Per sub-task, ``record[field]`` of ``method`` minus ``baseline`` on each prompt both ran at ``length``.
 
-    Cases are paired by ``case_id`` (the same prompt under both methods; cases missing for either
-    are left out). Each resample draws, per sub-task, as many paired cases as it has, with
-    replacement, and averages the per-case differences over the sub-tasks as :func:`summarize`
-    averages scores. Returns the central ``level`` interval of the resampled differences, or
-    ``None`` when a sub-task has no paired case. Deterministic for a given ``seed``.
+    Cases are paired by ``case_id``; records without ``field`` (or with it ``None``) are left out.
+    ``None`` when a sub-task has no paired case (or there are no records).
     """
-    scores: dict[tuple[str, str], dict[str, float]] = {}  # (method, subtask) -> case_id -> score
+    values: dict[tuple[str, str], dict[str, float]] = {}  # (method, subtask) -> case_id -> value
     subtasks: dict[str, None] = {}
     for record in records:
         if (record.get("task") != "ruler" or record.get("error") or int(record["length"]) != length
                 or "case_id" not in record):
             continue
         subtasks[record["subtask"]] = None
-        scores.setdefault((record["method"], record["subtask"]), {})[record["case_id"]] = float(record["score"])
+        if record.get(field) is not None:
+            values.setdefault((record["method"], record["subtask"]), {})[record["case_id"]] = float(record[field])
     differences = []
     for subtask in subtasks:
-        ours, theirs = scores.get((method, subtask), {}), scores.get((baseline, subtask), {})
-        paired = [100 * (ours[case] - theirs[case]) for case in sorted(ours.keys() & theirs.keys())]
+        ours, theirs = values.get((method, subtask), {}), values.get((baseline, subtask), {})
+        paired = [ours[case] - theirs[case] for case in sorted(ours.keys() & theirs.keys())]
         if not paired:
             return None
         differences.append(paired)
-    if not differences:
+    return differences or None
+
+
+def mean_difference(differences: Sequence[Sequence[float]]) -> float:
+    """The sub-tasks' mean of their mean paired difference (sub-tasks weigh equally, as in :func:`summarize`)."""
+    return sum(sum(d) / len(d) for d in differences) / len(differences)
+
+
+def difference_interval(
+    records: Iterable[Mapping[str, Any]],
+    method: str,
+    baseline: str,
+    length: int,
+    *,
+    field: str = "score",
+    scale: float = 100.0,
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Paired bootstrap interval of ``average(method) - average(baseline)`` of ``field`` at ``length``.
+
+    ``scale`` multiplies the differences (100: scores as 0-100; 1 for a log-probability in nats).
+    Cases are paired by ``case_id`` (the same prompt under both methods; cases missing for either
+    are left out). Each resample draws, per sub-task, as many paired cases as it has, with
+    replacement, and averages the per-case differences over the sub-tasks as :func:`summarize`
+    averages scores. Returns the central ``level`` interval of the resampled differences, or
+    ``None`` when a sub-task has no paired case. Deterministic for a given ``seed``.
+    """
+    paired = paired_differences(records, method, baseline, length, field)
+    if paired is None:
         return None
+    differences = [[scale * d for d in per_subtask] for per_subtask in paired]
     rng = random.Random(seed)
     means = sorted(
         sum(sum(rng.choices(d, k=len(d))) / len(d) for d in differences) / len(differences)
