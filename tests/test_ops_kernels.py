@@ -171,6 +171,34 @@ def test_one_loop_key_ranges_change_nothing(dtype, mode_name):
     assert_matches_reference(outs[1], q, k, v, mask)
 
 
+def test_unmasked_slash_scores_are_exact_only_where_no_chunk_needs_a_mask():
+    """`mask_slash_scores=False` is a timing bound: 128 queries after a 512-key prefix with two lone
+    slashes far from the diagonal (each one whole 64-key chunk, visible to every row of both tiles)
+    give the masked output bit for bit; with the main diagonal in the index the chunk that crosses it
+    needs its mask, and the unmasked output is wrong there."""
+    from longinfer.ops._checks import AttentionShape
+    from longinfer.ops._kernel import MODE_VERTICAL_SLASH
+    from longinfer.ops._launch import launch
+
+    nq, nk, d = 128, 640, 64
+    q, k, v = _qkv(1, 4, 2, nq, d, torch.float16, seed=13, nk=nk)
+    shape = AttentionShape(1, 4, 2, nq, nk, d)
+    no_columns = torch.zeros(1, 4, 0, dtype=torch.long, device=DEVICE)
+
+    def both(slash: torch.Tensor) -> list[torch.Tensor]:
+        index = build_vertical_slash_index(no_columns, slash, nk, 64)
+        return [launch(q, k, v, shape, 1 / math.sqrt(d), MODE_VERTICAL_SLASH, 64, vs=index,
+                       options={"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "mask_slash_scores": masked})
+                for masked in (True, False)]
+
+    far = torch.tensor([[[100, 300]] * 4], device=DEVICE)
+    masked, unmasked = both(far)
+    assert torch.equal(masked, unmasked)
+    assert_matches_reference(masked, q, k, v, vertical_slash_mask(no_columns, far, nk, 64))
+    masked, unmasked = both(torch.tensor([[[0, 300]] * 4], device=DEVICE))
+    assert not torch.allclose(masked.float(), unmasked.float(), atol=1e-2)
+
+
 def test_vertical_slash_with_32_key_chunks_matches_reference():
     q, k, v = _qkv(2, 4, 2, 150, 64, torch.float32, seed=5, nk=300)
     gen = torch.Generator().manual_seed(5)

@@ -185,6 +185,7 @@ def _sparse_attention_fwd(
     HEADS_PER_TILE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, COVERED_IN_LOADS: tl.constexpr, SPLIT_RANGES: tl.constexpr,
+    MASK_SLASH_SCORES: tl.constexpr = True,
 ):
     # One flat grid, ordered (batch, KV head, query tile from the last, query heads of the group).
     # Programs running at the same time then work on one KV head and neighbouring tiles, so its
@@ -305,7 +306,7 @@ def _sparse_attention_fwd(
             k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
-            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, True, PRECISION)
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, MASK_SLASH_SCORES, PRECISION)
         # Columns: the sorted verticals before the tile's end, minus those a slash chunk covered
         # (a lookup by d = tile_start - column, see VerticalSlashIndex.covered).
         c_base = Cols + b * stride_c_b + idx_h * stride_c_h

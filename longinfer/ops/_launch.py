@@ -79,7 +79,10 @@ def launch(
     slash chunk already covered, masking them only in the scores, so those loads do not wait for the
     coverage lookup) and ``split_ranges`` (False walks each key range in one loop that branches per
     tile between the masked and unmasked step, the unpipelined form before session 16); the output is
-    the same); the benchmarks use it to sweep configurations. Otherwise
+    the same) and ``mask_slash_scores`` (False: the slash chunks' scores go unmasked, the loads still
+    masked. **Wrong output** wherever a chunk crosses the diagonal, the range end or key 0: a timing
+    bound only, of what an index whose chunks need no masks could save); the benchmarks use it to sweep
+    configurations. Otherwise
     vertical-slash launches take fixed options (:func:`_vertical_slash_warps`) and the other
     modes autotune once per (head dim, mode, tile, key-length scale) on the GPU. ``dense_from``
     (vertical-slash, a multiple of ``block_m``): query tiles starting at or after this key
@@ -127,6 +130,7 @@ def launch(
     heads_per_tile = opts.pop("heads_per_tile", None) or _heads_per_tile(shape, block_m, index_head_div)
     covered_in_loads = opts.pop("covered_in_loads", True)
     split_ranges = opts.pop("split_ranges", True)
+    mask_slash_scores = opts.pop("mask_slash_scores", True)
     if index_head_div % heads_per_tile or shape.group_size % heads_per_tile:
         raise ValueError(f"heads_per_tile={heads_per_tile} must divide the heads sharing an index ({index_head_div})")
     splits = 1 if cu_seqlens_q is not None else tail_splits
@@ -165,7 +169,7 @@ def launch(
         HEADS_PER_TILE=heads_per_tile, GROUP=shape.group_size, HEAD_DIM=shape.head_dim, BLOCK_D=triton.next_power_of_2(shape.head_dim),
         BLOCK_M=block_m, MODE=mode, VARLEN=cu_seqlens_q is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", COVERED_IN_LOADS=covered_in_loads,
-        SPLIT_RANGES=split_ranges,
+        SPLIT_RANGES=split_ranges, MASK_SLASH_SCORES=mask_slash_scores,
         **opts,
     )
     if tail is not None:
