@@ -32,12 +32,16 @@ class CountingMethod(AttentionMethod):
     def activate(self, model):
         from transformers import AttentionInterface
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
         def counting_attention(*args, **kwargs):
             self.calls += 1
             return sdpa_attention_forward(*args, **kwargs)
 
         AttentionInterface.register("eval_test_counting", counting_attention)
+        # Without its mask function a chunk after a cached prefix would get no mask, and SDPA's
+        # is_causal aligns top-left: wrong for the reference answer scored over the prompt's cache.
+        AttentionMaskInterface.register("eval_test_counting", sdpa_mask)
         previous = model.config._attn_implementation
         model.set_attn_implementation("eval_test_counting")
         try:
@@ -130,6 +134,13 @@ def test_run_resume_and_report(setup, tmp_path):
         assert record["passed"] == contains_exact_value(record["generated"], case.expected[0])
         assert record["versions"]["torch"] == torch.__version__
         assert record["depth"] in (0.0, 1.0) and "date" in record and record["timer"] == "cpu-wall"
+        assert record["reference"] == " " + case.expected[0] and record["reference_logprob"] < 0
+    # both methods are SDPA underneath: the same prompt's reference log-probability agrees (float32;
+    # bit for bit here, so a wrong mask on the cached chunk, which moved it by ~0.3 nats, shows)
+    by_case: dict[str, list[float]] = {}
+    for record in records:
+        by_case.setdefault(record["case_id"], []).append(record["reference_logprob"])
+    assert all(len(pair) == 2 and pair[0] == pytest.approx(pair[1], abs=1e-5) for pair in by_case.values())
     # both methods are SDPA underneath: the recorded greedy answers equal a direct generation
     first = cases[records[0]["case_id"]]
     direct = greedy_generate(model, tokenizer, first.input_ids, 4).text
@@ -244,3 +255,21 @@ def test_reference_logprob_matches_a_full_forward(setup):
     assert answer.reference_logprob == pytest.approx(expected, abs=1e-4)
     single = greedy_generate(model, tokenizer, case.input_ids, 4, reference_ids=reference[:1])
     assert single.reference_logprob == pytest.approx(logprobs[prompt - 1, reference[0]].item(), abs=1e-4)
+
+
+def test_reference_logprob_through_the_integration_matches_dense(setup, tmp_path):
+    """Under longinfer with a plan that runs every layer dense, the reference answer's chunk over the
+    cached prompt gets the integration's own mask (bottom-right causal): the same value as SDPA."""
+    from longinfer.eval.methods import method_from_spec
+    from longinfer.plans import default_plan_for
+
+    tokenizer, model, task = setup
+    case = task.cases(tokenizer, 384)[1]
+    reference = tokenizer.encode(task.reference_answer(case), add_special_tokens=False)
+    plan = tmp_path / "dense.json"
+    default_plan_for(model.config, model_id="tiny", dense_below=10**6, dense_last=64).save(plan)
+    values = []
+    for method in (DenseMethod(), method_from_spec(f"longinfer:{plan}")):
+        with method.activate(model):
+            values.append(greedy_generate(model, tokenizer, case.input_ids, 4, reference_ids=reference).reference_logprob)
+    assert values[0] == pytest.approx(values[1], abs=1e-5)

@@ -266,3 +266,8 @@ class NeedleTask(GenerationTask):
     def score(self, case: Case, text: str) -> dict[str, Any]:
         passed = contains_exact_value(text, case.expected[0])
         return {"score": float(passed), "passed": passed}
+
+    def reference_answer(self, case: Case) -> str:
+        """The needle's value after a space: its log-probability shows how far a passing answer is
+        from failing (a value the model still prints, but at lower probability under a method)."""
+        return " " + case.expected[0]
