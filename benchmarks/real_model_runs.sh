@@ -414,11 +414,12 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
   q19-control-64k)  # issue 5: at 64K five sparse indexes (17.5-45% dense) lose the same prompts (niah_multikey i3:
     # 7106080 for 7106049): is it the index, or our kernel's bf16 numerics? Exact attention through our A-shape
     # kernel ($PLANS18 exact-kernel) beside dense and the default, dense rerun (no seeding) so that every record
-    # carries the reference answer's log-probability (paired per prompt, continuous); rerun to finish
-    run_cli eval ruler $Q15 --lengths 65536 --samples 6 --out "$RES/$step" \
+    # carries the reference answer's log-probability (paired per prompt, continuous); rerun to finish, and
+    # SAMPLES=12 adds 6 more prompts per sub-task to the same records (84 in all)
+    run_cli eval ruler $Q15 --lengths 65536 --samples "${SAMPLES:-6}" --out "$RES/$step" \
       --methods "dense,longinfer,$(plan_methods "$PLANS18" exact-kernel)" ;;
   q19-control-128k)  # issue 5: the same control at 128K (the default 68.6 vs dense 71.0 there, session 17)
-    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+    run_cli eval ruler $Q15 --lengths 131072 --samples "${SAMPLES:-6}" --out "$RES/$step" \
       --methods "dense,longinfer,$(plan_methods "$PLANS18" exact-kernel)" ;;
   q15-floors-32k)  # issue 5: the cheaper floors at 32K (12 prompts per sub-task, session 8's dense rows; rerun to
     # finish) and the turns (4K over 64K) of every floor plan (floors now on the Triton selection)

@@ -264,7 +264,9 @@ def kernel_part_timings(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selec
                         config: vs.VerticalSlashConfig, scale: float, repeats: int) -> dict[str, float]:
     """Where the sparse kernel's time goes (graph-replayed, no dense tail): the index's columns alone
     (diagonals cut to the forced local band), its diagonals alone (columns cut to the forced sinks),
-    and our kernel's dense mode over every causal key (its per-pair cost, to compare with SDPA's)."""
+    where each KV group's heads share their columns those columns as one index per KV group (heads
+    stacked in a tile), and our kernel's dense mode over every causal key (its per-pair cost, to
+    compare with SDPA's)."""
     nk = k.shape[2]
     local_only = torch.where(selection.slash < config.local, selection.slash, -1)  # ascending, so still packed
     sinks_only = torch.where(selection.vertical < config.sink, selection.vertical, -1)
@@ -275,6 +277,17 @@ def kernel_part_timings(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selec
         times[f"kernel, {name} (graph)"] = graph_time(
             lambda part=part: ops.vertical_slash_attention(q, k, v, index=part, block_size=selection.block_size,
                                                            sm_scale=scale), repeats)
+    group = q.shape[1] // k.shape[1]
+    group_columns, group_local = selection.vertical[:, ::group], local_only[:, ::group]
+    if group > 1 and all(torch.equal(x, x[:, ::group].repeat_interleave(group, dim=1))
+                         for x in (selection.vertical, local_only)):
+        # Every head of a KV group attends the same columns (the default's shared columns): the same
+        # columns as one index per KV group, whose launch stacks the group's heads in one tile and loads
+        # each gathered K/V row once for all of them: what a column pass per KV group would cost.
+        part = build_vertical_slash_index(group_columns, group_local, nk, selection.block_size, presorted=True)
+        times["kernel, columns only, one index per KV group (heads stacked) (graph)"] = graph_time(
+            lambda: ops.vertical_slash_attention(q, k, v, index=part, block_size=selection.block_size,
+                                                 sm_scale=scale), repeats)
     times["kernel, dense mode (graph)"] = graph_time(lambda: ops.dense_attention(q, k, v, sm_scale=scale), repeats)
     # The dense mode at one fixed launch with its key range as separate loops (pipelined, the default
     # since session 16) and as one branching loop (not pipelined): what the split buys.
