@@ -347,7 +347,7 @@ def test_a_shape(b, hq, hkv, n, d, dtype):
     assert_matches_reference(out, q, k, v, a_shape_mask(sink, window, n, device=DEVICE))
 
 
-@pytest.mark.parametrize("sink,window", [(0, 1), (0, 0), (300, 0), (0, 500), (17, 129), (128, 128), (1, 2)])
+@pytest.mark.parametrize("sink,window", [(0, 1), (0, 0), (300, 0), (0, 500), (0, 1 << 20), (17, 129), (128, 128), (1, 2)])
 def test_a_shape_edges(sink, window):
     n = 260
     q, k, v = _qkv(1, 2, 1, n, 64, torch.float32, seed=sink + window)

@@ -4,8 +4,11 @@ against the keys up to its end), and that at a lower coverage target; and the de
 columns and diagonals (coverage tau 0.9 but at least min_vertical / min_slash of each, the peer's
 fixed budget being 1,000 / 6,096: the peer scored dense's RULER 32K at ~40% density); and the default
 with its 64 queries taken half from the prompt's end ("mixed") or all from the end ("last")."""
-import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "benchmarks"))  # run from the repository root
+from plan_variants import with_params, write_variant  # noqa: E402
 
 SOURCE = "docs/results/gpu-session11/plans/q15-exact-tail.json"
 OUT = "docs/results/gpu-session13/plans"
@@ -22,15 +25,10 @@ VARIANTS = {
     "gcols": (1, 0.9, 0, 0, "strided", 64, True), "gcols-tau0.8": (1, 0.8, 0, 0, "strided", 64, True),
 }
 for name, (segments, tau, min_vertical, min_slash, sampling, last_q, group_columns) in VARIANTS.items():
-    plan = json.load(open(SOURCE))
-    for layer in plan["layers"]:
-        for head in layer["heads"]:
-            head["params"].update(last_q=last_q, segments=segments, tau=tau, min_vertical=min_vertical,
-                                  min_slash=min_slash, query_sampling=sampling, group_columns=group_columns)
-    plan["search"]["note"] = (
-        f"the default plan (coverage tau={tau}, last 128 rows dense) with {last_q} {sampling} estimation queries, "
-        f"{segments} query segment(s) (each estimated from its own queries), at least {min_vertical} columns / "
-        f"{min_slash} diagonals per head{', each head with its KV group' + chr(39) + 's columns' if group_columns else ''}; "
-        f"written by `{' '.join(sys.argv)}` from {SOURCE}")
-    json.dump(plan, open(f"{OUT}/q15-{name}-tail.json", "w"), indent=1)
-    print(name)
+    shared = ", each head with its KV group's columns" if group_columns else ""
+    write_variant(SOURCE, OUT, name,
+                  with_params(last_q=last_q, segments=segments, tau=tau, min_vertical=min_vertical, min_slash=min_slash,
+                              query_sampling=sampling, group_columns=group_columns),
+                  f"the default plan (coverage tau={tau}, last 128 rows dense) with {last_q} {sampling} estimation "
+                  f"queries, {segments} query segment(s) (each estimated from its own queries), at least {min_vertical} "
+                  f"columns / {min_slash} diagonals per head{shared}")

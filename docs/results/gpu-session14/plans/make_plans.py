@@ -11,8 +11,11 @@ attends its KV group's columns; 28 layers of Qwen2.5-Coder-1.5B):
 
     python docs/results/gpu-session14/plans/make_plans.py
 """
-import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "benchmarks"))  # run from the repository root
+from plan_variants import with_params, write_variant  # noqa: E402
 
 SOURCE = "docs/results/gpu-session13/plans/q15-gcols-tail.json"
 OUT = "docs/results/gpu-session14/plans"
@@ -25,10 +28,4 @@ VARIANTS = {
     "gcols-cap1024": (True, 0.9, 1024, f"{DEFAULT} with at most 1,024 columns per head before the union"),
 }
 for name, (group_columns, tau, num_vertical, note) in VARIANTS.items():
-    plan = json.load(open(SOURCE))
-    for layer in plan["layers"]:
-        for head in layer["heads"]:
-            head["params"].update(group_columns=group_columns, tau=tau, num_vertical=num_vertical)
-    plan["search"]["note"] = f"{note}; written by `{' '.join(sys.argv)}` from {SOURCE}"
-    json.dump(plan, open(f"{OUT}/q15-{name}-tail.json", "w"), indent=1)
-    print(name)
+    write_variant(SOURCE, OUT, name, with_params(group_columns=group_columns, tau=tau, num_vertical=num_vertical), note)

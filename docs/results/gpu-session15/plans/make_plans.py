@@ -14,8 +14,11 @@ shared columns alone were within noise of dense at 25%. So:
 
     python docs/results/gpu-session15/plans/make_plans.py
 """
-import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "benchmarks"))  # run from the repository root
+from plan_variants import with_params, write_variant  # noqa: E402
 
 SOURCE = "docs/results/gpu-session14/plans/q15-perhead-tail.json"
 OUT = "docs/results/gpu-session15/plans"
@@ -26,17 +29,11 @@ VARIANTS = {
     "gcols-floor-v1000-s3000-from64k": (True, 1000, 3000, 65536),
 }
 for name, (group_columns, min_vertical, min_slash, floor_from) in VARIANTS.items():
-    plan = json.load(open(SOURCE))
-    for layer in plan["layers"]:
-        for head in layer["heads"]:
-            head["params"].update(group_columns=group_columns, min_vertical=min_vertical, min_slash=min_slash)
-            if floor_from:
-                head["params"]["floor_from"] = floor_from
+    changes = {"group_columns": group_columns, "min_vertical": min_vertical, "min_slash": min_slash}
+    if floor_from:
+        changes["floor_from"] = floor_from
     columns = "its KV group's columns" if group_columns else "its own columns"
     scope = f" on calls over at least {floor_from} keys" if floor_from else ""
-    plan["search"]["note"] = (
-        f"coverage tau 0.9 from 64 strided queries, last 128 rows dense, each head {columns}, at least "
-        f"{min_vertical} columns / {min_slash} diagonals per head{scope}; written by `{' '.join(sys.argv)}` "
-        f"from {SOURCE}")
-    json.dump(plan, open(f"{OUT}/q15-{name}-tail.json", "w"), indent=1)
-    print(name)
+    write_variant(SOURCE, OUT, name, with_params(**changes),
+                  f"coverage tau 0.9 from 64 strided queries, last 128 rows dense, each head {columns}, at least "
+                  f"{min_vertical} columns / {min_slash} diagonals per head{scope}")

@@ -11,19 +11,16 @@ is density (and TTFT) spent for nothing:
 
     python docs/results/gpu-session16/plans/make_plans.py
 """
-import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "benchmarks"))  # run from the repository root
+from plan_variants import with_params, write_variant  # noqa: E402
 
 SOURCE = "docs/results/gpu-session14/plans/q15-perhead-tail.json"
 OUT = "docs/results/gpu-session16/plans"
 VARIANTS = {"floor-v1000-s0": (1000, 0), "floor-v0-s3000": (0, 3000)}  # name: (min_vertical, min_slash)
 for name, (min_vertical, min_slash) in VARIANTS.items():
-    plan = json.load(open(SOURCE))
-    for layer in plan["layers"]:
-        for head in layer["heads"]:
-            head["params"].update(group_columns=False, min_vertical=min_vertical, min_slash=min_slash)
-    plan["search"]["note"] = (
-        f"coverage tau 0.9 from 64 strided queries, last 128 rows dense, each head its own columns, at least "
-        f"{min_vertical} columns / {min_slash} diagonals per head; written by `{' '.join(sys.argv)}` from {SOURCE}")
-    json.dump(plan, open(f"{OUT}/q15-{name}-tail.json", "w"), indent=1)
-    print(name)
+    write_variant(SOURCE, OUT, name, with_params(group_columns=False, min_vertical=min_vertical, min_slash=min_slash),
+                  f"coverage tau 0.9 from 64 strided queries, last 128 rows dense, each head its own columns, at "
+                  f"least {min_vertical} columns / {min_slash} diagonals per head")

@@ -23,8 +23,11 @@ Two questions:
 
     python docs/results/gpu-session17/plans/make_plans.py
 """
-import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "benchmarks"))  # run from the repository root
+from plan_variants import write_variant, with_params  # noqa: E402
 
 SOURCE = "docs/results/gpu-session14/plans/q15-perhead-tail.json"
 OUT = "docs/results/gpu-session17/plans"
@@ -37,22 +40,11 @@ VARIANTS = {  # name: (estimation queries, min_slash)
 BLOCK_SPARSE = {"pattern": "block_sparse", "params": {"num_blocks": 1024, "block_size": 64, "budget": "coverage",
                                                       "tau": 0.9}}
 
-
-def write_plan(name: str, head_of, note: str) -> None:
-    """``OUT/q15-NAME-tail.json``: SOURCE with every head replaced by ``head_of(head)``, provenance in its note."""
-    plan = json.load(open(SOURCE))
-    for layer in plan["layers"]:
-        layer["heads"] = [head_of(head) for head in layer["heads"]]
-    plan["search"]["note"] = f"{note}; written by `{' '.join(sys.argv)}` from {SOURCE}"
-    json.dump(plan, open(f"{OUT}/q15-{name}-tail.json", "w"), indent=1)
-    print(name)
-
-
 for name, (last_q, min_slash) in VARIANTS.items():
-    changes = {"group_columns": False, "last_q": last_q, "min_vertical": 0, "min_slash": min_slash}
-    write_plan(name, lambda head, changes=changes: {**head, "params": {**head["params"], **changes}},
-               f"coverage tau 0.9 from {last_q} strided queries, last 128 rows dense, each head its own columns, "
-               f"at least {min_slash} diagonals per head")
-write_plan("bs-cov0.9", lambda head: BLOCK_SPARSE,
-           "block-sparse, coverage tau 0.9 of mean-pooled 64-token blocks, at most 1,024 key blocks, last 128 rows "
-           "dense")
+    write_variant(SOURCE, OUT, name,
+                  with_params(group_columns=False, last_q=last_q, min_vertical=0, min_slash=min_slash),
+                  f"coverage tau 0.9 from {last_q} strided queries, last 128 rows dense, each head its own columns, "
+                  f"at least {min_slash} diagonals per head")
+write_variant(SOURCE, OUT, "bs-cov0.9", lambda head: BLOCK_SPARSE,
+              "block-sparse, coverage tau 0.9 of mean-pooled 64-token blocks, at most 1,024 key blocks, last 128 "
+              "rows dense")
