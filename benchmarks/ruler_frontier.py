@@ -5,9 +5,11 @@ Reads the committed ``ruler.jsonl`` files (append-only eval records), keeps each
 average score, its paired difference to dense with the 95% bootstrap interval
 (:func:`longinfer.eval.ruler.difference_interval`), how many prompts scored better / worse than
 under dense (a sharper signal than the average at 12 prompts per sub-task), the mean
-prefill attention density where the records carry it (sessions 12 on), and the time to first token
-against dense at the same length where a ``latency.jsonl`` holds both (the method's latest
-measurement, dense from the same process).
+prefill attention density where the records carry it (sessions 12 on), the mean paired difference of
+the reference answer's log-probability where both runs carry it (session 18 on), and the time to
+first token against dense at the same length where a ``latency.jsonl`` holds both (the method's latest
+measurement, dense from the same process). Below the table: the prompts that most runs score lower
+than dense (a gap concentrated in a few prompts shows there).
 
     python benchmarks/ruler_frontier.py --model qwen2.5-coder-1.5b --length 32768 \\
         --out docs/results/ruler-frontier-q15-32k
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from longinfer.eval.report import markdown_table
-from longinfer.eval.ruler import difference_interval, summarize
+from longinfer.eval.ruler import difference_interval, mean_difference, paired_differences, summarize
 
 log = logging.getLogger("ruler_frontier")
 Record = dict[str, Any]
@@ -130,13 +132,36 @@ def frontier_rows(runs: dict[str, tuple[Path, list[Record]]], root: Path) -> lis
         by_case = {r["case_id"]: r["score"] for r in records if r["method"] == "dense"}
         ours = [(r["score"], by_case[r["case_id"]]) for r in records if r["method"] == label and r["case_id"] in by_case]
         densities = [r["attention_density"] for r in records if r["method"] == label and "attention_density" in r]
+        logprob = paired_differences(records, label, "dense", length, field="reference_logprob")
         rows.append({
             "method": label, "score": score, "dense": dense, "difference": score - dense, "interval": interval,
             "prompts": len(ours), "better": sum(a > b for a, b in ours), "worse": sum(a < b for a, b in ours),
             "density": statistics.fmean(densities) if densities else None,
+            "logprob_difference": None if logprob is None else mean_difference(logprob),
             "source": _source(path, root),
         })
     return sorted(rows, key=lambda row: -row["difference"])
+
+
+def common_losses(runs: dict[str, tuple[Path, list[Record]]], share: float = 0.5) -> list[tuple[str, int]]:
+    """The prompts (``case_id``) that at least ``share`` of the runs score lower than dense, with how many
+    do, most first (then by case id). The runs must be complete (:func:`split_complete`)."""
+    lost: dict[str, int] = {}
+    for label, (_, records) in runs.items():
+        dense = {r["case_id"]: r["score"] for r in records if r["method"] == "dense"}
+        for r in records:
+            if r["method"] == label and r["score"] < dense[r["case_id"]]:
+                lost[r["case_id"]] = lost.get(r["case_id"], 0) + 1
+    needed = max(1, share * len(runs))
+    return sorted(((case, n) for case, n in lost.items() if n >= needed), key=lambda item: (-item[1], item[0]))
+
+
+def render_common_losses(losses: list[tuple[str, int]], runs: int) -> str:
+    """:func:`common_losses` as a sentence (empty when there are none)."""
+    if not losses:
+        return ""
+    listed = ", ".join(f"`{case}` ({n})" for case, n in losses)
+    return f"Prompts that at least half of the {runs} runs score lower than dense (how many runs): {listed}."
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
@@ -145,9 +170,11 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         return f"{row['difference']:+.1f}" + ("" if low_high is None else f" [{low_high[0]:+.1f}, {low_high[1]:+.1f}]")
 
     return markdown_table(
-        ["method", "score", "− dense [95%]", "prompts better / worse / of", "density", "TTFT vs dense", "run"],
+        ["method", "score", "− dense [95%]", "prompts better / worse / of", "density", "Δ log p(answer)",
+         "TTFT vs dense", "run"],
         [[row["method"], f"{row['score']:.1f}", interval(row), f"{row['better']} / {row['worse']} / {row['prompts']}",
           "—" if row["density"] is None else f"{100 * row['density']:.1f}%",
+          "—" if row.get("logprob_difference") is None else f"{row['logprob_difference']:+.3f}",
           "—" if row.get("ttft_speedup") is None else f"{row['ttft_speedup']:.2f}x", f"`{row['source']}`"]
          for row in rows])
 
@@ -209,7 +236,8 @@ def main() -> None:
     else:
         log.info("no run records its density: no plot")
     (args.out / "frontier.json").write_text(json.dumps(rows, indent=1) + "\n")
-    text = "\n\n".join(part for part in (render_table(rows), render_partial(partial)) if part)
+    losses = render_common_losses(common_losses(complete), len(complete))
+    text = "\n\n".join(part for part in (render_table(rows), render_partial(partial), losses) if part)
     (args.out / "frontier_table.md").write_text(text + "\n")
     log.info("%d methods -> %s", len(rows), args.out)
     print(text)

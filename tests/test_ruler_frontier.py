@@ -70,6 +70,23 @@ def test_rows_count_paired_prompts_and_keep_each_methods_latest_run(results: Pat
     default = rows["longinfer (default until session 13)"]
     assert (default["score"], default["difference"], default["worse"], default["source"]) == (25.0, -50.0, 2, "a/ruler.jsonl")
     assert default["density"] is None
+    assert all(row["logprob_difference"] is None for row in rows.values())  # no record carries one
+    # niah_single/i1 is lost by 2 of the 3 runs (kv and the old default), niah_single/i0 by the old default alone
+    assert frontier.common_losses(complete) == [("niah_single/L1024/i1/s0", 2)]
+    assert frontier.common_losses(complete, share=0.3) == [("niah_single/L1024/i1/s0", 2),
+                                                           ("niah_single/L1024/i0/s0", 1)]
+
+
+def test_reference_logprob_difference_is_paired_per_prompt(tmp_path: Path):
+    frontier = load_benchmark("ruler_frontier")
+    dense = [dict(r, reference_logprob=-1.0) for r in _records("dense", [1.0, 1.0, 1.0, 1.0])]
+    ours = [dict(r, reference_logprob=lp) for r, lp in zip(_records("longinfer:p", [1.0, 1.0, 0.0, 1.0]),
+                                                            [-1.5, -1.0, -4.0, -2.0])]
+    _write(tmp_path / "r" / "ruler.jsonl", dense + ours)
+    rows = frontier.frontier_rows(frontier.read_runs(tmp_path.rglob("ruler.jsonl"), "m", 1024), tmp_path)
+    # niah_single: (-0.5 + 0) / 2 = -0.25; vt: (-3 - 1) / 2 = -2; the mean over sub-tasks -1.125
+    assert rows[0]["logprob_difference"] == pytest.approx(-1.125)
+    assert "| -1.125 |" in frontier.render_table(rows)
 
 
 def _latency(method: str, ttft: float, date: str, **extra) -> dict:
