@@ -28,9 +28,9 @@ forward over PG essays, then times, per layer and in one process:
   graph-replayed, and over the index rebuilt with 32-key chunks: less padding at range ends),
   unsplit (one program per tail tile), without the tail, with the tail as a separate split-K launch
   (``tail separate``, :data:`longinfer.ops.sparse.TAIL_LAUNCH`), at other launch options (warps,
-  stages; the default rows use the launch's fixed choice), and with 128-row query tiles (the estimate rerun with
-  ``block_size=128``, its own index; the slashes then cover whole 128-row tiles, so it computes
-  more pairs).
+  stages; the default rows use the launch's fixed choice), and with 128-row and 32-row query tiles (the
+  estimate rerun with ``block_size=128`` / ``32``, its own index; the slashes then cover whole tiles of
+  that height, so 128-row tiles compute more pairs and 32-row tiles fewer).
 
 V is random normal (a kernel's time does not depend on V's values); q/k and so every index are the
 model's. Timing: CUDA events, median of ``--repeats`` after 2 warm-ups
@@ -238,6 +238,13 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     times["kernel 128-row tiles (default options)"] = timed(
         lambda: ops.vertical_slash_attention(q, k, v, index=tall_index, block_size=128, sm_scale=scale,
                                              dense_from=tall_from))
+    # 32-row query tiles (32-key chunks): their own estimate and index. A lone slash costs a 32-key range
+    # per row instead of 64, so scattered diagonals compute half the pairs, in smaller tiles.
+    short = spec.estimate(q, k, dataclasses.replace(config, block_size=32), sm_scale=scale, per_kv_group=per_kv)
+    short_index = build_vertical_slash_index(short.vertical, short.slash, nk, 32, presorted=True)
+    times["kernel 32-row tiles, own estimate (graph)"] = graph_time(
+        lambda: ops.vertical_slash_attention(q, k, v, index=short_index, block_size=32, sm_scale=scale,
+                                             dense_from=dense_from), repeats)
     for name, block_m, index_built, from_row, sweep in variants:
         for warps, stages in sweep:
             options = {"num_warps": warps, "num_stages": stages}
