@@ -421,6 +421,15 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
   q19-control-128k)  # issue 5: the same control at 128K (the default 68.6 vs dense 71.0 there, session 17)
     run_cli eval ruler $Q15 --lengths 131072 --samples "${SAMPLES:-6}" --out "$RES/$step" \
       --methods "dense,longinfer,$(plan_methods "$PLANS18" exact-kernel)" ;;
+  q19-tiles32)  # issues 4/5: 32-row query tiles ($PLANS18; a lone diagonal costs 32 keys per row, not 64): the
+    # turn with the default's short rule on them, then the long rule on them at 128K, RULER-style (dense seeded;
+    # rerun to finish) and TTFT beside dense and the default
+    plan_turns "$PLANS18" gcols-bs32
+    seed_dense_ruler
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,$(plan_methods "$PLANS18" s3000-bs32)"
+    run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS18" s3000-bs32)" ;;
   q15-floors-32k)  # issue 5: the cheaper floors at 32K (12 prompts per sub-task, session 8's dense rows; rerun to
     # finish) and the turns (4K over 64K) of every floor plan (floors now on the Triton selection)
     plan_turns "$PLANS15" floor-v500-s1500 gcols-floor-v500-s1500
