@@ -60,6 +60,7 @@ from longinfer.patterns._select_kernel import (
     _sequential_kernel,
     _top_pass_kernel,
 )
+from longinfer.patterns._union_kernel import MARK_BLOCK, PACK_BLOCK, _mark_bits_kernel, _pack_bits_kernel
 
 I32 = "i32"
 
@@ -149,6 +150,10 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
     # and the dense mode both ways.
     rows.append(("vertical-slash kernel, 64-row tiles, one-loop key ranges", _sparse_attention_fwd, sparse_types,
                  {**one_tile, "MODE": MODE_VERTICAL_SLASH, "COVERED_IN_LOADS": True, "SPLIT_RANGES": False}, 4, 3))
+    # The slash chunks' scores unmasked (mask_slash_scores=False: a timing bound, wrong output).
+    rows.append(("vertical-slash kernel, 64-row tiles, slash scores unmasked", _sparse_attention_fwd, sparse_types,
+                 {**one_tile, "MODE": MODE_VERTICAL_SLASH, "COVERED_IN_LOADS": True, "SPLIT_RANGES": True,
+                  "MASK_SLASH_SCORES": False}, 4, 3))
     for split in (True, False):
         rows.append((f"dense-mode kernel, 64-row tiles, {'split' if split else 'one-loop'} key ranges",
                      _sparse_attention_fwd, sparse_types,
@@ -187,6 +192,11 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
                      _types(_sequential_kernel, masses, tau), {**chunk, "COVERAGE": True, "ALWAYS": always}, 8, 3))
     rows.append(("index tables", _tables_kernel, tables_types, {"BLOCK_SIZE": 64, "CHUNK": 64, "STEPS": 15,
                                                                 "BLOCK": 1024}, 4, 1))
+    union_types = {"INDEX": "*i64", "BITMAP": "*i8", "OUT": "*i64"}
+    rows.append(("KV-group union, marks", _mark_bits_kernel, _types(_mark_bits_kernel, union_types),
+                 {"BLOCK": MARK_BLOCK}, 4, 1))
+    rows.append(("KV-group union, pack", _pack_bits_kernel, _types(_pack_bits_kernel, union_types),
+                 {"BLOCK": PACK_BLOCK}, 8, 1))
     return rows
 
 

@@ -98,7 +98,7 @@ case "$step" in
     # (The whole files, CPU cases included, ran past 400 s in sessions 5 and 13: every case compiles its own variants.)
     LONGINFER_AUTOTUNE=0 run python3 -m pytest -q -p no:cacheprovider --durations=5 \
       tests/test_gpu_graphs.py tests/test_estimate_kernel.py tests/test_select_kernel.py tests/test_ops_kernels.py \
-      tests/test_patterns_sampling.py \
+      tests/test_patterns_sampling.py tests/test_patterns.py \
       -k "gpu or bfloat16" > "$RES/$step/pytest.txt" 2>&1
     tail -5 "$RES/$step/pytest.txt" ;;
   select-bench)  # no model: the vertical-slash budget alone, torch vs the Triton paths and their launch choices

@@ -16,8 +16,9 @@ forward over PG essays, then times, per layer and in one process:
   graph, ``(graph)``: GPU time alone), the ``selection`` (the budget applied to the layer's
   masses) by the torch path and by the Triton kernels at their default launch choices and at the
   first ones (chunk 512, no compaction), graph-replayed (``selection backends agree``: 1.0 when all give the
-  same index), the estimate's pass 1 at other key splits and launch options (``masses, pass 1 ..
-  keys warps=.. stages=..``) and its pass 2 at each fixed launch configuration
+  same index), the KV-group union of the columns by the Triton kernels and by the torch bitmap,
+  the estimate's pass 1 at other key splits and launch options (``masses, pass 1 .. keys warps=..
+  stages=..``) and its pass 2 at each fixed launch configuration
   (``pass 2 BLOCK_N=.. warps=.. stages=..``: both the masses with the scratch, graph-replayed), the
   kernel on the index's columns alone, its diagonals alone and in its dense mode (where the kernel's
   time per computed pair goes, against SDPA's), with the K/V of covered columns loaded
@@ -67,7 +68,9 @@ from longinfer.ops._launch import launch
 from longinfer.ops.index import build_vertical_slash_index
 from longinfer.ops.sparse import default_tail_splits
 from longinfer.patterns import _estimate_kernel, get_pattern
+from longinfer.patterns._common import union_packed_over_groups
 from longinfer.patterns._select_kernel import ParallelOptions, select_packed_triton
+from longinfer.patterns._union_kernel import union_packed_over_groups_triton
 from longinfer.patterns import vertical_slash as vs
 from longinfer.plans.schema import Plan, default_plan_for
 from longinfer.timing import median_cuda_ms
@@ -195,6 +198,12 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     if config.shares_group_columns(k.shape[2]) or per_kv:  # the selection as the estimate runs it, unions included
         times["selection + KV-group unions (graph)"] = graph_time(
             lambda: vs.select_packed_over_groups(*estimated, config, k.shape[1], per_kv_group=per_kv), repeats)
+        # The columns' union alone, by the Triton kernels (the path above) and by the torch bitmap (before
+        # session 18), repeated for every query head as the shared columns need it.
+        columns, _ = vs.select_packed(*estimated, config)
+        for name, union in (("Triton", union_packed_over_groups_triton), ("torch", union_packed_over_groups)):
+            times[f"KV-group union of the columns, {name} (graph)"] = graph_time(
+                lambda union=union: union(columns, k.shape[1], k.shape[2], repeat=True), repeats)
     selection = estimate()
     nk = k.shape[2]
 

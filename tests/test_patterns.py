@@ -1,6 +1,7 @@
 """Estimators and the registry: exact index formats, planted patterns found, budgets honoured."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -248,10 +249,20 @@ def test_vertical_slash_kv_group_union():
                 assert set(getattr(shared, field)[0, kv].tolist()) - {-1} == union
 
 
-@pytest.mark.parametrize("bsz,hq,hkv,width,length", [(1, 6, 2, 7, 50), (2, 12, 2, 33, 257), (3, 4, 4, 5, 9)])
-def test_union_packed_over_groups_is_the_sorted_set_union(bsz, hq, hkv, width, length):
+UNION_BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+
+@pytest.mark.parametrize("backend", UNION_BACKENDS)
+@pytest.mark.parametrize("bsz,hq,hkv,width,length", [(1, 6, 2, 7, 50), (2, 12, 2, 33, 257), (3, 4, 4, 5, 9),
+                                                     (1, 12, 2, 700, 9000)])
+def test_union_packed_over_groups_is_the_sorted_set_union(backend, bsz, hq, hkv, width, length):
     """Each KV group's row holds its heads' positions as an ascending set, then -1, at width G * W;
-    rows with no position (all -1) and heads sharing positions included."""
+    rows with no position (all -1) and heads sharing positions included. The Triton kernels (in the
+    interpreter) give the same rows, also repeated for each query head; the last shape packs more than
+    one 4,096-key block per row and marks more than one 1,024-position block per head."""
+    from longinfer.patterns._union_kernel import union_packed_over_groups_triton
+
+    union_of = union_packed_over_groups if backend == "torch" else union_packed_over_groups_triton
     g = torch.Generator().manual_seed(width)
     index = torch.full((bsz, hq, width), -1, dtype=torch.long)
     for b in range(bsz):
@@ -259,13 +270,33 @@ def test_union_packed_over_groups_is_the_sorted_set_union(bsz, hq, hkv, width, l
             count = int(torch.randint(0, width + 1, (1,), generator=g))
             if (b, h) != (0, 0):  # head (0, 0) keeps no position at all
                 index[b, h, :count] = torch.randperm(length, generator=g)[:count].sort().values
-    union = union_packed_over_groups(index, hkv, length)
+    union = union_of(index, hkv, length)
     group = hq // hkv
     assert union.shape == (bsz, hkv, group * width) and union.dtype == torch.long
     for b in range(bsz):
         for kv in range(hkv):
             expected = sorted(set(index[b, kv * group:(kv + 1) * group].flatten().tolist()) - {-1})
             assert union[b, kv].tolist() == expected + [-1] * (group * width - len(expected))
+    assert torch.equal(union_of(index, hkv, length, repeat=True), union.repeat_interleave(group, dim=1))
+
+
+@pytest.mark.gpu
+def test_triton_union_on_cuda_is_the_torch_union():
+    """On CUDA (the path the estimate takes there) the Triton union of a 4K turn's shape (12 query heads
+    in 2 KV groups, up to 4,096 columns each over 69,632 keys) equals the torch path's, repeated too."""
+    from longinfer.patterns._union_kernel import union_packed_over_groups_triton
+
+    g = torch.Generator().manual_seed(3)
+    length, width = 69632, 4096
+    index = torch.full((1, 12, width), -1, dtype=torch.long)
+    for h in range(12):
+        count = int(torch.randint(width // 2, width + 1, (1,), generator=g))
+        index[0, h, :count] = torch.randperm(length, generator=g)[:count].sort().values
+    expected = union_packed_over_groups(index, 2, length)
+    union = union_packed_over_groups_triton(index.cuda(), 2, length)
+    repeated = union_packed_over_groups_triton(index.cuda(), 2, length, repeat=True)
+    assert torch.equal(union.cpu(), expected)
+    assert torch.equal(repeated.cpu(), expected.repeat_interleave(6, dim=1))
 
 
 def _planted_block_qk(n=256, d=32, block=5, bs=16, seed=0):

@@ -135,17 +135,21 @@ def union_of_packed(parts: Sequence[torch.Tensor], length: int, width: int) -> t
     return mask_to_index(chosen[..., :length], width)
 
 
-def union_packed_over_groups(index: torch.Tensor, kv_heads: int, length: int) -> torch.Tensor:
-    """Union of each KV group's packed positions: ``[B, Hq, W]`` -> ``[B, Hkv, G * W]``.
+def union_packed_over_groups(index: torch.Tensor, kv_heads: int, length: int, *, repeat: bool = False) -> torch.Tensor:
+    """Union of each KV group's packed positions: ``[B, Hq, W]`` -> ``[B, Hkv, G * W]``
+    (``[B, Hq, G * W]`` with ``repeat``: each query head gets its group's row).
 
     ``index`` int64 holds ascending positions in ``[0, length)``, then ``-1`` (the estimators'
     packed format); so does the result, for the ``G = Hq // Hkv`` query heads of each group
     together (:func:`union_of_packed`: a key bitmap; two sorts of the ``G * W`` positions took
-    ~0.19 ms per layer of a 4K turn over 64K on an H200, session 15).
+    ~0.19 ms per layer of a 4K turn over 64K on an H200, session 15, the bitmap 0.14 ms with the
+    repeat, session 17). :func:`longinfer.patterns._union_kernel.union_packed_over_groups_triton`
+    is the same in three launches.
     """
     bsz, hq, width = index.shape
     merged = index.reshape(bsz, kv_heads, hq // kv_heads * width)
-    return union_of_packed([merged], length, merged.shape[-1])
+    union = union_of_packed([merged], length, merged.shape[-1])
+    return union.repeat_interleave(hq // kv_heads, dim=1) if repeat else union
 
 
 def union_over_groups(chosen: torch.Tensor, kv_heads: int) -> torch.Tensor:
