@@ -3,7 +3,7 @@
 :func:`union_packed_over_groups_triton` returns what
 :func:`longinfer.patterns._common.union_packed_over_groups` returns (the torch path, the reference),
 optionally with each KV group's row repeated for its query heads (what the shared columns need),
-without the torch path's eleven launches (bitmap, scatter, prefix sum, pack, repeat):
+without the torch path's ten or so launches (bitmap, scatter, prefix sum, pack, repeat):
 
 1. a zeroed ``[B * Hkv, Nk]`` int8 bitmap (one memset);
 2. :func:`_mark_bits_kernel`: every query head's positions set their KV group's bits (plain stores of
@@ -85,7 +85,7 @@ def union_packed_over_groups_triton(index: torch.Tensor, kv_heads: int, length: 
     index = index.contiguous()
     if width:
         _mark_bits_kernel[(bsz * hq, triton.cdiv(width, MARK_BLOCK))](index, bitmap, width, length, group,
-                                                                  BLOCK=MARK_BLOCK, num_warps=4)
+                                                                       BLOCK=MARK_BLOCK, num_warps=4)
     _pack_bits_kernel[(out.shape[0] * out.shape[1],)](bitmap, out, length, out_width, group if repeat else 1,
-                                                  BLOCK=PACK_BLOCK, num_warps=8)
+                                                      BLOCK=PACK_BLOCK, num_warps=8)
     return out

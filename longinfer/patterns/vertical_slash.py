@@ -781,7 +781,7 @@ def select_packed_over_groups(columns: torch.Tensor, diagonals: torch.Tensor, co
     """
     vertical, slash = select_packed(columns, diagonals, config, backend=backend)
     group, length = columns.shape[1] // kv_heads, columns.shape[-1]
-    # The Triton union on CUDA (three launches instead of eleven) and wherever the Triton selection was asked for.
+    # The Triton union on CUDA (three launches instead of about ten) and wherever the Triton selection was asked for.
     union = union_packed_over_groups_triton if columns.is_cuda or backend == "triton" else union_packed_over_groups
     if per_kv_group:
         return union(vertical, kv_heads, length), union(slash, kv_heads, length)
