@@ -133,6 +133,10 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
             rows.append((name, _masses_kernel, masses_types,
                          {**head, "BLOCK_M": block_m, "BLOCK_N": block_n, "SCRATCH": True, "ONE_BLOCK": one_block,
                           "WITH_DIAGONALS": True}, warps, stages))
+    rows.append(("estimate pass 2, queries loaded once, float16 scratch", _masses_kernel,
+                 {**masses_types, "DIAGONALS": "*fp16"},
+                 {**head, "BLOCK_M": 64, "BLOCK_N": 64, "SCRATCH": True, "ONE_BLOCK": True, "WITH_DIAGONALS": True},
+                 8, 3))
     for warps in (4, 8):
         rows.append(("estimate pass 2, columns only (column_q)", _masses_kernel, masses_types,
                      {**head, "BLOCK_M": PASS_TWO_MULTI_BLOCK_M, "BLOCK_N": 128, "SCRATCH": False, "ONE_BLOCK": False,

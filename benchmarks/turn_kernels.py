@@ -11,7 +11,8 @@ forward over PG essays, then times, per layer and in one process:
   (:func:`longinfer.integrations.transformers.attend_layer`), launched eagerly and replayed from
   a CUDA graph (the patched model's default; the graph time is the GPU time alone);
 - its parts: ``estimate`` (masses and selection) with the diagonal-mass scratch and with
-  float32 atomics (``DIAGONAL_SCRATCH_BYTES = 0``), ``masses`` alone both ways, the ``index``
+  float32 atomics (``DIAGONAL_SCRATCH_BYTES = 0``), ``masses`` alone both ways and through a
+  float16 scratch (``DIAGONAL_SCRATCH_DTYPE``; whether its masses select the same index), the ``index``
   build (eager, so host time shows where it exceeds the GPU's; each also replayed from a CUDA
   graph, ``(graph)``: GPU time alone), the ``selection`` (the budget applied to the layer's
   masses) by the torch path and by the Triton kernels at their default launch choices and at the
@@ -80,6 +81,9 @@ from longinfer.timing import median_cuda_ms
 KERNEL_OPTIONS = ((4, 3), (4, 4), (8, 3))
 TALL_KERNEL_OPTIONS = ((4, 3), (8, 3), (8, 2))
 AGREE = "selection backends agree"  # 1.0 / 0.0 per layer among the timings; not a time
+SAME_FP16 = "float16 scratch, same index"  # likewise: the float16 scratch's masses select the float32 index
+FLAGS = {AGREE: "The Triton and torch selections give the same index on {} of {} layers.",
+         SAME_FP16: "The masses through a float16 diagonal scratch select the same index as float32 on {} of {} layers."}
 # The estimate's pass-2 configurations its autotuner chooses from: (BLOCK_N, num_warps, num_stages).
 PASS_TWO_OPTIONS = tuple((c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                          for c in _estimate_kernel._masses_kernel_tuned.configs)
@@ -185,6 +189,10 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     times["masses (scratch)"] = timed(masses)
     times["masses (graph)"] = graph_time(masses, repeats)
     times["masses (atomics)"] = timed(with_scratch_bytes(0, masses))
+    half_scratch = with_estimate_settings(masses, DIAGONAL_SCRATCH_DTYPE=torch.float16)
+    times["masses, float16 scratch (graph)"] = graph_time(half_scratch, repeats)
+    times[SAME_FP16] = float(all(torch.equal(a, b) for a, b in zip(vs.select_packed(*half_scratch(), config),
+                                                                     vs.select_packed(*masses(), config))))
     for keys_per_split, block_n, warps, stages in PASS_ONE_OPTIONS:
         times[f"masses, pass 1 {keys_per_split} keys BLOCK_N={block_n} warps={warps} stages={stages}"] = graph_time(
             with_pass_one_options(keys_per_split, block_n, warps, stages, masses), repeats)
@@ -344,8 +352,7 @@ def triton_selection_timings(estimated: tuple[torch.Tensor, torch.Tensor], confi
 def render_markdown(data: dict[str, Any]) -> str:
     """Totals over layers first (with the ratio to dense SDPA), then every layer."""
     layers = data["layers"]
-    agree = [row["ms"][AGREE] for row in layers if AGREE in row["ms"]]
-    names = list(dict.fromkeys(name for row in layers for name in row["ms"] if name != AGREE))
+    names = list(dict.fromkeys(name for row in layers for name in row["ms"] if name not in FLAGS))
     total = {name: sum(row["ms"].get(name, 0.0) for row in layers) for name in names}
     dense = total["dense SDPA"]
     lines = [f"# Attention of a {data['length']}-token turn over a {data['prefix']}-token cache, by part", "",
@@ -356,8 +363,10 @@ def render_markdown(data: dict[str, Any]) -> str:
              "sums over the layers. V is random (time does not depend on it); q/k are the model's.", "",
              "| part | total ms | dense SDPA / this |", "|---|---|---|"]
     lines += [f"| {name} | {total[name]:.2f} | {dense / total[name]:.2f}x |" for name in names if total[name] > 0]
-    if agree:
-        lines += ["", f"The Triton and torch selections give the same index on {int(sum(agree))} of {len(agree)} layers."]
+    for flag, sentence in FLAGS.items():
+        values = [row["ms"][flag] for row in layers if flag in row["ms"]]
+        if values:
+            lines += ["", sentence.format(int(sum(values)), len(values))]
     short = [n for n in names if "warps=" not in n]
     lines += ["", "## Per layer (ms)", "", "| layer | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
     for row in layers:

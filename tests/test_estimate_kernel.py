@@ -146,6 +146,25 @@ def test_diagonal_scratch_chunks_and_atomics_agree_with_brute_force(monkeypatch,
 
 
 @needs_interpreter
+def test_float16_diagonal_scratch_stays_within_its_rounding(monkeypatch):
+    """A float16 scratch (an option ``turn_kernels.py`` times) halves the scratch's bytes, so twice the
+    heads fit a launch, and keeps the diagonal masses within float16 rounding of the brute force
+    (2e-3 relative: each stored probability carries ~5e-4); the column masses never pass through it."""
+    b, hq, hkv, n_q, n_k, d = 2, 4, 2, 45, 99, 64
+    q, k = _qk(b, hq, hkv, n_q, n_k, d, seed=6)
+    positions = vs.estimation_positions(n_q, n_k, 9, "strided")
+    per_group_float32 = b * (hq // hkv) * positions.numel() * n_k * 4
+    monkeypatch.setattr(kernel, "DIAGONAL_SCRATCH_BYTES", per_group_float32)
+    monkeypatch.setattr(kernel, "DIAGONAL_SCRATCH_DTYPE", torch.float16)
+    assert kernel.scratch_heads(b, hq, hkv, positions.numel(), n_k) == 2 * (hq // hkv)
+    columns, diagonals = estimate_masses_triton(q, k, positions - (n_k - n_q), positions, sink=3, local=2, scale=0.3)
+    ref_columns, ref_diagonals = _brute_force(q, k, positions, sink=3, local=2, scale=0.3)
+    torch.testing.assert_close(columns.double(), ref_columns, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(diagonals.double(), ref_diagonals, atol=1e-6, rtol=2e-3)
+    assert not torch.allclose(diagonals.double(), ref_diagonals, atol=1e-9, rtol=1e-6)  # float16 did round
+
+
+@needs_interpreter
 @pytest.mark.parametrize("keys_per_split", [32, 64])  # 4 and 2 pass-1 splits of 99 keys (the default: 1)
 def test_pass_one_key_splits_merge_to_the_brute_force(monkeypatch, keys_per_split):
     """Pass 1's split-K statistics (several key ranges per query, merged by log-sum-exp) give the

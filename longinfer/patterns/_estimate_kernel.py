@@ -83,6 +83,12 @@ PASS_TWO_MULTI_BLOCK_M = 64
 # 4K turn over 64K on Qwen2.5-1.5B: 210 MB); larger calls run in chunks of KV groups, and calls
 # where one KV group does not fit use atomics.
 DIAGONAL_SCRATCH_BYTES = 256 * 2**20
+# Element type of the diagonal scratch. float16 would halve its traffic (written once and read once:
+# 214 MB per layer of a 4K turn over 64K on Qwen2.5-1.5B, most of pass 2's memory traffic) at ~5e-4
+# relative error per stored probability (stored divided by the query count; those below ~4e-6 flush
+# to zero); float32 keeps the masses within summation order of the torch path.
+# ``benchmarks/turn_kernels.py`` times both.
+DIAGONAL_SCRATCH_DTYPE = torch.float32
 
 
 @triton.jit
@@ -165,7 +171,8 @@ def _tile_masses(q, k_base, keys, pos, lse, query_idx, q_valid, head_row, num_qu
     reversed_offsets = (k_len - 1 - pos)[:, None] + keys[None, :]
     if WITH_DIAGONALS and SCRATCH:
         cell = (head_row * num_queries + query_idx).to(tl.int64)[:, None] * k_len + reversed_offsets
-        tl.store(DIAGONALS + cell, tl.where(on_diagonal, probs, 0.0), mask=visible & q_valid[:, None])
+        tl.store(DIAGONALS + cell, tl.where(on_diagonal, probs, 0.0).to(DIAGONALS.dtype.element_ty),
+                 mask=visible & q_valid[:, None])
     elif WITH_DIAGONALS:
         tl.atomic_add(DIAGONALS + out_base + reversed_offsets, probs, mask=on_diagonal, sem="relaxed")
     return tl.sum(tl.where(offsets >= local, probs, 0.0), axis=0)
@@ -249,7 +256,7 @@ def _diagonal_sum_kernel(SCRATCH, POS, DIAGONALS, num_queries, k_len, BLOCK_S: t
     for query in range(0, num_queries):
         reach = tl.load(POS + query)
         cells = SCRATCH + (row * num_queries + query) * k_len + reversed_offsets
-        total += tl.load(cells, mask=in_range & (reversed_offsets >= k_len - 1 - reach), other=0.0)
+        total += tl.load(cells, mask=in_range & (reversed_offsets >= k_len - 1 - reach), other=0.0).to(tl.float32)
     tl.store(DIAGONALS + row * k_len + (k_len - 1 - reversed_offsets), total, mask=in_range)
 
 
@@ -361,7 +368,7 @@ def scratch_heads(bsz: int, hq: int, hkv: int, count: int, k_len: int) -> int:
     alone does not fit (the atomics path).
     """
     group = hq // hkv
-    per_head = bsz * count * k_len * 4
+    per_head = bsz * count * k_len * (torch.finfo(DIAGONAL_SCRATCH_DTYPE).bits // 8)
     fits = DIAGONAL_SCRATCH_BYTES // per_head // group * group
     return min(fits, hq)
 
@@ -411,11 +418,12 @@ def _masses_with_atomics(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, p
 
 def _masses_with_scratch(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                          lse: torch.Tensor, **pass_two) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass 2 through a ``[B, Hq, L, Nk]`` float32 diagonal scratch, summed by :func:`_diagonal_sum_kernel`."""
+    """Pass 2 through a ``[B, Hq, L, Nk]`` diagonal scratch (:data:`DIAGONAL_SCRATCH_DTYPE`), summed in
+    float32 by :func:`_diagonal_sum_kernel`."""
     bsz, hq, k_len = q.shape[0], q.shape[1], k.shape[2]
     count = rows.numel()
     columns = torch.zeros(bsz, hq, k_len, device=q.device, dtype=torch.float32)
-    scratch = torch.empty(bsz, hq, count, k_len, device=q.device, dtype=torch.float32)
+    scratch = torch.empty(bsz, hq, count, k_len, device=q.device, dtype=DIAGONAL_SCRATCH_DTYPE)
     _masses_launch(q, k, rows, positions, lse, columns, scratch, scratch=True, **pass_two)
     diagonals = torch.empty_like(columns)
     block_s = 64 if interpreter_enabled() else 1024
