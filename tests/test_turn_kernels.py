@@ -20,17 +20,24 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
 
 
-def test_kernel_parts_compute_the_columns_alone_the_diagonals_alone_and_dense(monkeypatch):
+def _kernel_parts(monkeypatch, seed: int, **config_changes):
+    """``kernel_part_timings`` on random q/k/v (4 query heads, 2 KV heads, 200 positions) with its
+    timer replaced by one call: ``(times, outputs of the timed launches, q, k, v, selection, config)``."""
     script = load_benchmark("turn_kernels")
     outputs = []
     monkeypatch.setattr(script, "graph_time", lambda fn, repeats: outputs.append(fn()) or 0.0)
-    gen = torch.Generator().manual_seed(0)
-    n, d = 200, 64
-    q, k, v = (torch.randn(1, h, n, d, generator=gen) for h in (4, 2, 2))
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, 200, 64, generator=gen) for h in (4, 2, 2))
     config = VerticalSlashConfig(num_vertical=24, num_slash=24, sink=4, local=8, last_q=16, block_size=16,
-                                 budget="coverage", tau=0.8, query_sampling="strided")
+                                 budget="coverage", tau=0.8, query_sampling="strided", **config_changes)
     selection = estimate_vertical_slash(q, k, config)
-    times = script.kernel_part_timings(q, k, v, selection, config, d ** -0.5, repeats=1)
+    times = script.kernel_part_timings(q, k, v, selection, config, 64 ** -0.5, repeats=1)
+    return times, outputs, q, k, v, selection, config
+
+
+def test_kernel_parts_compute_the_columns_alone_the_diagonals_alone_and_dense(monkeypatch):
+    times, outputs, q, k, v, selection, config = _kernel_parts(monkeypatch, seed=0)
+    n = q.shape[2]
     assert list(times) == ["kernel, columns only (graph)", "kernel, diagonals only (graph)",
                            "kernel, dense mode (graph)",
                            "kernel, dense mode, split key ranges, 64x64 tiles (graph)",
@@ -50,17 +57,8 @@ def test_kernel_parts_compute_the_columns_alone_the_diagonals_alone_and_dense(mo
 def test_shared_columns_are_also_timed_as_one_index_per_kv_group(monkeypatch):
     """Where the heads of a KV group share their columns, the columns-only part is also launched with one
     index per KV group (the group's heads stacked in a tile): the same pairs, so the same output."""
-    script = load_benchmark("turn_kernels")
-    outputs = []
-    monkeypatch.setattr(script, "graph_time", lambda fn, repeats: outputs.append(fn()) or 0.0)
-    gen = torch.Generator().manual_seed(1)
-    n, d = 200, 64
-    q, k, v = (torch.randn(1, h, n, d, generator=gen) for h in (4, 2, 2))
-    config = VerticalSlashConfig(num_vertical=24, num_slash=24, sink=4, local=8, last_q=16, block_size=16,
-                                 budget="coverage", tau=0.8, query_sampling="strided", group_columns=True)
-    selection = estimate_vertical_slash(q, k, config)
+    times, outputs, _, _, _, selection, _ = _kernel_parts(monkeypatch, seed=1, group_columns=True)
     assert torch.equal(selection.vertical[:, 0], selection.vertical[:, 1])  # shared within the group
-    times = script.kernel_part_timings(q, k, v, selection, config, d ** -0.5, repeats=1)
     names = list(times)
     assert names[2] == "kernel, columns only, one index per KV group (heads stacked) (graph)"
     assert (outputs[2] - outputs[0]).abs().max().item() <= 2e-5  # float32, another summation order (stacked tile)

@@ -21,7 +21,7 @@ from typing import Any
 from .latency import crossover_length
 from .methods import NoAttentionMethod
 from .results import ResultStore
-from .ruler import difference_interval, mean_difference, paired_differences
+from .ruler import bootstrap_interval, difference_interval, mean_difference, paired_differences
 from .ruler import summarize as ruler_summary
 
 logger = logging.getLogger(__name__)
@@ -222,11 +222,10 @@ def _reference_logprob_table(records: Sequence[Record], methods: Sequence[str], 
             if paired is None:
                 cells.append("—")
                 continue
-            interval = difference_interval(records, method, base, length, field="reference_logprob", scale=1.0)
+            low, high = bootstrap_interval(paired)
             worse = sum(d < -math.log(2) for per_subtask in paired for d in per_subtask)
             cases = sum(len(per_subtask) for per_subtask in paired)
-            cells.append(f"{mean_difference(paired):+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]; "
-                         f"{worse} of {cases} halved" if interval else f"{mean_difference(paired):+.3f}")
+            cells.append(f"{mean_difference(paired):+.3f} [{low:+.3f}, {high:+.3f}]; {worse} of {cases} halved")
         if any(cell != "—" for cell in cells):
             rows.append([length, *cells])
     if not rows:

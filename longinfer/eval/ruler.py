@@ -44,6 +44,7 @@ __all__ = [
     "RULER_TASKS",
     "RulerPrompt",
     "RulerTask",
+    "bootstrap_interval",
     "difference_interval",
     "generate",
     "mean_difference",
@@ -545,7 +546,15 @@ def difference_interval(
     paired = paired_differences(records, method, baseline, length, field)
     if paired is None:
         return None
-    differences = [[scale * d for d in per_subtask] for per_subtask in paired]
+    return bootstrap_interval([[scale * d for d in per_subtask] for per_subtask in paired],
+                              resamples=resamples, level=level, seed=seed)
+
+
+def bootstrap_interval(differences: Sequence[Sequence[float]], *, resamples: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Central ``level`` interval of :func:`mean_difference` over ``resamples`` resamplings of
+    ``differences`` (per sub-task, as many paired differences as it has, with replacement).
+    Deterministic for a given ``seed``."""
     rng = random.Random(seed)
     means = sorted(
         sum(sum(rng.choices(d, k=len(d))) / len(d) for d in differences) / len(differences)
