@@ -41,6 +41,9 @@ from longinfer.ops._index_kernel import _groups_kernel, _kept_kernel, _tables_ke
 from longinfer.ops._kernel import (
     MODE_DENSE,
     MODE_VERTICAL_SLASH,
+    SLASH_MASKS_BOUNDARY,
+    SLASH_MASKS_EVERY,
+    SLASH_MASKS_NONE,
     _dense_split_fwd,
     _merge_splits_fwd,
     _sparse_attention_fwd,
@@ -146,18 +149,21 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
         rows.append((f"vertical-slash kernel, {block_m}-row tiles", _sparse_attention_fwd, sparse_types,
                      {**head, "HEADS_PER_TILE": 1, "GROUP": 6, "BLOCK_M": block_m, "BLOCK_N": block_n,
                       "MODE": MODE_VERTICAL_SLASH, "VARLEN": False, "COVERED_IN_LOADS": True,
-                      "SPLIT_RANGES": True}, warps, stages))
-    one_tile = {**head, "HEADS_PER_TILE": 1, "GROUP": 6, "BLOCK_M": 64, "BLOCK_N": 64, "VARLEN": False}
+                      "SPLIT_RANGES": True, "SLASH_MASKS": SLASH_MASKS_BOUNDARY.value}, warps, stages))
+    one_tile = {**head, "HEADS_PER_TILE": 1, "GROUP": 6, "BLOCK_M": 64, "BLOCK_N": 64, "VARLEN": False,
+                "SLASH_MASKS": SLASH_MASKS_BOUNDARY.value}
     rows.append(("vertical-slash kernel, 64-row tiles, covered columns loaded", _sparse_attention_fwd, sparse_types,
                  {**one_tile, "MODE": MODE_VERTICAL_SLASH, "COVERED_IN_LOADS": False, "SPLIT_RANGES": True}, 4, 3))
     # The key ranges as one branching loop (split_ranges=False; the split loops are the rows above),
     # and the dense mode both ways.
     rows.append(("vertical-slash kernel, 64-row tiles, one-loop key ranges", _sparse_attention_fwd, sparse_types,
                  {**one_tile, "MODE": MODE_VERTICAL_SLASH, "COVERED_IN_LOADS": True, "SPLIT_RANGES": False}, 4, 3))
-    # The slash chunks' scores unmasked (mask_slash_scores=False: a timing bound, wrong output).
-    rows.append(("vertical-slash kernel, 64-row tiles, slash scores unmasked", _sparse_attention_fwd, sparse_types,
-                 {**one_tile, "MODE": MODE_VERTICAL_SLASH, "COVERED_IN_LOADS": True, "SPLIT_RANGES": True,
-                  "MASK_SLASH_SCORES": False}, 4, 3))
+    # The slash chunks' scores masked in every chunk (before session 20) or in none (a timing bound,
+    # wrong output); the rows above mask only the chunks that need it (the default).
+    for name, flag in (("masked in every chunk", SLASH_MASKS_EVERY), ("unmasked", SLASH_MASKS_NONE)):
+        rows.append((f"vertical-slash kernel, 64-row tiles, slash scores {name}", _sparse_attention_fwd, sparse_types,
+                     {**one_tile, "MODE": MODE_VERTICAL_SLASH, "COVERED_IN_LOADS": True, "SPLIT_RANGES": True,
+                      "SLASH_MASKS": flag.value}, 4, 3))
     for split in (True, False):
         rows.append((f"dense-mode kernel, 64-row tiles, {'split' if split else 'one-loop'} key ranges",
                      _sparse_attention_fwd, sparse_types,

@@ -143,6 +143,12 @@ case "$step" in
       tests/test_gpu_graphs.py tests/test_ops_kernels.py -k "split or dense_from or graph or gpu" > "$RES/$step/pytest.txt" 2>&1
     run python3 benchmarks/tail_bench.py --out "$RES/$step"
     tail -3 "$RES/$step/pytest.txt" ;;
+  slash-masks)  # no model: the vertical-slash kernel's GPU tests (bf16), then the slash chunks' mask forms timed
+    # on tail_bench's structured index (a 4K turn over 64K keys, the 1.5B's heads)
+    LONGINFER_AUTOTUNE=0 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_ops_kernels.py \
+      -k "bfloat16 or slash_masks or gpu" > "$RES/$step/pytest.txt" 2>&1
+    tail -3 "$RES/$step/pytest.txt"
+    run python3 benchmarks/tail_bench.py --repeats 10 --out "$RES/$step" ;;
   q15-core)  # one call for the usual speed check: turn by part, turn, TTFT with its floor, turn profile
     for sub in q15-turn-kernels q15-turn-default q15-ttft q15-turn-profile; do
       LIMIT=$((limit / 2)) bash "$0" "$sub"

@@ -26,6 +26,8 @@ import torch
 
 from longinfer import ops
 from longinfer.ops._checks import AttentionShape
+from longinfer.ops._kernel import MODE_VERTICAL_SLASH
+from longinfer.ops._launch import launch
 from longinfer.ops.dense import default_splits
 from longinfer.ops.sparse import default_tail_splits
 from longinfer.timing import median_cuda_ms
@@ -72,8 +74,17 @@ def main(argv: list[str] | None = None) -> int:
             out[:, :, nq - tail:] = ops.dense_attention(q[:, :, nq - tail:], k, v, splits=split_count)
             return out
 
+        def masked(slash_masks: str) -> torch.Tensor:  # the default launch options, one mask form
+            return launch(q, k, v, AttentionShape(1, hq, hkv, nq, nk, d), d**-0.5, MODE_VERTICAL_SLASH, 64, vs=index,
+                          options={"num_warps": 4, "num_stages": 3, "slash_masks": slash_masks})
+
         variants = {
             "sparse, no dense rows": lambda: sparse(),
+            "sparse, no dense rows, 4 warps, slash scores: per-key bias, diagonal after (default)": lambda: masked(
+                "boundary"),
+            "sparse, no dense rows, 4 warps, slash scores masked in every chunk (before session 20)": lambda: masked(
+                "every"),
+            "sparse, no dense rows, 4 warps, slash scores unmasked (bound, wrong output)": lambda: masked("none"),
             "dense tiles inside the kernel, one program per tile": lambda: sparse(nk - tail),
             f"dense tiles inside the kernel, split over keys ({in_kernel_splits})": lambda: sparse(nk - tail,
                                                                                                 in_kernel_splits),
@@ -83,11 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             f"the dense rows alone, split-K ({splits})": lambda: ops.dense_attention(q[:, :, nq - tail:], k, v,
                                                                                     splits=splits),
         }
+        mask_diff = (masked("every").float() - masked("boundary").float()).abs().max().item()
         in_kernel, split = sparse(nk - tail, in_kernel_splits), second_pass(splits)
         diff = (in_kernel[:, :, nq - tail:].float() - split[:, :, nq - tail:].float()).abs().max().item()
         for name, fn in variants.items():
             rows.append({"layout": layout, "variant": name, "ms": median_cuda_ms(fn, args.repeats, warmup=3),
-                         "tail_rows_max_abs_diff_kernel_vs_split": diff})
+                         "tail_rows_max_abs_diff_kernel_vs_split": diff,
+                         "max_abs_diff_slash_masks_every_vs_default": mask_diff})
     header = {
         "device": torch.cuda.get_device_name(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "command": "python3 benchmarks/tail_bench.py " + " ".join(argv or sys.argv[1:]),
@@ -102,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
              f"- command: `{header['command']}`", "", "| index | variant | ms |", "|---|---|---|"]
     lines += [f"| {r['layout']} | {r['variant']} | {r['ms']:.3f} |" for r in rows]
     lines += ["", f"Tail rows, in-kernel split vs second-pass split-K: max abs difference {rows[-1]['tail_rows_max_abs_diff_kernel_vs_split']:.2e} "
-              "(both dense, bfloat16 outputs)."]
+              "(both dense, bfloat16 outputs).",
+              f"Sparse output, slash scores masked in every chunk vs the default (a per-key bias, the diagonal's keys "
+              f"after): max abs difference {rows[-1]['max_abs_diff_slash_masks_every_vs_default']:.2e}."]
     (out / "tail_bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -25,7 +25,8 @@ forward over PG essays, then times, per layer and in one process:
   time per computed pair goes, against SDPA's), with the K/V of covered columns loaded
   or skipped (``covered_in_loads``, the same launch otherwise), with the key ranges (dense mode,
   dense tail) as separate pipelined loops or one branching loop (``split_ranges``), with the slash
-  chunks' scores unmasked (``mask_slash_scores=False``: wrong output, a timing bound only), and
+  chunks' scores masked in every chunk (``slash_masks="every"``, before session 20) or in none
+  (``"none"``: wrong output, a timing bound only), and
   the ``kernel`` with the dense tail split over keys (the default; also in 16 ranges and
   graph-replayed, and over the index rebuilt with 32-key chunks: less padding at range ends),
   unsplit (one program per tail tile), without the tail, with the tail as a separate split-K launch
@@ -270,12 +271,13 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
                                dense_from=from_row, options=dict(options), tail_splits=default_tail_splits(nk)))
     # The default launch with and without the K/V of covered columns loaded (loaded, those loads wait
     # only for the column ids, not for the coverage lookup too), with the key ranges (the dense
-    # tail's) in one branching loop, the unpipelined form before session 16, and with the slash
-    # chunks' scores unmasked: wrong output, a bound on what an index whose chunks need no masks
-    # (each group's last chunk filled, masks left to the diagonal's and the first tiles' chunks) saves.
+    # tail's) in one branching loop, the unpipelined form before session 16, with the slash chunks'
+    # scores masked element by element in every chunk (before session 20), and unmasked: wrong output,
+    # a bound on what masking nothing at all would save.
     for name, changed in (("covered columns skipped", {}), ("covered columns loaded", {"covered_in_loads": False}),
                           ("one-loop key ranges", {"split_ranges": False}),
-                          ("slash scores unmasked (bound, wrong output)", {"mask_slash_scores": False})):
+                          ("slash scores masked in every chunk", {"slash_masks": "every"}),
+                          ("slash scores unmasked (bound, wrong output)", {"slash_masks": "none"})):
         options = {"num_warps": 4, "num_stages": 3, **changed}
         times[f"kernel, {name} (graph)"] = graph_time(
             lambda options=options: launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, selection.block_size, vs=built,

@@ -20,6 +20,9 @@ set is
    ``covered``) so nothing counts twice.
 
 Element masks are applied only on tiles that need them (the diagonal, range ends, the window edge).
+Slash chunks take a per-key bias instead (their keys up to the tile's first row; ``slash_masks``),
+and the keys past that row, which only the group of the smallest offsets holds, get one masked
+step after the chunk loop.
 GQA: query head ``h`` reads K/V head ``h // GROUP``; the grid order (see the kernel) keeps the
 query heads and neighbouring tiles of one KV head together, so K/V tiles are reused through L2.
 
@@ -50,6 +53,12 @@ MODE_A_SHAPE = 1
 MODE_BLOCKS = 2
 MODE_VERTICAL_SLASH = 3
 
+# Which vertical-slash chunks mask their scores (the launch option ``slash_masks``); constexpr
+# globals so that the kernel can read them (`.value` is the int).
+SLASH_MASKS_EVERY = tl.constexpr(0)  # every chunk, element by element
+SLASH_MASKS_BOUNDARY = tl.constexpr(1)  # a per-key bias, the diagonal's keys in a masked step after: the same output
+SLASH_MASKS_NONE = tl.constexpr(2)  # none: wrong output wherever a chunk needs a mask, a timing bound only
+
 
 @triton.jit
 def _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr):
@@ -57,6 +66,13 @@ def _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, MASKED: tl.constexpr
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 domain
     if MASKED:
         s = tl.where(keep, s, float("-inf"))
+    return _fold_scores(acc, m_i, l_i, s, v, PRECISION)
+
+
+@triton.jit
+def _fold_scores(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
+    """Fold scores ``s [BM, BN]`` (log2 domain, ``-inf`` for masked keys) and ``v [BN, BD]`` into
+    the running output ``acc``, row max ``m_i`` and row sum ``l_i``."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with every key masked so far keeps m = -inf; shift by 0 instead to avoid inf - inf.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -185,7 +201,7 @@ def _sparse_attention_fwd(
     HEADS_PER_TILE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, COVERED_IN_LOADS: tl.constexpr, SPLIT_RANGES: tl.constexpr,
-    MASK_SLASH_SCORES: tl.constexpr = True,
+    SLASH_MASKS: tl.constexpr = SLASH_MASKS_BOUNDARY,
 ):
     # One flat grid, ordered (batch, KV head, query tile from the last, query heads of the group).
     # Programs running at the same time then work on one KV head and neighbouring tiles, so its
@@ -299,14 +315,36 @@ def _sparse_attention_fwd(
         # for every tile), so the loads of the next chunks are in flight while one is computed.
         ch_base = b * stride_ch_b + idx_h * stride_ch_h
         n_chunks = tl.load(ChunkCount + b * stride_cn_b + idx_h * stride_cn_h + tile)
+        diagonal_end = tl.full([], 0, tl.int32)  # keys [tile_start + 1, tile_start + this) wait for the last step
         for i in range(0, n_chunks):
-            cols = tile_start + tl.load(ChunkStart + ch_base + i) + offs_n
-            col_end = tl.minimum(tile_start + tl.load(ChunkEnd + ch_base + i), tile_end)
+            rel_start = tl.load(ChunkStart + ch_base + i)
+            rel_end = tl.load(ChunkEnd + ch_base + i)
+            cols = tile_start + rel_start + offs_n
+            col_end = tl.minimum(tile_start + rel_end, tile_end)
             col_ok = (cols >= 0) & (cols < col_end)
             k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
-            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, MASK_SLASH_SCORES, PRECISION)
+            if SLASH_MASKS == SLASH_MASKS_BOUNDARY:
+                # Only the keys every row of the tile sees (up to its first row): a per-key bias, one
+                # add instead of a compare-and-select per element, and no branch to stop the loads
+                # pipelining. The keys past the first row wait for the masked step after the loop.
+                visible = col_ok & (cols <= tile_start)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                s = s + tl.where(visible, 0.0, float("-inf"))[None, :]
+                acc, m_i, l_i = _fold_scores(acc, m_i, l_i, s, v, PRECISION)
+                diagonal_end = tl.maximum(diagonal_end, rel_end)
+            else:
+                keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
+                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale,
+                                                SLASH_MASKS == SLASH_MASKS_EVERY, PRECISION)
+        if SLASH_MASKS == SLASH_MASKS_BOUNDARY:
+            # Only the group of the smallest offsets reaches past the tile's first row (groups lie more
+            # than BLOCK_M offsets apart), and its range is contiguous: its keys there are exactly
+            # [tile_start + 1, tile_start + diagonal_end), attended here with the causal mask.
+            diagonal_stop = tl.minimum(tile_start + diagonal_end, tile_end)
+            acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, tile_start + 1,
+                                          diagonal_stop, diagonal_stop, rows, offs_n, offs_d, d_ok, qk_scale, 0, 0,
+                                          True, False, BLOCK_N, PRECISION)
         # Columns: the sorted verticals before the tile's end, minus those a slash chunk covered
         # (a lookup by d = tile_start - column, see VerticalSlashIndex.covered).
         c_base = Cols + b * stride_c_b + idx_h * stride_c_h

@@ -10,12 +10,30 @@ import torch
 import triton
 
 from longinfer.ops._checks import AttentionShape, interpreter_enabled
-from longinfer.ops._kernel import _dense_split_fwd, _merge_splits_fwd, _sparse_attention_fwd, sparse_attention_fwd_tuned
+from longinfer.ops._kernel import (
+    SLASH_MASKS_BOUNDARY,
+    SLASH_MASKS_EVERY,
+    SLASH_MASKS_NONE,
+    _dense_split_fwd,
+    _merge_splits_fwd,
+    _sparse_attention_fwd,
+    sparse_attention_fwd_tuned,
+)
 from longinfer.ops.index import BlockSparseIndex, VerticalSlashIndex
 
 LOG2_E = 1.4426950408889634  # the kernel works with exp2: exp(x) = exp2(x * log2(e))
 SPLIT_BLOCK_M = 64  # query tile of the split-K dense pass (stacked heads make it taller)
 TAIL_LAUNCHES = ("fused", "separate")
+# The launch option `slash_masks`: which vertical-slash chunks mask their scores.
+SLASH_MASKS = {"every": SLASH_MASKS_EVERY.value, "boundary": SLASH_MASKS_BOUNDARY.value, "none": SLASH_MASKS_NONE.value}
+DEFAULT_SLASH_MASKS = "boundary"
+
+
+def _slash_masks_flag(name: str) -> int:
+    """The kernel's ``SLASH_MASKS`` for the launch option ``slash_masks`` (a key of :data:`SLASH_MASKS`)."""
+    if name not in SLASH_MASKS:
+        raise ValueError(f"slash_masks must be one of {sorted(SLASH_MASKS)}, got {name!r}")
+    return SLASH_MASKS[name]
 
 
 def _fixed_options(dtype: torch.dtype) -> dict[str, int] | None:
@@ -79,10 +97,10 @@ def launch(
     slash chunk already covered, masking them only in the scores, so those loads do not wait for the
     coverage lookup) and ``split_ranges`` (False walks each key range in one loop that branches per
     tile between the masked and unmasked step, the unpipelined form before session 16); the output is
-    the same) and ``mask_slash_scores`` (False: the slash chunks' scores go unmasked, the loads still
-    masked. **Wrong output** wherever a chunk crosses the diagonal, the range end or key 0: a timing
-    bound only, of what an index whose chunks need no masks could save); the benchmarks use it to sweep
-    configurations. Otherwise
+    the same) and ``slash_masks`` (which slash chunks mask their scores: ``"boundary"``, the default,
+    only those that cross the diagonal, end early or start before key 0; ``"every"``, element by
+    element, the form before session 20, the same output; ``"none"``: **wrong output** wherever a
+    chunk needs a mask, a timing bound only); the benchmarks use it to sweep configurations. Otherwise
     vertical-slash launches take fixed options (:func:`_vertical_slash_warps`) and the other
     modes autotune once per (head dim, mode, tile, key-length scale) on the GPU. ``dense_from``
     (vertical-slash, a multiple of ``block_m``): query tiles starting at or after this key
@@ -130,7 +148,7 @@ def launch(
     heads_per_tile = opts.pop("heads_per_tile", None) or _heads_per_tile(shape, block_m, index_head_div)
     covered_in_loads = opts.pop("covered_in_loads", True)
     split_ranges = opts.pop("split_ranges", True)
-    mask_slash_scores = opts.pop("mask_slash_scores", True)
+    slash_masks = _slash_masks_flag(opts.pop("slash_masks", DEFAULT_SLASH_MASKS))
     if index_head_div % heads_per_tile or shape.group_size % heads_per_tile:
         raise ValueError(f"heads_per_tile={heads_per_tile} must divide the heads sharing an index ({index_head_div})")
     splits = 1 if cu_seqlens_q is not None else tail_splits
@@ -169,7 +187,7 @@ def launch(
         HEADS_PER_TILE=heads_per_tile, GROUP=shape.group_size, HEAD_DIM=shape.head_dim, BLOCK_D=triton.next_power_of_2(shape.head_dim),
         BLOCK_M=block_m, MODE=mode, VARLEN=cu_seqlens_q is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", COVERED_IN_LOADS=covered_in_loads,
-        SPLIT_RANGES=split_ranges, MASK_SLASH_SCORES=mask_slash_scores,
+        SPLIT_RANGES=split_ranges, SLASH_MASKS=slash_masks,
         **opts,
     )
     if tail is not None:
