@@ -41,7 +41,7 @@ from longinfer.ops._index_kernel import _groups_kernel, _kept_kernel, _tables_ke
 from longinfer.ops._kernel import (
     MODE_DENSE,
     MODE_VERTICAL_SLASH,
-    SLASH_MASKS_BOUNDARY,
+    SLASH_MASKS_BIAS,
     SLASH_MASKS_EVERY,
     SLASH_MASKS_NONE,
     _dense_split_fwd,
@@ -149,9 +149,9 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
         rows.append((f"vertical-slash kernel, {block_m}-row tiles", _sparse_attention_fwd, sparse_types,
                      {**head, "HEADS_PER_TILE": 1, "GROUP": 6, "BLOCK_M": block_m, "BLOCK_N": block_n,
                       "MODE": MODE_VERTICAL_SLASH, "VARLEN": False, "COVERED_IN_LOADS": True,
-                      "SPLIT_RANGES": True, "SLASH_MASKS": SLASH_MASKS_BOUNDARY.value}, warps, stages))
+                      "SPLIT_RANGES": True, "SLASH_MASKS": SLASH_MASKS_BIAS.value}, warps, stages))
     one_tile = {**head, "HEADS_PER_TILE": 1, "GROUP": 6, "BLOCK_M": 64, "BLOCK_N": 64, "VARLEN": False,
-                "SLASH_MASKS": SLASH_MASKS_BOUNDARY.value}
+                "SLASH_MASKS": SLASH_MASKS_BIAS.value}
     rows.append(("vertical-slash kernel, 64-row tiles, covered columns loaded", _sparse_attention_fwd, sparse_types,
                  {**one_tile, "MODE": MODE_VERTICAL_SLASH, "COVERED_IN_LOADS": False, "SPLIT_RANGES": True}, 4, 3))
     # The key ranges as one branching loop (split_ranges=False; the split loops are the rows above),

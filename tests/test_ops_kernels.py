@@ -171,9 +171,9 @@ def test_one_loop_key_ranges_change_nothing(dtype, mode_name):
     assert_matches_reference(outs[1], q, k, v, mask)
 
 
-def test_slash_masks_boundary_matches_every_and_none_is_exact_only_where_no_chunk_needs_a_mask():
+def test_slash_masks_bias_matches_every_and_none_is_exact_only_where_no_chunk_needs_a_mask():
     """A per-key bias in the slash chunks and the diagonal's keys in a masked step after them
-    (`slash_masks="boundary"`) give the output of masking every chunk element by element, on an index
+    (`slash_masks="bias"`) give the output of masking every chunk element by element, on an index
     whose chunks cross the diagonal, end early (groups of nearby slashes) and start before key 0
     (an offset past the first tiles), with columns too.
     `"none"` is a timing bound: 128 queries after a 512-key prefix with two lone slashes far from
@@ -197,11 +197,11 @@ def test_slash_masks_boundary_matches_every_and_none_is_exact_only_where_no_chun
 
     columns = torch.tensor([[[0, 1, 7, 300, 515]] * 4], device=DEVICE)
     awkward = torch.tensor([[[0, 3, 40, 41, 100, 130, 300, 575, 600]] * 4], device=DEVICE)
-    every, boundary = run(columns, awkward, ("every", "boundary"))
-    for out in (every, boundary):
+    every, bias = run(columns, awkward, ("every", "bias"))
+    for out in (every, bias):
         assert_matches_reference(out, q, k, v, vertical_slash_mask(columns, awkward, nk, 64))
     # the diagonal's keys fold in last, not in chunk order: float16 output rounding apart at most
-    assert (every.float() - boundary.float()).abs().max().item() <= 1e-3
+    assert (every.float() - bias.float()).abs().max().item() <= 1e-3
 
     far = torch.tensor([[[100, 300]] * 4], device=DEVICE)
     masked, unmasked = run(no_columns, far, ("every", "none"))

@@ -56,7 +56,7 @@ MODE_VERTICAL_SLASH = 3
 # Which vertical-slash chunks mask their scores (the launch option ``slash_masks``); constexpr
 # globals so that the kernel can read them (`.value` is the int).
 SLASH_MASKS_EVERY = tl.constexpr(0)  # every chunk, element by element
-SLASH_MASKS_BOUNDARY = tl.constexpr(1)  # a per-key bias, the diagonal's keys in a masked step after: the same output
+SLASH_MASKS_BIAS = tl.constexpr(1)  # a per-key bias, the diagonal's keys in a masked step after: same output up to rounding
 SLASH_MASKS_NONE = tl.constexpr(2)  # none: wrong output wherever a chunk needs a mask, a timing bound only
 
 
@@ -201,7 +201,7 @@ def _sparse_attention_fwd(
     HEADS_PER_TILE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, COVERED_IN_LOADS: tl.constexpr, SPLIT_RANGES: tl.constexpr,
-    SLASH_MASKS: tl.constexpr = SLASH_MASKS_BOUNDARY,
+    SLASH_MASKS: tl.constexpr = SLASH_MASKS_BIAS,
 ):
     # One flat grid, ordered (batch, KV head, query tile from the last, query heads of the group).
     # Programs running at the same time then work on one KV head and neighbouring tiles, so its
@@ -324,7 +324,7 @@ def _sparse_attention_fwd(
             col_ok = (cols >= 0) & (cols < col_end)
             k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if SLASH_MASKS == SLASH_MASKS_BOUNDARY:
+            if SLASH_MASKS == SLASH_MASKS_BIAS:
                 # Only the keys every row of the tile sees (up to its first row): a per-key bias, one
                 # add instead of a compare-and-select per element, and no branch to stop the loads
                 # pipelining. The keys past the first row wait for the masked step after the loop.
@@ -337,7 +337,7 @@ def _sparse_attention_fwd(
                 keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
                 acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale,
                                                 SLASH_MASKS == SLASH_MASKS_EVERY, PRECISION)
-        if SLASH_MASKS == SLASH_MASKS_BOUNDARY:
+        if SLASH_MASKS == SLASH_MASKS_BIAS:
             # Only the group of the smallest offsets reaches past the tile's first row (groups lie more
             # than BLOCK_M offsets apart), and its range is contiguous: its keys there are exactly
             # [tile_start + 1, tile_start + diagonal_end), attended here with the causal mask.

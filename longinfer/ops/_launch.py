@@ -11,7 +11,7 @@ import triton
 
 from longinfer.ops._checks import AttentionShape, interpreter_enabled
 from longinfer.ops._kernel import (
-    SLASH_MASKS_BOUNDARY,
+    SLASH_MASKS_BIAS,
     SLASH_MASKS_EVERY,
     SLASH_MASKS_NONE,
     _dense_split_fwd,
@@ -25,8 +25,8 @@ LOG2_E = 1.4426950408889634  # the kernel works with exp2: exp(x) = exp2(x * log
 SPLIT_BLOCK_M = 64  # query tile of the split-K dense pass (stacked heads make it taller)
 TAIL_LAUNCHES = ("fused", "separate")
 # The launch option `slash_masks`: which vertical-slash chunks mask their scores.
-SLASH_MASKS = {"every": SLASH_MASKS_EVERY.value, "boundary": SLASH_MASKS_BOUNDARY.value, "none": SLASH_MASKS_NONE.value}
-DEFAULT_SLASH_MASKS = "boundary"
+SLASH_MASKS = {"every": SLASH_MASKS_EVERY.value, "bias": SLASH_MASKS_BIAS.value, "none": SLASH_MASKS_NONE.value}
+DEFAULT_SLASH_MASKS = "bias"
 
 
 def _slash_masks_flag(name: str) -> int:
@@ -97,10 +97,11 @@ def launch(
     slash chunk already covered, masking them only in the scores, so those loads do not wait for the
     coverage lookup) and ``split_ranges`` (False walks each key range in one loop that branches per
     tile between the masked and unmasked step, the unpipelined form before session 16); the output is
-    the same) and ``slash_masks`` (which slash chunks mask their scores: ``"boundary"``, the default,
-    only those that cross the diagonal, end early or start before key 0; ``"every"``, element by
-    element, the form before session 20, the same output; ``"none"``: **wrong output** wherever a
-    chunk needs a mask, a timing bound only); the benchmarks use it to sweep configurations. Otherwise
+    the same) and ``slash_masks`` (how the slash chunks mask their scores: ``"bias"``, the default, a
+    per-key ``-inf`` bias on each chunk's keys past the tile's first row, those keys then attended in
+    one masked step after the chunks; ``"every"``, element by element in every chunk, the form before
+    session 20, the same output up to rounding; ``"none"``: **wrong output** wherever a chunk needs a
+    mask, a timing bound only); the benchmarks use it to sweep configurations. Otherwise
     vertical-slash launches take fixed options (:func:`_vertical_slash_warps`) and the other
     modes autotune once per (head dim, mode, tile, key-length scale) on the GPU. ``dense_from``
     (vertical-slash, a multiple of ``block_m``): query tiles starting at or after this key
