@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r["prompt"], r["method"]) for r in _records(store)}
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model, tokenizer = zoo.load(args.model, dtype=dtype, device=args.device, yarn_factor=args.yarn)
+    methods = recall_eval.resolve_methods(methods, model.config, model_id=args.model)  # plan methods load their plan
     haystack = load_haystack(args.haystack)
     device = str(next(model.parameters()).device)
     for task in args.tasks.split(","):

@@ -56,3 +56,9 @@ def test_piece_rows_recall_and_resume(setup, tmp_path, monkeypatch):
     assert len((tmp_path / "ruler_rows_recall.jsonl").read_text().splitlines()) == 1
     report = (tmp_path / "ruler_rows_recall.md").read_text()
     assert "| small |" in report and "output error at pieces" in report
+    # a plan method (here the model's default plan) is resolved: at 600 tokens it runs every layer
+    # dense (below its crossover), so it keeps every key of the pieces' rows
+    assert script.main([*argv, "--method", "default=plan"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "ruler_rows_recall.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in records] == ["small", "default"]
+    assert records[1]["pieces"] == pytest.approx([1.0] * layers * heads, abs=1e-5)
