@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             out[:, :, nq - tail:] = ops.dense_attention(q[:, :, nq - tail:], k, v, splits=split_count)
             return out
 
-        def masked(slash_masks: str) -> torch.Tensor:  # the default launch options, one mask form
+        def masked(slash_masks: str) -> torch.Tensor:  # one mask form; 64-row tiles' launch (stacked heads default to 8 warps)
             return launch(q, k, v, AttentionShape(1, hq, hkv, nq, nk, d), d**-0.5, MODE_VERTICAL_SLASH, 64, vs=index,
                           options={"num_warps": 4, "num_stages": 3, "slash_masks": slash_masks})
 
