@@ -154,8 +154,9 @@ case "$step" in
       LIMIT=$((limit / 2)) bash "$0" "$sub"
     done
     exit 0 ;;
-  q15-turn-kernels)  # issue 4: the turn's attention per layer and part (estimate, index, kernel variants), real q/k
-    run python3 benchmarks/turn_kernels.py $Q15 --out "$RES/$step" ;;
+  q15-turn-kernels)  # issue 4: the turn's attention per layer and part (estimate, index, kernel, slash-mask forms),
+    # real q/k, every layer (the core variants; VARIANTS=all adds every launch alternative: ~2 min per layer)
+    run python3 benchmarks/turn_kernels.py $Q15 --variants "${VARIANTS:-core}" --out "$RES/$step" ;;
   q15-ttft-kernels)  # issues 4/5: the one-shot 128K prefill by part, 4 layers (where the sparse kernel's cost per
     # computed pair, ~2.2x dense SDPA's at 128K, goes: columns alone, diagonals alone, dense mode, covered loads),
     # then 16K (the crossover: estimate, selection and index are fixed costs per layer; pass 1 runs 96 programs there)

@@ -35,6 +35,11 @@ forward over PG essays, then times, per layer and in one process:
   estimate rerun with ``block_size=128`` / ``32``, its own index; the slashes then cover whole tiles of
   that height, so 128-row tiles compute more pairs and 32-row tiles fewer).
 
+``--variants core`` (the default) times the layer, its parts (estimate, masses, both selections, the
+unions, index, kernel, the kernel's columns and diagonals alone) and the three slash-mask forms: every
+layer in a few minutes. ``--variants all`` adds everything else above (about two minutes per layer:
+the 28 layers of the 1.5B no longer fit one device call).
+
 V is random normal (a kernel's time does not depend on V's values); q/k and so every index are the
 model's. Timing: CUDA events, median of ``--repeats`` after 2 warm-ups
 (:func:`longinfer.timing.median_cuda_ms`). Writes ``turn_kernels.json`` and ``turn_kernels.md``
@@ -161,8 +166,9 @@ def with_pass_two_options(block_n: int, warps: int, stages: int, fn: Callable[[]
 
 
 def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  repeats: int) -> dict[str, float]:
-    """Every timed variant of one layer, in milliseconds (see the module docstring)."""
+                  repeats: int, all_variants: bool = False) -> dict[str, float]:
+    """The timed variants of one layer, in milliseconds (see the module docstring): the core set, or
+    with ``all_variants`` every launch alternative and layout too."""
     def timed(fn: Callable[[], Any]) -> float:
         return median_cuda_ms(fn, repeats=repeats, warmup=2)
 
@@ -184,26 +190,14 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     def masses() -> Any:
         return vs.estimate_masses(q, k, config, sm_scale=scale, backend="triton")
 
-    times["estimate (scratch)"] = timed(estimate)
     times["estimate (graph)"] = graph_time(estimate, repeats)
-    times["estimate (atomics)"] = timed(with_scratch_bytes(0, estimate))
-    times["masses (scratch)"] = timed(masses)
     times["masses (graph)"] = graph_time(masses, repeats)
-    times["masses (atomics)"] = timed(with_scratch_bytes(0, masses))
-    half_scratch = with_estimate_settings(masses, DIAGONAL_SCRATCH_DTYPE=torch.float16)
-    times["masses, float16 scratch (graph)"] = graph_time(half_scratch, repeats)
-    for keys_per_split, block_n, warps, stages in PASS_ONE_OPTIONS:
-        times[f"masses, pass 1 {keys_per_split} keys BLOCK_N={block_n} warps={warps} stages={stages}"] = graph_time(
-            with_pass_one_options(keys_per_split, block_n, warps, stages, masses), repeats)
-    for block_n, warps, stages in PASS_TWO_OPTIONS:
-        times[f"pass 2 BLOCK_N={block_n} warps={warps} stages={stages}"] = graph_time(
-            with_pass_two_options(block_n, warps, stages, masses), repeats)
     estimated = masses()
-    times[SAME_FP16] = float(all(torch.equal(a, b) for a, b in zip(vs.select_packed(*half_scratch(), config),
-                                                                     vs.select_packed(*estimated, config))))
+    if all_variants:
+        times.update(estimate_variant_timings(masses, estimate, estimated, config, repeats))
     times["selection torch (graph)"] = graph_time(lambda: vs.select_packed(*estimated, config, backend="torch"),
                                                  repeats)
-    times.update(triton_selection_timings(estimated, config, repeats, layer))
+    times.update(triton_selection_timings(estimated, config, repeats, layer, all_variants))
     if config.shares_group_columns(k.shape[2]) or per_kv:  # the selection as the estimate runs it, unions included
         times["selection + KV-group unions (graph)"] = graph_time(
             lambda: vs.select_packed_over_groups(*estimated, config, k.shape[1], per_kv_group=per_kv), repeats)
@@ -219,10 +213,10 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     def index() -> Any:
         return build_vertical_slash_index(selection.vertical, selection.slash, nk, selection.block_size, presorted=True)
 
-    times["index"] = timed(index)
     times["index (graph)"] = graph_time(index, repeats)
     built = index()
     dense_from = layer_plan.dense_from(nk)
+    shape = AttentionShape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], nk, q.shape[3])
 
     def kernel(tail_splits: int | None = None, from_row: int | None = dense_from,
                tail_launch: str = "fused") -> Callable[[], Any]:
@@ -230,8 +224,18 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
                                                     sm_scale=scale, dense_from=from_row, tail_splits=tail_splits,
                                                     tail_launch=tail_launch)
 
-    times["kernel (tail split)"] = timed(kernel())
     times["kernel (tail split) (graph)"] = graph_time(kernel(), repeats)
+    times.update(kernel_part_timings(q, k, v, selection, config, scale, repeats, all_variants))
+    # The default launch with the slash chunks' scores masked element by element in every chunk (before
+    # session 20), and unmasked: wrong output, a bound on what masking nothing at all would save.
+    for name, changed in (("slash scores masked in every chunk", {"slash_masks": "every"}),
+                          ("slash scores unmasked (bound, wrong output)", {"slash_masks": "none"})):
+        times[f"kernel, {name} (graph)"] = launch_variant_time(q, k, v, shape, scale, selection.block_size, built,
+                                                               dense_from, changed, repeats)
+    if not all_variants:
+        return times
+    times["index"] = timed(index)
+    times["kernel (tail split)"] = timed(kernel())
     # The same index walked in 32-key chunks (a range of 70 keys: 96 keys computed instead of 128).
     narrow = build_vertical_slash_index(selection.vertical, selection.slash, nk, selection.block_size,
                                         presorted=True, chunk=32)
@@ -245,8 +249,6 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     times["kernel (tail separate)"] = timed(kernel(tail_launch="separate"))
     times["kernel (tail separate) (graph)"] = graph_time(kernel(tail_launch="separate"), repeats)
     times["kernel (tail separate in 16)"] = timed(kernel(16, tail_launch="separate"))
-    times.update(kernel_part_timings(q, k, v, selection, config, scale, repeats))
-    shape = AttentionShape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], nk, q.shape[3])
     # 128-row query tiles: their own estimate (slashes widen to whole tiles) and index.
     tall = spec.estimate(q, k, dataclasses.replace(config, block_size=128), sm_scale=scale, per_kv_group=per_kv)
     tall_index = build_vertical_slash_index(tall.vertical, tall.slash, nk, 128, presorted=True)
@@ -270,24 +272,52 @@ def layer_timings(plan: Plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
                 lambda: launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, block_m, vs=index_built,
                                dense_from=from_row, options=dict(options), tail_splits=default_tail_splits(nk)))
     # The default launch with and without the K/V of covered columns loaded (loaded, those loads wait
-    # only for the column ids, not for the coverage lookup too), with the key ranges (the dense
-    # tail's) in one branching loop, the unpipelined form before session 16, with the slash chunks'
-    # scores masked element by element in every chunk (before session 20), and unmasked: wrong output,
-    # a bound on what masking nothing at all would save.
+    # only for the column ids, not for the coverage lookup too), and with the key ranges (the dense
+    # tail's) in one branching loop, the unpipelined form before session 16.
     for name, changed in (("covered columns skipped", {}), ("covered columns loaded", {"covered_in_loads": False}),
-                          ("one-loop key ranges", {"split_ranges": False}),
-                          ("slash scores masked in every chunk", {"slash_masks": "every"}),
-                          ("slash scores unmasked (bound, wrong output)", {"slash_masks": "none"})):
-        options = {"num_warps": 4, "num_stages": 3, **changed}
-        times[f"kernel, {name} (graph)"] = graph_time(
-            lambda options=options: launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, selection.block_size, vs=built,
-                                           dense_from=dense_from, options=dict(options),
-                                           tail_splits=default_tail_splits(nk)), repeats)
+                          ("one-loop key ranges", {"split_ranges": False})):
+        times[f"kernel, {name} (graph)"] = launch_variant_time(q, k, v, shape, scale, selection.block_size, built,
+                                                               dense_from, changed, repeats)
     return times
 
 
+def estimate_variant_timings(masses: Callable[[], Any], estimate: Callable[[], Any],
+                             estimated: tuple[torch.Tensor, torch.Tensor], config: vs.VerticalSlashConfig,
+                             repeats: int) -> dict[str, float]:
+    """The estimate's alternatives (``--variants all``): eager with the diagonal scratch and with atomics,
+    the float16 scratch (and whether it selects the same index), pass 1 and pass 2 launch choices."""
+    def timed(fn: Callable[[], Any]) -> float:
+        return median_cuda_ms(fn, repeats=repeats, warmup=2)
+
+    times = {"estimate (scratch)": timed(estimate), "estimate (atomics)": timed(with_scratch_bytes(0, estimate)),
+             "masses (scratch)": timed(masses), "masses (atomics)": timed(with_scratch_bytes(0, masses))}
+    half_scratch = with_estimate_settings(masses, DIAGONAL_SCRATCH_DTYPE=torch.float16)
+    times["masses, float16 scratch (graph)"] = graph_time(half_scratch, repeats)
+    for keys_per_split, block_n, warps, stages in PASS_ONE_OPTIONS:
+        times[f"masses, pass 1 {keys_per_split} keys BLOCK_N={block_n} warps={warps} stages={stages}"] = graph_time(
+            with_pass_one_options(keys_per_split, block_n, warps, stages, masses), repeats)
+    for block_n, warps, stages in PASS_TWO_OPTIONS:
+        times[f"pass 2 BLOCK_N={block_n} warps={warps} stages={stages}"] = graph_time(
+            with_pass_two_options(block_n, warps, stages, masses), repeats)
+    times[SAME_FP16] = float(all(torch.equal(a, b) for a, b in zip(vs.select_packed(*half_scratch(), config),
+                                                                     vs.select_packed(*estimated, config))))
+    return times
+
+
+def launch_variant_time(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape, scale: float,
+                        block_size: int, built: Any, dense_from: int | None, changed: dict[str, Any],
+                        repeats: int) -> float:
+    """Graph-replayed ms of the vertical-slash launch at the default's fixed choice (4 warps, 3 stages)
+    with the launch options ``changed``."""
+    options = {"num_warps": 4, "num_stages": 3, **changed}
+    return graph_time(lambda: launch(q, k, v, shape, scale, MODE_VERTICAL_SLASH, block_size, vs=built,
+                                     dense_from=dense_from, options=dict(options),
+                                     tail_splits=default_tail_splits(k.shape[2])), repeats)
+
+
 def kernel_part_timings(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Any,
-                        config: vs.VerticalSlashConfig, scale: float, repeats: int) -> dict[str, float]:
+                        config: vs.VerticalSlashConfig, scale: float, repeats: int,
+                        all_variants: bool = False) -> dict[str, float]:
     """Where the sparse kernel's time goes (graph-replayed, no dense tail): the index's columns alone
     (diagonals cut to the forced local band), its diagonals alone (columns cut to the forced sinks),
     where each KV group's heads share their columns those columns as one index per KV group (heads
@@ -314,6 +344,8 @@ def kernel_part_timings(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selec
         times["kernel, columns only, one index per KV group (heads stacked) (graph)"] = graph_time(
             lambda: ops.vertical_slash_attention(q, k, v, index=part, block_size=selection.block_size,
                                                  sm_scale=scale), repeats)
+    if not all_variants:
+        return times
     times["kernel, dense mode (graph)"] = graph_time(lambda: ops.dense_attention(q, k, v, sm_scale=scale), repeats)
     # The dense mode at one fixed launch with its key range as separate loops (pipelined, the default
     # since session 16) and as one branching loop (not pipelined): what the split buys.
@@ -326,7 +358,7 @@ def kernel_part_timings(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selec
 
 
 def triton_selection_timings(estimated: tuple[torch.Tensor, torch.Tensor], config: vs.VerticalSlashConfig,
-                             repeats: int, layer: int) -> dict[str, float]:
+                             repeats: int, layer: int, all_variants: bool = False) -> dict[str, float]:
     """The Triton selection of a layer's masses at its default launch choices and the first ones (chunk 512, no compaction)
     (graph-replayed ms) and whether all of them give the torch path's index (:data:`AGREE`).
     A choice that fails to compile or run is reported and left out, not fatal to the other rows. The kernel
@@ -334,9 +366,10 @@ def triton_selection_timings(estimated: tuple[torch.Tensor, torch.Tensor], confi
     expected = vs.select_packed(*estimated, dataclasses.replace(config, min_vertical=0, min_slash=0), backend="torch")
     times: dict[str, float] = {}
     agree = True
-    for name, options in (("selection triton (graph)", None),
-                          ("selection triton, chunk 512, no compaction (graph)",
-                           ParallelOptions(chunk=512, compact_after=0))):
+    choices = [("selection triton (graph)", None)]
+    if all_variants:
+        choices.append(("selection triton, chunk 512, no compaction (graph)", ParallelOptions(chunk=512, compact_after=0)))
+    for name, options in choices:
         def run(options: ParallelOptions | None = options) -> tuple[torch.Tensor, torch.Tensor]:
             return select_packed_triton(*estimated, num_vertical=config.num_vertical, num_slash=config.num_slash,
                                         sink=config.sink, local=config.local, coverage=config.budget == "coverage",
@@ -385,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", default=None, help="plan JSON (default: the library's default plan)")
     parser.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--variants", choices=("core", "all"), default="core",
+                        help="core: the layer, its parts and the slash-mask forms (all 28 layers fit a few minutes); "
+                             "all: every launch alternative and tile layout too (~2 minutes per layer)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -404,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": __import__("triton").__version__,
         "model": args.model, "yarn": args.yarn, "plan": args.plan or "default", "prefix": args.prefix,
-        "length": args.length, "repeats": args.repeats,
+        "length": args.length, "repeats": args.repeats, "variants": args.variants,
         "command": "python3 benchmarks/turn_kernels.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "layers": [],
     }
@@ -413,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         layer_qk = captured.pop(layer)
         q, k = layer_qk.q.contiguous(), layer_qk.k.contiguous()
         v = torch.randn(k.shape, device=k.device, dtype=k.dtype, generator=generator)
-        ms = layer_timings(plan, layer, q, k, v, layer_qk.sm_scale, args.repeats)
+        ms = layer_timings(plan, layer, q, k, v, layer_qk.sm_scale, args.repeats, args.variants == "all")
         data["layers"].append({"layer": layer, "ms": ms})
         print(f"layer {layer}: " + ", ".join(f"{name} {t:.3f}" for name, t in ms.items()), flush=True)
         (out / "turn_kernels.json").write_text(json.dumps(data, indent=1) + "\n")

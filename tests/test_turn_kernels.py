@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
 
 
-def _kernel_parts(monkeypatch, seed: int, **config_changes):
+def _kernel_parts(monkeypatch, seed: int, all_variants: bool = True, **config_changes):
     """``kernel_part_timings`` on random q/k/v (4 query heads, 2 KV heads, 200 positions) with its
     timer replaced by one call: ``(times, outputs of the timed launches, q, k, v, selection, config)``."""
     script = load_benchmark("turn_kernels")
@@ -31,7 +31,7 @@ def _kernel_parts(monkeypatch, seed: int, **config_changes):
     config = VerticalSlashConfig(num_vertical=24, num_slash=24, sink=4, local=8, last_q=16, block_size=16,
                                  budget="coverage", tau=0.8, query_sampling="strided", **config_changes)
     selection = estimate_vertical_slash(q, k, config)
-    times = script.kernel_part_timings(q, k, v, selection, config, 64 ** -0.5, repeats=1)
+    times = script.kernel_part_timings(q, k, v, selection, config, 64 ** -0.5, repeats=1, all_variants=all_variants)
     return times, outputs, q, k, v, selection, config
 
 
@@ -62,3 +62,10 @@ def test_shared_columns_are_also_timed_as_one_index_per_kv_group(monkeypatch):
     names = list(times)
     assert names[2] == "kernel, columns only, one index per KV group (heads stacked) (graph)"
     assert (outputs[2] - outputs[0]).abs().max().item() <= 2e-5  # float32, another summation order (stacked tile)
+
+
+def test_core_variants_leave_out_the_dense_mode(monkeypatch):
+    """``--variants core`` (the default) times the index's parts, not the dense mode's launch choices."""
+    times, outputs, *_ = _kernel_parts(monkeypatch, seed=0, all_variants=False)
+    assert list(times) == ["kernel, columns only (graph)", "kernel, diagonals only (graph)"]
+    assert len(outputs) == 2
