@@ -1,0 +1,181 @@
+"""Would the vertical-slash index serve a needle's rows better if its estimate saw them?
+
+At 64K (session 21, ``docs/results/gpu-session21/q21-rows-64k/``) the rows inside the inserted
+needle sentences ("pieces") are where every index keeps the least attention, and the estimate sees
+the prompt only through strided queries, none of which needs to fall inside a needle. This scores,
+per RULER-style prompt and layer, the index that one coverage budget selects from the masses of
+different estimation rows (:func:`longinfer.patterns.vertical_slash.estimate_masses` with
+``positions``):
+
+- ``strided64``: the 64 strided queries of the default estimate;
+- ``strided128``: 128 strided queries (as many rows as the next two);
+- ``strided64+pieces64``: the 64 strided queries plus 64 rows drawn from the pieces themselves, an
+  oracle no online estimate has (it knows where the needles are);
+- ``strided64+novel64``: plus the 64 rows whose queries depart most from their head's mean query
+  direction (cosine distance, z-scored per head, summed over heads; the first 256 and last 128 rows
+  left out), a cheap online guess at where unusual text sits.
+
+Per variant: recall at the pieces and at ``--rows`` spread rows (mean over every layer and query
+head), the density on the spread rows, and how many of the novel rows fall inside the pieces.
+One JSON line per prompt in ``<out>/needle_row_estimation.jsonl`` (rerun to resume), and
+``needle_row_estimation.md``.
+
+    python benchmarks/needle_row_estimation.py --model qwen2.5-coder-0.5b --length 8192 \\
+        --tasks niah_multikey,niah_multivalue --samples 2 --device cpu --out /tmp/needle-rows
+
+Memory: one layer's q/k at a time, the recall tool's streaming buffers and ``[B, H, N]`` masses;
+no N x N matrix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+
+from longinfer.eval import ruler
+from longinfer.eval.capture import capture_qk
+from longinfer.eval.cli import load_haystack
+from longinfer.eval.report import markdown_table
+from longinfer.models import zoo
+from longinfer.patterns.recall import sample_rows
+from longinfer.patterns.vertical_slash import (VerticalSlashConfig, VerticalSlashSelection, estimate_masses,
+                                               estimation_positions, select_packed_over_groups)
+from ruler_rows_recall import per_head_recall, piece_rows
+
+logger = logging.getLogger("needle_row_estimation")
+RESULTS = "needle_row_estimation.jsonl"
+VARIANTS = ("strided64", "strided128", "strided64+pieces64", "strided64+novel64")
+EXTRA_ROWS = 64
+CONFIG = VerticalSlashConfig(budget="coverage", num_vertical=4096, num_slash=8192, last_q=64,
+                             query_sampling="strided", tau=0.9)
+
+
+def novel_rows(q: torch.Tensor, count: int, skip_first: int = 256, skip_last: int = 128) -> torch.Tensor:
+    """The ``count`` rows (ascending) whose queries ``q [1, Hq, N, D]`` depart most from their head's mean
+    direction: cosine distance z-scored per head, summed over heads; the first ``skip_first`` and last
+    ``skip_last`` rows are never chosen (sinks; the dense tail)."""
+    unit = torch.nn.functional.normalize(q[0].float(), dim=-1)
+    mean = torch.nn.functional.normalize(unit.mean(1, keepdim=True), dim=-1)
+    distance = 1 - (unit * mean).sum(-1)  # [Hq, N]
+    score = ((distance - distance.mean(1, keepdim=True)) / distance.std(1, keepdim=True)).sum(0)
+    score[:skip_first] = float("-inf")
+    score[-skip_last:] = float("-inf")
+    return torch.topk(score, count).indices.sort().values
+
+
+def index_from_rows(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, scale: float) -> VerticalSlashSelection:
+    """The per-head vertical-slash index that :data:`CONFIG`'s budget selects from the masses of ``positions``."""
+    columns, diagonals = estimate_masses(q, k, CONFIG, sm_scale=scale, positions=positions)
+    vertical, slash = select_packed_over_groups(columns, diagonals, CONFIG, k.shape[1], per_kv_group=False)
+    return VerticalSlashSelection(vertical=vertical, slash=slash, k_len=k.shape[2], block_size=CONFIG.block_size)
+
+
+def measure_prompt(model: Any, prompt: ruler.RulerPrompt, num_rows: int, seed: int) -> dict[str, Any]:
+    """Per variant the per-(layer, head) recalls at the pieces and the spread rows and the per-layer
+    densities, and per layer how many novel rows lie inside the pieces."""
+    ids = torch.tensor([prompt.input_ids], device=model.device)
+    n = ids.shape[1]
+    pieces = piece_rows(prompt)
+    rows = {"pieces": pieces, "spread": sample_rows(n, n, num_rows, seed=seed)}
+    strided = estimation_positions(n, n, 64, "strided")
+    results: dict[str, Any] = {v: {"pieces": [], "spread": [], "density": []} for v in VARIANTS}
+    results["novel_in_pieces"] = []
+
+    def on_layer(captured: Any) -> None:
+        q, k, scale = captured.q, captured.k, captured.sm_scale
+        generator = torch.Generator().manual_seed(seed + captured.layer)
+        drawn = pieces[torch.randperm(len(pieces), generator=generator)[:EXTRA_ROWS]]
+        novel = novel_rows(q, EXTRA_ROWS).cpu()
+        results["novel_in_pieces"].append(len(set(novel.tolist()) & set(pieces.tolist())))
+        positions = {"strided64": strided, "strided128": estimation_positions(n, n, 128, "strided"),
+                     "strided64+pieces64": torch.unique(torch.cat([strided, drawn])),
+                     "strided64+novel64": torch.unique(torch.cat([strided, novel]))}
+        for variant, chosen in positions.items():
+            index = index_from_rows(q, k, chosen.to(q.device), scale)
+            for name, scored in rows.items():
+                values, density = per_head_recall(q, k, index, scored, scale)
+                results[variant][name].extend(values)
+                if name == "spread":
+                    results[variant]["density"].append(density)
+        logger.info("layer %d done", captured.layer)
+
+    capture_qk(model, ids, on_layer=on_layer)
+    return results
+
+
+def write_report(out: Path, records: list[dict[str, Any]], command: str) -> Path:
+    """``needle_row_estimation.md``: per variant the mean over prompts of each prompt's mean recall."""
+    def mean_of(variant: str, key: str) -> float:
+        return statistics.fmean(statistics.fmean(r[variant][key]) for r in records)
+
+    rows = [[variant, f"{mean_of(variant, 'pieces'):.4f}", f"{mean_of(variant, 'spread'):.4f}",
+             f"{100 * mean_of(variant, 'density'):.1f}%"] for variant in VARIANTS]
+    novel = statistics.fmean(statistics.fmean(r["novel_in_pieces"]) for r in records)
+    first = records[0]
+    text = "\n".join([
+        "# Recall at the needle rows by the rows the estimate sees", "",
+        f"- model: {first['model']}, length {first['length']}, device {first['device']}, torch {first['torch']}; "
+        f"prompts: {', '.join(r['prompt'] for r in records)}",
+        f"- command: `{command}`",
+        "- budget: coverage tau 0.9, at most 4,096 columns and 8,192 diagonals, per head; recall: mean over every "
+        "(layer, query head) of the mean over the row set, then over prompts; density on the spread rows.", "",
+        markdown_table(["estimation rows", "recall at pieces", "recall at spread rows", "density"], rows), "",
+        f"Novel rows inside the pieces: {novel:.1f} of {EXTRA_ROWS} per layer on average.", ""])
+    path = out / "needle_row_estimation.md"
+    path.write_text(text)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--yarn", type=float, default=None)
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--tasks", default="niah_multikey,niah_multivalue")
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", type=int, default=256, help="spread rows per prompt")
+    parser.add_argument("--haystack", default="pg")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    command = "python3 benchmarks/needle_row_estimation.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = args.out / RESULTS
+    records = [json.loads(line) for line in store.read_text().splitlines()] if store.exists() else []
+    done = {r["prompt"] for r in records}
+    model, tokenizer = zoo.load(args.model, dtype=torch.float32 if args.device == "cpu" else None, device=args.device,
+                                yarn_factor=args.yarn)
+    haystack = load_haystack(args.haystack)
+    for task in args.tasks.split(","):
+        for sample in range(args.samples):
+            name = f"{task}/L{args.length}/i{sample}/s{args.seed}"
+            if name in done:
+                continue
+            prompt = ruler.generate(task, tokenizer, haystack, args.length, seed=args.seed, sample=sample)
+            record = {"prompt": name, "model": args.model, "length": args.length,
+                      "device": str(next(model.parameters()).device), "torch": torch.__version__,
+                      "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
+                      **measure_prompt(model, prompt, args.rows, args.seed)}
+            with store.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            records.append(record)
+    print(write_report(args.out, records, command).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
