@@ -1,0 +1,37 @@
+"""benchmarks/needle_row_estimation.py: the novel-row guess and the index built from chosen estimation rows."""
+
+from __future__ import annotations
+
+import torch
+
+from longinfer.patterns.vertical_slash import estimate_vertical_slash, estimation_positions
+from tests.benchmark_scripts import load_benchmark
+
+
+def test_novel_rows_finds_planted_rows_and_skips_the_ends():
+    """Rows whose queries point away from every head's common direction are found, and the first 256
+    and last 128 rows are never chosen even when they are the most unusual."""
+    script = load_benchmark("needle_row_estimation")
+    gen = torch.Generator().manual_seed(0)
+    common = torch.randn(16, generator=gen)
+    q = common + 0.1 * torch.randn(1, 4, 1000, 16, generator=gen)
+    planted = torch.arange(500, 511)
+    q[0, :, planted] = -common + 0.1 * torch.randn(4, len(planted), 16, generator=gen)
+    q[0, :, :5] = -common  # as unusual, but among the sinks
+    q[0, :, -5:] = -common  # and in the dense tail
+    assert torch.equal(script.novel_rows(q, len(planted)), planted)
+
+
+def test_index_from_the_default_rows_is_the_estimate():
+    """With the default's 64 strided rows the index equals ``estimate_vertical_slash`` under the same config."""
+    script = load_benchmark("needle_row_estimation")
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 4, 700, 32, generator=gen), torch.randn(1, 2, 700, 32, generator=gen)
+    config = script.CONFIG.for_call(700, 700)
+    positions = estimation_positions(700, 700, 64, "strided")
+    built = script.index_from_rows(q, k, positions, 32 ** -0.5)
+    expected = estimate_vertical_slash(q, k, config, sm_scale=32 ** -0.5)
+    assert torch.equal(built.vertical, expected.vertical)
+    assert torch.equal(built.slash, expected.slash)
+    other = script.index_from_rows(q, k, torch.arange(600, 700), 32 ** -0.5)  # other rows, another index
+    assert not (torch.equal(other.vertical, expected.vertical) and torch.equal(other.slash, expected.slash))
