@@ -7,13 +7,18 @@ per RULER-style prompt and layer, the index that one coverage budget selects fro
 different estimation rows (:func:`longinfer.patterns.vertical_slash.estimate_masses` with
 ``positions``):
 
-- ``strided64``: the 64 strided queries of the default estimate;
+- ``strided64``: the 64 strided queries of the default estimate (also at coverage 0.95 and 0.97: the
+  baseline's recall at the densities the other variants reach);
 - ``strided128``: 128 strided queries (as many rows as the next two);
 - ``strided64+pieces64``: the 64 strided queries plus 64 rows drawn from the pieces themselves, an
   oracle no online estimate has (it knows where the needles are);
 - ``strided64+novel64``: plus the 64 rows whose queries depart most from their head's mean query
   direction (cosine distance, z-scored per head, summed over heads; the first 256 and last 128 rows
-  left out), a cheap online guess at where unusual text sits.
+  left out), a cheap online guess at where unusual text sits;
+- ``strided64+underserved64``: two stages: the ``strided64`` index is scored on candidate rows (every
+  ``--candidate-stride``-th row, the same ends left out), and the 64 candidates it serves worst (lowest
+  recall, mean over heads) join the strided queries; an online method (the candidates' attention rows
+  cost ``N / stride`` extra estimation queries' work).
 
 Per variant: recall at the pieces and at ``--rows`` spread rows (mean over every layer and query
 head), the density on the spread rows, and how many of the novel rows fall inside the pieces.
@@ -30,6 +35,7 @@ no N x N matrix.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -49,14 +55,16 @@ from longinfer.eval.capture import capture_qk
 from longinfer.eval.cli import load_haystack
 from longinfer.eval.report import markdown_table
 from longinfer.models import zoo
-from longinfer.patterns.recall import sample_rows
+from longinfer.patterns.recall import attention_recall, sample_rows
 from longinfer.patterns.vertical_slash import (VerticalSlashConfig, VerticalSlashSelection, estimate_masses,
                                                estimation_positions, select_packed_over_groups)
 from ruler_rows_recall import per_head_recall, piece_rows
 
 logger = logging.getLogger("needle_row_estimation")
 RESULTS = "needle_row_estimation.jsonl"
-VARIANTS = ("strided64", "strided128", "strided64+pieces64", "strided64+novel64")
+VARIANTS = ("strided64", "strided64, tau 0.95", "strided64, tau 0.97", "strided128", "strided64+pieces64",
+            "strided64+novel64", "strided64+underserved64")
+DENSER_TAUS = {"strided64, tau 0.95": 0.95, "strided64, tau 0.97": 0.97}  # the baseline's curve, for equal density
 EXTRA_ROWS = 64
 CONFIG = VerticalSlashConfig(budget="coverage", num_vertical=4096, num_slash=8192, last_q=64,
                              query_sampling="strided", tau=0.9)
@@ -75,14 +83,30 @@ def novel_rows(q: torch.Tensor, count: int, skip_first: int = 256, skip_last: in
     return torch.topk(score, count).indices.sort().values
 
 
-def index_from_rows(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, scale: float) -> VerticalSlashSelection:
-    """The per-head vertical-slash index that :data:`CONFIG`'s budget selects from the masses of ``positions``."""
-    columns, diagonals = estimate_masses(q, k, CONFIG, sm_scale=scale, positions=positions)
-    vertical, slash = select_packed_over_groups(columns, diagonals, CONFIG, k.shape[1], per_kv_group=False)
-    return VerticalSlashSelection(vertical=vertical, slash=slash, k_len=k.shape[2], block_size=CONFIG.block_size)
+def underserved_rows(q: torch.Tensor, k: torch.Tensor, index: Any, scale: float, count: int,
+                     stride: int, skip_first: int = 256, skip_last: int = 128) -> torch.Tensor:
+    """The ``count`` rows (ascending) among every ``stride``-th row (the first ``skip_first`` and last
+    ``skip_last`` left out) that ``index`` (any index :func:`attention_recall` takes) serves worst:
+    lowest recall, mean over batch and heads. Memory: the recall tool's streaming buffers."""
+    n = k.shape[2]
+    candidates = torch.arange(skip_first, n - skip_last, stride, device=q.device)
+    stats = attention_recall(q, k, index, candidates, sm_scale=scale)
+    worst = torch.topk(-stats.recall.mean(dim=(0, 1)), min(count, candidates.numel())).indices
+    return candidates[worst].sort().values
 
 
-def measure_prompt(model: Any, prompt: ruler.RulerPrompt, num_rows: int, seed: int) -> dict[str, Any]:
+def index_from_rows(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, scale: float,
+                    tau: float = CONFIG.tau) -> VerticalSlashSelection:
+    """The per-head vertical-slash index that :data:`CONFIG`'s budget (coverage ``tau``) selects from the
+    masses of ``positions``."""
+    config = dataclasses.replace(CONFIG, tau=tau)
+    columns, diagonals = estimate_masses(q, k, config, sm_scale=scale, positions=positions)
+    vertical, slash = select_packed_over_groups(columns, diagonals, config, k.shape[1], per_kv_group=False)
+    return VerticalSlashSelection(vertical=vertical, slash=slash, k_len=k.shape[2], block_size=config.block_size)
+
+
+def measure_prompt(model: Any, prompt: ruler.RulerPrompt, num_rows: int, seed: int,
+                   candidate_stride: int) -> dict[str, Any]:
     """Per variant the per-(layer, head) recalls at the pieces and the spread rows and the per-layer
     densities, and per layer how many novel rows lie inside the pieces."""
     ids = torch.tensor([prompt.input_ids], device=model.device)
@@ -92,18 +116,24 @@ def measure_prompt(model: Any, prompt: ruler.RulerPrompt, num_rows: int, seed: i
     strided = estimation_positions(n, n, 64, "strided")
     results: dict[str, Any] = {v: {"pieces": [], "spread": [], "density": []} for v in VARIANTS}
     results["novel_in_pieces"] = []
+    results["underserved_in_pieces"] = []
 
     def on_layer(captured: Any) -> None:
         q, k, scale = captured.q, captured.k, captured.sm_scale
         generator = torch.Generator().manual_seed(seed + captured.layer)
         drawn = pieces[torch.randperm(len(pieces), generator=generator)[:EXTRA_ROWS]]
         novel = novel_rows(q, EXTRA_ROWS).cpu()
-        results["novel_in_pieces"].append(len(set(novel.tolist()) & set(pieces.tolist())))
+        first_stage = index_from_rows(q, k, strided.to(q.device), scale)
+        underserved = underserved_rows(q, k, first_stage, scale, EXTRA_ROWS, candidate_stride).cpu()
+        for name, chosen in (("novel_in_pieces", novel), ("underserved_in_pieces", underserved)):
+            results[name].append(len(set(chosen.tolist()) & set(pieces.tolist())))
         positions = {"strided64": strided, "strided128": estimation_positions(n, n, 128, "strided"),
                      "strided64+pieces64": torch.unique(torch.cat([strided, drawn])),
-                     "strided64+novel64": torch.unique(torch.cat([strided, novel]))}
+                     "strided64+novel64": torch.unique(torch.cat([strided, novel])),
+                     "strided64+underserved64": torch.unique(torch.cat([strided, underserved])),
+                     **{variant: strided for variant in DENSER_TAUS}}
         for variant, chosen in positions.items():
-            index = index_from_rows(q, k, chosen.to(q.device), scale)
+            index = index_from_rows(q, k, chosen.to(q.device), scale, DENSER_TAUS.get(variant, CONFIG.tau))
             for name, scored in rows.items():
                 values, density = per_head_recall(q, k, index, scored, scale)
                 results[variant][name].extend(values)
@@ -122,7 +152,9 @@ def write_report(out: Path, records: list[dict[str, Any]], command: str) -> Path
 
     rows = [[variant, f"{mean_of(variant, 'pieces'):.4f}", f"{mean_of(variant, 'spread'):.4f}",
              f"{100 * mean_of(variant, 'density'):.1f}%"] for variant in VARIANTS]
-    novel = statistics.fmean(statistics.fmean(r["novel_in_pieces"]) for r in records)
+    def inside(key: str) -> str:
+        return f"{statistics.fmean(statistics.fmean(r[key]) for r in records if key in r):.1f}"
+
     first = records[0]
     text = "\n".join([
         "# Recall at the needle rows by the rows the estimate sees", "",
@@ -132,7 +164,8 @@ def write_report(out: Path, records: list[dict[str, Any]], command: str) -> Path
         "- budget: coverage tau 0.9, at most 4,096 columns and 8,192 diagonals, per head; recall: mean over every "
         "(layer, query head) of the mean over the row set, then over prompts; density on the spread rows.", "",
         markdown_table(["estimation rows", "recall at pieces", "recall at spread rows", "density"], rows), "",
-        f"Novel rows inside the pieces: {novel:.1f} of {EXTRA_ROWS} per layer on average.", ""])
+        f"Rows inside the pieces, of {EXTRA_ROWS} per layer on average: novel {inside('novel_in_pieces')}, "
+        f"underserved {inside('underserved_in_pieces')}.", ""])
     path = out / "needle_row_estimation.md"
     path.write_text(text)
     return path
@@ -147,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", type=int, default=256, help="spread rows per prompt")
+    parser.add_argument("--candidate-stride", type=int, default=16,
+                        help="every this-many rows a candidate of the underserved variant")
     parser.add_argument("--haystack", default="pg")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, required=True)
@@ -169,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             record = {"prompt": name, "model": args.model, "length": args.length,
                       "device": str(next(model.parameters()).device), "torch": torch.__version__,
                       "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
-                      **measure_prompt(model, prompt, args.rows, args.seed)}
+                      **measure_prompt(model, prompt, args.rows, args.seed, args.candidate_stride)}
             with store.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             records.append(record)

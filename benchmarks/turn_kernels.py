@@ -393,7 +393,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     lines = [f"# Attention of a {data['length']}-token turn over a {data['prefix']}-token cache, by part", "",
              f"- Date: {data['date']}. Device: {data['device']}. torch {data['torch']}, triton {data['triton']}.",
              f"- Model: `{data['model']}` (YaRN {data['yarn']}), plan: {data['plan']}. Text: PG essays.",
-             f"- Command: `{data['command']}`",
+             f"- Command: `{data['command']}` (variants: {data.get('variants', 'all')})",
              f"- Timing: CUDA events, median of {data['repeats']} after 2 warm-ups, per layer; totals are "
              "sums over the layers. V is random (time does not depend on it); q/k are the model's.", "",
              "| part | total ms | dense SDPA / this |", "|---|---|---|"]

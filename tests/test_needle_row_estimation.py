@@ -35,3 +35,23 @@ def test_index_from_the_default_rows_is_the_estimate():
     assert torch.equal(built.slash, expected.slash)
     other = script.index_from_rows(q, k, torch.arange(600, 700), 32 ** -0.5)  # other rows, another index
     assert not (torch.equal(other.vertical, expected.vertical) and torch.equal(other.slash, expected.slash))
+
+
+def test_underserved_rows_are_the_candidates_the_index_serves_worst():
+    """An index that keeps every causal key except on a few rows (only their own key there): those rows,
+    and only candidate rows (every ``stride``-th after the skipped start), are chosen."""
+    script = load_benchmark("needle_row_estimation")
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 4, 600, 32, generator=gen), torch.randn(1, 2, 600, 32, generator=gen)
+    starved = torch.tensor([300, 310, 320, 330])
+    starved_odd = torch.tensor([301, 311])  # starved too, but not candidates at stride 2
+
+    def index(rows: torch.Tensor) -> torch.Tensor:
+        keys = torch.arange(600)
+        mask = keys[None, :] <= rows[:, None]
+        poor = torch.isin(rows, torch.cat([starved, starved_odd]))
+        mask[poor] = keys[None, :] == rows[poor][:, None]
+        return mask[None, None]
+
+    chosen = script.underserved_rows(q, k, index, 32 ** -0.5, count=4, stride=2, skip_first=256, skip_last=128)
+    assert torch.equal(chosen, starved)
