@@ -578,13 +578,16 @@ def _buffer_pass_kernel(COLUMNS, DIAGONALS, HIST, BUF, BUF_COUNT, n, sink, local
     ``s``-th share of its row's buffer."""
     count = tl.load(BUF_COUNT + tl.program_id(0))
     row, _, _, lo, hi = _program_slice(tl.cdiv(count, tl.num_programs(1)), count)
-    _, _, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low, section, radix_pass,
-                               CHUNK)
-    counts = tl.zeros([16], tl.float64)
-    masses = tl.zeros([16], tl.float64)
-    counts, masses = _slice_digits(BUF + row * buf_stride, lo, hi, 0, prefix, counts, masses, 28 - 4 * radix_pass,
-                                   CHUNK)
-    _add_digit_sums(HIST + row * HIST_ROW + section + radix_pass * 32, counts, masses)
+    # An empty share adds nothing: round 1's rows whose caps do not bind (no candidates buffered) skip
+    # the replay of their search state, which every program of the launch would otherwise repeat.
+    if lo < hi:
+        _columns, _diagonals, prefix = _row_prefix(COLUMNS, DIAGONALS, HIST, row, n, sink, local, tau_high, tau_low,
+                                                   section, radix_pass, CHUNK)
+        counts = tl.zeros([16], tl.float64)
+        masses = tl.zeros([16], tl.float64)
+        counts, masses = _slice_digits(BUF + row * buf_stride, lo, hi, 0, prefix, counts, masses,
+                                       28 - 4 * radix_pass, CHUNK)
+        _add_digit_sums(HIST + row * HIST_ROW + section + radix_pass * 32, counts, masses)
 
 
 @triton.jit
