@@ -425,7 +425,10 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     # SAMPLES=12 adds 6 more prompts per sub-task to the same records (84 in all)
     run_cli eval ruler $Q15 --lengths 65536 --samples "${SAMPLES:-6}" --out "$RES/$step" \
       --methods "dense,longinfer,$(plan_methods "$PLANS18" exact-kernel)" ;;
-  q19-control-128k)  # issue 5: the same control at 128K (the default 68.6 vs dense 71.0 there, session 17)
+  q19-control-128k)  # issue 5: the same control at 128K (the default 68.6 vs dense 71.0 there, session 17). Session
+    # 21 recorded dense and the default (docs/results/gpu-session21/q19-control-128k/): a fresh machine resumes
+    # from those records, so only the exact-kernel method runs (~10 min for 42 prompts; rerun to finish)
+    [ -f "$RES/$step/ruler.jsonl" ] || cp docs/results/gpu-session21/q19-control-128k/ruler.jsonl "$RES/$step/"
     run_cli eval ruler $Q15 --lengths 131072 --samples "${SAMPLES:-6}" --out "$RES/$step" \
       --methods "dense,longinfer,$(plan_methods "$PLANS18" exact-kernel)" ;;
   q19-tiles32)  # issues 4/5: 32-row query tiles ($PLANS18; a lone diagonal costs 32 keys per row, not 64): the
