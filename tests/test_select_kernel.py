@@ -127,6 +127,27 @@ def test_parallel_path_finishes_capped_rows_and_tie_runs(monkeypatch, case):
         assert _takes_part_of_a_run(columns[0, 0], diagonals[0, 0], expected[0][0, 0], expected[1][0, 0], config)
 
 
+@needs_interpreter
+def test_round_one_with_capped_and_uncapped_rows_in_one_call(monkeypatch):
+    """Rows whose caps bind and rows whose do not, in one call: round 1's launches work on the first and
+    return at once for the second (nothing buffered), and the parallel path alone gives the torch index."""
+    monkeypatch.setattr(kernel, "MIN_SLICE", 64)
+    columns, diagonals = _masses(2, 3, 300, seed=11, ties=False)
+    columns[1, 1:] = 0.0
+    columns[1, 1:, 7] = 0.6  # one column carries every second-batch head's column mass: no cap binds there
+    config = VerticalSlashConfig(last_q=8, budget="coverage", tau=0.95, num_vertical=12, num_slash=90, sink=4,
+                                 local=3)
+    uncapped = VerticalSlashConfig(last_q=8, budget="coverage", tau=0.95, num_vertical=300, num_slash=300,
+                                   sink=4, local=3)
+    wide = vs.select_packed(columns, diagonals, uncapped)
+    wants = ((wide[0] >= 0).sum(-1) > 12) | ((wide[1] >= 0).sum(-1) > 90)
+    assert wants.any() and not wants.all(), wants  # both kinds of rows
+    options = kernel.ParallelOptions(chunk=64, capped_programs=6)
+    got = _triton_index(columns, diagonals, config, fallback=False, options=options)
+    expected = vs.select_packed(columns, diagonals, config)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 def _takes_part_of_a_run(columns, diagonals, vertical, slash, config) -> bool:
     """Whether the smallest taken non-forced mass of a row has equal items left out."""
     taken = torch.zeros(2, columns.numel(), dtype=torch.bool)
