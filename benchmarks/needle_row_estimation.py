@@ -55,10 +55,10 @@ from longinfer.eval.capture import capture_qk
 from longinfer.eval.cli import load_haystack
 from longinfer.eval.report import markdown_table
 from longinfer.models import zoo
-from longinfer.patterns.recall import attention_recall, sample_rows
+from longinfer.patterns.recall import attention_recall, causal_logsumexp, sample_rows
 from longinfer.patterns.vertical_slash import (VerticalSlashConfig, VerticalSlashSelection, estimate_masses,
                                                estimation_positions, select_packed_over_groups)
-from ruler_rows_recall import per_head_recall, piece_rows
+from ruler_rows_recall import _records, per_head_recall, piece_rows
 
 logger = logging.getLogger("needle_row_estimation")
 RESULTS = "needle_row_estimation.jsonl"
@@ -132,10 +132,12 @@ def measure_prompt(model: Any, prompt: ruler.RulerPrompt, num_rows: int, seed: i
                      "strided64+novel64": torch.unique(torch.cat([strided, novel])),
                      "strided64+underserved64": torch.unique(torch.cat([strided, underserved])),
                      **{variant: strided for variant in DENSER_TAUS}}
+        lse = {name: causal_logsumexp(q, k, scored.to(q.device), sm_scale=scale) for name, scored in rows.items()}
         for variant, chosen in positions.items():
-            index = index_from_rows(q, k, chosen.to(q.device), scale, DENSER_TAUS.get(variant, CONFIG.tau))
+            index = first_stage if variant == "strided64" else index_from_rows(
+                q, k, chosen.to(q.device), scale, DENSER_TAUS.get(variant, CONFIG.tau))
             for name, scored in rows.items():
-                values, density = per_head_recall(q, k, index, scored, scale)
+                values, density = per_head_recall(q, k, index, scored, scale, lse[name])
                 results[variant][name].extend(values)
                 if name == "spread":
                     results[variant]["density"].append(density)
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python3 benchmarks/needle_row_estimation.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / RESULTS
-    records = [json.loads(line) for line in store.read_text().splitlines()] if store.exists() else []
+    records = _records(store)
     done = {r["prompt"] for r in records}
     model, tokenizer = zoo.load(args.model, dtype=torch.float32 if args.device == "cpu" else None, device=args.device,
                                 yarn_factor=args.yarn)

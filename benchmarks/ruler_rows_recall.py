@@ -64,11 +64,15 @@ def piece_rows(prompt: ruler.RulerPrompt) -> torch.Tensor:
 
 
 def per_head_recall(q: torch.Tensor, k: torch.Tensor, index: Any, rows: torch.Tensor,
-                    sm_scale: float) -> tuple[list[float], float]:
+                    sm_scale: float, lse: torch.Tensor | None = None) -> tuple[list[float], float]:
     """Each query head's mean recall over ``rows`` (``[Hq]`` values) and the density (kept keys /
-    causal keys summed over the rows, averaged over heads: the recall tool's definition)."""
-    stats = attention_recall(q, k, index, rows.to(q.device), sm_scale=sm_scale,
-                             lse=causal_logsumexp(q, k, rows.to(q.device), sm_scale=sm_scale))
+    causal keys summed over the rows, averaged over heads: the recall tool's definition). ``lse``:
+    the rows' :func:`causal_logsumexp`, computed here if not given (pass it to score several indices
+    on the same rows without recomputing it)."""
+    rows = rows.to(q.device)
+    if lse is None:
+        lse = causal_logsumexp(q, k, rows, sm_scale=sm_scale)
+    stats = attention_recall(q, k, index, rows, sm_scale=sm_scale, lse=lse)
     return stats.head_recall[0].tolist(), stats.mean_density()
 
 
@@ -84,10 +88,11 @@ def measure_prompt(model: Any, prompt: ruler.RulerPrompt, methods: list[Any], nu
 
     def on_layer(captured: Any) -> None:
         q, k, v, scale = captured.q, captured.k, captured.v, captured.sm_scale
+        lse = {name: causal_logsumexp(q, k, chosen.to(q.device), sm_scale=scale) for name, chosen in rows.items()}
         for method in methods:
             index = method.index(q, k, layer=captured.layer, sm_scale=scale)
             for name, chosen in rows.items():
-                values, density = per_head_recall(q, k, index, chosen, scale)
+                values, density = per_head_recall(q, k, index, chosen, scale, lse[name])
                 results[method.name][name].extend(values)
                 error = attention_output_error(q, k, v, index, chosen.to(q.device), sm_scale=scale)
                 results[method.name][ERROR_KEYS[name]].extend(error[0].mean(-1).tolist())
