@@ -48,10 +48,15 @@ from longinfer.ops._kernel import (
     _merge_splits_fwd,
     _sparse_attention_fwd,
 )
-from longinfer.patterns._estimate_kernel import PASS_TWO_MULTI_BLOCK_M, _masses_kernel, _row_stats_kernel
-from longinfer.patterns._select_kernel import CHUNK as SELECT_CHUNK
+from longinfer.patterns._estimate_kernel import (
+    PASS_TWO_MULTI_BLOCK_M,
+    _masses_kernel,
+    _merge_splits_kernel,
+    _row_stats_kernel,
+)
 from longinfer.patterns._select_kernel import (
     MAX_SLICES,
+    ParallelOptions,
     _buffer_pass_kernel,
     _candidates_kernel,
     _capped_kernel,
@@ -129,6 +134,8 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
     for block_n, warps in ((128, 4), (64, 4), (128, 8), (64, 8)):  # the default first (turn_kernels.py times them)
         rows.append(("estimate pass 1 (row stats)", _row_stats_kernel, stats_types,
                      {**head, "BLOCK_M": 64, "BLOCK_N": block_n}, warps, 3))
+    split_merge_types = _types(_merge_splits_kernel, {"M_PARTS": "*fp32", "L_PARTS": "*fp32", "LSE": "*fp32"})
+    rows.append(("estimate split merge", _merge_splits_kernel, split_merge_types, {"BLOCK_Q": 64, "BLOCK_S": 64}, 4, 1))
     for one_block in (True, False):
         for block_n, warps, stages in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (64, 4, 2), (64, 8, 3), (32, 4, 3)):
             name = f"estimate pass 2, {'queries loaded once' if one_block else 'query blocks per tile'}"
@@ -184,15 +191,20 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
     masses = {"COLUMNS": "*fp32", "DIAGONALS": "*fp32", "HIST": "*fp64", "COUNTS": "*i32", "VERTICAL": "*i64",
               "SLASH": "*i64", "BUF": "*fp32", "BUF_COUNT": "*i32", "STATE": "*i32"}
     tau = ("tau_high", "tau_low")
-    chunk = {"CHUNK": SELECT_CHUNK}
+    chunk = {"CHUNK": ParallelOptions().chunk}  # the launches' default chunk
     rounds = {**chunk, "MAX_SLICES": MAX_SLICES}
-    # one compiled variant each for every radix pass, round and histogram section (runtime arguments)
-    rows.append(("selection radix pass", _pass_kernel, _types(_pass_kernel, masses, tau), chunk, 4, 3))
+    # one compiled variant each for every radix pass, round and histogram section (runtime arguments);
+    # the radix passes with their digit sums reduced once per program (the default) and per chunk
+    for defer, label in ((True, ""), (False, ", per-chunk sums")):
+        passes = {**chunk, "DEFER": defer}
+        rows.append((f"selection radix pass{label}", _pass_kernel, _types(_pass_kernel, masses, tau), passes, 4, 3))
+        rows.append((f"selection buffer pass{label}", _buffer_pass_kernel, _types(_buffer_pass_kernel, masses, tau),
+                     passes, 4, 3))
+        rows.append((f"selection top-k pass{label}", _top_pass_kernel, _types(_top_pass_kernel, masses, tau),
+                     passes, 4, 3))
     rows.append(("selection counts", _count_kernel, _types(_count_kernel, masses, tau), chunk, 4, 3))
     rows.append(("selection pack", _pack_kernel, _types(_pack_kernel, masses, tau), rounds, 4, 3))
-    rows.append(("selection buffer pass", _buffer_pass_kernel, _types(_buffer_pass_kernel, masses, tau), chunk, 4, 3))
     rows.append(("selection capped rows", _capped_kernel, _types(_capped_kernel, masses, tau), rounds, 4, 3))
-    rows.append(("selection top-k pass", _top_pass_kernel, _types(_top_pass_kernel, masses, tau), chunk, 4, 3))
     rows.append(("selection candidates", _candidates_kernel, _types(_candidates_kernel, masses, tau), {}, 4, 3))
     rows.append(("selection compaction", _compact_kernel, _types(_compact_kernel, masses, tau), chunk, 4, 3))
     rows.append(("selection candidate compaction", _compact_candidates_kernel,

@@ -40,7 +40,10 @@ SWEEP = (*(ParallelOptions(chunk, warps, programs) for chunk in (256, 512) for w
            for programs in (256, 512, 1024)),
          *(ParallelOptions(compact_after=done) for done in (1, 2, 3)),
          *(ParallelOptions(chunk=256, compact_after=done) for done in (1, 2)),
-         *(ParallelOptions(capped_programs=programs) for programs in (128, 1024, 1536)))
+         *(ParallelOptions(capped_programs=programs) for programs in (128, 1024, 1536)),
+         # the radix passes' digit sums reduced per chunk (the default before session 22), and
+         # smaller chunks with them reduced once (fewer registers for the per-lane sums)
+         ParallelOptions(defer_sums=False), ParallelOptions(chunk=128), ParallelOptions(chunk=128, warps=2))
 
 
 def structured_masses(heads: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                                             num_slash=config.num_slash, sink=config.sink, local=config.local,
                                             coverage=True, tau=config.tau, options=options)
             name = (f"chunk={options.chunk} warps={options.warps} programs={options.programs} "
-                    f"compact_after={options.compact_after} capped_programs={options.capped_programs}")
+                    f"compact_after={options.compact_after} capped_programs={options.capped_programs}"
+                    f"{'' if options.defer_sums else ' per-chunk sums'}")
             try:  # one launch choice failing to compile or run must not lose the others
                 row[f"{name} same index"] = all(torch.equal(a, b) for a, b in zip(expected, run()))
                 row[f"{name} ms"] = graph_time(run, args.repeats)

@@ -181,6 +181,24 @@ def test_pass_one_key_splits_merge_to_the_brute_force(monkeypatch, keys_per_spli
 
 
 @needs_interpreter
+@pytest.mark.parametrize("count,splits", [(5, 1), (70, 3), (17, 130)])  # 130 splits: two steps of 64 per loop
+def test_split_merge_kernel_matches_the_torch_merge(count, splits):
+    """The one-launch merge of pass 1's split-K pairs gives the torch merge's log-sum-exps, with splits a
+    query does not reach (m = -inf, l = 0) and query counts that are not a multiple of the block.
+    Tolerance 1e-5 (base-2 log units): float32 exp2 and sums in another order."""
+    gen = torch.Generator().manual_seed(count + splits)
+    m_parts = torch.randn(2, 3, count, splits, generator=gen) * 8
+    l_parts = torch.rand(2, 3, count, splits, generator=gen) * 50 + 1
+    unreached = torch.rand(2, 3, count, splits, generator=gen) < 0.3
+    unreached[..., 0] = False  # every query sees key 0, in split 0
+    m_parts[unreached] = float("-inf")
+    l_parts[unreached] = 0.0
+    got = kernel.merge_splits(m_parts, l_parts)
+    torch.testing.assert_close(got, kernel.merge_splits_reference(m_parts, l_parts), atol=1e-5, rtol=1e-6)
+    assert torch.isfinite(got).all()
+
+
+@needs_interpreter
 def test_masses_sum_to_one_without_forced_parts_and_respect_causality():
     q, k = _qk(1, 4, 2, 64, 100, 64)
     config = VerticalSlashConfig(num_vertical=10, num_slash=10, last_q=8, sink=0, local=0, query_sampling="strided")

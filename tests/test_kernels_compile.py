@@ -22,7 +22,8 @@ import triton
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-KERNELS = ["vertical-slash kernel, 64-row tiles", "estimate pass 1", "estimate pass 2, queries loaded once",
+KERNELS = ["vertical-slash kernel, 64-row tiles", "estimate pass 1", "estimate split merge",
+           "estimate pass 2, queries loaded once",
            "estimate pass 2, columns only",
            "index tables", "density kept counts", "slash groups", "selection radix pass", "selection compaction",
            "selection buffer pass", "selection counts", "selection pack", "selection capped rows",

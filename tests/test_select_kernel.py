@@ -128,9 +128,11 @@ def test_parallel_path_finishes_capped_rows_and_tie_runs(monkeypatch, case):
 
 
 @needs_interpreter
-def test_round_one_with_capped_and_uncapped_rows_in_one_call(monkeypatch):
+@pytest.mark.parametrize("defer_sums", [True, False])
+def test_round_one_with_capped_and_uncapped_rows_in_one_call(monkeypatch, defer_sums):
     """Rows whose caps bind and rows whose do not, in one call: round 1's launches work on the first and
-    return at once for the second (nothing buffered), and the parallel path alone gives the torch index."""
+    return at once for the second (nothing buffered), and the parallel path alone gives the torch index,
+    with the radix passes' digit sums reduced per chunk or once per program."""
     monkeypatch.setattr(kernel, "MIN_SLICE", 64)
     columns, diagonals = _masses(2, 3, 300, seed=11, ties=False)
     columns[1, 1:] = 0.0
@@ -142,7 +144,7 @@ def test_round_one_with_capped_and_uncapped_rows_in_one_call(monkeypatch):
     wide = vs.select_packed(columns, diagonals, uncapped)
     wants = ((wide[0] >= 0).sum(-1) > 12) | ((wide[1] >= 0).sum(-1) > 90)
     assert wants.any() and not wants.all(), wants  # both kinds of rows
-    options = kernel.ParallelOptions(chunk=64, capped_programs=6)
+    options = kernel.ParallelOptions(chunk=64, capped_programs=6, defer_sums=defer_sums)
     got = _triton_index(columns, diagonals, config, fallback=False, options=options)
     expected = vs.select_packed(columns, diagonals, config)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

@@ -13,8 +13,8 @@ the keys of KV head ``h // (Hq // Hkv)`` (GQA is never materialized).
 Two passes over the keys:
 
 1. :func:`_row_stats_kernel`: one program per (query head, query block, key split) streams its
-   split of the keys and writes the running max and sum of ``exp2`` (split-K); a few torch ops
-   merge the splits into each query's log-sum-exp (base 2).
+   split of the keys and writes the running max and sum of ``exp2`` (split-K);
+   :func:`_merge_splits_kernel` merges the splits into each query's log-sum-exp (base 2).
 2. :func:`_masses_kernel`: one program per (query head, key split) streams its keys tile by tile
    (with at most ``BLOCK_M`` estimation queries, the usual case, the queries stay loaded): the
    column mass of each tile is summed over the queries in registers and stored without atomics
@@ -285,11 +285,51 @@ def _launch_options(head_dim: int, num_queries: int) -> dict[str, int]:
     return {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": max(block_d, 16), "num_warps": 4}
 
 
-def _merge_splits(m_parts: torch.Tensor, l_parts: torch.Tensor) -> torch.Tensor:
-    """Base-2 log-sum-exp ``[B, Hq, L]`` from split-K ``(max, sum)`` pairs ``[B, Hq, L, splits]``."""
+def merge_splits_reference(m_parts: torch.Tensor, l_parts: torch.Tensor) -> torch.Tensor:
+    """Base-2 log-sum-exp ``[B, Hq, L]`` from split-K ``(max, sum)`` pairs ``[B, Hq, L, splits]``
+    (what :func:`_merge_splits_kernel` computes; the test reference)."""
     m_max = m_parts.amax(-1, keepdim=True)  # finite: every query sees key 0 in split 0
     total = (l_parts * torch.exp2(m_parts - m_max)).sum(-1)
     return m_max.squeeze(-1) + torch.log2(total)
+
+
+@triton.jit(do_not_specialize=["num_queries", "num_splits"])
+def _merge_splits_kernel(M_PARTS, L_PARTS, LSE, num_queries, num_splits, BLOCK_Q: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
+    """``LSE [R, L]`` (base 2) from pass 1's split-K pairs ``M_PARTS, L_PARTS [R, L, num_splits]``:
+    the largest ``m``, then ``m_max + log2(sum l * exp2(m - m_max))``, as
+    :func:`merge_splits_reference`. Grid ``(R, ceil(L / BLOCK_Q))``. One launch where the torch
+    merge took seven small ones (every layer of a turn pays each launch)."""
+    row = tl.program_id(0).to(tl.int64)
+    queries = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_valid = queries < num_queries
+    cells = (row * num_queries + queries)[:, None] * num_splits
+    m_max = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    for first in range(0, num_splits, BLOCK_S):
+        splits = first + tl.arange(0, BLOCK_S)
+        mask = q_valid[:, None] & (splits < num_splits)[None, :]
+        m_max = tl.maximum(m_max, tl.max(tl.load(M_PARTS + cells + splits[None, :], mask=mask,
+                                                 other=float("-inf")), axis=1))
+    m_safe = tl.where(q_valid, m_max, 0.0)  # finite for every query (it sees key 0 in split 0)
+    total = tl.zeros([BLOCK_Q], tl.float32)
+    for first in range(0, num_splits, BLOCK_S):
+        splits = first + tl.arange(0, BLOCK_S)
+        mask = q_valid[:, None] & (splits < num_splits)[None, :]
+        m = tl.load(M_PARTS + cells + splits[None, :], mask=mask, other=float("-inf"))
+        sums = tl.load(L_PARTS + cells + splits[None, :], mask=mask, other=0.0)
+        total += tl.sum(sums * tl.exp2(m - m_safe[:, None]), axis=1)
+    tl.store(LSE + row * num_queries + queries, m_safe + tl.log2(total), mask=q_valid)
+
+
+def merge_splits(m_parts: torch.Tensor, l_parts: torch.Tensor) -> torch.Tensor:
+    """Base-2 log-sum-exp ``[B, Hq, L]`` float32 of contiguous split-K pairs ``[B, Hq, L, splits]``
+    (:func:`_merge_splits_kernel`)."""
+    bsz, hq, count, num_splits = m_parts.shape
+    lse = torch.empty(bsz, hq, count, device=m_parts.device, dtype=torch.float32)
+    block_q = 16 if interpreter_enabled() else 64
+    _merge_splits_kernel[(bsz * hq, triton.cdiv(count, block_q))](
+        m_parts, l_parts, lse, count, num_splits, BLOCK_Q=block_q, BLOCK_S=64, num_warps=4)
+    return lse
 
 
 def estimate_masses_triton(
@@ -344,7 +384,7 @@ def estimate_masses_triton(
     _row_stats_kernel[(hq, query_blocks * num_splits, bsz)](
         q, k, rows, positions, m_parts, l_parts, *strides,
         count, k_len, hq // hkv, num_splits, keys_per_split, qk_scale_log2, **dict(common, **PASS_ONE_OPTIONS))
-    lse = _merge_splits(m_parts, l_parts).contiguous()
+    lse = merge_splits(m_parts, l_parts)
     if count > block_m and not interpreter_enabled():
         common = dict(common, BLOCK_M=PASS_TWO_MULTI_BLOCK_M)
     pass_two = dict(sink=sink, local=local, qk_scale_log2=qk_scale_log2, common=common)

@@ -347,16 +347,26 @@ def _candidate_bits(hist_row, n, num_vertical, num_slash):
 
 
 @triton.jit
-def _slice_digits(ptr, lo, hi, forced, prefix, counts, masses, shift, CHUNK: tl.constexpr):
+def _slice_digits(ptr, lo, hi, forced, prefix, counts, masses, shift, CHUNK: tl.constexpr, DEFER: tl.constexpr):
     """Adds the count and float64 mass per digit at ``shift`` of the non-forced items ``lo .. hi - 1``
-    whose higher bits equal ``prefix``'s."""
+    whose higher bits equal ``prefix``'s. With ``DEFER`` the ``[CHUNK, 16]`` one-hot sums accumulate
+    element-wise and are reduced over the chunk axis once at the end (see :class:`ParallelOptions`)."""
+    count_lanes = tl.zeros([CHUNK, 16], tl.int32)
+    mass_lanes = tl.zeros([CHUNK, 16], tl.float64)
     for start in range(lo, hi, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         valid = offs < hi
         mass = tl.load(ptr + offs, mask=valid, other=0.0) + 0.0
         hits = _digit_hits(mass.to(tl.int32, bitcast=True), valid & (offs >= forced), prefix, shift)
-        counts += tl.sum(hits.to(tl.float64), 0)
-        masses += tl.sum(tl.where(hits, mass.to(tl.float64)[:, None], 0.0), 0)
+        if DEFER:
+            count_lanes += hits.to(tl.int32)
+            mass_lanes += tl.where(hits, mass.to(tl.float64)[:, None], 0.0)
+        else:
+            counts += tl.sum(hits.to(tl.float64), 0)
+            masses += tl.sum(tl.where(hits, mass.to(tl.float64)[:, None], 0.0), 0)
+    if DEFER:
+        counts += tl.sum(count_lanes, 0).to(tl.float64)
+        masses += tl.sum(mass_lanes, 0)
     return counts, masses
 
 
@@ -481,7 +491,7 @@ def _round_hist(HIST, row, round_index):
 
 @triton.jit(do_not_specialize=["n", "slice_len", "radix_pass"])
 def _pass_kernel(COLUMNS, DIAGONALS, HIST, n, sink, local, slice_len, tau_high, tau_low, radix_pass,
-                 CHUNK: tl.constexpr):
+                 CHUNK: tl.constexpr, DEFER: tl.constexpr):
     """Round 0's coverage radix pass ``radix_pass`` over the rows: grid ``(R, slices)``; each program replays
     the earlier passes, sums its slice of both kinds per digit and adds the 32 sums to ``HIST``."""
     row, _, _, lo, hi = _program_slice(slice_len, n)
@@ -490,26 +500,32 @@ def _pass_kernel(COLUMNS, DIAGONALS, HIST, n, sink, local, slice_len, tau_high, 
     counts = tl.zeros([16], tl.float64)
     masses = tl.zeros([16], tl.float64)
     shift = 28 - 4 * radix_pass
-    counts, masses = _slice_digits(col_ptr, lo, hi, sink, prefix, counts, masses, shift, CHUNK)
-    counts, masses = _slice_digits(diag_ptr, lo, hi, local, prefix, counts, masses, shift, CHUNK)
+    counts, masses = _slice_digits(col_ptr, lo, hi, sink, prefix, counts, masses, shift, CHUNK, DEFER)
+    counts, masses = _slice_digits(diag_ptr, lo, hi, local, prefix, counts, masses, shift, CHUNK, DEFER)
     _add_digit_sums(HIST + row * HIST_ROW + COVERAGE_HIST + radix_pass * 32, counts, masses)
 
 
 @triton.jit
-def _slice_rank_digits(ptr, lo, hi, forced, prefix, shift, CHUNK: tl.constexpr):
+def _slice_rank_digits(ptr, lo, hi, forced, prefix, shift, CHUNK: tl.constexpr, DEFER: tl.constexpr):
     """Count per digit at ``shift`` of the ranks (``+inf`` when forced) of items ``lo .. hi - 1`` whose
-    higher bits equal ``prefix``'s."""
+    higher bits equal ``prefix``'s (``DEFER``: as in :func:`_slice_digits`)."""
     counts = tl.zeros([16], tl.float64)
+    count_lanes = tl.zeros([CHUNK, 16], tl.int32)
     for start in range(lo, hi, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         _, _, rank_bits, valid = _load_row(ptr, offs, hi, forced)
-        counts += tl.sum(_digit_hits(rank_bits, valid, prefix, shift).to(tl.float64), 0)
+        if DEFER:
+            count_lanes += _digit_hits(rank_bits, valid, prefix, shift).to(tl.int32)
+        else:
+            counts += tl.sum(_digit_hits(rank_bits, valid, prefix, shift).to(tl.float64), 0)
+    if DEFER:
+        counts += tl.sum(count_lanes, 0).to(tl.float64)
     return counts
 
 
 @triton.jit(do_not_specialize=["n", "slice_len", "radix_pass"])
 def _top_pass_kernel(COLUMNS, DIAGONALS, HIST, STATE, n, sink, local, num_vertical, num_slash, slice_len,
-                     radix_pass, CHUNK: tl.constexpr):
+                     radix_pass, CHUNK: tl.constexpr, DEFER: tl.constexpr):
     """Radix pass ``radix_pass`` of the top-``cap`` search of both kinds, for the rows whose caps bind."""
     row, part, slices, lo, hi = _program_slice(slice_len, n)
     col_ptr = COLUMNS + row * n
@@ -519,8 +535,8 @@ def _top_pass_kernel(COLUMNS, DIAGONALS, HIST, STATE, n, sink, local, num_vertic
         col_prefix, col_left, col_run = _replay_top(hist, tl.minimum(num_vertical, n), radix_pass)
         diag_prefix, diag_left, diag_run = _replay_top(hist + 16, tl.minimum(num_slash, n), radix_pass)
         shift = 28 - 4 * radix_pass
-        col_counts = _slice_rank_digits(col_ptr, lo, hi, sink, col_prefix, shift, CHUNK)
-        diag_counts = _slice_rank_digits(diag_ptr, lo, hi, local, diag_prefix, shift, CHUNK)
+        col_counts = _slice_rank_digits(col_ptr, lo, hi, sink, col_prefix, shift, CHUNK, DEFER)
+        diag_counts = _slice_rank_digits(diag_ptr, lo, hi, local, diag_prefix, shift, CHUNK, DEFER)
         _add_digit_sums(hist + radix_pass * 32, col_counts, diag_counts)
 
 
@@ -571,7 +587,7 @@ def _compact_candidates_kernel(COLUMNS, DIAGONALS, STATE, BUF, BUF_COUNT, n, sin
 
 @triton.jit(do_not_specialize=["n", "buf_stride", "radix_pass", "section"])
 def _buffer_pass_kernel(COLUMNS, DIAGONALS, HIST, BUF, BUF_COUNT, n, sink, local, tau_high, tau_low, buf_stride,
-                        radix_pass, section, CHUNK: tl.constexpr):
+                        radix_pass, section, CHUNK: tl.constexpr, DEFER: tl.constexpr):
     """Coverage radix pass ``radix_pass`` over a row's compacted items (``BUF [R, buf_stride]``) instead
     of the row, into its ``section`` of ``HIST``: round 0 after :func:`_compact_kernel`, round 1 over
     the candidates of :func:`_compact_candidates_kernel`; program ``s`` of ``slices`` takes the
@@ -586,7 +602,7 @@ def _buffer_pass_kernel(COLUMNS, DIAGONALS, HIST, BUF, BUF_COUNT, n, sink, local
         counts = tl.zeros([16], tl.float64)
         masses = tl.zeros([16], tl.float64)
         counts, masses = _slice_digits(BUF + row * buf_stride, lo, hi, 0, prefix, counts, masses,
-                                       28 - 4 * radix_pass, CHUNK)
+                                       28 - 4 * radix_pass, CHUNK, DEFER)
         _add_digit_sums(HIST + row * HIST_ROW + section + radix_pass * 32, counts, masses)
 
 
@@ -602,16 +618,17 @@ def _classify(ptr, offs, valid, forced, cand_bits, take_bits):
 
 @triton.jit
 def _count_slice(ptr, counts_out, slices, lo, hi, forced, cand_bits, take_bits, CHUNK: tl.constexpr):
-    """Stores a slice's items above and equal to the threshold at ``counts_out`` and ``+ slices``."""
-    above = tl.full([], 0, tl.int32)
-    equal = tl.full([], 0, tl.int32)
+    """Stores a slice's items above and equal to the threshold at ``counts_out`` and ``+ slices``
+    (per-lane counts, reduced once after the loop)."""
+    above = tl.zeros([CHUNK], tl.int32)
+    equal = tl.zeros([CHUNK], tl.int32)
     for start in range(lo, hi, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         is_above, is_equal = _classify(ptr, offs, offs < hi, forced, cand_bits, take_bits)
-        above += tl.sum(is_above.to(tl.int32), 0)
-        equal += tl.sum(is_equal.to(tl.int32), 0)
-    tl.store(counts_out, above)
-    tl.store(counts_out + slices, equal)
+        above += is_above.to(tl.int32)
+        equal += is_equal.to(tl.int32)
+    tl.store(counts_out, tl.sum(above, 0))
+    tl.store(counts_out + slices, tl.sum(equal, 0))
 
 
 @triton.jit(do_not_specialize=["n", "slice_len", "round_index"])
@@ -706,6 +723,10 @@ class ParallelOptions:
             the rows; 0 = every pass reads the rows.
         capped_programs: about this many programs per launch of round 1 (the rows whose caps
             bind; the other rows' programs return at once).
+        defer_sums: the radix passes add each chunk's ``[chunk, 16]`` one-hot counts and masses
+            into per-lane accumulators and reduce them over the chunk once per program, instead of
+            reducing every chunk (a reduction across the program's warps, with a barrier, per chunk
+            and sum). Same float64 sums up to their order.
     """
 
     # The fastest of select_bench's sweep on an H200 (docs/results/gpu-session9/select-bench/):
@@ -716,6 +737,7 @@ class ParallelOptions:
     programs: int = PARALLEL_PROGRAMS
     compact_after: int = 2
     capped_programs: int = PARALLEL_PROGRAMS
+    defer_sums: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.compact_after <= 7:
@@ -768,17 +790,18 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
     if slices > 1:
         grid = (rows, slices)
         launch = dict(slice_len=triton.cdiv(n, slices), CHUNK=chunk, num_warps=options.warps, **scalars)
+        defer = dict(DEFER=options.defer_sums)
         per_row = dict(CHUNK=chunk, MAX_SLICES=MAX_SLICES, **scalars, **caps)
         full_passes = 8 if options.compact_after == 0 else options.compact_after
         for radix_pass in range(full_passes):
-            _pass_kernel[grid](columns, diagonals, hist, radix_pass=radix_pass, **launch)
+            _pass_kernel[grid](columns, diagonals, hist, radix_pass=radix_pass, **launch, **defer)
         if full_passes < 8:  # the later passes read only the items still in play
             buffer = torch.empty(rows, 2 * n, dtype=torch.float32, device=columns.device)
             _compact_kernel[grid](columns, diagonals, hist, buffer, buffer_count, done=full_passes, **launch)
             for radix_pass in range(full_passes, 8):
                 _buffer_pass_kernel[grid](columns, diagonals, hist, buffer, buffer_count, buf_stride=2 * n,
                                           radix_pass=radix_pass, section=COVERAGE_HIST.value, CHUNK=chunk,
-                                          num_warps=options.warps, **scalars)
+                                          num_warps=options.warps, **scalars, **defer)
         _count_kernel[grid](columns, diagonals, hist, counts, state, round_index=0, **launch)
         _pack_kernel[grid](columns, diagonals, hist, counts, state, vertical, slash, round_index=0,
                            MAX_SLICES=MAX_SLICES,
@@ -789,7 +812,8 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
         capped_launch = dict(launch, slice_len=triton.cdiv(n, capped_slices))
         no_tau = {key: value for key, value in capped_launch.items() if key not in ("tau_high", "tau_low")}
         for radix_pass in range(8):
-            _top_pass_kernel[capped_grid](columns, diagonals, hist, state, radix_pass=radix_pass, **no_tau, **caps)
+            _top_pass_kernel[capped_grid](columns, diagonals, hist, state, radix_pass=radix_pass, **no_tau, **caps,
+                                          **defer)
         _candidates_kernel[(rows,)](hist, state, n=n, **caps)
         width = num_vertical + num_slash  # the candidates' coverage passes read only the candidates
         candidates = torch.empty(rows, width, dtype=torch.float32, device=columns.device)
@@ -798,7 +822,7 @@ def select_packed_triton(columns: torch.Tensor, diagonals: torch.Tensor, *, num_
         for radix_pass in range(8):
             _buffer_pass_kernel[capped_grid](columns, diagonals, hist, candidates, candidate_count, buf_stride=width,
                                              radix_pass=radix_pass, section=CAPPED_HIST.value, CHUNK=chunk,
-                                             num_warps=options.warps, **scalars)
+                                             num_warps=options.warps, **scalars, **defer)
         _count_kernel[capped_grid](columns, diagonals, hist, capped_counts, state, round_index=1, **capped_launch)
         _pack_kernel[capped_grid](columns, diagonals, hist, capped_counts, state, vertical, slash, round_index=1,
                                   MAX_SLICES=MAX_SLICES, **capped_launch, **caps)
