@@ -101,6 +101,14 @@ case "$step" in
       tests/test_patterns_sampling.py tests/test_patterns.py \
       -k "gpu or bfloat16" > "$RES/$step/pytest.txt" 2>&1
     tail -5 "$RES/$step/pytest.txt" ;;
+  s22-check)  # no model: the GPU tests of the graphs (vertical-slash calls now graph only selection + index), the
+    # estimate (one-launch split merge) and the selection; then the selection's digit sums reduced per chunk vs once
+    # per program (ParallelOptions.defer_sums), uncapped and with every row capped
+    LONGINFER_AUTOTUNE=0 run python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_gpu_graphs.py \
+      tests/test_estimate_kernel.py tests/test_select_kernel.py -k gpu > "$RES/$step/pytest.txt" 2>&1
+    tail -3 "$RES/$step/pytest.txt"
+    run python3 benchmarks/select_bench.py --lengths 69632,131072 --sweep --out "$RES/$step/uncapped"
+    run python3 benchmarks/select_bench.py --caps 1024,2048 --lengths 69632 --sweep --out "$RES/$step/capped" ;;
   select-bench)  # no model: the vertical-slash budget alone, torch vs the Triton paths and their launch choices
     run python3 benchmarks/select_bench.py --sweep --out "$RES/$step" ;;
   select-check)  # no model: the selection's GPU tests (every path, no fallback on capped rows), then its timing
