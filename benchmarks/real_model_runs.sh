@@ -174,7 +174,7 @@ case "$step" in
     run python3 benchmarks/turn_kernels.py $Q15 --prefix 0 --length 16384 --layers 0,9,18,27 \
       --plan "$PLANS13/q15-gcols-tail.json" --out "$RES/$step/16k" ;;
   q15-turn-profile)  # issue 4: the turn's GPU time by op (PG text, default plan)
-    run python3 benchmarks/profile_prefill.py $Q15 --prefix 65536 --length 4096 --sort cuda --rows 45 \
+    run python3 benchmarks/profile_prefill.py $Q15 --prefix 65536 --length 4096 --sort cuda --rows 70 \
       > "$RES/$step/profile-turn-cuda.txt" 2>&1
     head -60 "$RES/$step/profile-turn-cuda.txt" | cut -c1-160 ;;
   q15-turn-default)  # issue 4: the second turn with the default plan only

@@ -41,9 +41,10 @@ SWEEP = (*(ParallelOptions(chunk, warps, programs) for chunk in (256, 512) for w
          *(ParallelOptions(compact_after=done) for done in (1, 2, 3)),
          *(ParallelOptions(chunk=256, compact_after=done) for done in (1, 2)),
          *(ParallelOptions(capped_programs=programs) for programs in (128, 1024, 1536)),
-         # the radix passes' digit sums reduced per chunk (the default before session 22), and
-         # smaller chunks with them reduced once (fewer registers for the per-lane sums)
-         ParallelOptions(defer_sums=False), ParallelOptions(chunk=128), ParallelOptions(chunk=128, warps=2))
+         # the radix passes' digit sums reduced per chunk (256: the default before session 22), and
+         # other chunks with them reduced once (the per-lane sums' registers grow with the chunk)
+         ParallelOptions(chunk=256, defer_sums=False), ParallelOptions(chunk=128, defer_sums=False),
+         ParallelOptions(chunk=64), ParallelOptions(chunk=128, warps=2))
 
 
 def structured_masses(heads: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

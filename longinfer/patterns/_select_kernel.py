@@ -731,8 +731,12 @@ class ParallelOptions:
 
     # The fastest of select_bench's sweep on an H200 (docs/results/gpu-session9/select-bench/):
     # 0.17 ms vs torch's 0.62 ms at 64K keys, 0.26 vs 0.66 ms at 128K; chunk 512 without
-    # compaction (the first default) took 0.43 / 0.61 ms.
-    chunk: int = 256
+    # compaction (the first default) took 0.43 / 0.61 ms. Session 22 (docs/results/gpu-session22/
+    # s22-check/, 12 rows of structured masses): 128-item chunks with the digit sums reduced once per
+    # program 0.185 / 0.266 ms at 64K / 128K keys and 0.405 ms with every row capped, against 0.204 /
+    # 0.296 / 0.478 for 256-item chunks reduced per chunk (the default before) and 0.211 / 0.282 /
+    # 0.438 for 256-item chunks reduced once (168 registers per thread, against 80).
+    chunk: int = 128
     warps: int = 4
     programs: int = PARALLEL_PROGRAMS
     compact_after: int = 2
