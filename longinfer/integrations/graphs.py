@@ -117,15 +117,12 @@ class CallGraphs:
         self._seen.clear()
 
     def __call__(self, key: Hashable, fn: Callable[..., Tensors], inputs: Tensors,
-                 output_bytes: int, *, copy_outputs: bool = True) -> Tensors:
+                 output_bytes: int) -> Tensors:
         """``fn(*inputs)``, eagerly or through the graph of ``key``.
 
         ``key`` must fix everything the recorded kernels depend on besides the inputs' values:
         shapes, dtypes, device and the function's configuration. ``fn`` must not synchronize with
-        the host, and must return tensors. ``output_bytes``: the size of its outputs. Without
-        ``copy_outputs`` a replay returns the graph's own output buffers, which the next replay of
-        ``key`` overwrites: for a caller whose every use of them is queued on the current stream
-        before that replay (stream order then keeps them valid).
+        the host, and must return tensors. ``output_bytes``: the size of its outputs.
         """
         graph = self._graphs.get(key)
         if graph is None:
@@ -140,7 +137,7 @@ class CallGraphs:
                 static.copy_(value)
         graph.replay()
         self.replays += 1
-        return tuple(out.clone() for out in graph.outputs) if copy_outputs else graph.outputs
+        return tuple(out.clone() for out in graph.outputs)
 
     def _worth_capturing(self, key: Hashable, inputs: Tensors, output_bytes: int) -> bool:
         """A second call of ``key`` that fits the byte cap and is not itself being captured."""

@@ -67,7 +67,6 @@ once per forward when a padding mask is passed, the padded path (its spans), and
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -82,9 +81,7 @@ import torch
 from longinfer._device_cache import device_cached
 from longinfer.integrations.graphs import CallGraphs
 from longinfer.patterns.registry import PatternSpec, get_pattern
-from longinfer import ops
-from longinfer.ops.index import VerticalSlashIndex, build_vertical_slash_index, chunk_size, vertical_slash_kept
-from longinfer.patterns.vertical_slash import VerticalSlashConfig, estimate_masses, select_packed_over_groups
+from longinfer.patterns.vertical_slash import VerticalSlashConfig
 from longinfer.plans.schema import DEFAULT_PATTERN_CONFIG, HeadPlan, LayerPlan, Plan, default_plan_for
 
 logger = logging.getLogger(__name__)
@@ -811,6 +808,8 @@ def _attend_contiguous(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: t
         if not decode:
             stats.add_full(_causal_pairs(nq, nk, window) * bsz * hq, window=True)
         if ctx.softcap is None and ctx.backend == "triton" and not decode:
+            from longinfer import ops
+
             return ops.a_shape_attention(q, k, v, 0, window, sm_scale=ctx.scale)
         return _masked_attention(q, k, v, ctx.scale, _causal_rows(window), ctx.softcap)
     if decode or runtime.layer.runs_dense(nk) or runtime.layer.dense_rows(nq, nk) == nq:
@@ -831,8 +830,6 @@ def _sparse_attention(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: to
     pairs = _causal_pairs(q.shape[2], k.shape[2]) * q.shape[0] * q.shape[1]
     if runtime.graphs is None or ctx.backend != "triton" or pairs > GRAPH_MAX_PAIRS:
         out, kept = call(q, k, v)
-    elif _kernel_outside_graph(runtime, q.shape[2], k.shape[2]):
-        out, kept = _sparse_call_around_graph(ctx, head_indices, q, k, v)
     else:
         key = (runtime.buckets, runtime.layer.dense_last, ctx.scale, q.shape, k.shape, v.shape, q.dtype, q.device)
         replays = runtime.graphs.replays
@@ -851,29 +848,18 @@ def _sparse_call(ctx: _CallContext, head_indices: list[tuple[torch.Tensor | None
     Returns the output ``[B, Hq, Nq, D]`` and the kept pairs (0-d float tensor, all heads).
     No host synchronization (it may be recorded into a CUDA graph).
     """
-    tail = ctx.runtime.layer.dense_rows(q.shape[2], k.shape[2])
-    results = [_run_bucket(bucket, *_bucket_tensors(q, k, v, q_idx, kv_idx), ctx, tail)
-               for bucket, (q_idx, kv_idx) in zip(ctx.runtime.buckets, head_indices)]
-    return _combine_buckets(ctx.runtime, head_indices, results, q, k.shape[2], tail)
-
-
-def _bucket_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor | None,
-                    kv_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A bucket's ``(q, k, v)``: its query heads and the KV heads they read (no copy when all, in order)."""
-    return (q if q_idx is None else q.index_select(1, q_idx), k if kv_idx is None else k.index_select(1, kv_idx),
-            v if kv_idx is None else v.index_select(1, kv_idx))
-
-
-def _combine_buckets(runtime: LayerRuntime, head_indices: list[tuple[torch.Tensor | None, torch.Tensor | None]],
-                     results: list[tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor, nk: int,
-                     tail: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's output ``[B, Hq, Nq, D]`` from each bucket's ``(output, kept share)``, and the kept
-    pairs of all heads (the dense tail's rows counted as kept)."""
+    runtime = ctx.runtime
     bsz, _, nq, _ = q.shape
+    nk = k.shape[2]
     pairs = _causal_pairs(nq, nk) * bsz
+    tail = runtime.layer.dense_rows(nq, nk)
     out = None
     kept = None
-    for bucket, (q_idx, _), (ob, ratio) in zip(runtime.buckets, head_indices, results):
+    for bucket, (q_idx, kv_idx) in zip(runtime.buckets, head_indices):
+        qb = q if q_idx is None else q.index_select(1, q_idx)
+        kb = k if kv_idx is None else k.index_select(1, kv_idx)
+        vb = v if kv_idx is None else v.index_select(1, kv_idx)
+        ob, ratio = _run_bucket(bucket, qb, kb, vb, ctx, tail)
         bucket_kept = ratio * (pairs * len(bucket.q_heads))
         kept = bucket_kept if kept is None else kept + bucket_kept
         if q_idx is None:
@@ -887,84 +873,6 @@ def _combine_buckets(runtime: LayerRuntime, head_indices: list[tuple[torch.Tenso
         tail_pairs = _causal_pairs(tail, nk) * bsz * q.shape[1]
         kept = kept * (1 - tail_pairs / (pairs * q.shape[1])) + tail_pairs
     return out, kept
-
-
-def _kernel_outside_graph(runtime: LayerRuntime, nq: int, nk: int) -> bool:
-    """Whether a graphed call replays only the selection and index build (see
-    :func:`_sparse_call_around_graph`): every bucket vertical-slash with the mass ranking and one
-    query segment, and the dense tail (if any) in whole kernel tiles."""
-    tail = runtime.layer.dense_rows(nq, nk)
-    for bucket in runtime.buckets:
-        config = bucket.head.config
-        if bucket.head.pattern != "vertical_slash" or not isinstance(config, VerticalSlashConfig):
-            return False
-        config = config.for_call(nq, nk)
-        if config.rank != "mass" or config.segments > 1 or (tail and (nk - tail) % config.block_size):
-            return False
-    return True
-
-
-def _sparse_call_around_graph(ctx: _CallContext, head_indices: list[tuple[torch.Tensor | None, torch.Tensor | None]],
-                              q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_sparse_call` with only the middle replayed from a CUDA graph: the estimate (five
-    launches) and the kernel (one) run eagerly on the model's own tensors, the selection, index
-    tables and density count (~40 small launches) from the graph, whose inputs are the estimated
-    masses (``2 * B * Hq * Nk`` floats).
-
-    A graph of the whole call reads static copies of ``q``, ``k`` and ``v``: on a 4K chunk over a
-    64K cache of Qwen2.5-1.5B that is 84 MB copied per layer (and the output copied back), about
-    50 us of an H200's memory time per layer. The graph's outputs (the index) are used in place,
-    not copied: this layer's kernel is queued on the same stream before the next layer's replay
-    overwrites them. Same results as :func:`_sparse_call` (the same kernels on the same values).
-    """
-    runtime = ctx.runtime
-    nq, nk = q.shape[2], k.shape[2]
-    tail = runtime.layer.dense_rows(nq, nk)
-    tensors = [_bucket_tensors(q, k, v, q_idx, kv_idx) for q_idx, kv_idx in head_indices]
-    configs = [bucket.head.config.for_call(nq, nk) for bucket in runtime.buckets]
-    masses = tuple(mass for (qb, kb, _), config in zip(tensors, configs)
-                   for mass in estimate_masses(qb, kb, config, sm_scale=ctx.scale))
-    key = ("indices from masses", runtime.buckets, nq, tuple(mass.shape for mass in masses), q.device)
-    indices_of = functools.partial(_indices_from_masses, runtime.buckets, configs, nq, nk)
-    replays = runtime.graphs.replays
-    flat = runtime.graphs(key, indices_of, masses, output_bytes=sum(mass.numel() for mass in masses),
-                          copy_outputs=False)
-    runtime.stats.graph_calls += runtime.graphs.replays - replays
-    results = []
-    for (qb, kb, vb), config, part in zip(tensors, configs, _per_bucket(flat)):
-        index = VerticalSlashIndex(**dict(zip(_INDEX_TENSORS, part[:-1])), k_len=nk, block_size=config.block_size,
-                                   chunk=chunk_size(config.block_size))
-        out = ops.vertical_slash_attention(qb, kb, vb, index=index, block_size=config.block_size, sm_scale=ctx.scale,
-                                           dense_from=nk - tail if tail else None)
-        results.append((out, part[-1]))
-    return _combine_buckets(runtime, head_indices, results, q, nk, tail)
-
-
-# The tensor fields of a VerticalSlashIndex, in the order _indices_from_masses returns them.
-_INDEX_TENSORS = tuple(f.name for f in dataclasses.fields(VerticalSlashIndex) if f.name not in ("k_len", "block_size",
-                                                                                                  "chunk"))
-
-
-def _per_bucket(flat: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
-    """:func:`_indices_from_masses`'s flat outputs cut per bucket: its index tensors, then its kept share."""
-    width = len(_INDEX_TENSORS) + 1
-    return [flat[start:start + width] for start in range(0, len(flat), width)]
-
-
-def _indices_from_masses(buckets: tuple[HeadBucket, ...], configs: list[VerticalSlashConfig], nq: int, nk: int,
-                         *masses: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per bucket (``masses``: its columns and diagonals ``[B, H, Nk]``) the index tensors of its
-    selection (:data:`_INDEX_TENSORS`) and the share of causal pairs it keeps, flat. What
-    :func:`_run_bucket` computes between the estimate and the kernel."""
-    outputs: list[torch.Tensor] = []
-    for position, (bucket, config) in enumerate(zip(buckets, configs)):
-        vertical, slash = select_packed_over_groups(masses[2 * position], masses[2 * position + 1], config,
-                                                    len(bucket.kv_heads), per_kv_group=bucket.per_kv_group)
-        index = build_vertical_slash_index(vertical, slash, nk, config.block_size, presorted=True)
-        ratio = _sampled_density(lambda positions, first, last, index=index: vertical_slash_kept(index, positions),
-                                 nq, nk, vertical.device)
-        outputs += [*(getattr(index, name) for name in _INDEX_TENSORS), ratio]
-    return tuple(outputs)
 
 
 def _run_bucket(bucket: HeadBucket, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -1010,6 +918,9 @@ def _run_vertical_slash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     (:func:`longinfer.ops.index.vertical_slash_kept`): no ``[B, H, R, Nk]`` mask. Query tiles at
     or after ``dense_from`` run dense in the same launch.
     """
+    from longinfer import ops
+    from longinfer.ops.index import build_vertical_slash_index, vertical_slash_kept
+
     index = build_vertical_slash_index(selection.vertical, selection.slash, selection.k_len, selection.block_size,
                                        presorted=True)
     ratio = _sampled_density(lambda positions, first, last: vertical_slash_kept(index, positions),
@@ -1120,6 +1031,8 @@ def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if nq == 1:
         return sdpa(q, k, v, scale=scale, enable_gqa=True)  # the last position sees every key
     if backend == "triton":
+        from longinfer import ops
+
         return ops.dense_attention(q, k, v, sm_scale=scale)
     return _masked_attention(q, k, v, scale, _causal_rows(None))
 
