@@ -11,7 +11,7 @@ forward over PG essays, then times, per layer and in one process:
   (:func:`longinfer.integrations.transformers.attend_layer`), launched eagerly and replayed from
   a CUDA graph (the patched model's default; the graph time is the GPU time alone);
 - its parts: ``estimate`` (masses and selection) with the diagonal-mass scratch and with
-  float32 atomics (``DIAGONAL_SCRATCH_BYTES = 0``), ``masses`` alone both ways and through a
+  float32 atomics (``DIAGONAL_SUMS``), ``masses`` alone both ways and through a
   float16 scratch (``DIAGONAL_SCRATCH_DTYPE``; whether its masses select the same index), the ``index``
   build (eager, so host time shows where it exceeds the GPU's; each also replayed from a CUDA
   graph, ``(graph)``: GPU time alone), the ``selection`` (the budget applied to the layer's
@@ -20,7 +20,7 @@ forward over PG essays, then times, per layer and in one process:
   same index), the KV-group union of the columns by the Triton kernels and by the torch bitmap,
   the estimate's pass 1 at other key splits and launch options (``masses, pass 1 .. keys warps=..
   stages=..``) and its pass 2 at each fixed launch configuration
-  (``pass 2 BLOCK_N=.. warps=.. stages=..``: both the masses with the scratch, graph-replayed), the
+  (``pass 2 BLOCK_N=.. warps=.. stages=..``: the masses with the default diagonal sums, graph-replayed), the
   kernel on the index's columns alone, its diagonals alone and in its dense mode (where the kernel's
   time per computed pair goes, against SDPA's), with the K/V of covered columns loaded
   or skipped (``covered_in_loads``, the same launch otherwise), with the key ranges (dense mode,
@@ -140,9 +140,9 @@ def with_estimate_settings(fn: Callable[[], Any], **settings: Any) -> Callable[[
     return run
 
 
-def with_scratch_bytes(limit: int, fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn`` run with the estimate's diagonal scratch limited to ``limit`` bytes (0 = atomics)."""
-    return with_estimate_settings(fn, DIAGONAL_SCRATCH_BYTES=limit)
+def with_diagonal_sums(sums: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with the estimate's diagonal mass summed through ``sums`` (``"scratch"`` or ``"atomics"``)."""
+    return with_estimate_settings(fn, DIAGONAL_SUMS=sums)
 
 
 def with_pass_one_options(keys_per_split: int, block_n: int, warps: int, stages: int,
@@ -289,9 +289,9 @@ def estimate_variant_timings(masses: Callable[[], Any], estimate: Callable[[], A
     def timed(fn: Callable[[], Any]) -> float:
         return median_cuda_ms(fn, repeats=repeats, warmup=2)
 
-    times = {"estimate (scratch)": timed(estimate), "estimate (atomics)": timed(with_scratch_bytes(0, estimate)),
-             "masses (scratch)": timed(masses), "masses (atomics)": timed(with_scratch_bytes(0, masses))}
-    half_scratch = with_estimate_settings(masses, DIAGONAL_SCRATCH_DTYPE=torch.float16)
+    times = {f"{part} ({sums})": timed(with_diagonal_sums(sums, fn))
+             for part, fn in (("estimate", estimate), ("masses", masses)) for sums in ("scratch", "atomics")}
+    half_scratch = with_estimate_settings(masses, DIAGONAL_SUMS="scratch", DIAGONAL_SCRATCH_DTYPE=torch.float16)
     times["masses, float16 scratch (graph)"] = graph_time(half_scratch, repeats)
     for keys_per_split, block_n, warps, stages in PASS_ONE_OPTIONS:
         times[f"masses, pass 1 {keys_per_split} keys BLOCK_N={block_n} warps={warps} stages={stages}"] = graph_time(

@@ -137,12 +137,37 @@ def test_diagonal_scratch_chunks_and_atomics_agree_with_brute_force(monkeypatch,
     q, k = _qk(b, hq, hkv, n_q, n_k, d, seed=4)
     positions = vs.estimation_positions(n_q, n_k, 9, "strided")
     per_group = b * (hq // hkv) * positions.numel() * n_k * 4
+    monkeypatch.setattr(kernel, "DIAGONAL_SUMS", "scratch")
     monkeypatch.setattr(kernel, "DIAGONAL_SCRATCH_BYTES", per_group * scratch_groups)
     assert kernel.scratch_heads(b, hq, hkv, positions.numel(), n_k) == (hq // hkv) * scratch_groups
     columns, diagonals = estimate_masses_triton(q, k, positions - (n_k - n_q), positions, sink=3, local=2, scale=0.3)
     ref_columns, ref_diagonals = _brute_force(q, k, positions, sink=3, local=2, scale=0.3)
     torch.testing.assert_close(columns.double(), ref_columns, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(diagonals.double(), ref_diagonals, atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("setting,deterministic,path", [
+    ("auto", False, "atomics"), ("auto", True, "scratch"), ("scratch", False, "scratch"), ("atomics", True, "atomics")])
+def test_diagonal_sums_follow_the_setting_and_torch_deterministic_mode(monkeypatch, setting, deterministic, path):
+    """The diagonal mass goes through the scratch (deterministic) or atomics as DIAGONAL_SUMS says; "auto"
+    follows torch.use_deterministic_algorithms. Either way the same masses (the brute force's)."""
+    q, k = _qk(1, 4, 2, 40, 90, 64, seed=6)
+    positions = vs.estimation_positions(40, 90, 8, "strided")
+    taken = []
+    for name in ("_masses_with_scratch", "_masses_with_atomics"):
+        real = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *a, _real=real, _name=name, **kw: taken.append(_name) or _real(*a, **kw))
+    monkeypatch.setattr(kernel, "DIAGONAL_SUMS", setting)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+    columns, diagonals = estimate_masses_triton(q, k, positions - 50, positions, sink=3, local=2, scale=0.3)
+    assert taken == [f"_masses_with_{path}"]
+    ref_columns, ref_diagonals = _brute_force(q, k, positions, sink=3, local=2, scale=0.3)
+    torch.testing.assert_close(diagonals.double(), ref_diagonals, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(columns.double(), ref_columns, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(kernel, "DIAGONAL_SUMS", "sometimes")
+    with pytest.raises(ValueError, match="DIAGONAL_SUMS must be one of"):
+        estimate_masses_triton(q, k, positions - 50, positions, sink=3, local=2, scale=0.3)
 
 
 @needs_interpreter
@@ -154,6 +179,7 @@ def test_float16_diagonal_scratch_stays_within_its_rounding(monkeypatch):
     q, k = _qk(b, hq, hkv, n_q, n_k, d, seed=6)
     positions = vs.estimation_positions(n_q, n_k, 9, "strided")
     per_group_float32 = b * (hq // hkv) * positions.numel() * n_k * 4
+    monkeypatch.setattr(kernel, "DIAGONAL_SUMS", "scratch")
     monkeypatch.setattr(kernel, "DIAGONAL_SCRATCH_BYTES", per_group_float32)
     monkeypatch.setattr(kernel, "DIAGONAL_SCRATCH_DTYPE", torch.float16)
     assert kernel.scratch_heads(b, hq, hkv, positions.numel(), n_k) == 2 * (hq // hkv)
@@ -248,9 +274,9 @@ def test_errors_name_the_problem():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("scratch_bytes", [kernel.DIAGONAL_SCRATCH_BYTES, 0])  # scratch, atomics
-def test_gpu_kernel_matches_the_torch_path(monkeypatch, dtype, scratch_bytes):
-    monkeypatch.setattr(kernel, "DIAGONAL_SCRATCH_BYTES", scratch_bytes)
+@pytest.mark.parametrize("sums", ["scratch", "atomics"])
+def test_gpu_kernel_matches_the_torch_path(monkeypatch, dtype, sums):
+    monkeypatch.setattr(kernel, "DIAGONAL_SUMS", sums)
     q, k = _qk(1, 8, 2, 3000, 5000, 128, dtype)
     q, k = q.cuda(), k.cuda()
     for sampling, last_q, column_q in (("strided", 64, 0), ("last", 64, 0), ("mixed", 256, 0), ("strided", 64, 1024)):

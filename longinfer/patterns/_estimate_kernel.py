@@ -23,18 +23,24 @@ Two passes over the keys:
    sum it alone. Two ways, the same sums up to float32 summation order:
 
    - *scratch* (when ``B * Hq * L * Nk`` floats fit in :data:`DIAGONAL_SCRATCH_BYTES`, else per
-     chunk of whole KV groups): each probability is stored, without atomics, at
+     chunk of whole KV groups; see :data:`DIAGONAL_SUMS` for when): each probability is stored, without atomics, at
      ``(l, Nk - 1 - (p_l - key))`` of a ``[B, Hq, L, Nk]`` float32 scratch (offsets reversed so
      that a tile row is one contiguous, coalesced store); :func:`_diagonal_sum_kernel` then sums
      each offset over the queries that reach it. Every cell is written at most once, so nothing
      needs zeroing.
-   - *atomics* (when even one KV group's scratch does not fit): float32 atomic adds into the
-     ``[B, Hq, Nk]`` output, in whatever order the programs run.
+   - *atomics* (the default outside torch's deterministic mode, and wherever even one KV group's
+     scratch does not fit): float32 atomic adds into the ``[B, Hq, Nk]`` output, in whatever order
+     the programs run.
 
-   The scratch is the default because its sums do not depend on scheduling (the same input gives
-   the same index, bit for bit). With offsets stored unreversed (decreasing along a tile row, so
-   one 4-byte transaction per cell), pass 2 took ~0.87 ms per layer of a 4K turn over 64K on
-   Qwen2.5-1.5B (H200, sessions 6 and 7) either way, 14x pass 1 over the same q k^T.
+   The scratch's sums do not depend on scheduling (the same input gives the same index, bit for
+   bit); the atomics' may differ between identical calls at float32 rounding, which can move an
+   item at the budget's boundary. The atomics skip the scratch's round trip through memory (214 MB
+   written and read per layer of a 4K turn over 64K on Qwen2.5-1.5B): on an H200 that turn's
+   attention took 58.3 / 58.1 ms with them against 59.5 / 59.2 ms with the scratch (two runs each,
+   docs/results/gpu-session22/turn-variants/). :data:`DIAGONAL_SUMS` chooses; by default the
+   scratch when ``torch.are_deterministic_algorithms_enabled()``, else the atomics. With offsets
+   stored unreversed (decreasing along a tile row, so one 4-byte transaction per cell), pass 2 took
+   ~0.87 ms per layer of that turn (sessions 6 and 7) either way, 14x pass 1 over the same q k^T.
 
 Arguments that follow the prompt length (``k_len``, the query count, the key splits) are not
 specialized (``do_not_specialize``): one compiled variant per launch configuration serves every length.
@@ -79,6 +85,12 @@ PASS_TWO_PROGRAMS = 512  # pass 2 splits its keys until a call has about this ma
 # 64K with 1,024 estimation queries slower (attention 0.96x -> 0.70x of dense, sessions 12 and 13):
 # every block reloads the key tile, so halving the block doubles those loads. 64 it stays.
 PASS_TWO_MULTI_BLOCK_M = 64
+# How pass 2 sums the diagonal mass across programs (see the module docstring): "scratch"
+# (deterministic), "atomics" (faster, the order varies by run), or "auto": the scratch when torch's
+# deterministic algorithms are enabled (``torch.use_deterministic_algorithms(True)``), else atomics.
+# Calls where one KV group's scratch would exceed DIAGONAL_SCRATCH_BYTES use atomics whatever this says.
+DIAGONAL_SUMS = "auto"
+DIAGONAL_SUMS_CHOICES = ("auto", "scratch", "atomics")
 # Largest diagonal scratch (bytes) per pass-2 launch: 12 heads x 64 queries x 64K keys fit whole (a
 # 4K turn over 64K on Qwen2.5-1.5B: 210 MB); larger calls run in chunks of KV groups, and calls
 # where one KV group does not fit use atomics.
@@ -390,7 +402,7 @@ def estimate_masses_triton(
     pass_two = dict(sink=sink, local=local, qk_scale_log2=qk_scale_log2, common=common)
     if not diagonals:
         return _columns_only(q, k, rows, positions, lse, **pass_two), None
-    chunk = scratch_heads(bsz, hq, hkv, count, k_len)
+    chunk = scratch_heads(bsz, hq, hkv, count, k_len) if diagonal_sums() == "scratch" else 0
     if chunk == 0:
         return _masses_with_atomics(q, k, rows, positions, lse, **pass_two)
     parts = [_masses_with_scratch(q[:, h0:h0 + chunk], k[:, h0 // (hq // hkv):(h0 + chunk) // (hq // hkv)], rows,
@@ -399,6 +411,16 @@ def estimate_masses_triton(
     if len(parts) == 1:
         return parts[0]
     return torch.cat([c for c, _ in parts], 1), torch.cat([d for _, d in parts], 1)
+
+
+def diagonal_sums() -> str:
+    """``"scratch"`` or ``"atomics"``: :data:`DIAGONAL_SUMS` with ``"auto"`` resolved by
+    ``torch.are_deterministic_algorithms_enabled()``."""
+    if DIAGONAL_SUMS not in DIAGONAL_SUMS_CHOICES:
+        raise ValueError(f"DIAGONAL_SUMS must be one of {DIAGONAL_SUMS_CHOICES}, got {DIAGONAL_SUMS!r}")
+    if DIAGONAL_SUMS == "auto":
+        return "scratch" if torch.are_deterministic_algorithms_enabled() else "atomics"
+    return DIAGONAL_SUMS
 
 
 def scratch_heads(bsz: int, hq: int, hkv: int, count: int, k_len: int) -> int:
