@@ -742,9 +742,9 @@ def select_packed(columns: torch.Tensor, diagonals: torch.Tensor, config: Vertic
     in the interpreter) or ``"auto"`` (the default: :func:`auto_selection_backend`). Same index; see
     the kernel module for the rounding-level differences. On the Triton path per-kind minimums
     (``min_vertical`` / ``min_slash``) are added to the kernel's index afterwards (:func:`_add_floors`).
-    On an H200 at a 4K-query turn over 64K keys the Triton path takes 0.23 ms per 12-head layer
-    against torch's 0.61 ms where no cap binds, ~0.5 ms where one does (``benchmarks/turn_kernels.py``,
-    session 10). Memory: the outputs plus, on the torch path, a few ``[B, H, Nk]`` tensors. No host
+    On an H200 at a 4K-query turn over 64K keys the Triton path takes 0.19 ms per 12-head layer
+    against torch's 0.61 ms where no cap binds, 0.41-0.45 ms where one does (``benchmarks/turn_kernels.py``,
+    session 22). Memory: the outputs plus, on the torch path, a few ``[B, H, Nk]`` tensors. No host
     synchronization.
     """
     require(backend in ("auto", "triton", "torch"), f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
