@@ -68,7 +68,14 @@ from longinfer.patterns._select_kernel import (
     _sequential_kernel,
     _top_pass_kernel,
 )
-from longinfer.patterns._union_kernel import MARK_BLOCK, PACK_BLOCK, _mark_bits_kernel, _pack_bits_kernel
+from longinfer.patterns._union_kernel import (
+    MARK_BLOCK,
+    MAX_PARTS,
+    PACK_BLOCK,
+    _count_bits_kernel,
+    _mark_bits_kernel,
+    _pack_bits_kernel,
+)
 
 I32 = "i32"
 
@@ -217,8 +224,11 @@ def configurations() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int
     union_types = {"INDEX": "*i64", "BITMAP": "*i8", "OUT": "*i64"}
     rows.append(("KV-group union, marks", _mark_bits_kernel, _types(_mark_bits_kernel, union_types),
                  {"BLOCK": MARK_BLOCK}, 4, 1))
-    rows.append(("KV-group union, pack", _pack_bits_kernel, _types(_pack_bits_kernel, union_types),
+    union_types = {**union_types, "COUNTS": "*i32"}
+    rows.append(("KV-group union, counts", _count_bits_kernel, _types(_count_bits_kernel, union_types),
                  {"BLOCK": PACK_BLOCK}, 8, 1))
+    rows.append(("KV-group union, pack", _pack_bits_kernel, _types(_pack_bits_kernel, union_types),
+                 {"BLOCK": PACK_BLOCK, "MAX_PARTS": MAX_PARTS}, 8, 1))
     return rows
 
 

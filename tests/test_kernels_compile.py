@@ -28,7 +28,7 @@ KERNELS = ["vertical-slash kernel, 64-row tiles", "estimate pass 1", "estimate s
            "index tables", "density kept counts", "slash groups", "selection radix pass", "selection compaction",
            "selection buffer pass", "selection counts", "selection pack", "selection capped rows",
            "selection top-k pass", "selection candidates", "selection candidate compaction", "selection, sequential",
-           "KV-group union, marks", "KV-group union, pack"]
+           "KV-group union, marks", "KV-group union, counts", "KV-group union, pack"]
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="needs the Triton wheel's ptxas")

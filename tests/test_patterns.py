@@ -280,6 +280,31 @@ def test_union_packed_over_groups_is_the_sorted_set_union(backend, bsz, hq, hkv,
     assert torch.equal(union_of(index, hkv, length, repeat=True), union.repeat_interleave(group, dim=1))
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton union on CPU tensors")
+@pytest.mark.parametrize("block,max_parts,length", [(64, 4, 9000), (64, 64, 9000), (64, 4, 130)])
+def test_triton_union_parts_of_several_blocks(monkeypatch, block, max_parts, length):
+    """The packing is cut into parts of whole blocks, each placed after the set bits of the parts before it:
+    parts of many blocks (few parts over a long row), of one block, and one part shorter than a block give
+    the torch union. Rows filled unevenly, so that some parts hold no position at all."""
+    from longinfer.patterns import _union_kernel
+
+    monkeypatch.setattr(_union_kernel, "PACK_BLOCK", block)
+    monkeypatch.setattr(_union_kernel, "MAX_PARTS", max_parts)
+    parts, part_len = _union_kernel.pack_parts(length)
+    assert parts <= max_parts and part_len % block == 0 and (parts - 1) * part_len < length <= parts * part_len
+    g = torch.Generator().manual_seed(length)
+    index = torch.full((2, 6, 300), -1, dtype=torch.long)
+    for b in range(2):
+        for h in range(6):
+            span = length // (h + 1)  # later heads only in the row's first part
+            count = min(300, span)
+            index[b, h, :count] = torch.randperm(span, generator=g)[:count].sort().values
+    expected = union_packed_over_groups(index, 2, length)
+    assert torch.equal(_union_kernel.union_packed_over_groups_triton(index, 2, length), expected)
+    repeated = _union_kernel.union_packed_over_groups_triton(index, 2, length, repeat=True)
+    assert torch.equal(repeated, expected.repeat_interleave(3, dim=1))
+
+
 @pytest.mark.gpu
 def test_triton_union_on_cuda_is_the_torch_union():
     """On CUDA (the path the estimate takes there) the Triton union of a 4K turn's shape (12 query heads
