@@ -79,7 +79,6 @@ from longinfer.ops._checks import interpreter_enabled
 
 INF_BITS = tl.constexpr(0x7F800000)  # int32 bits of +inf: the rank of forced items
 NONE_BITS = tl.constexpr(0x7FFFFFFF)  # above every non-NaN float's bits: a threshold that takes nothing
-CHUNK = 512  # items per step of a pass ([CHUNK, 16] float64 one-hot sums stay in registers)
 PARALLEL_PROGRAMS = 512  # the parallel path cuts rows into slices until a launch has about this many programs
 MAX_SLICES = 128  # slices per row at most (a program sums the counts of its row's slices)
 MIN_SLICE = 1024  # items per slice at least
@@ -735,7 +734,8 @@ class ParallelOptions:
     # s22-check/, 12 rows of structured masses): 128-item chunks with the digit sums reduced once per
     # program 0.185 / 0.266 ms at 64K / 128K keys and 0.405 ms with every row capped, against 0.204 /
     # 0.296 / 0.478 for 256-item chunks reduced per chunk (the default before) and 0.211 / 0.282 /
-    # 0.438 for 256-item chunks reduced once (168 registers per thread, against 80).
+    # 0.438 for 256-item chunks reduced once (registers per thread on sm_90: 168 for 256 items reduced
+    # once, 96 for 128, 80 for 256 reduced per chunk; benchmarks/kernel_resources.py).
     chunk: int = 128
     warps: int = 4
     programs: int = PARALLEL_PROGRAMS
