@@ -18,7 +18,14 @@ different estimation rows (:func:`longinfer.patterns.vertical_slash.estimate_mas
 - ``strided64+underserved64``: two stages: the ``strided64`` index is scored on candidate rows (every
   ``--candidate-stride``-th row, the same ends left out), and the 64 candidates it serves worst (lowest
   recall, mean over heads) join the strided queries; an online method (the candidates' attention rows
-  cost ``N / stride`` extra estimation queries' work).
+  cost ``N / stride`` extra estimation queries' work);
+- ``pooled64``: 64 block-mean queries instead of rows: the prompt cut into 64 equal blocks, each
+  block's mean query placed at its last row (it sees that row's keys), so every row, a needle's too,
+  weighs in the estimate (mean pooling, as block-sparse estimates pool);
+- ``strided64+pooled64`` / ``strided64+pooled512``: the mean of the strided queries' masses and the
+  masses of 64 / 512 block-mean queries (equal weight), one coverage budget on the result.
+
+``--variants`` runs a subset (the records then hold only those; a resumed run must ask for the same).
 
 Per variant: recall at the pieces and at ``--rows`` spread rows (mean over every layer and query
 head), the density on the spread rows, and how many of the novel rows fall inside the pieces.
@@ -63,7 +70,8 @@ from ruler_rows_recall import _records, per_head_recall, piece_rows
 logger = logging.getLogger("needle_row_estimation")
 RESULTS = "needle_row_estimation.jsonl"
 VARIANTS = ("strided64", "strided64, tau 0.95", "strided64, tau 0.97", "strided128", "strided64+pieces64",
-            "strided64+novel64", "strided64+underserved64")
+            "strided64+novel64", "strided64+underserved64", "pooled64", "strided64+pooled64", "strided64+pooled512")
+POOLED = {"pooled64": (64, False), "strided64+pooled64": (64, True), "strided64+pooled512": (512, True)}
 DENSER_TAUS = {"strided64, tau 0.95": 0.95, "strided64, tau 0.97": 0.97}  # the baseline's curve, for equal density
 EXTRA_ROWS = 64
 CONFIG = VerticalSlashConfig(budget="coverage", num_vertical=4096, num_slash=8192, last_q=64,
@@ -99,43 +107,75 @@ def index_from_rows(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, s
                     tau: float = CONFIG.tau) -> VerticalSlashSelection:
     """The per-head vertical-slash index that :data:`CONFIG`'s budget (coverage ``tau``) selects from the
     masses of ``positions``."""
+    return index_from_masses(*estimate_masses(q, k, CONFIG, sm_scale=scale, positions=positions), k, tau)
+
+
+def index_from_masses(columns: torch.Tensor, diagonals: torch.Tensor, k: torch.Tensor,
+                      tau: float = CONFIG.tau) -> VerticalSlashSelection:
+    """The per-head index :data:`CONFIG`'s budget (coverage ``tau``) selects from masses ``[1, Hq, N]``."""
     config = dataclasses.replace(CONFIG, tau=tau)
-    columns, diagonals = estimate_masses(q, k, config, sm_scale=scale, positions=positions)
     vertical, slash = select_packed_over_groups(columns, diagonals, config, k.shape[1], per_kv_group=False)
     return VerticalSlashSelection(vertical=vertical, slash=slash, k_len=k.shape[2], block_size=config.block_size)
 
 
+def pooled_masses(q: torch.Tensor, k: torch.Tensor, blocks: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column and diagonal masses ``[1, Hq, N]`` of ``blocks`` block-mean queries: the rows cut into
+    ``blocks`` spans ending at the strided positions, each span's mean query placed at its last row.
+    Memory: a float32 prefix sum of ``q`` (``Hq * N * D``) and a copy of ``q``."""
+    n = q.shape[2]
+    ends = estimation_positions(n, n, blocks, "strided").to(q.device)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1] + 1])
+    prefix = q.float().cumsum(2)
+    before = torch.where((starts > 0)[None, None, :, None], prefix[:, :, (starts - 1).clamp(min=0)], 0.0)
+    pooled = q.clone()
+    pooled[:, :, ends] = ((prefix[:, :, ends] - before) / (ends - starts + 1)[:, None].float()).to(q.dtype)
+    return estimate_masses(pooled, k, CONFIG, sm_scale=scale, positions=ends)
+
+
 def measure_prompt(model: Any, prompt: ruler.RulerPrompt, num_rows: int, seed: int,
-                   candidate_stride: int) -> dict[str, Any]:
-    """Per variant the per-(layer, head) recalls at the pieces and the spread rows and the per-layer
-    densities, and per layer how many novel rows lie inside the pieces."""
+                   candidate_stride: int, variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
+    """Per variant (of ``variants``) the per-(layer, head) recalls at the pieces and the spread rows and
+    the per-layer densities, and per layer how many novel / underserved rows lie inside the pieces."""
     ids = torch.tensor([prompt.input_ids], device=model.device)
     n = ids.shape[1]
     pieces = piece_rows(prompt)
     rows = {"pieces": pieces, "spread": sample_rows(n, n, num_rows, seed=seed)}
     strided = estimation_positions(n, n, 64, "strided")
-    results: dict[str, Any] = {v: {"pieces": [], "spread": [], "density": []} for v in VARIANTS}
-    results["novel_in_pieces"] = []
-    results["underserved_in_pieces"] = []
+    results: dict[str, Any] = {v: {"pieces": [], "spread": [], "density": []} for v in variants}
+    guesses = {"novel_in_pieces": "strided64+novel64", "underserved_in_pieces": "strided64+underserved64"}
+    results.update({name: [] for name, variant in guesses.items() if variant in variants})
 
     def on_layer(captured: Any) -> None:
         q, k, scale = captured.q, captured.k, captured.sm_scale
         generator = torch.Generator().manual_seed(seed + captured.layer)
         drawn = pieces[torch.randperm(len(pieces), generator=generator)[:EXTRA_ROWS]]
-        novel = novel_rows(q, EXTRA_ROWS).cpu()
-        first_stage = index_from_rows(q, k, strided.to(q.device), scale)
-        underserved = underserved_rows(q, k, first_stage, scale, EXTRA_ROWS, candidate_stride).cpu()
-        for name, chosen in (("novel_in_pieces", novel), ("underserved_in_pieces", underserved)):
-            results[name].append(len(set(chosen.tolist()) & set(pieces.tolist())))
-        positions = {"strided64": strided, "strided128": estimation_positions(n, n, 128, "strided"),
-                     "strided64+pieces64": torch.unique(torch.cat([strided, drawn])),
-                     "strided64+novel64": torch.unique(torch.cat([strided, novel])),
-                     "strided64+underserved64": torch.unique(torch.cat([strided, underserved])),
+        strided_masses = estimate_masses(q, k, CONFIG, sm_scale=scale, positions=strided.to(q.device))
+        first_stage = index_from_masses(*strided_masses, k)
+        positions = {"strided64+pieces64": torch.unique(torch.cat([strided, drawn])),
                      **{variant: strided for variant in DENSER_TAUS}}
+        if "strided128" in variants:
+            positions["strided128"] = estimation_positions(n, n, 128, "strided")
+        extra = {}
+        if "strided64+novel64" in variants:
+            extra["strided64+novel64"] = novel_rows(q, EXTRA_ROWS).cpu()
+        if "strided64+underserved64" in variants:
+            extra["strided64+underserved64"] = underserved_rows(q, k, first_stage, scale, EXTRA_ROWS,
+                                                                candidate_stride).cpu()
+        for name, variant in guesses.items():
+            if variant in extra:
+                results[name].append(len(set(extra[variant].tolist()) & set(pieces.tolist())))
+        positions.update({variant: torch.unique(torch.cat([strided, rows_])) for variant, rows_ in extra.items()})
+        indexes = {"strided64": first_stage}
+        for variant, (blocks, with_strided) in POOLED.items():
+            if variant in variants:
+                pooled = pooled_masses(q, k, blocks, scale)
+                if with_strided:
+                    pooled = tuple((a + b) / 2 for a, b in zip(strided_masses, pooled))
+                indexes[variant] = index_from_masses(*pooled, k)
         lse = {name: causal_logsumexp(q, k, scored.to(q.device), sm_scale=scale) for name, scored in rows.items()}
-        for variant, chosen in positions.items():
-            index = first_stage if variant == "strided64" else index_from_rows(
-                q, k, chosen.to(q.device), scale, DENSER_TAUS.get(variant, CONFIG.tau))
+        for variant in variants:
+            index = indexes[variant] if variant in indexes else index_from_rows(
+                q, k, positions[variant].to(q.device), scale, DENSER_TAUS.get(variant, CONFIG.tau))
             for name, scored in rows.items():
                 values, density = per_head_recall(q, k, index, scored, scale, lse[name])
                 results[variant][name].extend(values)
@@ -153,9 +193,11 @@ def write_report(out: Path, records: list[dict[str, Any]], command: str) -> Path
         return statistics.fmean(statistics.fmean(r[variant][key]) for r in records)
 
     rows = [[variant, f"{mean_of(variant, 'pieces'):.4f}", f"{mean_of(variant, 'spread'):.4f}",
-             f"{100 * mean_of(variant, 'density'):.1f}%"] for variant in VARIANTS]
+             f"{100 * mean_of(variant, 'density'):.1f}%"] for variant in VARIANTS if all(variant in r for r in records)]
+
     def inside(key: str) -> str:
-        return f"{statistics.fmean(statistics.fmean(r[key]) for r in records if key in r):.1f}"
+        counts = [statistics.fmean(r[key]) for r in records if key in r]
+        return f"{statistics.fmean(counts):.1f}" if counts else "not run"
 
     first = records[0]
     text = "\n".join([
@@ -184,10 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=256, help="spread rows per prompt")
     parser.add_argument("--candidate-stride", type=int, default=16,
                         help="every this-many rows a candidate of the underserved variant")
+    parser.add_argument("--variants", default=";".join(VARIANTS),
+                        help=f"semicolon-separated subset of: {'; '.join(VARIANTS)} (strided64 is always measured)")
     parser.add_argument("--haystack", default="pg")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    variants = tuple(dict.fromkeys(["strided64", *(name.strip() for name in args.variants.split(";"))]))
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {'; '.join(VARIANTS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     command = "python3 benchmarks/needle_row_estimation.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             record = {"prompt": name, "model": args.model, "length": args.length,
                       "device": str(next(model.parameters()).device), "torch": torch.__version__,
                       "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
-                      **measure_prompt(model, prompt, args.rows, args.seed, args.candidate_stride)}
+                      **measure_prompt(model, prompt, args.rows, args.seed, args.candidate_stride, variants)}
             with store.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             records.append(record)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from longinfer.patterns import vertical_slash as vs
 from longinfer.patterns.vertical_slash import estimate_vertical_slash, estimation_positions
 from tests.benchmark_scripts import load_benchmark
 
@@ -55,3 +56,22 @@ def test_underserved_rows_are_the_candidates_the_index_serves_worst():
 
     chosen = script.underserved_rows(q, k, index, 32 ** -0.5, count=4, stride=2, skip_first=256, skip_last=128)
     assert torch.equal(chosen, starved)
+
+
+def test_pooled_masses_place_each_block_mean_at_its_last_row():
+    """With every row of a block equal, a block's mean query is its last row's: the pooled masses equal the
+    strided rows' (whose positions are the block ends); with rows that vary inside the blocks they differ."""
+    script = load_benchmark("needle_row_estimation")
+    gen = torch.Generator().manual_seed(3)
+    n, blocks = 640, 8
+    ends = estimation_positions(n, n, blocks, "strided")
+    block_of_row = torch.searchsorted(ends, torch.arange(n))  # rows ends[b-1]+1 .. ends[b] form block b
+    q = torch.randn(1, 4, blocks, 32, generator=gen)[:, :, block_of_row]
+    k = torch.randn(1, 2, n, 32, generator=gen)
+    columns, diagonals = script.pooled_masses(q, k, blocks, 32 ** -0.5)
+    ref = vs.estimate_masses(q, k, script.CONFIG, sm_scale=32 ** -0.5, positions=ends)
+    torch.testing.assert_close(columns, ref[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(diagonals, ref[1], atol=1e-6, rtol=1e-5)
+    varied = q + torch.randn(q.shape, generator=gen)
+    assert not torch.allclose(script.pooled_masses(varied, k, blocks, 32 ** -0.5)[0],
+                              vs.estimate_masses(varied, k, script.CONFIG, sm_scale=32 ** -0.5, positions=ends)[0])
