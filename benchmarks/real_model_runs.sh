@@ -101,9 +101,9 @@ case "$step" in
       tests/test_patterns_sampling.py tests/test_patterns.py \
       -k "gpu or bfloat16" > "$RES/$step/pytest.txt" 2>&1
     tail -5 "$RES/$step/pytest.txt" ;;
-  s22-check)  # no model: the GPU tests of the graphs (vertical-slash calls now graph only selection + index), the
-    # estimate (one-launch split merge) and the selection; then the selection's digit sums reduced per chunk vs once
-    # per program (ParallelOptions.defer_sums), uncapped and with every row capped
+  s22-check)  # no model: the GPU tests of the graphs, the estimate (one-launch split merge; scratch and atomic
+    # diagonal sums) and the selection; then the selection's digit sums reduced per chunk vs once per program
+    # (ParallelOptions.defer_sums) and other chunk sizes, uncapped and with every row capped
     LONGINFER_AUTOTUNE=0 run python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_gpu_graphs.py \
       tests/test_estimate_kernel.py tests/test_select_kernel.py -k gpu > "$RES/$step/pytest.txt" 2>&1
     tail -3 "$RES/$step/pytest.txt"
