@@ -19,6 +19,10 @@ different estimation rows (:func:`longinfer.patterns.vertical_slash.estimate_mas
   ``--candidate-stride``-th row, the same ends left out), and the 64 candidates it serves worst (lowest
   recall, mean over heads) join the strided queries; an online method (the candidates' attention rows
   cost ``N / stride`` extra estimation queries' work);
+- ``strided64+repeat64``: plus up to 64 rows that end a token 4-gram seen at least 1,024 tokens
+  earlier (evenly thinned when more qualify; the same ends left out): templated text such as the
+  needles repeats itself at a distance, prose rarely does; an online guess from the token ids alone
+  (the attention call does not see them today: this asks whether the signal is worth plumbing);
 - ``pooled64``: 64 block-mean queries instead of rows: the prompt cut into 64 equal blocks, each
   block's mean query placed at its last row (it sees that row's keys), so every row, a needle's too,
   weighs in the estimate (mean pooling, as block-sparse estimates pool);
@@ -70,7 +74,8 @@ from ruler_rows_recall import _records, per_head_recall, piece_rows
 logger = logging.getLogger("needle_row_estimation")
 RESULTS = "needle_row_estimation.jsonl"
 VARIANTS = ("strided64", "strided64, tau 0.95", "strided64, tau 0.97", "strided128", "strided64+pieces64",
-            "strided64+novel64", "strided64+underserved64", "pooled64", "strided64+pooled64", "strided64+pooled512")
+            "strided64+novel64", "strided64+underserved64", "strided64+repeat64", "pooled64", "strided64+pooled64",
+            "strided64+pooled512")
 POOLED = {"pooled64": (64, False), "strided64+pooled64": (64, True), "strided64+pooled512": (512, True)}
 DENSER_TAUS = {"strided64, tau 0.95": 0.95, "strided64, tau 0.97": 0.97}  # the baseline's curve, for equal density
 EXTRA_ROWS = 64
@@ -89,6 +94,24 @@ def novel_rows(q: torch.Tensor, count: int, skip_first: int = 256, skip_last: in
     score[:skip_first] = float("-inf")
     score[-skip_last:] = float("-inf")
     return torch.topk(score, count).indices.sort().values
+
+
+def repeat_rows(ids: list[int], count: int, n: int = 4, min_distance: int = 1024, skip_first: int = 256,
+                skip_last: int = 128) -> torch.Tensor:
+    """Up to ``count`` rows (ascending) whose last ``n`` token ids repeat an ``n``-gram that ended at least
+    ``min_distance`` tokens earlier; evenly thinned when more qualify; the first ``skip_first`` and last
+    ``skip_last`` rows are never chosen."""
+    first_end: dict[tuple[int, ...], int] = {}
+    found = []
+    for end in range(n - 1, len(ids)):
+        gram = tuple(ids[end - n + 1:end + 1])
+        seen = first_end.setdefault(gram, end)
+        if end - seen >= min_distance and skip_first <= end < len(ids) - skip_last:
+            found.append(end)
+    chosen = torch.tensor(found, dtype=torch.long)
+    if chosen.numel() > count:
+        chosen = chosen[torch.linspace(0, chosen.numel() - 1, count).round().long()]
+    return chosen
 
 
 def underserved_rows(q: torch.Tensor, k: torch.Tensor, index: Any, scale: float, count: int,
@@ -142,7 +165,9 @@ def measure_prompt(model: Any, prompt: ruler.RulerPrompt, num_rows: int, seed: i
     rows = {"pieces": pieces, "spread": sample_rows(n, n, num_rows, seed=seed)}
     strided = estimation_positions(n, n, 64, "strided")
     results: dict[str, Any] = {v: {"pieces": [], "spread": [], "density": []} for v in variants}
-    guesses = {"novel_in_pieces": "strided64+novel64", "underserved_in_pieces": "strided64+underserved64"}
+    guesses = {"novel_in_pieces": "strided64+novel64", "underserved_in_pieces": "strided64+underserved64",
+               "repeat_in_pieces": "strided64+repeat64"}
+    repeats = repeat_rows(prompt.input_ids, EXTRA_ROWS)
     results.update({name: [] for name, variant in guesses.items() if variant in variants})
 
     def on_layer(captured: Any) -> None:
@@ -158,6 +183,8 @@ def measure_prompt(model: Any, prompt: ruler.RulerPrompt, num_rows: int, seed: i
         extra = {}
         if "strided64+novel64" in variants:
             extra["strided64+novel64"] = novel_rows(q, EXTRA_ROWS).cpu()
+        if "strided64+repeat64" in variants:
+            extra["strided64+repeat64"] = repeats
         if "strided64+underserved64" in variants:
             extra["strided64+underserved64"] = underserved_rows(q, k, first_stage, scale, EXTRA_ROWS,
                                                                 candidate_stride).cpu()
@@ -209,7 +236,7 @@ def write_report(out: Path, records: list[dict[str, Any]], command: str) -> Path
         "(layer, query head) of the mean over the row set, then over prompts; density on the spread rows.", "",
         markdown_table(["estimation rows", "recall at pieces", "recall at spread rows", "density"], rows), "",
         f"Rows inside the pieces, of {EXTRA_ROWS} per layer on average: novel {inside('novel_in_pieces')}, "
-        f"underserved {inside('underserved_in_pieces')}.", ""])
+        f"underserved {inside('underserved_in_pieces')}, repeated 4-grams {inside('repeat_in_pieces')}.", ""])
     path = out / "needle_row_estimation.md"
     path.write_text(text)
     return path

@@ -75,3 +75,19 @@ def test_pooled_masses_place_each_block_mean_at_its_last_row():
     varied = q + torch.randn(q.shape, generator=gen)
     assert not torch.allclose(script.pooled_masses(varied, k, blocks, 32 ** -0.5)[0],
                               vs.estimate_masses(varied, k, script.CONFIG, sm_scale=32 ** -0.5, positions=ends)[0])
+
+
+def test_repeat_rows_find_distant_repeated_ngrams_only():
+    """Rows ending a 4-gram first seen >= 1,024 tokens earlier; near repeats, the ends, and rows without
+    a repeat are not chosen; more candidates than asked are thinned evenly."""
+    script = load_benchmark("needle_row_estimation")
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(1000, 50000, (4000,), generator=gen).tolist()
+    template = [7, 8, 9, 10, 11]
+    for start in (300, 1500, 2800):  # far apart: the 2nd and 3rd copies repeat the first
+        ids[start:start + 5] = template
+    ids[1600:1605] = template  # 100 tokens after a copy: repeats the first (1,300 back), so it counts too
+    ids[3950:3955] = template  # in the skipped end
+    rows = script.repeat_rows(ids, count=64)
+    assert rows.tolist() == [1503, 1504, 1603, 1604, 2803, 2804]  # the 4-grams 7-10 and 8-11 of each copy
+    assert script.repeat_rows(ids, count=3).tolist() == [1503, 1603, 2804]  # the first, middle and last
