@@ -53,6 +53,7 @@ import logging
 import shlex
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -242,31 +243,26 @@ def write_report(out: Path, records: list[dict[str, Any]], command: str) -> Path
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a per-prompt measurement over RULER-style needle prompts (model, prompts, output)."""
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--yarn", type=float, default=None)
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--tasks", default="niah_multikey,niah_multivalue")
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rows", type=int, default=256, help="spread rows per prompt")
-    parser.add_argument("--candidate-stride", type=int, default=16,
-                        help="every this-many rows a candidate of the underserved variant")
-    parser.add_argument("--variants", default=";".join(VARIANTS),
-                        help=f"semicolon-separated subset of: {'; '.join(VARIANTS)} (strided64 is always measured)")
     parser.add_argument("--haystack", default="pg")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    variants = tuple(dict.fromkeys(["strided64", *(name.strip() for name in args.variants.split(";"))]))
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {'; '.join(VARIANTS)}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    command = "python3 benchmarks/needle_row_estimation.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+
+
+def measure_prompts(args: argparse.Namespace, command: str, results: str,
+                    measure: Callable[[Any, ruler.RulerPrompt], dict[str, Any]]) -> list[dict[str, Any]]:
+    """``measure(model, prompt)`` for every prompt of ``args`` (:func:`add_prompt_arguments`), one JSON line
+    each in ``args.out / results`` with the model, length, device, versions, date and ``command``; prompts
+    already recorded there are skipped (a rerun resumes). Returns every record, old and new."""
     args.out.mkdir(parents=True, exist_ok=True)
-    store = args.out / RESULTS
+    store = args.out / results
     records = _records(store)
     done = {r["prompt"] for r in records}
     model, tokenizer = zoo.load(args.model, dtype=torch.float32 if args.device == "cpu" else None, device=args.device,
@@ -281,13 +277,33 @@ def main(argv: list[str] | None = None) -> int:
             record = {"prompt": name, "model": args.model, "length": args.length,
                       "device": str(next(model.parameters()).device), "torch": torch.__version__,
                       "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
-                      **measure_prompt(model, prompt, args.rows, args.seed, args.candidate_stride, variants)}
+                      **measure(model, prompt)}
             with store.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             records.append(record)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_prompt_arguments(parser)
+    parser.add_argument("--rows", type=int, default=256, help="spread rows per prompt")
+    parser.add_argument("--candidate-stride", type=int, default=16,
+                        help="every this-many rows a candidate of the underserved variant")
+    parser.add_argument("--variants", default=";".join(VARIANTS),
+                        help=f"semicolon-separated subset of: {'; '.join(VARIANTS)} (strided64 is always measured)")
+    args = parser.parse_args(argv)
+    variants = tuple(dict.fromkeys(["strided64", *(name.strip() for name in args.variants.split(";"))]))
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {'; '.join(VARIANTS)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    command = "python3 benchmarks/needle_row_estimation.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    records = measure_prompts(args, command, RESULTS, lambda model, prompt: measure_prompt(
+        model, prompt, args.rows, args.seed, args.candidate_stride, variants))
     print(write_report(args.out, records, command).read_text())
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -26,8 +26,6 @@ Memory: per layer the rows' ``[Hq, R, N]`` float32 probabilities and the index's
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import logging
 import shlex
 import statistics
@@ -39,14 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from needle_row_estimation import index_from_rows
-from ruler_rows_recall import _records, piece_rows
+from needle_row_estimation import add_prompt_arguments, index_from_rows, measure_prompts
+from ruler_rows_recall import piece_rows
 
 from longinfer.eval import ruler
 from longinfer.eval.capture import capture_qk
-from longinfer.eval.cli import load_haystack
 from longinfer.eval.report import markdown_table
-from longinfer.models import zoo
 from longinfer.patterns.vertical_slash import estimation_positions
 
 logger = logging.getLogger("needle_rows_missing")
@@ -141,42 +137,14 @@ def write_report(out: Path, records: list[dict[str, Any]], command: str) -> Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
-    parser.add_argument("--yarn", type=float, default=None)
-    parser.add_argument("--length", type=int, default=8192)
-    parser.add_argument("--tasks", default="niah_multikey,niah_multivalue")
-    parser.add_argument("--samples", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--haystack", default="pg")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--out", type=Path, required=True)
+    add_prompt_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     command = "python3 benchmarks/needle_rows_missing.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    args.out.mkdir(parents=True, exist_ok=True)
-    store = args.out / RESULTS
-    records = _records(store)
-    done = {r["prompt"] for r in records}
-    model, tokenizer = zoo.load(args.model, dtype=torch.float32 if args.device == "cpu" else None, device=args.device,
-                                yarn_factor=args.yarn)
-    haystack = load_haystack(args.haystack)
-    for task in args.tasks.split(","):
-        for sample in range(args.samples):
-            name = f"{task}/L{args.length}/i{sample}/s{args.seed}"
-            if name in done:
-                continue
-            prompt = ruler.generate(task, tokenizer, haystack, args.length, seed=args.seed, sample=sample)
-            record = {"prompt": name, "model": args.model, "length": args.length,
-                      "device": str(next(model.parameters()).device), "torch": torch.__version__,
-                      "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
-                      **measure_prompt(model, prompt)}
-            with store.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            records.append(record)
+    records = measure_prompts(args, command, RESULTS, measure_prompt)
     print(write_report(args.out, records, command).read_text())
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
