@@ -151,12 +151,15 @@ def test_recorder_sees_what_syncs():
 
 
 @pytest.mark.parametrize("chunked", [False, True])
-def test_default_plan_prefill_makes_no_host_sync(chunked):
-    """Prefill (and a second chunk over a cached prefix) with the default plan, Triton kernels."""
+@pytest.mark.parametrize("repeat_rows", [0, 8])
+def test_default_plan_prefill_makes_no_host_sync(chunked, repeat_rows):
+    """Prefill (and a second chunk over a cached prefix) with the default plan, Triton kernels; with
+    ``repeat_rows`` the token history's n-gram sort and row choice too."""
     model = tiny_llama()
-    plan = default_plan_for(model.config, dense_below=0, dense_last=16)
-    # 192 tokens, a second chunk of 128: its last 64-row tile runs dense (dense_last), the rest sparse
-    ids = torch.randint(3, 128, (1, 192), generator=torch.Generator().manual_seed(0))
+    plan = default_plan_for(model.config, dense_below=0, dense_last=16, repeat_rows=repeat_rows)
+    # 192 tokens, a second chunk of 128: its last 64-row tile runs dense (dense_last), the rest sparse;
+    # with repeat rows 448 tokens (a chunk of 384: room for 8 extra rows besides the 64 strided and the last 128)
+    ids = torch.randint(3, 128, (1, 448 if repeat_rows else 192), generator=torch.Generator().manual_seed(0))
     lt.patch(model, plan, backend="triton")
     try:
         with torch.no_grad():

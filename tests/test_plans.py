@@ -50,7 +50,7 @@ def test_round_trip_through_file(tmp_path):
     assert data["schema_version"] == SCHEMA_VERSION
     # Every parameter is written out, defaults included (but those added after plan digests, when unset).
     assert set(data["layers"][0]["heads"][0]["params"]) == set(VerticalSlashConfig.__dataclass_fields__) - {
-        "floor_from", "group_columns_below", "thresholds_on"}
+        "floor_from", "group_columns_below", "thresholds_on", "repeat_rows", "repeat_ngram", "repeat_distance"}
     assert data["model"] == {"id": "tiny/model", "revision": "abc123", **SHAPE}
 
 

@@ -67,6 +67,7 @@ once per forward when a padding mask is passed, the padded path (its spans), and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -79,6 +80,7 @@ from typing import Any
 import torch
 
 from longinfer._device_cache import device_cached
+from longinfer.integrations import tokens as token_ids
 from longinfer.integrations.graphs import CallGraphs
 from longinfer.patterns.registry import PatternSpec, get_pattern
 from longinfer.patterns.vertical_slash import VerticalSlashConfig
@@ -315,6 +317,7 @@ class LayerRuntime:
     stats: LayerStats = field(default_factory=LayerStats)
     guard: PackedGuard | None = None  # shared by the model's layers (patch); None: check at layer 0
     graphs: CallGraphs | None = None  # shared by the model's layers (patch); None: every call eager
+    tokens: token_ids.TokenHistory | None = None  # shared (patch, for repeat_rows); None: ids unknown
     _index_cache: dict[tuple[int, torch.device], tuple[torch.Tensor | None, torch.Tensor | None]] = field(
         default_factory=dict, repr=False
     )
@@ -322,12 +325,28 @@ class LayerRuntime:
 
     @classmethod
     def build(cls, plan: Plan, layer_idx: int, backend: str, guard: PackedGuard | None = None,
-              graphs: CallGraphs | None = None) -> LayerRuntime:
+              graphs: CallGraphs | None = None, tokens: token_ids.TokenHistory | None = None) -> LayerRuntime:
         if not 0 <= layer_idx < plan.num_layers:
             raise ValueError(f"attention layer {layer_idx} is outside the plan's {plan.num_layers} layers")
         layer = plan.layers[layer_idx]
         return cls(layer_idx, layer, plan.num_q_heads, plan.num_kv_heads, plan.head_dim, backend,
-                   head_buckets(layer, plan.num_kv_heads), guard=guard, graphs=graphs)
+                   head_buckets(layer, plan.num_kv_heads), guard=guard, graphs=graphs, tokens=tokens)
+
+    def estimation_rows(self, q_len: int, k_len: int, device: torch.device,
+                        span: token_ids.Span = None) -> tuple[torch.Tensor | None, ...]:
+        """Per bucket, the estimation positions of a call with ``repeat_rows`` (from the token
+        history; spread rows when it has none), else ``None``."""
+        rows = []
+        for bucket in self.buckets:
+            config = bucket.head.config
+            if not (isinstance(config, VerticalSlashConfig) and config.repeat_rows):
+                rows.append(None)
+                continue
+            history = self.tokens if self.tokens is not None else token_ids.TokenHistory()
+            if self.tokens is None:
+                self.tokens = history  # an unpatched module: no ids, warn once
+            rows.append(history.estimation_rows(config, q_len, k_len, device, span))
+        return tuple(rows)
 
     def indices(self, position: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Index tensors ``(q_heads, kv_heads)`` of bucket ``position`` on ``device``; ``None`` = all, in order."""
@@ -345,11 +364,13 @@ class LayerRuntime:
 
 @dataclass(frozen=True)
 class PatchState:
-    """Kept on a patched model: its plan, the implementation to restore, the backend asked for."""
+    """Kept on a patched model: its plan, the implementation to restore, the backend asked for, and
+    the forward hook that records token ids (plans with ``repeat_rows``; ``None`` otherwise)."""
 
     plan: Plan
     previous_implementation: str
     backend: str
+    token_hook: Any = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,6 +522,7 @@ def patch(model: Any, plan: Plan | str | os.PathLike[str] | None = None, *, back
         )
     previous = getattr(model, _PATCH_ATTR, None)
     if previous is not None:
+        _remove_token_hook(previous)
         restore = previous.previous_implementation
     else:
         current = _current_implementation(model)
@@ -508,9 +530,11 @@ def patch(model: Any, plan: Plan | str | os.PathLike[str] | None = None, *, back
     _set_implementation(model, IMPLEMENTATION)
     guard = PackedGuard(last_layer=resolved.num_layers - 1)
     graphs = cuda_graphs if isinstance(cuda_graphs, CallGraphs) else CallGraphs() if cuda_graphs else None
+    history = token_ids.TokenHistory() if token_ids.plan_uses_token_ids(resolved) else None
     for idx, module in modules.items():
-        setattr(module, _RUNTIME_ATTR, LayerRuntime.build(resolved, idx, backend, guard, graphs))
-    setattr(model, _PATCH_ATTR, PatchState(resolved, restore, backend))
+        setattr(module, _RUNTIME_ATTR, LayerRuntime.build(resolved, idx, backend, guard, graphs, history))
+    hook = None if history is None else token_ids.install(model, history)
+    setattr(model, _PATCH_ATTR, PatchState(resolved, restore, backend, hook))
     logger.debug("patched %s: %d layers, backend %s", type(model).__name__, len(modules), backend)
     return resolved
 
@@ -530,7 +554,13 @@ def unpatch(model: Any) -> None:
         if hasattr(module, _RUNTIME_ATTR):
             delattr(module, _RUNTIME_ATTR)
     if state is not None:
+        _remove_token_hook(state)
         delattr(model, _PATCH_ATTR)
+
+
+def _remove_token_hook(state: PatchState) -> None:
+    if state.token_hook is not None:
+        state.token_hook.remove()
 
 
 def plan_of(model: Any) -> Plan | None:
@@ -734,6 +764,7 @@ class _CallContext:
     scale: float
     window: int | None
     softcap: float | None
+    span: token_ids.Span = None  # a padded batch's sequence (its token ids), None: the whole batch
 
 
 def _sequence_spans(key_valid: torch.Tensor) -> list[tuple[int, int]]:
@@ -777,7 +808,8 @@ def _attend_padded(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: torch
             continue  # no real query of this sequence in the call
         rows = slice(first - q_start, stop - q_start)
         out[b : b + 1, :, rows] = _attend_contiguous(
-            ctx, q[b : b + 1, :, rows], k[b : b + 1, :, start:stop], v[b : b + 1, :, start:stop]
+            dataclasses.replace(ctx, span=(b, start, stop)), q[b : b + 1, :, rows], k[b : b + 1, :, start:stop],
+            v[b : b + 1, :, start:stop]
         )
     return out
 
@@ -826,25 +858,31 @@ def _sparse_attention(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: to
     is small enough to be bound by launching its kernels (:data:`GRAPH_MAX_PAIRS`)."""
     runtime = ctx.runtime
     head_indices = [runtime.indices(position, q.device) for position in range(len(runtime.buckets))]
-    call = functools.partial(_sparse_call, ctx, head_indices)
+    rows = runtime.estimation_rows(q.shape[2], k.shape[2], q.device, ctx.span)
+    given_rows = tuple(r for r in rows if r is not None)
+    call = functools.partial(_sparse_call, ctx, head_indices, tuple(r is not None for r in rows))
     pairs = _causal_pairs(q.shape[2], k.shape[2]) * q.shape[0] * q.shape[1]
     if runtime.graphs is None or ctx.backend != "triton" or pairs > GRAPH_MAX_PAIRS:
-        out, kept = call(q, k, v)
+        out, kept = call(q, k, v, *given_rows)
     else:
-        key = (runtime.buckets, runtime.layer.dense_last, ctx.scale, q.shape, k.shape, v.shape, q.dtype, q.device)
+        key = (runtime.buckets, runtime.layer.dense_last, ctx.scale, q.shape, k.shape, v.shape, q.dtype, q.device,
+               tuple(r.shape for r in given_rows))
         replays = runtime.graphs.replays
-        out, kept = runtime.graphs(key, call, (q, k, v), output_bytes=q.numel() * q.element_size() + 4)
+        out, kept = runtime.graphs(key, call, (q, k, v, *given_rows), output_bytes=q.numel() * q.element_size() + 4)
         runtime.stats.graph_calls += runtime.graphs.replays - replays
     runtime.stats.add_sparse(pairs, kept)
     return out
 
 
 def _sparse_call(ctx: _CallContext, head_indices: list[tuple[torch.Tensor | None, torch.Tensor | None]],
-                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 has_rows: tuple[bool, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 *given_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each bucket of heads: estimate its index from ``q``/``k`` and run its kernel, with the
     layer's dense tail rows (:meth:`LayerPlan.dense_rows`, fewer than ``Nq``) attending densely.
 
     ``head_indices``: each bucket's ``(q_heads, kv_heads)`` index tensors (:meth:`LayerRuntime.indices`).
+    ``given_rows``: the estimation positions of the buckets marked in ``has_rows``, in bucket order
+    (:meth:`LayerRuntime.estimation_rows`); the other buckets sample their config's own.
     Returns the output ``[B, Hq, Nq, D]`` and the kept pairs (0-d float tensor, all heads).
     No host synchronization (it may be recorded into a CUDA graph).
     """
@@ -855,11 +893,12 @@ def _sparse_call(ctx: _CallContext, head_indices: list[tuple[torch.Tensor | None
     tail = runtime.layer.dense_rows(nq, nk)
     out = None
     kept = None
-    for bucket, (q_idx, kv_idx) in zip(runtime.buckets, head_indices):
+    rows = iter(given_rows)
+    for bucket, (q_idx, kv_idx), with_rows in zip(runtime.buckets, head_indices, has_rows):
         qb = q if q_idx is None else q.index_select(1, q_idx)
         kb = k if kv_idx is None else k.index_select(1, kv_idx)
         vb = v if kv_idx is None else v.index_select(1, kv_idx)
-        ob, ratio = _run_bucket(bucket, qb, kb, vb, ctx, tail)
+        ob, ratio = _run_bucket(bucket, qb, kb, vb, ctx, tail, next(rows) if with_rows else None)
         bucket_kept = ratio * (pairs * len(bucket.q_heads))
         kept = bucket_kept if kept is None else kept + bucket_kept
         if q_idx is None:
@@ -876,20 +915,22 @@ def _sparse_call(ctx: _CallContext, head_indices: list[tuple[torch.Tensor | None
 
 
 def _run_bucket(bucket: HeadBucket, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                ctx: _CallContext, tail: int) -> tuple[torch.Tensor, torch.Tensor]:
+                ctx: _CallContext, tail: int, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one bucket and the share of its causal pairs it kept (a 0-d tensor).
 
     ``q [B, n * g, Nq, D]``, ``k, v [B, n, Nk, D]`` (the bucket's heads). The selection has
     ``n * g`` heads, or ``n`` with ``bucket.per_kv_group``; a KV head's mask then applies to each
     of its ``g`` query heads, so the mean kept share over the index heads is the per-query-head one.
     The last ``tail`` query rows (whole kernel tiles, see :meth:`LayerPlan.dense_rows`) attend densely;
-    the kept share counts them as the selection would (the caller corrects it).
+    the kept share counts them as the selection would (the caller corrects it). ``positions``: the
+    estimation rows of a vertical-slash bucket with ``repeat_rows`` (built valid: not re-checked).
     """
     head = bucket.head
     spec = get_pattern(head.pattern)
     if head.pattern == "dense":
         return _dense_attention(q, k, v, ctx.scale, ctx.backend), torch.ones((), device=q.device)
-    selection = spec.estimate(q, k, head.config, sm_scale=ctx.scale, per_kv_group=bucket.per_kv_group)
+    given = {} if positions is None else {"positions": positions, "check_positions": False}
+    selection = spec.estimate(q, k, head.config, sm_scale=ctx.scale, per_kv_group=bucket.per_kv_group, **given)
     nq, nk = q.shape[2], k.shape[2]
     if ctx.backend == "triton":
         from longinfer.patterns.vertical_slash import VerticalSlashSelection

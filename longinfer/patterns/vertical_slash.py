@@ -78,6 +78,7 @@ from longinfer.patterns._common import (
 from longinfer.patterns._estimate_kernel import estimate_masses_triton
 from longinfer.patterns._select_kernel import MIN_SLICE, select_packed_triton
 from longinfer.patterns._union_kernel import union_packed_over_groups_triton
+from longinfer.patterns.repeat_rows import estimation_rows, extra_row_count
 
 KEY_CHUNK = 8192  # keys per streaming step of the estimate: memory O(last_q * KEY_CHUNK) per head
 QUERY_SAMPLINGS = ("last", "strided", "mixed")
@@ -146,6 +147,14 @@ class VerticalSlashConfig:
             64 strided queries for thousands of rows, a 4K turn over a long cache for 64: the
             estimate's sampling, and so the need for floors, follows the query count. With
             ``"queries"``, :meth:`for_call` resolves the config for a call (the estimator does).
+        repeat_rows: extra estimation queries at rows that end a token ``repeat_ngram``-gram first
+            seen at least ``repeat_distance`` positions earlier (induction-like attention to an
+            earlier copy, which strided rows miss; see :mod:`longinfer.patterns.repeat_rows`),
+            evenly thinned to this many, spread rows filling in where fewer qualify or the token
+            ids are unknown (0 = none). The estimate costs ``(last_q + repeat_rows) / last_q``
+            times as much. A patched model passes its token ids down; a direct call of the
+            estimator without ``positions`` gets spread rows only.
+        repeat_ngram, repeat_distance: the repeat rule of ``repeat_rows``.
     """
 
     num_vertical: int = 1000
@@ -170,6 +179,9 @@ class VerticalSlashConfig:
     group_columns: bool = False
     group_columns_below: int = 0
     thresholds_on: str = "keys"
+    repeat_rows: int = 0
+    repeat_ngram: int = 4
+    repeat_distance: int = 1024
 
     def __post_init__(self) -> None:
         check_config_fields(self)
@@ -212,6 +224,12 @@ class VerticalSlashConfig:
         require(self.column_q >= 0, f"{name}.column_q must be >= 0 (0 = last_q), got {self.column_q}")
         require(self.column_q == 0 or not self.split_halves,
                 f"{name}: split_halves splits the last_q queries of both masses; leave column_q at 0 with it")
+        require(self.repeat_rows >= 0, f"{name}.repeat_rows must be >= 0 (0 = none), got {self.repeat_rows}")
+        require(self.repeat_ngram >= 1 and self.repeat_distance >= 1,
+                f"{name}: repeat_ngram and repeat_distance must be >= 1, got {self.repeat_ngram}, {self.repeat_distance}")
+        require(not self.repeat_rows or (self.segments == 1 and not self.split_halves and self.column_q == 0),
+                f"{name}.repeat_rows adds rows to the one estimate of both masses; it needs segments=1, "
+                "split_halves=False and column_q=0")
 
     def floors(self, k_len: int) -> tuple[int, int]:
         """``(min_vertical, min_slash)`` of a call over ``k_len`` keys: ``(0, 0)`` below ``floor_from``."""
@@ -387,6 +405,23 @@ def _kernel_positions(q_len: int, k_len: int, last_q: int, sampling: str,
     return (positions - (k_len - q_len)).int(), positions.int()
 
 
+def call_estimation_positions(config: VerticalSlashConfig, q_len: int, k_len: int, device: torch.device | str,
+                              ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The estimation positions ``[L]`` of a call with ``config.repeat_rows``, or ``None`` when the call
+    has no extra rows (the estimate samples the config's own rows then).
+
+    ``ids``: ``[B, k_len]`` token ids of the sequence up to the call's last key (negative =
+    unknown) or ``None`` (extra rows spread, no repeats). See
+    :func:`longinfer.patterns.repeat_rows.estimation_rows`; no host synchronization.
+    """
+    base_rows = min(config.last_q, q_len)
+    if extra_row_count(config.repeat_rows, q_len, base_rows) == 0:
+        return None
+    base = estimation_positions(q_len, k_len, config.last_q, config.query_sampling, device=device)
+    return estimation_rows(base, ids, q_len, k_len, config.repeat_rows, ngram=config.repeat_ngram,
+                           distance=config.repeat_distance)
+
+
 def _grouped_queries(q: torch.Tensor, kv_heads: int, rows: torch.Tensor) -> torch.Tensor:
     """Rows ``rows`` (indices into ``q``'s positions) in float32, grouped per KV head: ``[B, Hkv, G * L, D]``."""
     bsz, hq, _, d = q.shape
@@ -461,6 +496,7 @@ def estimate_masses(
     *,
     sm_scale: float | None = None,
     positions: torch.Tensor | None = None,
+    check_positions: bool = True,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimated attention mass per key column and per diagonal offset.
@@ -474,6 +510,9 @@ def estimate_masses(
         positions: optional ``[L]`` ascending absolute query positions to use instead of the
             config's sampling (validated on the host: one synchronization if on the GPU); not with
             ``column_q``.
+        check_positions: ``False`` skips that validation, for positions built by
+            :func:`call_estimation_positions` (valid by construction; no synchronization on the
+            Triton path).
         backend: ``"triton"``, ``"torch"`` or None (:func:`estimate_backend` chooses). Both compute
             the same masses; the torch path is the reference and the CPU path.
 
@@ -495,7 +534,7 @@ def estimate_masses(
             "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; use backend='torch' on the CPU")
     require(positions is None or config.column_q == 0,
             "positions replace the config's estimation queries of both masses; leave column_q at 0 with them")
-    columns, diagonals = _masses_by_backend(q, k, config, shape, scale, positions, backend)
+    columns, diagonals = _masses_by_backend(q, k, config, shape, scale, positions, backend, check_positions)
     if config.column_q:
         column_config = dataclasses.replace(config, last_q=config.column_q, column_q=0)
         columns, _ = _masses_by_backend(q, k, column_config, shape, scale, None, backend, diagonals=False)
@@ -503,7 +542,7 @@ def estimate_masses(
 
 
 def _masses_by_backend(q: torch.Tensor, k: torch.Tensor, config: VerticalSlashConfig, shape: QKShape, scale: float,
-                       positions: torch.Tensor | None, backend: str,
+                       positions: torch.Tensor | None, backend: str, check_positions: bool = True,
                        diagonals: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`estimate_masses` of ``config.last_q`` queries before ``group_mix``, on the chosen backend.
     Without ``diagonals`` the Triton path skips the diagonal mass (``None``); the torch path computes
@@ -516,7 +555,7 @@ def _masses_by_backend(q: torch.Tensor, k: torch.Tensor, config: VerticalSlashCo
     if positions is None:
         query_pos = estimation_positions(shape.q_len, nk, config.last_q, config.query_sampling, device=q.device)
     else:
-        host_pos = _checked_positions(positions, shape.q_offset, nk)
+        host_pos = _checked_positions(positions, shape.q_offset, nk) if check_positions else None
         query_pos = positions.to(device=q.device, dtype=torch.long).flatten()
     if backend == "triton":
         return estimate_masses_triton(q, k, query_pos - shape.q_offset, query_pos, sink=config.sink,
@@ -524,6 +563,8 @@ def _masses_by_backend(q: torch.Tensor, k: torch.Tensor, config: VerticalSlashCo
     if positions is None:  # the torch path also needs them on the host: rebuilt from the sizes, no copy back
         host_pos = query_pos if query_pos.device.type == "cpu" else estimation_positions(
             shape.q_len, nk, config.last_q, config.query_sampling)
+    elif host_pos is None:
+        host_pos = query_pos.cpu()
     return _estimate_masses_torch(q, k, config, scale, host_pos, query_pos)
 
 
@@ -948,14 +989,18 @@ def _chosen_items(
     k: torch.Tensor,
     config: VerticalSlashConfig,
     sm_scale: float | None,
+    positions: torch.Tensor | None = None,
+    check_positions: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimate and apply the budget: chosen ``(columns, diagonals)`` bool ``[B, Hq, Nk]``.
 
     With ``split_halves`` the estimation queries are split into their even and odd halves,
-    each estimated on its own (the same work as one estimate of all of them).
+    each estimated on its own (the same work as one estimate of all of them); ``positions`` (see
+    :func:`estimate_vertical_slash`) only without it.
     """
     if not config.split_halves:
-        columns, diagonals = estimate_masses(q, k, config, sm_scale=sm_scale)
+        columns, diagonals = estimate_masses(q, k, config, sm_scale=sm_scale, positions=positions,
+                                             check_positions=check_positions)
         return choose(columns, diagonals, config, q_len=q.shape[2])
     positions = estimation_positions(q.shape[2], k.shape[2], config.last_q, config.query_sampling)
     first = estimate_masses(q, k, config, sm_scale=sm_scale, positions=positions[0::2])
@@ -971,6 +1016,8 @@ def estimate_vertical_slash(
     *,
     sm_scale: float | None = None,
     per_kv_group: bool = False,
+    positions: torch.Tensor | None = None,
+    check_positions: bool = True,
 ) -> VerticalSlashSelection:
     """Estimate the vertical-slash index of every head at once.
 
@@ -981,6 +1028,10 @@ def estimate_vertical_slash(
         sm_scale: softmax scale, default ``1/sqrt(D)``.
         per_kv_group: return one index per KV group (``H = Hkv``), the union of its query heads'
             selections; widths become ``G * num_vertical`` and ``G * num_slash`` (``G = Hq // Hkv``).
+        positions: ``[L]`` ascending absolute estimation positions instead of the config's own
+            (:func:`call_estimation_positions`, which a patched model calls with the token ids so
+            that ``repeat_rows`` finds the repeats); validated on the host unless
+            ``check_positions=False``. Not with ``segments > 1``.
 
     Returns:
         A :class:`VerticalSlashSelection` with ``vertical [B, H, V]`` / ``slash [B, H, S]`` int64,
@@ -993,14 +1044,18 @@ def estimate_vertical_slash(
     if not isinstance(config, VerticalSlashConfig):
         raise TypeError(f"config must be a VerticalSlashConfig, got {type(config).__name__}")
     if config.segments > 1:
+        require(positions is None, "positions give one estimate's rows; segments > 1 estimate each segment on its own")
         return estimate_segmented(q, k, config, sm_scale=sm_scale, per_kv_group=per_kv_group)
     config = config.for_call(q.shape[2], k.shape[2])
     group = q.shape[1] // k.shape[1]
+    if positions is None:
+        positions = call_estimation_positions(config, q.shape[2], k.shape[2], q.device)
+        check_positions = False
     if config.rank == "mass":  # straight from the candidate lists: no [B, H, Nk] masks
-        vertical, slash = select_packed_over_groups(*estimate_masses(q, k, config, sm_scale=sm_scale), config,
-                                                    k.shape[1], per_kv_group=per_kv_group)
+        masses = estimate_masses(q, k, config, sm_scale=sm_scale, positions=positions, check_positions=check_positions)
+        vertical, slash = select_packed_over_groups(*masses, config, k.shape[1], per_kv_group=per_kv_group)
         return VerticalSlashSelection(vertical=vertical, slash=slash, k_len=k.shape[2], block_size=config.block_size)
-    chosen_cols, chosen_diags = _chosen_items(q, k, config, sm_scale)
+    chosen_cols, chosen_diags = _chosen_items(q, k, config, sm_scale, positions, check_positions)
     widths = (config.num_vertical, config.num_slash)
     if per_kv_group:
         chosen_cols = union_over_groups(chosen_cols, k.shape[1])

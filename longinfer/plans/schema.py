@@ -537,7 +537,8 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
                      tau: float | None = None, group_columns: bool = True, group_columns_below: int | None = None,
                      min_vertical: int = DEFAULT_PATTERN_CONFIG.min_vertical,
                      min_slash: int = DEFAULT_PATTERN_CONFIG.min_slash,
-                     floor_from: int = DEFAULT_PATTERN_CONFIG.floor_from) -> Plan:
+                     floor_from: int = DEFAULT_PATTERN_CONFIG.floor_from,
+                     repeat_rows: int = DEFAULT_PATTERN_CONFIG.repeat_rows) -> Plan:
     """The plan used when the user gives none.
 
     Every head of every layer uses :data:`DEFAULT_PATTERN_CONFIG`: vertical-slash from 64 queries
@@ -570,12 +571,14 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
             ``thresholds_on``); ``0, 0`` for none. The default's 0 / 3,000 from 65,536 query rows: at
             128K, 68.6 RULER-style against 61.6 without (dense 71.0) at 1.45x TTFT instead of 1.85x;
             1,000 / 3,000 68.7 at 1.42x, 1,000 / 0 57.5 (``docs/results/gpu-session17/``).
+        repeat_rows: extra estimation queries at distant repeated token 4-grams (see
+            :class:`~longinfer.patterns.VerticalSlashConfig`; a patched model passes its token ids).
     """
     if group_columns_below is None:
         group_columns_below = DEFAULT_PATTERN_CONFIG.group_columns_below if group_columns else 0
     pattern = dataclasses.replace(DEFAULT_PATTERN_CONFIG, group_columns=group_columns,
                                   group_columns_below=group_columns_below, min_vertical=min_vertical,
-                                  min_slash=min_slash, floor_from=floor_from)
+                                  min_slash=min_slash, floor_from=floor_from, repeat_rows=repeat_rows)
     if tau is not None:
         pattern = dataclasses.replace(pattern, tau=tau)
     return uniform_plan(
