@@ -25,6 +25,7 @@ PLANS15=docs/results/gpu-session15/plans
 PLANS16=docs/results/gpu-session16/plans
 PLANS17=docs/results/gpu-session17/plans
 PLANS18=docs/results/gpu-session18/plans
+PLANS23=docs/results/gpu-session23/plans
 VS="vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,last_q=64,query_sampling=strided"
 COST="vertical_slash:budget=coverage,num_vertical=8192,num_slash=8192,last_q=64,query_sampling=strided,rank=cost,tau=1.0"
 # The default estimator at 64-, 32- and 16-row query tiles, coverage and cost-ranked budgets.
@@ -98,7 +99,7 @@ case "$step" in
     # (The whole files, CPU cases included, ran past 400 s in sessions 5 and 13: every case compiles its own variants.)
     LONGINFER_AUTOTUNE=0 run python3 -m pytest -q -p no:cacheprovider --durations=5 \
       tests/test_gpu_graphs.py tests/test_estimate_kernel.py tests/test_select_kernel.py tests/test_ops_kernels.py \
-      tests/test_patterns_sampling.py tests/test_patterns.py \
+      tests/test_patterns_sampling.py tests/test_patterns.py tests/test_repeat_rows.py \
       -k "gpu or bfloat16" > "$RES/$step/pytest.txt" 2>&1
     tail -5 "$RES/$step/pytest.txt" ;;
   s22-check)  # no model: the GPU tests of the graphs, the estimate (one-launch split merge; scratch and atomic
@@ -486,6 +487,24 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
   q05-needle)  # issue 5: needle with the peer beside dense and longinfer
     peer
     run_cli eval needle $Q05 --lengths 8192,16384,32768 --methods "dense,longinfer,peer" --out "$RES/$step" ;;
+  q23-repeat-64k)  # issue 5: extra estimation rows at distant repeated 4-grams ($PLANS23 repeat64: the default +
+    # up to 64 such rows; CPU 0.5B 8K: needle-row recall at the oracle's). RULER-style 64K, session 20's dense and
+    # default rows seeded (the same code, prompts and default digest); rerun to finish
+    [ -f "$RES/$step/ruler.jsonl" ] || grep -E '"method": "(dense|longinfer)"' \
+      docs/results/gpu-session20/q19-control-64k/ruler.jsonl > "$RES/$step/ruler.jsonl"
+    run_cli eval ruler $Q15 --lengths 65536 --samples 6 --out "$RES/$step" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS23" repeat64)" ;;
+  q23-repeat-128k)  # issue 5: the same at 128K, session 21's dense and default rows seeded; rerun to finish
+    [ -f "$RES/$step/ruler.jsonl" ] || cp docs/results/gpu-session21/q19-control-128k/ruler.jsonl "$RES/$step/"
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS23" repeat64)" ;;
+  q23-repeat-speed)  # issues 4/5: what the repeat rows cost: the turn (4K over a cached 64K) with them and with the
+    # default, then TTFT at 64K / 128K beside dense and the default
+    plan_turns "$PLANS23" repeat64
+    [ -d "$RES/$step/turn-default" ] || run python3 benchmarks/real_model_checks.py $Q15 --lengths "" \
+      --turn-prefix 65536 --turn-length 4096 --out "$RES/$step/turn-default"
+    run_cli eval latency $Q15 --lengths 65536,131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS23" repeat64)" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null

@@ -231,3 +231,26 @@ def test_replayed_calls_take_each_forwards_rows():
 
 def test_registry_estimate_takes_positions():
     assert get_pattern("vertical_slash").estimate is estimate_vertical_slash
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_built_on_cuda_match_the_cpu_rows_and_both_estimate_backends_agree(dtype):
+    """The row choice on the GPU equals the CPU one; the Triton estimate of those rows (as a patched
+    model runs it: no host check) matches the torch reference. Tolerance as in
+    tests/test_estimate_kernel.py (2e-6 absolute + 1e-5 relative): the masses are means of softmax
+    probabilities (<= 1) summed in float32 in another order; both paths take the same bfloat16
+    values (the products of two bfloat16 numbers are exact in float32)."""
+    ids = planted(5000, 3000)
+    config = VerticalSlashConfig(budget="coverage", num_vertical=512, num_slash=1024, last_q=64,
+                                 query_sampling="strided", repeat_rows=64, repeat_distance=1024)
+    on_cpu = vs.call_estimation_positions(config, 5000, 5000, "cpu", ids)
+    on_gpu = vs.call_estimation_positions(config, 5000, 5000, "cuda", ids.cuda())
+    assert on_gpu.tolist() == on_cpu.tolist() and on_cpu.numel() == 128
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 12, 5000, 128, device="cuda", generator=generator).to(dtype)
+    k = torch.randn(1, 2, 5000, 128, device="cuda", generator=generator).to(dtype)
+    fast = vs.estimate_masses(q, k, config, positions=on_gpu, check_positions=False, backend="triton")
+    slow = vs.estimate_masses(q, k, config, positions=on_gpu, backend="torch")
+    for got, want in zip(fast, slow):
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
