@@ -91,7 +91,7 @@ def repeat_rows(ids: torch.Tensor | None, q_len: int, k_len: int, base: torch.Te
     device = base.device
     positions = torch.arange(k_len, device=device)
     eligible = (positions >= k_len - q_len) & (positions < k_len - SKIP_LAST)
-    eligible[base] = False
+    eligible.index_fill_(0, base, False)
     if ids is None:
         picked = torch.zeros_like(eligible)
     else:
