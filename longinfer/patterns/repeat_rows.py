@@ -6,7 +6,10 @@ strided row lies there. Templated facts (the needles of a retrieval prompt, repe
 code) repeat at a distance; prose rarely repeats a 4-gram far away. On Qwen2.5-Coder-0.5B at 8K
 (``docs/results/needle-row-repeat-cpu-qwen0.5b-8k/``), up to 64 rows that end a token 4-gram first
 seen at least 1,024 tokens earlier, added to the 64 strided rows, raised the index's recall at the
-needle sentences from 0.893 to 0.929 (an oracle that knows the needles: 0.929).
+needle sentences from 0.893 to 0.929 (an oracle that knows the needles: 0.929). It does not carry
+over to long prompts: at 64K about 2,500 rows qualify (prose repeats common phrases), 14-29 of them
+in the needles, and RULER-style at 64K / 128K on the 1.5B did not improve
+(``docs/results/gpu-session23/``). Off by default.
 
 :func:`estimation_rows` returns the estimation positions of a call: the config's sampled rows plus
 ``repeat_rows`` extra ones, always the same number for a call's shape so that a CUDA graph of the

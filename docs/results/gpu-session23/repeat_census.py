@@ -3,7 +3,7 @@ many of them lie inside the inserted needle sentences. Tokenizer only (the 0.5B 
 
     python docs/results/gpu-session23/repeat_census.py
 """
-import torch, time
+import torch
 from longinfer.models import zoo
 from longinfer.eval import ruler
 from longinfer.eval.cli import load_haystack
