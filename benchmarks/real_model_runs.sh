@@ -505,6 +505,15 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --turn-prefix 65536 --turn-length 4096 --out "$RES/$step/turn-default"
     run_cli eval latency $Q15 --lengths 65536,131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
       --methods "dense,longinfer,$(plan_methods "$PLANS23" repeat64)" ;;
+  q24-question-rows-128k)  # issue 5: the peer (-1.2 at 128K) estimates from the prompt's last 64 queries, where the
+    # question attends to the facts; the default (-3.4) from 64 strided ones. The peer's rule on our kernels and the
+    # default with the last 64 queries added ($PLANS23 peer-rule, long-mixed128): RULER-style 128K (session 21's dense
+    # and default rows seeded; rerun to finish), then TTFT at 128K
+    [ -f "$RES/$step/ruler.jsonl" ] || cp docs/results/gpu-session21/q19-control-128k/ruler.jsonl "$RES/$step/"
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS23" peer-rule long-mixed128)"
+    run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS23" peer-rule long-mixed128)" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null
