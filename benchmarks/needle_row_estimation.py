@@ -28,6 +28,8 @@ different estimation rows (:func:`longinfer.patterns.vertical_slash.estimate_mas
   weighs in the estimate (mean pooling, as block-sparse estimates pool);
 - ``strided64+pooled64`` / ``strided64+pooled512``: the mean of the strided queries' masses and the
   masses of 64 / 512 block-mean queries (equal weight), one coverage budget on the result.
+- ``strided64+last64``: plus the prompt's last 64 rows, where the question attends to the facts (the
+  peer estimates from those rows alone, with a fixed budget, and loses less than our default at 128K).
 
 ``--variants`` runs a subset (the records then hold only those; a resumed run must ask for the same).
 
@@ -76,7 +78,7 @@ logger = logging.getLogger("needle_row_estimation")
 RESULTS = "needle_row_estimation.jsonl"
 VARIANTS = ("strided64", "strided64, tau 0.95", "strided64, tau 0.97", "strided128", "strided64+pieces64",
             "strided64+novel64", "strided64+underserved64", "strided64+repeat64", "pooled64", "strided64+pooled64",
-            "strided64+pooled512")
+            "strided64+pooled512", "strided64+last64")
 POOLED = {"pooled64": (64, False), "strided64+pooled64": (64, True), "strided64+pooled512": (512, True)}
 DENSER_TAUS = {"strided64, tau 0.95": 0.95, "strided64, tau 0.97": 0.97}  # the baseline's curve, for equal density
 EXTRA_ROWS = 64
@@ -181,6 +183,8 @@ def measure_prompt(model: Any, prompt: ruler.RulerPrompt, num_rows: int, seed: i
                      **{variant: strided for variant in DENSER_TAUS}}
         if "strided128" in variants:
             positions["strided128"] = estimation_positions(n, n, 128, "strided")
+        if "strided64+last64" in variants:  # the question's rows (the peer estimates from them alone)
+            positions["strided64+last64"] = torch.unique(torch.cat([strided, torch.arange(n - EXTRA_ROWS, n)]))
         extra = {}
         if "strided64+novel64" in variants:
             extra["strided64+novel64"] = novel_rows(q, EXTRA_ROWS).cpu()

@@ -43,7 +43,10 @@ queries = the last ``Nq`` key positions (a chunk after a cached prefix has ``Nk 
    dense in the same launch; other patterns recompute those rows densely afterwards. On CUDA,
    a sparse call that repeats within a forward (same plan and shapes in several layers) is
    replayed from a CUDA graph (:mod:`longinfer.integrations.graphs`): one launch instead of ~120
-   for short chunks (calls above :data:`GRAPH_MAX_PAIRS` stay eager).
+   for short chunks (calls above :data:`GRAPH_MAX_PAIRS` stay eager). A vertical-slash head with
+   ``repeat_rows`` estimates from extra rows chosen on the token ids, which :func:`patch` records
+   with a forward pre-hook (:mod:`longinfer.integrations.tokens`); the rows are an input of the call
+   (and of its graph), built once per forward and shape.
 
 Backends: ``"triton"`` runs the kernels of :mod:`longinfer.ops` (CUDA, or CPU under
 ``TRITON_INTERPRET=1``); ``"torch"`` computes the same masks (the kernels' reference semantics)
