@@ -197,6 +197,20 @@ def test_a_chunk_over_a_cached_prefix_sees_the_prefix_ids(recorded_positions):
     assert set(range(303, 316)) & set(want.tolist())  # the copy's repeat ends are among them
 
 
+def test_generate_keeps_the_history_of_prompt_and_decoded_tokens():
+    """generate(): the prefill records the prompt, each decoding step appends its token (the last
+    generated token is never fed back)."""
+    from tests.test_integration_transformers import greedy
+
+    model = make_model("llama", num_hidden_layers=1)
+    ids = planted(320, 150)
+    plan = uniform_plan(model.config, "vertical_slash", REPEAT_VS)
+    with patched(model, plan):
+        new = greedy(model, ids, 4)
+        history = model.model.layers[0].self_attn._longinfer_runtime.tokens
+        assert history.ids.tolist() == torch.cat([ids, new[:, :-1]], 1).tolist()
+
+
 def test_embeddings_instead_of_ids_get_spread_rows_with_a_warning(recorded_positions, caplog, monkeypatch):
     from longinfer.integrations import tokens
 
