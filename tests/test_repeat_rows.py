@@ -197,6 +197,25 @@ def test_a_chunk_over_a_cached_prefix_sees_the_prefix_ids(recorded_positions):
     assert set(range(303, 316)) & set(want.tolist())  # the copy's repeat ends are among them
 
 
+def test_a_padded_batch_estimates_each_sequence_on_its_own_ids(recorded_positions):
+    """Left padding: each sequence runs on its valid span, with the rows its own ids give (the same
+    as that sequence alone), so the logits equal the unpadded runs."""
+    model = make_model("llama", num_hidden_layers=1)
+    plan = uniform_plan(model.config, "vertical_slash", REPEAT_VS)
+    config = plan.layers[0].heads[0].config
+    sequences = [planted(360, 150)[0], planted(320, 200, seed=1)[0]]
+    batch = torch.zeros(2, 360, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for b, seq in enumerate(sequences):
+        batch[b, 360 - seq.numel():], mask[b, 360 - seq.numel():] = seq, 1
+    with patched(model, plan), torch.no_grad():
+        padded = model(batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        alone = [model(seq[None]).logits for seq in sequences]
+    for b, seq in enumerate(sequences):
+        assert recorded_positions[b].tolist() == expected_rows(seq[None], seq.numel(), config).tolist()
+        torch.testing.assert_close(padded[b, mask[b].bool()], alone[b][0], atol=5e-5, rtol=1e-4)
+
+
 def test_generate_keeps_the_history_of_prompt_and_decoded_tokens():
     """generate(): the prefill records the prompt, each decoding step appends its token (the last
     generated token is never fed back)."""
