@@ -105,6 +105,16 @@ def test_config_checks_name_the_conflicting_fields():
         VerticalSlashConfig(repeat_rows=8, repeat_ngram=0)
 
 
+def test_positions_are_refused_where_the_estimate_has_several_row_sets():
+    q, k = torch.randn(1, 2, 256, 64), torch.randn(1, 2, 256, 64)
+    rows = torch.arange(192, 256)
+    with pytest.raises(ValueError, match="split_halves"):
+        estimate_vertical_slash(q, k, VerticalSlashConfig(budget="coverage", rank="cost", split_halves=True),
+                                positions=rows)
+    with pytest.raises(ValueError, match="segments"):
+        estimate_vertical_slash(q, k, VerticalSlashConfig(segments=2), positions=rows)
+
+
 def test_repeat_fields_are_written_only_when_set():
     from longinfer.patterns import config_from_params, config_to_params
 

@@ -1033,7 +1033,7 @@ def estimate_vertical_slash(
         positions: ``[L]`` ascending absolute estimation positions instead of the config's own
             (:func:`call_estimation_positions`, which a patched model calls with the token ids so
             that ``repeat_rows`` finds the repeats); validated on the host unless
-            ``check_positions=False``. Not with ``segments > 1``.
+            ``check_positions=False``. Not with ``segments > 1`` or ``split_halves``.
 
     Returns:
         A :class:`VerticalSlashSelection` with ``vertical [B, H, V]`` / ``slash [B, H, S]`` int64,
@@ -1050,6 +1050,8 @@ def estimate_vertical_slash(
         return estimate_segmented(q, k, config, sm_scale=sm_scale, per_kv_group=per_kv_group)
     config = config.for_call(q.shape[2], k.shape[2])
     group = q.shape[1] // k.shape[1]
+    require(positions is None or not config.split_halves,
+            "positions give one estimate's rows; split_halves splits the config's own rows in two")
     if positions is None:
         positions = call_estimation_positions(config, q.shape[2], k.shape[2], q.device)
         check_positions = False
