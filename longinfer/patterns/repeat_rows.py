@@ -60,16 +60,18 @@ def repeat_distances(ids: torch.Tensor, ngram: int) -> torch.Tensor:
     unknown = (ids < 0).long().cumsum(1)
     window_unknown = unknown[:, ngram - 1:] - torch.nn.functional.pad(unknown, (1, 0))[:, : n - ngram + 1]
     ends = positions[:, ngram - 1:]
-    # Unknown-token n-grams get unique keys (their own negative end) so they never match.
+    # Unknown-token n-grams get unique keys (their own negative end): they match no other window
+    # (short of a hash collision).
     keys = torch.where(window_unknown > 0, -1 - ends, hashed)
     sorted_keys, order = keys.sort(dim=1, stable=True)  # equal keys keep position order
     starts = torch.ones_like(sorted_keys, dtype=torch.bool)
     starts[:, 1:] = sorted_keys[:, 1:] != sorted_keys[:, :-1]
     slots = torch.arange(sorted_keys.shape[1], device=ids.device).expand_as(sorted_keys)
     group_start = torch.where(starts, slots, 0).cummax(1).values
-    first_end = torch.empty_like(order).scatter_(1, order, order.gather(1, group_start))
+    # order holds window starts: each window's first occurrence is its key group's first start.
+    first_start = torch.empty_like(order).scatter_(1, order, order.gather(1, group_start))
     distances = torch.zeros_like(ids)
-    distances[:, ngram - 1:] = (ends - ngram + 1) - first_end  # order indexes n-gram starts
+    distances[:, ngram - 1:] = (ends - ngram + 1) - first_start
     return distances
 
 
