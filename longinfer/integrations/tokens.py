@@ -16,7 +16,6 @@ unknown positions never count as repeats: the extra rows are spread rows, and th
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,5 +113,4 @@ def install(model: Any, history: TokenHistory) -> Any:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         history.observe(input_ids if isinstance(input_ids, torch.Tensor) else None, _past_length(kwargs))
 
-    hook: Callable[..., None] = observe
-    return model.register_forward_pre_hook(hook, with_kwargs=True)
+    return model.register_forward_pre_hook(observe, with_kwargs=True)

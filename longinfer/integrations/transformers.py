@@ -345,10 +345,9 @@ class LayerRuntime:
             if not (isinstance(config, VerticalSlashConfig) and config.repeat_rows):
                 rows.append(None)
                 continue
-            history = self.tokens if self.tokens is not None else token_ids.TokenHistory()
             if self.tokens is None:
-                self.tokens = history  # an unpatched module: no ids, warn once
-            rows.append(history.estimation_rows(config, q_len, k_len, device, span))
+                self.tokens = token_ids.TokenHistory()  # an unpatched module: no ids (logged once)
+            rows.append(self.tokens.estimation_rows(config, q_len, k_len, device, span))
         return tuple(rows)
 
     def indices(self, position: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
