@@ -26,6 +26,7 @@ PLANS16=docs/results/gpu-session16/plans
 PLANS17=docs/results/gpu-session17/plans
 PLANS18=docs/results/gpu-session18/plans
 PLANS23=docs/results/gpu-session23/plans
+PLANS24=docs/results/gpu-session24/plans
 VS="vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,last_q=64,query_sampling=strided"
 COST="vertical_slash:budget=coverage,num_vertical=8192,num_slash=8192,last_q=64,query_sampling=strided,rank=cost,tau=1.0"
 # The default estimator at 64-, 32- and 16-row query tiles, coverage and cost-ranked budgets.
@@ -514,6 +515,16 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --methods "dense,longinfer,$(plan_methods "$PLANS23" peer-rule long-mixed128)"
     run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
       --methods "dense,longinfer,$(plan_methods "$PLANS23" peer-rule long-mixed128)" ;;
+  q24-question-rows-64k)  # issue 5: the same two plans at 64K (default -3.6 there), session 20's dense and default
+    # rows seeded (as q23-repeat-64k); rerun to finish
+    [ -f "$RES/$step/ruler.jsonl" ] || grep -E '"method": "(dense|longinfer)"' \
+      docs/results/gpu-session20/q19-control-64k/ruler.jsonl > "$RES/$step/ruler.jsonl"
+    run_cli eval ruler $Q15 --lengths 65536 --samples 6 --out "$RES/$step" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS23" peer-rule long-mixed128)" ;;
+  q24-crossover)  # issue 5 (crossover <= 16K): TTFT at 16K and 20K of dense, the default (dense below 20,480 keys),
+    # the default sparse from 16,384 keys ($PLANS24 from16k) and the no-attention floor
+    run_cli eval latency $Q15 --lengths 16384,20480 --repeats 3 --warmup 1 --out "$RES/$step" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS24" from16k),none" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null
