@@ -525,6 +525,32 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     # the default sparse from 16,384 keys ($PLANS24 from16k) and the no-attention floor
     run_cli eval latency $Q15 --lengths 16384,20480 --repeats 3 --warmup 1 --out "$RES/$step" \
       --methods "dense,longinfer,$(plan_methods "$PLANS24" from16k),none" ;;
+  q25-floor-128k)  # issue 5: the default (now with the question's queries) still loses 0.31 nats at 128K where the
+    # peer's rule with 6,096 diagonals loses 0.16: the default with a 6,000-diagonal floor on 64K+ rows ($PLANS24
+    # question-s6000); RULER-style 128K (session 21's dense rows seeded; session 24's mixed128 rows are the default's),
+    # then TTFT beside dense and the default; rerun to finish
+    [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' \
+      docs/results/gpu-session21/q19-control-128k/ruler.jsonl > "$RES/$step/ruler.jsonl"
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,$(plan_methods "$PLANS24" question-s6000)"
+    run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS24" question-s6000)" ;;
+  q25-floor-64k)  # issue 5: the same at 64K (session 20's dense rows seeded); rerun to finish
+    [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' \
+      docs/results/gpu-session20/q19-control-64k/ruler.jsonl > "$RES/$step/ruler.jsonl"
+    run_cli eval ruler $Q15 --lengths 65536 --samples 6 --out "$RES/$step" \
+      --methods "dense,$(plan_methods "$PLANS24" question-s6000)" ;;
+  q25-16k)  # issue 5 (crossover <= 16K): the default sparse from 16,384 keys lost 4.2 points at 16K (variable
+    # tracking); with the question's queries ($PLANS24 from16k-question): RULER-style 16K, 12 per sub-task, then TTFT
+    run_cli eval ruler $Q15 --lengths 16384 --samples 12 --out "$RES/$step" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS24" from16k-question)"
+    run_cli eval latency $Q15 --lengths 16384,18432 --repeats 10 --warmup 2 --out "$RES/$step/latency" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS24" from16k-question)" ;;
+  q25-turn-question)  # issue 4: the turn (4K over a cached 64K; 3.05x) with the question's queries on 4K+ rows
+    # ($PLANS24 turn-question), then the default in the same call
+    plan_turns "$PLANS24" turn-question
+    [ -d "$RES/$step/turn-default" ] || run python3 benchmarks/real_model_checks.py $Q15 --lengths "" \
+      --turn-prefix 65536 --turn-length 4096 --out "$RES/$step/turn-default" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null

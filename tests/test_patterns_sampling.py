@@ -435,3 +435,68 @@ def test_gpu_group_unions_are_the_set_unions_of_the_per_head_index():
         for h in heads:
             assert grouped.vertical[0, h].cpu().tolist() == union.vertical[0, g].cpu().tolist()
     assert torch.equal(grouped.slash, own.slash)
+
+
+@pytest.mark.parametrize("thresholds_on", ["queries", "keys"])
+@pytest.mark.parametrize("rank", ["mass", "cost"])
+def test_question_rows_join_the_estimate_on_calls_from_the_threshold(rank, thresholds_on):
+    """``question_from``: a call that reaches it estimates from ``2 * last_q`` queries sampled
+    ``"mixed"`` (the last ``last_q`` plus ``last_q`` spread before them), any other from its own
+    ``last_q`` strided ones: each the index and the masses of the config it resolves to."""
+    q, k = _qk(120, 150, hq=6, hkv=2, seed=7)
+    base = dataclasses.replace(COST, rank=rank, num_vertical=12, num_slash=10, last_q=8)
+    rule = dataclasses.replace(base, question_from=100, thresholds_on=thresholds_on)
+    keyed = thresholds_on == "keys"
+    cases = ((120, 150, dataclasses.replace(base, last_q=16, query_sampling="mixed")),  # reaches it either way
+             (60, 150, dataclasses.replace(base, last_q=16, query_sampling="mixed") if keyed else base),
+             (60, 90, base))
+    for rows, keys, expected in cases:
+        qc, kc = q[:, :, -rows:], k[:, :, :keys]
+        resolved = rule.for_call(rows, keys)
+        assert dataclasses.replace(resolved, thresholds_on="keys") == expected, (rows, keys)
+        assert resolved.for_call(rows, keys) == resolved  # resolving twice changes nothing
+        got, want = estimate_vertical_slash(qc, kc, rule), estimate_vertical_slash(qc, kc, expected)
+        assert torch.equal(got.vertical, want.vertical) and torch.equal(got.slash, want.slash), (rows, keys)
+        for ours, theirs in zip(vs.estimate_masses(qc, kc, rule), vs.estimate_masses(qc, kc, expected)):
+            torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+    positions = vs.estimation_positions(120, 150, 16, "mixed")
+    assert positions[-8:].tolist() == list(range(142, 150)) and positions.numel() == 16
+    without = estimate_vertical_slash(q, k, base)
+    with_question = estimate_vertical_slash(q, k, rule)
+    assert not (torch.equal(without.vertical, with_question.vertical) and torch.equal(without.slash, with_question.slash))
+
+
+def test_question_rows_are_validated():
+    with pytest.raises(ValueError, match="question_from must be >= 0"):
+        VerticalSlashConfig(query_sampling="strided", question_from=-1)
+    for bad in ({"query_sampling": "last"}, {"query_sampling": "mixed"},
+                {"query_sampling": "strided", "segments": 2}, {"query_sampling": "strided", "column_q": 32}):
+        with pytest.raises(ValueError, match="question_from adds the last queries"):
+            VerticalSlashConfig(question_from=1024, **bad)
+
+
+def test_question_rows_and_repeat_rows_share_one_estimate():
+    """With both options the extra rows come on top of the question-resolved rows: a long call's
+    positions start from the 2 * last_q mixed ones, a short call's from the strided ones."""
+    config = VerticalSlashConfig(last_q=8, query_sampling="strided", question_from=300, thresholds_on="queries",
+                                 repeat_rows=4)
+    long_rows = vs.call_estimation_positions(config, 400, 500, "cpu")
+    short_rows = vs.call_estimation_positions(config, 200, 500, "cpu")
+    assert long_rows.numel() == 16 + 4 and short_rows.numel() == 8 + 4
+    assert set(vs.estimation_positions(400, 500, 16, "mixed").tolist()) <= set(long_rows.tolist())
+    assert set(vs.estimation_positions(200, 500, 8, "strided").tolist()) <= set(short_rows.tolist())
+
+
+def test_question_rows_run_in_transformers_as_the_mixed_plan(tiny_llama_logits):
+    """A tiny Llama (256-token prompt): ``question_from`` reached gives the logits of the plan with
+    ``2 * last_q`` mixed queries, on both backends; not reached, those of the strided plan."""
+    params = {"num_vertical": 16, "num_slash": 16, "sink": 4, "local": 8, "last_q": 8, "budget": "coverage",
+              "tau": 0.5, "query_sampling": "strided"}
+    mixed = tiny_llama_logits({**params, "last_q": 16, "query_sampling": "mixed"}, "triton")
+    strided = tiny_llama_logits(params, "triton")
+    assert (mixed - strided).abs().max() > 1e-3
+    for backend in ("triton", "torch"):
+        torch.testing.assert_close(tiny_llama_logits({**params, "question_from": 256}, backend), mixed,
+                                   atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(tiny_llama_logits({**params, "question_from": 257}, "triton"), strided,
+                               atol=0, rtol=0)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 import transformers
@@ -12,6 +13,7 @@ from longinfer.plans import (
     DEFAULT_DENSE_LAST,
     DEFAULT_LONG_FROM,
     DEFAULT_PATTERN_CONFIG,
+    DEFAULT_QUESTION_FROM,
     SCHEMA_VERSION,
     HeadPlan,
     LayerPlan,
@@ -50,7 +52,8 @@ def test_round_trip_through_file(tmp_path):
     assert data["schema_version"] == SCHEMA_VERSION
     # Every parameter is written out, defaults included (but those added after plan digests, when unset).
     assert set(data["layers"][0]["heads"][0]["params"]) == set(VerticalSlashConfig.__dataclass_fields__) - {
-        "floor_from", "group_columns_below", "thresholds_on", "repeat_rows", "repeat_ngram", "repeat_distance"}
+        "floor_from", "group_columns_below", "thresholds_on", "repeat_rows", "repeat_ngram", "repeat_distance",
+        "question_from"}
     assert data["model"] == {"id": "tiny/model", "revision": "abc123", **SHAPE}
 
 
@@ -253,7 +256,8 @@ def test_uniform_and_default_plan():
     long = rule.for_call(DEFAULT_LONG_FROM, DEFAULT_LONG_FROM)
     assert short.floors(10**6) == (0, 0) and short.shares_group_columns(10**6)
     assert long.floors(0) == (0, 3000) and not long.shares_group_columns(0)
-    assert rule.for_call(4096, 4 * DEFAULT_LONG_FROM) == short
+    # (a turn also keeps its 64 strided estimation queries: see the question rows' test)
+    assert rule.for_call(4096, 4 * DEFAULT_LONG_FROM) == dataclasses.replace(short, last_q=64, query_sampling="strided")
     with pytest.raises(ValueError, match=r"resolve it for the call first with config.for_call\(q_len, k_len\)"):
         rule.floors(DEFAULT_LONG_FROM)
     session_15 = default_plan_for(cfg, min_vertical=0, min_slash=0, group_columns_below=0)
@@ -276,3 +280,25 @@ def test_head_plan_checks_config_type():
     with pytest.raises(TypeError, match="takes a VerticalSlashConfig"):
         HeadPlan("vertical_slash", BlockSparseConfig())
     assert HeadPlan.from_config(BlockSparseConfig()).pattern == "block_sparse"
+
+
+MEASURED_MIXED_PLAN = Path(__file__).parents[1] / "docs/results/gpu-session23/plans/q15-long-mixed128-tail.json"
+
+
+def test_default_adds_the_question_rows_to_long_prefills_as_measured():
+    """Calls of at least DEFAULT_QUESTION_FROM query rows run the default exactly as the plan measured
+    in session 24 (64 strided + the last 64 queries, on every call), shorter ones (a 4K turn) with the
+    64 strided queries of before; the option is written to the plan and read back."""
+    measured = Plan.load(MEASURED_MIXED_PLAN).layers[0].heads[0].config
+    assert dataclasses.replace(DEFAULT_PATTERN_CONFIG, last_q=128, query_sampling="mixed", question_from=0) == measured
+    for rows in (DEFAULT_QUESTION_FROM, 32768, 65536, 131072):
+        assert DEFAULT_PATTERN_CONFIG.for_call(rows, rows) == measured.for_call(rows, rows), rows
+    turn = DEFAULT_PATTERN_CONFIG.for_call(4096, 4096 + 65536)
+    assert (turn.last_q, turn.query_sampling) == (64, "strided")
+    assert DEFAULT_PATTERN_CONFIG.for_call(DEFAULT_QUESTION_FROM - 1, 10**6).last_q == 64
+    cfg = transformers.LlamaConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
+    params = default_plan_for(cfg).to_dict()["layers"][0]["heads"][0]["params"]
+    assert params["question_from"] == DEFAULT_QUESTION_FROM
+    without = default_plan_for(cfg, question_from=0)
+    assert "question_from" not in without.to_dict()["layers"][0]["heads"][0]["params"]
+    assert all(h.config.for_call(10**5, 10**5).last_q == 64 for h in without.layers[0].heads)

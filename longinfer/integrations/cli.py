@@ -2,6 +2,7 @@
 
     longinfer run --model smollm2-135m --prompt-file prompt.txt [--plan plan.json | --share-kv-groups | --per-head-columns]
                   [--tau T] [--floor COLUMNS,DIAGONALS] [--floor-from TOKENS] [--group-columns-below TOKENS]
+                  [--question-from TOKENS]
                   [--max-new-tokens 64] [--dense] [--chunk-size 8192] [--chat] [--backend auto]
                   [--device cuda] [--dtype bfloat16]
 
@@ -58,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--group-columns-below", type=int, default=None, metavar="TOKENS",
                         help="the default plan sharing KV-group columns only on prefill calls of fewer new tokens "
                              "(default 65536; 0: every call); longer calls give each head its own columns")
+    parser.add_argument("--question-from", type=int, default=None, metavar="TOKENS",
+                        help="the default plan adding the prompt's last 64 queries (its question) to the index "
+                             "estimate on prefill calls of at least this many new tokens (default 16384; 0: never)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="decoding budget (default 64)")
     parser.add_argument("--dense", action="store_true", help="run the stock dense attention (sdpa) instead")
     parser.add_argument("--chunk-size", type=int, default=0,
@@ -143,16 +147,17 @@ def run(args: argparse.Namespace) -> int:
             raise RunError(f"--chunk-size must be >= 0, got {args.chunk_size}")
         default_options = (args.share_kv_groups or args.per_head_columns or args.tau is not None
                            or args.floor is not None or args.floor_from is not None
-                           or args.group_columns_below is not None)
+                           or args.group_columns_below is not None or args.question_from is not None)
         if args.dense and (args.plan is not None or default_options):
             raise RunError("--dense runs without a plan; drop --plan / --share-kv-groups / --per-head-columns / "
-                           "--tau / --floor / --floor-from / --group-columns-below or --dense")
+                           "--tau / --floor / --floor-from / --group-columns-below / --question-from or --dense")
         if default_options and args.plan is not None:
-            raise RunError("--share-kv-groups, --per-head-columns, --tau, --floor, --floor-from and "
-                           "--group-columns-below set up the default plan; drop them or --plan")
+            raise RunError("--share-kv-groups, --per-head-columns, --tau, --floor, --floor-from, "
+                           "--group-columns-below and --question-from set up the default plan; drop them or --plan")
         if args.tau is not None and not 0.0 < args.tau <= 1.0:
             raise RunError(f"--tau must lie in (0, 1], got {args.tau}")
-        for flag, value in (("--floor-from", args.floor_from), ("--group-columns-below", args.group_columns_below)):
+        for flag, value in (("--floor-from", args.floor_from), ("--group-columns-below", args.group_columns_below),
+                            ("--question-from", args.question_from)):
             if value is not None and value < 0:
                 raise RunError(f"{flag} must be >= 0, got {value}")
         if args.per_head_columns and args.group_columns_below:
@@ -177,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
                     model.config, share_kv_groups=args.share_kv_groups, tau=args.tau,
                     group_columns=not args.per_head_columns, group_columns_below=args.group_columns_below,
                     min_vertical=floor[0], min_slash=floor[1],
-                    floor_from=pattern.floor_from if args.floor_from is None else args.floor_from)
+                    floor_from=pattern.floor_from if args.floor_from is None else args.floor_from,
+                    question_from=pattern.question_from if args.question_from is None else args.question_from)
             except ValueError as error:
                 raise RunError(f"{error} (--floor)") from error
         if not args.dense:

@@ -69,8 +69,7 @@ class TokenHistory:
                         span: Span = None) -> torch.Tensor | None:
         """The estimation positions of a call (:func:`call_estimation_positions` on the recorded ids),
         cached for the forward; ``span`` picks one padded sequence's keys."""
-        key = (config.last_q, config.query_sampling, config.repeat_rows, config.repeat_ngram,
-               config.repeat_distance, q_len, k_len, device, span)
+        key = (config, q_len, k_len, device, span)
         if key not in self._rows:
             self._rows[key] = call_estimation_positions(config, q_len, k_len, device, self._ids_for(k_len, span))
         return self._rows[key]

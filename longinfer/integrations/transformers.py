@@ -416,6 +416,8 @@ def _long_rule_words(config: VerticalSlashConfig) -> str:
     if floors:
         shared += (f"; at least {' and '.join(floors)} per head"
                    + (f" from {config.floor_from} {counted}" if config.floor_from else ""))
+    if config.question_from:
+        shared += f"; the last {config.last_q} queries estimate too from {config.question_from} {counted}"
     return shared
 
 

@@ -101,10 +101,21 @@ DENSE_LAST_TILE = 64
 # 128K prefill, 512 at 32K, but for 64 in a 4K turn over a long cache, so a turn keeps the shared
 # columns without floor (2.54x dense attention speed over a 64K cache; with the long rule: 1.46x).
 DEFAULT_LONG_FROM = 65536
+# Calls of at least DEFAULT_QUESTION_FROM query rows (a long prefill, not a turn) add the prompt's last
+# 64 queries to the 64 strided ones (question_from): a question attends to the facts it asks about, so
+# their columns are kept for every row. Same model, RULER-style, H200 (docs/results/gpu-session24/):
+# against dense, the answers' log-probability -1.04 / -0.41 / -0.62 nats at 32K / 64K / 128K without
+# them, +0.20 / +0.03 / -0.31 with them (prompts whose answer lost half its probability: 31 -> 20 of
+# 84, 11 -> 4 and 14 -> 8 of 42); scores -1.9 / -3.6 / -3.4 -> +0.2 / -0.2 / -4.6 points (42-84
+# prompts: +-4 points is noise), at lower density and TTFT 1.17x -> 1.25x (32K), 1.10x -> 1.14x
+# (64K), 1.53x -> 1.57x (128K). A 4K turn keeps 64 strided queries: in its 64-row stride the last
+# rows already sample the question, and twice the estimation queries would cost it ~27% (session 23).
+DEFAULT_QUESTION_FROM = 16384
 DEFAULT_PATTERN_CONFIG = VerticalSlashConfig(
     num_vertical=4096, num_slash=8192, last_q=64, sink=30, local=100, budget="coverage", tau=0.9,
     query_sampling="strided", group_columns=True, group_columns_below=DEFAULT_LONG_FROM,
     min_vertical=0, min_slash=3000, floor_from=DEFAULT_LONG_FROM, thresholds_on="queries",
+    question_from=DEFAULT_QUESTION_FROM,
 )
 
 
@@ -538,11 +549,13 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
                      min_vertical: int = DEFAULT_PATTERN_CONFIG.min_vertical,
                      min_slash: int = DEFAULT_PATTERN_CONFIG.min_slash,
                      floor_from: int = DEFAULT_PATTERN_CONFIG.floor_from,
-                     repeat_rows: int = DEFAULT_PATTERN_CONFIG.repeat_rows) -> Plan:
+                     repeat_rows: int = DEFAULT_PATTERN_CONFIG.repeat_rows,
+                     question_from: int = DEFAULT_PATTERN_CONFIG.question_from) -> Plan:
     """The plan used when the user gives none.
 
     Every head of every layer uses :data:`DEFAULT_PATTERN_CONFIG`: vertical-slash from 64 queries
-    spread evenly over the prompt, with a coverage budget (keep the fewest columns and diagonals,
+    spread evenly over the prompt (calls of at least :data:`DEFAULT_QUESTION_FROM` query rows add the
+    prompt's last 64, where its question sits), with a coverage budget (keep the fewest columns and diagonals,
     ranked together, whose estimated attention mass reaches 0.9; at most 4096 columns and 8192 diagonals; the first
     30 keys and 100 nearest diagonals always kept), every head attending the columns chosen for any
     head of its KV group; calls of at least :data:`DEFAULT_LONG_FROM` query rows (a long prefill, not
@@ -574,12 +587,15 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
         repeat_rows: extra estimation queries at distant repeated token 4-grams (see
             :class:`~longinfer.patterns.VerticalSlashConfig`; a patched model passes its token ids).
             64 of them: no RULER-style gain at 64K / 128K, a 4K turn 27% slower (session 23).
+        question_from: calls of at least this many query rows add the last 64 queries to the 64
+            strided ones (0 = never; the default's :data:`DEFAULT_QUESTION_FROM`: see there).
     """
     if group_columns_below is None:
         group_columns_below = DEFAULT_PATTERN_CONFIG.group_columns_below if group_columns else 0
     pattern = dataclasses.replace(DEFAULT_PATTERN_CONFIG, group_columns=group_columns,
                                   group_columns_below=group_columns_below, min_vertical=min_vertical,
-                                  min_slash=min_slash, floor_from=floor_from, repeat_rows=repeat_rows)
+                                  min_slash=min_slash, floor_from=floor_from, repeat_rows=repeat_rows,
+                                  question_from=question_from)
     if tau is not None:
         pattern = dataclasses.replace(pattern, tau=tau)
     return uniform_plan(

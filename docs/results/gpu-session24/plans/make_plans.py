@@ -1,9 +1,20 @@
 """Session 24's plan files for Qwen2.5-Coder-1.5B (28 layers, 12 query / 2 KV heads, head_dim 128).
 
-- `q15-from16k-tail.json`: the default plan, sparse from 16,384 keys instead of 20,480 (issue 5's
-  crossover target is <= 16K). Session 17 measured the sparse path at 16K at 0.99x dense; sessions
-  21-23 sped up every sparse call (the estimate, the KV-group union's pack, CUDA graphs), so the
-  crossover step times it again beside dense and the default.
+Run in session 24:
+
+- `q15-from16k-tail.json`: the default plan of then (64 strided estimation queries on every call),
+  sparse from 16,384 keys instead of 20,480 (issue 5's crossover target is <= 16K): 1.03-1.04x dense
+  TTFT at 16K, but -4.2 RULER-style points there (variable tracking 68.3 vs 96.7).
+
+For the next GPU session (the default now adds the prompt's last 64 queries on calls of 16,384+ rows,
+``question_from``; at 128K it still loses 0.31 nats where the peer's rule with 6,096 diagonals loses 0.16):
+
+- `q15-from16k-question-tail.json`: today's default sparse from 16,384 keys: do the question's
+  queries recover 16K (variable tracking)?
+- `q15-question-s6000-tail.json`: today's default with at least 6,000 diagonals per head on calls of
+  65,536+ rows (the long rule's floor is 3,000; the peer's rule keeps 6,096): 128K / 64K accuracy and TTFT.
+- `q15-turn-question-tail.json`: today's default with the question's queries on calls of 4,096+ rows,
+  so a 4K turn over a cached 64K estimates from them too: what it costs the turn (3.05x without).
 
     python docs/results/gpu-session24/plans/make_plans.py
 """
@@ -14,7 +25,10 @@ OUT = "docs/results/gpu-session24/plans"
 MODEL = "qwen2.5-coder-1.5b"
 
 plans = {
-    "from16k": default_plan_for(SHAPE, model_id=MODEL, dense_below=16384),
+    "from16k": default_plan_for(SHAPE, model_id=MODEL, dense_below=16384, question_from=0),
+    "from16k-question": default_plan_for(SHAPE, model_id=MODEL, dense_below=16384),
+    "question-s6000": default_plan_for(SHAPE, model_id=MODEL, min_slash=6000),
+    "turn-question": default_plan_for(SHAPE, model_id=MODEL, question_from=4096),
 }
 for name, plan in plans.items():
     path = f"{OUT}/q15-{name}-tail.json"
