@@ -25,6 +25,10 @@ Estimation queries (``query_sampling``): ``"last"`` (the last ``last_q``, MInfer
 (``last_q`` evenly spread over all queries, each causal up to its own position) or ``"mixed"``.
 Recall is averaged over every query, and the last queries miss what early queries attend: spread
 queries estimate it at the same cost (CPU, 0.5B, 8K: +0.025 mean recall at equal density).
+But a long prompt's question, at its end, attends to the facts it asks about: ``question_from``
+adds the last ``last_q`` queries to the strided ones on long calls, which keeps those facts' columns
+for every row (on a 1.5B model at 32K-128K the answers' log-probability moved from 0.4-1.0 nats under
+dense's to within 0.3 of it; see :class:`VerticalSlashConfig`).
 
 Cost ranking (``budget="coverage", rank="cost"``): items are ranked by estimated mass per unit of
 kernel work instead of by mass. A column costs one key per query after it; a slash costs a whole
