@@ -551,6 +551,11 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     plan_turns "$PLANS24" turn-question
     [ -d "$RES/$step/turn-default" ] || run python3 benchmarks/real_model_checks.py $Q15 --lengths "" \
       --turn-prefix 65536 --turn-length 4096 --out "$RES/$step/turn-default" ;;
+  q25-q05-question-32k)  # issue 5, a second model: Qwen2.5-Coder-0.5B at 32K, the default (question rows from 16K
+    # rows) beside the same without them ($PLANS24 q05-strided); session 24's 42 dense rows seeded; rerun to finish
+    [ -f "$RES/$step/ruler.jsonl" ] || cp docs/results/gpu-session24/q24-q05-32k/ruler.jsonl "$RES/$step/"
+    run_cli eval ruler $Q05 --lengths 32768 --samples 6 --out "$RES/$step" \
+      --methods "dense,longinfer,longinfer:$PLANS24/q05-strided-tail.json" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null
