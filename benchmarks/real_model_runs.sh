@@ -556,6 +556,13 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     [ -f "$RES/$step/ruler.jsonl" ] || cp docs/results/gpu-session24/q24-q05-32k/ruler.jsonl "$RES/$step/"
     run_cli eval ruler $Q05 --lengths 32768 --samples 6 --out "$RES/$step" \
       --methods "dense,longinfer,longinfer:$PLANS24/q05-strided-tail.json" ;;
+  q25-estimate-cost)  # issue 6 (every option's estimation cost at 128K): per layer (0 and 27) on the model's own
+    # q/k of a 128K prefill, the default's estimate, index and kernel (question rows: 128 estimation queries) and
+    # the same without the question rows ($PLANS24 strided)
+    [ -d "$RES/$step/kernels-default" ] || run python3 benchmarks/turn_kernels.py $Q15 --prefix 0 --length 131072 \
+      --layers 0,27 --repeats 3 --out "$RES/$step/kernels-default"
+    run python3 benchmarks/turn_kernels.py $Q15 --prefix 0 --length 131072 --layers 0,27 --repeats 3 \
+      --plan "$PLANS24/q15-strided-tail.json" --out "$RES/$step/kernels-strided" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null
