@@ -153,13 +153,18 @@ def test_triton_and_torch_backends_agree():
     torch.testing.assert_close(triton_out, torch_out, atol=2e-5, rtol=1e-4)
 
 
-# the per-sequence split does not depend on the backend: one case runs on the (faster) torch path
-@pytest.mark.parametrize("family, side, backend", [("llama", "left", "triton"), ("llama", "right", "torch"),
-                                                   ("mistral", "left", "triton")])
-def test_padded_batch_equals_each_sequence_alone(family, side, backend):
+# the per-sequence split does not depend on the backend: one case runs on the (faster) torch path. With
+# question rows (the last queries estimate too), a right-padded sequence's are its own last tokens, not padding.
+QUESTION_VS = {**SPARSE_VS, "last_q": 16, "query_sampling": "strided", "question_from": 64}
+
+
+@pytest.mark.parametrize("family, side, backend, params", [
+    ("llama", "left", "triton", SPARSE_VS), ("llama", "right", "torch", SPARSE_VS),
+    ("mistral", "left", "triton", SPARSE_VS), ("llama", "right", "triton", QUESTION_VS)])
+def test_padded_batch_equals_each_sequence_alone(family, side, backend, params):
     model = make_model(family)
     lengths = (128, 80)
-    plan = uniform_plan(model.config, "vertical_slash", SPARSE_VS)
+    plan = uniform_plan(model.config, "vertical_slash", params)
     sequences = [token_ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
     batch = torch.zeros(2, max(lengths), dtype=torch.long)
     mask = torch.zeros_like(batch)
