@@ -19,8 +19,10 @@ One layer: Hq=32, Hkv=8, D=128, B=1, bf16 (float32 on the CPU). Times are median
   included), and ``dense``: :func:`longinfer.ops.dense_attention`, once per length.
 
 Target: ``estimate / sparse <= 0.1`` at 128K. Configs: the default plan's pattern
-(:data:`longinfer.plans.schema.DEFAULT_PATTERN_CONFIG`, coverage tau 0.9 from 64 strided queries),
-MInference's fixed VS(1000, 6096) from the last 64 queries, and both with ``last_q=256``.
+(:data:`longinfer.plans.schema.DEFAULT_PATTERN_CONFIG`, coverage tau 0.9 from 64 strided queries plus,
+on these prefills of 16K+ tokens, the last 64: ``question_from``) and the same without the last 64 (the
+default until session 24), MInference's fixed VS(1000, 6096) from the last 64 queries, and the default and
+the fixed rule with ``last_q=256``.
 
 Inputs are structured, not random (random q/k spread the top slashes over all offsets and make
 the coverage budget take everything): keys of sinks and of ~N/64 random columns per KV head lean
@@ -54,9 +56,10 @@ from longinfer.plans.schema import DEFAULT_PATTERN_CONFIG  # noqa: E402
 HQ, HKV, D = 32, 8, 128
 FIXED = VerticalSlashConfig(num_vertical=1000, num_slash=6096, last_q=64)
 CONFIGS: dict[str, VerticalSlashConfig] = {
-    "default coverage(4096, 8192, tau 0.9) strided lq64": DEFAULT_PATTERN_CONFIG,
+    "default coverage(4096, 8192, tau 0.9) strided lq64 + last 64": DEFAULT_PATTERN_CONFIG,
+    "default without the last 64 (strided lq64)": dataclasses.replace(DEFAULT_PATTERN_CONFIG, question_from=0),
     "fixed(1000, 6096) last lq64": FIXED,
-    "default coverage lq256": dataclasses.replace(DEFAULT_PATTERN_CONFIG, last_q=256),
+    "default coverage lq256": dataclasses.replace(DEFAULT_PATTERN_CONFIG, last_q=256, question_from=0),
     "fixed(1000, 6096) last lq256": dataclasses.replace(FIXED, last_q=256),
 }
 

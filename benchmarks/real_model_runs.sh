@@ -561,8 +561,11 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     # the same without the question rows ($PLANS24 strided)
     [ -d "$RES/$step/kernels-default" ] || run python3 benchmarks/turn_kernels.py $Q15 --prefix 0 --length 131072 \
       --layers 0,27 --repeats 3 --out "$RES/$step/kernels-default"
-    run python3 benchmarks/turn_kernels.py $Q15 --prefix 0 --length 131072 --layers 0,27 --repeats 3 \
-      --plan "$PLANS24/q15-strided-tail.json" --out "$RES/$step/kernels-strided" ;;
+    [ -d "$RES/$step/kernels-strided" ] || run python3 benchmarks/turn_kernels.py $Q15 --prefix 0 --length 131072 \
+      --layers 0,27 --repeats 3 --plan "$PLANS24/q15-strided-tail.json" --out "$RES/$step/kernels-strided"
+    # issue 3's shape (Hq=32, Hkv=8, D=128; no model): the estimate against the sparse kernel, with and without
+    # the question rows (their doubled estimate was 9.9% of the 128K kernel time with 64 queries)
+    run python3 benchmarks/estimator_cost.py --lengths 32768,131072 --no-torch-path --out "$RES/$step/estcost" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null
