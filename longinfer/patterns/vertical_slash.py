@@ -167,8 +167,9 @@ class VerticalSlashConfig:
             (``query_sampling="mixed"``); needs ``query_sampling="strided"``. The question attends to
             the facts it asks about, so their key columns are kept for every row. On
             Qwen2.5-Coder-1.5B (session 24) it cut the answers' log-probability loss against dense
-            from -1.04 / -0.41 / -0.62 nats to +0.20 / +0.03 / -0.31 at 32K / 64K / 128K, at lower
-            density and equal or faster TTFT; the estimate costs twice as much.
+            from -1.04 / -0.41 / -0.62 nats to +0.20 / +0.03 / -0.31 at 32K / 64K / 128K (without
+            the common-words task, which swings either way: -1.46 / -0.58 / -0.93 to -0.28 / -0.03 /
+            -0.46), at lower density and equal or faster TTFT; the estimate costs twice as much.
     """
 
     num_vertical: int = 1000
