@@ -106,10 +106,10 @@ DEFAULT_LONG_FROM = 65536
 # their columns are kept for every row. Same model, RULER-style, H200 (docs/results/gpu-session24/):
 # against dense, the answers' log-probability -1.04 / -0.41 / -0.62 nats at 32K / 64K / 128K without
 # them, +0.20 / +0.03 / -0.31 with them (prompts whose answer lost half its probability: 31 -> 20 of
-# 84, 11 -> 4 and 14 -> 8 of 42; without the common-words task, whose answers swing by nats either way:
-# -1.46 / -0.58 / -0.93 -> -0.28 / -0.03 / -0.46); scores -1.9 / -3.6 / -3.4 -> +0.2 / -0.2 / -4.6 points (42-84
-# prompts: +-4 points is noise), at lower density and TTFT 1.17x -> 1.25x (32K), 1.10x -> 1.14x
-# (64K), 1.53x -> 1.57x (128K). A 4K turn keeps 64 strided queries: in its 64-row stride the last
+# 84, 11 -> 4 and 14 -> 8 of 42; without the common-words task, whose answers swing by nats either
+# way: -1.46 / -0.58 / -0.93 -> -0.28 / -0.03 / -0.46); scores -1.9 / -3.6 / -3.4 -> +0.2 / -0.2 /
+# -4.6 points (42-84 prompts: +-4 points is noise), at lower density and TTFT 1.17x -> 1.25x (32K),
+# 1.10x -> 1.14x (64K), 1.53x -> 1.57x (128K). A 4K turn keeps 64 strided queries: in its 64-row stride the last
 # rows already sample the question, and twice the estimation queries would cost it ~27% (session 23).
 DEFAULT_QUESTION_FROM = 16384
 DEFAULT_PATTERN_CONFIG = VerticalSlashConfig(
