@@ -51,6 +51,11 @@ peer() {  # the peer for --methods peer (built once per warm machine)
   [ -d /tmp/peer/minference ] || bash benchmarks/gpu_session.sh build > /dev/null
   export PEER_SITE=/tmp/peer
 }
+# seed_rows FILE METHODS: start this step's ruler.jsonl with FILE's records of METHODS (an extended regex,
+# e.g. "dense|longinfer": the same code and prompts), unless the step already has one (a rerun resumes)
+seed_rows() {
+  [ -f "$RES/$step/ruler.jsonl" ] || grep -E "\"method\": \"($2)\"" "$1" > "$RES/$step/ruler.jsonl"
+}
 # dense RULER at 128K is the same code and prompts as in session 4: its 42 records seed the file
 seed_dense_ruler() {
   [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session4/q15-ruler/ruler.jsonl \
@@ -59,8 +64,7 @@ seed_dense_ruler() {
 # RULER 32K, 12 samples: session 8's dense rows are the same code and prompts (its "longinfer" rows are
 # the default of that time, per-head columns: now longinfer:$PLANS14/q15-perhead-tail.json)
 seed_ruler_32k() {
-  [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' \
-    docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl > "$RES/$step/ruler.jsonl"
+  seed_rows docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl "dense"
 }
 # plan_turns PLAN_DIR NAME...: the second turn (4K over a cached 64K) with each plan $PLAN_DIR/q15-NAME-tail.json
 plan_turns() {
@@ -238,8 +242,7 @@ case "$step" in
       run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 --turn-length 4096 \
         --plan "$PLANS8/q15-kv-tau$tau-tail.json" --out "$RES/$step/turn-kv-tau$tau"
     done
-    [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl \
-      > "$RES/$step/ruler.jsonl"  # session 8's dense rows: same prompts
+    seed_rows docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl "dense"  # session 8's dense rows: same prompts
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
       "dense,longinfer:$PLANS8/q15-kv-tau0.8-tail.json,longinfer:$PLANS8/q15-kv-tau0.85-tail.json" ;;
   q15-plan-variants)  # issues 4/5: the default with 64 dense last rows, and with 256 estimation queries: turn, RULER 32K (rerun to finish)
@@ -247,8 +250,7 @@ case "$step" in
       [ -d "$RES/$step/turn-$plan" ] || run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 \
         --turn-length 4096 --plan "$PLANS9/$plan.json" --out "$RES/$step/turn-$plan"
     done
-    [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl \
-      > "$RES/$step/ruler.jsonl"  # session 8's dense rows: same prompts
+    seed_rows docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl "dense"  # session 8's dense rows: same prompts
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
       "dense,longinfer:$PLANS9/q15-default-tail64.json,longinfer:$PLANS9/q15-lq256-tail.json" ;;
   q15-tau-frontier)  # issues 4/5: per-head tau 0.95 / 0.98 and per-KV-group tau 0.7 (all + tail): turn, RULER 32K (rerun to finish)
@@ -256,8 +258,7 @@ case "$step" in
       [ -d "$RES/$step/turn-$plan" ] || run python3 benchmarks/real_model_checks.py $Q15 --lengths "" --turn-prefix 65536 \
         --turn-length 4096 --plan "$PLANS9/$plan.json" --out "$RES/$step/turn-$plan"
     done
-    [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl \
-      > "$RES/$step/ruler.jsonl"  # session 8's dense rows: same prompts
+    seed_rows docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl "dense"  # session 8's dense rows: same prompts
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods "dense,longinfer:$PLANS9/q15-tau0.95-tail.json,\
 longinfer:$PLANS9/q15-tau0.98-tail.json,longinfer:$PLANS9/q15-kv-tau0.7-tail.json" ;;
   q15-tail64)  # issues 4/5: 64 vs 128 dense last rows: the turn (both), RULER at 128K (dense and 128-row rows: session 8's)
@@ -283,8 +284,7 @@ longinfer:$PLANS9/q15-tau0.98-tail.json,longinfer:$PLANS9/q15-kv-tau0.7-tail.jso
         --turn-prefix 65536 --turn-length 4096 --plan "$PLANS10/q15-$plan-tail.json" --tail-launch $launch \
         --out "$RES/$step/turn-$plan-$launch"
     done
-    [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl \
-      > "$RES/$step/ruler.jsonl"  # session 8's dense rows: same prompts
+    seed_rows docs/results/gpu-session8/blockA/q15-ruler-32k/ruler.jsonl "dense"  # session 8's dense rows: same prompts
     run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" --methods \
       "dense,longinfer:$PLANS10/q15-cap8448-tail.json,longinfer:$PLANS10/q15-cap12288-tail.json,\
 longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
@@ -415,8 +415,7 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     # a floor scaled to the length (1,500 diagonals: 2.3% of the offsets, as 3,000 at 128K), 1,024 estimation
     # queries ($PLANS17) and one index per KV group ($PLANS4); RULER-style 64K (session 17's dense rows seeded;
     # rerun to finish), then TTFT
-    [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' \
-      docs/results/gpu-session17/q16-ruler-64k/ruler.jsonl > "$RES/$step/ruler.jsonl"
+    seed_rows docs/results/gpu-session17/q16-ruler-64k/ruler.jsonl "dense"
     run_cli eval ruler $Q15 --lengths 65536 --samples 6 --out "$RES/$step" \
       --methods "dense,$(plan_methods "$PLANS17" s1500 lq1024),$(plan_methods "$PLANS4" default-kv)"
     run_cli eval latency $Q15 --lengths 65536 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
@@ -491,8 +490,7 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
   q23-repeat-64k)  # issue 5: extra estimation rows at distant repeated 4-grams ($PLANS23 repeat64: the default +
     # up to 64 such rows; CPU 0.5B 8K: needle-row recall at the oracle's). RULER-style 64K, session 20's dense and
     # default rows seeded (the same code, prompts and default digest); rerun to finish
-    [ -f "$RES/$step/ruler.jsonl" ] || grep -E '"method": "(dense|longinfer)"' \
-      docs/results/gpu-session20/q19-control-64k/ruler.jsonl > "$RES/$step/ruler.jsonl"
+    seed_rows docs/results/gpu-session20/q19-control-64k/ruler.jsonl "dense|longinfer"
     run_cli eval ruler $Q15 --lengths 65536 --samples 6 --out "$RES/$step" \
       --methods "dense,longinfer,$(plan_methods "$PLANS23" repeat64)" ;;
   q23-repeat-128k)  # issue 5: the same at 128K, session 21's dense and default rows seeded; rerun to finish
@@ -517,8 +515,7 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --methods "dense,longinfer,$(plan_methods "$PLANS23" peer-rule long-mixed128)" ;;
   q24-question-rows-64k)  # issue 5: the same two plans at 64K (default -3.6 there), session 20's dense and default
     # rows seeded (as q23-repeat-64k); rerun to finish
-    [ -f "$RES/$step/ruler.jsonl" ] || grep -E '"method": "(dense|longinfer)"' \
-      docs/results/gpu-session20/q19-control-64k/ruler.jsonl > "$RES/$step/ruler.jsonl"
+    seed_rows docs/results/gpu-session20/q19-control-64k/ruler.jsonl "dense|longinfer"
     run_cli eval ruler $Q15 --lengths 65536 --samples 6 --out "$RES/$step" \
       --methods "dense,longinfer,$(plan_methods "$PLANS23" peer-rule long-mixed128)" ;;
   q24-crossover)  # issue 5 (crossover <= 16K): TTFT at 16K and 20K of dense, the default (dense below 20,480 keys),
@@ -529,15 +526,13 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     # peer's rule with 6,096 diagonals loses 0.16: the default with a 6,000-diagonal floor on 64K+ rows ($PLANS24
     # question-s6000); RULER-style 128K (session 21's dense rows seeded; session 24's mixed128 rows are the default's),
     # then TTFT beside dense and the default; rerun to finish
-    [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' \
-      docs/results/gpu-session21/q19-control-128k/ruler.jsonl > "$RES/$step/ruler.jsonl"
+    seed_rows docs/results/gpu-session21/q19-control-128k/ruler.jsonl "dense"
     run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
       --methods "dense,$(plan_methods "$PLANS24" question-s6000)"
     run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
       --methods "dense,longinfer,$(plan_methods "$PLANS24" question-s6000)" ;;
   q25-floor-64k)  # issue 5: the same at 64K (session 20's dense rows seeded); rerun to finish
-    [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' \
-      docs/results/gpu-session20/q19-control-64k/ruler.jsonl > "$RES/$step/ruler.jsonl"
+    seed_rows docs/results/gpu-session20/q19-control-64k/ruler.jsonl "dense"
     run_cli eval ruler $Q15 --lengths 65536 --samples 6 --out "$RES/$step" \
       --methods "dense,$(plan_methods "$PLANS24" question-s6000)" ;;
   q25-16k)  # issue 5 (crossover <= 16K): the default sparse from 16,384 keys lost 4.2 points at 16K (variable
