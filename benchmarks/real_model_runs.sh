@@ -27,6 +27,7 @@ PLANS17=docs/results/gpu-session17/plans
 PLANS18=docs/results/gpu-session18/plans
 PLANS23=docs/results/gpu-session23/plans
 PLANS24=docs/results/gpu-session24/plans
+PLANS25=docs/results/gpu-session25/plans
 VS="vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,last_q=64,query_sampling=strided"
 COST="vertical_slash:budget=coverage,num_vertical=8192,num_slash=8192,last_q=64,query_sampling=strided,rank=cost,tau=1.0"
 # The default estimator at 64-, 32- and 16-row query tiles, coverage and cost-ranked budgets.
@@ -522,23 +523,26 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     # the default sparse from 16,384 keys ($PLANS24 from16k) and the no-attention floor
     run_cli eval latency $Q15 --lengths 16384,20480 --repeats 3 --warmup 1 --out "$RES/$step" \
       --methods "dense,longinfer,$(plan_methods "$PLANS24" from16k),none" ;;
-  q25-floor-128k)  # issue 5: the default (now with the question's queries) still loses 0.31 nats at 128K where the
-    # peer's rule with 6,096 diagonals loses 0.16: the default with a 6,000-diagonal floor on 64K+ rows ($PLANS24
-    # question-s6000); RULER-style 128K (session 21's dense rows seeded; session 24's mixed128 rows are the default's),
-    # then TTFT beside dense and the default; rerun to finish
-    seed_rows docs/results/gpu-session21/q19-control-128k/ruler.jsonl "dense"
+  q25-variants-128k)  # issue 5: the default (now with the question's queries) still loses 0.31 nats at 128K where the
+    # peer's rule (last 64 queries, 1,000 columns, 6,096 diagonals) loses 0.16. Three ways toward it: a 6,000-diagonal
+    # floor ($PLANS24 question-s6000), 128 + 128 estimation queries ($PLANS25 question-lq128), the KV group's columns
+    # on every call ($PLANS25 question-groupcols). RULER-style 128K with session 24's dense, peer-rule and mixed128
+    # (= today's default) rows seeded, then TTFT beside dense and the default; rerun to finish
+    seed_rows docs/results/gpu-session24/q24-question-rows-128k/ruler.jsonl \
+      "dense|longinfer:q15-peer-rule-tail|longinfer:q15-long-mixed128-tail"
     run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
-      --methods "dense,$(plan_methods "$PLANS24" question-s6000)"
+      --methods "dense,$(plan_methods "$PLANS23" peer-rule long-mixed128),$(plan_methods "$PLANS24" question-s6000),$(plan_methods "$PLANS25" question-lq128 question-groupcols)"
     run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
-      --methods "dense,longinfer,$(plan_methods "$PLANS24" question-s6000)" ;;
+      --methods "dense,longinfer,$(plan_methods "$PLANS24" question-s6000),$(plan_methods "$PLANS25" question-lq128 question-groupcols)" ;;
   q25-floor-64k)  # issue 5: the same at 64K (session 20's dense rows seeded); rerun to finish
     seed_rows docs/results/gpu-session20/q19-control-64k/ruler.jsonl "dense"
     run_cli eval ruler $Q15 --lengths 65536 --samples 6 --out "$RES/$step" \
       --methods "dense,$(plan_methods "$PLANS24" question-s6000)" ;;
   q25-16k)  # issue 5 (crossover <= 16K): the default sparse from 16,384 keys lost 4.2 points at 16K (variable
     # tracking); with the question's queries ($PLANS24 from16k-question): RULER-style 16K, 12 per sub-task, then TTFT
+    # (the default runs dense below 20,480 keys, so only its TTFT is shown)
     run_cli eval ruler $Q15 --lengths 16384 --samples 12 --out "$RES/$step" \
-      --methods "dense,longinfer,$(plan_methods "$PLANS24" from16k-question)"
+      --methods "dense,$(plan_methods "$PLANS24" from16k-question)"
     run_cli eval latency $Q15 --lengths 16384,18432 --repeats 10 --warmup 2 --out "$RES/$step/latency" \
       --methods "dense,longinfer,$(plan_methods "$PLANS24" from16k-question)" ;;
   q25-turn-question)  # issue 4: the turn (4K over a cached 64K; 3.05x) with the question's queries on 4K+ rows
