@@ -565,6 +565,28 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     # issue 3's shape (Hq=32, Hkv=8, D=128; no model): the estimate against the sparse kernel, with and without
     # the question rows (their doubled estimate was 9.9% of the 128K kernel time with 64 queries)
     run python3 benchmarks/estimator_cost.py --lengths 32768,131072 --no-torch-path --out "$RES/$step/estcost" ;;
+  q26-qcols-short)  # issue 5: the default's remaining losses at 16K / 32K are multi-value answers (-2.05 / -1.27 nats;
+    # the peer's rule, 1,000 columns from its last 64 queries, loses none at 32K): the default + the 1,000 columns
+    # its question's queries attend to most ($PLANS25 question-qcols1000). RULER-style 32K and 16K, 12 per
+    # sub-task, beside dense and the default (sessions 24 / 25's rows seeded: same code and prompts), then TTFT
+    if [ ! -f "$RES/$step/ruler.jsonl" ]; then
+      seed_rows docs/results/gpu-session24/q24-ruler-32k/ruler.jsonl \
+        "dense|longinfer:q15-peer-rule-tail|longinfer:q15-long-mixed128-tail"
+      cat docs/results/gpu-session25/q25-16k/ruler.jsonl >> "$RES/$step/ruler.jsonl"
+    fi
+    run_cli eval ruler $Q15 --lengths 32768 --samples 12 --out "$RES/$step" \
+      --methods "dense,$(plan_methods "$PLANS23" peer-rule long-mixed128),$(plan_methods "$PLANS25" question-qcols1000)"
+    run_cli eval ruler $Q15 --lengths 16384 --samples 12 --out "$RES/$step" \
+      --methods "dense,$(plan_methods "$PLANS24" from16k-question),$(plan_methods "$PLANS25" question-qcols1000)"
+    run_cli eval latency $Q15 --lengths 16384,32768,131072 --repeats 3 --warmup 1 --out "$RES/$step/latency" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS25" question-qcols1000)" ;;
+  q26-qcols-128k)  # issue 5: the same at 128K, and this session's two 128K variants together (KV-group columns +
+    # a 6,000-diagonal floor: $PLANS25 question-groupcols-s6000); session 25's rows seeded; rerun to finish
+    [ -f "$RES/$step/ruler.jsonl" ] || cp docs/results/gpu-session25/q25-variants-128k/ruler.jsonl "$RES/$step/"
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,$(plan_methods "$PLANS23" peer-rule long-mixed128),$(plan_methods "$PLANS24" question-s6000),$(plan_methods "$PLANS25" question-groupcols question-qcols1000 question-groupcols-s6000)"
+    run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS25" question-qcols1000 question-groupcols-s6000)" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null

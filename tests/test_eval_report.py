@@ -96,6 +96,25 @@ def test_ruler_report(tmp_path):
     assert "| 4096 | 75.0 | 65.0 | -10.0 [-10.0, -10.0] |" in text  # every pair differs by the same
 
 
+
+def test_ruler_report_gives_each_sub_task_its_log_probability_difference(tmp_path):
+    logprobs = {  # (method, subtask) -> the two prompts' reference log-probabilities
+        ("dense", "niah_single"): (-1.0, -2.0), ("dense", "vt"): (-0.5, -0.5),
+        ("sparse", "niah_single"): (-1.5, -2.5), ("sparse", "vt"): (-3.5, -0.5),
+    }
+    records = [
+        {"method": method, "task": "ruler", "length": 4096, "subtask": subtask, "score": 1.0,
+         "reference_logprob": value, "case_id": f"{subtask}/{i}"}
+        for (method, subtask), values in logprobs.items()
+        for i, value in enumerate(values)
+    ]
+    text = render_report(_write(tmp_path / "ruler.jsonl", records)).read_text()
+    assert "| 4096 | niah_single | -0.50 |" in text
+    assert "| 4096 | vt | -1.50 |" in text  # (-3.0 + 0.0) / 2
+    assert "| 4096 | -1.000 [" in text  # the sub-tasks' mean, as before
+    records = [r for r in records if r["method"] == "dense"]  # nothing paired: no table
+    assert "Per sub-task: the mean" not in render_report(_write(tmp_path / "dense.jsonl", records)).read_text()
+
 def test_ppl_report_pools_windows(tmp_path):
     records = [
         {"method": "dense", "task": "ppl", "length": 8192, "nll_sum": 100.0, "n_scored": 50},

@@ -500,3 +500,99 @@ def test_question_rows_run_in_transformers_as_the_mixed_plan(tiny_llama_logits):
                                    atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(tiny_llama_logits({**params, "question_from": 257}, "triton"), strided,
                                atol=0, rtol=0)
+
+
+def _question_column_reference(q, k, config, count):
+    """Brute force: each head's ``count`` largest column masses of the last ``ceil(L / 2)`` estimation
+    queries alone (ties to the lower position), as sorted Python lists per (batch, head)."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    rows = min(config.last_q, n_q)
+    tail = torch.arange(n_k - (rows - rows // 2), n_k)
+    columns, _ = _reference_masses(q, k, tail, config.sink, config.local)
+    return [[sorted(sorted(range(n_k), key=lambda j, b=b, h=h: (-columns[b, h, j].item(), j))[:count])
+             for h in range(q.shape[1])] for b in range(q.shape[0])]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("sharing", ["own", "group_columns", "per_kv_group"])
+def test_question_columns_join_the_index_as_the_union_of_both(backend, sharing, monkeypatch):
+    """``question_vertical``: the index is the one without it plus, per head, the columns the last
+    ``ceil(L / 2)`` estimation queries attend to most (their own column masses, brute force here); with
+    one index per KV group, the group's heads' question columns together. Awkward sizes: 131 queries
+    over 171 keys, 6 query heads on 2 KV heads, head_dim 24, batch 2."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        if not vs.interpreter_enabled():
+            pytest.skip("the Triton estimate on the CPU needs TRITON_INTERPRET=1 at import")
+    monkeypatch.setattr(vs, "estimate_backend", lambda q, k: backend)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 6, 131, 24, generator=gen) * 2.0
+    k = torch.randn(2, 2, 171, 24, generator=gen)
+    base = VerticalSlashConfig(num_vertical=12, num_slash=10, last_q=8, sink=2, local=3, block_size=16,
+                               budget="coverage", tau=0.6, query_sampling="strided", question_from=100,
+                               group_columns=sharing == "group_columns")
+    rule = dataclasses.replace(base, question_vertical=5)
+    per_kv_group = sharing == "per_kv_group"
+    without = estimate_vertical_slash(q, k, base, per_kv_group=per_kv_group)
+    got = estimate_vertical_slash(q, k, rule, per_kv_group=per_kv_group)
+    assert torch.equal(got.slash, without.slash)
+    question = _question_column_reference(q, k, rule.for_call(131, 171), 5)
+    group = 3 if per_kv_group else 1
+    for b in range(2):
+        for h in range(got.vertical.shape[1]):
+            heads = range(h * group, h * group + group)
+            expected = sorted({int(c) for c in without.vertical[b, h] if c >= 0}
+                              | {c for head in heads for c in question[b][head]})
+            row = got.vertical[b, h].tolist()
+            assert row[:len(expected)] == expected and set(row[len(expected):]) <= {-1}, (b, h)
+    assert got.vertical.shape[-1] == without.vertical.shape[-1] + group * 5
+
+
+def test_question_columns_keep_facts_that_the_spread_queries_crowd_out():
+    """Eight fact keys that only the question's queries attend to (1/9 of each one's attention, the
+    sink the rest) lose the column cap to six keys that every spread query attends to (1/6 each):
+    without ``question_vertical`` the index has none of the facts, with it all of them."""
+    n, d = 400, 8
+    axes = torch.eye(d)
+    k = torch.zeros(1, 1, n, d)
+    q = torch.zeros(1, 2, n, d)
+    facts, hubs = list(range(200, 208)), list(range(10, 16))
+    k[0, 0, 0] = axes[0]
+    k[0, 0, facts] = axes[1]
+    k[0, 0, hubs] = axes[2]
+    q[0, :, :] = 40.0 * axes[2]  # every row looks for the hubs ...
+    q[0, :, -16:] = 40.0 * (axes[0] + axes[1])  # ... but the question's rows for the sink and the facts
+    base = VerticalSlashConfig(num_vertical=8, num_slash=40, last_q=32, sink=2, local=3, block_size=16,
+                               budget="coverage", tau=0.99, query_sampling="mixed")
+    rule = dataclasses.replace(base, question_vertical=9)
+    assert vs.question_columns(q, k, rule)[0, 0].tolist() == [0, *facts]
+    without = estimate_vertical_slash(q, k, base).vertical[0, 0].tolist()
+    assert set(hubs) <= set(without) and not set(facts) & set(without)
+    assert set(facts) <= set(estimate_vertical_slash(q, k, rule).vertical[0, 0].tolist())
+
+
+def test_question_columns_resolve_with_the_question_rows_and_are_validated():
+    rule = VerticalSlashConfig(last_q=8, query_sampling="strided", question_from=300, question_vertical=16,
+                               thresholds_on="queries")
+    assert rule.for_call(300, 400).question_vertical == 16 and rule.for_call(300, 400).query_sampling == "mixed"
+    assert rule.for_call(299, 400).question_vertical == 0
+    assert rule.for_call(300, 400).for_call(300, 400) == rule.for_call(300, 400)
+    with pytest.raises(ValueError, match="question_vertical must be >= 0"):
+        VerticalSlashConfig(question_vertical=-1)
+    with pytest.raises(ValueError, match="it needs question_from > 0"):
+        VerticalSlashConfig(query_sampling="strided", question_vertical=16)
+    with pytest.raises(ValueError, match="it needs rank='mass'"):
+        VerticalSlashConfig(query_sampling="strided", question_from=300, question_vertical=16, rank="cost",
+                            budget="coverage")
+
+
+def test_question_columns_run_in_transformers_on_both_backends(tiny_llama_logits):
+    """A tiny Llama (256-token prompt) with ``question_vertical``: the torch and Triton paths give
+    the same logits, which differ from those without the question columns."""
+    params = {"num_vertical": 16, "num_slash": 16, "sink": 4, "local": 8, "last_q": 8, "budget": "coverage",
+              "tau": 0.5, "query_sampling": "strided", "question_from": 256}
+    without = tiny_llama_logits(params, "triton")
+    with_columns = tiny_llama_logits({**params, "question_vertical": 12}, "triton")
+    assert (with_columns - without).abs().max() > 1e-3
+    torch.testing.assert_close(tiny_llama_logits({**params, "question_vertical": 12}, "torch"), with_columns,
+                               atol=2e-5, rtol=1e-4)

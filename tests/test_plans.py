@@ -53,7 +53,7 @@ def test_round_trip_through_file(tmp_path):
     # Every parameter is written out, defaults included (but those added after plan digests, when unset).
     assert set(data["layers"][0]["heads"][0]["params"]) == set(VerticalSlashConfig.__dataclass_fields__) - {
         "floor_from", "group_columns_below", "thresholds_on", "repeat_rows", "repeat_ngram", "repeat_distance",
-        "question_from"}
+        "question_from", "question_vertical"}
     assert data["model"] == {"id": "tiny/model", "revision": "abc123", **SHAPE}
 
 
@@ -302,3 +302,25 @@ def test_default_adds_the_question_rows_to_long_prefills_as_measured():
     without = default_plan_for(cfg, question_from=0)
     assert "question_from" not in without.to_dict()["layers"][0]["heads"][0]["params"]
     assert all(h.config.for_call(10**5, 10**5).last_q == 64 for h in without.layers[0].heads)
+
+
+MEASURED_FROM_16K_PLAN = Path(__file__).parents[1] / "docs/results/gpu-session24/plans/q15-from16k-question-tail.json"
+
+
+def test_default_goes_sparse_from_16k_keys_as_measured():
+    """The default's layers are exactly the plan measured sparse from 16,384 keys in session 25
+    (RULER-style at 16K within noise of dense, TTFT 1.01x there and 1.06x at 18K), and a layer runs
+    dense one key below that and sparse at it."""
+    shape = {"num_layers": 28, "num_q_heads": 12, "num_kv_heads": 2, "head_dim": 128}
+    default = default_plan_for(shape, model_id="qwen2.5-coder-1.5b")
+    assert layers_digest(default) == layers_digest(Plan.load(MEASURED_FROM_16K_PLAN))
+    assert default.layers[0].runs_dense(16383) and not default.layers[0].runs_dense(16384)
+
+
+def test_default_plan_takes_question_columns_only_with_question_rows():
+    shape = {"num_layers": 2, "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 64}
+    params = default_plan_for(shape, question_vertical=1000).to_dict()["layers"][0]["heads"][0]["params"]
+    assert params["question_vertical"] == 1000 and params["question_from"] == DEFAULT_QUESTION_FROM
+    assert "question_vertical" not in default_plan_for(shape).to_dict()["layers"][0]["heads"][0]["params"]
+    with pytest.raises(ValueError, match="question_vertical keeps the columns of the question's queries"):
+        default_plan_for(shape, question_from=0, question_vertical=1000)

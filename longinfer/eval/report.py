@@ -193,6 +193,8 @@ def _ruler_section(
     text += f"\n\n{density}" if density else ""
     reference = _reference_logprob_table(records, methods, base, lengths)
     text += f"\n\n{reference}" if reference else ""
+    by_subtask = _reference_logprob_by_subtask(records, methods, base, lengths, subtasks)
+    text += f"\n\n{by_subtask}" if by_subtask else ""
     figures = [
         _heatmap(
             {(t, n): score(m, n, t) / 100 for n in lengths for t in subtasks},
@@ -236,6 +238,29 @@ def _reference_logprob_table(records: Sequence[Record], methods: Sequence[str], 
         "of the mean per prompt, 95% paired bootstrap interval; \"halved\": prompts where the method gives the "
         "reference less than half the baseline's probability). Continuous where the score is right or wrong.\n\n"
         + markdown_table(["length", *[f"{m} - {base}" for m in others]], rows)
+    )
+
+
+def _reference_logprob_by_subtask(records: Sequence[Record], methods: Sequence[str], base: str,
+                                  lengths: Sequence[int], subtasks: Sequence[str]) -> str:
+    """Per length and sub-task, each method's mean paired difference to the baseline in the reference
+    answer's log-probability (empty when no two methods scored the same prompts): which task moves."""
+    others = [m for m in methods if m != base]
+    rows = []
+    for length in lengths:
+        for task in subtasks:
+            of_task = [r for r in records if r.get("subtask") == task]
+            cells = []
+            for method in others:
+                paired = paired_differences(of_task, method, base, length, field="reference_logprob")
+                cells.append("—" if paired is None else f"{mean_difference(paired):+.2f}")
+            if any(cell != "—" for cell in cells):
+                rows.append([length, task, *cells])
+    if not rows:
+        return ""
+    return (
+        f"Per sub-task: the mean per prompt of each method's reference log-probability minus {base}'s (nats).\n\n"
+        + markdown_table(["length", "task", *[f"{m} - {base}" for m in others]], rows)
     )
 
 

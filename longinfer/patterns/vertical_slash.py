@@ -170,6 +170,16 @@ class VerticalSlashConfig:
             from -1.04 / -0.41 / -0.62 nats to +0.20 / +0.03 / -0.31 at 32K / 64K / 128K (without
             the common-words task, which swings either way: -1.46 / -0.58 / -0.93 to -0.28 / -0.03 /
             -0.46), at lower density and equal or faster TTFT; the estimate costs twice as much.
+        question_vertical: on calls that estimate from the question's queries (``question_from``
+            reached; a resolved config: ``query_sampling="mixed"``), each head also keeps the
+            ``question_vertical`` columns those last queries alone attend to most (the peer's rule
+            keeps 1,000 columns from its last 64 queries). The coverage budget ranks the columns by
+            the mass of all estimation queries, where the question's facts share the ranking with
+            every strided query's columns; on Qwen2.5-Coder-1.5B the default's remaining losses
+            against dense lie in multi-value retrieval (-1.27 / -2.05 nats at 32K / 16K) where the
+            peer's rule loses none (session 25). Costs one column-mass pass of the last queries
+            (no diagonals) and widens the column list by ``question_vertical``. Needs
+            ``rank="mass"``.
     """
 
     num_vertical: int = 1000
@@ -198,6 +208,7 @@ class VerticalSlashConfig:
     repeat_ngram: int = 4
     repeat_distance: int = 1024
     question_from: int = 0
+    question_vertical: int = 0
 
     def __post_init__(self) -> None:
         check_config_fields(self)
@@ -251,6 +262,13 @@ class VerticalSlashConfig:
                                            and self.column_q == 0),
                 f"{name}.question_from adds the last queries to strided ones in the one estimate of both masses; "
                 "it needs query_sampling='strided', segments=1 and column_q=0")
+        require(self.question_vertical >= 0, f"{name}.question_vertical must be >= 0, got {self.question_vertical}")
+        require(not self.question_vertical or self.question_from or self.query_sampling == "mixed",
+                f"{name}.question_vertical keeps the columns of the question's queries; it needs question_from > 0 "
+                "(or query_sampling='mixed', whose last half are those queries)")
+        require(not self.question_vertical or (self.rank == "mass" and not self.split_halves),
+                f"{name}.question_vertical adds columns to the mass-ranked index; it needs rank='mass' "
+                "and split_halves=False")
 
     def floors(self, k_len: int) -> tuple[int, int]:
         """``(min_vertical, min_slash)`` of a call over ``k_len`` keys: ``(0, 0)`` below ``floor_from``."""
@@ -270,7 +288,8 @@ class VerticalSlashConfig:
         from the key count later); with ``"queries"`` those that apply to ``q_len`` are fixed
         (``floor_from`` and ``group_columns_below`` 0, counting keys again). ``question_from`` is
         resolved either way: a call that reaches it estimates from ``2 * last_q`` queries sampled
-        ``"mixed"``, any other from its own. Resolving a resolved config returns it unchanged.
+        ``"mixed"`` (and keeps ``question_vertical``), any other from its own (``question_vertical``
+        0). Resolving a resolved config returns it unchanged.
         """
         resolved = self._with_question_rows(q_len if self.thresholds_on == "queries" else k_len)
         if resolved.thresholds_on == "keys":
@@ -285,7 +304,7 @@ class VerticalSlashConfig:
         if not self.question_from:
             return self
         if size < self.question_from:
-            return dataclasses.replace(self, question_from=0)
+            return dataclasses.replace(self, question_from=0, question_vertical=0)
         return dataclasses.replace(self, last_q=2 * self.last_q, query_sampling="mixed", question_from=0)
 
     def _floors_at(self, size: int) -> tuple[int, int]:
@@ -1048,6 +1067,41 @@ def _chosen_items(
     return _cost_ranked_choice(*first, config, q.shape[2], second)
 
 
+def question_columns(q: torch.Tensor, k: torch.Tensor, config: VerticalSlashConfig, *,
+                     sm_scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """The ``config.question_vertical`` key columns each head's question queries attend to most.
+
+    The question's queries are the last ``ceil(L / 2)`` of the call's ``L = min(last_q, Nq)``
+    estimation queries of a config resolved for the call (:meth:`VerticalSlashConfig.for_call`; its
+    ``"mixed"`` sampling puts them last). ``q`` ``[B, Hq, Nq, D]``, ``k`` ``[B, Hkv, Nk, D]``.
+
+    Returns:
+        ``[B, Hq, min(question_vertical, Nk)]`` int64 positions, ascending: the largest column masses
+        of those queries alone (local band left out, as in :func:`estimate_masses`; ties to the lower
+        position).
+
+    Memory: one column-mass pass of those queries (:func:`estimate_masses`, no diagonal mass on the
+    Triton path) and its ``[B, Hq, Nk]`` output.
+    """
+    shape = check_qk(q, k)
+    count = min(config.last_q, shape.q_len)
+    last = dataclasses.replace(config, last_q=count - count // 2, query_sampling="last", question_from=0,
+                               question_vertical=0, column_q=0)
+    backend = estimate_backend(q, k) if backend is None else backend
+    columns, _ = _masses_by_backend(q, k, last, shape, softmax_scale(sm_scale, shape.head_dim), None, backend,
+                                    diagonals=False)
+    return _top_positions(columns, min(config.question_vertical, shape.k_len))
+
+
+def _with_question_columns(vertical: torch.Tensor, question: torch.Tensor, k_len: int,
+                           per_kv_group: bool) -> torch.Tensor:
+    """Packed columns ``[B, H, V]`` and each query head's question columns ``[B, Hq, Qv]`` -> their union
+    ``[B, H, V + G * Qv]`` (``G = Hq // H``: with one index per KV group, the group's heads' together)."""
+    bsz, heads, _ = vertical.shape
+    grouped = question.reshape(bsz, heads, -1)
+    return union_of_packed([vertical, grouped], k_len, min(vertical.shape[-1] + grouped.shape[-1], k_len))
+
+
 def estimate_vertical_slash(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1095,6 +1149,9 @@ def estimate_vertical_slash(
     if config.rank == "mass":  # straight from the candidate lists: no [B, H, Nk] masks
         masses = estimate_masses(q, k, config, sm_scale=sm_scale, positions=positions, check_positions=check_positions)
         vertical, slash = select_packed_over_groups(*masses, config, k.shape[1], per_kv_group=per_kv_group)
+        if config.question_vertical:
+            vertical = _with_question_columns(vertical, question_columns(q, k, config, sm_scale=sm_scale),
+                                              k.shape[2], per_kv_group)
         return VerticalSlashSelection(vertical=vertical, slash=slash, k_len=k.shape[2], block_size=config.block_size)
     chosen_cols, chosen_diags = _chosen_items(q, k, config, sm_scale, positions, check_positions)
     widths = (config.num_vertical, config.num_slash)

@@ -61,10 +61,12 @@ SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 
 # Key length below which the default plan runs every layer dense: the measured TTFT crossover of
-# the default rule (H200, Qwen2.5-Coder-1.5B, docs/results/gpu-session15/): 0.97x dense at 16K,
-# 1.17x at 32K, so 1.0x near 18K (log-linear), rounded up to a multiple of 4,096. (The per-head
-# rule before session 14 crossed at 16K: 1.05-1.06x there.) `longinfer search` measures a plan's own.
-DEFAULT_DENSE_BELOW = 20480
+# the default rule (H200, Qwen2.5-Coder-1.5B, docs/results/gpu-session25/): sparse from 16,384 keys
+# it is 1.01x dense at 16K and 1.06x at 18K, where dense below 20,480 keys gave 0.99x at both, and
+# RULER-style at 16K stays within noise of dense (-0.7 [-2.1, +0.7] points, +0.16 nats) now that
+# prefills estimate from the question's queries too (without them: -4.2 points, session 24).
+# `longinfer search` measures a plan's own.
+DEFAULT_DENSE_BELOW = 16384
 
 # Query rows at the end of every sparse call that the default plan runs dense. The default index
 # is estimated from queries spread over the prompt, which serves the prompt's end worst: on
@@ -551,7 +553,8 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
                      min_slash: int = DEFAULT_PATTERN_CONFIG.min_slash,
                      floor_from: int = DEFAULT_PATTERN_CONFIG.floor_from,
                      repeat_rows: int = DEFAULT_PATTERN_CONFIG.repeat_rows,
-                     question_from: int = DEFAULT_PATTERN_CONFIG.question_from) -> Plan:
+                     question_from: int = DEFAULT_PATTERN_CONFIG.question_from,
+                     question_vertical: int = DEFAULT_PATTERN_CONFIG.question_vertical) -> Plan:
     """The plan used when the user gives none.
 
     Every head of every layer uses :data:`DEFAULT_PATTERN_CONFIG`: vertical-slash from 64 queries
@@ -590,13 +593,17 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
             64 of them: no RULER-style gain at 64K / 128K, a 4K turn 27% slower (session 23).
         question_from: calls of at least this many query rows add the last 64 queries to the 64
             strided ones (0 = never; the default's :data:`DEFAULT_QUESTION_FROM`: see there).
+        question_vertical: on those calls each head also keeps this many columns ranked by the
+            question's queries alone (0 = none, the default; see
+            :class:`~longinfer.patterns.VerticalSlashConfig`). Not yet measured on the GPU.
     """
     if group_columns_below is None:
         group_columns_below = DEFAULT_PATTERN_CONFIG.group_columns_below if group_columns else 0
     pattern = dataclasses.replace(DEFAULT_PATTERN_CONFIG, group_columns=group_columns,
                                   group_columns_below=group_columns_below, min_vertical=min_vertical,
                                   min_slash=min_slash, floor_from=floor_from, repeat_rows=repeat_rows,
-                                  question_from=question_from)
+                                  question_from=question_from,
+                                  question_vertical=question_vertical)
     if tau is not None:
         pattern = dataclasses.replace(pattern, tau=tau)
     return uniform_plan(

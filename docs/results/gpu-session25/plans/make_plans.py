@@ -11,9 +11,26 @@ of 6,000 diagonals), two other ways the default differs from it at 128K:
   (the default stops sharing them at 65,536 query rows; at 32K and 64K, where it shares them, the
   default is within 0.2 points of dense), with the long rule's 3,000-diagonal floor kept.
 
+The two files of this session were written by this script's first version (before
+``DEFAULT_DENSE_BELOW`` moved to 16,384; they run dense below 20,480 keys, which no 128K call reaches):
+`question-lq128` as the default plan's JSON with ``last_q`` 128 in every head, `question-groupcols` as
+``default_plan_for(SHAPE, model_id=MODEL, group_columns_below=1 << 30)``.
+
+Run in session 25 (`../README.md`): at 128K neither wins both measures (`question-groupcols` -0.03 nats but
+67.2 points; the diagonal floor 71.5 points but -0.27 nats); `question-lq128` is worse than the default.
+
+For the next GPU session (the default now runs layers sparse from 16,384 keys; its remaining losses
+against dense lie in multi-value retrieval at 16K / 32K and variable tracking at 128K):
+
+- `q15-question-qcols1000-tail.json`: the default with ``question_vertical=1000``: each head also keeps the
+  1,000 columns the question's 64 queries alone attend to most (the peer's rule keeps 1,000 columns from
+  its last 64 queries and loses no multi-value answers at 32K).
+- `q15-question-groupcols-s6000-tail.json`: KV-group columns on every call and at least 6,000 diagonals
+  on 64K+ prefills (the two 128K variants of this session together).
+
     python docs/results/gpu-session25/plans/make_plans.py
 """
-from longinfer.plans import Plan, default_plan_for
+from longinfer.plans import default_plan_for
 
 SHAPE = {"num_layers": 28, "num_q_heads": 12, "num_kv_heads": 2, "head_dim": 128}
 OUT = "docs/results/gpu-session25/plans"
@@ -21,19 +38,11 @@ MODEL = "qwen2.5-coder-1.5b"
 EVERY_CALL = 1 << 30  # group_columns_below: share the group's columns on calls of any length
 
 
-def with_last_q(plan_dict: dict, last_q: int) -> dict:
-    """The plan's JSON with every head's ``last_q`` replaced."""
-    for layer in plan_dict["layers"]:
-        for head in layer["heads"]:
-            head["params"]["last_q"] = last_q
-    return plan_dict
-
-
 if __name__ == "__main__":
-    default = default_plan_for(SHAPE, model_id=MODEL)
     plans = {
-        "question-lq128": Plan.from_dict(with_last_q(default.to_dict(), 128)),
-        "question-groupcols": default_plan_for(SHAPE, model_id=MODEL, group_columns_below=EVERY_CALL),
+        "question-qcols1000": default_plan_for(SHAPE, model_id=MODEL, question_vertical=1000),
+        "question-groupcols-s6000": default_plan_for(SHAPE, model_id=MODEL, group_columns_below=EVERY_CALL,
+                                                     min_slash=6000),
     }
     for name, plan in plans.items():
         path = f"{OUT}/q15-{name}-tail.json"
