@@ -596,3 +596,15 @@ def test_question_columns_run_in_transformers_on_both_backends(tiny_llama_logits
     assert (with_columns - without).abs().max() > 1e-3
     torch.testing.assert_close(tiny_llama_logits({**params, "question_vertical": 12}, "torch"), with_columns,
                                atol=2e-5, rtol=1e-4)
+
+
+def test_question_columns_follow_the_call_threshold():
+    """Below ``question_from`` a call has no question columns; from it, those of the resolved config."""
+    q, k = _qk(120, 150, hq=4, hkv=2, seed=2)
+    rule = VerticalSlashConfig(num_vertical=12, num_slash=10, last_q=8, sink=2, local=3, budget="coverage",
+                               query_sampling="strided", question_from=100, question_vertical=5,
+                               thresholds_on="queries")
+    assert vs.question_columns(q[:, :, -60:], k, rule).shape == (1, 4, 0)
+    torch.testing.assert_close(vs.question_columns(q, k, rule), vs.question_columns(q, k, rule.for_call(120, 150)),
+                               atol=0, rtol=0)
+    assert vs.question_columns(q, k, rule).shape == (1, 4, 5)

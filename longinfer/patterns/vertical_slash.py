@@ -1072,18 +1072,19 @@ def question_columns(q: torch.Tensor, k: torch.Tensor, config: VerticalSlashConf
     """The ``config.question_vertical`` key columns each head's question queries attend to most.
 
     The question's queries are the last ``ceil(L / 2)`` of the call's ``L = min(last_q, Nq)``
-    estimation queries of a config resolved for the call (:meth:`VerticalSlashConfig.for_call`; its
+    estimation queries of the config resolved for the call (:meth:`VerticalSlashConfig.for_call`; its
     ``"mixed"`` sampling puts them last). ``q`` ``[B, Hq, Nq, D]``, ``k`` ``[B, Hkv, Nk, D]``.
 
     Returns:
         ``[B, Hq, min(question_vertical, Nk)]`` int64 positions, ascending: the largest column masses
         of those queries alone (local band left out, as in :func:`estimate_masses`; ties to the lower
-        position).
+        position). ``question_vertical`` is the resolved one: 0 on a call below ``question_from``.
 
     Memory: one column-mass pass of those queries (:func:`estimate_masses`, no diagonal mass on the
     Triton path) and its ``[B, Hq, Nk]`` output.
     """
     shape = check_qk(q, k)
+    config = config.for_call(shape.q_len, shape.k_len)
     count = min(config.last_q, shape.q_len)
     last = dataclasses.replace(config, last_q=count - count // 2, query_sampling="last", question_from=0,
                                question_vertical=0, column_q=0)
@@ -1093,12 +1094,10 @@ def question_columns(q: torch.Tensor, k: torch.Tensor, config: VerticalSlashConf
     return _top_positions(columns, min(config.question_vertical, shape.k_len))
 
 
-def _with_question_columns(vertical: torch.Tensor, question: torch.Tensor, k_len: int,
-                           per_kv_group: bool) -> torch.Tensor:
+def _with_question_columns(vertical: torch.Tensor, question: torch.Tensor, k_len: int) -> torch.Tensor:
     """Packed columns ``[B, H, V]`` and each query head's question columns ``[B, Hq, Qv]`` -> their union
     ``[B, H, V + G * Qv]`` (``G = Hq // H``: with one index per KV group, the group's heads' together)."""
-    bsz, heads, _ = vertical.shape
-    grouped = question.reshape(bsz, heads, -1)
+    grouped = question.reshape(*vertical.shape[:2], -1)
     return union_of_packed([vertical, grouped], k_len, min(vertical.shape[-1] + grouped.shape[-1], k_len))
 
 
@@ -1150,8 +1149,7 @@ def estimate_vertical_slash(
         masses = estimate_masses(q, k, config, sm_scale=sm_scale, positions=positions, check_positions=check_positions)
         vertical, slash = select_packed_over_groups(*masses, config, k.shape[1], per_kv_group=per_kv_group)
         if config.question_vertical:
-            vertical = _with_question_columns(vertical, question_columns(q, k, config, sm_scale=sm_scale),
-                                              k.shape[2], per_kv_group)
+            vertical = _with_question_columns(vertical, question_columns(q, k, config, sm_scale=sm_scale), k.shape[2])
         return VerticalSlashSelection(vertical=vertical, slash=slash, k_len=k.shape[2], block_size=config.block_size)
     chosen_cols, chosen_diags = _chosen_items(q, k, config, sm_scale, positions, check_positions)
     widths = (config.num_vertical, config.num_slash)
