@@ -6,6 +6,7 @@ transformers)::
     patch(model, plan=None)   run a transformers model's attention with longinfer and a plan
     unpatch(model)            restore the model's previous attention
     attention_stats(model)    density and call counts since patching / reset_stats(model)
+    prompt_end()              context: the calls inside end a prompt (a chunked prefill's last chunk)
     register()                make attn_implementation="longinfer" known to transformers
     Plan, load_plan(path)     per-head plans (JSON); default_plan_for(config), uniform_plan(...)
     generate(model, tokenizer, prompt, max_new_tokens=..., chunk_size=...)  greedy + timings
@@ -29,6 +30,7 @@ _LAZY = {
     "reset_stats": "longinfer.integrations.transformers",
     "plan_of": "longinfer.integrations.transformers",
     "AttentionStats": "longinfer.integrations.transformers",
+    "prompt_end": "longinfer.integrations.transformers",
     "Plan": "longinfer.plans.schema",
     "default_plan_for": "longinfer.plans.schema",
     "uniform_plan": "longinfer.plans.schema",
@@ -46,6 +48,7 @@ __all__ = [  # noqa: RUF022  (grouped as in the docstring)
     "reset_stats",
     "plan_of",
     "AttentionStats",
+    "prompt_end",
     "Plan",
     "default_plan_for",
     "uniform_plan",

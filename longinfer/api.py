@@ -8,6 +8,7 @@ sparse runs compare directly.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -93,7 +94,9 @@ def generate(
         max_new_tokens: decoding budget; stops earlier at the model's EOS token.
         chunk_size: prefill the prompt in chunks of this many tokens (``None``: one pass). Each
             chunk attends to the cached tokens plus itself; the activations of one chunk bound the
-            prefill workspace. Progress is logged per chunk.
+            prefill workspace. Progress is logged per chunk. The last chunk ends the prompt
+            (:func:`longinfer.integrations.transformers.prompt_end`): with the default plan it
+            estimates from the question's queries as a one-pass prefill of the prompt would.
 
     Returns:
         A :class:`Generation`.
@@ -102,6 +105,8 @@ def generate(
     only for the last position when the model supports ``logits_to_keep``).
     """
     from transformers import DynamicCache
+
+    from longinfer.integrations.transformers import prompt_end
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -123,7 +128,9 @@ def generate(
         _sync(device)
         started = time.perf_counter()
         for start in range(0, len(ids), step):
-            logits = model(input_ids[:, start : start + step], **extra).logits
+            ends_prompt = prompt_end() if start + step >= len(ids) else contextlib.nullcontext()
+            with ends_prompt:
+                logits = model(input_ids[:, start : start + step], **extra).logits
             if chunk_size is not None:
                 logger.info("prefill: %d / %d tokens", min(start + step, len(ids)), len(ids))
         token = logits[:, -1].argmax(-1)

@@ -53,6 +53,8 @@ from torch import nn
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from longinfer.integrations.transformers import prompt_end as _prompt_end
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -366,6 +368,7 @@ def prefill_in_chunks(
     cache: Cache | None = None,
     *,
     attention_mask: torch.Tensor | None = None,
+    ends_prompt: bool = True,
 ) -> PrefillResult:
     """Feed a prompt through the model ``chunk_size`` tokens at a time over one KV cache.
 
@@ -384,6 +387,10 @@ def prefill_in_chunks(
             earlier turn); ``None`` creates ``DynamicCache(config=model.config)``.
         attention_mask: ``[B, cached + N]`` padding mask (1 = token) for a left-padded batch;
             position ids then count real tokens only, as ``generate`` does.
+        ends_prompt: the last chunk ends the prompt (its question; the default), so it runs under
+            :func:`longinfer.integrations.transformers.prompt_end` and, with the default plan,
+            estimates from the question's queries as a one-pass prefill would. ``False`` when more
+            of the prompt follows in a later call.
 
     Returns:
         :class:`PrefillResult` ``(cache, logits [B, vocab])``. To continue with ``generate``,
@@ -419,7 +426,8 @@ def prefill_in_chunks(
             if attention_mask is not None and positions is not None:
                 kwargs["attention_mask"] = attention_mask[:, : cached + stop]
                 kwargs["position_ids"] = positions[:, cached + start : cached + stop]
-            logits = last_position_logits(model, input_ids[:, start:stop], **kwargs)
+            with _prompt_end() if ends_prompt and stop == length else contextlib.nullcontext():
+                logits = last_position_logits(model, input_ids[:, start:stop], **kwargs)
             logger.info("prefill: %d / %d tokens", stop, length)
     assert logits is not None  # length >= 1 was checked
     return PrefillResult(cache, logits)

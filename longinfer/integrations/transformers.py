@@ -70,6 +70,8 @@ once per forward when a padding mask is passed, the padded path (its spans), and
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import logging
@@ -111,6 +113,38 @@ __all__ = [
 
 IMPLEMENTATION = "longinfer"  # the name registered with transformers
 BACKENDS = ("auto", "triton", "torch")
+# Set (by :func:`prompt_end`) while the forward that ends a prompt runs: its sparse calls estimate
+# from the question's queries as a one-pass prefill of the prompt would (question_from on the prompt's
+# length, not the chunk's rows).
+_ENDS_PROMPT: contextvars.ContextVar[bool] = contextvars.ContextVar("longinfer_ends_prompt", default=False)
+
+
+@contextlib.contextmanager
+def prompt_end() -> Iterator[None]:
+    """Mark the model calls inside as the ones that end a prompt (the last chunk of a chunked prefill).
+
+    A vertical-slash head with ``question_from`` then estimates from the question's queries once the
+    prompt (the call's keys) reaches ``question_from`` tokens, however few rows the call has
+    (:meth:`~longinfer.patterns.VerticalSlashConfig.ending_prompt`): a chunked prefill gets the index a
+    one-pass prefill gets for its question. :func:`longinfer.generate` and
+    :func:`longinfer.memory.prefill_in_chunks` use it for their last prefill call; wrap your own last
+    chunk in it when you chunk by hand. Decoding steps (dense) are unaffected.
+    """
+    token = _ENDS_PROMPT.set(True)
+    try:
+        yield
+    finally:
+        _ENDS_PROMPT.reset(token)
+
+
+def _call_config(config: Any, k_len: int) -> Any:
+    """A head's pattern config as this call runs it: :meth:`VerticalSlashConfig.ending_prompt` inside
+    :func:`prompt_end`, else unchanged."""
+    if _ENDS_PROMPT.get() and isinstance(config, VerticalSlashConfig):
+        return config.ending_prompt(k_len)
+    return config
+
+
 # Calls with fewer queries than this run dense: decoding steps and tiny chunks, where estimating
 # an index costs more than it saves (the kernels' query tile is 64).
 SPARSE_MIN_QUERIES = 64
@@ -341,7 +375,7 @@ class LayerRuntime:
         history; spread rows when it has none), else ``None``."""
         rows = []
         for bucket in self.buckets:
-            config = bucket.head.config
+            config = _call_config(bucket.head.config, k_len)
             if not (isinstance(config, VerticalSlashConfig) and config.repeat_rows):
                 rows.append(None)
                 continue
@@ -870,7 +904,7 @@ def _sparse_attention(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: to
         out, kept = call(q, k, v, *given_rows)
     else:
         key = (runtime.buckets, runtime.layer.dense_last, ctx.scale, q.shape, k.shape, v.shape, q.dtype, q.device,
-               tuple(r.shape for r in given_rows))
+               tuple(r.shape for r in given_rows), _ENDS_PROMPT.get())
         replays = runtime.graphs.replays
         out, kept = runtime.graphs(key, call, (q, k, v, *given_rows), output_bytes=q.numel() * q.element_size() + 4)
         runtime.stats.graph_calls += runtime.graphs.replays - replays
@@ -934,7 +968,8 @@ def _run_bucket(bucket: HeadBucket, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if head.pattern == "dense":
         return _dense_attention(q, k, v, ctx.scale, ctx.backend), torch.ones((), device=q.device)
     given = {} if positions is None else {"positions": positions, "check_positions": False}
-    selection = spec.estimate(q, k, head.config, sm_scale=ctx.scale, per_kv_group=bucket.per_kv_group, **given)
+    config = _call_config(head.config, k.shape[2])
+    selection = spec.estimate(q, k, config, sm_scale=ctx.scale, per_kv_group=bucket.per_kv_group, **given)
     nq, nk = q.shape[2], k.shape[2]
     if ctx.backend == "triton":
         from longinfer.patterns.vertical_slash import VerticalSlashSelection
@@ -944,7 +979,7 @@ def _run_bucket(bucket: HeadBucket, q: torch.Tensor, k: torch.Tensor, v: torch.T
         if isinstance(selection, VerticalSlashSelection) and (not tail or (nk - tail) % selection.block_size == 0):
             return _run_vertical_slash_kernel(q, k, v, selection, ctx.scale, nk - tail if tail else None)
         ratio = _sampled_density(_counts_of_mask(_reference_rows(spec, selection), nk), nq, nk, q.device)
-        out = spec.run(q, k, v, selection, head.config, sm_scale=ctx.scale)
+        out = spec.run(q, k, v, selection, config, sm_scale=ctx.scale)
     else:
         rows_mask = _selection_rows(spec, selection)
         ratio = _sampled_density(_counts_of_mask(rows_mask, nk), nq, nk, q.device)

@@ -299,6 +299,16 @@ class VerticalSlashConfig:
                                    group_columns=resolved._shares_at(q_len), group_columns_below=0,
                                    thresholds_on="keys")
 
+    def ending_prompt(self, k_len: int) -> VerticalSlashConfig:
+        """The config of a call that ends a prompt of ``k_len`` tokens (the last chunk of a chunked
+        prefill): the question's queries join from ``question_from`` *tokens of the prompt*, whatever
+        the call's own row count (a chunk of 8,192 rows never reaches a ``question_from`` of 16,384
+        rows, though its last rows are the prompt's question). ``question_from`` resolved as
+        :meth:`for_call` would on a call that reaches it; below it, or without it, unchanged."""
+        if not self.question_from or k_len < self.question_from:
+            return self
+        return self._with_question_rows(self.question_from)
+
     def _with_question_rows(self, size: int) -> VerticalSlashConfig:
         """This config with ``question_from`` resolved for a call whose counted length is ``size``."""
         if not self.question_from:
