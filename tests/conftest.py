@@ -23,21 +23,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def tiny_llama(num_hidden_layers: int = 1):
+    """A random Llama (seed 0; 4 query / 2 KV heads, head_dim 64, vocabulary 128) on SDPA, in eval mode."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256,
+                                      num_hidden_layers=num_hidden_layers, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
 @pytest.fixture
 def tiny_llama_logits():
     """``logits(params, backend, **plan_options)``: the logits of a 1-layer random Llama (4 query /
     2 KV heads, head_dim 64) on 256 fixed token ids, patched with a uniform vertical-slash plan of
     ``params`` (``uniform_plan`` keywords in ``plan_options``) on ``backend``, then unpatched."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from longinfer.integrations import transformers as lt
     from longinfer.plans import uniform_plan
 
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                      max_position_embeddings=1024)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.set_attn_implementation("sdpa")
+    model = tiny_llama()
     ids = torch.randint(3, 128, (1, 256), generator=torch.Generator().manual_seed(0))
 
     def logits(params: dict, backend: str, **plan_options) -> torch.Tensor:

@@ -15,6 +15,7 @@ from longinfer import memory  # noqa: E402
 from longinfer.integrations import transformers as lt  # noqa: E402
 from longinfer.patterns import VerticalSlashConfig  # noqa: E402
 from longinfer.plans import uniform_plan  # noqa: E402
+from tests.conftest import tiny_llama  # noqa: E402
 
 PROMPT, CHUNK = 256, 128
 PARAMS = {"num_vertical": 16, "num_slash": 16, "sink": 4, "local": 8, "last_q": 8, "budget": "coverage",
@@ -23,12 +24,7 @@ PARAMS = {"num_vertical": 16, "num_slash": 16, "sink": 4, "local": 8, "last_q": 
 
 @pytest.fixture(scope="module")
 def model_and_ids():
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                      max_position_embeddings=1024)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.set_attn_implementation("sdpa")
+    model = tiny_llama(num_hidden_layers=2)
     ids = torch.randint(3, 128, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     return model, ids
 
