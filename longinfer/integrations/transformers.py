@@ -106,6 +106,7 @@ __all__ = [
     "longinfer_mask",
     "patch",
     "plan_of",
+    "prompt_end",
     "register",
     "reset_stats",
     "unpatch",
