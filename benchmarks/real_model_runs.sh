@@ -565,7 +565,9 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     # issue 3's shape (Hq=32, Hkv=8, D=128; no model): the estimate against the sparse kernel, with and without
     # the question rows (their doubled estimate was 9.9% of the 128K kernel time with 64 queries)
     run python3 benchmarks/estimator_cost.py --lengths 32768,131072 --no-torch-path --out "$RES/$step/estcost" ;;
-  q26-qcols-short)  # issue 5: the default's remaining losses at 16K / 32K are multi-value answers (-2.05 / -1.27 nats;
+  q26-qcols-short)  # (low priority: on the CPU, 0.5B at 8K, the question's columns were already in the index,
+    # +0.03 nats; docs/results/ruler-cpu-qwen0.5b-8k-qcols/)
+    # issue 5: the default's remaining losses at 16K / 32K are multi-value answers (-2.05 / -1.27 nats;
     # the peer's rule, 1,000 columns from its last 64 queries, loses none at 32K): the default + the 1,000 columns
     # its question's queries attend to most ($PLANS25 question-qcols1000). RULER-style 32K and 16K, 12 per
     # sub-task, beside dense and the default (sessions 24 / 25's rows seeded: same code and prompts), then TTFT

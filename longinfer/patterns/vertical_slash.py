@@ -177,9 +177,11 @@ class VerticalSlashConfig:
             the mass of all estimation queries, where the question's facts share the ranking with
             every strided query's columns; on Qwen2.5-Coder-1.5B the default's remaining losses
             against dense lie in multi-value retrieval (-1.27 / -2.05 nats at 32K / 16K) where the
-            peer's rule loses none (session 25). Costs one column-mass pass of the last queries
-            (no diagonals) and widens the column list by ``question_vertical``. Needs
-            ``rank="mass"``.
+            peer's rule loses none (session 25). On Qwen2.5-Coder-0.5B at 8K (CPU, every layer
+            sparse) 256 or 1,000 such columns changed the answers by +0.03 nats (the question's
+            columns were already chosen; ``docs/results/ruler-cpu-qwen0.5b-8k-qcols/``). Costs one
+            column-mass pass of the last queries (no diagonals) and widens the column list by
+            ``question_vertical``. Needs ``rank="mass"``.
     """
 
     num_vertical: int = 1000

@@ -24,7 +24,8 @@ against dense lie in multi-value retrieval at 16K / 32K and variable tracking at
 
 - `q15-question-qcols1000-tail.json`: the default with ``question_vertical=1000``: each head also keeps the
   1,000 columns the question's 64 queries alone attend to most (the peer's rule keeps 1,000 columns from
-  its last 64 queries and loses no multi-value answers at 32K).
+  its last 64 queries and loses no multi-value answers at 32K). Low priority since: on the CPU (0.5B at
+  8K) such columns were already in the index (+0.03 nats; `../../ruler-cpu-qwen0.5b-8k-qcols/`).
 - `q15-question-groupcols-s6000-tail.json`: KV-group columns on every call and at least 6,000 diagonals
   on 64K+ prefills (the two 128K variants of this session together).
 
