@@ -19,6 +19,10 @@ One JSON line per prompt in ``<out>/needle_rows_missing.jsonl`` (rerun to resume
     python benchmarks/needle_rows_missing.py --model qwen2.5-coder-0.5b --length 8192 --device cpu \\
         --out docs/results/needle-rows-missing-cpu-qwen0.5b-8k
 
+``--index default`` measures the default plan's index instead (KV-group columns, and the question's
+queries from ``--question-from`` rows: 4,096 by default, so that an 8K prompt has them as a 16K+ one
+does under the default plan).
+
 Memory: per layer the rows' ``[Hq, R, N]`` float32 probabilities and the index's ``[Hq, R, N]`` mask
 (R = the pieces' rows, ~100-300 for these tasks); no N x N matrix.
 """
@@ -26,6 +30,8 @@ Memory: per layer the rows' ``[Hq, R, N]`` float32 probabilities and the index's
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import logging
 import shlex
 import statistics
@@ -43,7 +49,8 @@ from ruler_rows_recall import piece_rows
 from longinfer.eval import ruler
 from longinfer.eval.capture import capture_qk
 from longinfer.eval.report import markdown_table
-from longinfer.patterns.vertical_slash import estimation_positions
+from longinfer.patterns.vertical_slash import VerticalSlashConfig, estimate_vertical_slash, estimation_positions
+from longinfer.plans.schema import DEFAULT_PATTERN_CONFIG
 
 logger = logging.getLogger("needle_rows_missing")
 RESULTS = "needle_rows_missing.jsonl"
@@ -86,8 +93,11 @@ def row_probabilities(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scal
     return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
 
 
-def measure_prompt(model: Any, prompt: ruler.RulerPrompt) -> dict[str, Any]:
-    """Per layer the attention and the dropped mass per category at the prompt's piece rows."""
+def measure_prompt(model: Any, prompt: ruler.RulerPrompt, default_config: VerticalSlashConfig | None = None
+                   ) -> dict[str, Any]:
+    """Per layer the attention and the dropped mass per category at the prompt's piece rows, under the
+    index of session 22's estimate (64 strided queries, per-head coverage 0.9) or, with
+    ``default_config``, under that config's index (:func:`estimate_vertical_slash`)."""
     ids = torch.tensor([prompt.input_ids], device=model.device)
     n = ids.shape[1]
     rows = piece_rows(prompt)
@@ -97,7 +107,10 @@ def measure_prompt(model: Any, prompt: ruler.RulerPrompt) -> dict[str, Any]:
 
     def on_layer(captured: Any) -> None:
         q, k, scale = captured.q, captured.k, captured.sm_scale
-        index = index_from_rows(q, k, strided.to(q.device), scale)
+        if default_config is None:
+            index = index_from_rows(q, k, strided.to(q.device), scale)
+        else:
+            index = estimate_vertical_slash(q, k, default_config, sm_scale=scale)
         probs = row_probabilities(q, k, rows, scale).cpu()
         kept = index.mask(rows.to(q.device))[0].cpu()
         attention, dropped = mass_by_category(probs, kept, category)
@@ -138,11 +151,17 @@ def write_report(out: Path, records: list[dict[str, Any]], command: str) -> Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_prompt_arguments(parser)
+    parser.add_argument("--index", choices=("strided", "default"), default="strided",
+                        help="session 22's estimate (64 strided queries, per-head columns) or the default plan's")
+    parser.add_argument("--question-from", type=int, default=4096,
+                        help="with --index default: the question's queries join from this many rows (default 4096)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     command = "python3 benchmarks/needle_rows_missing.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    records = measure_prompts(args, command, RESULTS, measure_prompt)
+    default_config = (dataclasses.replace(DEFAULT_PATTERN_CONFIG, question_from=args.question_from)
+                      if args.index == "default" else None)
+    records = measure_prompts(args, command, RESULTS, functools.partial(measure_prompt, default_config=default_config))
     print(write_report(args.out, records, command).read_text())
     return 0
 
