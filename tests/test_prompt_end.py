@@ -2,6 +2,7 @@
 question's queries as a one-pass prefill of the whole prompt would (``question_from`` counted on the
 prompt, not on the chunk's rows); earlier chunks, and calls outside the context, are unchanged."""
 
+import contextlib
 import copy
 import dataclasses
 
@@ -29,14 +30,21 @@ def model_and_ids():
     return model, ids
 
 
-def _last_chunk_logits(model, ids, params, backend, cache, *, ends_prompt):
-    """The logits of the prompt's second chunk over ``cache`` (the first chunk's), with ``params``."""
+def _chunk_logits(model, chunk, params, backend, cache, *, ends_prompt=False):
+    """The logits of ``chunk`` ``[1, n]`` over ``cache`` (extended in place), the model patched with ``params``."""
     lt.patch(model, uniform_plan(model.config, "vertical_slash", params), backend=backend)
     try:
-        with torch.no_grad(), lt.prompt_end() if ends_prompt else torch.no_grad():
-            return model(ids[:, CHUNK:], **{memory.cache_keyword(model): cache, "use_cache": True}).logits
+        with torch.no_grad(), lt.prompt_end() if ends_prompt else contextlib.nullcontext():
+            return model(chunk, **{memory.cache_keyword(model): cache, "use_cache": True}).logits
     finally:
         lt.unpatch(model)
+
+
+def _first_chunk_cache(model, ids, backend):
+    """The KV cache after the prompt's first chunk, with :data:`PARAMS`."""
+    cache = transformers.DynamicCache(config=model.config)
+    _chunk_logits(model, ids[:, :CHUNK], PARAMS, backend, cache)
+    return cache
 
 
 def test_ending_prompt_resolves_question_from_on_the_prompt_length():
@@ -57,17 +65,10 @@ def test_last_chunk_under_prompt_end_runs_the_question_rows(model_and_ids, backe
     """Chunk 2 (128 rows over 256 keys) under ``prompt_end`` equals chunk 2 of a plan whose
     question_from the chunk's rows reach, over the same cache; outside the context it stays strided."""
     model, ids = model_and_ids
-    lt.patch(model, uniform_plan(model.config, "vertical_slash", PARAMS), backend=backend)
-    try:
-        cache = transformers.DynamicCache(config=model.config)
-        with torch.no_grad():
-            model(ids[:, :CHUNK], **{memory.cache_keyword(model): cache, "use_cache": True})
-    finally:
-        lt.unpatch(model)
-    plain = _last_chunk_logits(model, ids, PARAMS, backend, copy.deepcopy(cache), ends_prompt=False)
-    ended = _last_chunk_logits(model, ids, PARAMS, backend, copy.deepcopy(cache), ends_prompt=True)
-    reached = _last_chunk_logits(model, ids, {**PARAMS, "question_from": CHUNK}, backend, copy.deepcopy(cache),
-                                 ends_prompt=False)
+    cache, last = _first_chunk_cache(model, ids, backend), ids[:, CHUNK:]
+    plain = _chunk_logits(model, last, PARAMS, backend, copy.deepcopy(cache))
+    ended = _chunk_logits(model, last, PARAMS, backend, copy.deepcopy(cache), ends_prompt=True)
+    reached = _chunk_logits(model, last, {**PARAMS, "question_from": CHUNK}, backend, copy.deepcopy(cache))
     torch.testing.assert_close(ended, reached, atol=0, rtol=0)
     assert (ended - plain).abs().max() > 1e-4
 
@@ -104,13 +105,7 @@ def test_chunked_prefill_and_generate_end_the_prompt_with_their_last_chunk(model
         assert sorted(set(seen)) == [(CHUNK, False), (PROMPT, True)]  # decoding steps run dense
     finally:
         longinfer.unpatch(model)
-    cache = transformers.DynamicCache(config=model.config)
-    lt.patch(model, uniform_plan(model.config, "vertical_slash", PARAMS), backend="torch")
-    try:
-        with torch.no_grad():
-            model(ids[:, :CHUNK], **{memory.cache_keyword(model): cache, "use_cache": True})
-    finally:
-        lt.unpatch(model)
-    ended = _last_chunk_logits(model, ids, PARAMS, "torch", cache, ends_prompt=True)
+    ended = _chunk_logits(model, ids[:, CHUNK:], PARAMS, "torch", _first_chunk_cache(model, ids, "torch"),
+                          ends_prompt=True)
     torch.testing.assert_close(result.logits, ended[:, -1], atol=1e-5, rtol=1e-5)
     assert answer.new_ids[0] == int(ended[0, -1].argmax())
