@@ -45,8 +45,14 @@ LINES_METHODS=(
   --method "str0.98-lines=$VS,tau=0.98,exact_lines=true" --method "mix0.95-lines=$VS,tau=0.95,query_sampling=mixed,exact_lines=true"
   --method "str0.95-kv-lines=$VS,tau=0.95,per_kv_group=true,exact_lines=true" --method "str0.9=$VS,tau=0.9"
 )
-# `timeout` runs programs, not shell functions (so no `li` here)
-run() { timeout "$limit" "$@"; echo "exit $? after ${SECONDS}s: $*" | cut -c1-300; }
+# LIMIT is the whole step's budget in seconds: each command gets what is left of it, so that the step still
+# packs what it measured before the device call's own limit. `timeout` runs programs, not shell functions
+# (so no `li` here).
+run() {
+  local left=$((limit - SECONDS))
+  if [ "$left" -lt 20 ]; then echo "skipped (${left}s of LIMIT left): $*" | cut -c1-300; return 0; fi
+  timeout "$left" "$@"; echo "exit $? after ${SECONDS}s: $*" | cut -c1-300
+}
 run_cli() { run python3 -m longinfer.cli "$@"; }
 peer() {  # the peer for --methods peer (built once per warm machine)
   [ -d /tmp/peer/minference ] || bash benchmarks/gpu_session.sh build > /dev/null
@@ -589,6 +595,18 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --methods "dense,$(plan_methods "$PLANS23" peer-rule long-mixed128),$(plan_methods "$PLANS24" question-s6000),$(plan_methods "$PLANS25" question-groupcols question-qcols1000 question-groupcols-s6000)"
     run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
       --methods "dense,longinfer,$(plan_methods "$PLANS25" question-qcols1000 question-groupcols-s6000)" ;;
+  q26-128k-12)  # issue 5: at 128K no variant won both measures with 6 prompts per sub-task (session 25: ±4 points
+    # are noise). KV-group columns + a 6,000-diagonal floor ($PLANS25 question-groupcols-s6000) on session 25's 42
+    # prompts first, then 12 prompts per sub-task (84) for dense, it, the default (session 24's mixed128 plan, the
+    # same index at 128K) and the floor alone ($PLANS24 question-s6000); session 25's rows seeded; rerun to finish.
+    # Then TTFT at 128K.
+    [ -f "$RES/$step/ruler.jsonl" ] || cp docs/results/gpu-session25/q25-variants-128k/ruler.jsonl "$RES/$step/"
+    run_cli eval ruler $Q15 --lengths 131072 --samples 6 --out "$RES/$step" \
+      --methods "dense,$(plan_methods "$PLANS25" question-groupcols-s6000)"
+    run_cli eval ruler $Q15 --lengths 131072 --samples 12 --out "$RES/$step" \
+      --methods "dense,$(plan_methods "$PLANS25" question-groupcols-s6000),$(plan_methods "$PLANS23" long-mixed128),$(plan_methods "$PLANS24" question-s6000)"
+    run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
+      --methods "dense,longinfer,$(plan_methods "$PLANS25" question-groupcols-s6000),$(plan_methods "$PLANS24" question-s6000)" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null

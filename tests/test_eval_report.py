@@ -96,6 +96,18 @@ def test_ruler_report(tmp_path):
     assert "| 4096 | 75.0 | 65.0 | -10.0 [-10.0, -10.0] |" in text  # every pair differs by the same
 
 
+def test_ruler_report_pairs_the_difference_when_a_method_ran_fewer_prompts(tmp_path):
+    # dense ran prompts 0 and 1 of each sub-task, sparse only prompt 0, where it matches dense
+    dense = {("niah_single", 0): 1.0, ("niah_single", 1): 0.0, ("cwe", 0): 0.5, ("cwe", 1): 0.5}
+    records = [{"method": "dense", "task": "ruler", "length": 4096, "subtask": t, "score": v, "case_id": f"{t}/{i}"}
+               for (t, i), v in dense.items()]
+    records += [{"method": "sparse", "task": "ruler", "length": 4096, "subtask": t, "score": v, "case_id": f"{t}/{i}"}
+                for (t, i), v in dense.items() if i == 0]
+    text = render_report(_write(tmp_path / "ruler.jsonl", records)).read_text()
+    # averages over different prompts (dense 50.0, sparse 75.0) would claim +25.0; on the shared prompts it is 0
+    assert "| 4096 | 50.0 (4 prompts) | 75.0 (2 prompts) | +0.0 [+0.0, +0.0] |" in text
+
+
 
 def test_ruler_report_gives_each_sub_task_its_log_probability_difference(tmp_path):
     logprobs = {  # (method, subtask) -> the two prompts' reference log-probabilities

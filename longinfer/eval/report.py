@@ -167,13 +167,23 @@ def _ruler_section(
         return summary.get(method, {}).get(length, {}).get(column, math.nan)
 
     def difference(method: str, length: int) -> str:
-        value = f"{score(method, length, 'average') - score(base, length, 'average'):+.1f}"
+        # Paired when the two methods share prompts: the point value then belongs to its interval even
+        # where one method ran more prompts than the other (its average then covers prompts the other lacks).
+        paired = paired_differences(records, method, base, length)
+        if paired is None:
+            return f"{score(method, length, 'average') - score(base, length, 'average'):+.1f}"
         interval = difference_interval(records, method, base, length)
-        return value if interval is None else f"{value} [{interval[0]:+.1f}, {interval[1]:+.1f}]"
+        return f"{100 * mean_difference(paired):+.1f} [{interval[0]:+.1f}, {interval[1]:+.1f}]"
+
+    prompts = _prompt_counts(records)
+
+    def average(method: str, length: int) -> str:
+        text = f"{score(method, length, 'average'):.1f}"
+        counts = {n for (_, n_length), n in prompts.items() if n_length == length}
+        return text if len(counts) <= 1 else f"{text} ({prompts.get((method, length), 0)} prompts)"
 
     rows = [
-        [length, *[f"{score(m, length, 'average'):.1f}" for m in methods], *[difference(m, length) for m in methods
-                                                                          if m != base]]
+        [length, *[average(m, length) for m in methods], *[difference(m, length) for m in methods if m != base]]
         for length in lengths
     ]
     header = ["length", *[f"{m} avg" for m in methods], *[f"{m} - {base}" for m in methods if m != base]]
@@ -183,8 +193,9 @@ def _ruler_section(
         for task in subtasks
     ]
     text = (
-        "Average score (0-100) over the sub-tasks, per length. Differences to the baseline carry a 95% "
-        "paired bootstrap interval over the prompts both methods ran (resampled within each sub-task).\n\n"
+        "Average score (0-100) over the sub-tasks, per length (with the number of prompts where methods ran "
+        "different numbers). Differences to the baseline are paired: the mean over the prompts both methods ran "
+        "(sub-tasks weigh equally) with a 95% paired bootstrap interval (resampled within each sub-task).\n\n"
         + markdown_table(header, rows)
         + "\n\nPer sub-task score (share of expected strings found, 0-100).\n\n"
         + markdown_table(["length", "task", *methods], detail)
@@ -209,6 +220,15 @@ def _ruler_section(
         for m in methods
     ]
     return text, figures
+
+
+def _prompt_counts(records: Sequence[Record]) -> dict[tuple[str, int], int]:
+    """Scored RULER prompts per ``(method, length)``."""
+    counts: dict[tuple[str, int], int] = defaultdict(int)
+    for record in _ok(records):
+        if record.get("score") is not None:
+            counts[(record["method"], record["length"])] += 1
+    return dict(counts)
 
 
 def _reference_logprob_table(records: Sequence[Record], methods: Sequence[str], base: str,
