@@ -159,8 +159,9 @@ def test_oom_message_with_chunks_suggests_smaller_chunks():
     [
         (["--tau", "0.8"], {"tau": 0.8}),
         (["--per-head-columns"], {"group_columns": False}),
-        (["--floor", "100,300", "--floor-from", "64"], {"min_vertical": 100, "min_slash": 300, "floor_from": 64}),
-        (["--floor", "0,0"], {"min_vertical": 0, "min_slash": 0}),
+        (["--floor", "100,300", "--floor-from", "64"], {"min_vertical": 100, "min_slash": 300, "floor_from": 64,
+                                                          "min_slash_share": 0.0}),
+        (["--floor", "0,0"], {"min_vertical": 0, "min_slash": 0, "min_slash_share": 0.0}),  # replaces the growing floor
         (["--floor-from", "1024", "--group-columns-below", "2048"], {"floor_from": 1024, "group_columns_below": 2048}),
         (["--question-from", "128"], {"question_from": 128}),
     ],
@@ -176,7 +177,7 @@ def test_run_default_plan_options_patch_the_default_plan_with_them(capsys, monke
     config = transformers.AutoConfig.from_pretrained(model_dir)
     assert patched[0].layers == longinfer.default_plan_for(config, **expected).layers
     for name, value in expected.items():
-        assert {head.params[name] for layer in patched[0].layers for head in layer.heads} == {value}
+        assert {getattr(head.config, name) for layer in patched[0].layers for head in layer.heads} == {value}
 
 
 def test_run_share_kv_groups_patches_the_default_plan_with_shared_indices(capsys, monkeypatch, model_dir, prompt_file):

@@ -608,3 +608,15 @@ def test_question_columns_follow_the_call_threshold():
     torch.testing.assert_close(vs.question_columns(q, k, rule), vs.question_columns(q, k, rule.for_call(120, 150)),
                                atol=0, rtol=0)
     assert vs.question_columns(q, k, rule).shape == (1, 4, 5)
+
+
+def test_growing_diagonal_floor_estimates_as_the_fixed_floor_it_resolves_to():
+    """``min_slash_share`` 0.2 over 200 keys is a floor of 40 diagonals: the same index."""
+    q, k = _qk(200, 200, hq=4, hkv=2, seed=11)
+    base = VerticalSlashConfig(num_vertical=16, num_slash=64, last_q=16, sink=2, local=3, block_size=16,
+                               budget="coverage", tau=0.3, query_sampling="strided")
+    grown = estimate_vertical_slash(q, k, dataclasses.replace(base, min_slash_share=0.2))
+    fixed = estimate_vertical_slash(q, k, dataclasses.replace(base, min_slash=40))
+    plain = estimate_vertical_slash(q, k, base)
+    assert torch.equal(grown.vertical, fixed.vertical) and torch.equal(grown.slash, fixed.slash)
+    assert not torch.equal(grown.slash, plain.slash)  # the floor binds at tau 0.3

@@ -53,7 +53,7 @@ def test_round_trip_through_file(tmp_path):
     # Every parameter is written out, defaults included (but those added after plan digests, when unset).
     assert set(data["layers"][0]["heads"][0]["params"]) == set(VerticalSlashConfig.__dataclass_fields__) - {
         "floor_from", "group_columns_below", "thresholds_on", "repeat_rows", "repeat_ngram", "repeat_distance",
-        "question_from", "question_vertical"}
+        "question_from", "question_vertical", "min_slash_share"}
     assert data["model"] == {"id": "tiny/model", "revision": "abc123", **SHAPE}
 
 
@@ -260,7 +260,7 @@ def test_uniform_and_default_plan():
     assert rule.for_call(4096, 4 * DEFAULT_LONG_FROM) == dataclasses.replace(short, last_q=64, query_sampling="strided")
     with pytest.raises(ValueError, match=r"resolve it for the call first with config.for_call\(q_len, k_len\)"):
         rule.floors(DEFAULT_LONG_FROM)
-    session_15 = default_plan_for(cfg, min_vertical=0, min_slash=0, group_columns_below=0)
+    session_15 = default_plan_for(cfg, min_vertical=0, min_slash=0, min_slash_share=0.0, group_columns_below=0)
     assert all(h.config.for_call(10**6, 10**6).shares_group_columns(10**6)
                and h.config.for_call(10**6, 10**6).floors(10**6) == (0, 0)
                for layer in session_15.layers for h in layer.heads)
@@ -290,8 +290,9 @@ def test_default_adds_the_question_rows_to_long_prefills_as_measured():
     in session 24 (64 strided + the last 64 queries, on every call), shorter ones (a 4K turn) with the
     64 strided queries of before; the option is written to the plan and read back."""
     measured = Plan.load(MEASURED_MIXED_PLAN).layers[0].heads[0].config
-    assert dataclasses.replace(DEFAULT_PATTERN_CONFIG, last_q=128, query_sampling="mixed", question_from=0) == measured
-    for rows in (DEFAULT_QUESTION_FROM, 32768, 65536, 131072):
+    assert dataclasses.replace(DEFAULT_PATTERN_CONFIG, last_q=128, query_sampling="mixed", question_from=0,
+                               min_slash_share=0.0) == measured
+    for rows in (DEFAULT_QUESTION_FROM, 32768, 65536):  # (longer prefills: a longer diagonal floor since session 26)
         assert DEFAULT_PATTERN_CONFIG.for_call(rows, rows) == measured.for_call(rows, rows), rows
     turn = DEFAULT_PATTERN_CONFIG.for_call(4096, 4096 + 65536)
     assert (turn.last_q, turn.query_sampling) == (64, "strided")
@@ -305,16 +306,44 @@ def test_default_adds_the_question_rows_to_long_prefills_as_measured():
 
 
 MEASURED_FROM_16K_PLAN = Path(__file__).parents[1] / "docs/results/gpu-session24/plans/q15-from16k-question-tail.json"
+MEASURED_S6000_PLAN = Path(__file__).parents[1] / "docs/results/gpu-session24/plans/q15-question-s6000-tail.json"
+SESSION_26_DEFAULT = Path(__file__).parents[1] / "docs/results/gpu-session26/plans/q15-default-tail.json"
 
 
-def test_default_goes_sparse_from_16k_keys_as_measured():
-    """The default's layers are exactly the plan measured sparse from 16,384 keys in session 25
-    (RULER-style at 16K within noise of dense, TTFT 1.01x there and 1.06x at 18K), and a layer runs
-    dense one key below that and sparse at it."""
+def test_default_runs_the_measured_indexes_at_every_measured_length():
+    """The default is the session-26 plan file; each call it makes is the call of a plan measured on the
+    GPU: below 131,072 query rows the plan measured sparse from 16,384 keys (session 25; its 3,000
+    diagonals from 65,536 rows, as measured at 64K in session 24), at 131,072 rows the plan with 6,000
+    diagonals (RULER-style at 128K, sessions 25 / 26); a layer runs dense one key below 16,384."""
     shape = {"num_layers": 28, "num_q_heads": 12, "num_kv_heads": 2, "head_dim": 128}
     default = default_plan_for(shape, model_id="qwen2.5-coder-1.5b")
-    assert layers_digest(default) == layers_digest(Plan.load(MEASURED_FROM_16K_PLAN))
+    assert layers_digest(default) == layers_digest(Plan.load(SESSION_26_DEFAULT))
     assert default.layers[0].runs_dense(16383) and not default.layers[0].runs_dense(16384)
+    ours = default.layers[0].heads[0].config
+    from_16k = Plan.load(MEASURED_FROM_16K_PLAN)
+    assert from_16k.layers[0].dense_below == default.layers[0].dense_below
+    for rows in (16384, 32768, 65536):
+        assert ours.for_call(rows, rows) == from_16k.layers[0].heads[0].config.for_call(rows, rows), rows
+    s6000 = Plan.load(MEASURED_S6000_PLAN).layers[0].heads[0].config
+    assert ours.for_call(131072, 131072) == s6000.for_call(131072, 131072)
+    assert ours.for_call(4096, 4096 + 131072).min_slash == 0  # a turn over a long cache: no floor
+
+
+def test_diagonal_floor_grows_with_the_call():
+    """``min_slash_share``: at least ``ceil(share * n)`` diagonals where ``n`` is the counted length,
+    ``min_slash`` the lower bound, ``num_slash`` the upper; nothing below ``floor_from``."""
+    config = VerticalSlashConfig(budget="coverage", num_slash=8192, min_slash=3000, min_slash_share=3000 / 65536,
+                                 floor_from=65536)
+    assert [config.floors(n)[1] for n in (65535, 65536, 100000, 131072, 174762, 174763, 10**6)] == [
+        0, 3000, 4578, 6000, 8000, 8001, 8192]  # 4577.6 -> 4578; 174,762.67 rows -> 8,000
+    low = dataclasses.replace(config, min_slash=5000)
+    assert low.floors(65536)[1] == 5000 and low.floors(131072)[1] == 6000
+    by_rows = dataclasses.replace(config, thresholds_on="queries")
+    resolved = by_rows.for_call(131072, 131072)
+    assert (resolved.min_slash, resolved.min_slash_share, resolved.floor_from) == (6000, 0.0, 0)
+    for share in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"min_slash_share must lie in \[0, 1\]"):
+            dataclasses.replace(config, min_slash_share=share)
 
 
 def test_default_plan_takes_question_columns_only_with_question_rows():

@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "faster, further from dense answers")
     parser.add_argument("--floor", type=_floor, default=None, metavar="COLUMNS,DIAGONALS",
                         help="the default plan with at least this many columns and diagonals per head on long "
-                             "prompts (default 0,3000: at 128K closer to dense answers, slower; 0,0: none)")
+                             "prompts, instead of its floor that grows with the prompt (0 columns, 3,000 diagonals "
+                             "per 65,536 tokens: at 128K closer to dense answers, slower; 0,0: none)")
     parser.add_argument("--floor-from", type=int, default=None, metavar="TOKENS",
                         help="the default plan with its floor on prefill calls of at least this many new tokens "
                              "(default 65536; 0: every call)")
@@ -182,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
                     model.config, share_kv_groups=args.share_kv_groups, tau=args.tau,
                     group_columns=not args.per_head_columns, group_columns_below=args.group_columns_below,
                     min_vertical=floor[0], min_slash=floor[1],
+                    min_slash_share=pattern.min_slash_share if args.floor is None else 0.0,
                     floor_from=pattern.floor_from if args.floor_from is None else args.floor_from,
                     question_from=pattern.question_from if args.question_from is None else args.question_from)
             except ValueError as error:

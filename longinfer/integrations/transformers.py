@@ -446,8 +446,11 @@ def _long_rule_words(config: VerticalSlashConfig) -> str:
     shared = "columns shared within each KV group" if config.group_columns else "each head its own columns"
     if config.group_columns and config.group_columns_below:
         shared += f" below {config.group_columns_below} {counted}, each head its own from there"
-    floors = [f"{count} {kind}" for count, kind in ((config.min_vertical, "columns"), (config.min_slash, "diagonals"))
-              if count]
+    diagonals = f"{config.min_slash} diagonals" if config.min_slash else ""
+    if config.min_slash_share:
+        grown = f"diagonals for {config.min_slash_share * 100:.2f}% of the {counted}"
+        diagonals = f"{diagonals} ({grown}, if more)" if diagonals else grown
+    floors = [text for text in (f"{config.min_vertical} columns" if config.min_vertical else "", diagonals) if text]
     if floors:
         shared += (f"; at least {' and '.join(floors)} per head"
                    + (f" from {config.floor_from} {counted}" if config.floor_from else ""))

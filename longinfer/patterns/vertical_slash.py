@@ -103,6 +103,10 @@ class VerticalSlashConfig:
         budget: ``"fixed"`` or ``"coverage"`` (see the module docstring).
         tau: coverage target: estimated attention mass to keep (``budget="coverage"`` only).
         min_vertical, min_slash: minimum columns / diagonals in coverage mode (forced ones count).
+        min_slash_share: with the minimums in force, at least ``ceil(min_slash_share * n)`` diagonals
+            (and at most ``num_slash``) where ``n`` is the call's counted length (keys or query rows,
+            see ``thresholds_on``): a diagonal floor that grows with the prompt (0 = ``min_slash``
+            alone). ``min_slash`` stays the lower bound.
         floor_from: the minimums apply only to calls over at least this many keys (or query rows,
             see ``thresholds_on``; 0 = always): at 32K a floor of 1,000 / 3,000 made the index 62%
             dense for little RULER-style gain over shared columns, while at 128K it scored 68.7
@@ -193,6 +197,7 @@ class VerticalSlashConfig:
     tau: float = 0.9
     min_vertical: int = 0
     min_slash: int = 0
+    min_slash_share: float = 0.0
     floor_from: int = 0
     block_size: int = 64
     segments: int = 1
@@ -227,6 +232,8 @@ class VerticalSlashConfig:
                 f"{name}.min_vertical must lie in [0, num_vertical={self.num_vertical}], got {self.min_vertical}")
         require(0 <= self.min_slash <= self.num_slash,
                 f"{name}.min_slash must lie in [0, num_slash={self.num_slash}], got {self.min_slash}")
+        require(0.0 <= self.min_slash_share <= 1.0,
+                f"{name}.min_slash_share must lie in [0, 1] (a share of the call's length), got {self.min_slash_share}")
         require(self.floor_from >= 0, f"{name}.floor_from must be >= 0, got {self.floor_from}")
         require(self.group_columns_below >= 0,
                 f"{name}.group_columns_below must be >= 0 (0 = every call), got {self.group_columns_below}")
@@ -297,7 +304,8 @@ class VerticalSlashConfig:
         if resolved.thresholds_on == "keys":
             return resolved
         min_vertical, min_slash = resolved._floors_at(q_len)
-        return dataclasses.replace(resolved, min_vertical=min_vertical, min_slash=min_slash, floor_from=0,
+        return dataclasses.replace(resolved, min_vertical=min_vertical, min_slash=min_slash, min_slash_share=0.0,
+                                   floor_from=0,
                                    group_columns=resolved._shares_at(q_len), group_columns_below=0,
                                    thresholds_on="keys")
 
@@ -321,7 +329,10 @@ class VerticalSlashConfig:
 
     def _floors_at(self, size: int) -> tuple[int, int]:
         """The minimums of a call whose counted length (``thresholds_on``) is ``size``."""
-        return (0, 0) if size < self.floor_from else (self.min_vertical, self.min_slash)
+        if size < self.floor_from:
+            return 0, 0
+        grown = min(self.num_slash, math.ceil(self.min_slash_share * size - 1e-9))  # 1e-9: exact products stay
+        return self.min_vertical, max(self.min_slash, grown)
 
     def _shares_at(self, size: int) -> bool:
         """The column sharing of a call whose counted length (``thresholds_on``) is ``size``."""

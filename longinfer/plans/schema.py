@@ -114,11 +114,19 @@ DEFAULT_LONG_FROM = 65536
 # 1.10x -> 1.14x (64K), 1.53x -> 1.57x (128K). A 4K turn keeps 64 strided queries: in its 64-row stride the last
 # rows already sample the question, and twice the estimation queries would cost it ~27% (session 23).
 DEFAULT_QUESTION_FROM = 16384
+# The long rule's diagonal floor grows with the prompt: 3,000 diagonals per 65,536 query rows (3,000 at
+# 64K, 6,000 at 128K; at most num_slash, 8,192, from ~175K). Same model, RULER-style at 128K, 84 prompts
+# (docs/results/gpu-session26/): 3,000 diagonals scored -4.1 [-7.3, -1.4] points against dense, -0.30
+# nats, 17 answers at less than half dense's probability, TTFT 1.57x; 6,000 -1.4 [-4.9, +2.1], -0.23
+# nats, 14 halved, TTFT 1.28x (the peer 1.27x in session 13; paired against 3,000: +2.7 [-0.2, +6.0]).
+# At 64K the 3,000 held (-0.2 points, +0.03 nats, session 24) where 6,000 was no better (-2.4, +0.06,
+# 57% dense instead of 42%; session 25). 3000 / 65536 is exact in binary: 131,072 rows get 6,000.
+DEFAULT_SLASH_SHARE = 3000 / 65536
 DEFAULT_PATTERN_CONFIG = VerticalSlashConfig(
     num_vertical=4096, num_slash=8192, last_q=64, sink=30, local=100, budget="coverage", tau=0.9,
     query_sampling="strided", group_columns=True, group_columns_below=DEFAULT_LONG_FROM,
-    min_vertical=0, min_slash=3000, floor_from=DEFAULT_LONG_FROM, thresholds_on="queries",
-    question_from=DEFAULT_QUESTION_FROM,
+    min_vertical=0, min_slash=3000, min_slash_share=DEFAULT_SLASH_SHARE, floor_from=DEFAULT_LONG_FROM,
+    thresholds_on="queries", question_from=DEFAULT_QUESTION_FROM,
 )
 
 
@@ -551,6 +559,7 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
                      tau: float | None = None, group_columns: bool = True, group_columns_below: int | None = None,
                      min_vertical: int = DEFAULT_PATTERN_CONFIG.min_vertical,
                      min_slash: int = DEFAULT_PATTERN_CONFIG.min_slash,
+                     min_slash_share: float = DEFAULT_PATTERN_CONFIG.min_slash_share,
                      floor_from: int = DEFAULT_PATTERN_CONFIG.floor_from,
                      repeat_rows: int = DEFAULT_PATTERN_CONFIG.repeat_rows,
                      question_from: int = DEFAULT_PATTERN_CONFIG.question_from,
@@ -563,7 +572,8 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
     ranked together, whose estimated attention mass reaches 0.9; at most 4096 columns and 8192 diagonals; the first
     30 keys and 100 nearest diagonals always kept), every head attending the columns chosen for any
     head of its KV group; calls of at least :data:`DEFAULT_LONG_FROM` query rows (a long prefill, not
-    a turn over a long cache) give each head its own columns and at least 3,000 diagonals. Layers
+    a turn over a long cache) give each head its own columns and at least 3,000 diagonals per 65,536
+    query rows (:data:`DEFAULT_SLASH_SHARE`; 3,000 at 64K, 6,000 at 128K). Layers
     run dense below ``dense_below`` key positions (default :data:`DEFAULT_DENSE_BELOW`), and the
     last ``dense_last`` query rows of every sparse call attend densely (default
     :data:`DEFAULT_DENSE_LAST`). Recorded as ``search={"method": "default"}``.
@@ -588,6 +598,9 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
             ``thresholds_on``); ``0, 0`` for none. The default's 0 / 3,000 from 65,536 query rows: at
             128K, 68.6 RULER-style against 61.6 without (dense 71.0) at 1.45x TTFT instead of 1.85x;
             1,000 / 3,000 68.7 at 1.42x, 1,000 / 0 57.5 (``docs/results/gpu-session17/``).
+        min_slash_share: the diagonal floor grows with the call: at least this share of its query rows
+            (``min_slash`` the lower bound; 0 = ``min_slash`` alone, the floor of before session 26: at
+            128K faster, 1.57x instead of 1.28x TTFT, and 2.7 RULER-style points further from dense).
         repeat_rows: extra estimation queries at distant repeated token 4-grams (see
             :class:`~longinfer.patterns.VerticalSlashConfig`; a patched model passes its token ids).
             64 of them: no RULER-style gain at 64K / 128K, a 4K turn 27% slower (session 23).
@@ -601,7 +614,8 @@ def default_plan_for(config: Any, *, model_id: str | None = None, dense_below: i
         group_columns_below = DEFAULT_PATTERN_CONFIG.group_columns_below if group_columns else 0
     pattern = dataclasses.replace(DEFAULT_PATTERN_CONFIG, group_columns=group_columns,
                                   group_columns_below=group_columns_below, min_vertical=min_vertical,
-                                  min_slash=min_slash, floor_from=floor_from, repeat_rows=repeat_rows,
+                                  min_slash=min_slash, min_slash_share=min_slash_share, floor_from=floor_from,
+                                  repeat_rows=repeat_rows,
                                   question_from=question_from,
                                   question_vertical=question_vertical)
     if tau is not None:
