@@ -607,6 +607,17 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --methods "dense,$(plan_methods "$PLANS25" question-groupcols-s6000),$(plan_methods "$PLANS23" long-mixed128),$(plan_methods "$PLANS24" question-s6000)"
     run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
       --methods "dense,longinfer,$(plan_methods "$PLANS25" question-groupcols-s6000),$(plan_methods "$PLANS24" question-s6000)" ;;
+  q27-default-checks)  # issues 5/6: the session-26 default (diagonal floor 3,000 per 65,536 query rows: 6,000 at
+    # 128K) on the checks it has not had: needle at 64K / 128K beside dense (issue 6's end check), perplexity at 128K
+    # (session 25's dense windows seeded: the same code and text), TTFT at 64K / 96K / 128K (between 64K and 128K
+    # the floor interpolates, unmeasured); rerun to finish
+    [ -f "$RES/$step/ppl.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session25/q15-ppl/ppl.jsonl \
+      > "$RES/$step/ppl.jsonl"
+    run_cli eval needle $Q15 --lengths 65536,131072 --depths 0.0,0.25,0.5,0.75,1.0 --needles-per-cell 2 \
+      --methods dense,longinfer --out "$RES/$step"
+    run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step"
+    run_cli eval latency $Q15 --lengths 65536,98304,131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
+      --methods dense,longinfer ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null
