@@ -10,6 +10,7 @@ measures, for sampled query rows of every head, the key-level oracle's recall at
 allocates a budget over the (row, grid point) choices:
 
 - **uniform**: every row of every head at one grid density (the frontier reports' oracle);
+- **rows**: every head at one density, its rows spending it unevenly (a price per head);
 - **global**: one price ``lam`` per kept key for every row of every head; each row takes the grid point
   that maximizes ``recall / R - lam * kept / C`` (``C``: the rows' causal keys). On the grid this is
   the highest mean head recall any allocation reaches at its average density (the exchange argument:
@@ -23,7 +24,7 @@ allocates a budget over the (row, grid point) choices:
 
 Rows and densities as in the frontier tool (``sample_rows``, seed 0), so the uniform rows reproduce its
 oracle. Results: ``budget_oracle.jsonl`` (one record per layer with every row's recall and kept keys at
-each grid density; rerun to resume), ``budget_oracle.md`` and ``budget_oracle.json`` (the allocations).
+each grid density; rerun to resume), ``budget_oracle.md``, ``budget_oracle.json`` (the allocations) and ``budget_oracle_heads.csv`` (per head).
 
     python benchmarks/budget_oracle.py --model qwen2.5-coder-0.5b --length 32768 --rows 128 --device cpu \\
         --out docs/results/budget-oracle-cpu-qwen0.5b-32k
@@ -35,6 +36,7 @@ no N x N matrix.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import math
@@ -136,6 +138,25 @@ def uniform_allocation(recall: torch.Tensor, kept: torch.Tensor, causal: torch.T
             "density": float(head_density.mean())}
 
 
+def rows_allocation(recall: torch.Tensor, kept: torch.Tensor, causal: torch.Tensor, density: float
+                    ) -> tuple[dict[str, float], torch.Tensor]:
+    """Every head at the same density, its rows spending unevenly (a price per head, the lowest whose
+    density stays <= ``density``): the summary and the per-head recall ``[H]``. Each head's allocation
+    is the best at its own density, a point of its recall-density hull, which can fall a little under
+    ``density`` (a conservative reading: 9.97% for 10% on 128 rows and 16 grid points)."""
+    recalls, densities = [], []
+    for head in range(recall.shape[0]):
+        r, k = recall[head: head + 1], kept[head: head + 1]
+        price, _ = _boundary_prices(lambda p: float(allocate(r, k, causal, p)[1][0]) <= density, holds_when_low=False)
+        head_recall, head_density = allocate(r, k, causal, price)
+        recalls.append(float(head_recall[0]))
+        densities.append(float(head_density[0]))
+    head_recall = torch.tensor(recalls, dtype=recall.dtype)
+    summary = {"mean": float(head_recall.mean()), "p10": percentile(head_recall, 0.1),
+               "density": sum(densities) / len(densities)}
+    return summary, head_recall
+
+
 def head_costs(recall: torch.Tensor, kept: torch.Tensor, causal: torch.Tensor, value: float
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per head: the largest price at which its recall still reaches ``value``, the density that costs,
@@ -203,28 +224,52 @@ def load_curves(records: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tens
     return (*with_all_keys(recall, kept, causal), causal)
 
 
-def analyse(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The allocations of the module docstring at each target of :data:`TARGETS`."""
+def analyse(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[list[Any]]]:
+    """The allocations of the module docstring at each target of :data:`TARGETS`, and a per-head table
+    (layer, head; at each target's density: the uniform and the rows-uneven recall; the density the
+    head needs to reach the target's p10 value)."""
     recall, kept, causal = load_curves(records)
     out: dict[str, Any] = {"heads": recall.shape[0], "rows": recall.shape[1], "targets": []}
+    heads_per_layer = recall.shape[0] // len(records)
+    table: list[list[Any]] = [[layer, head] for layer in range(len(records)) for head in range(heads_per_layer)]
     for mean, p10, density in TARGETS:
+        point = GRID.index(density)
+        rows_summary, rows_recall = rows_allocation(recall, kept, causal, density)
         out["targets"].append({
             "mean": mean, "p10": p10, "density": density,
-            "uniform": uniform_allocation(recall, kept, causal, GRID.index(density)),
+            "uniform": uniform_allocation(recall, kept, causal, point),
+            "rows": rows_summary,
             "global": global_allocation(recall, kept, causal, density),
             "cheapest": target_allocation(recall, kept, causal, mean, p10),
         })
-    return out
+        needs = head_costs(recall, kept, causal, p10)[1]
+        uniform_recall = recall[..., point].mean(-1)
+        for row, values in zip(table, zip(uniform_recall.tolist(), rows_recall.tolist(), needs.tolist())):
+            row.extend(round(v, 4) for v in values)
+    return out, table
+
+
+def table_header() -> list[str]:
+    """The columns of :func:`analyse`'s per-head table."""
+    header = ["layer", "head"]
+    for _, p10, density in TARGETS:
+        share = f"{100 * density:g}%"
+        header += [f"uniform_recall_at_{share}", f"rows_uneven_recall_at_{share}", f"density_to_reach_{p10:g}"]
+    return header
 
 
 def write_report(out: Path, records: list[dict[str, Any]], command: str) -> Path:
-    analysis = analyse(records)
+    analysis, table = analyse(records)
     (out / "budget_oracle.json").write_text(json.dumps(analysis, indent=1) + "\n")
+    with open(out / "budget_oracle_heads.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([table_header(), *table])
     first = records[0]
     rows = []
+    labels = (("uniform", "every row the same share"), ("rows", "each head the same share, its rows uneven"),
+              ("global", "one price per key, all rows of all heads"))
     for target in analysis["targets"]:
         name = f"mean {target['mean']:.2f} / p10 {target['p10']:.2f} at <= {100 * target['density']:g}%"
-        for kind, label in (("uniform", "every row the same share"), ("global", "one price per key, all rows")):
+        for kind, label in labels:
             result = target[kind]
             rows.append([name, label, f"{result['mean']:.3f}", f"{result['p10']:.3f}", f"{100 * result['density']:.2f}%"])
         cheap = target["cheapest"]
@@ -238,7 +283,8 @@ def write_report(out: Path, records: list[dict[str, Any]], command: str) -> Path
         f"device {first['device']}, torch {first['versions']['torch']}",
         f"- command: `{command}`",
         f"- grid of per-row densities: {', '.join(f'{d:g}' for d in GRID)}, and every key", "",
-        markdown_table(["target", "allocation", "mean recall", "p10 head", "average density"], rows), ""])
+        markdown_table(["target", "allocation", "mean recall", "p10 head", "average density"], rows), "",
+        "Per head: `budget_oracle_heads.csv`.", ""])
     path = out / "budget_oracle.md"
     path.write_text(text)
     return path

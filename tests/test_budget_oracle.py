@@ -99,3 +99,21 @@ def test_measured_rows_are_the_key_oracle_at_each_grid_density():
         got = torch.tensor([[row[point] for row in head] for head in measured["recall"]], dtype=torch.float64)
         torch.testing.assert_close(got, expected.recall[0].double(), atol=1e-6, rtol=0)
         assert [[row[point] for row in head] for head in measured["kept"]] == expected.kept[0].tolist()
+
+
+def test_each_head_at_one_density_spends_it_over_its_rows_as_well_as_any_choice():
+    """Per head, no choice of grid points of at most the density found keeps more recall (brute force
+    over the 4^2 choices of each head). (The density found may fall under the budget: the allocation is
+    a point of the head's recall-density hull.)"""
+    recall, kept, causal = _curves(5, heads=4)
+    recall, kept = budget.with_all_keys(recall, kept, causal)
+    wanted = float((kept[..., 1].double().sum(-1) / float(causal.sum())).max())
+    summary, head_recall = budget.rows_allocation(recall, kept, causal, wanted)
+    assert summary["density"] <= wanted + 1e-12
+    for head in range(4):
+        one = (recall[head: head + 1], kept[head: head + 1])
+        found = budget.allocate(*one, causal, 1e9)  # the fewest keys: a floor for the head's density
+        assert float(head_recall[head]) >= float(found[0][0]) - 1e-12
+        used = budget.rows_allocation(*one, causal, wanted)[0]["density"]
+        best = _brute_force_best_mean(*one, causal, used)
+        assert float(head_recall[head]) == pytest.approx(best, abs=1e-12)
