@@ -4,6 +4,7 @@ calibration prompt, a whole search on a tiny Llama with kill-and-resume, crossov
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import re
@@ -196,6 +197,47 @@ def test_choice_falls_back_to_the_cheapest_over_budget(caplog):
     scores = search.LayerScores(torch.tensor([[0.9], [0.95]]), torch.tensor([[0.4], [0.3]]))
     assert search.choose_candidates(scores, 0.1) == [1]
     assert "no candidate fits" in caplog.text
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_global_choice_is_the_best_mean_recall_at_its_mean_cost(seed):
+    """One price over all heads of all layers: no choice of candidates (brute force over 3^4) with at most
+    its mean cost has a higher mean recall; the mean cost stays within the budget."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = [search.LayerScores(torch.rand(3, 2, generator=generator), torch.rand(3, 2, generator=generator))
+              for _ in range(2)]
+    recall = torch.cat([layer.recall for layer in layers], 1).double()  # [C, 4 heads]
+    cost = torch.cat([layer.cost for layer in layers], 1).double()
+    cheapest, dearest = float(cost.min(0).values.mean()), float(cost.max(0).values.mean())
+    for share in (0.3, 0.6, 1.0):
+        budget = cheapest + share * (dearest - cheapest)
+        choice = torch.tensor(sum(search.choose_globally(layers, budget), []))
+        heads = torch.arange(4)
+        spent, kept = float(cost[choice, heads].mean()), float(recall[choice, heads].mean())
+        assert spent <= budget + 1e-9
+        best = max(float(recall[list(pick), heads].mean()) for pick in itertools.product(range(3), repeat=4)
+                   if float(cost[list(pick), heads].mean()) <= spent + 1e-12)
+        assert kept == pytest.approx(best, abs=1e-9)
+
+
+def test_global_choice_spends_where_recall_is_cheap(caplog):
+    """Head 0 keeps everything with its cheap candidate; head 1 needs the dear one: an average budget of
+    0.3 gives head 0 the cheap one and head 1 the dear one (per head, 0.3 would give both the cheap one)."""
+    scores = search.LayerScores(torch.tensor([[0.99, 0.5], [1.0, 0.95]]), torch.tensor([[0.05, 0.05], [0.5, 0.5]]))
+    assert search.choose_globally([scores], 0.3) == [[0, 1]]
+    assert search.choose_candidates(scores, 0.3) == [0, 0]
+    assert search.choose_globally([scores], 0.3, group_size=2) == [[0, 0]]  # the pair's mean cost 0.5 > 0.3
+    assert search.choose_globally([scores], 0.01) == [[0, 0]] and "even the cheapest" in caplog.text
+    with pytest.raises(ValueError, match="cost_budget must be > 0"):
+        search.choose_globally([scores], 0.0)
+
+
+def test_ladder_candidates_span_cheaper_and_dearer_budgets():
+    ladder = search.ladder_candidates(8192, 0.1)
+    labels = {json.dumps(h.to_dict(), sort_keys=True) for h in ladder}
+    assert len(labels) == len(ladder)  # no repeats
+    for multiple in search.GLOBAL_BUDGET_LADDER:
+        assert all(json.dumps(h.to_dict(), sort_keys=True) in labels for h in search.default_candidates(8192, 0.1 * multiple))
 
 
 def _planted_qk(n=4096, d=64):
@@ -538,6 +580,28 @@ def test_search_with_shared_kv_groups_gives_groups_one_pattern(tiny_setup, tmp_p
         assert layer.dense_below == 777 and layer.dense_last == 0
         assert layer.share_kv_groups  # the integration runs what was scored: one index per KV group
     assert plan.search["share_kv_groups"] is True
+
+
+def test_global_search_averages_the_budget_over_all_heads_and_resumes(tiny_setup, tmp_path):
+    """allocation="global": the plan's mean cost over every head of every layer stays within the budget
+    (single heads may exceed it), the choice is choose_globally's on the recorded scores, the layers keep
+    the default dense_below (not timed: chosen after all layers), and a resumed search writes the same plan."""
+    out = tmp_path / "global.json"
+    plan = _run(tiny_setup, out, cost_budget=0.45, allocation="global")
+    costs = [c for summary in plan.search["layers"] for c in summary["cost"]]
+    assert sum(costs) / len(costs) <= 0.45 + 1e-9 and plan.search["allocation"] == "global"
+    records = [json.loads(line) for line in search.partial_path(out).read_text().splitlines()[1:]]
+    scores = [search.LayerScores(torch.tensor(r["all_recall"]), torch.tensor(r["all_cost"])) for r in records]
+    _, _, _, candidates = tiny_setup
+    assert [[candidates.index(h) for h in layer.heads] for layer in plan.layers] == search.choose_globally(scores, 0.45)
+    assert all(layer.dense_below == search.DEFAULT_DENSE_BELOW for layer in plan.layers)
+    assert all("global allocation" in s["crossover"]["reason"] for s in plan.search["layers"])
+    per_head = _run(tiny_setup, None, cost_budget=0.45)
+    mean_recall = lambda p: sum(sum(s["recall"]) for s in p.search["layers"]) / 12  # noqa: E731
+    assert mean_recall(plan) >= mean_recall(per_head) - 1e-9  # the per-head choice is one the global one could make
+    assert _run(tiny_setup, out, cost_budget=0.45, allocation="global").layers == plan.layers
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        _run(tiny_setup, None, allocation="uniform")
 
 
 # --------------------------------------------------------------------------- crossover

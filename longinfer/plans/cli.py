@@ -51,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help='JSON list of {"pattern": ..., "params": {...}} candidates')
     parser.add_argument("--cost-budget", type=float, default=search.DEFAULT_COST_BUDGET,
                         help="most kernel cost a head may have, relative to dense (default %(default)s)")
+    parser.add_argument("--allocation", choices=search.ALLOCATIONS, default="per_head",
+                        help="per_head: --cost-budget bounds every head; global: it bounds the average over all "
+                             "heads, one price per unit of cost decides each head (default %(default)s)")
     parser.add_argument("--recall-tolerance", type=float, default=search.DEFAULT_RECALL_TOLERANCE,
                         help="recalls this close to the best tie; the cheaper wins (default %(default)s)")
     parser.add_argument("--rows", type=_positive_int, default=search.DEFAULT_NUM_ROWS,
@@ -132,7 +135,7 @@ def _search(args: argparse.Namespace) -> int:
         measure_crossover=not args.no_measure,
         crossover_lengths=args.crossover_lengths, layers_per_forward=args.layers_per_forward,
         model_id=str(args.model), model_revision=_model_revision(str(args.model)), restart=args.restart,
-        progress=not args.no_progress,
+        progress=not args.no_progress, allocation=args.allocation,
     )
     logger.info("search finished in %.1f s (model load and calibration prompt included)%s",
                 time.perf_counter() - started, _peak_gpu_memory(args.device))

@@ -20,7 +20,13 @@ For one model and a calibration prompt of ``N`` tokens (default: a key-value ret
 3. **Choose.** Per head (or per KV group, ``share_kv_groups=True``): among candidates with
    ``cost <= cost_budget`` the highest recall; candidates within ``recall_tolerance`` of it count as
    tied and the cheapest of those wins. If no candidate fits the budget, the cheapest one is taken
-   (logged as a warning).
+   (logged as a warning). With ``allocation="global"`` the budget is the *average* over every head of
+   every layer instead: once all layers are scored, one price per unit of cost decides every head
+   (each takes the candidate maximizing ``recall - price * cost``; the lowest price whose average
+   cost fits), so heads whose recall is cheap spend less and hard heads more (:func:`choose_globally`).
+   On Qwen2.5-Coder-0.5B at 32K a key-level oracle that spends so meets mean / p10 recall 0.95 / 0.90
+   at 3.25% average density, where an equal share for every row and head needs over 10%
+   (``docs/results/budget-oracle-cpu-qwen0.5b-32k/``).
 4. **Dense crossover.** Per layer, the length below which dense attention is faster than the
    layer's sparse plan (estimation included), timed on the current CUDA device with the captured
    q/k cut to a few lengths (:func:`measure_dense_below`). Without CUDA nothing is timed: the plan
@@ -72,6 +78,11 @@ DEFAULT_COST_BUDGET = 0.1  # relative kernel cost per head (the issue's target: 
 DEFAULT_RECALL_TOLERANCE = 0.005
 DEFAULT_NUM_ROWS = 128
 DEFAULT_LENGTH = 32768
+ALLOCATIONS = ("per_head", "global")
+# With allocation="global", the default candidates come at these multiples of the cost budget, so
+# that a head may spend less or more than the average.
+GLOBAL_BUDGET_LADDER = (0.25, 0.5, 1.0, 2.0, 4.0)
+_PRICE_BISECTIONS = 60
 CROSSOVER_LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536, 131072)
 CROSSOVER_EXTRAPOLATION = 4  # a crossover is extrapolated at most this many times past the longest length
 CAPTURE_ATTENTION = "longinfer_capture"
@@ -591,6 +602,70 @@ def choose_candidates(
     return choice.repeat_interleave(group_size).tolist()
 
 
+def _grouped(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[C, Hq]`` -> ``[C, Hq / group_size]`` means over consecutive groups of heads."""
+    return values.double().reshape(values.shape[0], -1, group_size).mean(-1)
+
+
+def choose_globally(scores: Sequence[LayerScores], cost_budget: float, *, group_size: int = 1) -> list[list[int]]:
+    """Chosen candidate per query head of every layer, with ``cost_budget`` the average over all of them.
+
+    One price ``p`` per unit of relative cost for every head (or KV group of ``group_size`` heads)
+    of every layer: each takes the candidate maximizing ``recall - p * cost`` (on equal value the
+    cheaper, then the first listed), and ``p`` is the lowest price at which the mean cost over all
+    heads stays within ``cost_budget``. By the Lagrangian argument no other choice of at most that
+    mean cost has a higher mean recall. If even every head's cheapest candidate averages above the
+    budget, those are taken (logged as a warning).
+    """
+    if not scores:
+        raise ValueError("no layer scores to choose from")
+    if not cost_budget > 0:
+        raise ValueError(f"cost_budget must be > 0, got {cost_budget}")
+    recall = torch.cat([_grouped(layer.recall, group_size) for layer in scores], 1)  # [C, all groups]
+    cost = torch.cat([_grouped(layer.cost, group_size) for layer in scores], 1)
+
+    def choose(price: float) -> torch.Tensor:
+        value = recall - price * cost
+        best = value.max(0).values
+        near = value >= best - 1e-12  # ties: the cheaper candidate
+        return torch.where(near, cost, math.inf).argmin(0)
+
+    def mean_cost(price: float) -> float:
+        chosen = choose(price)
+        return float(cost.gather(0, chosen[None])[0].mean())
+
+    low, high = 0.0, 1.0
+    while mean_cost(high) > cost_budget + 1e-12 and high < 1e12:
+        high *= 4.0
+    if mean_cost(high) > cost_budget + 1e-12:
+        logger.warning("even the cheapest candidates average a cost above the budget %.3g; taking them", cost_budget)
+        choice = cost.argmin(0)
+    else:
+        if mean_cost(low) > cost_budget + 1e-12:
+            for _ in range(_PRICE_BISECTIONS):
+                middle = (low + high) / 2
+                low, high = (low, middle) if mean_cost(middle) <= cost_budget + 1e-12 else (middle, high)
+        else:
+            high = low
+        choice = choose(high)
+    per_head = choice.repeat_interleave(group_size).tolist()
+    heads = scores[0].recall.shape[1]
+    return [per_head[i * heads: (i + 1) * heads] for i in range(len(scores))]
+
+
+def ladder_candidates(length: int, cost_budget: float = DEFAULT_COST_BUDGET, *, block_size: int = 64
+                      ) -> tuple[HeadPlan, ...]:
+    """:func:`default_candidates` at every :data:`GLOBAL_BUDGET_LADDER` multiple of ``cost_budget``
+    (those within ``(0, 1]``), without repeats: cheap and dear choices for a global allocation."""
+    seen: dict[str, HeadPlan] = {}
+    for multiple in GLOBAL_BUDGET_LADDER:
+        budget = cost_budget * multiple
+        if 0.0 < budget <= 1.0:
+            for head in default_candidates(length, budget, block_size=block_size):
+                seen.setdefault(json.dumps(head.to_dict(), sort_keys=True), head)
+    return tuple(seen.values())
+
+
 # --------------------------------------------------------------------------------------------
 # Measured dense crossover
 # --------------------------------------------------------------------------------------------
@@ -807,6 +882,10 @@ def _search_layer(
                            share_kv_groups=settings["share_kv_groups"])
     if settings["dense_below"] is not None:
         dense_below, crossover = settings["dense_below"], {"measured": False, "reason": "given by the user"}
+    elif settings.get("allocation") == "global":
+        dense_below = DEFAULT_DENSE_BELOW
+        crossover = {"measured": False, "default": DEFAULT_DENSE_BELOW,
+                     "reason": "global allocation: the layer's heads are chosen after every layer is scored"}
     elif not settings["measure_crossover"]:
         dense_below = DEFAULT_DENSE_BELOW
         crossover = {"measured": False, "reason": "measurement turned off", "default": DEFAULT_DENSE_BELOW}
@@ -861,6 +940,7 @@ def search_plan(
     model_revision: str | None = None,
     restart: bool = False,
     progress: bool = True,
+    allocation: str = "per_head",
 ) -> Plan:
     """Search every head's pattern on a calibration prompt and return (and optionally write) the plan.
 
@@ -887,16 +967,23 @@ def search_plan(
         model_id, model_revision: recorded in the plan (default: the config's ``name_or_path``).
         restart: discard an existing ``<out>.partial.jsonl`` instead of resuming it.
         progress: show a progress bar over layers.
+        allocation: ``"per_head"``: ``cost_budget`` bounds every head's choice; ``"global"``: it bounds
+            the average over all heads of all layers (:func:`choose_globally`; the default candidates
+            then come at :data:`GLOBAL_BUDGET_LADDER` multiples of the budget, and the dense crossover
+            is not timed: every layer gets ``dense_below`` or the default's).
 
     Returns:
         The :class:`~longinfer.plans.schema.Plan`; ``plan.search`` holds the settings, the
         calibration description and per layer the chosen heads' recall and cost and the timing.
     """
     shape = model_shape(model.config)
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if calibration is None:
         calibration = kv_retrieval_prompt(tokenizer, length, seed=seed)
     if candidates is None:
-        candidates = default_candidates(calibration.length, cost_budget)
+        candidates = (default_candidates(calibration.length, cost_budget) if allocation == "per_head"
+                      else ladder_candidates(calibration.length, cost_budget))
     candidates = tuple(candidates)
     if not candidates or not all(isinstance(c, HeadPlan) for c in candidates):
         raise TypeError("candidates must be a non-empty sequence of HeadPlan (see parse_candidate)")
@@ -927,6 +1014,8 @@ def search_plan(
         "crossover_lengths": sorted(set(crossover_lengths)),
         "cost_model": {"block_n": COST_BLOCK_N, "dense_block_m": DENSE_BLOCK_M, "estimation": "included"},
     }
+    if allocation != "per_head":  # (absent for the per-head choice: earlier progress files still resume)
+        settings["allocation"] = allocation
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     store = SearchProgress(partial_path(out), settings, restart=restart) if out is not None else None
@@ -967,11 +1056,19 @@ def _plan_from_records(shape: Any, records: Mapping[int, Mapping[str, Any]], can
                        settings: Mapping[str, Any], model_id: str, model_revision: str | None) -> Plan:
     layers = []
     summary = []
-    for index in range(shape.num_layers):
+    choices = [records[index]["choice"] for index in range(shape.num_layers)]
+    if settings.get("allocation") == "global":
+        scores = [LayerScores(torch.tensor(records[i]["all_recall"]), torch.tensor(records[i]["all_cost"]))
+                  for i in range(shape.num_layers)]
+        group = shape.num_q_heads // shape.num_kv_heads if settings["share_kv_groups"] else 1
+        choices = choose_globally(scores, settings["cost_budget"], group_size=group)
+    for index, choice in enumerate(choices):
         record = records[index]
-        layers.append(LayerPlan(tuple(candidates[c] for c in record["choice"]), dense_below=record["dense_below"],
+        layers.append(LayerPlan(tuple(candidates[c] for c in choice), dense_below=record["dense_below"],
                                 share_kv_groups=settings["share_kv_groups"], dense_last=settings.get("dense_last", 0)))
-        summary.append({key: record[key] for key in ("recall", "cost", "crossover")})
+        summary.append({"recall": [record["all_recall"][c][h] for h, c in enumerate(choice)],
+                        "cost": [record["all_cost"][c][h] for h, c in enumerate(choice)],
+                        "crossover": record["crossover"]})
     search = {key: value for key, value in settings.items() if key not in ("model", "shape")}
     search["layers"] = summary
     captured = [records[i]["captured"] for i in range(shape.num_layers) if "captured" in records[i]]
