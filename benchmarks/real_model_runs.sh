@@ -618,6 +618,20 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step"
     run_cli eval latency $Q15 --lengths 65536,98304,131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
       --methods dense,longinfer ;;
+  q27-search-global)  # issues 3/6: per-head budgets from the offline search. A key oracle that spends unevenly
+    # meets issue 3's target at 3.25% average density on this prompt (docs/results/budget-oracle-cpu-qwen0.5b-32k/);
+    # the search's global allocation (one price per unit of cost over all heads, the ladder of candidate budgets) at
+    # average budgets 0.1 and 0.05, then the recall frontier of both plans and of the per-head search of
+    # docs/results/gpu-qwen0.5b-32k/search/ on PG essays at 32K (the 0.5B model: assemble qwen2.5-coder-0.5b q05)
+    for budget in 0.1 0.05; do
+      [ -f "$RES/$step/q05-global-$budget.plan.json" ] || run_cli search --model qwen2.5-coder-0.5b --length 32768 \
+        --allocation global --cost-budget "$budget" --no-progress --out "$RES/$step/q05-global-$budget.plan.json"
+    done
+    run python3 benchmarks/recall_frontier.py --model qwen2.5-coder-0.5b --length 32768 --rows 128 --methods none \
+      --no-oracles --method "global0.1=plan:$RES/$step/q05-global-0.1.plan.json" \
+      --method "global0.05=plan:$RES/$step/q05-global-0.05.plan.json" \
+      --method "perhead0.1=plan:docs/results/gpu-qwen0.5b-32k/search/qwen2.5-coder-0.5b-32k.plan.json" \
+      --time-kernels --out "$RES/$step/frontier" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null
