@@ -620,18 +620,20 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --methods dense,longinfer ;;
   q27-search-global)  # issues 3/6: per-head budgets from the offline search. A key oracle that spends unevenly
     # meets issue 3's target at 3.25% average density on this prompt (docs/results/budget-oracle-cpu-qwen0.5b-32k/);
-    # the search's global allocation (one price per unit of cost over all heads, the ladder of candidate budgets) at
-    # average budgets 0.1 and 0.05, then the recall frontier of both plans and of the per-head search of
-    # docs/results/gpu-qwen0.5b-32k/search/ on PG essays at 32K (the 0.5B model: assemble qwen2.5-coder-0.5b q05)
-    for budget in 0.1 0.05; do
-      [ -f "$RES/$step/q05-global-$budget.plan.json" ] || run_cli search --model qwen2.5-coder-0.5b --length 32768 \
-        --allocation global --cost-budget "$budget" --no-progress --out "$RES/$step/q05-global-$budget.plan.json"
+    # on SmolLM2 at 4K the global allocation kept +0.05 p10 recall at equal density (CPU,
+    # docs/results/search-global-cpu-smollm2-4k/). Qwen2.5-Coder-0.5B at 32K (assemble qwen2.5-coder-0.5b q05): the
+    # per-head search at 0.1 and the global one (ladder of candidate budgets) at average 0.1 and 0.05, every layer
+    # sparse (--dense-below 0, so that the recall compares indexes, not dense layers), then their recall on PG essays
+    for spec in per_head:0.1 global:0.1 global:0.05; do
+      name=q05-${spec/:/-}
+      [ -f "$RES/$step/$name.plan.json" ] || run_cli search --model qwen2.5-coder-0.5b --length 32768 \
+        --allocation "${spec%%:*}" --cost-budget "${spec##*:}" --dense-below 0 --no-progress \
+        --out "$RES/$step/$name.plan.json"
     done
     run python3 benchmarks/recall_frontier.py --model qwen2.5-coder-0.5b --length 32768 --rows 128 --methods none \
-      --no-oracles --method "global0.1=plan:$RES/$step/q05-global-0.1.plan.json" \
-      --method "global0.05=plan:$RES/$step/q05-global-0.05.plan.json" \
-      --method "perhead0.1=plan:docs/results/gpu-qwen0.5b-32k/search/qwen2.5-coder-0.5b-32k.plan.json" \
-      --time-kernels --out "$RES/$step/frontier" ;;
+      --oracle-densities 0.05,0.1 --method "perhead0.1=plan:$RES/$step/q05-per_head-0.1.plan.json" \
+      --method "global0.1=plan:$RES/$step/q05-global-0.1.plan.json" \
+      --method "global0.05=plan:$RES/$step/q05-global-0.05.plan.json" --time-kernels --out "$RES/$step/frontier" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null
