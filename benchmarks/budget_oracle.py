@@ -119,23 +119,24 @@ def percentile(values: torch.Tensor, q: float) -> float:
     return float(torch.quantile(values.double(), q))
 
 
+def summarize(head_recall: torch.Tensor, head_density: torch.Tensor) -> dict[str, float]:
+    """Mean and p10 of the per-head recall ``[H]``, and the average density of ``head_density [H]``."""
+    return {"mean": float(head_recall.mean()), "p10": percentile(head_recall, 0.1),
+            "density": float(head_density.mean())}
+
+
 def global_allocation(recall: torch.Tensor, kept: torch.Tensor, causal: torch.Tensor, density: float
                       ) -> dict[str, float]:
     """One price for every row of every head, the lowest whose average density stays <= ``density``
     (which must be at least the density of every row at its fewest keys)."""
     price, _ = _boundary_prices(lambda p: float(allocate(recall, kept, causal, p)[1].mean()) <= density,
                                 holds_when_low=False)
-    head_recall, head_density = allocate(recall, kept, causal, price)
-    return {"mean": float(head_recall.mean()), "p10": percentile(head_recall, 0.1),
-            "density": float(head_density.mean())}
+    return summarize(*allocate(recall, kept, causal, price))
 
 
 def uniform_allocation(recall: torch.Tensor, kept: torch.Tensor, causal: torch.Tensor, point: int) -> dict[str, float]:
     """Every row at grid point ``point``."""
-    head_recall = recall[..., point].mean(-1)
-    head_density = kept[..., point].to(torch.float64).sum(-1) / float(causal.sum())
-    return {"mean": float(head_recall.mean()), "p10": percentile(head_recall, 0.1),
-            "density": float(head_density.mean())}
+    return summarize(recall[..., point].mean(-1), kept[..., point].to(torch.float64).sum(-1) / float(causal.sum()))
 
 
 def rows_allocation(recall: torch.Tensor, kept: torch.Tensor, causal: torch.Tensor, density: float
@@ -152,9 +153,7 @@ def rows_allocation(recall: torch.Tensor, kept: torch.Tensor, causal: torch.Tens
         recalls.append(float(head_recall[0]))
         densities.append(float(head_density[0]))
     head_recall = torch.tensor(recalls, dtype=recall.dtype)
-    summary = {"mean": float(head_recall.mean()), "p10": percentile(head_recall, 0.1),
-               "density": sum(densities) / len(densities)}
-    return summary, head_recall
+    return summarize(head_recall, torch.tensor(densities, dtype=torch.float64)), head_recall
 
 
 def head_costs(recall: torch.Tensor, kept: torch.Tensor, causal: torch.Tensor, value: float
@@ -196,8 +195,7 @@ def target_allocation(recall: torch.Tensor, kept: torch.Tensor, causal: torch.Te
                                      holds_when_low=True)
     mean_lower = 0.0 if mean_fails is None else float(allocate(recall, kept, causal, mean_fails)[1].mean())
     p10_lower = float(own_lower.sort().values[: heads - left_below].sum()) / heads
-    return {"mean": float(head_recall.mean()), "p10": percentile(head_recall, 0.1),
-            "density": float(head_density.mean()), "lower_bound": max(mean_lower, p10_lower),
+    return {**summarize(head_recall, head_density), "lower_bound": max(mean_lower, p10_lower),
             "met": bool(float(head_recall.mean()) >= mean - 1e-6 and percentile(head_recall, 0.1) >= p10 - 1e-6)}
 
 
@@ -312,7 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(args.out / RESULTS)
     run = {"model": args.model, "length": args.length, "num_rows": args.rows, "seed": args.seed, "text": args.text}
-    done = {r["layer"] for r in store.records() if all(r.get(key) == value for key, value in run.items())}
+
+    def of_this_run(record: dict[str, Any]) -> bool:
+        return all(record.get(key) == value for key, value in run.items())
+
+    done = {r["layer"] for r in store.records() if of_this_run(r)}
     model, tokenizer = frontier.load_model(args)
     num_layers = int(model.config.num_hidden_layers)
     wanted = [layer for layer in (args.layers or range(num_layers)) if layer not in done]
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("layer %d measured", captured.layer)
 
         capture_qk(model, ids, layers=wanted, on_layer=on_layer)
-    records = [r for r in store.records() if all(r.get(key) == value for key, value in run.items())]
+    records = [r for r in store.records() if of_this_run(r)]
     print(write_report(args.out, records, command).read_text())
     return 0
 
