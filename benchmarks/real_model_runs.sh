@@ -612,7 +612,7 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     # (session 25's dense windows seeded: the same code and text), TTFT at 64K / 96K / 128K (between 64K and 128K
     # the floor interpolates, unmeasured); rerun to finish
     [ -f "$RES/$step/ppl.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session25/q15-ppl/ppl.jsonl \
-      > "$RES/$step/ppl.jsonl"
+      | grep '"length": 131072' > "$RES/$step/ppl.jsonl"
     run_cli eval needle $Q15 --lengths 65536,131072 --depths 0.0,0.25,0.5,0.75,1.0 --needles-per-cell 2 \
       --methods dense,longinfer --out "$RES/$step"
     run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,longinfer" --out "$RES/$step"
