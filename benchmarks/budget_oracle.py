@@ -22,6 +22,12 @@ allocates a budget over the (row, grid point) choices:
   larger of the global allocation's density at the mean and the lifted heads' cost alone bounds it
   from below.
 
+``--tile T`` (T > 1) measures the same for an index one step closer to a kernel: the rows of a query tile
+(``T`` rows aligned to multiples of ``T``, as a tiled kernel walks them) share one key set, the tile's best
+keys by attention summed over its rows (:func:`measure_tiles`); each sampled row stands for its tile. Per-row
+selection is what no tiled kernel computes; per-tile key sets are what an index whose budget varies per
+query block could reach at most.
+
 Rows and densities as in the frontier tool (``sample_rows``, seed 0), so the uniform rows reproduce its
 oracle. Results: ``budget_oracle.jsonl`` (one record per layer with every row's recall and kept keys at
 each grid density; rerun to resume), ``budget_oracle.md``, ``budget_oracle.json`` (the allocations) and ``budget_oracle_heads.csv`` (per head).
@@ -213,6 +219,39 @@ def measure_layer(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: f
             "kept": kept.tolist()}
 
 
+def tile_ends(rows: torch.Tensor, tile: int, length: int) -> torch.Tensor:
+    """The last row ``[R]`` of the query tile (``tile`` rows, aligned to multiples of ``tile``, the last one
+    cut at ``length``) that holds each sampled row."""
+    return torch.clamp((rows // tile + 1) * tile - 1, max=length - 1)
+
+
+def measure_tiles(q: torch.Tensor, k: torch.Tensor, ends: torch.Tensor, tile: int, scale: float) -> dict[str, Any]:
+    """The tile oracle's recall and kept keys at each :data:`GRID` density, for the query tile ending at each
+    of ``ends [R]`` (batch 1; ``q [1, Hq, N, D]``, ``k [1, Hkv, N, D]``).
+
+    A tile shares one set of key columns (what a kernel whose index varies per query tile can compute):
+    its best ``ceil(d * (end + 1))`` keys are those with the largest attention summed over the tile's rows,
+    which maximizes the tile rows' mean recall for that count. Its recall is that mean (each row's causal
+    softmax, the tile's future keys excluded). Memory: one tile's ``[Hq, tile, end + 1]`` probabilities.
+    """
+    q_heads, kv_heads = q.shape[1], k.shape[1]
+    recall, kept = [], []
+    for end in ends.tolist():  # the sampled tiles (128 per layer), each one batched matmul over all heads
+        start = max(0, end - tile + 1)
+        keys = k[0, :, : end + 1].repeat_interleave(q_heads // kv_heads, 0).float()
+        scores = q[0, :, start: end + 1].float() @ keys.transpose(-1, -2) * scale  # [Hq, rows, end + 1]
+        positions = torch.arange(end + 1, device=q.device)
+        future = positions[None, :] > torch.arange(start, end + 1, device=q.device)[:, None]
+        probs = scores.masked_fill(future, float("-inf")).softmax(-1)
+        ranked = probs.sum(1).sort(-1, descending=True).values.cumsum(-1) / (end + 1 - start)  # [Hq, end + 1]
+        counts = [max(1, min(end + 1, math.ceil(d * (end + 1) - 1e-9))) for d in GRID]
+        recall.append(ranked[:, [c - 1 for c in counts]])  # [Hq, G]
+        kept.append(counts)
+    recall_hrg = torch.stack(recall, 1).clamp(max=1.0)
+    return {"recall": [[[round(float(x), 6) for x in row] for row in head] for head in recall_hrg.tolist()],
+            "kept": [kept] * q_heads}
+
+
 def load_curves(records: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(recall, kept [L*H, R, G+1], causal [R])`` of every layer's heads, all keys as the last point."""
     records = sorted(records, key=lambda r: r["layer"])
@@ -256,6 +295,13 @@ def table_header() -> list[str]:
     return header
 
 
+def _granularity(tile: int) -> str:
+    if tile == 1:
+        return "each sampled row its own best keys (the key oracle)"
+    return (f"one key set per query tile of {tile} rows, shared by its rows (each sampled row stands for its "
+            "tile; density over the tile's last row's causal keys)")
+
+
 def write_report(out: Path, records: list[dict[str, Any]], command: str) -> Path:
     analysis, table = analyse(records)
     (out / "budget_oracle.json").write_text(json.dumps(analysis, indent=1) + "\n")
@@ -280,6 +326,7 @@ def write_report(out: Path, records: list[dict[str, Any]], command: str) -> Path
         f"({first['num_layers']} layers), {analysis['rows']} sampled rows per head (seed {first['seed']}), "
         f"device {first['device']}, torch {first['versions']['torch']}",
         f"- command: `{command}`",
+        f"- granularity: {_granularity(first.get('tile', 1))}",
         f"- grid of per-row densities: {', '.join(f'{d:g}' for d in GRID)}, and every key", "",
         markdown_table(["target", "allocation", "mean recall", "p10 head", "average density"], rows), "",
         "Per head: `budget_oracle_heads.csv`.", ""])
@@ -302,17 +349,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--yarn", type=float, default=None)
     parser.add_argument("--gguf", default=None)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--tile", type=int, default=1,
+                        help="query rows that share one key set (1: every row its own, the key oracle)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.tile < 1:
+        parser.error(f"--tile must be >= 1, got {args.tile}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     command = "python3 benchmarks/budget_oracle.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(args.out / RESULTS)
-    run = {"model": args.model, "length": args.length, "num_rows": args.rows, "seed": args.seed, "text": args.text}
+    run = {"model": args.model, "length": args.length, "num_rows": args.rows, "seed": args.seed, "text": args.text,
+           "tile": args.tile}
 
-    def of_this_run(record: dict[str, Any]) -> bool:
-        return all(record.get(key) == value for key, value in run.items())
+    def of_this_run(record: dict[str, Any]) -> bool:  # records from before --tile are of tile 1
+        return all(record.get(key, 1 if key == "tile" else None) == value for key, value in run.items())
 
     done = {r["layer"] for r in store.records() if of_this_run(r)}
     model, tokenizer = frontier.load_model(args)
@@ -321,12 +373,19 @@ def main(argv: list[str] | None = None) -> int:
     if wanted:
         ids = torch.tensor([frontier.prompt_ids(tokenizer, args)], device=model.device)
         rows = sample_rows(args.length, args.length, args.rows, seed=args.seed)
+        if args.tile > 1:
+            rows = tile_ends(rows, args.tile, args.length)
         common = {**run, "num_layers": num_layers, **environment_info(ids.device), "command": command}
 
         def on_layer(captured: Any) -> None:
-            measured = measure_layer(captured.q, captured.k, rows.to(captured.q.device), captured.sm_scale)
-            store.append({**common, "task": "budget_oracle", "method": "key-oracle-grid",
-                          "case_id": f"n{args.length}-r{args.rows}-s{args.seed}-{args.text}-L{captured.layer:03d}",
+            if args.tile > 1:
+                measured = measure_tiles(captured.q, captured.k, rows, args.tile, captured.sm_scale)
+            else:
+                measured = measure_layer(captured.q, captured.k, rows.to(captured.q.device), captured.sm_scale)
+            tile_id = f"-t{args.tile}" if args.tile > 1 else ""
+            store.append({**common, "task": "budget_oracle", "method": f"tile{args.tile}-oracle-grid" if tile_id
+                          else "key-oracle-grid",
+                          "case_id": f"n{args.length}-r{args.rows}-s{args.seed}-{args.text}{tile_id}-L{captured.layer:03d}",
                           "layer": captured.layer, "rows": rows.tolist(), "grid": list(GRID), **measured})
             logger.info("layer %d measured", captured.layer)
 

@@ -117,3 +117,46 @@ def test_each_head_at_one_density_spends_it_over_its_rows_as_well_as_any_choice(
         used = budget.rows_allocation(*one, causal, wanted)[0]["density"]
         best = _brute_force_best_mean(*one, causal, used)
         assert float(head_recall[head]) == pytest.approx(best, abs=1e-12)
+
+
+def _tile_recall_of(q, k, start: int, end: int, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """Mean over the rows ``start..end`` of each head's attention mass (causal softmax) on the keys ``keep [Hq, K]``
+    (bool, ``K = end + 1``), computed row by row: ``[Hq]``."""
+    group = q.shape[1] // k.shape[1]
+    per_row = []
+    for row in range(start, end + 1):
+        scores = torch.einsum("hd,hkd->hk", q[0, :, row].double(),
+                              k[0, :, : row + 1].double().repeat_interleave(group, 0)) * scale
+        probs = scores.softmax(-1)
+        per_row.append((probs * keep[:, : row + 1]).sum(-1))
+    return torch.stack(per_row).mean(0)
+
+
+def test_tile_oracle_keeps_the_best_key_set_of_its_size_for_the_tile_rows():
+    """The tile oracle's recall equals the tile rows' mean mass on the best key set of its size, recomputed
+    row by row: the recall of a set is a sum of per-key values (each key's mean mass over the tile), so the
+    best set of a size is the top keys by that value. Tiles of one row are the key oracle. Tolerance 1e-5:
+    float32 scores against a float64 recomputation over <= 300 keys."""
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 300, 16, generator=generator)
+    k = torch.randn(1, 2, 300, 16, generator=generator)
+    rows = torch.tensor([5, 70, 150, 299])
+    ends = budget.tile_ends(rows, 16, 300)
+    assert ends.tolist() == [15, 79, 159, 299]
+    measured = budget.measure_tiles(q, k, ends, 16, 0.25)
+    point = budget.GRID.index(0.1)
+    for number, end in enumerate(ends.tolist()):
+        start = end - 15
+        count = measured["kept"][0][number][point]
+        assert count == math.ceil(0.1 * (end + 1) - 1e-9)
+        mass = torch.stack([_tile_recall_of(q, k, start, end, torch.eye(end + 1, dtype=torch.bool)[j].expand(4, -1),
+                                            0.25) for j in range(end + 1)], -1)  # [Hq, keys]: each key's value
+        best = mass.topk(count, -1).indices
+        keep = torch.zeros(4, end + 1, dtype=torch.bool).scatter(-1, best, True)
+        expected = _tile_recall_of(q, k, start, end, keep, 0.25)
+        got = torch.tensor([measured["recall"][h][number][point] for h in range(4)], dtype=torch.float64)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    single = budget.measure_tiles(q, k, rows, 1, 0.25)
+    key = budget.measure_layer(q, k, rows, 0.25)
+    torch.testing.assert_close(torch.tensor(single["recall"]), torch.tensor(key["recall"]), atol=1e-5, rtol=0)
+    assert single["kept"] == key["kept"]
