@@ -236,7 +236,7 @@ def measure_tiles(q: torch.Tensor, k: torch.Tensor, ends: torch.Tensor, tile: in
     """
     q_heads, kv_heads = q.shape[1], k.shape[1]
     recall, kept = [], []
-    for end in ends.tolist():  # the sampled tiles (128 per layer), each one batched matmul over all heads
+    for end in ends.tolist():  # one tile per sampled row, each one batched matmul over all heads
         start = max(0, end - tile + 1)
         keys = k[0, :, : end + 1].repeat_interleave(q_heads // kv_heads, 0).float()
         scores = q[0, :, start: end + 1].float() @ keys.transpose(-1, -2) * scale  # [Hq, rows, end + 1]

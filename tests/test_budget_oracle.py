@@ -119,17 +119,16 @@ def test_each_head_at_one_density_spends_it_over_its_rows_as_well_as_any_choice(
         assert float(head_recall[head]) == pytest.approx(best, abs=1e-12)
 
 
-def _tile_recall_of(q, k, start: int, end: int, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    """Mean over the rows ``start..end`` of each head's attention mass (causal softmax) on the keys ``keep [Hq, K]``
-    (bool, ``K = end + 1``), computed row by row: ``[Hq]``."""
+def _tile_key_masses(q, k, start: int, end: int, scale: float) -> torch.Tensor:
+    """Each key's attention mass averaged over the rows ``start..end`` (each row's causal softmax, float64,
+    row by row): ``[Hq, end + 1]``. A key set's tile recall is the sum of its keys' values."""
     group = q.shape[1] // k.shape[1]
-    per_row = []
+    masses = torch.zeros(q.shape[1], end + 1, dtype=torch.float64)
     for row in range(start, end + 1):
         scores = torch.einsum("hd,hkd->hk", q[0, :, row].double(),
                               k[0, :, : row + 1].double().repeat_interleave(group, 0)) * scale
-        probs = scores.softmax(-1)
-        per_row.append((probs * keep[:, : row + 1]).sum(-1))
-    return torch.stack(per_row).mean(0)
+        masses[:, : row + 1] += scores.softmax(-1)
+    return masses / (end + 1 - start)
 
 
 def test_tile_oracle_keeps_the_best_key_set_of_its_size_for_the_tile_rows():
@@ -146,14 +145,9 @@ def test_tile_oracle_keeps_the_best_key_set_of_its_size_for_the_tile_rows():
     measured = budget.measure_tiles(q, k, ends, 16, 0.25)
     point = budget.GRID.index(0.1)
     for number, end in enumerate(ends.tolist()):
-        start = end - 15
         count = measured["kept"][0][number][point]
         assert count == math.ceil(0.1 * (end + 1) - 1e-9)
-        mass = torch.stack([_tile_recall_of(q, k, start, end, torch.eye(end + 1, dtype=torch.bool)[j].expand(4, -1),
-                                            0.25) for j in range(end + 1)], -1)  # [Hq, keys]: each key's value
-        best = mass.topk(count, -1).indices
-        keep = torch.zeros(4, end + 1, dtype=torch.bool).scatter(-1, best, True)
-        expected = _tile_recall_of(q, k, start, end, keep, 0.25)
+        expected = _tile_key_masses(q, k, end - 15, end, 0.25).topk(count, -1).values.sum(-1)
         got = torch.tensor([measured["recall"][h][number][point] for h in range(4)], dtype=torch.float64)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     single = budget.measure_tiles(q, k, rows, 1, 0.25)
