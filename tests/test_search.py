@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import re
 
@@ -582,14 +583,18 @@ def test_search_with_shared_kv_groups_gives_groups_one_pattern(tiny_setup, tmp_p
     assert plan.search["share_kv_groups"] is True
 
 
-def test_global_search_averages_the_budget_over_all_heads_and_resumes(tiny_setup, tmp_path):
+def test_global_search_averages_the_budget_over_all_heads_and_resumes(tiny_setup, tmp_path, caplog):
     """allocation="global": the plan's mean cost over every head of every layer stays within the budget
-    (single heads may exceed it), the choice is choose_globally's on the recorded scores, the layers keep
-    the default dense_below (not timed: chosen after all layers), and a resumed search writes the same plan."""
+    (single heads may exceed it), the choice is choose_globally's on the recorded scores (and the log
+    reports that choice's mean, not the per-layer provisional one), the layers keep the default dense_below
+    (not timed: chosen after all layers), and a resumed search writes the same plan."""
     out = tmp_path / "global.json"
+    caplog.set_level(logging.INFO, logger="longinfer")
     plan = _run(tiny_setup, out, cost_budget=0.45, allocation="global")
     costs = [c for summary in plan.search["layers"] for c in summary["cost"]]
     assert sum(costs) / len(costs) <= 0.45 + 1e-9 and plan.search["allocation"] == "global"
+    assert f"at mean cost {sum(costs) / len(costs):.4f} (budget 0.4500)" in caplog.text
+    assert "the global allocation chooses after the last layer" in caplog.text
     records = [json.loads(line) for line in search.partial_path(out).read_text().splitlines()[1:]]
     scores = [search.LayerScores(torch.tensor(r["all_recall"]), torch.tensor(r["all_cost"])) for r in records]
     _, _, _, candidates = tiny_setup

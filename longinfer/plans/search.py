@@ -906,9 +906,11 @@ def _search_layer(
         "captured": {"device": q.device.type, "dtype": str(q.dtype).removeprefix("torch.")},
     }
     names = [candidates[c].pattern for c in choice]
-    logger.info("layer %d: %s; mean recall %.4f at mean cost %.4f; dense below %d", layer_index,
+    provisional = " (each head within the budget; the global allocation chooses after the last layer)" \
+        if settings.get("allocation") == "global" else ""
+    logger.info("layer %d: %s; mean recall %.4f at mean cost %.4f; dense below %d%s", layer_index,
                 ", ".join(f"{names.count(n)} {n}" for n in dict.fromkeys(names)),
-                statistics.fmean(record["recall"]), statistics.fmean(record["cost"]), dense_below)
+                statistics.fmean(record["recall"]), statistics.fmean(record["cost"]), dense_below, provisional)
     return record
 
 
@@ -1062,6 +1064,11 @@ def _plan_from_records(shape: Any, records: Mapping[int, Mapping[str, Any]], can
                   for i in range(shape.num_layers)]
         group = shape.num_q_heads // shape.num_kv_heads if settings["share_kv_groups"] else 1
         choices = choose_globally(scores, settings["cost_budget"], group_size=group)
+        chosen = [(layer.recall[c, h], layer.cost[c, h]) for layer, choice in zip(scores, choices)
+                  for h, c in enumerate(choice)]
+        logger.info("global allocation over %d heads: mean recall %.4f at mean cost %.4f (budget %.4f)",
+                    len(chosen), statistics.fmean(float(r) for r, _ in chosen),
+                    statistics.fmean(float(c) for _, c in chosen), settings["cost_budget"])
     for index, choice in enumerate(choices):
         record = records[index]
         layers.append(LayerPlan(tuple(candidates[c] for c in choice), dense_below=record["dense_below"],
