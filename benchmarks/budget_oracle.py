@@ -59,7 +59,7 @@ from longinfer.eval import recall as frontier
 from longinfer.eval.capture import capture_qk
 from longinfer.eval.report import markdown_table
 from longinfer.eval.results import ResultStore, environment_info
-from longinfer.patterns.oracle import oracle_recall
+from longinfer.patterns.oracle import oracle_counts, oracle_recall
 from longinfer.patterns.recall import causal_logsumexp, sample_rows
 
 logger = logging.getLogger("budget_oracle")
@@ -244,7 +244,7 @@ def measure_tiles(q: torch.Tensor, k: torch.Tensor, ends: torch.Tensor, tile: in
         future = positions[None, :] > torch.arange(start, end + 1, device=q.device)[:, None]
         probs = scores.masked_fill(future, float("-inf")).softmax(-1)
         ranked = probs.sum(1).sort(-1, descending=True).values.cumsum(-1) / (end + 1 - start)  # [Hq, end + 1]
-        counts = [max(1, min(end + 1, math.ceil(d * (end + 1) - 1e-9))) for d in GRID]
+        counts = [int(oracle_counts(torch.tensor([end + 1]), d)) for d in GRID]
         recall.append(ranked[:, [c - 1 for c in counts]])  # [Hq, G]
         kept.append(counts)
     recall_hrg = torch.stack(recall, 1).clamp(max=1.0)

@@ -1064,11 +1064,6 @@ def _plan_from_records(shape: Any, records: Mapping[int, Mapping[str, Any]], can
                   for i in range(shape.num_layers)]
         group = shape.num_q_heads // shape.num_kv_heads if settings["share_kv_groups"] else 1
         choices = choose_globally(scores, settings["cost_budget"], group_size=group)
-        chosen = [(layer.recall[c, h], layer.cost[c, h]) for layer, choice in zip(scores, choices)
-                  for h, c in enumerate(choice)]
-        logger.info("global allocation over %d heads: mean recall %.4f at mean cost %.4f (budget %.4f)",
-                    len(chosen), statistics.fmean(float(r) for r, _ in chosen),
-                    statistics.fmean(float(c) for _, c in chosen), settings["cost_budget"])
     for index, choice in enumerate(choices):
         record = records[index]
         layers.append(LayerPlan(tuple(candidates[c] for c in choice), dense_below=record["dense_below"],
@@ -1076,6 +1071,11 @@ def _plan_from_records(shape: Any, records: Mapping[int, Mapping[str, Any]], can
         summary.append({"recall": [record["all_recall"][c][h] for h, c in enumerate(choice)],
                         "cost": [record["all_cost"][c][h] for h, c in enumerate(choice)],
                         "crossover": record["crossover"]})
+    if settings.get("allocation") == "global":
+        recalls = [r for layer in summary for r in layer["recall"]]
+        costs = [c for layer in summary for c in layer["cost"]]
+        logger.info("global allocation over %d heads: mean recall %.4f at mean cost %.4f (budget %.4f)",
+                    len(costs), statistics.fmean(recalls), statistics.fmean(costs), settings["cost_budget"])
     search = {key: value for key, value in settings.items() if key not in ("model", "shape")}
     search["layers"] = summary
     captured = [records[i]["captured"] for i in range(shape.num_layers) if "captured" in records[i]]
