@@ -48,6 +48,8 @@ import logging
 import math
 import shlex
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,19 +81,22 @@ def with_all_keys(recall: torch.Tensor, kept: torch.Tensor, causal: torch.Tensor
     return torch.cat([recall, torch.ones_like(recall[..., :1])], -1), torch.cat([kept, full_kept], -1)
 
 
-def allocate(recall: torch.Tensor, kept: torch.Tensor, causal: torch.Tensor, price: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def allocate(recall: torch.Tensor, kept: torch.Tensor, causal: torch.Tensor, price: torch.Tensor,
+             score: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's best grid point at a price per key; returns ``(head_recall [H], head_density [H])``.
 
     Args:
         recall, kept: ``[H, R, G]``: each row's oracle recall and kept keys at each grid point.
         causal: ``[R]`` causal keys of each row.
         price: ``[H]`` or a scalar: recall given up per unit of density (kept keys over the rows'
-            causal keys, ``C``); a row takes ``argmax_g recall / R - price * kept / C``.
+            causal keys, ``C``); a row takes ``argmax_g score / R - price * kept / C``.
+        score: ``[H, R, G]`` what the choice sees in place of ``recall`` (an online estimate of it, e.g.
+            the estimated attention mass of the kept keys); ``None``: the true recall (an oracle choice).
     """
     rows, total = recall.shape[1], float(causal.sum())
     price = torch.as_tensor(price, dtype=recall.dtype).reshape(-1, 1, 1)
-    choice = (recall / rows - price * kept.to(recall.dtype) / total).argmax(-1, keepdim=True)
+    seen = recall if score is None else score
+    choice = (seen / rows - price * kept.to(recall.dtype) / total).argmax(-1, keepdim=True)
     head_recall = recall.gather(-1, choice)[..., 0].mean(-1)
     head_density = kept.gather(-1, choice)[..., 0].to(torch.float64).sum(-1) / total
     return head_recall, head_density.to(recall.dtype)
@@ -225,9 +230,65 @@ def tile_ends(rows: torch.Tensor, tile: int, length: int) -> torch.Tensor:
     return torch.clamp((rows // tile + 1) * tile - 1, max=length - 1)
 
 
-def measure_tiles(q: torch.Tensor, k: torch.Tensor, ends: torch.Tensor, tile: int, scale: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TileEstimate:
+    """An online estimate of a query tile's key masses, one step from a kernel index: the softmax of the
+    *mean query* of the aligned block of ``pool`` rows that holds the tile (``pool`` a multiple of the tile;
+    every query is known at prefill, so the block may reach past the tile) against the tile's causal keys.
+    The tile keeps its ``local`` most recent causal keys first (the diagonal band a kernel computes anyway),
+    then the keys of largest estimated mass. Estimation work per head: ``N / pool`` query rows against all
+    keys, ``1 / pool`` of dense attention's QK^T."""
+
+    pool: int
+    local: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"pooled{self.pool}" + (f"+local{self.local}" if self.local else "")
+
+
+def parse_estimates(text: str) -> list[TileEstimate]:
+    """``"64,128+local128"`` -> estimates (``POOL`` or ``POOL+localW``)."""
+    estimates = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        pool, _, local = item.partition("+local")
+        if not pool.isdigit() or (local and not local.isdigit()):
+            raise ValueError(f"bad estimate {item!r}: expected POOL or POOL+localW, e.g. 64 or 128+local128")
+        estimates.append(TileEstimate(int(pool), int(local or 0)))
+    return estimates
+
+
+def _estimate_curves(estimate: TileEstimate, q: torch.Tensor, keys: torch.Tensor, mass: torch.Tensor, start: int,
+                     end: int, counts: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """One tile's curves under ``estimate``: the true recall and the estimated mass of the kept keys at each
+    of ``counts`` (``[Hq, G]`` each), and the keys kept (a count below the forced local keys keeps those).
+
+    ``q [Hq, N, D]``, ``keys [Hq, end + 1, D]`` (float32), ``mass [Hq, end + 1]``: each key's attention mass
+    averaged over the tile's rows."""
+    pool_start = (start // estimate.pool) * estimate.pool
+    pooled = q[:, pool_start: pool_start + estimate.pool].float().mean(1, keepdim=True)  # [Hq, 1, D]
+    estimated = (pooled @ keys.transpose(-1, -2))[:, 0].mul(scale).softmax(-1)  # [Hq, end + 1]
+    local = min(estimate.local, end + 1)
+    rank = estimated.clone()
+    rank[:, end + 1 - local:] = float("inf")
+    order = rank.argsort(-1, descending=True)
+    true_cumulative = mass.gather(-1, order).cumsum(-1)
+    estimated_cumulative = estimated.gather(-1, order).cumsum(-1)
+    kept = [max(count, local) for count in counts]
+    at = torch.tensor([count - 1 for count in kept], device=mass.device)
+    return true_cumulative[:, at], estimated_cumulative[:, at], kept
+
+
+def _nested(values: torch.Tensor) -> list[Any]:
+    return [[[round(float(x), 6) for x in row] for row in head] for head in values.tolist()]
+
+
+def measure_tiles(q: torch.Tensor, k: torch.Tensor, ends: torch.Tensor, tile: int, scale: float,
+                  estimates: Sequence[TileEstimate] = ()) -> dict[str, Any]:
     """The tile oracle's recall and kept keys at each :data:`GRID` density, for the query tile ending at each
-    of ``ends [R]`` (batch 1; ``q [1, Hq, N, D]``, ``k [1, Hkv, N, D]``).
+    of ``ends [R]`` (batch 1; ``q [1, Hq, N, D]``, ``k [1, Hkv, N, D]``), and the same curves for each of
+    ``estimates`` (under ``"estimates"``, by name: ``recall``, ``mass`` (the estimate's own mass of the kept
+    keys, what an online budget sees) and ``kept``).
 
     A tile shares one set of key columns (what a kernel whose index varies per query tile can compute):
     its best ``ceil(d * (end + 1))`` keys are those with the largest attention summed over the tile's rows,
@@ -235,21 +296,35 @@ def measure_tiles(q: torch.Tensor, k: torch.Tensor, ends: torch.Tensor, tile: in
     softmax, the tile's future keys excluded). Memory: one tile's ``[Hq, tile, end + 1]`` probabilities.
     """
     q_heads, kv_heads = q.shape[1], k.shape[1]
+    for estimate in estimates:
+        if estimate.pool % tile:
+            raise ValueError(f"estimate {estimate.name}: its pool of {estimate.pool} rows must be a multiple of "
+                             f"the tile ({tile} rows)")
     recall, kept = [], []
+    estimated: dict[str, dict[str, list[Any]]] = {e.name: {"recall": [], "mass": [], "kept": []} for e in estimates}
     for end in ends.tolist():  # one tile per sampled row, each one batched matmul over all heads
         start = max(0, end - tile + 1)
         keys = k[0, :, : end + 1].repeat_interleave(q_heads // kv_heads, 0).float()
         scores = q[0, :, start: end + 1].float() @ keys.transpose(-1, -2) * scale  # [Hq, rows, end + 1]
         positions = torch.arange(end + 1, device=q.device)
         future = positions[None, :] > torch.arange(start, end + 1, device=q.device)[:, None]
-        probs = scores.masked_fill(future, float("-inf")).softmax(-1)
-        ranked = probs.sum(1).sort(-1, descending=True).values.cumsum(-1) / (end + 1 - start)  # [Hq, end + 1]
+        mass = scores.masked_fill(future, float("-inf")).softmax(-1).mean(1)  # [Hq, end + 1]
+        ranked = mass.sort(-1, descending=True).values.cumsum(-1)
         counts = [int(oracle_counts(torch.tensor([end + 1]), d)) for d in GRID]
         recall.append(ranked[:, [c - 1 for c in counts]])  # [Hq, G]
         kept.append(counts)
-    recall_hrg = torch.stack(recall, 1).clamp(max=1.0)
-    return {"recall": [[[round(float(x), 6) for x in row] for row in head] for head in recall_hrg.tolist()],
-            "kept": [kept] * q_heads}
+        for estimate in estimates:
+            curves = estimated[estimate.name]
+            true_recall, own_mass, own_kept = _estimate_curves(estimate, q[0], keys, mass, start, end, counts, scale)
+            curves["recall"].append(true_recall)
+            curves["mass"].append(own_mass)
+            curves["kept"].append(own_kept)
+    out: dict[str, Any] = {"recall": _nested(torch.stack(recall, 1).clamp(max=1.0)), "kept": [kept] * q_heads}
+    if estimates:
+        out["estimates"] = {name: {"recall": _nested(torch.stack(c["recall"], 1).clamp(max=1.0)),
+                                   "mass": _nested(torch.stack(c["mass"], 1).clamp(max=1.0)),
+                                   "kept": [c["kept"]] * q_heads} for name, c in estimated.items()}
+    return out
 
 
 def load_curves(records: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -259,6 +334,100 @@ def load_curves(records: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tens
     kept = torch.tensor([head for r in records for head in r["kept"]], dtype=torch.int64)
     causal = torch.tensor(records[0]["rows"], dtype=torch.int64) + 1
     return (*with_all_keys(recall, kept, causal), causal)
+
+
+def load_estimate_curves(records: list[dict[str, Any]], name: str
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(recall, mass, kept [L*H, R, G+1], causal [R])`` of estimate ``name`` (see :func:`measure_tiles`),
+    all keys as the last point (recall and estimated mass 1)."""
+    records = sorted(records, key=lambda r: r["layer"])
+    curves = [r["estimates"][name] for r in records]
+    recall = torch.tensor([head for c in curves for head in c["recall"]], dtype=torch.float64)
+    mass = torch.tensor([head for c in curves for head in c["mass"]], dtype=torch.float64)
+    kept = torch.tensor([head for c in curves for head in c["kept"]], dtype=torch.int64)
+    causal = torch.tensor(records[0]["rows"], dtype=torch.int64) + 1
+    recall, full_kept = with_all_keys(recall, kept, causal)
+    return recall, with_all_keys(mass, kept, causal)[0], full_kept, causal
+
+
+def coverage_choice(recall: torch.Tensor, kept: torch.Tensor, causal: torch.Tensor, mass: torch.Tensor, tau: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row (tile) at its first grid point whose estimated mass reaches ``tau`` (a coverage budget: the
+    fewest keys the estimate says hold ``tau`` of the attention); ``(head_recall [H], head_density [H])``.
+    ``mass [H, R, G]`` must end at 1 (every key)."""
+    choice = (mass < tau).sum(-1, keepdim=True).clamp(max=mass.shape[-1] - 1)
+    head_recall = recall.gather(-1, choice)[..., 0].mean(-1)
+    head_density = kept.gather(-1, choice)[..., 0].to(torch.float64).sum(-1) / float(causal.sum())
+    return head_recall, head_density.to(recall.dtype)
+
+
+def _bisect_tau(holds: Any) -> float | None:
+    """The smallest coverage ``tau`` in ``[0, 1]`` where the monotone ``holds`` (false below, true above)
+    holds, to 1e-9; ``None`` when it fails even at ``tau = 1``."""
+    if not holds(1.0):
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(_BISECTIONS):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if holds(mid) else (mid, hi)
+    return hi
+
+
+def online_allocations(recall: torch.Tensor, kept: torch.Tensor, causal: torch.Tensor, mass: torch.Tensor,
+                       mean: float, p10: float, density: float) -> dict[str, dict[str, Any]]:
+    """Budgets an online estimator can set from its own estimated masses ``mass`` (no true recall seen):
+
+    - ``price``: one price per key over the estimated mass, every tile of every head;
+    - ``coverage``: each tile the fewest keys whose estimated mass reaches one ``tau``;
+
+    each at the largest spend within ``density`` (``at_density``; ``None`` when the fewest keys each tile keeps
+    cost more) and at the cheapest spend meeting both ``mean`` and ``p10`` (``meeting``; ``None`` when even
+    every key does not). Both knobs are monotone: a
+    lower price or a higher ``tau`` keeps at least as many keys in every tile."""
+    def meets(result: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        return float(result[0].mean()) >= mean - 1e-6 and percentile(result[0], 0.1) >= p10 - 1e-6
+
+    def by_price(price: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return allocate(recall, kept, causal, price, score=mass)
+
+    def by_tau(tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return coverage_choice(recall, kept, causal, mass, tau)
+
+    out: dict[str, dict[str, Any]] = {}
+    fewest = float(by_price(1e6)[1].mean())
+    within = None if fewest > density else _boundary_prices(lambda p: float(by_price(p)[1].mean()) <= density,
+                                                            holds_when_low=False)[0]
+    meeting_price = _boundary_prices(lambda p: meets(by_price(p)), holds_when_low=True)[0] if meets(by_price(1e-9)) else None
+    out["price"] = {"at_density": None if within is None else summarize(*by_price(within)),
+                    "meeting": None if meeting_price is None else summarize(*by_price(meeting_price))}
+    # the largest tau within the density: the smallest tau over it, less a step
+    over = _bisect_tau(lambda t: float(by_tau(t)[1].mean()) > density)
+    tau_within = 1.0 if over is None else max(0.0, over - 1e-9)
+    meeting_tau = _bisect_tau(lambda t: meets(by_tau(t)))
+    at_density = None if float(by_tau(tau_within)[1].mean()) > density else {**summarize(*by_tau(tau_within)),
+                                                                            "tau": tau_within}
+    out["coverage"] = {"at_density": at_density,
+                       "meeting": None if meeting_tau is None else {**summarize(*by_tau(meeting_tau)), "tau": meeting_tau}}
+    return out
+
+
+def analyse_estimates(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per estimate of the records (see :func:`measure_tiles`) and target of :data:`TARGETS`: its ranking
+    under oracle budgets (``ranked``: the global price and the cheapest allocation meeting the target, over
+    the true recall of the estimate's key sets) and the online budgets of :func:`online_allocations`."""
+    names = sorted(records[0].get("estimates", {}))
+    out: dict[str, Any] = {}
+    for name in names:
+        recall, mass, kept, causal = load_estimate_curves(records, name)
+        out[name] = []
+        fewest = float(kept[..., 0].to(torch.float64).sum(-1).mean()) / float(causal.sum())
+        for mean, p10, density in TARGETS:
+            out[name].append({"mean": mean, "p10": p10, "density": density,
+                              "ranked_global": None if fewest > density else global_allocation(recall, kept, causal,
+                                                                                               density),
+                              "ranked_cheapest": target_allocation(recall, kept, causal, mean, p10),
+                              **online_allocations(recall, kept, causal, mass, mean, p10, density)})
+    return out
 
 
 def analyse(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[list[Any]]]:
@@ -302,9 +471,39 @@ def _granularity(tile: int) -> str:
             "tile; density over the tile's last row's causal keys)")
 
 
+def _cell(result: dict[str, Any] | None) -> str:
+    if result is None:
+        return "not met"
+    tau = f", tau {result['tau']:.4f}" if "tau" in result else ""
+    return f"{result['mean']:.3f} / {result['p10']:.3f} / {100 * result['density']:.2f}%{tau}"
+
+
+def estimate_section(estimates: dict[str, Any]) -> list[str]:
+    """The report's table of the online estimates (empty without any)."""
+    if not estimates:
+        return []
+    rows = []
+    for name, targets in estimates.items():
+        for target in targets:
+            label = f"{target['mean']:.2f} / {target['p10']:.2f} at <= {100 * target['density']:g}%"
+            rows.append([name, label, _cell(target["ranked_global"]),
+                         _cell(target["ranked_cheapest"]) if target["ranked_cheapest"]["met"] else "not met",
+                         _cell(target["price"]["at_density"]), _cell(target["price"]["meeting"]),
+                         _cell(target["coverage"]["at_density"]), _cell(target["coverage"]["meeting"])])
+    header = ["estimate", "target", "ranked by it, oracle price at the density", "ranked by it, cheapest meeting",
+              "online price at the density", "online price, cheapest meeting", "online coverage at the density",
+              "online coverage, cheapest meeting"]
+    return ["## Online estimates of each tile's keys (mean recall / p10 head / average density)", "",
+            "Ranked by the estimate: the estimate orders each tile's keys, budgets chosen from the true recall (its "
+            "ranking's ceiling). Online: budgets from the estimate's own masses (one price per key, or one "
+            "coverage tau), what a run-time index can do.", "",
+            markdown_table(header, rows), ""]
+
+
 def write_report(out: Path, records: list[dict[str, Any]], command: str) -> Path:
     analysis, table = analyse(records)
-    (out / "budget_oracle.json").write_text(json.dumps(analysis, indent=1) + "\n")
+    estimates = analyse_estimates(records)
+    (out / "budget_oracle.json").write_text(json.dumps({**analysis, "estimates": estimates}, indent=1) + "\n")
     with open(out / "budget_oracle_heads.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([table_header(), *table])
     first = records[0]
@@ -329,6 +528,7 @@ def write_report(out: Path, records: list[dict[str, Any]], command: str) -> Path
         f"- granularity: {_granularity(first.get('tile', 1))}",
         f"- grid of per-row densities: {', '.join(f'{d:g}' for d in GRID)}, and every key", "",
         markdown_table(["target", "allocation", "mean recall", "p10 head", "average density"], rows), "",
+        *estimate_section(estimates),
         "Per head: `budget_oracle_heads.csv`.", ""])
     path = out / "budget_oracle.md"
     path.write_text(text)
@@ -351,20 +551,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--tile", type=int, default=1,
                         help="query rows that share one key set (1: every row its own, the key oracle)")
+    parser.add_argument("--estimate", default="",
+                        help="with --tile: online estimates of each tile's keys to measure beside the oracle, "
+                             "comma-separated POOL or POOL+localW (see TileEstimate), e.g. 64,128+local128")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.tile < 1:
         parser.error(f"--tile must be >= 1, got {args.tile}")
+    try:
+        estimates = parse_estimates(args.estimate)
+    except ValueError as error:
+        parser.error(str(error))
+    if estimates and args.tile == 1:
+        parser.error("--estimate needs --tile > 1 (the estimates set one key set per query tile)")
+    for estimate in estimates:
+        if estimate.pool % args.tile:
+            parser.error(f"--estimate {estimate.name}: the pool ({estimate.pool} rows) must be a multiple of --tile")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     command = "python3 benchmarks/budget_oracle.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(args.out / RESULTS)
     run = {"model": args.model, "length": args.length, "num_rows": args.rows, "seed": args.seed, "text": args.text,
-           "tile": args.tile}
+           "tile": args.tile, "estimate_names": [e.name for e in estimates]}
+    absent = {"tile": 1, "estimate_names": []}  # records from before --tile / --estimate
 
-    def of_this_run(record: dict[str, Any]) -> bool:  # records from before --tile are of tile 1
-        return all(record.get(key, 1 if key == "tile" else None) == value for key, value in run.items())
+    def of_this_run(record: dict[str, Any]) -> bool:
+        return all(record.get(key, absent.get(key)) == value for key, value in run.items())
 
     done = {r["layer"] for r in store.records() if of_this_run(r)}
     model, tokenizer = frontier.load_model(args)
@@ -379,10 +592,10 @@ def main(argv: list[str] | None = None) -> int:
 
         def on_layer(captured: Any) -> None:
             if args.tile > 1:
-                measured = measure_tiles(captured.q, captured.k, rows, args.tile, captured.sm_scale)
+                measured = measure_tiles(captured.q, captured.k, rows, args.tile, captured.sm_scale, estimates)
             else:
                 measured = measure_layer(captured.q, captured.k, rows.to(captured.q.device), captured.sm_scale)
-            tile_id = f"-t{args.tile}" if args.tile > 1 else ""
+            tile_id = (f"-t{args.tile}" if args.tile > 1 else "") + "".join(f"-{e.name}" for e in estimates)
             store.append({**common, "task": "budget_oracle", "method": f"tile{args.tile}-oracle-grid" if tile_id
                           else "key-oracle-grid",
                           "case_id": f"n{args.length}-r{args.rows}-s{args.seed}-{args.text}{tile_id}-L{captured.layer:03d}",

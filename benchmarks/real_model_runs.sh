@@ -621,7 +621,9 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
   q27-oracles-128k)  # issue 6 at its own setting (1.5B, YaRN x4, 128K): how dense must a key index be for 0.92 / 0.80
     # when rows and heads spend unevenly (the key oracle), and when the rows of a 64-row kernel tile share one key
     # set (the finest budget a tiled kernel can follow); benchmarks/budget_oracle.py, resumable per layer
-    run python3 benchmarks/budget_oracle.py $Q15 --length 131072 --rows 128 --tile 64 --out "$RES/$step/tile64"
+    # (session 28: with the pooled online estimates of each tile's keys beside the tile oracle)
+    run python3 benchmarks/budget_oracle.py $Q15 --length 131072 --rows 128 --tile 64 \
+      --estimate 64,128,256,64+local128,128+local128 --out "$RES/$step/tile64"
     run python3 benchmarks/budget_oracle.py $Q15 --length 131072 --rows 128 --out "$RES/$step/key" ;;
   q27-search-global)  # issues 3/6: per-head budgets from the offline search. A key oracle that spends unevenly
     # meets issue 3's target at 3.25% average density on this prompt (docs/results/budget-oracle-cpu-qwen0.5b-32k/);

@@ -154,3 +154,52 @@ def test_tile_oracle_keeps_the_best_key_set_of_its_size_for_the_tile_rows():
     key = budget.measure_layer(q, k, rows, 0.25)
     torch.testing.assert_close(torch.tensor(single["recall"]), torch.tensor(key["recall"]), atol=1e-5, rtol=0)
     assert single["kept"] == key["kept"]
+
+
+def test_tile_estimate_of_single_rows_is_exact_and_local_keys_come_first():
+    """A pooled estimate over one-row tiles is the row's own softmax: it ranks the keys as the key oracle does
+    and its estimated mass equals the recall (tolerance 1e-5: float32 over <= 300 keys). With ``local``
+    forced keys, every count keeps at least the ``local`` most recent keys, and those come first: the recall
+    at the fewest kept keys is the true mass of exactly those keys."""
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 300, 16, generator=generator)
+    k = torch.randn(1, 2, 300, 16, generator=generator)
+    rows = torch.tensor([5, 70, 150, 299])
+    exact = budget.TileEstimate(pool=1)
+    measured = budget.measure_tiles(q, k, rows, 1, 0.25, [exact])
+    curves = measured["estimates"][exact.name]
+    torch.testing.assert_close(torch.tensor(curves["recall"]), torch.tensor(measured["recall"]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(curves["mass"]), torch.tensor(measured["recall"]), atol=1e-5, rtol=0)
+
+    local = budget.TileEstimate(pool=32, local=40)
+    ends = budget.tile_ends(rows, 16, 300)
+    measured = budget.measure_tiles(q, k, ends, 16, 0.25, [local])
+    curves = measured["estimates"][local.name]
+    for number, end in enumerate(ends.tolist()):
+        kept = curves["kept"][0][number]
+        assert kept[0] == min(40, end + 1) and all(a <= b for a, b in zip(kept, kept[1:]))
+        recent = _tile_key_masses(q, k, end - 15, end, 0.25)[:, max(0, end + 1 - 40):].sum(-1)
+        got = torch.tensor([curves["recall"][h][number][0] for h in range(4)], dtype=torch.float64)
+        torch.testing.assert_close(got, recent, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="multiple of the tile"):
+        budget.measure_tiles(q, k, ends, 16, 0.25, [budget.TileEstimate(pool=24)])
+    assert budget.parse_estimates("64, 128+local128") == [budget.TileEstimate(64), budget.TileEstimate(128, 128)]
+    with pytest.raises(ValueError, match="POOL or POOL"):
+        budget.parse_estimates("64+window3")
+
+
+def test_online_allocations_choose_from_the_estimate_and_score_the_truth():
+    """Online budgets see only the estimated masses: with a price, each row takes the grid point the estimated
+    curve favours (recall reported from the true curve); with coverage, its first point whose estimated mass
+    reaches tau. Brute force over tau on small curves confirms the cheapest tau meeting the target."""
+    recall, kept, causal = _curves(3, heads=3, rows=2, points=3)
+    recall, kept = budget.with_all_keys(recall, kept, causal)
+    mass = (recall.flip(-1) * 0 + torch.linspace(0.2, 1.0, recall.shape[-1], dtype=torch.float64))  # one estimate
+    head_recall, head_density = budget.allocate(recall, kept, causal, 1e-9, score=mass)
+    torch.testing.assert_close(head_recall, torch.ones(3, dtype=torch.float64))  # a free key: the estimate says all
+    head_recall, _ = budget.coverage_choice(recall, kept, causal, mass, 0.6)
+    torch.testing.assert_close(head_recall, recall[..., 2].mean(-1))  # 0.2, 0.4667, 0.7333, 1.0: third point
+    mean = float(recall[..., 2].mean(-1).mean())
+    out = budget.online_allocations(recall, kept, causal, mass, mean, 0.0, 0.9)
+    assert out["coverage"]["meeting"]["tau"] == pytest.approx(0.4667, abs=1e-3)
+    assert out["coverage"]["meeting"]["mean"] >= mean - 1e-6
