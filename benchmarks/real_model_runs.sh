@@ -641,6 +641,16 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --oracle-densities 0.05,0.1 --method "perhead0.1=plan:$RES/$step/q05-per_head-0.1.plan.json" \
       --method "global0.1=plan:$RES/$step/q05-global-0.1.plan.json" \
       --method "global0.05=plan:$RES/$step/q05-global-0.05.plan.json" --time-kernels --out "$RES/$step/frontier" ;;
+  q28-tile-keys)  # issue 6 / 3: the tile-keys pattern (each 64-row query tile its own keys above a threshold on its
+    # pooled query's probabilities, plus a 128-key band) on real activations, beside the default plan, with kernel
+    # and estimate times: Qwen2.5-Coder-1.5B, YaRN x4, 128K, PG essays, 10 of the 28 layers. First its kernels in
+    # bf16 (the CPU interpreter cannot check bf16).
+    run python3 -m pytest -q -p no:cacheprovider tests/test_ops_kernels.py tests/test_tile_keys.py -k tile_keys
+    run python3 benchmarks/recall_frontier.py $Q15 --length 131072 --rows 128 --methods none \
+      --layers 0,3,6,9,12,15,18,21,24,27 --oracle-densities 0.05,0.1 --method default=plan \
+      --method tk3=tile_keys:threshold=3 --method tk1.5=tile_keys:threshold=1.5 \
+      --method tk0.75=tile_keys:threshold=0.75 --method tk0.4=tile_keys:threshold=0.4 \
+      --method tkg1.5=tile_keys:threshold=1.5,per_kv_group=true --time-kernels --out "$RES/$step/frontier-128k" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null

@@ -21,6 +21,7 @@ from longinfer.ops import (
     block_sparse_attention,
     build_vertical_slash_index,
     dense_attention,
+    tile_keys_attention,
     vertical_slash_attention,
 )
 from longinfer.ops.sparse import default_tail_splits
@@ -29,6 +30,7 @@ from longinfer.ops.reference import (
     block_sparse_mask,
     dense_causal_mask,
     masked_attention,
+    tile_keys_mask,
     vertical_slash_mask,
 )
 
@@ -352,6 +354,41 @@ def test_block_sparse_block_sizes(block_size):
     block_index = torch.stack([diag, torch.zeros_like(diag), diag - 2], -1)[None, None].expand(1, 1, nb, 3)
     out = block_sparse_attention(q, k, v, block_index, block_size=block_size)
     assert_matches_reference(out, q, k, v, block_sparse_mask(block_index, n, block_size))
+
+
+@pytest.mark.parametrize("b,hq,hkv,n,d,dtype", SHAPES, ids=SHAPE_IDS)
+def test_tile_keys_random_columns(b, hq, hkv, n, d, dtype):
+    """Random per-tile columns with repeats, -1, ids past the sequence and ids inside the band (all
+    ignored by the kernel as by the reference), per query head or per KV group."""
+    q, k, v = _qkv(b, hq, hkv, n, d, dtype, seed=n * 11 + d)
+    bs, local = 64, 64 + n % 50
+    tiles = math.ceil(n / bs)
+    g = torch.Generator().manual_seed(n + 3)
+    heads = hkv if n % 2 else hq
+    columns = torch.randint(-1, n + 3, (b, heads, tiles, 40), generator=g).to(DEVICE)
+    out = tile_keys_attention(q, k, v, columns, local=local, block_size=bs)
+    assert_matches_reference(out, q, k, v, tile_keys_mask(columns, n, local, bs))
+
+
+@pytest.mark.parametrize("block_size,local", [(16, 16), (32, 100), (64, 64)])
+def test_tile_keys_block_sizes_and_queries_after_a_prefix(block_size, local):
+    """Queries as the last 90 of 270 positions (a chunk after a cached prefix): tiles count in absolute
+    positions; and the estimator's presorted format gives the same output as a sorted build."""
+    nk, nq = 270, 90
+    q, k, v = _qkv(1, 4, 2, nq, 64, torch.float32, seed=block_size, nk=nk)
+    tiles = math.ceil(nk / block_size)
+    g = torch.Generator().manual_seed(block_size)
+    last = torch.clamp((torch.arange(tiles) + 1) * block_size, max=nk) - 1
+    band = torch.clamp(last + 1 - local, min=0)
+    picked = [torch.sort(torch.randperm(max(1, int(s)), generator=g)[: min(9, int(s))]).values if s > 0
+              else torch.empty(0, dtype=torch.long) for s in band.tolist()]
+    columns = torch.full((1, 2, tiles, 9), -1, dtype=torch.long)
+    for t, ids in enumerate(picked):
+        columns[:, :, t, : ids.numel()] = ids
+    columns = columns.to(DEVICE)
+    out = tile_keys_attention(q, k, v, columns, local=local, block_size=block_size, presorted=True)
+    assert_matches_reference(out, q, k, v, tile_keys_mask(columns, nk, local, block_size))
+    torch.testing.assert_close(out, tile_keys_attention(q, k, v, columns, local=local, block_size=block_size))
 
 
 @pytest.mark.parametrize("b,hq,hkv,n,d,dtype", SHAPES, ids=SHAPE_IDS)

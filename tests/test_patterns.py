@@ -11,6 +11,7 @@ from longinfer.patterns import (
     AShapeConfig,
     BlockSparseConfig,
     DenseConfig,
+    TileKeysConfig,
     VerticalSlashConfig,
     config_from_params,
     config_to_params,
@@ -36,6 +37,10 @@ SMALL_CONFIGS = {
         BlockSparseConfig(num_blocks=5, block_size=16, budget="coverage", tau=0.6, min_blocks=3),
     ],
     "a_shape": [AShapeConfig(sink=4, window=20)],
+    "tile_keys": [
+        TileKeysConfig(threshold=1.5, pool=16, local=16, sink=2, max_keys=60, block_size=16),
+        TileKeysConfig(threshold=0.8, pool=32, local=24, sink=1, max_keys=3, block_size=16),
+    ],
     "dense": [DenseConfig()],
 }
 

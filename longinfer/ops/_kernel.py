@@ -15,9 +15,12 @@ set is
      one flat list of ``BLOCK_N``-key chunks (``BLOCK_N`` = the index's ``chunk``); tiles starting
      at or after ``dense_from`` take ``[0, tile_end)`` instead (dense rows at the end);
 
-2. for ``VERTICAL_SLASH`` only, a list of key *columns* (sorted verticals) gathered ``BLOCK_N`` at a
+   - ``TILE_KEYS``: the tile's band ``[tile_end - window, tile_end)`` (causal per row);
+
+2. for ``VERTICAL_SLASH``, a list of key *columns* (sorted verticals) gathered ``BLOCK_N`` at a
    time; a column already inside one of the tile's ranges is masked out (one lookup in the index's
-   ``covered``) so nothing counts twice.
+   ``covered``) so nothing counts twice. For ``TILE_KEYS``, the tile's own list of columns (all before
+   its band, by construction of :func:`longinfer.ops.index.build_tile_keys_index`), gathered the same way.
 
 Element masks are applied only on tiles that need them (the diagonal, range ends, the window edge).
 Slash chunks take a per-key bias instead (their keys up to the tile's first row; ``slash_masks``),
@@ -52,6 +55,7 @@ MODE_DENSE = 0
 MODE_A_SHAPE = 1
 MODE_BLOCKS = 2
 MODE_VERTICAL_SLASH = 3
+MODE_TILE_KEYS = 4
 
 # Which vertical-slash chunks mask their scores (the launch option ``slash_masks``); constexpr
 # globals so that the kernel can read them (`.value` is the int).
@@ -306,6 +310,22 @@ def _sparse_attention_fwd(
             acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
                                           tile_start, tile_end, rows, offs_n, offs_d, d_ok, tile_start,
                                           qk_scale, 0, 0, False, BLOCK_M, BLOCK_N, PRECISION, SPLIT_RANGES)
+    elif MODE == 4:  # tile keys: the band, then the tile's own columns (ids in BlockIdx, counts in BlockCount)
+        band_start = tl.maximum(tile_end - window, 0)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, band_start, tile_end,
+                                      rows, offs_n, offs_d, d_ok, tile_start, qk_scale, 0, 0,
+                                      False, BLOCK_M, BLOCK_N, PRECISION, SPLIT_RANGES)
+        slot_base = BlockIdx + b * stride_bi_b + idx_h * stride_bi_h + tile * stride_bi_m
+        n_cols = tl.load(BlockCount + b * stride_bc_b + idx_h * stride_bc_h + tile)
+        for c0 in range(0, n_cols, BLOCK_N):
+            c_ok = (c0 + offs_n) < n_cols
+            cols = tl.load(slot_base + c0 + offs_n, mask=c_ok, other=0)
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            keep = (cols[None, :] <= rows[:, None]) & c_ok[None, :]
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, keep, qk_scale, True, PRECISION)
     elif tile_start >= dense_from:  # vertical-slash, a dense tile at the end
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, 0, tile_end,
                                       rows, offs_n, offs_d, d_ok, tile_start, qk_scale, 0, 0,

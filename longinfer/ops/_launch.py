@@ -19,7 +19,7 @@ from longinfer.ops._kernel import (
     _sparse_attention_fwd,
     sparse_attention_fwd_tuned,
 )
-from longinfer.ops.index import BlockSparseIndex, VerticalSlashIndex
+from longinfer.ops.index import BlockSparseIndex, TileKeysIndex, VerticalSlashIndex
 
 LOG2_E = 1.4426950408889634  # the kernel works with exp2: exp(x) = exp2(x * log2(e))
 SPLIT_BLOCK_M = 64  # query tile of the split-K dense pass (stacked heads make it taller)
@@ -83,6 +83,7 @@ def launch(
     window: int = 0,
     blocks: BlockSparseIndex | None = None,
     vs: VerticalSlashIndex | None = None,
+    tile_keys: TileKeysIndex | None = None,
     dense_from: int | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
@@ -127,6 +128,10 @@ def launch(
         bi_strides = bi.stride()[:3]
         bc, bc_strides = blocks.block_count, blocks.block_count.stride()[:2]
         index_heads = blocks.num_heads
+    if tile_keys is not None:  # the kernel reads a tile's columns where block-sparse reads its block ids
+        bi, bi_strides = tile_keys.columns, tile_keys.columns.stride()[:3]
+        bc, bc_strides = tile_keys.column_count, tile_keys.column_count.stride()[:2]
+        index_heads = tile_keys.num_heads
     if vs is not None:
         ch_start, ch_end, ch_count, covered = vs.chunk_start, vs.chunk_end, vs.chunk_count, vs.covered
         cols, col_count = vs.columns, vs.column_count

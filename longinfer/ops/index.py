@@ -326,6 +326,47 @@ def build_block_sparse_index(block_index: torch.Tensor, k_len: int, block_size: 
     return BlockSparseIndex(block_ids=ids.int().contiguous(), block_count=count.int().contiguous(), block_size=block_size)
 
 
+@dataclass(frozen=True)
+class TileKeysIndex:
+    """Kernel-ready tile-keys index.
+
+    Attributes:
+        columns: ``[B, H, T, K]`` int32, per query tile the key ids before its band, sorted ascending,
+            then ``-1``.
+        column_count: ``[B, H, T]`` int32, how many leading ids of tile ``t`` are valid.
+        local: the band: the ``local`` most recent keys of each tile's last row.
+        block_size: query tile size.
+    """
+
+    columns: torch.Tensor
+    column_count: torch.Tensor
+    local: int
+    block_size: int
+
+    @property
+    def num_heads(self) -> int:
+        return self.columns.shape[1]
+
+
+def build_tile_keys_index(columns: torch.Tensor, k_len: int, local: int, block_size: int = 64, *,
+                          presorted: bool = False) -> TileKeysIndex:
+    """Sort and de-duplicate ``columns [B, H, ceil(k_len / bs), K]``; ids that are negative, past the
+    sequence, or inside their tile's band (which the kernel attends as a range) are dropped. With
+    ``presorted`` (each tile's ids ascending, distinct and outside its band, then ``-1``: the
+    estimator's format) no sort.
+
+    Memory: a copy of ``columns`` as int32.
+    """
+    num_tiles = columns.shape[2]
+    last = torch.clamp((torch.arange(num_tiles, device=columns.device) + 1) * block_size, max=k_len) - 1
+    band_start = torch.clamp(last + 1 - local, min=0)[:, None]  # [T, 1]
+    ids = _sorted_unique(columns, (columns >= 0) & (columns < band_start), k_len, presorted=presorted)
+    count = (ids < k_len).sum(-1)
+    ids = torch.where(ids >= k_len, -1, ids)
+    return TileKeysIndex(columns=ids.int().contiguous(), column_count=count.int().contiguous(), local=local,
+                         block_size=block_size)
+
+
 def vertical_slash_kept(index: VerticalSlashIndex, rows: torch.Tensor) -> torch.Tensor:
     """Keys the vertical-slash kernel computes for query rows ``rows [R]`` (absolute positions, ascending).
 

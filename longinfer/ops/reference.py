@@ -158,6 +158,45 @@ def block_sparse_mask(
     return mask & (j[None, :] <= i[:, None])[None, None]
 
 
+def tile_keys_mask(
+    columns: torch.Tensor,
+    n: int,
+    local: int,
+    block_size: int = 64,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mask ``[B, H, R, N]`` of :func:`longinfer.ops.tile_keys_attention`.
+
+    Args:
+        columns: ``[B, H, ceil(N / block_size), K]`` key ids per query tile; ``-1`` (or any id outside
+            ``[0, N)``) marks an unused slot; duplicates change nothing.
+        n: sequence length ``N``.
+        local: the band: the ``local`` most recent keys of each tile's last row.
+        block_size: query tile size.
+        rows: optional query positions ``[R]``.
+
+    Query ``i`` in tile ``m`` attends key ``j <= i`` when ``j >= min(N, (m + 1) * block_size) - local``
+    (the band) or ``j`` is listed for tile ``m``. Memory: ``[B, H, R, N]`` bools (and as many for the rows' tiles).
+    """
+    _require_int("columns", columns, 4)
+    num_tiles = math.ceil(n / block_size)
+    if columns.shape[2] != num_tiles:
+        raise ValueError(f"columns has {columns.shape[2]} query tiles, expected ceil({n}/{block_size}) = {num_tiles}")
+    device = columns.device
+    i = _rows(n, rows, device)
+    j = torch.arange(n, device=device)
+    tile = i // block_size
+    tiles, of_row = torch.unique(tile, return_inverse=True)  # only the tiles holding the rows
+    ids = columns[:, :, tiles].long()
+    ok = (ids >= 0) & (ids < n)
+    listed = torch.zeros(*ids.shape[:3], n + 1, dtype=torch.bool, device=device)
+    listed.scatter_(-1, torch.where(ok, ids, n), True)
+    band_start = torch.clamp((tile + 1) * block_size, max=n) - local  # [R]
+    in_band = j[None, :] >= band_start[:, None]
+    mask = listed[:, :, of_row, :n] | in_band[None, None]
+    return mask & (j[None, :] <= i[:, None])[None, None]
+
+
 def a_shape_mask(
     sink: int,
     window: int,

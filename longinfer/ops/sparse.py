@@ -14,13 +14,15 @@ import math
 import torch
 
 from longinfer.ops._checks import AttentionShape, check_index, check_qkv, check_scale
-from longinfer.ops._kernel import MODE_A_SHAPE, MODE_BLOCKS, MODE_VERTICAL_SLASH
+from longinfer.ops._kernel import MODE_A_SHAPE, MODE_BLOCKS, MODE_TILE_KEYS, MODE_VERTICAL_SLASH
 from longinfer.ops._launch import launch
 from longinfer.ops.dense import default_splits
 from longinfer.ops.index import (
     BlockSparseIndex,
+    TileKeysIndex,
     VerticalSlashIndex,
     build_block_sparse_index,
+    build_tile_keys_index,
     build_vertical_slash_index,
 )
 
@@ -183,6 +185,57 @@ def block_sparse_attention(
             raise ValueError("index was built for another block_size or length: rebuild it")
     return launch(q, k, v, shape, scale, MODE_BLOCKS, block_size, blocks=index,
                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+
+
+def tile_keys_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    columns: torch.Tensor | None = None,
+    *,
+    local: int = 128,
+    index: TileKeysIndex | None = None,
+    block_size: int = 64,
+    sm_scale: float | None = None,
+    presorted: bool = False,
+) -> torch.Tensor:
+    """Attention over each query tile's own key columns plus its local band.
+
+    Args:
+        q, k, v: as :func:`longinfer.ops.dense_attention` (no packed sequences).
+        columns: int ``[B, H, ceil(Nk / block_size), K]``: key ids for each query tile (tiles counted in
+            absolute positions); ``-1`` marks an unused slot; repeats, ids past the sequence and ids inside
+            the tile's band are ignored. ``H`` is ``Hq`` or ``Hkv`` (one index per KV group).
+        local: the band: query ``i`` of tile ``m`` attends the keys ``j <= i`` from ``min(Nk, (m + 1) *
+            block_size) - local`` on; at least ``block_size``, so every row sees its own tile.
+        index: a prebuilt :func:`~longinfer.ops.index.build_tile_keys_index` result instead of ``columns``.
+        block_size: query tile size (16, 32 or 64).
+        presorted: ``columns`` are in the estimator's format (per tile ascending, distinct, outside the
+            band, then ``-1``): no sort.
+
+    Query ``i`` attends key ``j <= i`` when ``j`` is in its tile's band or listed for its tile
+    (:func:`longinfer.ops.reference.tile_keys_mask`). Memory: an int32 copy of ``columns``.
+    """
+    shape = check_qkv(q, k, v, None, None)
+    scale = check_scale(sm_scale, shape.head_dim)
+    if block_size not in (16, 32, 64):
+        raise ValueError(f"tile_keys_attention takes block_size 16, 32 or 64, got {block_size}")
+    if isinstance(local, bool) or not isinstance(local, int) or local < block_size:
+        raise ValueError(f"local must be an int >= block_size={block_size} (every row keeps its own tile), got {local!r}")
+    num_tiles = math.ceil(shape.k_len / block_size)
+    if (columns is None) == (index is None):
+        raise ValueError("pass exactly one of columns and index")
+    if index is None:
+        check_index("columns", columns, shape, 4, q.device)
+        if columns.shape[2] != num_tiles:
+            raise ValueError(f"columns has {columns.shape[2]} query tiles; expected ceil({shape.k_len} / {block_size}) "
+                             f"= {num_tiles}")
+        index = build_tile_keys_index(columns, shape.k_len, local, block_size, presorted=presorted)
+    else:
+        check_index("index.columns", index.columns, shape, 4, q.device)
+        if index.block_size != block_size or index.columns.shape[2] != num_tiles or index.local != local:
+            raise ValueError("index was built for another block_size, local or length: rebuild it")
+    return launch(q, k, v, shape, scale, MODE_TILE_KEYS, block_size, tile_keys=index, window=min(local, shape.k_len))
 
 
 def a_shape_attention(

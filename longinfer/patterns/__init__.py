@@ -20,6 +20,7 @@ from longinfer.patterns.registry import (
     register_pattern,
     registry,
 )
+from longinfer.patterns.tile_keys import TileKeysConfig, TileKeysSelection, estimate_tile_keys
 from longinfer.patterns.vertical_slash import VerticalSlashConfig, VerticalSlashSelection, estimate_vertical_slash
 
 # Registered last: TriangleMix's pattern builds on the registry and the others.
@@ -34,6 +35,8 @@ __all__ = [
     "DenseSelection",
     "PatternSpec",
     "RecallStats",
+    "TileKeysConfig",
+    "TileKeysSelection",
     "VerticalSlashConfig",
     "VerticalSlashSelection",
     "attention_recall",
@@ -43,6 +46,7 @@ __all__ = [
     "estimate_a_shape",
     "estimate_block_sparse",
     "estimate_dense",
+    "estimate_tile_keys",
     "estimate_vertical_slash",
     "get_pattern",
     "pattern_names",

@@ -29,6 +29,7 @@ import torch
 from longinfer.patterns.a_shape import AShapeConfig, AShapeSelection, estimate_a_shape
 from longinfer.patterns.block_sparse import BlockSparseConfig, BlockSparseSelection, estimate_block_sparse
 from longinfer.patterns.dense import DenseConfig, DenseSelection, estimate_dense
+from longinfer.patterns.tile_keys import TileKeysConfig, TileKeysSelection, estimate_tile_keys
 from longinfer.patterns.vertical_slash import (
     SegmentedVerticalSlashSelection,
     VerticalSlashConfig,
@@ -38,7 +39,7 @@ from longinfer.patterns.vertical_slash import (
 )
 
 Selection = (VerticalSlashSelection | SegmentedVerticalSlashSelection | BlockSparseSelection | AShapeSelection
-             | DenseSelection)
+             | DenseSelection | TileKeysSelection)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,13 @@ def _run_block_sparse(q, k, v, selection: BlockSparseSelection, config: BlockSpa
     from longinfer import ops
 
     return ops.block_sparse_attention(q, k, v, selection.block_index, block_size=config.block_size, sm_scale=sm_scale)
+
+
+def _run_tile_keys(q, k, v, selection: TileKeysSelection, config: TileKeysConfig, *, sm_scale=None):
+    from longinfer import ops
+
+    return ops.tile_keys_attention(q, k, v, selection.columns, local=selection.local, block_size=config.block_size,
+                                   sm_scale=sm_scale, presorted=True)
 
 
 def _run_a_shape(q, k, v, selection: AShapeSelection, config: AShapeConfig, *, sm_scale=None):
@@ -183,6 +191,7 @@ for _spec in (
     PatternSpec("vertical_slash", VerticalSlashConfig, estimate_vertical_slash, _run_vertical_slash),
     PatternSpec("block_sparse", BlockSparseConfig, estimate_block_sparse, _run_block_sparse),
     PatternSpec("a_shape", AShapeConfig, estimate_a_shape, _run_a_shape, static=True),
+    PatternSpec("tile_keys", TileKeysConfig, estimate_tile_keys, _run_tile_keys),
     PatternSpec("dense", DenseConfig, estimate_dense, _run_dense, static=True),
 ):
     register_pattern(_spec)

@@ -1,0 +1,97 @@
+"""The tile-keys estimator against a brute-force recomputation, tile by tile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from longinfer.patterns import TileKeysConfig, estimate_tile_keys
+from longinfer.patterns import tile_keys as tile_keys_module
+
+
+def _expected_sets(q, k, cfg: TileKeysConfig, scale: float) -> dict[tuple[int, int, int], set[int]]:
+    """Per (batch, query head, tile): the keys the module docstring's rule keeps, recomputed in float64
+    with one pooled query per tile (the mean of the queries in the tile's aligned pool block)."""
+    b, hq, nq, _ = q.shape
+    nk, group = k.shape[2], hq // k.shape[1]
+    offset, bs = nk - nq, cfg.block_size
+    out = {}
+    for tile in range(offset // bs, math.ceil(nk / bs)):
+        pool_start = (tile * bs // cfg.pool) * cfg.pool
+        rows = [r - offset for r in range(pool_start, min(pool_start + cfg.pool, nk)) if r >= offset]
+        last = min((tile + 1) * bs, nk) - 1
+        band = max(0, last + 1 - cfg.local)
+        for batch in range(b):
+            for head in range(hq):
+                pooled = q[batch, head, rows].double().mean(0)
+                probs = torch.softmax(k[batch, head // group, : last + 1].double() @ pooled * scale, -1)
+                threshold = cfg.threshold / nk
+                if band:  # no probability so close to the threshold that float32 rounding could flip it
+                    assert float((probs[:band] - threshold).abs().min()) > 1e-7
+                forced = set(range(min(cfg.sink, band)))
+                above = [j for j in range(band) if probs[j] >= threshold and j not in forced]
+                above.sort(key=lambda j: -float(probs[j]))
+                out[batch, head, tile] = forced | set(above[: cfg.max_keys - len(forced)])
+    return out
+
+
+def _selected(selection, batch: int, head: int, tile: int) -> set[int]:
+    ids = selection.columns[batch, head, tile].tolist()
+    kept = [j for j in ids if j >= 0]
+    assert kept == sorted(set(kept)) and ids[len(kept):] == [-1] * (len(ids) - len(kept))  # ascending, then -1
+    return set(kept)
+
+
+@pytest.mark.parametrize("nq,nk", [(150, 150), (70, 203)])
+@pytest.mark.parametrize("cfg", [
+    TileKeysConfig(threshold=1.5, pool=16, local=16, sink=3, max_keys=1000, block_size=16),
+    TileKeysConfig(threshold=1.1, pool=64, local=40, sink=1, max_keys=6, block_size=32),
+], ids=["pool16", "pool64-capped"])
+def test_tile_keys_keeps_the_keys_above_the_threshold_outside_the_band(monkeypatch, nq, nk, cfg):
+    """Every tile keeps exactly the keys before its band whose pooled probability reaches threshold / Nk,
+    plus the sinks, capped at ``max_keys`` by probability; tiles before the first query keep nothing.
+    Steps of 3 tiles (a small ``SCORES_PER_STEP``) give the same index as one step. Random q/k near
+    a threshold could flip on float32 rounding; these keep every probability more than 1e-7 away from it
+    (float32 softmax errors here are ~1e-9).
+    (checked in the recomputation)."""
+    generator = torch.Generator().manual_seed(nq + nk)
+    q = torch.randn(2, 4, nq, 16, generator=generator) * 1.5
+    k = torch.randn(2, 2, nk, 16, generator=generator) * 1.5
+    selection = estimate_tile_keys(q, k, cfg)
+    assert selection.columns.shape[:3] == (2, 4, math.ceil(nk / cfg.block_size))
+    expected = _expected_sets(q, k, cfg, 0.25)
+    for (batch, head, tile), keys in expected.items():
+        assert _selected(selection, batch, head, tile) == keys, (batch, head, tile)
+    first = (nk - nq) // cfg.block_size
+    assert (selection.columns[:, :, :first] == -1).all()
+    assert sum(len(s) for s in expected.values()) > len(expected)  # the threshold does select keys
+    if cfg.max_keys < 10:
+        assert max(len(s) for s in expected.values()) == cfg.max_keys  # the cap binds somewhere
+
+    monkeypatch.setattr(tile_keys_module, "SCORES_PER_STEP", 2 * 4 * nk * 3)
+    stepped = estimate_tile_keys(q, k, cfg)
+    width = selection.columns.shape[-1]
+    assert stepped.columns.shape[-1] == width and torch.equal(stepped.columns, selection.columns)
+
+
+def test_tile_keys_kv_group_union_and_config_errors():
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 6, 100, 16, generator=generator) * 1.5
+    k = torch.randn(1, 2, 100, 16, generator=generator) * 1.5
+    cfg = TileKeysConfig(threshold=1.5, pool=32, local=16, block_size=16)
+    per_head = estimate_tile_keys(q, k, cfg)
+    shared = estimate_tile_keys(q, k, cfg, per_kv_group=True)
+    assert shared.num_heads == 2
+    for kv in range(2):
+        for tile in range(per_head.columns.shape[2]):
+            union = set().union(*(_selected(per_head, 0, h, tile) for h in range(3 * kv, 3 * kv + 3)))
+            assert _selected(shared, 0, kv, tile) == union
+    for params, message in [({"pool": 48}, "multiple of block_size"), ({"local": 8, "block_size": 16}, "local"),
+                            ({"threshold": 0.0}, "threshold"), ({"threshold": math.inf}, "threshold"), ({"max_keys": 2, "sink": 3}, "max_keys"),
+                            ({"block_size": 128}, "block_size")]:
+        with pytest.raises(ValueError, match=message):
+            TileKeysConfig(**params)
+    with pytest.raises(TypeError, match="TileKeysConfig"):
+        estimate_tile_keys(q, k, object())
