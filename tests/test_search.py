@@ -145,6 +145,23 @@ def test_cost_model_counts_the_kernel_loops(q_len, k_len):
     for head in range(2):
         assert vs_pairs[0, head] == _simulated_pairs("vs", q_len, k_len, 32, vs_index=vs_index, head=head)
         assert bs_pairs[0, head] == _simulated_pairs("bs", q_len, k_len, 64, bs_index=bs_index, head=head)
+    # Tile keys: per tile, the band walked in key tiles from its (unaligned) start, then the columns in
+    # groups of BLOCK_N, as the kernel's loops run.
+    tk_config = HeadPlan.from_params("tile_keys", {"threshold": 1.0, "local": 100, "block_size": 32}).config
+    tk = get_pattern("tile_keys").estimate(q, k, tk_config)
+    tk_pairs = search.tile_keys_pairs(tk, q_len)
+    bn = search.COST_BLOCK_N
+    for head in range(2):
+        total = 0
+        for tile in range(math.ceil(k_len / 32)):
+            start, end = tile * 32, min(tile * 32 + 32, k_len)
+            rows = end - max(start, k_len - q_len)
+            if rows <= 0:
+                continue
+            band_start = max(0, end - 100)
+            count = int((tk.columns[0, head, tile] >= 0).sum())
+            total += rows * (len(range(band_start, end, bn)) * bn + len(range(0, count, bn)) * bn)
+        assert tk_pairs[0, head] == total
 
 
 def test_cost_covers_the_mask_and_dense_costs_one():
@@ -155,7 +172,8 @@ def test_cost_covers_the_mask_and_dense_costs_one():
     heads = [HeadPlan.from_params("dense"), HeadPlan.from_params("a_shape", {"sink": 10, "window": 50}),
              HeadPlan.from_params("triangle", {"sink": 10, "window": 50, "last_q": 40}),
              HeadPlan.from_params("vertical_slash", {"num_vertical": 20, "num_slash": 12, "sink": 4, "local": 4}),
-             HeadPlan.from_params("block_sparse", {"num_blocks": 3})]
+             HeadPlan.from_params("block_sparse", {"num_blocks": 3}),
+             HeadPlan.from_params("tile_keys", {"threshold": 1.0, "local": 96})]
     for head in heads:
         selection = get_pattern(head.pattern).estimate(q, k, head.config)
         pairs = search.kernel_pairs(selection, n)
@@ -165,6 +183,8 @@ def test_cost_covers_the_mask_and_dense_costs_one():
         assert cost.shape == (4,)
         if head.pattern == "dense":
             assert torch.allclose(cost, torch.ones(4))
+    assert search.estimation_pairs("tile_keys", heads[5].config, n, n) == math.ceil(n / 64) * n
+    assert search.estimation_pairs("tile_keys", heads[5].config, 100, n) == (math.ceil(n / 64) - 600 // 64) * n
     vs = heads[3]
     est = search.estimation_pairs("vertical_slash", vs.config, n, n)
     assert est == 2 * 64 * n

@@ -66,6 +66,7 @@ from longinfer.patterns.block_sparse import BlockSparseSelection
 from longinfer.patterns.dense import DenseSelection
 from longinfer.patterns.recall import attention_recall, causal_logsumexp, sample_rows
 from longinfer.patterns.registry import config_to_params, get_pattern
+from longinfer.patterns.tile_keys import TileKeysSelection, band_starts
 from longinfer.patterns.triangle import TriangleSelection  # importing it registers the "triangle" pattern
 from longinfer.patterns.vertical_slash import VerticalSlashSelection
 from longinfer.plans.calibration import CalibrationPrompt, kv_retrieval_prompt
@@ -173,12 +174,26 @@ def block_sparse_pairs(selection: BlockSparseSelection, q_len: int) -> torch.Ten
     return (keys * rows).sum(-1)
 
 
+def tile_keys_pairs(selection: TileKeysSelection, q_len: int) -> torch.Tensor:
+    """Pairs ``[B, H]`` the tile-keys kernel computes: per query tile, its band in key tiles and its
+    columns gathered :data:`COST_BLOCK_N` at a time."""
+    from longinfer.ops import build_tile_keys_index
+
+    k_len, bs = selection.k_len, selection.block_size
+    index = build_tile_keys_index(selection.columns, k_len, selection.local, bs, presorted=True)
+    _, end, rows = _query_tiles(q_len, k_len, bs, index.columns.device)
+    band = end - band_starts(end.numel(), k_len, selection.local, bs, end.device)
+    keys = _round_up(band, COST_BLOCK_N) + _round_up(index.column_count.long(), COST_BLOCK_N)  # [B, H, T]
+    return (keys * rows).sum(-1)
+
+
 def estimation_pairs(pattern: str, config: Any, q_len: int, k_len: int) -> int:
     """(query, key) pairs one query head's online estimate scores.
 
     Vertical-slash: the last ``last_q`` queries against every key, twice (log-sum-exp, then the
     probabilities), and as many for the ``column_q`` queries of the column mass, if any.
-    Block-sparse: pooled query blocks against the causal pooled key blocks. Static patterns: none.
+    Block-sparse: pooled query blocks against the causal pooled key blocks. Tile keys: one pooled
+    query per query tile against every key. Static patterns: none.
     """
     if pattern == "vertical_slash":
         return 2 * (min(config.last_q, q_len) + min(config.column_q, q_len)) * k_len
@@ -186,6 +201,8 @@ def estimation_pairs(pattern: str, config: Any, q_len: int, k_len: int) -> int:
         blocks_q = math.ceil(q_len / config.block_size)
         blocks_k = math.ceil(k_len / config.block_size)
         return blocks_q * blocks_k // 2 + blocks_q
+    if pattern == "tile_keys":
+        return math.ceil(k_len / config.block_size) * k_len - (k_len - q_len) // config.block_size * k_len
     return 0
 
 
@@ -199,6 +216,8 @@ def kernel_pairs(selection: Any, q_len: int) -> torch.Tensor:
         return vertical_slash_pairs(selection, q_len).double()
     if isinstance(selection, BlockSparseSelection):
         return block_sparse_pairs(selection, q_len).double()
+    if isinstance(selection, TileKeysSelection):
+        return tile_keys_pairs(selection, q_len).double()
     k_len = getattr(selection, "k_len", 0)
     if isinstance(selection, AShapeSelection):
         pairs = a_shape_pairs(q_len, k_len, selection.sink, selection.window)
