@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
 from longinfer.patterns import TileKeysConfig, estimate_tile_keys
 from longinfer.patterns import tile_keys as tile_keys_module
+
+# The Triton path runs on the CPU only in the interpreter (CI sets TRITON_INTERPRET=1), and on the GPU.
+BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _expected_sets(q, k, cfg: TileKeysConfig, scale: float) -> dict[tuple[int, int, int], set[int]]:
@@ -38,30 +43,33 @@ def _expected_sets(q, k, cfg: TileKeysConfig, scale: float) -> dict[tuple[int, i
 
 
 def _selected(selection, batch: int, head: int, tile: int) -> set[int]:
-    ids = selection.columns[batch, head, tile].tolist()
+    ids = selection.columns[batch, head, tile].cpu().tolist()
     kept = [j for j in ids if j >= 0]
     assert kept == sorted(set(kept)) and ids[len(kept):] == [-1] * (len(ids) - len(kept))  # ascending, then -1
     return set(kept)
 
 
-@pytest.mark.parametrize("nq,nk", [(150, 150), (70, 203)])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nq,nk,head_dim", [(150, 150, 16), (70, 203, 80)])
 @pytest.mark.parametrize("cfg", [
     TileKeysConfig(threshold=1.5, pool=16, local=16, sink=3, max_keys=1000, block_size=16),
     TileKeysConfig(threshold=1.1, pool=64, local=40, sink=1, max_keys=6, block_size=32),
 ], ids=["pool16", "pool64-capped"])
-def test_tile_keys_keeps_the_keys_above_the_threshold_outside_the_band(monkeypatch, nq, nk, cfg):
+def test_tile_keys_keeps_the_keys_above_the_threshold_outside_the_band(monkeypatch, backend, nq, nk, head_dim, cfg):
     """Every tile keeps exactly the keys before its band whose pooled probability reaches threshold / Nk,
     plus the sinks, capped at ``max_keys`` by probability; tiles before the first query keep nothing.
-    Steps of 3 tiles (a small ``SCORES_PER_STEP``) give the same index as one step. Random q/k near
+    Steps of 3 tiles (a small ``SCORES_PER_STEP``) give the same index as one step. The Triton path keeps
+    the same keys (its capped tiles re-selected by the torch path). Random q/k near
     a threshold could flip on float32 rounding; these keep every probability more than 1e-7 away from it
     (float32 softmax errors here are ~1e-9).
     (checked in the recomputation)."""
     generator = torch.Generator().manual_seed(nq + nk)
-    q = torch.randn(2, 4, nq, 16, generator=generator) * 1.5
-    k = torch.randn(2, 2, nk, 16, generator=generator) * 1.5
-    selection = estimate_tile_keys(q, k, cfg)
+    q = torch.randn(2, 4, nq, head_dim, generator=generator) * 1.5
+    k = torch.randn(2, 2, nk, head_dim, generator=generator) * 1.5
+    selection = estimate_tile_keys(q.to(DEVICE), k.to(DEVICE), cfg, backend=backend)
+    selection = type(selection)(selection.columns.cpu(), selection.k_len, selection.local, selection.block_size)
     assert selection.columns.shape[:3] == (2, 4, math.ceil(nk / cfg.block_size))
-    expected = _expected_sets(q, k, cfg, 0.25)
+    expected = _expected_sets(q, k, cfg, head_dim ** -0.5)
     for (batch, head, tile), keys in expected.items():
         assert _selected(selection, batch, head, tile) == keys, (batch, head, tile)
     first = (nk - nq) // cfg.block_size
@@ -71,18 +79,19 @@ def test_tile_keys_keeps_the_keys_above_the_threshold_outside_the_band(monkeypat
         assert max(len(s) for s in expected.values()) == cfg.max_keys  # the cap binds somewhere
 
     monkeypatch.setattr(tile_keys_module, "SCORES_PER_STEP", 2 * 4 * nk * 3)
-    stepped = estimate_tile_keys(q, k, cfg)
+    stepped = estimate_tile_keys(q.to(DEVICE), k.to(DEVICE), cfg, backend=backend)
     width = selection.columns.shape[-1]
-    assert stepped.columns.shape[-1] == width and torch.equal(stepped.columns, selection.columns)
+    assert stepped.columns.shape[-1] == width and torch.equal(stepped.columns.cpu(), selection.columns)
 
 
-def test_tile_keys_kv_group_union_and_config_errors():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tile_keys_kv_group_union_and_config_errors(backend):
     generator = torch.Generator().manual_seed(5)
     q = torch.randn(1, 6, 100, 16, generator=generator) * 1.5
     k = torch.randn(1, 2, 100, 16, generator=generator) * 1.5
     cfg = TileKeysConfig(threshold=1.5, pool=32, local=16, block_size=16)
-    per_head = estimate_tile_keys(q, k, cfg)
-    shared = estimate_tile_keys(q, k, cfg, per_kv_group=True)
+    per_head = estimate_tile_keys(q.to(DEVICE), k.to(DEVICE), cfg, backend=backend)
+    shared = estimate_tile_keys(q.to(DEVICE), k.to(DEVICE), cfg, per_kv_group=True, backend=backend)
     assert shared.num_heads == 2
     for kv in range(2):
         for tile in range(per_head.columns.shape[2]):
@@ -95,3 +104,5 @@ def test_tile_keys_kv_group_union_and_config_errors():
             TileKeysConfig(**params)
     with pytest.raises(TypeError, match="TileKeysConfig"):
         estimate_tile_keys(q, k, object())
+    with pytest.raises(ValueError, match="backend"):
+        estimate_tile_keys(q, k, cfg, backend="cuda")

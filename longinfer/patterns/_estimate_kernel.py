@@ -344,6 +344,29 @@ def merge_splits(m_parts: torch.Tensor, l_parts: torch.Tensor) -> torch.Tensor:
     return lse
 
 
+def row_logsumexp2(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, scale: float
+                   ) -> tuple[torch.Tensor, dict[str, object]]:
+    """Pass 1 and its merge: the base-2 log-sum-exp ``[B, Hq, L]`` float32 of the queries ``rows [L]`` (int32,
+    contiguous, on q's device) of ``q [B, Hq, N, D]``, each over the keys ``<= positions [L]`` (ascending)
+    of ``k [B, Hkv, Nk, D]``; and the launch options pass 2 starts from."""
+    bsz, hq, _, head_dim = q.shape
+    hkv, k_len = k.shape[1], k.shape[2]
+    count = rows.numel()
+    opts = _launch_options(head_dim, count)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    block_m, block_n = opts["BLOCK_M"], opts["BLOCK_N"]
+    query_blocks = triton.cdiv(count, block_m)
+    num_splits = triton.cdiv(k_len, KEYS_PER_SPLIT)
+    m_parts = torch.empty(bsz, hq, count, num_splits, device=q.device, dtype=torch.float32)
+    l_parts = torch.empty_like(m_parts)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=opts["BLOCK_D"], BLOCK_M=block_m, BLOCK_N=block_n,
+                  PRECISION=precision, num_warps=opts["num_warps"])
+    _row_stats_kernel[(hq, query_blocks * num_splits, bsz)](
+        q, k, rows, positions, m_parts, l_parts, *q.stride(), *k.stride(),
+        count, k_len, hq // hkv, num_splits, KEYS_PER_SPLIT, scale * LOG2_E, **dict(common, **PASS_ONE_OPTIONS))
+    return merge_splits(m_parts, l_parts), common
+
+
 def estimate_masses_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -381,22 +404,9 @@ def estimate_masses_triton(
     count = rows.numel()
     rows = rows.to(device=q.device, dtype=torch.int32).contiguous()
     positions = positions.to(device=q.device, dtype=torch.int32).contiguous()
-    opts = _launch_options(head_dim, count)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    block_m, block_n = opts["BLOCK_M"], opts["BLOCK_N"]
-    query_blocks = triton.cdiv(count, block_m)
-    num_splits = triton.cdiv(k_len, KEYS_PER_SPLIT)
-    keys_per_split = KEYS_PER_SPLIT
-    m_parts = torch.empty(bsz, hq, count, num_splits, device=q.device, dtype=torch.float32)
-    l_parts = torch.empty_like(m_parts)
+    lse, common = row_logsumexp2(q, k, rows, positions, scale)
     qk_scale_log2 = scale * LOG2_E
-    strides = (*q.stride(), *k.stride())
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=opts["BLOCK_D"], BLOCK_M=block_m, BLOCK_N=block_n,
-                  PRECISION=precision, num_warps=opts["num_warps"])
-    _row_stats_kernel[(hq, query_blocks * num_splits, bsz)](
-        q, k, rows, positions, m_parts, l_parts, *strides,
-        count, k_len, hq // hkv, num_splits, keys_per_split, qk_scale_log2, **dict(common, **PASS_ONE_OPTIONS))
-    lse = merge_splits(m_parts, l_parts)
+    block_m = common["BLOCK_M"]
     if count > block_m and not interpreter_enabled():
         common = dict(common, BLOCK_M=PASS_TWO_MULTI_BLOCK_M)
     pass_two = dict(sink=sink, local=local, qk_scale_log2=qk_scale_log2, common=common)

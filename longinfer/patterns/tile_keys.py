@@ -32,14 +32,16 @@ from dataclasses import dataclass
 import torch
 
 from longinfer.ops import reference
+from longinfer.ops._checks import interpreter_enabled
 from longinfer.patterns._common import (
     check_config_fields,
     check_qk,
     mask_to_index,
     require,
     softmax_scale,
-    union_over_groups,
+    union_packed_over_groups,
 )
+from longinfer.patterns._tile_keys_kernel import select_tile_keys
 from longinfer.patterns.block_sparse import _pool_blocks
 
 SCORES_PER_STEP = 1 << 26  # (head, tile, key) scores per step: 256 MiB of float32
@@ -113,8 +115,75 @@ def band_starts(num_tiles: int, k_len: int, local: int, block_size: int, device:
     return torch.clamp(last + 1 - local, min=0)
 
 
-def _tile_chunk(batch: int, q_heads: int, k_len: int) -> int:
-    return max(1, SCORES_PER_STEP // max(1, batch * q_heads * k_len))
+def _tile_chunk(batch: int, heads: int, k_len: int) -> int:
+    return max(1, SCORES_PER_STEP // max(1, batch * heads * k_len))
+
+
+def estimate_backend(q: torch.Tensor, k: torch.Tensor) -> str:
+    """``"triton"`` (:mod:`longinfer.patterns._tile_keys_kernel`) for CUDA tensors of one float16 / bfloat16 /
+    float32 dtype, else ``"torch"``; the interpreter runs the kernel on the CPU when asked (its tests)."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype:
+        return "triton"
+    return "torch"
+
+
+def _select_torch(per_tile: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, starts: torch.Tensor,
+                  config: TileKeysConfig, scale: float) -> torch.Tensor:
+    """Packed kept keys ``[B, Hq, c, W]`` int64 of the query tiles ``tiles [c]`` (``per_tile [B, Hq, T, D]``
+    pooled queries in k's dtype, ``starts [T]`` band starts), ``W`` the most any of them keeps."""
+    bsz, q_heads, _, head_dim = per_tile.shape
+    kv_heads, n = k.shape[1], k.shape[2]
+    keys = torch.arange(n, device=k.device)
+    c = tiles.numel()
+    # Scores in the inputs' precision (bf16 on the GPU: the threshold needs no more), reduced in float32.
+    chunk = per_tile[:, :, tiles].reshape(bsz, kv_heads, q_heads // kv_heads * c, head_dim)
+    scores = torch.matmul(chunk, k.transpose(-1, -2)).reshape(bsz, q_heads, c, n).float() * scale
+    last = torch.clamp((tiles + 1) * config.block_size, max=n) - 1
+    scores.masked_fill_(keys[None, :] > last[:, None], -math.inf)  # causal for the tile's last row
+    # probability >= threshold / n  <=>  score >= logsumexp + log(threshold / n): no probabilities stored
+    cut = torch.logsumexp(scores, dim=-1, keepdim=True) + math.log(config.threshold / n)
+    outside_band = keys[None, :] < starts[tiles][:, None]
+    forced = (keys[None, :] < config.sink) & outside_band
+    chosen = (scores >= cut) & outside_band | forced
+    if int(chosen.sum(-1).max()) > config.max_keys:
+        ranked = torch.where(forced, math.inf, torch.where(chosen, scores, -math.inf))
+        top = ranked.topk(config.max_keys, dim=-1).indices
+        chosen = torch.zeros_like(chosen).scatter(-1, top, True) & chosen
+    return mask_to_index(chosen, max(1, int(chosen.sum(-1).max())))
+
+
+def _select_triton(per_tile: torch.Tensor, k: torch.Tensor, first_tile: int, starts: torch.Tensor,
+                   config: TileKeysConfig, scale: float) -> torch.Tensor:
+    """The same as :func:`_select_torch` for every tile from ``first_tile`` on, by the Triton kernel; tiles
+    where a head keeps more than ``max_keys`` are re-selected by the torch path (the most probable)."""
+    num_tiles = per_tile.shape[2]
+    band = torch.where(torch.arange(num_tiles, device=k.device) >= first_tile, starts, 0)
+    columns, count = select_tile_keys(per_tile, k, band, block_size=config.block_size, threshold=config.threshold,
+                                      sink=config.sink, width=config.max_keys, scale=scale)
+    width = max(1, int(count.max().clamp(max=config.max_keys)))
+    columns = columns[..., :width].long()
+    over = (count > config.max_keys).flatten(0, 1).any(0).nonzero()[:, 0]  # [tiles]
+    step = _tile_chunk(per_tile.shape[0], per_tile.shape[1], k.shape[2])
+    for i in range(0, over.numel(), step):
+        tiles = over[i: i + step]
+        part = _select_torch(per_tile, k, tiles, starts, config, scale)
+        columns[:, :, tiles] = torch.nn.functional.pad(part, (0, width - part.shape[-1]), value=-1)
+    return columns
+
+
+def _union_over_groups(columns: torch.Tensor, kv_heads: int, k_len: int) -> torch.Tensor:
+    """Each KV group's union of its query heads' packed keys, tile by tile: ``[B, Hq, T, W]`` ->
+    ``[B, Hkv, T, W']`` (``W'`` the largest union). Memory: a key bitmap per (tile, KV head) of a step."""
+    bsz, q_heads, num_tiles, width = columns.shape
+    step = _tile_chunk(bsz, kv_heads, k_len)
+    parts = []
+    for t0 in range(0, num_tiles, step):
+        chunk = columns[:, :, t0: t0 + step].transpose(1, 2).flatten(0, 1)  # [B * c, Hq, W]
+        union = union_packed_over_groups(chunk, kv_heads, k_len)  # [B * c, Hkv, G * W]
+        parts.append(union.unflatten(0, (bsz, -1)).transpose(1, 2))
+    widest = max(1, max(int((p >= 0).sum(-1).max()) for p in parts))
+    return torch.cat([torch.nn.functional.pad(p, (0, max(0, widest - p.shape[-1])), value=-1)[..., :widest]
+                      for p in parts], dim=2)
 
 
 def estimate_tile_keys(
@@ -124,6 +193,7 @@ def estimate_tile_keys(
     *,
     sm_scale: float | None = None,
     per_kv_group: bool = False,
+    backend: str | None = None,
 ) -> TileKeysSelection:
     """Estimate the tile-keys index of every head at once.
 
@@ -133,52 +203,42 @@ def estimate_tile_keys(
         config: a :class:`TileKeysConfig`.
         sm_scale: softmax scale, default ``1/sqrt(D)``.
         per_kv_group: one index per KV group (``H = Hkv``): the union of its query heads' keys.
+        backend: ``"triton"``, ``"torch"`` or ``None`` (:func:`estimate_backend`); the same index up to
+            float rounding at the threshold.
 
     Returns:
         A :class:`TileKeysSelection` (``columns [B, H, ceil(Nk / bs), K]`` int64, ``-1`` padded; ``K`` the
         most keys any tile keeps, at most ``max_keys`` times the group size for a KV-group union).
 
-    Memory: pooled queries (``1 / pool`` of q, float32) and ``SCORES_PER_STEP`` float32 scores (plus a
-    bool and an int64 prefix sum of the same count) per step over query tiles; never N x N.
+    Memory: one pooled query per tile (``1 / block_size`` of q). Torch path: ``SCORES_PER_STEP`` float32
+    scores (plus bools and an int64 prefix sum of the same count) per step over query tiles. Triton path:
+    ``[B, Hq, T, max_keys]`` int32 ids. Never N x N.
     """
     if not isinstance(config, TileKeysConfig):
         raise TypeError(f"config must be a TileKeysConfig, got {type(config).__name__}")
     shape = check_qk(q, k)
     scale = softmax_scale(sm_scale, shape.head_dim)
+    backend = estimate_backend(q, k) if backend is None else backend
+    require(backend in ("triton", "torch"), f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    require(backend == "torch" or q.is_cuda or interpreter_enabled(),
+            "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; use backend='torch' on the CPU")
     bs, n = config.block_size, shape.k_len
     num_tiles = math.ceil(n / bs)
     pooled = _pool_blocks(q, shape.q_offset, math.ceil(n / config.pool), config.pool)  # [B, Hq, P, D]
+    tile_ids = torch.arange(num_tiles, device=q.device)
+    per_tile = pooled[:, :, tile_ids // (config.pool // bs)].to(k.dtype).contiguous()  # [B, Hq, T, D]
     first_tile = shape.q_offset // bs
-    tiles_per_pool = config.pool // bs
-    keys = torch.arange(n, device=q.device)
     starts = band_starts(num_tiles, n, config.local, bs, q.device)
-    heads = shape.kv_heads if per_kv_group else shape.q_heads
-    parts: list[torch.Tensor] = []
-    step = _tile_chunk(shape.batch, shape.q_heads, n)
-    keys_t = k.float().transpose(-1, -2)  # [B, Hkv, D, N]
-    for t0 in range(first_tile, num_tiles, step):
-        tiles = torch.arange(t0, min(t0 + step, num_tiles), device=q.device)
-        chunk = pooled[:, :, tiles // tiles_per_pool]  # [B, Hq, c, D]
-        c = tiles.numel()
-        scores = torch.matmul(chunk.reshape(shape.batch, shape.kv_heads, shape.group_size * c, shape.head_dim),
-                              keys_t).reshape(shape.batch, shape.q_heads, c, n) * scale
-        last = torch.clamp((tiles + 1) * bs, max=n) - 1
-        causal = keys[None, :] <= last[:, None]  # [c, N]
-        probs = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
-        outside_band = keys[None, :] < starts[tiles][:, None]
-        forced = (keys[None, :] < config.sink) & outside_band
-        chosen = (probs >= config.threshold / n) & outside_band | forced
-        if int(chosen.sum(-1).max()) > config.max_keys:
-            ranked = torch.where(chosen, probs + forced.float() * 2.0, -1.0)
-            top = ranked.topk(config.max_keys, dim=-1).indices
-            chosen = torch.zeros_like(chosen).scatter(-1, top, True) & chosen
-        if per_kv_group:
-            chosen = union_over_groups(chosen, shape.kv_heads)
-        parts.append(mask_to_index(chosen, max(1, int(chosen.sum(-1).max()))))
-    width = max([p.shape[-1] for p in parts], default=1)
-    columns = torch.full((shape.batch, heads, num_tiles, width), -1, dtype=torch.long, device=q.device)
-    t0 = first_tile
-    for part in parts:
-        columns[:, :, t0: t0 + part.shape[2], : part.shape[-1]] = part
-        t0 += part.shape[2]
+    if backend == "triton":
+        columns = _select_triton(per_tile, k, first_tile, starts, config, scale)
+    else:
+        step = _tile_chunk(shape.batch, shape.q_heads, n)
+        parts = [_select_torch(per_tile, k, tile_ids[t0: t0 + step], starts, config, scale)
+                 for t0 in range(first_tile, num_tiles, step)]
+        width = max([p.shape[-1] for p in parts], default=1)
+        columns = torch.full((shape.batch, shape.q_heads, num_tiles, width), -1, dtype=torch.long, device=q.device)
+        for t0, part in zip(range(first_tile, num_tiles, step), parts):
+            columns[:, :, t0: t0 + part.shape[2], : part.shape[-1]] = part
+    if per_kv_group:
+        columns = _union_over_groups(columns, shape.kv_heads, n)
     return TileKeysSelection(columns=columns, k_len=n, local=config.local, block_size=bs)
