@@ -60,6 +60,7 @@ class TileKeysConfig:
             row keeps its own tile's causal keys).
         sink: the first keys always kept.
         max_keys: at most this many keys per tile besides the band (the most probable); the index width.
+            The Triton estimate holds ``B * Hq * T * max_keys`` int32 ids (1.6 GB at 128K with Hq=12).
         block_size: query tile size (also the kernel's).
     """
 
@@ -67,7 +68,7 @@ class TileKeysConfig:
     pool: int = 64
     local: int = 128
     sink: int = 4
-    max_keys: int = 8192
+    max_keys: int = 16384
     block_size: int = 64
 
     def __post_init__(self) -> None:
