@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longinfer.ops import a_shape_attention, block_sparse_attention, dense_attention, vertical_slash_attention
+from longinfer.ops import (
+    a_shape_attention,
+    block_sparse_attention,
+    build_tile_keys_index,
+    dense_attention,
+    tile_keys_attention,
+    vertical_slash_attention,
+)
 from longinfer.ops import _checks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,3 +92,21 @@ def test_bad_cu_seqlens():
         dense_attention(q, k, v, cu_seqlens_q=torch.tensor([0, 16], device=DEVICE))
     with pytest.raises(ValueError, match=r"past the end"):
         dense_attention(q, k, v, cu_seqlens_q=torch.tensor([0, 20], dtype=torch.int32, device=DEVICE))
+
+
+def test_tile_keys_errors():
+    q, k, v = _qkv(n=100)
+    columns = torch.zeros(1, 2, 2, 3, dtype=torch.long, device=DEVICE)  # ceil(100 / 64) = 2 tiles
+    with pytest.raises(ValueError, match=r"local must be an int >= block_size"):
+        tile_keys_attention(q, k, v, columns, local=32)
+    with pytest.raises(ValueError, match=r"expected ceil\(100 / 64\) = 2"):
+        tile_keys_attention(q, k, v, columns[:, :, :1], local=64)
+    with pytest.raises(ValueError, match=r"exactly one of columns and index"):
+        tile_keys_attention(q, k, v, local=64)
+    with pytest.raises(ValueError, match=r"block_size 16, 32 or 64"):
+        tile_keys_attention(q, k, v, columns, local=128, block_size=128)
+    index = build_tile_keys_index(columns, 100, 64, 64)
+    with pytest.raises(ValueError, match=r"rebuild it"):
+        tile_keys_attention(q, k, v, index=index, local=96)
+    with pytest.raises(TypeError):
+        tile_keys_attention(q, k, v, columns.float(), local=64)
