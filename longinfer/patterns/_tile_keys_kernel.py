@@ -1,6 +1,6 @@
 """Triton kernels of the tile-keys estimate: each query tile's keys above a threshold, compacted in place.
 
-:func:`select_tile_keys_triton` computes what the torch path of
+:func:`select_tile_keys` computes what the torch path of
 :func:`longinfer.patterns.tile_keys.estimate_tile_keys` computes, in two passes over the keys:
 
 1. the base-2 log-sum-exp of each tile's pooled query over the keys up to the tile's last row
@@ -12,8 +12,9 @@
 
 A tile with more kept keys than the output's width writes only the first ``width`` (its count still
 says how many passed): the caller re-selects those tiles by probability (the torch path's cap).
-Work: two passes of ``T x Nk x D`` multiply-adds per query head (``T = Nk / block_size`` pooled
-queries), i.e. ``2 / block_size`` of dense attention's ``QK^T``, plus one store per kept key.
+Work per query head: two passes of each tile's pooled query over its causal keys (``T = Nk / block_size``
+pooled queries: about ``2 / block_size`` of causal attention's ``QK^T`` multiply-adds), plus one store per
+kept key.
 """
 
 from __future__ import annotations

@@ -192,8 +192,9 @@ def estimation_pairs(pattern: str, config: Any, q_len: int, k_len: int) -> int:
 
     Vertical-slash: the last ``last_q`` queries against every key, twice (log-sum-exp, then the
     probabilities), and as many for the ``column_q`` queries of the column mass, if any.
-    Block-sparse: pooled query blocks against the causal pooled key blocks. Tile keys: one pooled
-    query per query tile against every key. Static patterns: none.
+    Block-sparse: pooled query blocks against the causal pooled key blocks. Tile keys: each query
+    tile's pooled query against its causal keys, twice (log-sum-exp, then the selection): about one pass
+    over every key per tile. Static patterns: none.
     """
     if pattern == "vertical_slash":
         return 2 * (min(config.last_q, q_len) + min(config.column_q, q_len)) * k_len
