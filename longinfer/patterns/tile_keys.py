@@ -55,7 +55,8 @@ class TileKeysConfig:
         threshold: a key outside the band is kept when its estimated probability is at least
             ``threshold / Nk`` (``Nk``: all key positions).
         pool: query rows averaged into one pooled query (a multiple of ``block_size``; the tiles of one
-            pool share its estimate). The estimate costs ``1 / pool`` of dense attention's ``QK^T``.
+            pool share it). Each tile's pooled query is scored on its own (its causal keys and band differ),
+            so the estimate costs about ``2 / block_size`` of causal ``QK^T`` whatever the pool.
         local: the most recent keys of each tile's last row always kept (>= ``block_size``, so every
             row keeps its own tile's causal keys).
         sink: the first keys always kept.
