@@ -651,6 +651,19 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --method tk3=tile_keys:threshold=3 --method tk1.5=tile_keys:threshold=1.5 \
       --method tk0.75=tile_keys:threshold=0.75 --method tk0.4=tile_keys:threshold=0.4 \
       --method tkg1.5=tile_keys:threshold=1.5,per_kv_group=true --time-kernels --out "$RES/$step/frontier-128k" ;;
+  q28-tile-keys-search)  # issue 3: per-head tile_keys thresholds from the offline search (one price per unit of
+    # kernel + estimate cost over all heads; cost 0.13 ~ 10% kernel density + the 3% estimate), then recall on PG
+    # essays beside uniform thresholds, with kernel and estimate times: Qwen2.5-Coder-0.5B at 32K
+    # (assemble qwen2.5-coder-0.5b q05). The CPU run of the same search: docs/results/search-tile-keys-cpu-qwen0.5b-32k/.
+    plan="$RES/$step/q05-tk-global-0.13.plan.json"
+    [ -f "$plan" ] || run_cli search --model qwen2.5-coder-0.5b --length 32768 --allocation global --cost-budget 0.13 \
+      --dense-below 0 --no-measure --no-progress --candidates tile_keys:threshold=8 tile_keys:threshold=4 \
+      tile_keys:threshold=2 tile_keys:threshold=1 tile_keys:threshold=0.5 tile_keys:threshold=0.25 \
+      tile_keys:threshold=0.12 --out "$plan"
+    run python3 benchmarks/recall_frontier.py --model qwen2.5-coder-0.5b --length 32768 --rows 128 --methods none \
+      --oracle-densities 0.05,0.1 --method "searched=plan:$plan" --method default=plan \
+      --method tk0.75=tile_keys:threshold=0.75 --method tk0.4=tile_keys:threshold=0.4 --time-kernels \
+      --out "$RES/$step/frontier" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null
