@@ -382,8 +382,8 @@ def online_allocations(recall: torch.Tensor, kept: torch.Tensor, causal: torch.T
 
     each at the largest spend within ``density`` (``at_density``; ``None`` when the fewest keys each tile keeps
     cost more) and at the cheapest spend meeting both ``mean`` and ``p10`` (``meeting``; ``None`` when even
-    every key does not). Both knobs are monotone: a
-    lower price or a higher ``tau`` keeps at least as many keys in every tile."""
+    every key does not). Both knobs are monotone: a lower price or a higher ``tau`` keeps at least as many
+    keys in every tile."""
     def meets(result: tuple[torch.Tensor, torch.Tensor]) -> bool:
         return float(result[0].mean()) >= mean - 1e-6 and percentile(result[0], 0.1) >= p10 - 1e-6
 
