@@ -59,10 +59,9 @@ def test_tile_keys_keeps_the_keys_above_the_threshold_outside_the_band(monkeypat
     """Every tile keeps exactly the keys before its band whose pooled probability reaches threshold / Nk,
     plus the sinks, capped at ``max_keys`` by probability; tiles before the first query keep nothing.
     Steps of 3 tiles (a small ``SCORES_PER_STEP``) give the same index as one step. The Triton path keeps
-    the same keys (its capped tiles re-selected by the torch path). Random q/k near
-    a threshold could flip on float32 rounding; these keep every probability more than 1e-7 away from it
-    (float32 softmax errors here are ~1e-9).
-    (checked in the recomputation)."""
+    the same keys (its capped tiles re-selected by the torch path). A probability near the threshold could
+    flip on float32 rounding; the recomputation checks that every one lies more than 1e-7 away from it
+    (float32 softmax errors here are ~1e-9)."""
     generator = torch.Generator().manual_seed(nq + nk)
     q = torch.randn(2, 4, nq, head_dim, generator=generator) * 1.5
     k = torch.randn(2, 2, nk, head_dim, generator=generator) * 1.5
@@ -98,8 +97,8 @@ def test_tile_keys_kv_group_union_and_config_errors(backend):
             union = set().union(*(_selected(per_head, 0, h, tile) for h in range(3 * kv, 3 * kv + 3)))
             assert _selected(shared, 0, kv, tile) == union
     for params, message in [({"pool": 48}, "multiple of block_size"), ({"local": 8, "block_size": 16}, "local"),
-                            ({"threshold": 0.0}, "threshold"), ({"threshold": math.inf}, "threshold"), ({"max_keys": 2, "sink": 3}, "max_keys"),
-                            ({"block_size": 128}, "block_size")]:
+                            ({"threshold": 0.0}, "threshold"), ({"threshold": math.inf}, "threshold"),
+                            ({"max_keys": 2, "sink": 3}, "max_keys"), ({"block_size": 128}, "block_size")]:
         with pytest.raises(ValueError, match=message):
             TileKeysConfig(**params)
     with pytest.raises(TypeError, match="TileKeysConfig"):
