@@ -214,14 +214,18 @@ def target_allocation(recall: torch.Tensor, kept: torch.Tensor, causal: torch.Te
 # Measurement
 
 
+def _nested(values: torch.Tensor) -> list[Any]:
+    """``[H, R, G]`` values as nested lists rounded to 6 decimals (the JSONL records' form)."""
+    return [[[round(float(x), 6) for x in row] for row in head] for head in values.tolist()]
+
+
 def measure_layer(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float) -> dict[str, Any]:
     """Every sampled row's key-oracle recall and kept keys at each :data:`GRID` density (batch 1)."""
     lse = causal_logsumexp(q, k, rows, sm_scale=scale)
     results = oracle_recall(q, k, rows, GRID, sm_scale=scale, lse=lse)
     recall = torch.stack([results[d].recall[0] for d in GRID], -1)  # [H, R, G]
     kept = torch.stack([results[d].kept[0] for d in GRID], -1)
-    return {"recall": [[[round(float(x), 6) for x in row] for row in head] for head in recall.tolist()],
-            "kept": kept.tolist()}
+    return {"recall": _nested(recall), "kept": kept.tolist()}
 
 
 def tile_ends(rows: torch.Tensor, tile: int, length: int) -> torch.Tensor:
@@ -277,10 +281,6 @@ def _estimate_curves(estimate: TileEstimate, q: torch.Tensor, keys: torch.Tensor
     kept = [max(count, local) for count in counts]
     at = torch.tensor([count - 1 for count in kept], device=mass.device)
     return true_cumulative[:, at], estimated_cumulative[:, at], kept
-
-
-def _nested(values: torch.Tensor) -> list[Any]:
-    return [[[round(float(x), 6) for x in row] for row in head] for head in values.tolist()]
 
 
 def measure_tiles(q: torch.Tensor, k: torch.Tensor, ends: torch.Tensor, tile: int, scale: float,

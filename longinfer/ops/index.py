@@ -348,6 +348,18 @@ class TileKeysIndex:
         return self.columns.shape[1]
 
 
+def tile_last_rows(tiles: torch.Tensor, block_size: int, k_len: int) -> torch.Tensor:
+    """The last position of each query tile ``tiles [T]`` (aligned to ``block_size``, the last cut at ``k_len``)."""
+    return torch.clamp((tiles + 1) * block_size, max=k_len) - 1
+
+
+def tile_band_starts(num_tiles: int, block_size: int, k_len: int, local: int, device: torch.device | str
+                     ) -> torch.Tensor:
+    """First key ``[T]`` of each query tile's band: ``local`` keys back from the tile's last row."""
+    last = tile_last_rows(torch.arange(num_tiles, device=device), block_size, k_len)
+    return torch.clamp(last + 1 - local, min=0)
+
+
 def build_tile_keys_index(columns: torch.Tensor, k_len: int, local: int, block_size: int = 64, *,
                           presorted: bool = False) -> TileKeysIndex:
     """Sort and de-duplicate ``columns [B, H, ceil(k_len / bs), K]``; ids that are negative, past the
@@ -357,9 +369,7 @@ def build_tile_keys_index(columns: torch.Tensor, k_len: int, local: int, block_s
 
     Memory: a copy of ``columns`` as int32.
     """
-    num_tiles = columns.shape[2]
-    last = torch.clamp((torch.arange(num_tiles, device=columns.device) + 1) * block_size, max=k_len) - 1
-    band_start = torch.clamp(last + 1 - local, min=0)[:, None]  # [T, 1]
+    band_start = tile_band_starts(columns.shape[2], block_size, k_len, local, columns.device)[:, None]  # [T, 1]
     ids = _sorted_unique(columns, (columns >= 0) & (columns < band_start), k_len, presorted=presorted)
     count = (ids < k_len).sum(-1)
     ids = torch.where(ids >= k_len, -1, ids)

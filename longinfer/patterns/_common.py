@@ -97,6 +97,21 @@ def check_qk(q: torch.Tensor, k: torch.Tensor) -> QKShape:
     return QKShape(bsz, hq, hkv, nq, nk, d)
 
 
+def triton_estimate_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the estimators' Triton kernels take ``q``, ``k`` by default: CUDA tensors of one float16 /
+    bfloat16 / float32 dtype (the CPU interpreter runs them only when asked: it is far slower than torch)."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype
+
+
+def check_estimate_backend(backend: str, q: torch.Tensor) -> None:
+    """``backend`` is ``"triton"`` or ``"torch"``, and ``"triton"`` has CUDA tensors or the interpreter."""
+    from longinfer.ops._checks import interpreter_enabled
+
+    require(backend in ("triton", "torch"), f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    require(backend == "torch" or q.is_cuda or interpreter_enabled(),
+            "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; use backend='torch' on the CPU")
+
+
 def softmax_scale(sm_scale: float | None, head_dim: int) -> float:
     """``sm_scale`` or ``1/sqrt(head_dim)``; must be positive and finite."""
     if sm_scale is None:

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longinfer.ops.index import tile_last_rows
 from longinfer.patterns._estimate_kernel import LOG2_E, _load_queries, _tile_scores, row_logsumexp2
 
 
@@ -67,10 +68,6 @@ def _select_kernel(
     tl.store(COUNT + head_row + tiles, count, mask=t_valid)
 
 
-def _positions(num_tiles: int, block_size: int, k_len: int, device: torch.device) -> torch.Tensor:
-    return (torch.clamp((torch.arange(num_tiles, device=device) + 1) * block_size, max=k_len) - 1).to(torch.int32)
-
-
 def select_tile_keys(pooled: torch.Tensor, k: torch.Tensor, band: torch.Tensor, *, block_size: int, threshold: float,
                      sink: int, width: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Each tile's kept keys (see the module docstring).
@@ -92,7 +89,8 @@ def select_tile_keys(pooled: torch.Tensor, k: torch.Tensor, band: torch.Tensor, 
     bsz, hq, num_tiles, _ = pooled.shape
     k_len = k.shape[2]
     rows = torch.arange(num_tiles, device=pooled.device, dtype=torch.int32)
-    lse, common = row_logsumexp2(pooled, k, rows, _positions(num_tiles, block_size, k_len, pooled.device), scale)
+    positions = tile_last_rows(rows, block_size, k_len).to(torch.int32)
+    lse, common = row_logsumexp2(pooled, k, rows, positions, scale)
     columns = torch.full((bsz, hq, num_tiles, width), -1, dtype=torch.int32, device=pooled.device)
     count = torch.empty(bsz, hq, num_tiles, dtype=torch.int32, device=pooled.device)
     block_m = common["BLOCK_M"]

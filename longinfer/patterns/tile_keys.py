@@ -32,13 +32,15 @@ from dataclasses import dataclass
 import torch
 
 from longinfer.ops import reference
-from longinfer.ops._checks import interpreter_enabled
+from longinfer.ops.index import tile_band_starts, tile_last_rows
 from longinfer.patterns._common import (
     check_config_fields,
+    check_estimate_backend,
     check_qk,
     mask_to_index,
     require,
     softmax_scale,
+    triton_estimate_supported,
     union_packed_over_groups,
 )
 from longinfer.patterns._tile_keys_kernel import select_tile_keys
@@ -111,22 +113,8 @@ class TileKeysSelection:
         return reference.tile_keys_mask(self.columns, self.k_len, self.local, self.block_size, rows=rows)
 
 
-def band_starts(num_tiles: int, k_len: int, local: int, block_size: int, device: torch.device) -> torch.Tensor:
-    """First key of each query tile's band ``[T]``: ``local`` keys back from the tile's last row."""
-    last = torch.clamp((torch.arange(num_tiles, device=device) + 1) * block_size, max=k_len) - 1
-    return torch.clamp(last + 1 - local, min=0)
-
-
 def _tile_chunk(batch: int, heads: int, k_len: int) -> int:
     return max(1, SCORES_PER_STEP // max(1, batch * heads * k_len))
-
-
-def estimate_backend(q: torch.Tensor, k: torch.Tensor) -> str:
-    """``"triton"`` (:mod:`longinfer.patterns._tile_keys_kernel`) for CUDA tensors of one float16 / bfloat16 /
-    float32 dtype, else ``"torch"``; the interpreter runs the kernel on the CPU when asked (its tests)."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype:
-        return "triton"
-    return "torch"
 
 
 def _select_torch(per_tile: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, starts: torch.Tensor,
@@ -140,7 +128,7 @@ def _select_torch(per_tile: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, 
     # Scores in the inputs' precision (bf16 on the GPU: the threshold needs no more), reduced in float32.
     chunk = per_tile[:, :, tiles].reshape(bsz, kv_heads, q_heads // kv_heads * c, head_dim)
     scores = torch.matmul(chunk, k.transpose(-1, -2)).reshape(bsz, q_heads, c, n).float() * scale
-    last = torch.clamp((tiles + 1) * config.block_size, max=n) - 1
+    last = tile_last_rows(tiles, config.block_size, n)
     scores.masked_fill_(keys[None, :] > last[:, None], -math.inf)  # causal for the tile's last row
     # probability >= threshold / n  <=>  score >= logsumexp + log(threshold / n): no probabilities stored
     cut = torch.logsumexp(scores, dim=-1, keepdim=True) + math.log(config.threshold / n)
@@ -205,8 +193,9 @@ def estimate_tile_keys(
         config: a :class:`TileKeysConfig`.
         sm_scale: softmax scale, default ``1/sqrt(D)``.
         per_kv_group: one index per KV group (``H = Hkv``): the union of its query heads' keys.
-        backend: ``"triton"``, ``"torch"`` or ``None`` (:func:`estimate_backend`); the same index up to
-            float rounding at the threshold.
+        backend: ``"triton"`` (:mod:`longinfer.patterns._tile_keys_kernel`), ``"torch"`` or ``None`` (the
+            Triton kernel where :func:`~longinfer.patterns._common.triton_estimate_supported`); the same index
+            up to float rounding at the threshold.
 
     Returns:
         A :class:`TileKeysSelection` (``columns [B, H, ceil(Nk / bs), K]`` int64, ``-1`` padded; ``K`` the
@@ -220,17 +209,16 @@ def estimate_tile_keys(
         raise TypeError(f"config must be a TileKeysConfig, got {type(config).__name__}")
     shape = check_qk(q, k)
     scale = softmax_scale(sm_scale, shape.head_dim)
-    backend = estimate_backend(q, k) if backend is None else backend
-    require(backend in ("triton", "torch"), f"backend must be 'triton', 'torch' or None, got {backend!r}")
-    require(backend == "torch" or q.is_cuda or interpreter_enabled(),
-            "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; use backend='torch' on the CPU")
+    if backend is None:
+        backend = "triton" if triton_estimate_supported(q, k) else "torch"
+    check_estimate_backend(backend, q)
     bs, n = config.block_size, shape.k_len
     num_tiles = math.ceil(n / bs)
     pooled = _pool_blocks(q, shape.q_offset, math.ceil(n / config.pool), config.pool)  # [B, Hq, P, D]
     tile_ids = torch.arange(num_tiles, device=q.device)
     per_tile = pooled[:, :, tile_ids // (config.pool // bs)].to(k.dtype).contiguous()  # [B, Hq, T, D]
     first_tile = shape.q_offset // bs
-    starts = band_starts(num_tiles, n, config.local, bs, q.device)
+    starts = tile_band_starts(num_tiles, bs, n, config.local, q.device)
     if backend == "triton":
         columns = _select_triton(per_tile, k, first_tile, starts, config, scale)
     else:

@@ -71,10 +71,12 @@ from longinfer.patterns._common import (
     QKShape,
     check_budget,
     check_config_fields,
+    check_estimate_backend,
     check_qk,
     mask_to_index,
     require,
     softmax_scale,
+    triton_estimate_supported,
     union_of_packed,
     union_over_groups,
     union_packed_over_groups,
@@ -554,9 +556,7 @@ def estimate_backend(q: torch.Tensor, k: torch.Tensor) -> str:
     only when asked for (``backend="triton"``, as its tests do): it is far slower than the torch
     path there, and every other CPU test that estimates an index would pay for it.
     """
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype:
-        return "triton"
-    return "torch"
+    return "triton" if triton_estimate_supported(q, k) else "torch"
 
 
 def _checked_positions(positions: torch.Tensor, q_offset: int, k_len: int) -> torch.Tensor:
@@ -610,9 +610,7 @@ def estimate_masses(
     config = config.for_call(shape.q_len, shape.k_len)
     scale = softmax_scale(sm_scale, shape.head_dim)
     backend = estimate_backend(q, k) if backend is None else backend
-    require(backend in ("triton", "torch"), f"backend must be 'triton', 'torch' or None, got {backend!r}")
-    require(backend == "torch" or q.is_cuda or interpreter_enabled(),
-            "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; use backend='torch' on the CPU")
+    check_estimate_backend(backend, q)
     require(positions is None or config.column_q == 0,
             "positions replace the config's estimation queries of both masses; leave column_q at 0 with them")
     columns, diagonals = _masses_by_backend(q, k, config, shape, scale, positions, backend, check_positions)

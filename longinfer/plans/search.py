@@ -66,7 +66,7 @@ from longinfer.patterns.block_sparse import BlockSparseSelection
 from longinfer.patterns.dense import DenseSelection
 from longinfer.patterns.recall import attention_recall, causal_logsumexp, sample_rows
 from longinfer.patterns.registry import config_to_params, get_pattern
-from longinfer.patterns.tile_keys import TileKeysSelection, band_starts
+from longinfer.patterns.tile_keys import TileKeysSelection
 from longinfer.patterns.triangle import TriangleSelection  # importing it registers the "triangle" pattern
 from longinfer.patterns.vertical_slash import VerticalSlashSelection
 from longinfer.plans.calibration import CalibrationPrompt, kv_retrieval_prompt
@@ -178,11 +178,12 @@ def tile_keys_pairs(selection: TileKeysSelection, q_len: int) -> torch.Tensor:
     """Pairs ``[B, H]`` the tile-keys kernel computes: per query tile, its band in key tiles and its
     columns gathered :data:`COST_BLOCK_N` at a time."""
     from longinfer.ops import build_tile_keys_index
+    from longinfer.ops.index import tile_band_starts
 
     k_len, bs = selection.k_len, selection.block_size
     index = build_tile_keys_index(selection.columns, k_len, selection.local, bs, presorted=True)
     _, end, rows = _query_tiles(q_len, k_len, bs, index.columns.device)
-    band = end - band_starts(end.numel(), k_len, selection.local, bs, end.device)
+    band = end - tile_band_starts(end.numel(), bs, k_len, selection.local, end.device)
     keys = _round_up(band, COST_BLOCK_N) + _round_up(index.column_count.long(), COST_BLOCK_N)  # [B, H, T]
     return (keys * rows).sum(-1)
 
