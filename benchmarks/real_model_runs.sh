@@ -643,14 +643,14 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --method "global0.05=plan:$RES/$step/q05-global-0.05.plan.json" --time-kernels --out "$RES/$step/frontier" ;;
   q28-tile-keys)  # issue 6 / 3: the tile-keys pattern (each 64-row query tile its own keys above a threshold on its
     # pooled query's probabilities, plus a 128-key band) on real activations, beside the default plan, with kernel
-    # and estimate times: Qwen2.5-Coder-1.5B, YaRN x4, 128K, PG essays, 10 of the 28 layers. First its kernels in
-    # bf16 (the CPU interpreter cannot check bf16).
-    run python3 -m pytest -q -p no:cacheprovider tests/test_ops_kernels.py tests/test_tile_keys.py -k tile_keys
+    # and estimate times: Qwen2.5-Coder-1.5B, YaRN x4, 128K, PG essays, 10 of the 28 layers. Then its kernels in
+    # bf16 (the CPU interpreter cannot check bf16) with what is left of LIMIT, after the measurement.
     run python3 benchmarks/recall_frontier.py $Q15 --length 131072 --rows 128 --methods none \
       --layers 0,3,6,9,12,15,18,21,24,27 --oracle-densities 0.05,0.1 --method default=plan \
       --method tk3=tile_keys:threshold=3 --method tk1.5=tile_keys:threshold=1.5 \
       --method tk0.75=tile_keys:threshold=0.75 --method tk0.4=tile_keys:threshold=0.4 \
-      --method tkg1.5=tile_keys:threshold=1.5,per_kv_group=true --time-kernels --out "$RES/$step/frontier-128k" ;;
+      --method tkg1.5=tile_keys:threshold=1.5,per_kv_group=true --time-kernels --out "$RES/$step/frontier-128k"
+    run python3 -m pytest -q -p no:cacheprovider tests/test_ops_kernels.py tests/test_tile_keys.py -k tile_keys ;;
   q28-tile-keys-search)  # issue 3: per-head tile_keys thresholds from the offline search (one price per unit of
     # kernel + estimate cost over all heads; cost 0.13 ~ 10% kernel density + the 3% estimate), then recall on PG
     # essays beside uniform thresholds, with kernel and estimate times: Qwen2.5-Coder-0.5B at 32K
@@ -664,6 +664,19 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --oracle-densities 0.05,0.1 --method "searched=plan:$plan" --method default=plan \
       --method tk0.75=tile_keys:threshold=0.75 --method tk0.4=tile_keys:threshold=0.4 --time-kernels \
       --out "$RES/$step/frontier" ;;
+  q29-tile-keys)  # issues 6 / 3: the tile-keys estimate writing the kernel's index itself and capping tiles by
+    # doubling their threshold (session 28's estimate re-selected capped tiles in torch: 173-258 ms per layer at
+    # thresholds 0.75 / 0.4), and 2 or 4 pooled queries per tile (heads whose rows attend different keys), beside
+    # the default plan, with kernel and estimate times: Qwen2.5-Coder-1.5B, YaRN x4, 128K, PG essays, 10 layers.
+    # Then the estimator's tests in bf16 with what is left of LIMIT.
+    run python3 benchmarks/recall_frontier.py $Q15 --length 131072 --rows 128 --methods none \
+      --layers 0,3,6,9,12,15,18,21,24,27 --oracle-densities 0.05 --method default=plan \
+      --method tk3=tile_keys:threshold=3 --method tk1.5=tile_keys:threshold=1.5 \
+      --method tk0.75=tile_keys:threshold=0.75 --method tk0.4=tile_keys:threshold=0.4 \
+      --method tk3q2=tile_keys:threshold=3,queries=2 --method tk1.5q2=tile_keys:threshold=1.5,queries=2 \
+      --method tk0.75q2=tile_keys:threshold=0.75,queries=2 --method tk3q4=tile_keys:threshold=3,queries=4 \
+      --method tk1.5q4=tile_keys:threshold=1.5,queries=4 --time-kernels --out "$RES/$step/frontier-128k"
+    run python3 -m pytest -q -p no:cacheprovider tests/test_tile_keys.py ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null

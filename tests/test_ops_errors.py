@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -110,3 +112,6 @@ def test_tile_keys_errors():
         tile_keys_attention(q, k, v, index=index, local=96)
     with pytest.raises(TypeError):
         tile_keys_attention(q, k, v, columns.float(), local=64)
+    for ids in (index.columns.long(), index.columns.transpose(2, 3).contiguous().transpose(2, 3)):
+        with pytest.raises(ValueError, match=r"int32 with a contiguous last dim"):
+            tile_keys_attention(q, k, v, index=dataclasses.replace(index, columns=ids), local=64)

@@ -40,6 +40,7 @@ SMALL_CONFIGS = {
     "tile_keys": [
         TileKeysConfig(threshold=1.5, pool=16, local=16, sink=2, max_keys=60, block_size=16),
         TileKeysConfig(threshold=0.8, pool=32, local=24, sink=1, max_keys=3, block_size=16),
+        TileKeysConfig(threshold=1.0, pool=16, local=16, sink=1, max_keys=40, block_size=16, queries=2),
     ],
     "dense": [DenseConfig()],
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -10,6 +11,8 @@ import torch
 
 from longinfer.patterns import TileKeysConfig, estimate_tile_keys
 from longinfer.patterns import tile_keys as tile_keys_module
+from longinfer.patterns._tile_keys_kernel import cap_levels
+from longinfer.patterns.tile_keys import TileKeysSelection
 
 # The Triton path runs on the CPU only in the interpreter (CI sets TRITON_INTERPRET=1), and on the GPU.
 BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else [])
@@ -18,27 +21,35 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _expected_sets(q, k, cfg: TileKeysConfig, scale: float) -> dict[tuple[int, int, int], set[int]]:
     """Per (batch, query head, tile): the keys the module docstring's rule keeps, recomputed in float64
-    with one pooled query per tile (the mean of the queries in the tile's aligned pool block)."""
+    with the tile's pooled queries (the means of the queries in its aligned groups; groups without queries
+    left out); a tile over ``max_keys`` doubles its threshold until it is within (at most ``cap_levels``
+    times)."""
     b, hq, nq, _ = q.shape
     nk, group = k.shape[2], hq // k.shape[1]
     offset, bs = nk - nq, cfg.block_size
+    levels = cap_levels(nk, cfg.threshold, cfg.max_keys, cfg.sink, cfg.queries)
     out = {}
+    rows_per_query = cfg.pool // cfg.queries
     for tile in range(offset // bs, math.ceil(nk / bs)):
-        pool_start = (tile * bs // cfg.pool) * cfg.pool
-        rows = [r - offset for r in range(pool_start, min(pool_start + cfg.pool, nk)) if r >= offset]
+        first = tile * bs if cfg.queries > 1 else (tile * bs // cfg.pool) * cfg.pool
+        groups = [[r - offset for r in range(start, min(start + rows_per_query, nk)) if r >= offset]
+                  for start in range(first, first + cfg.queries * rows_per_query, rows_per_query)]
         last = min((tile + 1) * bs, nk) - 1
         band = max(0, last + 1 - cfg.local)
         for batch in range(b):
             for head in range(hq):
-                pooled = q[batch, head, rows].double().mean(0)
-                probs = torch.softmax(k[batch, head // group, : last + 1].double() @ pooled * scale, -1)
-                threshold = cfg.threshold / nk
-                if band:  # no probability so close to the threshold that float32 rounding could flip it
-                    assert float((probs[:band] - threshold).abs().min()) > 1e-7
+                keys = k[batch, head // group, : last + 1].double()
+                probs = torch.stack([torch.softmax(keys @ q[batch, head, rows].double().mean(0) * scale, -1)[:band]
+                                     for rows in groups if rows])  # [groups with queries, band]
                 forced = set(range(min(cfg.sink, band)))
-                above = [j for j in range(band) if probs[j] >= threshold and j not in forced]
-                above.sort(key=lambda j: -float(probs[j]))
-                out[batch, head, tile] = forced | set(above[: cfg.max_keys - len(forced)])
+                for level in range(levels + 1):
+                    threshold = cfg.threshold * 2**level / nk
+                    # no probability so close to a threshold that float32 rounding could flip it
+                    assert band == 0 or float((probs - threshold).abs().min()) > 1e-7
+                    kept = forced | {j for j in range(band) if probs[:, j].max() >= threshold}
+                    if len(kept) <= cfg.max_keys:
+                        break
+                out[batch, head, tile] = kept
     return out
 
 
@@ -54,19 +65,21 @@ def _selected(selection, batch: int, head: int, tile: int) -> set[int]:
 @pytest.mark.parametrize("cfg", [
     TileKeysConfig(threshold=1.5, pool=16, local=16, sink=3, max_keys=1000, block_size=16),
     TileKeysConfig(threshold=1.1, pool=64, local=40, sink=1, max_keys=6, block_size=32),
-], ids=["pool16", "pool64-capped"])
+    TileKeysConfig(threshold=1.3, pool=32, local=32, sink=2, max_keys=9, block_size=32, queries=4),
+], ids=["pool16", "pool64-capped", "queries4-capped"])
 def test_tile_keys_keeps_the_keys_above_the_threshold_outside_the_band(monkeypatch, backend, nq, nk, head_dim, cfg):
     """Every tile keeps exactly the keys before its band whose pooled probability reaches threshold / Nk,
-    plus the sinks, capped at ``max_keys`` by probability; tiles before the first query keep nothing.
-    Steps of 3 tiles (a small ``SCORES_PER_STEP``) give the same index as one step. The Triton path keeps
-    the same keys (its capped tiles re-selected by the torch path). A probability near the threshold could
-    flip on float32 rounding; the recomputation checks that every one lies more than 1e-7 away from it
-    (float32 softmax errors here are ~1e-9)."""
+    plus the sinks, a tile over ``max_keys`` at the first doubled threshold that keeps at most that many;
+    tiles before the first query keep nothing. Steps of 3 tiles (a small ``SCORES_PER_STEP``) give the same
+    index as one step. The Triton path keeps the same keys (its capped tiles rescanned by the counting and
+    selecting kernel). A probability near a threshold could flip on float32 rounding; the recomputation
+    checks that every one lies more than 1e-7 away from it (float32 softmax errors here are ~1e-9)."""
     generator = torch.Generator().manual_seed(nq + nk)
     q = torch.randn(2, 4, nq, head_dim, generator=generator) * 1.5
     k = torch.randn(2, 2, nk, head_dim, generator=generator) * 1.5
     selection = estimate_tile_keys(q.to(DEVICE), k.to(DEVICE), cfg, backend=backend)
-    selection = type(selection)(selection.columns.cpu(), selection.k_len, selection.local, selection.block_size)
+    selection = TileKeysSelection.from_columns(selection.columns.cpu(), selection.k_len, selection.local,
+                                               selection.block_size)
     assert selection.columns.shape[:3] == (2, 4, math.ceil(nk / cfg.block_size))
     expected = _expected_sets(q, k, cfg, head_dim ** -0.5)
     for (batch, head, tile), keys in expected.items():
@@ -74,8 +87,9 @@ def test_tile_keys_keeps_the_keys_above_the_threshold_outside_the_band(monkeypat
     first = (nk - nq) // cfg.block_size
     assert (selection.columns[:, :, :first] == -1).all()
     assert sum(len(s) for s in expected.values()) > len(expected)  # the threshold does select keys
-    if cfg.max_keys < 10:
-        assert max(len(s) for s in expected.values()) == cfg.max_keys  # the cap binds somewhere
+    if cfg.max_keys < 10:  # the cap binds somewhere
+        uncapped = _expected_sets(q, k, dataclasses.replace(cfg, max_keys=nk), head_dim ** -0.5)
+        assert max(len(s) for s in uncapped.values()) > cfg.max_keys
 
     monkeypatch.setattr(tile_keys_module, "SCORES_PER_STEP", 2 * 4 * nk * 3)
     stepped = estimate_tile_keys(q.to(DEVICE), k.to(DEVICE), cfg, backend=backend)
@@ -98,7 +112,8 @@ def test_tile_keys_kv_group_union_and_config_errors(backend):
             assert _selected(shared, 0, kv, tile) == union
     for params, message in [({"pool": 48}, "multiple of block_size"), ({"local": 8, "block_size": 16}, "local"),
                             ({"threshold": 0.0}, "threshold"), ({"threshold": math.inf}, "threshold"),
-                            ({"max_keys": 2, "sink": 3}, "max_keys"), ({"block_size": 128}, "block_size")]:
+                            ({"max_keys": 2, "sink": 3}, "max_keys"), ({"block_size": 128}, "block_size"),
+                            ({"queries": 3}, "queries"), ({"queries": 2, "pool": 128}, "pool must equal")]:
         with pytest.raises(ValueError, match=message):
             TileKeysConfig(**params)
     with pytest.raises(TypeError, match="TileKeysConfig"):

@@ -331,8 +331,9 @@ class TileKeysIndex:
     """Kernel-ready tile-keys index.
 
     Attributes:
-        columns: ``[B, H, T, K]`` int32, per query tile the key ids before its band, sorted ascending,
-            then ``-1``.
+        columns: ``[B, H, T, K]`` int32 (the last dim contiguous), per query tile the key ids before its
+            band, sorted ascending; slots past the tile's count are never read (``-1`` when built here,
+            unspecified from the Triton estimate).
         column_count: ``[B, H, T]`` int32, how many leading ids of tile ``t`` are valid.
         local: the band: the ``local`` most recent keys of each tile's last row.
         block_size: query tile size.

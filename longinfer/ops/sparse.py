@@ -235,6 +235,9 @@ def tile_keys_attention(
         check_index("index.columns", index.columns, shape, 4, q.device)
         if index.block_size != block_size or index.columns.shape[2] != num_tiles or index.local != local:
             raise ValueError("index was built for another block_size, local or length: rebuild it")
+        if index.columns.dtype != torch.int32 or index.columns.stride(-1) != 1:
+            raise ValueError("index.columns must be int32 with a contiguous last dim: build it with "
+                             "build_tile_keys_index")
     return launch(q, k, v, shape, scale, MODE_TILE_KEYS, block_size, tile_keys=index, window=min(local, shape.k_len))
 
 

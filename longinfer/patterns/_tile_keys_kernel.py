@@ -3,18 +3,24 @@
 :func:`select_tile_keys` computes what the torch path of
 :func:`longinfer.patterns.tile_keys.estimate_tile_keys` computes, in two passes over the keys:
 
-1. the base-2 log-sum-exp of each tile's pooled query over the keys up to the tile's last row
-   (:func:`longinfer.patterns._estimate_kernel.row_logsumexp2`, the vertical-slash estimate's pass 1);
+1. the base-2 log-sum-exp of each of a tile's pooled queries (one or a few) over the keys up to the
+   tile's last row (:func:`longinfer.patterns._estimate_kernel.row_logsumexp2`, the vertical-slash estimate's
+   pass 1);
 2. :func:`_select_kernel`: one program per (query head, block of tiles) streams the keys before the
-   tiles' bands, keeps those whose score reaches ``lse + log2(threshold / Nk)`` (and the sinks), and
-   writes their ids at each tile's running count (a prefix sum over the kept keys of the key tile): the
-   ids come out ascending with no sort and no N x N buffer.
+   tiles' bands, keeps those whose score under one of the tile's pooled queries reaches that query's
+   ``lse + log2(threshold / Nk)`` (and the sinks), and writes their ids at each tile's running count (a
+   prefix sum over the kept keys of the key tile): the ids come out ascending with no sort and no N x N
+   buffer.
 
-A tile with more kept keys than the output's width writes only the first ``width`` (its count still
-says how many passed): the caller re-selects those tiles by probability (the torch path's cap).
-Work per query head: two passes of each tile's pooled query over its causal keys (``T = Nk / block_size``
-pooled queries: about ``2 / block_size`` of causal attention's ``QK^T`` multiply-adds), plus one store per
-kept key.
+The cap: a (head, tile) keeping more than ``max_keys`` raises its threshold by factors of 2 (the first of
+``threshold * 2**j``, ``j = 1..levels``, that keeps at most ``max_keys``; :func:`cap_levels`). Only the tiles
+where some head is over the cap are scanned again: once counting every level at once (the same kernel with
+``LEVELS > 0``), once selecting at each head's level. The ids are written straight into the kernel's index
+format (:class:`longinfer.ops.index.TileKeysIndex`): no copy, no sort, no fill.
+
+Work per query head: two passes of each tile's pooled queries over its causal keys (``T = Nk / block_size``
+tiles: about ``2 * queries / block_size`` of causal attention's ``QK^T`` multiply-adds), plus one store per
+kept key; capped tiles twice more.
 """
 
 from __future__ import annotations
@@ -26,75 +32,150 @@ import triton
 import triton.language as tl
 
 from longinfer.ops.index import tile_last_rows
-from longinfer.patterns._estimate_kernel import LOG2_E, _load_queries, _tile_scores, row_logsumexp2
+from longinfer.patterns._estimate_kernel import LOG2_E, _tile_scores, row_logsumexp2
 
 
-@triton.jit(do_not_specialize=["num_tiles", "k_len", "width", "sink"])
+def cap_levels(k_len: int, threshold: float, max_keys: int, sink: int, queries: int = 1) -> int:
+    """Doublings of the threshold that bound any tile's kept keys by ``max_keys``.
+
+    Probabilities sum to 1, so at most ``Nk / (threshold * 2**j)`` keys reach ``threshold * 2**j / Nk`` under
+    each of a tile's ``queries`` pooled queries; with the (at most ``sink``) forced sinks their union is within
+    ``max_keys`` from ``j = ceil(log2(queries * Nk / (threshold * (max_keys - sink))))`` on. At least 1.
+    """
+    room = max(1, max_keys - sink)
+    return max(1, math.ceil(math.log2(queries * k_len / (threshold * room))))
+
+
+@triton.jit
+def _any_of_tile(passing, BLOCK_T: tl.constexpr, QUERIES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[BLOCK_T * QUERIES, BLOCK_N]`` bool per pooled query -> ``[BLOCK_T, BLOCK_N]`` int32: any of the tile's."""
+    return tl.max(tl.reshape(passing.to(tl.int32), (BLOCK_T, QUERIES, BLOCK_N)), axis=1)
+
+
+@triton.jit(do_not_specialize=["num_tiles", "num_selected", "k_len", "width", "sink"])
 def _select_kernel(
-    Q, K, ROWS, LSE, BAND, COLS, COUNT,
+    Q, K, TILES, LSE, LEVEL, BAND, COLS, COUNT,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    num_tiles, k_len, group, width, sink, qk_scale_log2, log2_cut,
+    num_tiles, num_selected, k_len, group, width, sink, qk_scale_log2, log2_cut,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, QUERIES: tl.constexpr, LEVELS: tl.constexpr, LEVELS_P2: tl.constexpr,
 ):
-    """Pass 2. Grid ``(Hq, ceil(T / BLOCK_M), B)``. Tile ``t`` (pooled query row ``t`` of ``Q``) scans the
-    keys ``< BAND[t]`` and keeps key ``j`` when its base-2 score reaches ``LSE[b, h, t] + log2_cut`` or
-    ``j < sink``; kept ids go to ``COLS [B, Hq, T, width]`` (int32, filled with -1 beforehand) in
-    ascending order, their number (uncapped) to ``COUNT [B, Hq, T]`` int32."""
+    """Pass 2 over the tiles ``TILES [S]`` (int32). Tile ``t`` has the pooled queries ``t * QUERIES + g``
+    (``g < QUERIES``) of ``Q``, each with its base-2 log-sum-exp in ``LSE [B, Hq, T * QUERIES]``. Grid
+    ``(Hq, ceil(S * QUERIES / BLOCK_M), B)``. Tile ``t`` scans the keys ``< BAND[t]``; key ``j`` passes when
+    ``j < sink`` or its score under some pooled query of the tile reaches that query's cut
+    ``LSE + log2_cut + LEVEL[b, h, t]``.
+
+    ``LEVELS == 0``: the passing ids go to ``COLS [B, Hq, T, width]`` (int32) in ascending order, the first
+    ``width`` of them; their number (uncapped) to ``COUNT [B, Hq, T]`` int32.
+    ``LEVELS > 0``: nothing is written to ``COLS``; ``COUNT [B, Hq, S, LEVELS_P2]`` gets, per level
+    ``j = 1..LEVELS``, how many keys pass the cut raised by ``j`` (slot ``j - 1``)."""
+    BLOCK_T: tl.constexpr = BLOCK_M // QUERIES
     head = tl.program_id(0).to(tl.int64)
     batch = tl.program_id(2).to(tl.int64)
-    tiles = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    t_valid = tiles < num_tiles
-    band = tl.load(BAND + tiles, mask=t_valid, other=0)
+    head_index = batch * tl.num_programs(0) + head
+    # one row per pooled query (tile slot, query): for the scores and cuts
+    slot_of_row = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_M) // QUERIES
+    row_valid = slot_of_row < num_selected
+    tile_of_row = tl.load(TILES + slot_of_row, mask=row_valid, other=0)
+    band_of_row = tl.load(BAND + tile_of_row, mask=row_valid, other=0)
+    pooled_row = tile_of_row.to(tl.int64) * QUERIES + tl.arange(0, BLOCK_M) % QUERIES
     d_offs = tl.arange(0, BLOCK_D)
     d_mask = d_offs < HEAD_DIM
-    q = _load_queries(Q + batch * stride_qb + head * stride_qh, ROWS, tiles, t_valid, stride_qn, stride_qd,
-                      d_offs, d_mask)
-    head_row = (batch * tl.num_programs(0) + head) * num_tiles
-    cut = tl.load(LSE + head_row + tiles, mask=t_valid, other=float("inf")) + log2_cut
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + pooled_row[:, None] * stride_qn + d_offs[None, :] * stride_qd,
+                mask=row_valid[:, None] & d_mask[None, :], other=0.0)
+    cut = (tl.load(LSE + head_index * num_tiles * QUERIES + pooled_row, mask=row_valid, other=float("inf")) + log2_cut
+           + tl.load(LEVEL + head_index * num_tiles + tile_of_row, mask=row_valid, other=0.0))
+    # one row per tile: for the counts and stores
+    slot = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_valid = slot < num_selected
+    at = head_index * num_tiles + tl.load(TILES + slot, mask=t_valid, other=0)
+    out_base = at.to(tl.int64) * width
     k_base = K + batch * stride_kb + (head // group) * stride_kh
-    out_base = (head_row + tiles.to(tl.int64)) * width
-    count = tl.zeros([BLOCK_M], tl.int32)
-    for start in range(0, tl.max(band, axis=0), BLOCK_N):
+    count = tl.zeros([BLOCK_T], tl.int32)
+    level_ids = tl.arange(0, LEVELS_P2)
+    level_counts = tl.zeros([BLOCK_T, LEVELS_P2], tl.int32)
+    for start in range(0, tl.max(band_of_row, axis=0), BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         s = _tile_scores(q, k_base, keys, k_len, d_offs, d_mask, stride_kn, stride_kd, qk_scale_log2, PRECISION)
-        before_band = keys[None, :] < band[:, None]
-        keep = before_band & ((s >= cut[:, None]) | (keys[None, :] < sink))
-        kept = keep.to(tl.int32)
-        slot = count[:, None] + tl.cumsum(kept, axis=1) - 1
-        tl.store(COLS + out_base[:, None] + slot, (keys[None, :] + 0 * slot).to(tl.int32), mask=keep & (slot < width))
-        count += tl.sum(kept, axis=1)
-    tl.store(COUNT + head_row + tiles, count, mask=t_valid)
+        before_band = keys[None, :] < band_of_row[:, None]
+        sinks = before_band & (keys[None, :] < sink)
+        if LEVELS == 0:
+            kept = _any_of_tile(before_band & (s >= cut[:, None]) | sinks, BLOCK_T, QUERIES, BLOCK_N)
+            place = count[:, None] + tl.cumsum(kept, axis=1) - 1
+            tl.store(COLS + out_base[:, None] + place, (keys[None, :] + 0 * place).to(tl.int32),
+                     mask=(kept > 0) & (place < width))
+            count += tl.sum(kept, axis=1)
+        else:
+            for level in tl.static_range(1, LEVELS + 1):
+                kept = _any_of_tile(before_band & (s >= cut[:, None] + level) | sinks, BLOCK_T, QUERIES, BLOCK_N)
+                level_counts += tl.where(level_ids[None, :] == level - 1, tl.sum(kept, axis=1)[:, None], 0)
+    if LEVELS == 0:
+        tl.store(COUNT + at, count, mask=t_valid)
+    else:
+        rows = (head_index * num_selected + slot).to(tl.int64) * LEVELS_P2
+        tl.store(COUNT + rows[:, None] + level_ids[None, :], level_counts, mask=t_valid[:, None])
 
 
 def select_tile_keys(pooled: torch.Tensor, k: torch.Tensor, band: torch.Tensor, *, block_size: int, threshold: float,
-                     sink: int, width: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each tile's kept keys (see the module docstring).
+                     sink: int, max_keys: int, scale: float, queries: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each tile's kept keys, capped (see the module docstring).
 
     Args:
-        pooled: ``[B, Hq, T, D]`` one pooled query per query tile (``T = ceil(Nk / block_size)``), in ``k``'s dtype.
+        pooled: ``[B, Hq, T * queries, D]`` pooled queries, ``queries`` per query tile (tile ``t``'s are the rows
+            ``t * queries ..``; ``T = ceil(Nk / block_size)``), in ``k``'s dtype.
         k: ``[B, Hkv, Nk, D]``.
         band: ``[T]`` int32, the first key of each tile's band (0 for a tile that keeps nothing).
-        block_size: query tile size: tile ``t``'s softmax runs over the keys up to its last row.
-        threshold: kept when the probability is at least ``threshold / Nk``.
-        sink, width: the first ``sink`` keys before the band are always kept; at most ``width`` ids per tile.
+        block_size: query tile size: tile ``t``'s softmaxes run over the keys up to its last row.
+        threshold: kept when the probability under one of the tile's pooled queries is at least ``threshold / Nk``.
+        sink: the first ``sink`` keys before the band are always kept.
+        max_keys: at most this many ids per tile (the cap above; rounding could leave a few more passing the
+            top level: the first ``max_keys`` of them by position are kept).
         scale: softmax scale.
+        queries: pooled queries per tile, a power of 2 up to 8.
 
     Returns:
-        ``(columns [B, Hq, T, width] int32, -1 after the kept ids; count [B, Hq, T] int32, uncapped)``.
+        ``(columns [B, Hq, T, W] int32, count [B, Hq, T] int32)``: per tile its ``count`` kept ids ascending,
+        ``W`` the largest count; slots past a tile's count are unspecified. ``columns`` is a view of a
+        ``[B, Hq, T, max_keys]`` buffer (its last dim contiguous), the kernel's index as it stands.
 
-    Memory: the outputs plus pass 1's ``O(B * Hq * T * Nk / 2048)`` floats.
+    Memory: the ``[B, Hq, T, max_keys]`` int32 buffer plus pass 1's ``O(B * Hq * T * queries * Nk / 2048)`` floats.
     """
-    bsz, hq, num_tiles, _ = pooled.shape
+    bsz, hq, num_rows, _ = pooled.shape
+    num_tiles = num_rows // queries
     k_len = k.shape[2]
-    rows = torch.arange(num_tiles, device=pooled.device, dtype=torch.int32)
-    positions = tile_last_rows(rows, block_size, k_len).to(torch.int32)
+    device = pooled.device
+    tiles = torch.arange(num_tiles, device=device, dtype=torch.int32)
+    rows = torch.arange(num_rows, device=device, dtype=torch.int32)
+    positions = tile_last_rows(rows // queries, block_size, k_len).to(torch.int32)
     lse, common = row_logsumexp2(pooled, k, rows, positions, scale)
-    columns = torch.full((bsz, hq, num_tiles, width), -1, dtype=torch.int32, device=pooled.device)
-    count = torch.empty(bsz, hq, num_tiles, dtype=torch.int32, device=pooled.device)
-    block_m = common["BLOCK_M"]
-    _select_kernel[(hq, triton.cdiv(num_tiles, block_m), bsz)](
-        pooled, k, rows, lse, band.to(torch.int32).contiguous(), columns, count, *pooled.stride(), *k.stride(),
-        num_tiles, k_len, hq // k.shape[1], width, sink, scale * LOG2_E, math.log2(threshold / k_len), **common)
-    return columns, count
+    common["BLOCK_M"] = max(common["BLOCK_M"], queries)
+    level = torch.zeros(bsz, hq, num_tiles, device=device, dtype=torch.float32)
+    columns = torch.empty(bsz, hq, num_tiles, max_keys, dtype=torch.int32, device=device)
+    count = torch.empty(bsz, hq, num_tiles, dtype=torch.int32, device=device)
+    band = band.to(torch.int32).contiguous()
+
+    def launch(selected: torch.Tensor, out_count: torch.Tensor, levels: int) -> None:
+        tiles_per_program = common["BLOCK_M"] // queries
+        _select_kernel[(hq, triton.cdiv(selected.numel(), tiles_per_program), bsz)](
+            pooled, k, selected, lse, level, band, columns, out_count, *pooled.stride(), *k.stride(),
+            num_tiles, selected.numel(), k_len, hq // k.shape[1], max_keys, sink, scale * LOG2_E,
+            math.log2(threshold / k_len), QUERIES=queries, LEVELS=levels,
+            LEVELS_P2=triton.next_power_of_2(max(levels, 1)), **common)
+
+    launch(tiles, count, 0)
+    over = count > max_keys  # [B, Hq, T]
+    capped = over.flatten(0, 1).any(0).nonzero()[:, 0].to(torch.int32)  # tiles where some head is over
+    if capped.numel():
+        levels = cap_levels(k_len, threshold, max_keys, sink, queries)
+        level_count = torch.empty(bsz, hq, capped.numel(), triton.next_power_of_2(levels), dtype=torch.int32,
+                                  device=device)
+        launch(capped, level_count, levels)
+        within = level_count[..., :levels] <= max_keys
+        first_within = torch.where(within.any(-1), within.int().argmax(-1) + 1, levels)  # [B, Hq, S]
+        level[:, :, capped.long()] = torch.where(over[:, :, capped.long()], first_within, 0).float()
+        launch(capped, count, 0)
+    count = count.clamp_(max=max_keys)
+    width = max(1, int(count.max())) if count.numel() else 1
+    return columns[..., :width], count

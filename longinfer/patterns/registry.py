@@ -85,8 +85,8 @@ def _run_block_sparse(q, k, v, selection: BlockSparseSelection, config: BlockSpa
 def _run_tile_keys(q, k, v, selection: TileKeysSelection, config: TileKeysConfig, *, sm_scale=None):
     from longinfer import ops
 
-    return ops.tile_keys_attention(q, k, v, selection.columns, local=selection.local, block_size=config.block_size,
-                                   sm_scale=sm_scale, presorted=True)
+    return ops.tile_keys_attention(q, k, v, index=selection.index, local=selection.local,
+                                   block_size=config.block_size, sm_scale=sm_scale)
 
 
 def _run_a_shape(q, k, v, selection: AShapeSelection, config: AShapeConfig, *, sm_scale=None):

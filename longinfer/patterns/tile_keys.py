@@ -13,15 +13,18 @@ estimates how the tile's attention spreads over keys. A tile keeps
 - its **local band**: the ``local`` most recent keys of its last row (causal per row);
 - the first ``sink`` keys;
 - every other key whose estimated probability is at least ``threshold / Nk`` (``threshold`` times the
-  probability of a uniform spread over the whole sequence), at most ``max_keys`` of them (the most probable).
+  probability of a uniform spread over the whole sequence). A tile where that keeps more than ``max_keys``
+  doubles its threshold until it keeps at most ``max_keys`` (at most
+  :func:`~longinfer.patterns._tile_keys_kernel.cap_levels` doublings: probabilities sum to 1).
 
 One threshold for every tile and head is one price per kept key: a tile whose attention is spread keeps
 many keys, a focused one few, without any per-tile sort (``budget_oracle.py``'s "online price"). In units
 of ``1 / Nk`` one value gives about the same density at every length: on PG essays 1.3 kept ~5.6% at 32K
 (Qwen2.5-Coder-0.5B) and ~6% at 128K (1.5B, YaRN x4) in the estimate's grid measurements.
 
-Output format (what :func:`longinfer.ops.tile_keys_attention` takes): ``columns [B, H, ceil(Nk / bs), K]``
-int64, per query tile (absolute positions) the kept key ids outside the band, ascending, then ``-1``.
+Output: a :class:`TileKeysSelection` holding the kernel's index (what :func:`longinfer.ops.tile_keys_attention`
+takes as ``index``): per query tile (absolute positions) the kept key ids outside the band, ascending, and
+their count.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from longinfer.ops import reference
-from longinfer.ops.index import tile_band_starts, tile_last_rows
+from longinfer.ops.index import TileKeysIndex, build_tile_keys_index, tile_band_starts, tile_last_rows
 from longinfer.patterns._common import (
     check_config_fields,
     check_estimate_backend,
@@ -43,7 +46,7 @@ from longinfer.patterns._common import (
     triton_estimate_supported,
     union_packed_over_groups,
 )
-from longinfer.patterns._tile_keys_kernel import select_tile_keys
+from longinfer.patterns._tile_keys_kernel import cap_levels, select_tile_keys
 from longinfer.patterns.block_sparse import _pool_blocks
 
 SCORES_PER_STEP = 1 << 26  # (head, tile, key) scores per step: 256 MiB of float32
@@ -62,9 +65,14 @@ class TileKeysConfig:
         local: the most recent keys of each tile's last row always kept (>= ``block_size``, so every
             row keeps its own tile's causal keys).
         sink: the first keys always kept.
-        max_keys: at most this many keys per tile besides the band (the most probable); the index width.
-            The Triton estimate holds ``B * Hq * T * max_keys`` int32 ids (1.6 GB at 128K with Hq=12).
+        max_keys: at most this many keys per tile besides the band (a tile over it doubles its threshold
+            until it is within). The Triton estimate holds ``B * Hq * T * max_keys`` int32 ids (1.6 GB at
+            128K with Hq=12).
         block_size: query tile size (also the kernel's).
+        queries: pooled queries per tile (1, 2, 4 or 8; more than 1 needs ``pool == block_size``): the tile's
+            rows split into ``queries`` aligned groups, each pooled and scored on its own; a key is kept when
+            one of them reaches the threshold. Heads whose rows attend different keys (each row its own
+            copy source) blur in one mean; each query more costs one more ``1 / block_size`` of ``QK^T``.
     """
 
     threshold: float = 1.5
@@ -73,6 +81,7 @@ class TileKeysConfig:
     sink: int = 4
     max_keys: int = 16384
     block_size: int = 64
+    queries: int = 1
 
     def __post_init__(self) -> None:
         check_config_fields(self)
@@ -85,28 +94,48 @@ class TileKeysConfig:
                 f"{name}.local must be >= block_size={self.block_size} (each row keeps its own tile), got {self.local}")
         require(self.sink >= 0, f"{name}.sink must be >= 0, got {self.sink}")
         require(self.max_keys >= self.sink, f"{name}.max_keys must be >= sink={self.sink}, got {self.max_keys}")
+        require(self.queries in (1, 2, 4, 8), f"{name}.queries must be 1, 2, 4 or 8, got {self.queries}")
+        require(self.queries == 1 or self.pool == self.block_size,
+                f"{name}.queries > 1 splits each tile: pool must equal block_size={self.block_size}, got {self.pool}")
 
 
 @dataclass(frozen=True)
 class TileKeysSelection:
-    """A tile-keys index as :func:`longinfer.ops.tile_keys_attention` takes it.
+    """A tile-keys index: the kernel's :class:`~longinfer.ops.index.TileKeysIndex` and the sequence length.
 
     Attributes:
-        columns: ``[B, H, ceil(Nk / block_size), K]`` int64 key ids per query tile (outside its band),
-            ascending, ``-1`` = unused.
+        index: per query tile the kept key ids outside its band, ascending (``columns [B, H, T, K]`` int32,
+            slots past ``column_count [B, H, T]`` unspecified), ``local`` and ``block_size``.
         k_len: number of key positions ``Nk``.
-        local: the band: the ``local`` most recent keys of each tile's last row.
-        block_size: query tile size.
     """
 
-    columns: torch.Tensor
+    index: TileKeysIndex
     k_len: int
-    local: int
-    block_size: int = 64
+
+    @classmethod
+    def from_columns(cls, columns: torch.Tensor, k_len: int, local: int, block_size: int) -> TileKeysSelection:
+        """From packed ids ``[B, H, T, K]`` (per tile ascending, distinct, outside its band, then ``-1``)."""
+        return cls(build_tile_keys_index(columns, k_len, local, block_size, presorted=True), k_len)
 
     @property
     def num_heads(self) -> int:
-        return self.columns.shape[1]
+        return self.index.num_heads
+
+    @property
+    def local(self) -> int:
+        return self.index.local
+
+    @property
+    def block_size(self) -> int:
+        return self.index.block_size
+
+    @property
+    def columns(self) -> torch.Tensor:
+        """The ids as ``[B, H, T, K]`` int64, ``-1`` past each tile's count: a copy (8 bytes per slot), for
+        reference masks and unions."""
+        ids = self.index.columns.long()
+        slots = torch.arange(ids.shape[-1], device=ids.device)
+        return ids.masked_fill(slots >= self.index.column_count[..., None].long(), -1)
 
     def mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Reference mask ``[B, H, R, Nk]`` of the kernel for absolute query positions ``rows``."""
@@ -117,48 +146,62 @@ def _tile_chunk(batch: int, heads: int, k_len: int) -> int:
     return max(1, SCORES_PER_STEP // max(1, batch * heads * k_len))
 
 
-def _select_torch(per_tile: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, starts: torch.Tensor,
+def _pooled_queries(q: torch.Tensor, q_offset: int, k_len: int, config: TileKeysConfig) -> torch.Tensor:
+    """Each tile's pooled queries ``[B, Hq, T * queries, D]`` float32 (tile ``t``'s at rows ``t * queries ..``):
+    means over aligned groups of ``pool / queries`` positions. A group without query rows (before the first
+    query or past the end) takes its tile's nearest group that has some: a copy adds nothing to the union."""
+    rows_per_query = config.pool // config.queries
+    pooled = _pool_blocks(q, q_offset, math.ceil(k_len / rows_per_query), rows_per_query)
+    bs = config.block_size
+    starts = torch.arange(math.ceil(k_len / bs), device=q.device)[:, None] * bs  # [T, 1]
+    group = ((starts + torch.arange(config.queries, device=q.device) * rows_per_query) // rows_per_query).flatten()
+    return pooled[:, :, group.clamp(q_offset // rows_per_query, (k_len - 1) // rows_per_query)]
+
+
+def _select_torch(pooled: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, starts: torch.Tensor,
                   config: TileKeysConfig, scale: float) -> torch.Tensor:
-    """Packed kept keys ``[B, Hq, c, W]`` int64 of the query tiles ``tiles [c]`` (``per_tile [B, Hq, T, D]``
-    pooled queries in k's dtype, ``starts [T]`` band starts), ``W`` the most any of them keeps."""
-    bsz, q_heads, _, head_dim = per_tile.shape
+    """Packed kept keys ``[B, Hq, c, W]`` int64 of the query tiles ``tiles [c]`` (``pooled [B, Hq, T * queries, D]``
+    pooled queries in k's dtype, tile ``t``'s at rows ``t * queries ..``; ``starts [T]`` band starts), ``W`` the
+    most any of them keeps."""
+    bsz, q_heads, _, head_dim = pooled.shape
     kv_heads, n = k.shape[1], k.shape[2]
     keys = torch.arange(n, device=k.device)
-    c = tiles.numel()
+    c, queries = tiles.numel(), config.queries
     # Scores in the inputs' precision (bf16 on the GPU: the threshold needs no more), reduced in float32.
-    chunk = per_tile[:, :, tiles].reshape(bsz, kv_heads, q_heads // kv_heads * c, head_dim)
-    scores = torch.matmul(chunk, k.transpose(-1, -2)).reshape(bsz, q_heads, c, n).float() * scale
+    chunk = pooled.unflatten(2, (-1, queries))[:, :, tiles].reshape(bsz, kv_heads, -1, head_dim)
+    scores = torch.matmul(chunk, k.transpose(-1, -2)).reshape(bsz, q_heads, c, queries, n).float() * scale
     last = tile_last_rows(tiles, config.block_size, n)
-    scores.masked_fill_(keys[None, :] > last[:, None], -math.inf)  # causal for the tile's last row
+    scores.masked_fill_(keys[None, None, :] > last[:, None, None], -math.inf)  # causal for the tile's last row
     # probability >= threshold / n  <=>  score >= logsumexp + log(threshold / n): no probabilities stored
-    cut = torch.logsumexp(scores, dim=-1, keepdim=True) + math.log(config.threshold / n)
+    cut = torch.logsumexp(scores, dim=-1, keepdim=True) + math.log(config.threshold / n)  # [B, Hq, c, queries, 1]
     outside_band = keys[None, :] < starts[tiles][:, None]
     forced = (keys[None, :] < config.sink) & outside_band
-    chosen = (scores >= cut) & outside_band | forced
-    if int(chosen.sum(-1).max()) > config.max_keys:
-        ranked = torch.where(forced, math.inf, torch.where(chosen, scores, -math.inf))
-        top = ranked.topk(config.max_keys, dim=-1).indices
-        chosen = torch.zeros_like(chosen).scatter(-1, top, True) & chosen
+
+    def kept(level: torch.Tensor | int) -> torch.Tensor:  # the threshold times 2**level ([B, Hq, c, 1] or 0)
+        raised = cut + (level[..., None] if isinstance(level, torch.Tensor) else level) * math.log(2.0)
+        return (scores >= raised).any(-2) & outside_band | forced
+
+    chosen = kept(0)
+    count = chosen.sum(-1, keepdim=True)
+    if int(count.max()) > config.max_keys:
+        level = torch.zeros_like(count)
+        for _ in range(cap_levels(n, config.threshold, config.max_keys, config.sink, queries)):
+            level += count > config.max_keys
+            count = kept(level).sum(-1, keepdim=True)
+        chosen = kept(level)
+        chosen &= chosen.cumsum(-1) <= config.max_keys  # rounding leftovers: the first max_keys by position
     return mask_to_index(chosen, max(1, int(chosen.sum(-1).max())))
 
 
-def _select_triton(per_tile: torch.Tensor, k: torch.Tensor, first_tile: int, starts: torch.Tensor,
-                   config: TileKeysConfig, scale: float) -> torch.Tensor:
-    """The same as :func:`_select_torch` for every tile from ``first_tile`` on, by the Triton kernel; tiles
-    where a head keeps more than ``max_keys`` are re-selected by the torch path (the most probable)."""
-    num_tiles = per_tile.shape[2]
+def _select_triton(pooled: torch.Tensor, k: torch.Tensor, first_tile: int, starts: torch.Tensor,
+                   config: TileKeysConfig, scale: float) -> TileKeysIndex:
+    """The same as :func:`_select_torch` for every tile from ``first_tile`` on, by the Triton kernels, as the
+    kernel's index."""
+    num_tiles = pooled.shape[2] // config.queries
     band = torch.where(torch.arange(num_tiles, device=k.device) >= first_tile, starts, 0)
-    columns, count = select_tile_keys(per_tile, k, band, block_size=config.block_size, threshold=config.threshold,
-                                      sink=config.sink, width=config.max_keys, scale=scale)
-    width = max(1, int(count.max().clamp(max=config.max_keys)))
-    columns = columns[..., :width].long()
-    over = (count > config.max_keys).flatten(0, 1).any(0).nonzero()[:, 0]  # [tiles]
-    step = _tile_chunk(per_tile.shape[0], per_tile.shape[1], k.shape[2])
-    for i in range(0, over.numel(), step):
-        tiles = over[i: i + step]
-        part = _select_torch(per_tile, k, tiles, starts, config, scale)
-        columns[:, :, tiles] = torch.nn.functional.pad(part, (0, width - part.shape[-1]), value=-1)
-    return columns
+    columns, count = select_tile_keys(pooled, k, band, block_size=config.block_size, threshold=config.threshold,
+                                      sink=config.sink, max_keys=config.max_keys, scale=scale, queries=config.queries)
+    return TileKeysIndex(columns=columns, column_count=count, local=config.local, block_size=config.block_size)
 
 
 def _union_over_groups(columns: torch.Tensor, kv_heads: int, k_len: int) -> torch.Tensor:
@@ -198,12 +241,13 @@ def estimate_tile_keys(
             up to float rounding at the threshold.
 
     Returns:
-        A :class:`TileKeysSelection` (``columns [B, H, ceil(Nk / bs), K]`` int64, ``-1`` padded; ``K`` the
-        most keys any tile keeps, at most ``max_keys`` times the group size for a KV-group union).
+        A :class:`TileKeysSelection` (its index ``[B, H, ceil(Nk / bs), K]``, ``K`` the most keys any tile
+        keeps, at most ``max_keys`` times the group size for a KV-group union).
 
     Memory: one pooled query per tile (``1 / block_size`` of q). Torch path: ``SCORES_PER_STEP`` float32
-    scores (plus bools and an int64 prefix sum of the same count) per step over query tiles. Triton path:
-    ``[B, Hq, T, max_keys]`` int32 ids. Never N x N.
+    scores (plus bools and an int64 prefix sum of the same count) per step over query tiles, and int64
+    packed ids. Triton path: ``[B, Hq, T, max_keys]`` int32 ids, the index itself (a KV-group union goes
+    through int64 copies). Never N x N.
     """
     if not isinstance(config, TileKeysConfig):
         raise TypeError(f"config must be a TileKeysConfig, got {type(config).__name__}")
@@ -214,16 +258,17 @@ def estimate_tile_keys(
     check_estimate_backend(backend, q)
     bs, n = config.block_size, shape.k_len
     num_tiles = math.ceil(n / bs)
-    pooled = _pool_blocks(q, shape.q_offset, math.ceil(n / config.pool), config.pool)  # [B, Hq, P, D]
     tile_ids = torch.arange(num_tiles, device=q.device)
-    per_tile = pooled[:, :, tile_ids // (config.pool // bs)].to(k.dtype).contiguous()  # [B, Hq, T, D]
+    pooled = _pooled_queries(q, shape.q_offset, n, config).to(k.dtype).contiguous()  # [B, Hq, T * queries, D]
     first_tile = shape.q_offset // bs
     starts = tile_band_starts(num_tiles, bs, n, config.local, q.device)
+    if backend == "triton" and not per_kv_group:
+        return TileKeysSelection(_select_triton(pooled, k, first_tile, starts, config, scale), n)
     if backend == "triton":
-        columns = _select_triton(per_tile, k, first_tile, starts, config, scale)
+        columns = TileKeysSelection(_select_triton(pooled, k, first_tile, starts, config, scale), n).columns
     else:
-        step = _tile_chunk(shape.batch, shape.q_heads, n)
-        parts = [_select_torch(per_tile, k, tile_ids[t0: t0 + step], starts, config, scale)
+        step = _tile_chunk(shape.batch, shape.q_heads * config.queries, n)
+        parts = [_select_torch(pooled, k, tile_ids[t0: t0 + step], starts, config, scale)
                  for t0 in range(first_tile, num_tiles, step)]
         width = max([p.shape[-1] for p in parts], default=1)
         columns = torch.full((shape.batch, shape.q_heads, num_tiles, width), -1, dtype=torch.long, device=q.device)
@@ -231,4 +276,4 @@ def estimate_tile_keys(
             columns[:, :, t0: t0 + part.shape[2], : part.shape[-1]] = part
     if per_kv_group:
         columns = _union_over_groups(columns, shape.kv_heads, n)
-    return TileKeysSelection(columns=columns, k_len=n, local=config.local, block_size=bs)
+    return TileKeysSelection.from_columns(columns, n, config.local, bs)

@@ -177,11 +177,9 @@ def block_sparse_pairs(selection: BlockSparseSelection, q_len: int) -> torch.Ten
 def tile_keys_pairs(selection: TileKeysSelection, q_len: int) -> torch.Tensor:
     """Pairs ``[B, H]`` the tile-keys kernel computes: per query tile, its band in key tiles and its
     columns gathered :data:`COST_BLOCK_N` at a time."""
-    from longinfer.ops import build_tile_keys_index
     from longinfer.ops.index import tile_band_starts
 
-    k_len, bs = selection.k_len, selection.block_size
-    index = build_tile_keys_index(selection.columns, k_len, selection.local, bs, presorted=True)
+    k_len, bs, index = selection.k_len, selection.block_size, selection.index
     _, end, rows = _query_tiles(q_len, k_len, bs, index.columns.device)
     band = end - tile_band_starts(end.numel(), bs, k_len, selection.local, end.device)
     keys = _round_up(band, COST_BLOCK_N) + _round_up(index.column_count.long(), COST_BLOCK_N)  # [B, H, T]
@@ -194,8 +192,8 @@ def estimation_pairs(pattern: str, config: Any, q_len: int, k_len: int) -> int:
     Vertical-slash: the last ``last_q`` queries against every key, twice (log-sum-exp, then the
     probabilities), and as many for the ``column_q`` queries of the column mass, if any.
     Block-sparse: pooled query blocks against the causal pooled key blocks. Tile keys: each query
-    tile's pooled query against its causal keys, twice (log-sum-exp, then the selection): about one pass
-    over every key per tile. Static patterns: none.
+    tile's pooled queries (``queries`` of them) against its causal keys, twice (log-sum-exp, then the
+    selection): about one pass over every key per tile and pooled query. Static patterns: none.
     """
     if pattern == "vertical_slash":
         return 2 * (min(config.last_q, q_len) + min(config.column_q, q_len)) * k_len
@@ -204,7 +202,8 @@ def estimation_pairs(pattern: str, config: Any, q_len: int, k_len: int) -> int:
         blocks_k = math.ceil(k_len / config.block_size)
         return blocks_q * blocks_k // 2 + blocks_q
     if pattern == "tile_keys":
-        return math.ceil(k_len / config.block_size) * k_len - (k_len - q_len) // config.block_size * k_len
+        tiles = math.ceil(k_len / config.block_size) - (k_len - q_len) // config.block_size
+        return tiles * config.queries * k_len
     return 0
 
 
