@@ -11,6 +11,7 @@ import torch
 
 from longinfer.patterns import TileKeysConfig, estimate_tile_keys
 from longinfer.patterns import tile_keys as tile_keys_module
+from longinfer.patterns import _tile_keys_kernel as tile_keys_kernel
 from longinfer.patterns._tile_keys_kernel import cap_levels
 from longinfer.patterns.tile_keys import TileKeysSelection
 
@@ -95,6 +96,25 @@ def test_tile_keys_keeps_the_keys_above_the_threshold_outside_the_band(monkeypat
     stepped = estimate_tile_keys(q.to(DEVICE), k.to(DEVICE), cfg, backend=backend)
     width = selection.columns.shape[-1]
     assert stepped.columns.shape[-1] == width and torch.equal(stepped.columns.cpu(), selection.columns)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton path needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize("keys_per_split,order", [(32, "ascending"), (0, "longest_first"), (64, "longest_first")])
+def test_tile_keys_split_keys_and_tile_order_select_the_same(monkeypatch, keys_per_split, order):
+    """Pass 2 with its keys split over programs (a counting pass, then each split's ids written after the earlier
+    splits') or with its tile blocks longest first selects what the torch path selects, capped tiles included
+    (the inputs and configs of the brute-force test above, whose probabilities lie away from the thresholds)."""
+    generator = torch.Generator().manual_seed(70 + 203)
+    q = (torch.randn(2, 4, 70, 80, generator=generator) * 1.5).to(DEVICE)
+    k = (torch.randn(2, 2, 203, 80, generator=generator) * 1.5).to(DEVICE)
+    for cfg in (TileKeysConfig(threshold=1.1, pool=64, local=40, sink=1, max_keys=6, block_size=32),
+                TileKeysConfig(threshold=1.3, pool=32, local=32, sink=2, max_keys=9, block_size=32, queries=4)):
+        expected = estimate_tile_keys(q, k, cfg, backend="torch").columns
+        with monkeypatch.context() as patched:
+            patched.setattr(tile_keys_kernel, "KEYS_PER_SPLIT", keys_per_split)
+            patched.setattr(tile_keys_kernel, "TILE_ORDER", order)
+            got = estimate_tile_keys(q, k, cfg, backend="triton").columns
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -35,6 +35,21 @@ from longinfer.ops.index import tile_last_rows
 from longinfer.patterns._estimate_kernel import LOG2_E, _tile_scores, row_logsumexp2
 
 
+# Keys per program of pass 2 (rounded up to its key tile): 0 = one program walks all of its tiles' keys (two
+# passes in all: the log-sum-exp, then select); more = the keys split over programs, which costs a third pass
+# (count per split, then select at each split's offset). ``benchmarks/tile_keys_cost.py`` times both.
+KEYS_PER_SPLIT = 0
+# Order of pass 2's tile blocks: "ascending", or "longest_first" (the last tiles, which walk the most keys, start
+# first). ``benchmarks/tile_keys_cost.py`` times both.
+TILE_ORDER = "ascending"
+
+
+def keys_per_split(k_len: int, block_n: int) -> int:
+    """Keys per pass-2 program (:data:`KEYS_PER_SPLIT`; all of them when 0), a multiple of ``block_n``."""
+    wanted = KEYS_PER_SPLIT or k_len
+    return max(1, math.ceil(wanted / block_n)) * block_n
+
+
 def cap_levels(k_len: int, threshold: float, max_keys: int, sink: int, queries: int = 1) -> int:
     """Doublings of the threshold that bound any tile's kept keys by ``max_keys``.
 
@@ -52,28 +67,30 @@ def _any_of_tile(passing, BLOCK_T: tl.constexpr, QUERIES: tl.constexpr, BLOCK_N:
     return tl.max(tl.reshape(passing.to(tl.int32), (BLOCK_T, QUERIES, BLOCK_N)), axis=1)
 
 
-@triton.jit(do_not_specialize=["num_tiles", "num_selected", "k_len", "width", "sink"])
+@triton.jit(do_not_specialize=["num_tiles", "num_selected", "k_len", "width", "sink", "num_splits", "keys_per_split"])
 def _select_kernel(
-    Q, K, TILES, LSE, LEVEL, BAND, COLS, COUNT,
+    Q, K, TILES, LSE, LEVEL, BAND, OFFSETS, COLS, COUNT,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    num_tiles, num_selected, k_len, group, width, sink, qk_scale_log2, log2_cut,
+    num_tiles, num_selected, k_len, group, width, sink, num_splits, keys_per_split, qk_scale_log2, log2_cut,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, QUERIES: tl.constexpr, LEVELS: tl.constexpr, LEVELS_P2: tl.constexpr,
 ):
-    """Pass 2 over the tiles ``TILES [S]`` (int32). Tile ``t`` has the pooled queries ``t * QUERIES + g``
-    (``g < QUERIES``) of ``Q``, each with its base-2 log-sum-exp in ``LSE [B, Hq, T * QUERIES]``. Grid
-    ``(Hq, ceil(S * QUERIES / BLOCK_M), B)``. Tile ``t`` scans the keys ``< BAND[t]``; key ``j`` passes when
-    ``j < sink`` or its score under some pooled query of the tile reaches that query's cut
+    """Pass 2 over the tiles ``TILES [S]`` (int32) and the key splits ``[p * keys_per_split, (p + 1) *
+    keys_per_split)``, ``p < P = num_splits``. Tile ``t`` has the pooled queries ``t * QUERIES + g`` (``g < QUERIES``)
+    of ``Q``, each with its base-2 log-sum-exp in ``LSE [B, Hq, T * QUERIES]``. Grid
+    ``(Hq, ceil(S * QUERIES / BLOCK_M), B * P)``. Tile ``t`` scans the keys ``< BAND[t]`` of the split; key ``j``
+    passes when ``j < sink`` or its score under some pooled query of the tile reaches that query's cut
     ``LSE + log2_cut + LEVEL[b, h, t]``.
 
-    ``LEVELS == 0``: the passing ids go to ``COLS [B, Hq, T, width]`` (int32) in ascending order, the first
-    ``width`` of them; their number (uncapped) to ``COUNT [B, Hq, T]`` int32.
-    ``LEVELS > 0``: nothing is written to ``COLS``; ``COUNT [B, Hq, S, LEVELS_P2]`` gets, per level
-    ``j = 1..LEVELS``, how many keys pass the cut raised by ``j`` (slot ``j - 1``)."""
+    ``LEVELS == 0``: the passing ids go to ``COLS [B, Hq, T, width]`` (int32) in ascending order from slot
+    ``OFFSETS[b, h, t, p]`` on (slots ``>= width`` dropped); their number to ``COUNT [B, Hq, T, P]`` int32.
+    ``LEVELS > 0``: nothing is written to ``COLS``; ``COUNT [B, Hq, S, P, LEVELS_P2]`` gets, per level
+    ``j < LEVELS``, how many keys pass the cut raised by ``j`` (slot ``j``)."""
     BLOCK_T: tl.constexpr = BLOCK_M // QUERIES
     head = tl.program_id(0).to(tl.int64)
-    batch = tl.program_id(2).to(tl.int64)
+    batch = tl.program_id(2).to(tl.int64) // num_splits
+    split = tl.program_id(2) % num_splits
     head_index = batch * tl.num_programs(0) + head
     # one row per pooled query (tile slot, query): for the scores and cuts
     slot_of_row = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_M) // QUERIES
@@ -91,12 +108,18 @@ def _select_kernel(
     slot = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_valid = slot < num_selected
     at = head_index * num_tiles + tl.load(TILES + slot, mask=t_valid, other=0)
+    at_split = at.to(tl.int64) * num_splits + split
     out_base = at.to(tl.int64) * width
     k_base = K + batch * stride_kb + (head // group) * stride_kh
-    count = tl.zeros([BLOCK_T], tl.int32)
+    if LEVELS == 0:
+        first = tl.load(OFFSETS + at_split, mask=t_valid, other=0)
+    else:
+        first = tl.zeros([BLOCK_T], tl.int32)
+    count = first
     level_ids = tl.arange(0, LEVELS_P2)
     level_counts = tl.zeros([BLOCK_T, LEVELS_P2], tl.int32)
-    for start in range(0, tl.max(band_of_row, axis=0), BLOCK_N):
+    key_end = tl.minimum(tl.max(band_of_row, axis=0), (split + 1) * keys_per_split)
+    for start in range(split * keys_per_split, key_end, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         s = _tile_scores(q, k_base, keys, k_len, d_offs, d_mask, stride_kn, stride_kd, qk_scale_log2, PRECISION)
         before_band = keys[None, :] < band_of_row[:, None]
@@ -108,13 +131,13 @@ def _select_kernel(
                      mask=(kept > 0) & (place < width))
             count += tl.sum(kept, axis=1)
         else:
-            for level in tl.static_range(1, LEVELS + 1):
+            for level in tl.static_range(LEVELS):
                 kept = _any_of_tile(before_band & (s >= cut[:, None] + level) | sinks, BLOCK_T, QUERIES, BLOCK_N)
-                level_counts += tl.where(level_ids[None, :] == level - 1, tl.sum(kept, axis=1)[:, None], 0)
+                level_counts += tl.where(level_ids[None, :] == level, tl.sum(kept, axis=1)[:, None], 0)
     if LEVELS == 0:
-        tl.store(COUNT + at, count, mask=t_valid)
+        tl.store(COUNT + at_split, count - first, mask=t_valid)
     else:
-        rows = (head_index * num_selected + slot).to(tl.int64) * LEVELS_P2
+        rows = ((head_index * num_selected + slot).to(tl.int64) * num_splits + split) * LEVELS_P2
         tl.store(COUNT + rows[:, None] + level_ids[None, :], level_counts, mask=t_valid[:, None])
 
 
@@ -146,36 +169,59 @@ def select_tile_keys(pooled: torch.Tensor, k: torch.Tensor, band: torch.Tensor, 
     num_tiles = num_rows // queries
     k_len = k.shape[2]
     device = pooled.device
-    tiles = torch.arange(num_tiles, device=device, dtype=torch.int32)
     rows = torch.arange(num_rows, device=device, dtype=torch.int32)
     positions = tile_last_rows(rows // queries, block_size, k_len).to(torch.int32)
     lse, common = row_logsumexp2(pooled, k, rows, positions, scale)
     common["BLOCK_M"] = max(common["BLOCK_M"], queries)
+    per_split = keys_per_split(k_len, common["BLOCK_N"])
+    num_splits = triton.cdiv(k_len, per_split)
     level = torch.zeros(bsz, hq, num_tiles, device=device, dtype=torch.float32)
     columns = torch.empty(bsz, hq, num_tiles, max_keys, dtype=torch.int32, device=device)
-    count = torch.empty(bsz, hq, num_tiles, dtype=torch.int32, device=device)
     band = band.to(torch.int32).contiguous()
+    tiles = torch.arange(num_tiles, device=device, dtype=torch.int32)
+    if TILE_ORDER == "longest_first":
+        tiles = tiles.flip(0).contiguous()
 
-    def launch(selected: torch.Tensor, out_count: torch.Tensor, levels: int) -> None:
-        tiles_per_program = common["BLOCK_M"] // queries
-        _select_kernel[(hq, triton.cdiv(selected.numel(), tiles_per_program), bsz)](
-            pooled, k, selected, lse, level, band, columns, out_count, *pooled.stride(), *k.stride(),
-            num_tiles, selected.numel(), k_len, hq // k.shape[1], max_keys, sink, scale * LOG2_E,
-            math.log2(threshold / k_len), QUERIES=queries, LEVELS=levels,
-            LEVELS_P2=triton.next_power_of_2(max(levels, 1)), **common)
+    def launch(selected: torch.Tensor, levels: int = 0, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """Counts ``[B, Hq, T, P]`` (``levels == 0``: ids written from ``offsets [B, Hq, T, P]``, default 0) or
+        ``[B, Hq, S, P, levels]`` (counted only)."""
+        levels_p2 = triton.next_power_of_2(max(levels, 1))
+        shape = (bsz, hq, num_tiles, num_splits) if levels == 0 else (bsz, hq, selected.numel(), num_splits, levels_p2)
+        out = torch.empty(shape, dtype=torch.int32, device=device)
+        if offsets is None:
+            offsets = torch.zeros(1, dtype=torch.int32, device=device) if levels else torch.zeros_like(out)
+        _select_kernel[(hq, triton.cdiv(selected.numel(), common["BLOCK_M"] // queries), bsz * num_splits)](
+            pooled, k, selected, lse, level, band, offsets, columns, out, *pooled.stride(), *k.stride(),
+            num_tiles, selected.numel(), k_len, hq // k.shape[1], max_keys, sink, num_splits, per_split,
+            scale * LOG2_E, math.log2(threshold / k_len), QUERIES=queries, LEVELS=levels, LEVELS_P2=levels_p2, **common)
+        return out if levels == 0 else out[..., :levels]
 
-    launch(tiles, count, 0)
-    over = count > max_keys  # [B, Hq, T]
-    capped = over.flatten(0, 1).any(0).nonzero()[:, 0].to(torch.int32)  # tiles where some head is over
-    if capped.numel():
+    def raise_capped(split_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each (head, tile) over ``max_keys`` gets its level (``level``); returns the split counts at the
+        levels and the tiles where some head was over."""
+        over = split_counts.sum(-1) > max_keys  # [B, Hq, T]
+        capped = over.flatten(0, 1).any(0).nonzero()[:, 0].to(torch.int32)
+        if not capped.numel():
+            return split_counts, capped
         levels = cap_levels(k_len, threshold, max_keys, sink, queries)
-        level_count = torch.empty(bsz, hq, capped.numel(), triton.next_power_of_2(levels), dtype=torch.int32,
-                                  device=device)
-        launch(capped, level_count, levels)
-        within = level_count[..., :levels] <= max_keys
-        first_within = torch.where(within.any(-1), within.int().argmax(-1) + 1, levels)  # [B, Hq, S]
-        level[:, :, capped.long()] = torch.where(over[:, :, capped.long()], first_within, 0).float()
-        launch(capped, count, 0)
-    count = count.clamp_(max=max_keys)
+        per_level = launch(capped, levels + 1)  # [B, Hq, S, P, levels + 1], level 0 = the threshold itself
+        within = per_level.sum(3) <= max_keys  # [B, Hq, S, levels + 1]
+        chosen = torch.where(within.any(-1), within.int().argmax(-1), levels)  # [B, Hq, S]; 0 where not over
+        level[:, :, capped.long()] = chosen.float()
+        split_counts = split_counts.clone()
+        split_counts[:, :, capped.long()] = per_level.gather(
+            -1, chosen[..., None, None].expand(*chosen.shape, num_splits, 1))[..., 0]
+        return split_counts, capped
+
+    if num_splits == 1:  # select at once; tiles where a head is over: counted per level, selected again
+        count, capped = raise_capped(launch(tiles))
+        if capped.numel():
+            launch(capped)
+    else:  # count per split, then select, each split's ids placed after the earlier splits'
+        count = torch.empty(bsz, hq, num_tiles, num_splits, dtype=torch.int32, device=device)
+        count[:, :, tiles.long()] = launch(tiles, 1)[..., 0]  # counted per slot of `tiles`
+        count, _ = raise_capped(count)
+        launch(tiles, offsets=(count.cumsum(-1) - count).to(torch.int32).contiguous())
+    count = count.sum(-1).clamp_(max=max_keys).to(torch.int32)
     width = max(1, int(count.max())) if count.numel() else 1
     return columns[..., :width], count

@@ -1,0 +1,199 @@
+"""Cost of the online tile-keys estimate, stage by stage, against the sparse attention it plans (issues 3, 6).
+
+Usage (GPU; writes ``tile-keys-cost-<device>.json`` and ``.md`` into ``--out`` after every case and resumes
+from them)::
+
+    python benchmarks/tile_keys_cost.py --lengths 32768,131072 --out docs/results/tile-keys-cost
+
+    python benchmarks/tile_keys_cost.py --device cpu --lengths 1024 --out /tmp/tkc   # smoke test (torch path)
+
+One layer: Hq=32, Hkv=8, D=128, B=1 (issue 3's cost setting), bf16 (float32 on the CPU), the structured q/k of
+``estimator_cost.py`` (sinks, ~N/64 planted columns, a local band, far diagonals: random q/k would make the
+index meaningless). Times are medians of ``triton.testing.do_bench`` (wall clock on the CPU) of:
+
+- ``estimate``: :func:`~longinfer.patterns.tile_keys.estimate_tile_keys`, all of it;
+- ``pool``: the pooled queries (:func:`~longinfer.patterns.tile_keys._pooled_queries` and the cast);
+- ``lse``: pass 1, each pooled query's log-sum-exp over its causal keys
+  (:func:`~longinfer.patterns._estimate_kernel.row_logsumexp2`);
+- the whole estimate again with pass 2 laid out differently (:data:`VARIANTS`: its keys split over programs,
+  its tile blocks longest first), to choose the default;
+- ``sparse``: :func:`longinfer.ops.tile_keys_attention` at the estimated index, and ``dense``:
+  :func:`longinfer.ops.dense_attention` once per length.
+
+``ratio`` = estimate / sparse (issue 3's target: <= 0.1 at 128K). ``density`` = the kernel's pairs over causal
+pairs (:func:`longinfer.plans.search.tile_keys_pairs`); ``keys`` = kept ids per (head, tile) besides the band.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from estimator_cost import HKV, HQ, D, structured_qkv, time_ms  # noqa: E402
+
+from longinfer.ops.index import tile_last_rows  # noqa: E402
+from longinfer.patterns import _tile_keys_kernel as kernels  # noqa: E402
+from longinfer.patterns.tile_keys import TileKeysConfig, _pooled_queries, estimate_tile_keys  # noqa: E402
+
+CONFIGS: dict[str, TileKeysConfig] = {
+    "tk3": TileKeysConfig(threshold=3.0),
+    "tk1.5": TileKeysConfig(threshold=1.5),
+    "tk0.75": TileKeysConfig(threshold=0.75),
+    "tk0.4": TileKeysConfig(threshold=0.4),
+    "tk1.5q2": TileKeysConfig(threshold=1.5, queries=2),
+    "tk3q4": TileKeysConfig(threshold=3.0, queries=4),
+}
+
+
+# Pass-2 layouts timed (``_tile_keys_kernel.KEYS_PER_SPLIT``, ``TILE_ORDER``); the first is the library's default.
+VARIANTS: dict[str, tuple[int, str]] = {
+    "serial": (0, "ascending"),
+    "serial_rev": (0, "longest_first"),
+    "split4k": (4096, "ascending"),
+    "split4k_rev": (4096, "longest_first"),
+    "split16k_rev": (16384, "longest_first"),
+}
+
+
+def _estimate_ms(q: torch.Tensor, k: torch.Tensor, config: TileKeysConfig, device: torch.device,
+                 variant: tuple[int, str]) -> float:
+    """Median time of the whole estimate with pass 2 laid out as ``variant``."""
+    saved = kernels.KEYS_PER_SPLIT, kernels.TILE_ORDER
+    kernels.KEYS_PER_SPLIT, kernels.TILE_ORDER = variant
+    try:
+        return time_ms(lambda: estimate_tile_keys(q, k, config), device)
+    finally:
+        kernels.KEYS_PER_SPLIT, kernels.TILE_ORDER = saved
+
+
+def _stage_timings(q: torch.Tensor, k: torch.Tensor, config: TileKeysConfig, device: torch.device) -> dict[str, float]:
+    """The pooled queries and pass 1 alone."""
+    n, scale = k.shape[2], D ** -0.5
+    pooled = _pooled_queries(q, 0, n, config).to(k.dtype).contiguous()
+    rows = torch.arange(pooled.shape[2], device=device, dtype=torch.int32)
+    positions = tile_last_rows(rows // config.queries, config.block_size, n).to(torch.int32)
+    return {"pool_ms": time_ms(lambda: _pooled_queries(q, 0, n, config).to(k.dtype), device),
+            "lse_ms": time_ms(lambda: kernels.row_logsumexp2(pooled, k, rows, positions, scale), device)}
+
+
+def measure(n: int, name: str, config: TileKeysConfig, tensors, device: torch.device) -> dict:
+    """Every timing of one (length, config) case."""
+    from longinfer.plans.search import tile_keys_pairs
+
+    q, k, v = tensors
+    row: dict = {"n": n, "config": name, "params": dataclasses.asdict(config)}
+    row["estimate_ms"] = time_ms(lambda: estimate_tile_keys(q, k, config), device)
+    selection = estimate_tile_keys(q, k, config)
+    counts = selection.index.column_count
+    row["keys_mean"] = float(counts.double().mean())
+    row["keys_max"] = int(counts.max())
+    row["density"] = float(tile_keys_pairs(selection, n).double().mean() / (n * (n + 1) / 2))
+    if device.type == "cuda":
+        from longinfer.ops import tile_keys_attention
+
+        row.update(_stage_timings(q, k, config, device))
+        row["variants_ms"] = {key: _estimate_ms(q, k, config, device, variant) for key, variant in VARIANTS.items()}
+        row["sparse_ms"] = time_ms(lambda: tile_keys_attention(q, k, v, index=selection.index, local=config.local,
+                                                               block_size=config.block_size), device)
+        row["estimate_over_sparse"] = row["estimate_ms"] / row["sparse_ms"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+
+def render_markdown(meta: dict, rows: list[dict], dense: dict[str, float]) -> str:
+    """A readable report of the rows so far."""
+    lines = [
+        "# Tile-keys estimator cost",
+        "",
+        f"{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}; "
+        f"Hq={HQ}, Hkv={HKV}, D={D}, B=1, {meta['dtype']}, structured q/k. Command: `{meta['command']}`",
+        "",
+        "Milliseconds (median of `triton.testing.do_bench`). estimate = estimate_tile_keys end to end (the "
+        "default layout); pool = the pooled queries; lse = pass 1; then the whole estimate with pass 2 laid out "
+        "as: " + ", ".join(f"{key} = KEYS_PER_SPLIT {per} / {order}" for key, (per, order) in VARIANTS.items())
+        + "; sparse = tile_keys_attention at the estimated index; ratio = estimate / sparse (target <= 0.1); "
+        "density = kernel pairs (rounded up to its key blocks) / causal pairs.",
+        "",
+        "| N | config | estimate | pool | lse | " + " | ".join(VARIANTS) + " | sparse | ratio | dense | keys mean / max "
+        "| density |",
+        "|---" * (10 + len(VARIANTS)) + "|",
+    ]
+    for row in rows:
+        variants = row.get("variants_ms", {})
+        cells = [row["n"], row["config"], row["estimate_ms"], row.get("pool_ms"), row.get("lse_ms"),
+                 *(variants.get(key) for key in VARIANTS), row.get("sparse_ms"), row.get("estimate_over_sparse"),
+                 dense.get(str(row["n"])), f"{row['keys_mean']:.0f} / {row['keys_max']}", row["density"]]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="32768,131072")
+    parser.add_argument("--device", default="cuda", help="cuda (timings) or cpu (smoke test, torch path)")
+    parser.add_argument("--configs", default="", help="comma-separated config names (default all)")
+    parser.add_argument("--fresh", action="store_true", help="ignore results already in --out")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA GPU; use --device cpu for the smoke test")
+    import triton
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
+    meta = {"device": name, "date": dt.date.today().isoformat(), "torch": torch.__version__,
+            "triton": triton.__version__, "python": platform.python_version(), "dtype": str(dtype).removeprefix("torch."),
+            "command": "python " + " ".join(sys.argv)}
+    unknown = [c for c in args.configs.split(",") if c and c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
+    configs = {key: cfg for key, cfg in CONFIGS.items() if not args.configs or key in args.configs.split(",")}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"tile-keys-cost-{name.replace(' ', '-').replace('/', '-')}"
+    rows: list[dict] = []
+    dense: dict[str, float] = {}
+    if stem.with_suffix(".json").exists() and not args.fresh:  # resume
+        saved = json.loads(stem.with_suffix(".json").read_text())
+        rows, dense = saved["rows"], saved["dense_ms"]
+    done = {(row["n"], row["config"]) for row in rows}
+
+    def write() -> None:
+        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "dense_ms": dense}, indent=1))
+        stem.with_suffix(".md").write_text(render_markdown(meta, rows, dense))
+
+    for n in (int(x) for x in args.lengths.split(",") if x):
+        tensors = tuple(structured_qkv(n, device, dtype))
+        if device.type == "cuda" and str(n) not in dense:
+            from longinfer.ops import dense_attention
+
+            dense[str(n)] = time_ms(lambda t=tensors: dense_attention(*t), device)
+            write()
+        for key, config in configs.items():
+            if (n, key) not in done:
+                rows.append(measure(n, key, config, tensors, device))
+                write()
+        del tensors
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(render_markdown(meta, rows, dense))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
