@@ -5,6 +5,9 @@ from them)::
 
     python benchmarks/tile_keys_cost.py --lengths 32768,131072 --out docs/results/tile-keys-cost
 
+(Short lengths first: the first call at each length compiles and autotunes the kernels, minutes at 128K; the
+progress goes to stderr.)
+
     python benchmarks/tile_keys_cost.py --device cpu --lengths 1024 --out /tmp/tkc   # smoke test (torch path)
 
 One layer: Hq=32, Hkv=8, D=128, B=1 (issue 3's cost setting), bf16 (float32 on the CPU), the structured q/k of
@@ -32,6 +35,7 @@ import datetime as dt
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -177,17 +181,25 @@ def main() -> int:
         stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "dense_ms": dense}, indent=1))
         stem.with_suffix(".md").write_text(render_markdown(meta, rows, dense))
 
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:  # the first calls compile and autotune kernels: minutes at 128K
+        print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
+
     for n in (int(x) for x in args.lengths.split(",") if x):
         tensors = tuple(structured_qkv(n, device, dtype))
+        progress(f"N={n}: inputs ready")
         if device.type == "cuda" and str(n) not in dense:
             from longinfer.ops import dense_attention
 
             dense[str(n)] = time_ms(lambda t=tensors: dense_attention(*t), device)
             write()
+            progress(f"N={n}: dense timed (the kernel autotuned for this length)")
         for key, config in configs.items():
             if (n, key) not in done:
                 rows.append(measure(n, key, config, tensors, device))
                 write()
+                progress(f"N={n}: {key} measured")
         del tensors
         if device.type == "cuda":
             torch.cuda.empty_cache()

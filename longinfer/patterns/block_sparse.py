@@ -96,13 +96,14 @@ class BlockSparseSelection:
 
 def _pool_blocks(x: torch.Tensor, first_position: int, num_blocks: int, block_size: int) -> torch.Tensor:
     """Mean of ``x [B, H, N, D]`` (rows at positions ``first_position ..``) over absolute position
-    blocks -> ``[B, H, num_blocks, D]`` float32; blocks without rows are zero."""
+    blocks -> ``[B, H, num_blocks, D]`` float32; blocks without rows are zero. Summed in float32 from ``x``'s
+    dtype: no float32 copy of ``x`` (a padded copy in its dtype when the rows do not fill whole blocks)."""
     bsz, heads, n, d = x.shape
     lead = first_position % block_size
     first_block = first_position // block_size
     total = math.ceil((lead + n) / block_size) * block_size
-    padded = torch.nn.functional.pad(x.float(), (0, 0, lead, total - lead - n))
-    sums = padded.reshape(bsz, heads, total // block_size, block_size, d).sum(3)
+    padded = torch.nn.functional.pad(x, (0, 0, lead, total - lead - n)) if total != n else x
+    sums = padded.reshape(bsz, heads, total // block_size, block_size, d).sum(3, dtype=torch.float32)
     counts = torch.full((total,), 0.0, device=x.device)
     counts[lead: lead + n] = 1.0
     counts = counts.reshape(-1, block_size).sum(1).clamp(min=1.0)
