@@ -677,6 +677,25 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --method tk0.75q2=tile_keys:threshold=0.75,queries=2 --method tk3q4=tile_keys:threshold=3,queries=4 \
       --method tk1.5q4=tile_keys:threshold=1.5,queries=4 --time-kernels --out "$RES/$step/frontier-128k"
     run python3 -m pytest -q -p no:cacheprovider tests/test_tile_keys.py ;;
+  q30-tile-keys-cost)  # issues 3 / 6: the tile-keys estimate's stages (pooled queries, pass 1) and pass-2 layouts
+    # (keys split over programs, longest tiles first) against its kernel and dense, Hq=32 / Hkv=8 / D=128, structured
+    # q/k (no model): which layout to make the default, and where the estimate's time goes.
+    run python3 benchmarks/tile_keys_cost.py --lengths 32768,131072 --configs tk1.5,tk0.75,tk1.5q2 \
+      --out "$RES/$step" ;;
+  q30-tile-keys-mixed)  # issue 3: per-head tile_keys from the offline search with one pooled query, four, or every
+    # row scored (queries=64: two passes of the full QK^T, for induction heads whose rows each attend the token after
+    # an earlier copy of their own, which no pooled query reads; CPU, docs/results/recall-cpu-qwen0.5b-32k-tile-keys-
+    # queries/), one price per unit of kernel + estimate cost over all heads: Qwen2.5-Coder-0.5B at 32K
+    # (assemble qwen2.5-coder-0.5b q05), then recall with times beside one threshold for all heads.
+    plan="$RES/$step/q05-tk-mixed-0.13.plan.json"
+    [ -f "$plan" ] || run_cli search --model qwen2.5-coder-0.5b --length 32768 --allocation global --cost-budget 0.13 \
+      --dense-below 0 --no-measure --no-progress --candidates tile_keys:threshold=4 tile_keys:threshold=2 \
+      tile_keys:threshold=1 tile_keys:threshold=0.5 tile_keys:threshold=2,queries=4 tile_keys:threshold=1,queries=4 \
+      tile_keys:threshold=0.5,queries=4 tile_keys:threshold=3,queries=64 tile_keys:threshold=1,queries=64 --out "$plan"
+    run python3 benchmarks/recall_frontier.py --model qwen2.5-coder-0.5b --length 32768 --rows 128 --methods none \
+      --oracle-densities 0.05,0.1 --method "mixed=plan:$plan" --method tk0.75=tile_keys:threshold=0.75 \
+      --method tk1q4=tile_keys:threshold=1,queries=4 --method tk0.75q64=tile_keys:threshold=0.75,queries=64 \
+      --time-kernels --out "$RES/$step/frontier" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null

@@ -156,7 +156,7 @@ def select_tile_keys(pooled: torch.Tensor, k: torch.Tensor, band: torch.Tensor, 
         max_keys: at most this many ids per tile (the cap above; rounding could leave a few more passing the
             top level: the first ``max_keys`` of them by position are kept).
         scale: softmax scale.
-        queries: pooled queries per tile, a power of 2 up to 8.
+        queries: pooled queries per tile, a power of 2 up to ``block_size`` (then every row is its own).
 
     Returns:
         ``(columns [B, Hq, T, W] int32, count [B, Hq, T] int32)``: per tile its ``count`` kept ids ascending,

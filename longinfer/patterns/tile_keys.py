@@ -69,10 +69,12 @@ class TileKeysConfig:
             until it is within). The Triton estimate holds ``B * Hq * T * max_keys`` int32 ids (1.6 GB at
             128K with Hq=12).
         block_size: query tile size (also the kernel's).
-        queries: pooled queries per tile (1, 2, 4 or 8; more than 1 needs ``pool == block_size``): the tile's
-            rows split into ``queries`` aligned groups, each pooled and scored on its own; a key is kept when
-            one of them reaches the threshold. Heads whose rows attend different keys (each row its own
-            copy source) blur in one mean; each query more costs one more ``1 / block_size`` of ``QK^T``.
+        queries: pooled queries per tile (a power of 2 up to ``block_size``; more than 1 needs ``pool ==
+            block_size``): the tile's rows split into ``queries`` aligned groups, each pooled and scored on its
+            own; a key is kept when one of them reaches the threshold. Heads whose rows attend different keys
+            (induction heads: each row the token after an earlier copy of its own) blur in one mean; each query
+            more costs one more ``1 / block_size`` of ``QK^T`` (``queries = block_size``: every row scored, two
+            passes of the full causal ``QK^T``, for the few heads nothing cheaper reads).
     """
 
     threshold: float = 1.5
@@ -94,7 +96,8 @@ class TileKeysConfig:
                 f"{name}.local must be >= block_size={self.block_size} (each row keeps its own tile), got {self.local}")
         require(self.sink >= 0, f"{name}.sink must be >= 0, got {self.sink}")
         require(self.max_keys >= self.sink, f"{name}.max_keys must be >= sink={self.sink}, got {self.max_keys}")
-        require(self.queries in (1, 2, 4, 8), f"{name}.queries must be 1, 2, 4 or 8, got {self.queries}")
+        require(self.queries in (1, 2, 4, 8, 16, 32, 64) and self.queries <= self.block_size,
+                f"{name}.queries must be a power of 2 up to block_size={self.block_size}, got {self.queries}")
         require(self.queries == 1 or self.pool == self.block_size,
                 f"{name}.queries > 1 splits each tile: pool must equal block_size={self.block_size}, got {self.pool}")
 
