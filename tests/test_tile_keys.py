@@ -67,7 +67,8 @@ def _selected(selection, batch: int, head: int, tile: int) -> set[int]:
     TileKeysConfig(threshold=1.5, pool=16, local=16, sink=3, max_keys=1000, block_size=16),
     TileKeysConfig(threshold=1.1, pool=64, local=40, sink=1, max_keys=6, block_size=32),
     TileKeysConfig(threshold=1.3, pool=32, local=32, sink=2, max_keys=9, block_size=32, queries=4),
-], ids=["pool16", "pool64-capped", "queries4-capped"])
+    TileKeysConfig(threshold=2.0, pool=16, local=16, sink=1, max_keys=1000, block_size=16, queries=16),
+], ids=["pool16", "pool64-capped", "queries4-capped", "every-row"])
 def test_tile_keys_keeps_the_keys_above_the_threshold_outside_the_band(monkeypatch, backend, nq, nk, head_dim, cfg):
     """Every tile keeps exactly the keys before its band whose pooled probability reaches threshold / Nk,
     plus the sinks, a tile over ``max_keys`` at the first doubled threshold that keeps at most that many;
