@@ -247,7 +247,7 @@ def estimate_tile_keys(
         A :class:`TileKeysSelection` (its index ``[B, H, ceil(Nk / bs), K]``, ``K`` the most keys any tile
         keeps, at most ``max_keys`` times the group size for a KV-group union).
 
-    Memory: one pooled query per tile (``1 / block_size`` of q). Torch path: ``SCORES_PER_STEP`` float32
+    Memory: ``queries`` pooled queries per tile (``queries / block_size`` of q). Torch path: ``SCORES_PER_STEP`` float32
     scores (plus bools and an int64 prefix sum of the same count) per step over query tiles, and int64
     packed ids. Triton path: ``[B, Hq, T, max_keys]`` int32 ids, the index itself (a KV-group union goes
     through int64 copies). Never N x N.
