@@ -691,10 +691,10 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     [ -f "$plan" ] || run_cli search --model qwen2.5-coder-0.5b --length 32768 --allocation global --cost-budget 0.13 \
       --dense-below 0 --no-measure --no-progress --candidates tile_keys:threshold=4 tile_keys:threshold=2 \
       tile_keys:threshold=1 tile_keys:threshold=0.5 tile_keys:threshold=2,queries=4 tile_keys:threshold=1,queries=4 \
-      tile_keys:threshold=0.5,queries=4 tile_keys:threshold=3,queries=64 tile_keys:threshold=1,queries=64 --out "$plan"
+      tile_keys:threshold=0.5,queries=4 tile_keys:threshold=64,queries=64 tile_keys:threshold=16,queries=64 --out "$plan"
     run python3 benchmarks/recall_frontier.py --model qwen2.5-coder-0.5b --length 32768 --rows 128 --methods none \
       --oracle-densities 0.05,0.1 --method "mixed=plan:$plan" --method tk0.75=tile_keys:threshold=0.75 \
-      --method tk1q4=tile_keys:threshold=1,queries=4 --method tk0.75q64=tile_keys:threshold=0.75,queries=64 \
+      --method tk1q4=tile_keys:threshold=1,queries=4 --method tk16q64=tile_keys:threshold=16,queries=64 \
       --time-kernels --out "$RES/$step/frontier" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
