@@ -28,6 +28,7 @@ PLANS18=docs/results/gpu-session18/plans
 PLANS23=docs/results/gpu-session23/plans
 PLANS24=docs/results/gpu-session24/plans
 PLANS25=docs/results/gpu-session25/plans
+PLANS29=docs/results/gpu-session29/plans
 VS="vertical_slash:budget=coverage,num_vertical=4096,num_slash=8192,last_q=64,query_sampling=strided"
 COST="vertical_slash:budget=coverage,num_vertical=8192,num_slash=8192,last_q=64,query_sampling=strided,rank=cost,tau=1.0"
 # The default estimator at 64-, 32- and 16-row query tiles, coverage and cost-ranked budgets.
@@ -696,6 +697,17 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --oracle-densities 0.05,0.1 --method "mixed=plan:$plan" --method tk0.75=tile_keys:threshold=0.75 \
       --method tk1q4=tile_keys:threshold=1,queries=4 --method tk16q64=tile_keys:threshold=16,queries=64 \
       --time-kernels --out "$RES/$step/frontier" ;;
+  q30-tile-keys-checks)  # issues 6 / 5: tile_keys for every head end to end on the 1.5B at 128K (YaRN x4): needle
+    # (5 depths x 2 needles; session 27's dense and default records seeded: the same code path and prompts), then
+    # TTFT beside dense and the default plan. Plans: docs/results/gpu-session29/plans/ (threshold 1.5, one pooled
+    # query: 0.908 / 0.852 recall at 5.5%, 3.64x attention; threshold 3 with 4 pooled queries: 0.914 / 0.851 at 5.3%).
+    [ -f "$RES/$step/needle.jsonl" ] || grep '"length": 131072' docs/results/gpu-session27/q27-default-checks/needle.jsonl \
+      > "$RES/$step/needle.jsonl"
+    tk_plans="longinfer:$PLANS29/q15-tk1.5.plan.json,longinfer:$PLANS29/q15-tk3q4.plan.json"
+    run_cli eval needle $Q15 --lengths 131072 --depths 0.0,0.25,0.5,0.75,1.0 --needles-per-cell 2 \
+      --methods "dense,longinfer,$tk_plans" --out "$RES/$step"
+    run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
+      --methods "dense,longinfer,$tk_plans" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null

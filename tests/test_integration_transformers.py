@@ -153,6 +153,29 @@ def test_triton_and_torch_backends_agree():
     torch.testing.assert_close(triton_out, torch_out, atol=2e-5, rtol=1e-4)
 
 
+def test_tile_keys_plan_through_the_patched_model():
+    """A tile-keys plan runs through the integration: with a threshold no probability falls under it equals
+    dense; with a real threshold (and 4 pooled queries per tile in one KV group) it is sparse, finite, and the
+    Triton and torch paths agree."""
+    model = make_model("llama")
+    ids = token_ids(1, 256)
+    reference = logits(model, ids)
+    small = dict(local=32, sink=2, block_size=32, pool=32)
+    with patched(model, uniform_plan(model.config, "tile_keys", {**small, "threshold": 1e-12})):
+        torch.testing.assert_close(logits(model, ids), reference, atol=2e-5, rtol=1e-4)
+        assert lt.attention_stats(model).density == pytest.approx(1.0)
+    plan = mixed_plan(model.config, ("tile_keys", {**small, "threshold": 2.0}),
+                      ("tile_keys", {**small, "threshold": 1.0, "queries": 4}), per_kv_group=True)
+    outputs = {}
+    for backend in ("triton", "torch"):
+        with patched(model, plan, backend=backend):
+            outputs[backend] = logits(model, ids)
+            stats = lt.attention_stats(model)
+        assert stats.sparse_calls == 2 and 0.05 < stats.density < 0.9
+    assert torch.isfinite(outputs["torch"]).all() and (outputs["torch"] - reference).abs().max() > 1e-2
+    torch.testing.assert_close(outputs["triton"], outputs["torch"], atol=2e-5, rtol=1e-4)
+
+
 # the per-sequence split does not depend on the backend: one case runs on the (faster) torch path. With
 # question rows (the last queries estimate too), a right-padded sequence's are its own last tokens, not padding.
 QUESTION_VS = {**SPARSE_VS, "last_q": 16, "query_sampling": "strided", "question_from": 64}
