@@ -10,7 +10,8 @@
    tiles' bands, keeps those whose score under one of the tile's pooled queries reaches that query's
    ``lse + log2(threshold / Nk)`` (and the sinks), and writes their ids at each tile's running count (a
    prefix sum over the kept keys of the key tile): the ids come out ascending with no sort and no N x N
-   buffer.
+   buffer. With :data:`KEYS_PER_SPLIT` the keys are split over programs instead: a counting pass first, then
+   each split writes its ids after the earlier splits'.
 
 The cap: a (head, tile) keeping more than ``max_keys`` raises its threshold by factors of 2 (the first of
 ``threshold * 2**j``, ``j = 1..levels``, that keeps at most ``max_keys``; :func:`cap_levels`). Only the tiles
@@ -50,15 +51,20 @@ def keys_per_split(k_len: int, block_n: int) -> int:
     return max(1, math.ceil(wanted / block_n)) * block_n
 
 
+MAX_CAP_LEVELS = 24  # the counting pass unrolls one comparison per level
+
+
 def cap_levels(k_len: int, threshold: float, max_keys: int, sink: int, queries: int = 1) -> int:
     """Doublings of the threshold that bound any tile's kept keys by ``max_keys``.
 
     Probabilities sum to 1, so at most ``Nk / (threshold * 2**j)`` keys reach ``threshold * 2**j / Nk`` under
     each of a tile's ``queries`` pooled queries; with the (at most ``sink``) forced sinks their union is within
-    ``max_keys`` from ``j = ceil(log2(queries * Nk / (threshold * (max_keys - sink))))`` on. At least 1.
+    ``max_keys`` from ``j = ceil(log2(queries * Nk / (threshold * (max_keys - sink))))`` on. At least 1, at most
+    :data:`MAX_CAP_LEVELS` (reached only for thresholds below ~1e-3 with ``max_keys`` 16,384 at 1M keys; a tile
+    still over keeps its first ``max_keys`` ids by position).
     """
     room = max(1, max_keys - sink)
-    return max(1, math.ceil(math.log2(queries * k_len / (threshold * room))))
+    return min(MAX_CAP_LEVELS, max(1, math.ceil(math.log2(queries * k_len / (threshold * room)))))
 
 
 @triton.jit
