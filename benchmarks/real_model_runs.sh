@@ -684,9 +684,8 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     run python3 benchmarks/tile_keys_cost.py --lengths 32768,131072 --configs tk1.5,tk0.75,tk1.5q2 \
       --out "$RES/$step" ;;
   q30-tile-keys-mixed)  # issue 3: per-head tile_keys from the offline search with one pooled query, four, or every
-    # row scored (queries=64: two passes of the full QK^T, for induction heads whose rows each attend the token after
-    # an earlier copy of their own, which no pooled query reads; CPU, docs/results/recall-cpu-qwen0.5b-32k-tile-keys-
-    # queries/), one price per unit of kernel + estimate cost over all heads: Qwen2.5-Coder-0.5B at 32K
+    # row scored (queries=64: two passes of the full QK^T, for retrieval-like heads whose rows each attend their own
+    # few far keys, which no pooled query reads; CPU, docs/results/recall-cpu-qwen0.5b-32k-tile-keys-queries/), one price per unit of kernel + estimate cost over all heads: Qwen2.5-Coder-0.5B at 32K
     # (assemble qwen2.5-coder-0.5b q05), then recall with times beside one threshold for all heads.
     plan="$RES/$step/q05-tk-mixed-0.13.plan.json"
     [ -f "$plan" ] || run_cli search --model qwen2.5-coder-0.5b --length 32768 --allocation global --cost-budget 0.13 \

@@ -72,7 +72,7 @@ class TileKeysConfig:
         queries: pooled queries per tile (a power of 2 up to ``block_size``; more than 1 needs ``pool ==
             block_size``): the tile's rows split into ``queries`` aligned groups, each pooled and scored on its
             own; a key is kept when one of them reaches the threshold. Heads whose rows attend different keys
-            (induction heads: each row the token after an earlier copy of its own) blur in one mean; each query
+            (retrieval-like heads: each row its own few far keys) blur in one mean; each query
             more costs one more ``1 / block_size`` of ``QK^T`` (``queries = block_size``: every row scored, two
             passes of the full causal ``QK^T``, for the few heads nothing cheaper reads).
     """
