@@ -151,7 +151,7 @@ def measure(n: int, name: str, config: VerticalSlashConfig, tensors, device: tor
     return row
 
 
-def _fmt(value) -> str:
+def fmt_cell(value) -> str:
     return "—" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
 
@@ -174,8 +174,67 @@ def render_markdown(meta: dict, rows: list[dict], dense: dict[str, float]) -> st
         cells = [row["n"], row["config"], row["estimate_ms"], row["masses_ms"], row.get("kernel_ms"),
                  row.get("masses_torch_ms"), row["select_ms"], row.get("sparse_ms"), row.get("estimate_over_sparse"),
                  dense.get(str(row["n"])), row["verticals_mean"], row["slashes_mean"], row["density_estimate"]]
-        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(fmt_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def run_cases(report: str, lengths: str, configs: dict, measure_case: Callable[..., dict],
+              render: Callable[[dict, list[dict], dict[str, float]], str], device_name: str, out: str,
+              fresh: bool) -> int:
+    """Time every (length, config) case on the structured inputs and write the report after each.
+
+    ``measure_case(n, key, config, tensors, device) -> row``; ``render(meta, rows, dense_ms) -> markdown``.
+    Writes ``<report>-<device>.json`` and ``.md`` into ``out``, resumes from them unless ``fresh``, times dense
+    attention once per length on CUDA, and prints progress to stderr (the first calls at a length compile and
+    autotune the kernels: minutes at 128K). Shared by this script and ``tile_keys_cost.py``.
+    """
+    device = torch.device(device_name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA GPU; use --device cpu for the smoke test")
+    import triton
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
+    meta = {"device": name, "date": dt.date.today().isoformat(), "torch": torch.__version__,
+            "triton": triton.__version__, "python": platform.python_version(), "dtype": str(dtype).removeprefix("torch."),
+            "command": "python " + " ".join(sys.argv)}
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = directory / f"{report}-{name.replace(' ', '-').replace('/', '-')}"
+    rows: list[dict] = []
+    dense: dict[str, float] = {}
+    if stem.with_suffix(".json").exists() and not fresh:  # resume
+        saved = json.loads(stem.with_suffix(".json").read_text())
+        rows, dense = saved["rows"], saved["dense_ms"]
+    done = {(row["n"], row["config"]) for row in rows}
+    started = time.perf_counter()
+
+    def write() -> None:
+        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "dense_ms": dense}, indent=1))
+        stem.with_suffix(".md").write_text(render(meta, rows, dense))
+
+    def progress(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+    for n in (int(x) for x in lengths.split(",") if x):
+        tensors = tuple(structured_qkv(n, device, dtype))
+        progress(f"N={n}: inputs ready")
+        if device.type == "cuda" and str(n) not in dense:
+            from longinfer.ops import dense_attention
+
+            dense[str(n)] = time_ms(lambda t=tensors: dense_attention(*t), device)
+            write()
+            progress(f"N={n}: dense timed (the kernel autotuned for this length)")
+        for key, config in configs.items():
+            if (n, key) not in done:
+                rows.append(measure_case(n, key, config, tensors, device))
+                write()
+                progress(f"N={n}: {key} measured")
+        del tensors
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(render(meta, rows, dense))
+    return 0
 
 
 def main() -> int:
@@ -187,49 +246,14 @@ def main() -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore results already in --out")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda needs a CUDA GPU; use --device cpu for the smoke test")
-    import triton
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
-    meta = {"device": name, "date": dt.date.today().isoformat(), "torch": torch.__version__,
-            "triton": triton.__version__, "python": platform.python_version(), "dtype": str(dtype).removeprefix("torch."),
-            "command": "python " + " ".join(sys.argv)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"estimator-cost-{name.replace(' ', '-').replace('/', '-')}"
-    rows: list[dict] = []
-    dense: dict[str, float] = {}
-    if stem.with_suffix(".json").exists() and not args.fresh:  # resume
-        saved = json.loads(stem.with_suffix(".json").read_text())
-        rows, dense = saved["rows"], saved["dense_ms"]
-    done = {(row["n"], row["config"]) for row in rows}
     wanted = [c for c in args.configs.split(",") if c]
     configs = {key: cfg for key, cfg in CONFIGS.items() if not wanted or any(w in key for w in wanted)}
 
-    def write() -> None:
-        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "dense_ms": dense}, indent=1))
-        stem.with_suffix(".md").write_text(render_markdown(meta, rows, dense))
+    def measure_case(n, key, config, tensors, device):
+        return measure(n, key, config, tensors, device, not args.no_torch_path)
 
-    for n in (int(x) for x in args.lengths.split(",") if x):
-        tensors = tuple(structured_qkv(n, device, dtype))
-        if device.type == "cuda" and str(n) not in dense:
-            from longinfer.ops import dense_attention
-
-            dense[str(n)] = time_ms(lambda t=tensors: dense_attention(*t), device)
-            write()
-        for key, config in configs.items():
-            if (n, key) in done:
-                continue
-            rows.append(measure(n, key, config, tensors, device, not args.no_torch_path))
-            write()
-        del tensors
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    print(render_markdown(meta, rows, dense))
-    return 0
+    return run_cases("estimator-cost", args.lengths, configs, measure_case, render_markdown, args.device, args.out,
+                     args.fresh)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from estimator_cost import HKV, HQ, D, structured_qkv, time_ms  # noqa: E402
+from estimator_cost import HKV, HQ, D, fmt_cell, run_cases, time_ms  # noqa: E402
 
 from longinfer.ops.index import tile_last_rows  # noqa: E402
 from longinfer.patterns import _tile_keys_kernel as kernels  # noqa: E402
@@ -114,10 +111,6 @@ def measure(n: int, name: str, config: TileKeysConfig, tensors, device: torch.de
     return row
 
 
-def _fmt(value) -> str:
-    return "—" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
-
-
 def render_markdown(meta: dict, rows: list[dict], dense: dict[str, float]) -> str:
     """A readable report of the rows so far."""
     lines = [
@@ -141,7 +134,7 @@ def render_markdown(meta: dict, rows: list[dict], dense: dict[str, float]) -> st
         cells = [row["n"], row["config"], row["estimate_ms"], row.get("pool_ms"), row.get("lse_ms"),
                  *(variants.get(key) for key in VARIANTS), row.get("sparse_ms"), row.get("estimate_over_sparse"),
                  dense.get(str(row["n"])), f"{row['keys_mean']:.0f} / {row['keys_max']}", row["density"]]
-        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(fmt_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -153,58 +146,13 @@ def main() -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore results already in --out")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda needs a CUDA GPU; use --device cpu for the smoke test")
-    import triton
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
-    meta = {"device": name, "date": dt.date.today().isoformat(), "torch": torch.__version__,
-            "triton": triton.__version__, "python": platform.python_version(), "dtype": str(dtype).removeprefix("torch."),
-            "command": "python " + " ".join(sys.argv)}
     unknown = [c for c in args.configs.split(",") if c and c not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
     configs = {key: cfg for key, cfg in CONFIGS.items() if not args.configs or key in args.configs.split(",")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"tile-keys-cost-{name.replace(' ', '-').replace('/', '-')}"
-    rows: list[dict] = []
-    dense: dict[str, float] = {}
-    if stem.with_suffix(".json").exists() and not args.fresh:  # resume
-        saved = json.loads(stem.with_suffix(".json").read_text())
-        rows, dense = saved["rows"], saved["dense_ms"]
-    done = {(row["n"], row["config"]) for row in rows}
-
-    def write() -> None:
-        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "dense_ms": dense}, indent=1))
-        stem.with_suffix(".md").write_text(render_markdown(meta, rows, dense))
-
-    started = time.perf_counter()
-
-    def progress(message: str) -> None:  # the first calls compile and autotune kernels: minutes at 128K
-        print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
-
-    for n in (int(x) for x in args.lengths.split(",") if x):
-        tensors = tuple(structured_qkv(n, device, dtype))
-        progress(f"N={n}: inputs ready")
-        if device.type == "cuda" and str(n) not in dense:
-            from longinfer.ops import dense_attention
-
-            dense[str(n)] = time_ms(lambda t=tensors: dense_attention(*t), device)
-            write()
-            progress(f"N={n}: dense timed (the kernel autotuned for this length)")
-        for key, config in configs.items():
-            if (n, key) not in done:
-                rows.append(measure(n, key, config, tensors, device))
-                write()
-                progress(f"N={n}: {key} measured")
-        del tensors
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    print(render_markdown(meta, rows, dense))
-    return 0
+    # a late lookup, so that a patched ``measure`` (the tests) is the one called
+    return run_cases("tile-keys-cost", args.lengths, configs, lambda *case: measure(*case), render_markdown,
+                     args.device, args.out, args.fresh)
 
 
 if __name__ == "__main__":
