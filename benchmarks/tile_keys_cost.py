@@ -58,9 +58,9 @@ CONFIGS: dict[str, TileKeysConfig] = {
 
 # Pass-2 layouts timed (``_tile_keys_kernel.KEYS_PER_SPLIT``, ``TILE_ORDER``); the first is the library's default.
 VARIANTS: dict[str, tuple[int, str]] = {
+    "split4k": (4096, "ascending"),
     "serial": (0, "ascending"),
     "serial_rev": (0, "longest_first"),
-    "split4k": (4096, "ascending"),
     "split4k_rev": (4096, "longest_first"),
     "split16k_rev": (16384, "longest_first"),
 }

@@ -2,6 +2,12 @@
 
 TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined, hence before
 ``longinfer.ops`` is imported.
+
+On a machine with a GPU the interpreter stays off, so tests that hand CPU tensors to a Triton backend (most of
+the suite is written for CI's CPU machine, e.g. ``test_patterns.py``'s registry round trip and the
+integration tests on tiny CPU models) refuse to run there. Run the GPU checks as ``pytest -m gpu`` plus the files
+written for either device (``test_tile_keys.py``, ``test_ops_kernels.py``: their tensors follow
+``torch.cuda.is_available()``), and the rest with ``TRITON_INTERPRET=1`` as CI does.
 """
 
 import os

@@ -38,10 +38,12 @@ from longinfer.patterns._estimate_kernel import LOG2_E, _tile_scores, row_logsum
 
 # Keys per program of pass 2 (rounded up to its key tile): 0 = one program walks all of its tiles' keys (two
 # passes in all: the log-sum-exp, then select); more = the keys split over programs, which costs a third pass
-# (count per split, then select at each split's offset). ``benchmarks/tile_keys_cost.py`` times both.
-KEYS_PER_SPLIT = 0
+# (count per split, then select at each split's offset). On an H200 (``benchmarks/tile_keys_cost.py``, Hq=32,
+# D=128, docs/results/gpu-session30/) 4,096-key splits cut the 128K estimate from 54.9 to 32.5 ms at threshold 1.5
+# and halved it at 32K for threshold 0.75 (8.0 -> 3.9 ms); 16,384-key splits were within 1% of 4,096.
+KEYS_PER_SPLIT = 4096
 # Order of pass 2's tile blocks: "ascending", or "longest_first" (the last tiles, which walk the most keys, start
-# first). ``benchmarks/tile_keys_cost.py`` times both.
+# first). Within 3% of each other at 32K and 128K on the H200 (same benchmark).
 TILE_ORDER = "ascending"
 
 
