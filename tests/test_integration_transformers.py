@@ -622,6 +622,26 @@ def test_calls_above_the_graph_pair_limit_run_eagerly(monkeypatch):
     assert graphs.captures == 1
 
 
+def test_layers_whose_estimate_syncs_with_the_host_never_record():
+    """tile_keys reads counts on the host (its index width, the capped tiles): a CUDA graph capture would fail on
+    the first read, so its layers run eagerly even when they share a plan; one such bucket makes the layer eager."""
+    from tests.test_graphs import StandInCapture
+
+    model = make_model("llama", num_hidden_layers=3)
+    small = dict(local=32, sink=2, block_size=32, pool=32, threshold=2.0)
+    for plan in (uniform_plan(model.config, "tile_keys", small, model_id="tiny"),
+                 mixed_plan(model.config, ("vertical_slash", SPARSE_VS), ("tile_keys", small), per_kv_group=True)):
+        graphs = lt.CallGraphs(capture=StandInCapture(), device_types=("cpu",))
+        with patched(model, plan, backend="triton", cuda_graphs=graphs):
+            logits(model, token_ids(1, 128))
+            assert lt.attention_stats(model).sparse_calls == 3
+        assert graphs.captures == 0
+    with patched(model, uniform_plan(model.config, "vertical_slash", SPARSE_VS, model_id="tiny"),
+                 backend="triton", cuda_graphs=graphs):
+        logits(model, token_ids(1, 128))
+    assert graphs.captures == 1
+
+
 @pytest.mark.parametrize("dense_last, nq, nk", [(0, 130, 250), (16, 130, 250), (0, 128, 256)])
 def test_vertical_slash_buckets_use_the_kernel_path_at_any_length(monkeypatch, dense_last, nq, nk):
     """The kernel (with its closed-form density) runs whether or not a tail applies and whatever Nk."""

@@ -370,6 +370,12 @@ class LayerRuntime:
         return cls(layer_idx, layer, plan.num_q_heads, plan.num_kv_heads, plan.head_dim, backend,
                    head_buckets(layer, plan.num_kv_heads), guard=guard, graphs=graphs, tokens=tokens)
 
+    @functools.cached_property
+    def host_sync(self) -> bool:
+        """Whether a bucket's estimate synchronizes with the host (``PatternSpec.host_sync``): then the
+        layer's calls are never recorded into a CUDA graph (the capture would fail on the first read)."""
+        return any(get_pattern(bucket.head.pattern).host_sync for bucket in self.buckets)
+
     def estimation_rows(self, q_len: int, k_len: int, device: torch.device,
                         span: token_ids.Span = None) -> tuple[torch.Tensor | None, ...]:
         """Per bucket, the estimation positions of a call with ``repeat_rows`` (from the token
@@ -904,7 +910,7 @@ def _sparse_attention(ctx: _CallContext, q: torch.Tensor, k: torch.Tensor, v: to
     given_rows = tuple(r for r in rows if r is not None)
     call = functools.partial(_sparse_call, ctx, head_indices, tuple(r is not None for r in rows))
     pairs = _causal_pairs(q.shape[2], k.shape[2]) * q.shape[0] * q.shape[1]
-    if runtime.graphs is None or ctx.backend != "triton" or pairs > GRAPH_MAX_PAIRS:
+    if runtime.graphs is None or ctx.backend != "triton" or pairs > GRAPH_MAX_PAIRS or runtime.host_sync:
         out, kept = call(q, k, v, *given_rows)
     else:
         key = (runtime.buckets, runtime.layer.dense_last, ctx.scale, q.shape, k.shape, v.shape, q.dtype, q.device,

@@ -52,6 +52,8 @@ class PatternSpec:
         estimate: the online estimator (signature in the module docstring).
         run: runs the kernel on a selection (signature in the module docstring).
         static: True when the index does not depend on q/k (estimation is free).
+        host_sync: True when the estimate reads device values on the host (a data-dependent index width,
+            tiles picked by count): its calls cannot be recorded into a CUDA graph and always run eagerly.
     """
 
     name: str
@@ -59,6 +61,7 @@ class PatternSpec:
     estimate: Callable[..., Any]
     run: Callable[..., torch.Tensor]
     static: bool = False
+    host_sync: bool = False
 
     def reference_mask(self, selection: Any, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean mask ``[B|1, H|1, R, Nk]`` the kernel computes for ``selection`` at query positions ``rows``."""
@@ -191,7 +194,7 @@ for _spec in (
     PatternSpec("vertical_slash", VerticalSlashConfig, estimate_vertical_slash, _run_vertical_slash),
     PatternSpec("block_sparse", BlockSparseConfig, estimate_block_sparse, _run_block_sparse),
     PatternSpec("a_shape", AShapeConfig, estimate_a_shape, _run_a_shape, static=True),
-    PatternSpec("tile_keys", TileKeysConfig, estimate_tile_keys, _run_tile_keys),
+    PatternSpec("tile_keys", TileKeysConfig, estimate_tile_keys, _run_tile_keys, host_sync=True),
     PatternSpec("dense", DenseConfig, estimate_dense, _run_dense, static=True),
 ):
     register_pattern(_spec)
