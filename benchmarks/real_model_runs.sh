@@ -708,20 +708,24 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
     run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
       --methods "dense,longinfer,$tk_plans" ;;
   q30-tile-keys-suite)  # issues 5 / 6: tile_keys plans (every head) on the rest of issue 5's checks (1.5B, YaRN x4):
-    # TTFT from 8K to 128K beside dense, the default plan and `none` (no attention: the floor the rest of the model
-    # sets; the threshold-1.5 plan sparse from 4K to find its crossover), perplexity at 128K (session 25's dense window
-    # seeded), RULER-style at 128K (session 26's dense records seeded: 3 samples of each task, prompts checked by
-    # digest). Plans: docs/results/gpu-session30/plans/ (thresholds 1.5 and 0.75).
+    # perplexity at 128K (session 25's dense window seeded), RULER-style at 128K (session 26's dense records seeded:
+    # 3 samples of each task, prompts checked by digest), then TTFT from 8K to 128K beside dense, the default plan and
+    # `none` (no attention: the floor the rest of the model sets; session 30's records seeded: what is left is 128K
+    # for the tile_keys plan and `none`). Plans: docs/results/gpu-session30/plans/ (thresholds 1.5 and 0.75; the 1.5
+    # one sparse from 4K to find its crossover).
     tk15="longinfer:docs/results/gpu-session30/plans/q15-tk1.5-dense4k.plan.json"
     tk075="longinfer:docs/results/gpu-session30/plans/q15-tk0.75.plan.json"
-    run_cli eval latency $Q15 --lengths 8192,16384,32768,65536,131072 --repeats 2 --warmup 1 \
-      --out "$RES/$step/latency" --methods "dense,longinfer,$tk15,none"
     [ -f "$RES/$step/ppl.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session25/q15-ppl/ppl.jsonl \
       | grep '"length": 131072' > "$RES/$step/ppl.jsonl"
     run_cli eval ppl $Q15 --lengths 131072 --samples 1 --methods "dense,$tk15,$tk075" --out "$RES/$step"
     [ -f "$RES/$step/ruler.jsonl" ] || grep '"method": "dense"' docs/results/gpu-session26/q26-128k-12/ruler.jsonl \
       | grep -E '"case_id": "[a-z_]+/L131072/i[0-5]/' > "$RES/$step/ruler.jsonl"  # the 42 cases of --samples 3
-    run_cli eval ruler $Q15 --lengths 131072 --samples 3 --methods "dense,$tk15,$tk075" --out "$RES/$step" ;;
+    run_cli eval ruler $Q15 --lengths 131072 --samples 3 --methods "dense,$tk15,$tk075" --out "$RES/$step"
+    mkdir -p "$RES/$step/latency"
+    [ -f "$RES/$step/latency/latency.jsonl" ] || cp docs/results/gpu-session30/q30-tile-keys-suite/latency/latency.jsonl \
+      "$RES/$step/latency/"
+    run_cli eval latency $Q15 --lengths 8192,16384,32768,65536,131072 --repeats 2 --warmup 1 \
+      --out "$RES/$step/latency" --methods "dense,longinfer,$tk15,none" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null
