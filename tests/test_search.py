@@ -185,6 +185,13 @@ def test_cost_covers_the_mask_and_dense_costs_one():
             assert torch.allclose(cost, torch.ones(4))
     assert search.estimation_pairs("tile_keys", heads[5].config, n, n) == math.ceil(n / 64) * n
     assert search.estimation_pairs("tile_keys", heads[5].config, 100, n) == (math.ceil(n / 64) - 600 // 64) * n
+    half = dataclasses.replace(heads[5].config, score_dims=16)  # half of head_dim 32: half the multiply-adds
+    assert search.estimation_pairs("tile_keys", half, n, n, head_dim=32) == math.ceil(n / 64) * n / 2
+    assert search.estimation_pairs("tile_keys", half, n, n) == math.ceil(n / 64) * n  # head_dim unknown: all
+    selection = get_pattern("tile_keys").estimate(q, k, half)
+    saved = search.relative_cost(HeadPlan("tile_keys", heads[5].config), selection, n, 4, 32) \
+        - search.relative_cost(HeadPlan("tile_keys", half), selection, n, 4, 32)
+    assert torch.allclose(saved, torch.full((4,), math.ceil(n / 64) * n / 2 / search.dense_pairs(n, n)))
     vs = heads[3]
     est = search.estimation_pairs("vertical_slash", vs.config, n, n)
     assert est == 2 * 64 * n

@@ -119,6 +119,36 @@ def test_tile_keys_split_keys_and_tile_order_select_the_same(monkeypatch, keys_p
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_tile_keys_scores_on_the_dimensions_with_the_most_energy(backend):
+    """``score_dims``: each KV head's tiles keep what scoring on its ``score_dims`` dimensions with the largest
+    ``sum q_d^2 * sum k_d^2`` (queries summed over the head's group) keeps, the brute-force rule applied to q and
+    k cut to those dimensions; every dimension equals ``score_dims=0``. Every row is its own pooled query here
+    (``queries == block_size`` and Nk a multiple of it), so the pooled queries are q itself."""
+    generator = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 4, 128, 32, generator=generator) * 1.5
+    k = torch.randn(2, 2, 128, 32, generator=generator) * 1.5
+    loud = torch.tensor([3, 7, 10, 12, 20, 29])
+    q[..., loud] *= 2.0
+    k[..., loud] *= 1.5
+    cfg = TileKeysConfig(threshold=2.0, pool=16, local=16, sink=1, max_keys=1000, block_size=16, queries=16)
+    cut = dataclasses.replace(cfg, score_dims=8)
+    got = estimate_tile_keys(q.to(DEVICE), k.to(DEVICE), cut, backend=backend)
+    got = TileKeysSelection.from_columns(got.columns.cpu(), got.k_len, got.local, got.block_size)
+    energy = q.square().sum(2).unflatten(1, (2, 2)).sum(2) * k.square().sum(2)  # [B, Hkv, D]
+    dims = energy.topk(8, dim=-1).indices  # [B, Hkv, 8]
+    assert all(set(loud.tolist()) <= set(d.tolist()) for d in dims.flatten(0, 1))  # the loud ones win
+    q_cut = torch.stack([torch.stack([q[b, h, :, dims[b, h // 2]] for h in range(4)]) for b in range(2)])
+    k_cut = torch.stack([torch.stack([k[b, h, :, dims[b, h]] for h in range(2)]) for b in range(2)])
+    expected = _expected_sets(q_cut, k_cut, cfg, 32 ** -0.5)
+    for (batch, head, tile), keys in expected.items():
+        assert _selected(got, batch, head, tile) == keys, (batch, head, tile)
+    full = estimate_tile_keys(q.to(DEVICE), k.to(DEVICE), cfg, backend=backend).columns
+    assert not torch.equal(got.columns, full.cpu())  # 8 of 32 dimensions: another index
+    every = estimate_tile_keys(q.to(DEVICE), k.to(DEVICE), dataclasses.replace(cfg, score_dims=32), backend=backend)
+    assert torch.equal(every.columns, full)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_tile_keys_kv_group_union_and_config_errors(backend):
     generator = torch.Generator().manual_seed(5)
     q = torch.randn(1, 6, 100, 16, generator=generator) * 1.5
@@ -134,10 +164,13 @@ def test_tile_keys_kv_group_union_and_config_errors(backend):
     for params, message in [({"pool": 48}, "multiple of block_size"), ({"local": 8, "block_size": 16}, "local"),
                             ({"threshold": 0.0}, "threshold"), ({"threshold": math.inf}, "threshold"),
                             ({"max_keys": 2, "sink": 3}, "max_keys"), ({"block_size": 128}, "block_size"),
-                            ({"queries": 3}, "queries"), ({"queries": 2, "pool": 128}, "pool must equal")]:
+                            ({"queries": 3}, "queries"), ({"queries": 2, "pool": 128}, "pool must equal"),
+                            ({"score_dims": -1}, "score_dims")]:
         with pytest.raises(ValueError, match=message):
             TileKeysConfig(**params)
     with pytest.raises(TypeError, match="TileKeysConfig"):
         estimate_tile_keys(q, k, object())
     with pytest.raises(ValueError, match="backend"):
         estimate_tile_keys(q, k, cfg, backend="cuda")
+    with pytest.raises(ValueError, match="score_dims=17 is more than head_dim=16"):
+        estimate_tile_keys(q, k, dataclasses.replace(cfg, score_dims=17), backend=backend)

@@ -75,6 +75,11 @@ class TileKeysConfig:
             (retrieval-like heads: each row its own few far keys) blur in one mean; each query
             more costs one more ``1 / block_size`` of ``QK^T`` (``queries = block_size``: every row scored, two
             passes of the full causal ``QK^T``, for the few heads nothing cheaper reads).
+        score_dims: score on this many of the ``D`` dimensions only (0 = all): per KV head, those with the
+            largest ``sum q_d^2 * sum k_d^2`` over the call's pooled queries (of the head's group) and keys,
+            chosen at each call. The estimate's multiply-adds scale by ``score_dims / D``. On Qwen2.5-Coder-0.5B
+            at 32K, half of the 64 dimensions kept every-row scoring's recall within 0.011 on its retrieval-like
+            heads, a quarter lost up to 0.29 (``docs/results/cheap-row-scores-cpu-qwen0.5b-32k/``).
     """
 
     threshold: float = 1.5
@@ -84,6 +89,7 @@ class TileKeysConfig:
     max_keys: int = 16384
     block_size: int = 64
     queries: int = 1
+    score_dims: int = 0
 
     def __post_init__(self) -> None:
         check_config_fields(self)
@@ -100,6 +106,7 @@ class TileKeysConfig:
                 f"{name}.queries must be a power of 2 up to block_size={self.block_size}, got {self.queries}")
         require(self.queries == 1 or self.pool == self.block_size,
                 f"{name}.queries > 1 splits each tile: pool must equal block_size={self.block_size}, got {self.pool}")
+        require(self.score_dims >= 0, f"{name}.score_dims must be >= 0 (0 = every dimension), got {self.score_dims}")
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,22 @@ def _pooled_queries(q: torch.Tensor, q_offset: int, k_len: int, config: TileKeys
     starts = torch.arange(math.ceil(k_len / bs), device=q.device)[:, None] * bs  # [T, 1]
     group = ((starts + torch.arange(config.queries, device=q.device) * rows_per_query) // rows_per_query).flatten()
     return pooled[:, :, group.clamp(q_offset // rows_per_query, (k_len - 1) // rows_per_query)]
+
+
+def _scoring_dims(pooled: torch.Tensor, k: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pooled [B, Hq, R, D]`` and ``k [B, Hkv, Nk, D]`` restricted to ``dims`` dimensions per KV head: those
+    with the largest ``sum q_d^2 * sum k_d^2`` (the query sum over the head's group), in ascending order.
+
+    Memory: the restricted copies (``dims / D`` of both) and ``[B, H, D]`` float32 norms."""
+    bsz, q_heads, rows, _ = pooled.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    q_energy = torch.linalg.vector_norm(pooled, dim=2, dtype=torch.float32).square()  # [B, Hq, D]
+    q_energy = q_energy.unflatten(1, (kv_heads, q_heads // kv_heads)).sum(2)  # [B, Hkv, D]
+    k_energy = torch.linalg.vector_norm(k, dim=2, dtype=torch.float32).square()
+    chosen = (q_energy * k_energy).topk(dims, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, dims]
+    k_part = k.gather(-1, chosen[:, :, None, :].expand(bsz, kv_heads, k_len, dims))
+    q_chosen = chosen.repeat_interleave(q_heads // kv_heads, dim=1)
+    return pooled.gather(-1, q_chosen[:, :, None, :].expand(bsz, q_heads, rows, dims)).contiguous(), k_part
 
 
 def _select_torch(pooled: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, starts: torch.Tensor,
@@ -250,7 +273,8 @@ def estimate_tile_keys(
     Memory: ``queries`` pooled queries per tile (``queries / block_size`` of q). Torch path: ``SCORES_PER_STEP`` float32
     scores (plus bools and an int64 prefix sum of the same count) per step over query tiles, and int64
     packed ids. Triton path: ``[B, Hq, T, max_keys]`` int32 ids, the index itself (a KV-group union goes
-    through int64 copies). Never N x N.
+    through int64 copies). With ``score_dims``: copies of the pooled queries and of k on those dimensions.
+    Never N x N.
     """
     if not isinstance(config, TileKeysConfig):
         raise TypeError(f"config must be a TileKeysConfig, got {type(config).__name__}")
@@ -262,7 +286,12 @@ def estimate_tile_keys(
     bs, n = config.block_size, shape.k_len
     num_tiles = math.ceil(n / bs)
     tile_ids = torch.arange(num_tiles, device=q.device)
+    require(config.score_dims <= shape.head_dim,
+            f"score_dims={config.score_dims} is more than head_dim={shape.head_dim}: use at most {shape.head_dim} "
+            "(or 0 for every dimension)")
     pooled = _pooled_queries(q, shape.q_offset, n, config).to(k.dtype).contiguous()  # [B, Hq, T * queries, D]
+    if 0 < config.score_dims < shape.head_dim:
+        pooled, k = _scoring_dims(pooled, k, config.score_dims)
     first_tile = shape.q_offset // bs
     starts = tile_band_starts(num_tiles, bs, n, config.local, q.device)
     if backend == "triton" and not per_kv_group:

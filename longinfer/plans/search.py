@@ -186,14 +186,15 @@ def tile_keys_pairs(selection: TileKeysSelection, q_len: int) -> torch.Tensor:
     return (keys * rows).sum(-1)
 
 
-def estimation_pairs(pattern: str, config: Any, q_len: int, k_len: int) -> int:
-    """(query, key) pairs one query head's online estimate scores.
+def estimation_pairs(pattern: str, config: Any, q_len: int, k_len: int, head_dim: int | None = None) -> float:
+    """(query, key) pairs one query head's online estimate scores, in pairs of ``head_dim`` dimensions.
 
     Vertical-slash: the last ``last_q`` queries against every key, twice (log-sum-exp, then the
     probabilities), and as many for the ``column_q`` queries of the column mass, if any.
     Block-sparse: pooled query blocks against the causal pooled key blocks. Tile keys: each query
     tile's pooled queries (``queries`` of them) against its causal keys, twice (log-sum-exp, then the
-    selection): about one pass over every key per tile and pooled query. Static patterns: none.
+    selection): about one pass over every key per tile and pooled query; scored on ``score_dims`` of
+    ``head_dim`` dimensions, that fraction of it (``head_dim`` given). Static patterns: none.
     """
     if pattern == "vertical_slash":
         return 2 * (min(config.last_q, q_len) + min(config.column_q, q_len)) * k_len
@@ -203,7 +204,10 @@ def estimation_pairs(pattern: str, config: Any, q_len: int, k_len: int) -> int:
         return blocks_q * blocks_k // 2 + blocks_q
     if pattern == "tile_keys":
         tiles = math.ceil(k_len / config.block_size) - (k_len - q_len) // config.block_size
-        return tiles * config.queries * k_len
+        pairs = tiles * config.queries * k_len
+        if head_dim and 0 < config.score_dims < head_dim:
+            return pairs * config.score_dims / head_dim
+        return pairs
     return 0
 
 
@@ -233,16 +237,18 @@ def kernel_pairs(selection: Any, q_len: int) -> torch.Tensor:
     return torch.tensor([[float(pairs)]], dtype=torch.float64)
 
 
-def relative_cost(head: HeadPlan, selection: Any, q_len: int, q_heads: int) -> torch.Tensor:
+def relative_cost(head: HeadPlan, selection: Any, q_len: int, q_heads: int,
+                  head_dim: int | None = None) -> torch.Tensor:
     """``[Hq]`` cost per query head relative to dense: (kernel pairs + estimation pairs) / dense pairs.
 
     A selection with ``Hkv`` heads (shared by each KV group) charges its pairs to each query head of
     the group, as the kernel runs every query head over the shared index. Averaged over the batch.
+    ``head_dim`` scales an estimate scored on fewer dimensions (:func:`estimation_pairs`).
     """
     pairs = kernel_pairs(selection, q_len).mean(0)  # [H]
     if pairs.numel() != q_heads:
         pairs = pairs.repeat_interleave(q_heads // pairs.numel())
-    pairs = pairs + estimation_pairs(head.pattern, head.config, q_len, selection.k_len)
+    pairs = pairs + estimation_pairs(head.pattern, head.config, q_len, selection.k_len, head_dim)
     return (pairs / dense_pairs(q_len, selection.k_len)).float().cpu()
 
 
@@ -586,7 +592,7 @@ def score_layer(
         selection = spec.estimate(q, k, head.config, sm_scale=sm_scale, per_kv_group=share_kv_groups)
         stats = attention_recall(q, k, selection, rows, sm_scale=sm_scale, lse=lse)
         recall.append(stats.head_recall.mean(0).float().cpu())
-        cost.append(relative_cost(head, selection, q.shape[2], q.shape[1]))
+        cost.append(relative_cost(head, selection, q.shape[2], q.shape[1], q.shape[3]))
     return LayerScores(torch.stack(recall), torch.stack(cost))
 
 
