@@ -181,7 +181,7 @@ def _scoring_dims(pooled: torch.Tensor, k: torch.Tensor, dims: int) -> tuple[tor
     chosen = (q_energy * k_energy).topk(dims, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, dims]
     k_part = k.gather(-1, chosen[:, :, None, :].expand(bsz, kv_heads, k_len, dims))
     q_chosen = chosen.repeat_interleave(q_heads // kv_heads, dim=1)
-    return pooled.gather(-1, q_chosen[:, :, None, :].expand(bsz, q_heads, rows, dims)).contiguous(), k_part
+    return pooled.gather(-1, q_chosen[:, :, None, :].expand(bsz, q_heads, rows, dims)), k_part
 
 
 def _select_torch(pooled: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, starts: torch.Tensor,
