@@ -739,6 +739,11 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --oracle-densities 0.1 --method "rows=plan:$plan" --method tk1q4=tile_keys:threshold=1,queries=4 \
       --method tk16q64d32=tile_keys:threshold=16,queries=64,score_dims=32 \
       --method tk16q64=tile_keys:threshold=16,queries=64 --time-kernels --out "$RES/$step/frontier" ;;
+  q31-tile-keys-cost)  # issues 3 / 6 (no model): the split pass 2 counting every cap level in its first pass
+    # (COUNT_CAP_LEVELS_FIRST) against counting capped tiles again, at 32K / 128K; then every-row scoring on all 128
+    # dimensions against half of them (score_dims=64) at 32K, Hq=32 / Hkv=8 / D=128, structured q/k.
+    run python3 benchmarks/tile_keys_cost.py --lengths 32768,131072 --configs tk1.5,tk0.75 --out "$RES/$step/split"
+    run python3 benchmarks/tile_keys_cost.py --lengths 32768 --configs tk16q64,tk16q64d64 --out "$RES/$step/rows" ;;
   *) echo "unknown step '$step'" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader > "$RES/$step/device.txt" 2>/dev/null

@@ -100,11 +100,13 @@ def test_tile_keys_keeps_the_keys_above_the_threshold_outside_the_band(monkeypat
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton path needs TRITON_INTERPRET=1 or a GPU")
-@pytest.mark.parametrize("keys_per_split,order", [(32, "ascending"), (0, "longest_first"), (64, "longest_first")])
-def test_tile_keys_split_keys_and_tile_order_select_the_same(monkeypatch, keys_per_split, order):
+@pytest.mark.parametrize("keys_per_split,order,levels_first", [
+    (32, "ascending", False), (0, "longest_first", False), (64, "longest_first", False), (32, "ascending", True)])
+def test_tile_keys_split_keys_and_tile_order_select_the_same(monkeypatch, keys_per_split, order, levels_first):
     """Pass 2 with its keys split over programs (a counting pass, then each split's ids written after the earlier
-    splits') or with its tile blocks longest first selects what the torch path selects, capped tiles included
-    (the inputs and configs of the brute-force test above, whose probabilities lie away from the thresholds)."""
+    splits'; the counting pass counting every cap level at once, or capped tiles counted again) or with its tile
+    blocks longest first selects what the torch path selects, capped tiles included (the inputs and configs of
+    the brute-force test above, whose probabilities lie away from the thresholds)."""
     generator = torch.Generator().manual_seed(70 + 203)
     q = (torch.randn(2, 4, 70, 80, generator=generator) * 1.5).to(DEVICE)
     k = (torch.randn(2, 2, 203, 80, generator=generator) * 1.5).to(DEVICE)
@@ -114,6 +116,7 @@ def test_tile_keys_split_keys_and_tile_order_select_the_same(monkeypatch, keys_p
         with monkeypatch.context() as patched:
             patched.setattr(tile_keys_kernel, "KEYS_PER_SPLIT", keys_per_split)
             patched.setattr(tile_keys_kernel, "TILE_ORDER", order)
+            patched.setattr(tile_keys_kernel, "COUNT_CAP_LEVELS_FIRST", levels_first)
             got = estimate_tile_keys(q, k, cfg, backend="triton").columns
         assert torch.equal(got, expected)
 

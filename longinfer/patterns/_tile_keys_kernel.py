@@ -45,6 +45,10 @@ KEYS_PER_SPLIT = 4096
 # Order of pass 2's tile blocks: "ascending", or "longest_first" (the last tiles, which walk the most keys, start
 # first). Within 3% of each other at 32K and 128K on the H200 (same benchmark).
 TILE_ORDER = "ascending"
+# With split keys: the counting pass counts every cap level at once for every tile (``levels + 1`` comparisons
+# per score instead of 1), so capped tiles need no second counting pass. Faster when many tiles hit the cap
+# (at 128K they do: ``tile_keys_cost.py``'s keys max is 16,384), slower when none do; not yet timed, off.
+COUNT_CAP_LEVELS_FIRST = False
 
 
 def keys_per_split(k_len: int, block_n: int) -> int:
@@ -204,6 +208,17 @@ def select_tile_keys(pooled: torch.Tensor, k: torch.Tensor, band: torch.Tensor, 
             scale * LOG2_E, math.log2(threshold / k_len), QUERIES=queries, LEVELS=levels, LEVELS_P2=levels_p2, **common)
         return out if levels == 0 else out[..., :levels]
 
+    doublings = cap_levels(k_len, threshold, max_keys, sink, queries)
+
+    def choose_levels(selected: torch.Tensor, per_level: torch.Tensor) -> torch.Tensor:
+        """From ``per_level [B, Hq, S, P, doublings + 1]`` (the counts of the tiles ``selected`` at every level;
+        level 0 = the threshold itself), each (head, tile) takes the first level within ``max_keys`` (``level``);
+        returns the split counts there ``[B, Hq, S, P]``."""
+        within = per_level.sum(3) <= max_keys  # [B, Hq, S, doublings + 1]
+        chosen = torch.where(within.any(-1), within.int().argmax(-1), doublings)  # [B, Hq, S]; 0 where not over
+        level[:, :, selected.long()] = chosen.float()
+        return per_level.gather(-1, chosen[..., None, None].expand(*chosen.shape, num_splits, 1))[..., 0]
+
     def raise_capped(split_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each (head, tile) over ``max_keys`` gets its level (``level``); returns the split counts at the
         levels and the tiles where some head was over."""
@@ -211,14 +226,8 @@ def select_tile_keys(pooled: torch.Tensor, k: torch.Tensor, band: torch.Tensor, 
         capped = over.flatten(0, 1).any(0).nonzero()[:, 0].to(torch.int32)
         if not capped.numel():
             return split_counts, capped
-        levels = cap_levels(k_len, threshold, max_keys, sink, queries)
-        per_level = launch(capped, levels + 1)  # [B, Hq, S, P, levels + 1], level 0 = the threshold itself
-        within = per_level.sum(3) <= max_keys  # [B, Hq, S, levels + 1]
-        chosen = torch.where(within.any(-1), within.int().argmax(-1), levels)  # [B, Hq, S]; 0 where not over
-        level[:, :, capped.long()] = chosen.float()
         split_counts = split_counts.clone()
-        split_counts[:, :, capped.long()] = per_level.gather(
-            -1, chosen[..., None, None].expand(*chosen.shape, num_splits, 1))[..., 0]
+        split_counts[:, :, capped.long()] = choose_levels(capped, launch(capped, doublings + 1))
         return split_counts, capped
 
     if num_splits == 1:  # select at once; tiles where a head is over: counted per level, selected again
@@ -227,8 +236,11 @@ def select_tile_keys(pooled: torch.Tensor, k: torch.Tensor, band: torch.Tensor, 
             launch(capped)
     else:  # count per split, then select, each split's ids placed after the earlier splits'
         count = torch.empty(bsz, hq, num_tiles, num_splits, dtype=torch.int32, device=device)
-        count[:, :, tiles.long()] = launch(tiles, 1)[..., 0]  # counted per slot of `tiles`
-        count, _ = raise_capped(count)
+        if COUNT_CAP_LEVELS_FIRST:  # counted per slot of `tiles`
+            count[:, :, tiles.long()] = choose_levels(tiles, launch(tiles, doublings + 1))
+        else:
+            count[:, :, tiles.long()] = launch(tiles, 1)[..., 0]
+            count, _ = raise_capped(count)
         launch(tiles, offsets=(count.cumsum(-1) - count).to(torch.int32).contiguous())
     count = count.sum(-1).clamp_(max=max_keys).to(torch.int32)
     width = max(1, int(count.max())) if count.numel() else 1
