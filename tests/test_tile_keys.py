@@ -123,26 +123,29 @@ def test_tile_keys_split_keys_and_tile_order_select_the_same(monkeypatch, keys_p
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tile_keys_scores_on_the_dimensions_with_the_most_energy(backend):
-    """``score_dims``: each KV head's tiles keep what scoring on its ``score_dims`` dimensions with the largest
-    ``sum q_d^2 * sum k_d^2`` (queries summed over the head's group) keeps, the brute-force rule applied to q and
-    k cut to those dimensions; every dimension equals ``score_dims=0``. Every row is its own pooled query here
-    (``queries == block_size`` and Nk a multiple of it), so the pooled queries are q itself."""
-    generator = torch.Generator().manual_seed(11)
+    """``score_dims``: each query head's tiles keep what scoring on its ``score_dims`` dimensions with the largest
+    ``sum q_d^2 * sum k_d^2`` (its queries, its KV head's keys) keeps, the brute-force rule applied to q and k cut
+    to those dimensions; every dimension equals ``score_dims=0``. Every row is its own pooled query here
+    (``queries == block_size`` and Nk a multiple of it), so the pooled queries are q itself. The heads of a KV
+    group are made to prefer different dimensions, so one set per group would fail."""
+    generator = torch.Generator().manual_seed(12)
     q = torch.randn(2, 4, 128, 32, generator=generator) * 1.5
     k = torch.randn(2, 2, 128, 32, generator=generator) * 1.5
     loud = torch.tensor([3, 7, 10, 12, 20, 29])
     q[..., loud] *= 2.0
     k[..., loud] *= 1.5
+    q[:, 1::2, :, 25:27] *= 3.5  # the second head of each KV group: two dimensions of its own
     cfg = TileKeysConfig(threshold=2.0, pool=16, local=16, sink=1, max_keys=1000, block_size=16, queries=16)
     cut = dataclasses.replace(cfg, score_dims=8)
     got = estimate_tile_keys(q.to(DEVICE), k.to(DEVICE), cut, backend=backend)
     got = TileKeysSelection.from_columns(got.columns.cpu(), got.k_len, got.local, got.block_size)
-    energy = q.square().sum(2).unflatten(1, (2, 2)).sum(2) * k.square().sum(2)  # [B, Hkv, D]
-    dims = energy.topk(8, dim=-1).indices  # [B, Hkv, 8]
+    energy = q.square().sum(2) * k.square().sum(2).repeat_interleave(2, dim=1)  # [B, Hq, D]
+    dims = energy.topk(8, dim=-1).indices  # [B, Hq, 8]
     assert all(set(loud.tolist()) <= set(d.tolist()) for d in dims.flatten(0, 1))  # the loud ones win
-    q_cut = torch.stack([torch.stack([q[b, h, :, dims[b, h // 2]] for h in range(4)]) for b in range(2)])
-    k_cut = torch.stack([torch.stack([k[b, h, :, dims[b, h]] for h in range(2)]) for b in range(2)])
-    expected = _expected_sets(q_cut, k_cut, cfg, 32 ** -0.5)
+    assert all(set(dims[b, 0].tolist()) != set(dims[b, 1].tolist()) for b in range(2))  # heads of a group differ
+    q_cut = torch.stack([torch.stack([q[b, h, :, dims[b, h]] for h in range(4)]) for b in range(2)])
+    k_cut = torch.stack([torch.stack([k[b, h // 2, :, dims[b, h]] for h in range(4)]) for b in range(2)])
+    expected = _expected_sets(q_cut, k_cut, cfg, 32 ** -0.5)  # k_cut has a KV head per query head
     for (batch, head, tile), keys in expected.items():
         assert _selected(got, batch, head, tile) == keys, (batch, head, tile)
     full = estimate_tile_keys(q.to(DEVICE), k.to(DEVICE), cfg, backend=backend).columns

@@ -75,11 +75,12 @@ class TileKeysConfig:
             (retrieval-like heads: each row its own few far keys) blur in one mean; each query
             more costs one more ``1 / block_size`` of ``QK^T`` (``queries = block_size``: every row scored, two
             passes of the full causal ``QK^T``, for the few heads nothing cheaper reads).
-        score_dims: score on this many of the ``D`` dimensions only (0 = all): per KV head, those with the
-            largest ``sum q_d^2 * sum k_d^2`` over the call's pooled queries (of the head's group) and keys,
-            chosen at each call. The estimate's multiply-adds scale by ``score_dims / D``. On Qwen2.5-Coder-0.5B
-            at 32K, half of the 64 dimensions kept every-row scoring's recall within 0.011 on its retrieval-like
-            heads, a quarter lost up to 0.29 (``docs/results/cheap-row-scores-cpu-qwen0.5b-32k/``).
+        score_dims: score on this many of the ``D`` dimensions only (0 = all): per query head, those with the
+            largest ``sum q_d^2 * sum k_d^2`` over the call's pooled queries and its KV head's keys, chosen at
+            each call. The estimate's multiply-adds scale by ``score_dims / D`` (plus a copy of k per query head
+            on its dimensions). On Qwen2.5-Coder-0.5B at 32K, half of the 64 dimensions kept every-row scoring's
+            recall within 0.011 on its retrieval-like heads, a quarter lost up to 0.29
+            (``docs/results/cheap-row-scores-cpu-qwen0.5b-32k/``).
     """
 
     threshold: float = 1.5
@@ -169,19 +170,24 @@ def _pooled_queries(q: torch.Tensor, q_offset: int, k_len: int, config: TileKeys
 
 
 def _scoring_dims(pooled: torch.Tensor, k: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pooled [B, Hq, R, D]`` and ``k [B, Hkv, Nk, D]`` restricted to ``dims`` dimensions per KV head: those
-    with the largest ``sum q_d^2 * sum k_d^2`` (the query sum over the head's group), in ascending order.
+    """``pooled [B, Hq, R, D]`` and ``k [B, Hkv, Nk, D]`` restricted to ``dims`` dimensions per query head: those
+    with the largest ``sum q_d^2 * sum k_d^2`` (its pooled queries, its KV head's keys), in ascending order.
+    Returns ``([B, Hq, R, dims], [B, Hq, Nk, dims])``: each query head gets its own copy of its keys on its
+    dimensions (a KV group's heads retrieve on different dimensions: on Qwen2.5-Coder-0.5B one set per group
+    cost a retrieval-like head 0.22 recall).
 
-    Memory: the restricted copies (``dims / D`` of both) and ``[B, H, D]`` float32 norms."""
+    Memory: the restricted copies (``dims / D`` of the pooled queries, ``Hq / Hkv * dims / D`` of k) and
+    ``[B, Hq, D]`` float32 norms."""
     bsz, q_heads, rows, _ = pooled.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
     q_energy = torch.linalg.vector_norm(pooled, dim=2, dtype=torch.float32).square()  # [B, Hq, D]
-    q_energy = q_energy.unflatten(1, (kv_heads, q_heads // kv_heads)).sum(2)  # [B, Hkv, D]
-    k_energy = torch.linalg.vector_norm(k, dim=2, dtype=torch.float32).square()
-    chosen = (q_energy * k_energy).topk(dims, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, dims]
-    k_part = k.gather(-1, chosen[:, :, None, :].expand(bsz, kv_heads, k_len, dims))
-    q_chosen = chosen.repeat_interleave(q_heads // kv_heads, dim=1)
-    return pooled.gather(-1, q_chosen[:, :, None, :].expand(bsz, q_heads, rows, dims)), k_part
+    k_energy = torch.linalg.vector_norm(k, dim=2, dtype=torch.float32).square().repeat_interleave(group, dim=1)
+    chosen = (q_energy * k_energy).topk(dims, dim=-1).indices.sort(dim=-1).values  # [B, Hq, dims]
+    keys_per_head = k[:, :, None].expand(bsz, kv_heads, group, k_len, k.shape[3])  # a view: no copy
+    k_part = keys_per_head.gather(-1, chosen.view(bsz, kv_heads, group, 1, dims).expand(-1, -1, -1, k_len, -1))
+    q_part = pooled.gather(-1, chosen[:, :, None, :].expand(bsz, q_heads, rows, dims))
+    return q_part, k_part.view(bsz, q_heads, k_len, dims)
 
 
 def _select_torch(pooled: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, starts: torch.Tensor,
@@ -273,7 +279,8 @@ def estimate_tile_keys(
     Memory: ``queries`` pooled queries per tile (``queries / block_size`` of q). Torch path: ``SCORES_PER_STEP`` float32
     scores (plus bools and an int64 prefix sum of the same count) per step over query tiles, and int64
     packed ids. Triton path: ``[B, Hq, T, max_keys]`` int32 ids, the index itself (a KV-group union goes
-    through int64 copies). With ``score_dims``: copies of the pooled queries and of k on those dimensions.
+    through int64 copies). With ``score_dims``: copies of the pooled queries and of k (one per query head) on
+    those dimensions.
     Never N x N.
     """
     if not isinstance(config, TileKeysConfig):
