@@ -45,8 +45,8 @@ KEYS_PER_SPLIT = 4096
 # Order of pass 2's tile blocks: "ascending", or "longest_first" (the last tiles, which walk the most keys, start
 # first). Within 3% of each other at 32K and 128K on the H200 (same benchmark).
 TILE_ORDER = "ascending"
-# With split keys: the counting pass counts every cap level at once for every tile (``levels + 1`` comparisons
-# per score instead of 1), so capped tiles need no second counting pass. Faster when many tiles hit the cap
+# With split keys: the counting pass counts every cap level at once for every tile (``cap_levels() + 1``
+# comparisons per score instead of 1), so capped tiles need no second counting pass. Faster when many tiles hit the cap
 # (at 128K they do: ``tile_keys_cost.py``'s keys max is 16,384), slower when none do; not yet timed, off.
 COUNT_CAP_LEVELS_FIRST = False
 
@@ -175,7 +175,9 @@ def select_tile_keys(pooled: torch.Tensor, k: torch.Tensor, band: torch.Tensor, 
         ``W`` the largest count; slots past a tile's count are unspecified. ``columns`` is a view of a
         ``[B, Hq, T, max_keys]`` buffer (its last dim contiguous), the kernel's index as it stands.
 
-    Memory: the ``[B, Hq, T, max_keys]`` int32 buffer plus pass 1's ``O(B * Hq * T * queries * Nk / 2048)`` floats.
+    Memory: the ``[B, Hq, T, max_keys]`` int32 buffer plus pass 1's ``O(B * Hq * T * queries * Nk / 2048)`` floats;
+    with split keys ``[B, Hq, T, P]`` int32 counts (``P`` splits), times the cap levels with
+    :data:`COUNT_CAP_LEVELS_FIRST` or on the capped tiles.
     """
     bsz, hq, num_rows, _ = pooled.shape
     num_tiles = num_rows // queries
