@@ -80,7 +80,8 @@ class TileKeysConfig:
             each call. The estimate's multiply-adds scale by ``score_dims / D`` (plus a copy of k per query head
             on its dimensions). On Qwen2.5-Coder-0.5B at 32K, half of the 64 dimensions kept every-row scoring's
             recall within 0.011 on its retrieval-like heads, a quarter lost up to 0.29
-            (``docs/results/cheap-row-scores-cpu-qwen0.5b-32k/``).
+            (``docs/results/cheap-row-scores-cpu-qwen0.5b-32k/``); with pooled queries half of them cost 0.003-0.005
+            mean recall (a mean query blurs the dimensions one row retrieves on): meant for ``queries=block_size``.
     """
 
     threshold: float = 1.5
