@@ -69,12 +69,24 @@ def to_fp8(x: torch.Tensor) -> torch.Tensor:
     return (x * scale).to(torch.float8_e4m3fn).float() / scale
 
 
+def on_dims(q: torch.Tensor, k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q`` and ``k`` on their :func:`top_dims`."""
+    dims = top_dims(q, k, rank)
+    return q[:, dims], k[:, dims]
+
+
+def on_key_eigenvectors(q: torch.Tensor, k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q`` and ``k`` projected on :func:`key_eigenvectors`."""
+    vectors = key_eigenvectors(k, rank)
+    return q @ vectors, k @ vectors
+
+
 def scorers(ranks: list[int]) -> dict[str, Scorer]:
     """The approximations of the module docstring, by name (``pooled`` is handled by the caller)."""
     out: dict[str, Scorer] = {"exact": lambda q, k: (q, k), "fp8": lambda q, k: (to_fp8(q), to_fp8(k))}
     for rank in ranks:
-        out[f"dims{rank}"] = lambda q, k, r=rank: (q[:, top_dims(q, k, r)], k[:, top_dims(q, k, r)])
-        out[f"pca{rank}"] = lambda q, k, r=rank: (q @ key_eigenvectors(k, r), k @ key_eigenvectors(k, r))
+        out[f"dims{rank}"] = lambda q, k, r=rank: on_dims(q, k, r)
+        out[f"pca{rank}"] = lambda q, k, r=rank: on_key_eigenvectors(q, k, r)
     return out
 
 
