@@ -155,14 +155,23 @@ def fmt_cell(value) -> str:
     return "—" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
 
+def report_header(title: str, meta: dict, inputs: str = "") -> list[str]:
+    """A report's first lines: its title, then the device, date, versions, layer shape, ``inputs`` and command."""
+    return [f"# {title}", "", f"{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}; "
+            f"Hq={HQ}, Hkv={HKV}, D={D}, B=1, {meta['dtype']}{inputs}. Command: `{meta['command']}`", ""]
+
+
+def add_case_arguments(parser: argparse.ArgumentParser, lengths: str) -> None:
+    """The options every script on :func:`run_cases` takes: ``--lengths``, ``--device``, ``--fresh``."""
+    parser.add_argument("--lengths", default=lengths)
+    parser.add_argument("--device", default="cuda", help="cuda (timings) or cpu (smoke test, torch path)")
+    parser.add_argument("--fresh", action="store_true", help="ignore results already in --out")
+
+
 def render_markdown(meta: dict, rows: list[dict], dense: dict[str, float]) -> str:
     """A readable report of the rows so far."""
     lines = [
-        "# Vertical-slash estimator cost",
-        "",
-        f"{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}; "
-        f"Hq={HQ}, Hkv={HKV}, D={D}, B=1, {meta['dtype']}. Command: `{meta['command']}`",
-        "",
+        *report_header("Vertical-slash estimator cost", meta),
         "Milliseconds (median). estimate = estimate_vertical_slash end to end; masses = estimate_masses "
         "(kernel on CUDA); kernel = the Triton kernel alone; masses_torch = the torch path; select = the budget "
         "alone; sparse = vertical_slash_attention at the estimated index; ratio = estimate / sparse (target <= 0.1).",
@@ -239,11 +248,9 @@ def run_cases(report: str, lengths: str, configs: dict, measure_case: Callable[.
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="8192,32768,131072")
-    parser.add_argument("--device", default="cuda", help="cuda (timings) or cpu (smoke test, torch path)")
+    add_case_arguments(parser, "8192,32768,131072")
     parser.add_argument("--configs", default="", help="comma-separated substrings of config names (default all)")
     parser.add_argument("--no-torch-path", action="store_true", help="skip timing the torch reference path")
-    parser.add_argument("--fresh", action="store_true", help="ignore results already in --out")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     wanted = [c for c in args.configs.split(",") if c]

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from estimator_cost import HKV, HQ, D, fmt_cell, run_cases, time_ms  # noqa: E402
+from estimator_cost import D, add_case_arguments, fmt_cell, report_header, run_cases, time_ms  # noqa: E402
 
 from longinfer.ops.index import tile_last_rows  # noqa: E402
 from longinfer.patterns import _tile_keys_kernel as kernels  # noqa: E402
@@ -115,11 +115,7 @@ def measure(n: int, name: str, config: TileKeysConfig, tensors, device: torch.de
 def render_markdown(meta: dict, rows: list[dict], dense: dict[str, float]) -> str:
     """A readable report of the rows so far."""
     lines = [
-        "# Tile-keys estimator cost",
-        "",
-        f"{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}; "
-        f"Hq={HQ}, Hkv={HKV}, D={D}, B=1, {meta['dtype']}, structured q/k. Command: `{meta['command']}`",
-        "",
+        *report_header("Tile-keys estimator cost", meta, ", structured q/k"),
         "Milliseconds (median of `triton.testing.do_bench`). estimate = estimate_tile_keys end to end (the "
         "default layout); pool = the pooled queries; lse = pass 1; then the whole estimate with pass 2 laid out "
         "as: " + ", ".join(f"{key} = KEYS_PER_SPLIT {per} / {order}" + (" / cap levels counted first" if first else "")
@@ -142,10 +138,8 @@ def render_markdown(meta: dict, rows: list[dict], dense: dict[str, float]) -> st
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="32768,131072")
-    parser.add_argument("--device", default="cuda", help="cuda (timings) or cpu (smoke test, torch path)")
+    add_case_arguments(parser, "32768,131072")
     parser.add_argument("--configs", default="", help="comma-separated config names (default all)")
-    parser.add_argument("--fresh", action="store_true", help="ignore results already in --out")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     unknown = [c for c in args.configs.split(",") if c and c not in CONFIGS]
