@@ -740,6 +740,20 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --oracle-densities 0.1 --method "rows=plan:$plan" --method tk1q4=tile_keys:threshold=1,queries=4 \
       --method tk16q64d32=tile_keys:threshold=16,queries=64,score_dims=32 \
       --method tk16q64=tile_keys:threshold=16,queries=64 --time-kernels --out "$RES/$step/frontier" ;;
+  q31-rows-128k)  # issue 6: at 128K on the 1.5B the three worst heads of layer 6 keep 0.35-0.48 under tk1.5
+    # (docs/results/gpu-session30/q30-split-frontier/frontier-128k/recall_heads.csv): raised to ~0.95 they alone would
+    # lift the mean ~0.014. The global search over one pooled query at thresholds 2 / 1.5 and every-row scoring on
+    # half of the dimensions (score_dims=64 of 128) for the heads that need it, on the calibration prompt (cost
+    # budget 0.09: tk2 everywhere costs ~0.076 in its units, an every-row head ~1.15), then the frontier of the
+    # 10 layers measured before, with times, beside one threshold for every head.
+    plan="$RES/$step/q15-tk-rows-0.09.plan.json"
+    [ -f "$plan" ] || run_cli search $Q15 --length 131072 --allocation global --cost-budget 0.09 --dense-below 0 \
+      --no-measure --no-progress --candidates tile_keys:threshold=2 tile_keys:threshold=1.5 \
+      tile_keys:threshold=16,queries=64,score_dims=64 --out "$plan"
+    run python3 benchmarks/recall_frontier.py $Q15 --length 131072 --rows 128 --methods none \
+      --layers 0,3,6,9,12,15,18,21,24,27 --oracle-densities 0.05 --method "rows=plan:$plan" \
+      --method tk2=tile_keys:threshold=2 --method tk1.5=tile_keys:threshold=1.5 \
+      --method tk16q64d64=tile_keys:threshold=16,queries=64,score_dims=64 --time-kernels --out "$RES/$step/frontier-128k" ;;
   q31-tile-keys-cost)  # issues 3 / 6 (no model): the split pass 2 counting every cap level in its first pass
     # (COUNT_CAP_LEVELS_FIRST) against counting capped tiles again, at 32K / 128K; then every-row scoring on all 128
     # dimensions against half of them (score_dims=64) at 32K, Hq=32 / Hkv=8 / D=128, structured q/k.
