@@ -754,6 +754,19 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --layers 0,3,6,9,12,15,18,21,24,27 --oracle-densities 0.05 --method "rows=plan:$plan" \
       --method tk2=tile_keys:threshold=2 --method tk1.5=tile_keys:threshold=1.5 \
       --method tk16q64d64=tile_keys:threshold=16,queries=64,score_dims=64 --time-kernels --out "$RES/$step/frontier-128k" ;;
+  q31-question-ruler)  # issues 5 / 6: every-head tile_keys plans lost 38-44 RULER-style points at 128K (needle and
+    # recall intact; docs/results/gpu-session31/q30-tile-keys-suite/): the keys the question's rows read are not kept
+    # for the haystack's rows. The same plan plus the 1,000 / 4,000 keys the last 64 queries attend most in every
+    # tile (question_columns), RULER-style at 128K (this session's dense and tk1.5 records seeded), then their
+    # recall, density and times on the 10 layers of the frontier.
+    P31=docs/results/gpu-session31/plans
+    seed_rows docs/results/gpu-session31/q30-tile-keys-suite/ruler.jsonl "dense|longinfer:q15-tk1.5-dense4k.plan"
+    run_cli eval ruler $Q15 --lengths 131072 --samples 3 --out "$RES/$step" \
+      --methods "dense,longinfer:$P31/q15-tk1.5-qc1000.plan.json,longinfer:$P31/q15-tk1.5-qc4000.plan.json"
+    run python3 benchmarks/recall_frontier.py $Q15 --length 131072 --rows 128 --methods none \
+      --layers 0,3,6,9,12,15,18,21,24,27 --no-oracles --method tk1.5=tile_keys:threshold=1.5 \
+      --method tk1.5qc1000=tile_keys:threshold=1.5,question_columns=1000 \
+      --method tk1.5qc4000=tile_keys:threshold=1.5,question_columns=4000 --time-kernels --out "$RES/$step/frontier-128k" ;;
   q31-tile-keys-cost)  # issues 3 / 6 (no model): the split pass 2 counting every cap level in its first pass
     # (COUNT_CAP_LEVELS_FIRST) against counting capped tiles again, at 32K / 128K; then every-row scoring on all 128
     # dimensions against half of them (score_dims=64) at 32K, Hq=32 / Hkv=8 / D=128, structured q/k.

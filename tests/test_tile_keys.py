@@ -20,15 +20,38 @@ BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _question_sets(q, k, cfg: TileKeysConfig, scale: float) -> dict[tuple[int, int], set[int]]:
+    """Per (batch, query head): the ``question_columns`` keys with the most mean probability under the last
+    ``question_q`` queries, recomputed in float64 (each query's causal softmax, its ``local`` most recent keys
+    left out of the mass); asserts a margin to the next key, so float32 rounding cannot swap them."""
+    b, hq, nq, _ = q.shape
+    nk, group = k.shape[2], hq // k.shape[1]
+    rows = range(nq - min(cfg.question_q, nq), nq)
+    out = {}
+    for batch in range(b):
+        for head in range(hq):
+            mass = torch.zeros(nk, dtype=torch.float64)
+            for row in rows:
+                pos = nk - nq + row
+                probs = torch.softmax(k[batch, head // group, : pos + 1].double() @ q[batch, head, row].double() * scale, -1)
+                mass[: max(0, pos + 1 - cfg.local)] += probs[: max(0, pos + 1 - cfg.local)]
+            ranked = mass.sort(descending=True)
+            cut = cfg.question_columns
+            assert ranked.values[cut - 1] - ranked.values[cut] > 1e-6 * len(rows)
+            out[batch, head] = set(ranked.indices[:cut].tolist())
+    return out
+
+
 def _expected_sets(q, k, cfg: TileKeysConfig, scale: float) -> dict[tuple[int, int, int], set[int]]:
     """Per (batch, query head, tile): the keys the module docstring's rule keeps, recomputed in float64
     with the tile's pooled queries (the means of the queries in its aligned groups; groups without queries
-    left out); a tile over ``max_keys`` doubles its threshold until it is within (at most ``cap_levels``
-    times)."""
+    left out), plus the question columns (:func:`_question_sets`); a tile over ``max_keys`` doubles its
+    threshold until it is within (at most ``cap_levels`` times)."""
     b, hq, nq, _ = q.shape
     nk, group = k.shape[2], hq // k.shape[1]
     offset, bs = nk - nq, cfg.block_size
-    levels = cap_levels(nk, cfg.threshold, cfg.max_keys, cfg.sink, cfg.queries)
+    levels = cap_levels(nk, cfg.threshold, cfg.max_keys, cfg.sink + cfg.question_columns, cfg.queries)
+    question = _question_sets(q, k, cfg, scale) if cfg.question_columns else {}
     out = {}
     rows_per_query = cfg.pool // cfg.queries
     for tile in range(offset // bs, math.ceil(nk / bs)):
@@ -42,7 +65,7 @@ def _expected_sets(q, k, cfg: TileKeysConfig, scale: float) -> dict[tuple[int, i
                 keys = k[batch, head // group, : last + 1].double()
                 probs = torch.stack([torch.softmax(keys @ q[batch, head, rows].double().mean(0) * scale, -1)[:band]
                                      for rows in groups if rows])  # [groups with queries, band]
-                forced = set(range(min(cfg.sink, band)))
+                forced = set(range(min(cfg.sink, band))) | {j for j in question.get((batch, head), ()) if j < band}
                 for level in range(levels + 1):
                     threshold = cfg.threshold * 2**level / nk
                     # no probability so close to a threshold that float32 rounding could flip it
@@ -68,7 +91,11 @@ def _selected(selection, batch: int, head: int, tile: int) -> set[int]:
     TileKeysConfig(threshold=1.1, pool=64, local=40, sink=1, max_keys=6, block_size=32),
     TileKeysConfig(threshold=1.3, pool=32, local=32, sink=2, max_keys=9, block_size=32, queries=4),
     TileKeysConfig(threshold=2.0, pool=16, local=16, sink=1, max_keys=1000, block_size=16, queries=16),
-], ids=["pool16", "pool64-capped", "queries4-capped", "every-row"])
+    TileKeysConfig(threshold=1.5, pool=16, local=16, sink=1, max_keys=1000, block_size=16, question_columns=3,
+                   question_q=8),
+    TileKeysConfig(threshold=1.1, pool=64, local=40, sink=1, max_keys=8, block_size=32, question_columns=2,
+                   question_q=16),
+], ids=["pool16", "pool64-capped", "queries4-capped", "every-row", "question", "question-capped"])
 def test_tile_keys_keeps_the_keys_above_the_threshold_outside_the_band(monkeypatch, backend, nq, nk, head_dim, cfg):
     """Every tile keeps exactly the keys before its band whose pooled probability reaches threshold / Nk,
     plus the sinks, a tile over ``max_keys`` at the first doubled threshold that keeps at most that many;
@@ -89,6 +116,8 @@ def test_tile_keys_keeps_the_keys_above_the_threshold_outside_the_band(monkeypat
     first = (nk - nq) // cfg.block_size
     assert (selection.columns[:, :, :first] == -1).all()
     assert sum(len(s) for s in expected.values()) > len(expected)  # the threshold does select keys
+    if cfg.question_columns:  # the question's keys are not all kept by the threshold anyway
+        assert expected != _expected_sets(q, k, dataclasses.replace(cfg, question_columns=0), head_dim ** -0.5)
     if cfg.max_keys < 10:  # the cap binds somewhere
         uncapped = _expected_sets(q, k, dataclasses.replace(cfg, max_keys=nk), head_dim ** -0.5)
         assert max(len(s) for s in uncapped.values()) > cfg.max_keys

@@ -131,12 +131,14 @@ def _row_stats_kernel(
 ):
     """Pass 1: per (query head, query block, key split) the running max ``m`` and ``sum exp2(s - m)``.
 
-    Grid ``(Hq, query_blocks * num_splits, B)``; outputs ``M_OUT, L_OUT [B, Hq, L, num_splits]``
-    float32 (``m = -inf, l = 0`` where a query sees no key of the split).
+    Grid ``(query_blocks * num_splits, Hq, B)``; outputs ``M_OUT, L_OUT [B, Hq, L, num_splits]``
+    float32 (``m = -inf, l = 0`` where a query sees no key of the split). The (block, split) pairs take grid
+    dimension 0, the only one past 65,535 programs: every row of a 128K tile-keys estimate with every row
+    scored is 2,048 blocks x 64 splits.
     """
-    head = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1) // num_splits
-    split = tl.program_id(1) % num_splits
+    head = tl.program_id(1).to(tl.int64)
+    block = tl.program_id(0) // num_splits
+    split = tl.program_id(0) % num_splits
     batch = tl.program_id(2).to(tl.int64)
     query_idx = block * BLOCK_M + tl.arange(0, BLOCK_M)
     q_valid = query_idx < num_queries
@@ -159,7 +161,7 @@ def _row_stats_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         l_run = l_run * tl.exp2(m_run - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
         m_run = m_new
-    out = ((batch * tl.num_programs(0) + head) * num_queries + query_idx) * num_splits + split
+    out = ((batch * tl.num_programs(1) + head) * num_queries + query_idx) * num_splits + split
     tl.store(M_OUT + out, m_run, mask=q_valid)
     tl.store(L_OUT + out, l_run, mask=q_valid)
 
@@ -361,7 +363,7 @@ def row_logsumexp2(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, positio
     l_parts = torch.empty_like(m_parts)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=opts["BLOCK_D"], BLOCK_M=block_m, BLOCK_N=block_n,
                   PRECISION=precision, num_warps=opts["num_warps"])
-    _row_stats_kernel[(hq, query_blocks * num_splits, bsz)](
+    _row_stats_kernel[(query_blocks * num_splits, hq, bsz)](
         q, k, rows, positions, m_parts, l_parts, *q.stride(), *k.stride(),
         count, k_len, hq // hkv, num_splits, KEYS_PER_SPLIT, scale * LOG2_E, **dict(common, **PASS_ONE_OPTIONS))
     return merge_splits(m_parts, l_parts), common

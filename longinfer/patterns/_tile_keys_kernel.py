@@ -81,19 +81,20 @@ def _any_of_tile(passing, BLOCK_T: tl.constexpr, QUERIES: tl.constexpr, BLOCK_N:
 
 @triton.jit(do_not_specialize=["num_tiles", "num_selected", "k_len", "width", "sink", "num_splits", "keys_per_split"])
 def _select_kernel(
-    Q, K, TILES, LSE, LEVEL, BAND, OFFSETS, COLS, COUNT,
+    Q, K, TILES, LSE, LEVEL, BAND, OFFSETS, COLS, COUNT, FORCED,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     num_tiles, num_selected, k_len, group, width, sink, num_splits, keys_per_split, qk_scale_log2, log2_cut,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, QUERIES: tl.constexpr, LEVELS: tl.constexpr, LEVELS_P2: tl.constexpr,
+    HAS_FORCED: tl.constexpr,
 ):
     """Pass 2 over the tiles ``TILES [S]`` (int32) and the key splits ``[p * keys_per_split, (p + 1) *
     keys_per_split)``, ``p < P = num_splits``. Tile ``t`` has the pooled queries ``t * QUERIES + g`` (``g < QUERIES``)
     of ``Q``, each with its base-2 log-sum-exp in ``LSE [B, Hq, T * QUERIES]``. Grid
     ``(Hq, ceil(S * QUERIES / BLOCK_M), B * P)``. Tile ``t`` scans the keys ``< BAND[t]`` of the split; key ``j``
-    passes when ``j < sink`` or its score under some pooled query of the tile reaches that query's cut
-    ``LSE + log2_cut + LEVEL[b, h, t]``.
+    passes when ``j < sink``, when ``FORCED [B, Hq, Nk]`` (uint8, read with ``HAS_FORCED``) marks it for the head, or
+    when its score under some pooled query of the tile reaches that query's cut ``LSE + log2_cut + LEVEL[b, h, t]``.
 
     ``LEVELS == 0``: the passing ids go to ``COLS [B, Hq, T, width]`` (int32) in ascending order from slot
     ``OFFSETS[b, h, t, p]`` on (slots ``>= width`` dropped); their number to ``COUNT [B, Hq, T, P]`` int32.
@@ -135,7 +136,10 @@ def _select_kernel(
         keys = start + tl.arange(0, BLOCK_N)
         s = _tile_scores(q, k_base, keys, k_len, d_offs, d_mask, stride_kn, stride_kd, qk_scale_log2, PRECISION)
         before_band = keys[None, :] < band_of_row[:, None]
-        sinks = before_band & (keys[None, :] < sink)
+        always = keys < sink
+        if HAS_FORCED:
+            always = always | (tl.load(FORCED + head_index * k_len + keys, mask=keys < k_len, other=0) != 0)
+        sinks = before_band & always[None, :]
         if LEVELS == 0:
             kept = _any_of_tile(before_band & (s >= cut[:, None]) | sinks, BLOCK_T, QUERIES, BLOCK_N)
             place = count[:, None] + tl.cumsum(kept, axis=1) - 1
@@ -154,7 +158,8 @@ def _select_kernel(
 
 
 def select_tile_keys(pooled: torch.Tensor, k: torch.Tensor, band: torch.Tensor, *, block_size: int, threshold: float,
-                     sink: int, max_keys: int, scale: float, queries: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                     sink: int, max_keys: int, scale: float, queries: int = 1, forced: torch.Tensor | None = None,
+                     forced_count: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Each tile's kept keys, capped (see the module docstring).
 
     Args:
@@ -169,6 +174,8 @@ def select_tile_keys(pooled: torch.Tensor, k: torch.Tensor, band: torch.Tensor, 
             top level: the first ``max_keys`` of them by position are kept).
         scale: softmax scale.
         queries: pooled queries per tile, a power of 2 up to ``block_size`` (then every row is its own).
+        forced: ``[B, Hq, Nk]`` bool, keys each tile of the head keeps before its band (as the sinks); at most
+            ``forced_count`` per head (the cap's bound counts them with the sinks).
 
     Returns:
         ``(columns [B, Hq, T, W] int32, count [B, Hq, T] int32)``: per tile its ``count`` kept ids ascending,
@@ -192,6 +199,8 @@ def select_tile_keys(pooled: torch.Tensor, k: torch.Tensor, band: torch.Tensor, 
     level = torch.zeros(bsz, hq, num_tiles, device=device, dtype=torch.float32)
     columns = torch.empty(bsz, hq, num_tiles, max_keys, dtype=torch.int32, device=device)
     band = band.to(torch.int32).contiguous()
+    forced_bytes = (forced.to(torch.uint8).contiguous() if forced is not None
+                    else torch.zeros(1, dtype=torch.uint8, device=device))
     tiles = torch.arange(num_tiles, device=device, dtype=torch.int32)
     if TILE_ORDER == "longest_first":
         tiles = tiles.flip(0).contiguous()
@@ -205,12 +214,13 @@ def select_tile_keys(pooled: torch.Tensor, k: torch.Tensor, band: torch.Tensor, 
         if offsets is None:
             offsets = torch.zeros(1, dtype=torch.int32, device=device) if levels else torch.zeros_like(out)
         _select_kernel[(hq, triton.cdiv(selected.numel(), common["BLOCK_M"] // queries), bsz * num_splits)](
-            pooled, k, selected, lse, level, band, offsets, columns, out, *pooled.stride(), *k.stride(),
+            pooled, k, selected, lse, level, band, offsets, columns, out, forced_bytes, *pooled.stride(), *k.stride(),
             num_tiles, selected.numel(), k_len, hq // k.shape[1], max_keys, sink, num_splits, per_split,
-            scale * LOG2_E, math.log2(threshold / k_len), QUERIES=queries, LEVELS=levels, LEVELS_P2=levels_p2, **common)
+            scale * LOG2_E, math.log2(threshold / k_len), QUERIES=queries, LEVELS=levels, LEVELS_P2=levels_p2,
+            HAS_FORCED=forced is not None, **common)
         return out if levels == 0 else out[..., :levels]
 
-    doublings = cap_levels(k_len, threshold, max_keys, sink, queries)
+    doublings = cap_levels(k_len, threshold, max_keys, sink + forced_count, queries)
 
     def choose_levels(selected: torch.Tensor, per_level: torch.Tensor) -> torch.Tensor:
         """From ``per_level [B, Hq, S, P, doublings + 1]`` (the counts of the tiles ``selected`` at every level;

@@ -172,7 +172,8 @@ def config_from_params(name: str, params: Mapping[str, Any]) -> Any:
 # were (a resumed evaluation of such a plan still finds its earlier records).
 WRITTEN_ONLY_WHEN_SET = frozenset({"floor_from", "group_columns_below", "thresholds_on", "repeat_rows", "repeat_ngram",
                                    "repeat_distance", "question_from", "question_vertical",
-                                   "min_slash_share", "score_dims"})
+                                   "min_slash_share", "score_dims",
+                                   "question_columns", "question_q"})
 
 
 def without_unset_added_fields(config_cls: type, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,8 @@ estimates how the tile's attention spreads over keys. A tile keeps
 
 - its **local band**: the ``local`` most recent keys of its last row (causal per row);
 - the first ``sink`` keys;
+- with ``question_columns = C``: the ``C`` keys the call's last ``question_q`` queries attend most (their mean
+  causal probability, as vertical-slash estimates its columns), in every tile where they lie before the band;
 - every other key whose estimated probability is at least ``threshold / Nk`` (``threshold`` times the
   probability of a uniform spread over the whole sequence). A tile where that keeps more than ``max_keys``
   doubles its threshold until it keeps at most ``max_keys`` (at most
@@ -48,6 +50,7 @@ from longinfer.patterns._common import (
 )
 from longinfer.patterns._tile_keys_kernel import cap_levels, select_tile_keys
 from longinfer.patterns.block_sparse import _pool_blocks
+from longinfer.patterns.vertical_slash import VerticalSlashConfig, estimate_masses
 
 SCORES_PER_STEP = 1 << 26  # (head, tile, key) scores per step: 256 MiB of float32
 
@@ -75,6 +78,14 @@ class TileKeysConfig:
             (retrieval-like heads: each row its own few far keys) blur in one mean; each query
             more costs one more ``1 / block_size`` of ``QK^T`` (``queries = block_size``: every row scored, two
             passes of the full causal ``QK^T``, for the few heads nothing cheaper reads).
+        question_columns: keep, in every tile, the keys that the call's last ``question_q`` queries give the most
+            mean probability (this many per query head; 0 = none). A prompt's last rows are its question: the keys
+            they read (the needles, the assignments a variable chain runs through) are what the rest of the prompt
+            must carry to them, and a pooled query per tile does not read them (on the 1.5B at 128K, every-head
+            ``tile_keys`` plans lost 38-44 RULER-style points to dense with needle and recall intact;
+            ``docs/results/gpu-session31/``). Vertical-slash's columns come from the same rows.
+        question_q: the last query rows of the call that choose ``question_columns`` (two passes of them over the
+            keys, as vertical-slash's ``last_q``).
         score_dims: score on this many of the ``D`` dimensions only (0 = all): per query head, those with the
             largest ``sum q_d^2 * sum k_d^2`` over the call's pooled queries and its KV head's keys, chosen at
             each call. The estimate's multiply-adds scale by ``score_dims / D`` (plus a copy of k per query head
@@ -92,6 +103,8 @@ class TileKeysConfig:
     block_size: int = 64
     queries: int = 1
     score_dims: int = 0
+    question_columns: int = 0
+    question_q: int = 64
 
     def __post_init__(self) -> None:
         check_config_fields(self)
@@ -109,6 +122,10 @@ class TileKeysConfig:
         require(self.queries == 1 or self.pool == self.block_size,
                 f"{name}.queries > 1 splits each tile: pool must equal block_size={self.block_size}, got {self.pool}")
         require(self.score_dims >= 0, f"{name}.score_dims must be >= 0 (0 = every dimension), got {self.score_dims}")
+        require(self.question_columns >= 0, f"{name}.question_columns must be >= 0 (0 = none), got {self.question_columns}")
+        require(self.question_q >= 1, f"{name}.question_q must be >= 1, got {self.question_q}")
+        require(self.max_keys >= self.sink + self.question_columns,
+                f"{name}.max_keys must be >= sink + question_columns = {self.sink + self.question_columns}, got {self.max_keys}")
 
 
 @dataclass(frozen=True)
@@ -170,6 +187,17 @@ def _pooled_queries(q: torch.Tensor, q_offset: int, k_len: int, config: TileKeys
     return pooled[:, :, group.clamp(q_offset // rows_per_query, (k_len - 1) // rows_per_query)]
 
 
+def _question_columns(q: torch.Tensor, k: torch.Tensor, config: TileKeysConfig, scale: float,
+                      backend: str) -> torch.Tensor:
+    """``[B, Hq, Nk]`` bool: per query head the ``question_columns`` keys with the most mean causal probability
+    under the call's last ``question_q`` queries (vertical-slash's column mass, its local band of ``local``
+    diagonals left out; ties by position). Memory: the ``[B, Hq, Nk]`` float32 mass and the estimate's."""
+    masses_config = VerticalSlashConfig(last_q=config.question_q, sink=config.sink, local=config.local)
+    mass, _ = estimate_masses(q, k, masses_config, sm_scale=scale, backend=backend)
+    top = mass.topk(min(config.question_columns, mass.shape[-1]), dim=-1).indices
+    return torch.zeros(mass.shape, dtype=torch.bool, device=mass.device).scatter_(-1, top, True)
+
+
 def _scoring_dims(pooled: torch.Tensor, k: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``pooled [B, Hq, R, D]`` and ``k [B, Hkv, Nk, D]`` restricted to ``dims`` dimensions per query head: those
     with the largest ``sum q_d^2 * sum k_d^2`` (its pooled queries, its KV head's keys), in ascending order.
@@ -192,10 +220,10 @@ def _scoring_dims(pooled: torch.Tensor, k: torch.Tensor, dims: int) -> tuple[tor
 
 
 def _select_torch(pooled: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, starts: torch.Tensor,
-                  config: TileKeysConfig, scale: float) -> torch.Tensor:
+                  config: TileKeysConfig, scale: float, question: torch.Tensor | None = None) -> torch.Tensor:
     """Packed kept keys ``[B, Hq, c, W]`` int64 of the query tiles ``tiles [c]`` (``pooled [B, Hq, T * queries, D]``
     pooled queries in k's dtype, tile ``t``'s at rows ``t * queries ..``; ``starts [T]`` band starts), ``W`` the
-    most any of them keeps."""
+    most any of them keeps. ``question [B, Hq, Nk]`` bool: keys every tile keeps before its band, as the sinks."""
     bsz, q_heads, _, head_dim = pooled.shape
     kv_heads, n = k.shape[1], k.shape[2]
     keys = torch.arange(n, device=k.device)
@@ -208,7 +236,9 @@ def _select_torch(pooled: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, st
     # probability >= threshold / n  <=>  score >= logsumexp + log(threshold / n): no probabilities stored
     cut = torch.logsumexp(scores, dim=-1, keepdim=True) + math.log(config.threshold / n)  # [B, Hq, c, queries, 1]
     outside_band = keys[None, :] < starts[tiles][:, None]
-    forced = (keys[None, :] < config.sink) & outside_band
+    forced = (keys[None, :] < config.sink) & outside_band  # [c, Nk], or [B, Hq, c, Nk] with question columns
+    if question is not None:
+        forced = forced | question[:, :, None, :] & outside_band
 
     def kept(level: torch.Tensor | int) -> torch.Tensor:  # the threshold times 2**level ([B, Hq, c, 1] or 0)
         raised = cut + (level[..., None] if isinstance(level, torch.Tensor) else level) * math.log(2.0)
@@ -218,7 +248,7 @@ def _select_torch(pooled: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, st
     count = chosen.sum(-1, keepdim=True)
     if int(count.max()) > config.max_keys:
         level = torch.zeros_like(count)
-        for _ in range(cap_levels(n, config.threshold, config.max_keys, config.sink, queries)):
+        for _ in range(cap_levels(n, config.threshold, config.max_keys, config.sink + config.question_columns, queries)):
             level += count > config.max_keys
             count = kept(level).sum(-1, keepdim=True)
         chosen = kept(level)
@@ -227,13 +257,14 @@ def _select_torch(pooled: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, st
 
 
 def _select_triton(pooled: torch.Tensor, k: torch.Tensor, first_tile: int, starts: torch.Tensor,
-                   config: TileKeysConfig, scale: float) -> TileKeysIndex:
+                   config: TileKeysConfig, scale: float, question: torch.Tensor | None = None) -> TileKeysIndex:
     """The same as :func:`_select_torch` for every tile from ``first_tile`` on, by the Triton kernels, as the
     kernel's index."""
     num_tiles = pooled.shape[2] // config.queries
     band = torch.where(torch.arange(num_tiles, device=k.device) >= first_tile, starts, 0)
     columns, count = select_tile_keys(pooled, k, band, block_size=config.block_size, threshold=config.threshold,
-                                      sink=config.sink, max_keys=config.max_keys, scale=scale, queries=config.queries)
+                                      sink=config.sink, max_keys=config.max_keys, scale=scale, queries=config.queries,
+                                      forced=question, forced_count=config.question_columns)
     return TileKeysIndex(columns=columns, column_count=count, local=config.local, block_size=config.block_size)
 
 
@@ -298,17 +329,18 @@ def estimate_tile_keys(
             f"score_dims={config.score_dims} is more than head_dim={shape.head_dim}: use at most {shape.head_dim} "
             "(or 0 for every dimension)")
     pooled = _pooled_queries(q, shape.q_offset, n, config).to(k.dtype).contiguous()  # [B, Hq, T * queries, D]
+    question = _question_columns(q, k, config, scale, backend) if config.question_columns else None
     if 0 < config.score_dims < shape.head_dim:
         pooled, k = _scoring_dims(pooled, k, config.score_dims)
     first_tile = shape.q_offset // bs
     starts = tile_band_starts(num_tiles, bs, n, config.local, q.device)
     if backend == "triton" and not per_kv_group:
-        return TileKeysSelection(_select_triton(pooled, k, first_tile, starts, config, scale), n)
+        return TileKeysSelection(_select_triton(pooled, k, first_tile, starts, config, scale, question), n)
     if backend == "triton":
-        columns = TileKeysSelection(_select_triton(pooled, k, first_tile, starts, config, scale), n).columns
+        columns = TileKeysSelection(_select_triton(pooled, k, first_tile, starts, config, scale, question), n).columns
     else:
         step = _tile_chunk(shape.batch, shape.q_heads * config.queries, n)
-        parts = [_select_torch(pooled, k, tile_ids[t0: t0 + step], starts, config, scale)
+        parts = [_select_torch(pooled, k, tile_ids[t0: t0 + step], starts, config, scale, question)
                  for t0 in range(first_tile, num_tiles, step)]
         width = max([p.shape[-1] for p in parts], default=1)
         columns = torch.full((shape.batch, shape.q_heads, num_tiles, width), -1, dtype=torch.long, device=q.device)

@@ -194,7 +194,8 @@ def estimation_pairs(pattern: str, config: Any, q_len: int, k_len: int, head_dim
     Block-sparse: pooled query blocks against the causal pooled key blocks. Tile keys: each query
     tile's pooled queries (``queries`` of them) against its causal keys, twice (log-sum-exp, then the
     selection): about one pass over every key per tile and pooled query; scored on ``score_dims`` of
-    ``head_dim`` dimensions, that fraction of it (``head_dim`` given). Static patterns: none.
+    ``head_dim`` dimensions, that fraction of it (``head_dim`` given); with ``question_columns``, its last
+    ``question_q`` queries against every key, twice. Static patterns: none.
     """
     if pattern == "vertical_slash":
         return 2 * (min(config.last_q, q_len) + min(config.column_q, q_len)) * k_len
@@ -206,8 +207,9 @@ def estimation_pairs(pattern: str, config: Any, q_len: int, k_len: int, head_dim
         tiles = math.ceil(k_len / config.block_size) - (k_len - q_len) // config.block_size
         pairs = tiles * config.queries * k_len
         if head_dim and 0 < config.score_dims < head_dim:
-            return pairs * config.score_dims / head_dim
-        return pairs
+            pairs = pairs * config.score_dims / head_dim
+        question = 2 * min(config.question_q, q_len) * k_len if config.question_columns else 0
+        return pairs + question
     return 0
 
 
