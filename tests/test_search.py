@@ -188,6 +188,10 @@ def test_cost_covers_the_mask_and_dense_costs_one():
     half = dataclasses.replace(heads[5].config, score_dims=16)  # half of head_dim 32: half the multiply-adds
     assert search.estimation_pairs("tile_keys", half, n, n, head_dim=32) == math.ceil(n / 64) * n / 2
     assert search.estimation_pairs("tile_keys", half, n, n) == math.ceil(n / 64) * n  # head_dim unknown: all
+    asking = dataclasses.replace(heads[5].config, question_columns=10, question_q=16)  # + its 16 rows, twice
+    assert search.estimation_pairs("tile_keys", asking, n, n) == math.ceil(n / 64) * n + 2 * 16 * n
+    assert search.estimation_pairs("tile_keys", dataclasses.replace(asking, question_q=n + 5), 100, n) \
+        == (math.ceil(n / 64) - 600 // 64) * n + 2 * 100 * n  # at most the call's rows
     selection = get_pattern("tile_keys").estimate(q, k, half)
     saved = search.relative_cost(HeadPlan("tile_keys", heads[5].config), selection, n, 4, 32) \
         - search.relative_cost(HeadPlan("tile_keys", half), selection, n, 4, 32)

@@ -200,7 +200,9 @@ def test_tile_keys_kv_group_union_and_config_errors(backend):
                             ({"threshold": 0.0}, "threshold"), ({"threshold": math.inf}, "threshold"),
                             ({"max_keys": 2, "sink": 3}, "max_keys"), ({"block_size": 128}, "block_size"),
                             ({"queries": 3}, "queries"), ({"queries": 2, "pool": 128}, "pool must equal"),
-                            ({"score_dims": -1}, "score_dims")]:
+                            ({"score_dims": -1}, "score_dims"), ({"question_columns": -1}, "question_columns"),
+                            ({"question_q": 0}, "question_q"),
+                            ({"question_columns": 20, "max_keys": 22, "sink": 3}, "sink \\+ question_columns")]:
         with pytest.raises(ValueError, match=message):
             TileKeysConfig(**params)
     with pytest.raises(TypeError, match="TileKeysConfig"):
@@ -208,4 +210,4 @@ def test_tile_keys_kv_group_union_and_config_errors(backend):
     with pytest.raises(ValueError, match="backend"):
         estimate_tile_keys(q, k, cfg, backend="cuda")
     with pytest.raises(ValueError, match="score_dims=17 is more than head_dim=16"):
-        estimate_tile_keys(q, k, dataclasses.replace(cfg, score_dims=17), backend=backend)
+        estimate_tile_keys(q.to(DEVICE), k.to(DEVICE), dataclasses.replace(cfg, score_dims=17), backend=backend)
