@@ -288,6 +288,23 @@ def test_gpu_kernel_matches_the_torch_path(monkeypatch, dtype, sums):
     assert math.isfinite(float(got[0].sum()))
 
 
+@pytest.mark.gpu
+def test_gpu_row_logsumexp_past_65535_query_blocks_times_splits():
+    """Pass 1 over 131,072 rows and keys (2,048 query blocks x 64 key splits: more programs than a CUDA grid's
+    dimension 1 or 2 holds) gives each row's causal log-sum-exp (base 2): session 31's every-row tile-keys
+    estimate at 128K stopped on a launch error here. Checked on rows spread over the sequence against float64."""
+    n, scale = 131072, 0.125
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, n, 64, generator=generator).cuda().half()
+    k = torch.randn(1, 1, n, 64, generator=generator).cuda().half()
+    rows = torch.arange(n, device="cuda", dtype=torch.int32)
+    lse, _ = kernel.row_logsumexp2(q, k, rows, rows, scale)
+    for row in (0, 4095, 65536, n - 1):
+        scores = (k[0, 0, : row + 1].double() @ q[0, :, row].double().T) * scale  # [row + 1, 2]
+        expected = torch.logsumexp(scores, dim=0) / math.log(2.0)
+        torch.testing.assert_close(lse[0, :, row].double(), expected, atol=1e-3, rtol=1e-4)
+
+
 def _reference_choice(columns, diagonals, config):
     """The selection as one stable sort of all 2 Nk items (the shared coverage_selection) or a full topk."""
     nk = columns.shape[-1]

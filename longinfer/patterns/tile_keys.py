@@ -81,9 +81,9 @@ class TileKeysConfig:
         question_columns: keep, in every tile, the keys that the call's last ``question_q`` queries give the most
             mean probability (this many per query head; 0 = none). A prompt's last rows are its question: the keys
             they read (the needles, the assignments a variable chain runs through) are what the rest of the prompt
-            must carry to them, and a pooled query per tile does not read them (on the 1.5B at 128K, every-head
-            ``tile_keys`` plans lost 38-44 RULER-style points to dense with needle and recall intact;
-            ``docs/results/gpu-session31/``). Vertical-slash's columns come from the same rows.
+            must carry to them, and a pooled query per tile does not read them: on the 1.5B at 128K every-head
+            ``tile_keys`` plans lost 38-44 RULER-style points to dense with needle and recall intact, 19 with 1,000
+            question columns (``docs/results/gpu-session31/``). Vertical-slash's columns come from the same rows.
         question_q: the last query rows of the call that choose ``question_columns`` (two passes of them over the
             keys, as vertical-slash's ``last_q``).
         score_dims: score on this many of the ``D`` dimensions only (0 = all): per query head, those with the
@@ -191,7 +191,7 @@ def _question_columns(q: torch.Tensor, k: torch.Tensor, config: TileKeysConfig, 
                       backend: str) -> torch.Tensor:
     """``[B, Hq, Nk]`` bool: per query head the ``question_columns`` keys with the most mean causal probability
     under the call's last ``question_q`` queries (vertical-slash's column mass, its local band of ``local``
-    diagonals left out; ties by position). Memory: the ``[B, Hq, Nk]`` float32 mass and the estimate's."""
+    diagonals left out). Memory: the ``[B, Hq, Nk]`` float32 mass and that estimate's."""
     masses_config = VerticalSlashConfig(last_q=config.question_q, sink=config.sink, local=config.local)
     mass, _ = estimate_masses(q, k, masses_config, sm_scale=scale, backend=backend)
     top = mass.topk(min(config.question_columns, mass.shape[-1]), dim=-1).indices
@@ -312,7 +312,8 @@ def estimate_tile_keys(
     scores (plus bools and an int64 prefix sum of the same count) per step over query tiles, and int64
     packed ids. Triton path: ``[B, Hq, T, max_keys]`` int32 ids, the index itself (a KV-group union goes
     through int64 copies). With ``score_dims``: copies of the pooled queries and of k (one per query head) on
-    those dimensions.
+    those dimensions. With ``question_columns``: ``[B, Hq, Nk]`` float32 masses and a bool (uint8 on the Triton
+    path) mask of the chosen keys.
     Never N x N.
     """
     if not isinstance(config, TileKeysConfig):
