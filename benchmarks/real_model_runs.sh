@@ -767,6 +767,20 @@ longinfer:$PLANS10/q15-mix0.5-tail.json" ;;
       --layers 0,3,6,9,12,15,18,21,24,27 --no-oracles --method tk1.5=tile_keys:threshold=1.5 \
       --method tk1.5qc1000=tile_keys:threshold=1.5,question_columns=1000 \
       --method tk1.5qc4000=tile_keys:threshold=1.5,question_columns=4000 --time-kernels --out "$RES/$step/frontier-128k" ;;
+  q32-dense-tile-keys-ruler)  # issues 5 / 6: at 128K on this model RULER-style needs density: vertical-slash plans
+    # lose 9-13 points at 14-17% and ~1.5-2 at 30-34% (docs/results/ruler-frontier-q15-128k/); tile_keys with 1,000
+    # question columns lost 19 at 4.4% (docs/results/gpu-session31/). Denser tile_keys plans (thresholds 0.4 and
+    # 0.15 with the question columns) on the same 21 prompts (dense seeded), then their TTFT at 128K beside dense
+    # and the default (seeded from session 31): is tile_keys better than vertical-slash at equal density or speed?
+    P31=docs/results/gpu-session31/plans
+    seed_rows docs/results/gpu-session31/q31-question-ruler/ruler.jsonl "dense|longinfer:q15-tk1.5-qc1000.plan"
+    run_cli eval ruler $Q15 --lengths 131072 --samples 3 --out "$RES/$step" \
+      --methods "dense,longinfer:$P31/q15-tk0.4-qc1000.plan.json,longinfer:$P31/q15-tk0.15-qc1000.plan.json"
+    mkdir -p "$RES/$step/latency"
+    [ -f "$RES/$step/latency/latency.jsonl" ] || grep '"length": 131072' \
+      docs/results/gpu-session31/q30-tile-keys-suite/latency/latency.jsonl > "$RES/$step/latency/latency.jsonl"
+    run_cli eval latency $Q15 --lengths 131072 --repeats 2 --warmup 1 --out "$RES/$step/latency" \
+      --methods "dense,longinfer,longinfer:$P31/q15-tk0.4-qc1000.plan.json,longinfer:$P31/q15-tk0.15-qc1000.plan.json" ;;
   q31-tile-keys-cost)  # issues 3 / 6 (no model): the split pass 2 counting every cap level in its first pass
     # (COUNT_CAP_LEVELS_FIRST) against counting capped tiles again, at 32K / 128K; then every-row scoring on all 128
     # dimensions against half of them (score_dims=64) at 32K, Hq=32 / Hkv=8 / D=128, structured q/k.
